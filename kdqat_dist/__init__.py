@@ -1,0 +1,32 @@
+"""kdqat-dist: quantization-aware training of BERT-class encoders with knowledge distillation.
+
+Public API (imported lazily so ``import kdqat_dist`` stays cheap):
+
+- :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
+- :class:`DistillObjective`: the streaming KD objective;
+- :func:`load_config`: the typed run configuration.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "prepare": "kdqat_dist.quant.api",
+    "convert": "kdqat_dist.quant.api",
+    "set_quant_enabled": "kdqat_dist.quant.api",
+    "DistillObjective": "kdqat_dist.distill.objective",
+    "load_config": "kdqat_dist.config",
+    "RunConfig": "kdqat_dist.config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kdqat_dist' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

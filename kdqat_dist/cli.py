@@ -1,0 +1,122 @@
+"""``kdqat``: the command line. Parses arguments and calls into the library, nothing else.
+
+User errors (bad config, data, paths) print one line ``kdqat: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kdqat_dist.config import ConfigError
+
+EPILOG = """examples:
+  kdqat demo                                    # the whole pipeline on the built-in task (offline)
+  kdqat finetune --config tiny_debug model.name_or_path=minilm train.output_dir=runs/teacher
+  kdqat train --config bert_base_w2a8_kd data.task=rte teacher.path=models/rte distill.gamma=0.5
+  kdqat eval --model runs/x/student --config tiny_debug
+  deepspeed --num_gpus 8 -m kdqat_dist.cli train --config bert_large_w2a8_kd engine.backend=deepspeed
+
+Overrides are dotted keys: section.field=value (values parsed as YAML). Recipes shipped in the package
+can be named without a path; see `kdqat recipes`."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="recipe YAML (a path or a shipped recipe name)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdqat",
+        description="Quantization-aware training of BERT-class encoders (ternary/2-8-bit weights, 8-bit "
+                    "activations) with knowledge distillation from the full-precision teacher.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    p = sub.add_parser("finetune", help="fine-tune the full-precision teacher on a task (saves HF format)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    p = sub.add_parser("train", help="KD-QAT: train the quantized student from the fine-tuned teacher")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    p = sub.add_parser("eval", help="evaluate a model folder (FP model or kdqat student) on the task's dev set")
+    p.add_argument("--model", required=True, help="a fine-tuned model folder or a `kdqat train` student/")
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="finetune + KD-QAT + evaluation on the built-in synthetic task, offline")
+    _add_config_args(p)
+
+    sub.add_parser("recipes", help="list the recipes shipped in the package")
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Subcommands whose modules register themselves (sweep, analyze, export)."""
+    for mod in ("kdqat_dist.tune.cli", "kdqat_dist.analysis.cli", "kdqat_dist.export.cli"):
+        try:
+            module = __import__(mod, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        module.add_parser(sub)
+
+
+def _load(args):
+    from kdqat_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from kdqat_dist.data.errors import DataError  # noqa: F401  (a ConfigError subclass)
+    from kdqat_dist.engine.loop import TrainingError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, TrainingError, FileNotFoundError) as exc:
+        print(f"kdqat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdqat: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "recipes":
+        from kdqat_dist.config import RECIPES_DIR
+
+        for p in sorted(RECIPES_DIR.glob("*.yaml")):
+            first = p.read_text().splitlines()[0].lstrip("# ").strip()
+            print(f"{p.stem:28s} {first}")
+        return 0
+    if hasattr(args, "func"):
+        return args.func(args)
+    from kdqat_dist import pipeline
+
+    if args.command == "demo":
+        pipeline.demo(args.config, args.overrides)
+        return 0
+    cfg = _load(args)
+    if args.command in ("train", "finetune"):
+        result = pipeline.run_and_report(cfg, args.command, resume=args.resume)
+        return 0 if result else 1
+    if args.command == "eval":
+        pipeline.evaluate_folder(cfg, args.model)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

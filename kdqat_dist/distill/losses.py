@@ -1,0 +1,264 @@
+"""Knowledge-distillation loss terms (ALGORITHMS.md A.6 and A.7) as pure tensor functions.
+
+Every function takes tensors and returns a 0-dim tensor. Nothing here knows about models, hooks or
+devices: the result lives on the inputs' device. Half-precision inputs (float16/bfloat16) are upcast to
+float32 before any arithmetic, because squares, logs and sums over ``S*S`` attention entries lose too
+much precision (or overflow) in 16 bits; the result is then float32. float32 and float64 inputs are
+computed in their own precision.
+
+Gradients flow to both arguments; the teacher is expected to be run under ``torch.no_grad()`` by the
+caller, so in practice only the student receives gradients.
+
+Per-layer sums (``sum_l``) from the reference are left to the caller, which owns the layer mapping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_map_kl",
+    "attention_score_mse",
+    "ground_truth_loss",
+    "hidden_mse",
+    "logits_mse",
+    "mse",
+    "soft_cross_entropy",
+]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype to compute in: the promoted floating dtype of the inputs, at least float32."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
+        return torch.float32
+    return dtype
+
+
+def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, name: str) -> None:
+    # F.mse_loss would silently broadcast e.g. [B, 1] against [B] into [B, B]; refuse instead.
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{name}: student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}"
+        )
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Soft cross-entropy of the student's logits against the teacher's distribution (logit KD).
+
+    ``mean_b sum_c -softmax(z_t / T)_c * log_softmax(z_s / T)_c``.
+
+    This is the reference's form (A.7, ``pred_distill``), which uses T = 1. With T != 1 the result is
+    *not* multiplied by T**2 (the Hinton et al. gradient-scale correction), so the loss weight has to
+    absorb that if wanted. Note that KDLSQ-BERT (A.6) instead takes ``.mean()`` over batch x classes,
+    i.e. this value divided by C.
+
+    Args:
+        student_logits: [B, C] student classifier logits.
+        teacher_logits: [B, C] teacher classifier logits.
+        temperature: softmax temperature T > 0 applied to both logits.
+
+    Returns:
+        0-dim tensor: the loss, averaged over the batch.
+
+    Raises:
+        ValueError: if the shapes differ or the temperature is not positive.
+    """
+    _check_same_shape(student_logits, teacher_logits, "soft_cross_entropy")
+    if temperature <= 0:
+        raise ValueError(f"soft_cross_entropy: temperature must be > 0, got {temperature}")
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    zs = student_logits.to(dtype) / temperature
+    zt = teacher_logits.to(dtype) / temperature
+    per_sample = -(F.softmax(zt, dim=-1) * F.log_softmax(zs, dim=-1)).sum(dim=-1)
+    return per_sample.mean()
+
+
+def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Element-mean squared error between two tensors of the same shape.
+
+    Used for the attention-block output [B, S, D], the per-head context [B, H, S, d_h] and the
+    self-attention output [B, S, D] taps (A.7 ``output_distill``, ``context_distill``,
+    ``sa_output_distill``). All positions count, padding included, as in the reference.
+
+    Args:
+        student: [*] student tensor.
+        teacher: [*] teacher tensor, same shape.
+
+    Returns:
+        0-dim tensor: ``mean((student - teacher) ** 2)``.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    _check_same_shape(student, teacher, "mse")
+    dtype = _compute_dtype(student, teacher)
+    return F.mse_loss(student.to(dtype), teacher.to(dtype), reduction="mean")
+
+
+def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Logit KD for regression tasks (STS-B): element-mean MSE between student and teacher outputs.
+
+    Args:
+        student: [B, C] student logits (C = 1 for regression).
+        teacher: [B, C] teacher logits.
+
+    Returns:
+        0-dim tensor: the mean squared error over all B * C entries.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    _check_same_shape(student, teacher, "logits_mse")
+    return mse(student, teacher)
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Hidden-state KD for one layer: element-mean MSE over every position, padding included.
+
+    The reference (A.7 ``rep_distill``) does not mask padding here, and neither do we, so that loss
+    magnitudes match its hyperparameters.
+
+    Args:
+        student: [B, S, D] student hidden states (embedding output or a layer output).
+        teacher: [B, S, D] teacher hidden states.
+
+    Returns:
+        0-dim tensor: mean over B * S * D entries.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    _check_same_shape(student, teacher, "hidden_mse")
+    return mse(student, teacher)
+
+
+def attention_score_mse(
+    student: torch.Tensor, teacher: torch.Tensor, threshold: float = -100.0
+) -> torch.Tensor:
+    """TernaryBERT's attention-score KD: MSE of ``QK^T/sqrt(d_h) + mask`` with masked entries zeroed.
+
+    Each tensor is masked by its own values (``torch.where(x <= threshold, 0, x)``, as the reference
+    does with -1e2), then the element-mean MSE is taken over all entries. The additive mask may be
+    ``torch.finfo(float32).min`` (about -3.4e38) or -inf: those entries are zeroed *before* the
+    subtraction, so no square overflows to inf and no inf - inf gives NaN.
+
+    Args:
+        student: [B, H, S, S] student attention scores (mask already added).
+        teacher: [B, H, S, S] teacher attention scores.
+        threshold: entries ``<= threshold`` are treated as masked and set to 0.
+
+    Returns:
+        0-dim tensor: mean over B * H * S * S entries.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    _check_same_shape(student, teacher, "attention_score_mse")
+    dtype = _compute_dtype(student, teacher)
+    s = student.to(dtype)
+    t = teacher.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    s = torch.where(s <= threshold, zero, s)
+    t = torch.where(t <= threshold, zero, t)
+    return F.mse_loss(s, t, reduction="mean")
+
+
+def attention_map_kl(
+    student_probs: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Attention-map KD: KL(teacher || student) of each valid query row, over valid keys (A.7).
+
+    With ``valid`` the set of real tokens of sample b and ``s_b = |valid|``::
+
+        KL_bh = (1 / s_b) * sum_{i in valid} sum_{j in valid} p_t[b,h,i,j] * (log p_t - log p_s)
+        loss  = mean over (b, h) of KL_bh
+
+    Both probabilities are clamped at ``eps`` first. The mask is applied to query rows and key
+    columns, and it is taken as given (not as a length), so left and right padding both work. A
+    sample with no real token has ``s_b = 0`` and contributes 0 (the divisor is clamped to 1), so an
+    all-padding batch gives 0 rather than NaN. Masked entries are replaced before the log, so NaN or
+    garbage there (e.g. softmax over an all ``-inf`` row) cannot leak into the loss or its gradient.
+
+    Args:
+        student_probs: [B, H, S, S] student attention probabilities (softmax over the last dim).
+        teacher_probs: [B, H, S, S] teacher attention probabilities.
+        attention_mask: [B, S], 1 (or True) for real tokens and 0 for padding.
+        eps: lower clamp of the probabilities before the log.
+
+    Returns:
+        0-dim tensor: the loss for one layer.
+
+    Raises:
+        ValueError: if the shapes are inconsistent.
+    """
+    _check_same_shape(student_probs, teacher_probs, "attention_map_kl")
+    if student_probs.dim() != 4 or student_probs.shape[-1] != student_probs.shape[-2]:
+        raise ValueError(
+            f"attention_map_kl: expected [B, H, S, S] probabilities, got {tuple(student_probs.shape)}"
+        )
+    b, _, s, _ = student_probs.shape
+    if tuple(attention_mask.shape) != (b, s):
+        raise ValueError(
+            f"attention_map_kl: attention_mask must be [B, S] = {(b, s)}, got {tuple(attention_mask.shape)}"
+        )
+    dtype = _compute_dtype(student_probs, teacher_probs)
+    valid = attention_mask.to(device=student_probs.device) != 0  # [B, S]
+    pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
+    one = torch.ones((), dtype=dtype, device=student_probs.device)
+    # Masked entries become 1 so that their log is 0 and finite; they are zeroed again below.
+    ps = torch.where(pair, student_probs.to(dtype).clamp_min(eps), one)
+    pt = torch.where(pair, teacher_probs.to(dtype).clamp_min(eps), one)
+    kl = torch.where(pair, pt * (pt.log() - ps.log()), torch.zeros_like(one))  # [B, H, S, S]
+    n_valid = valid.sum(dim=-1).clamp_min(1).to(dtype)  # [B]
+    kl_bh = kl.sum(dim=(-2, -1)) / n_valid[:, None]  # [B, H]
+    return kl_bh.mean()
+
+
+def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Hard-label loss: cross-entropy for classification, MSE to the float labels for regression.
+
+    Differences from the reference (A.7 ``gt_loss``): it summed over the batch (``reduction='sum'``);
+    we take the mean so that the loss weight does not depend on the batch size. For regression it
+    compared against the *teacher's* logits, which looks like a bug (ALGORITHMS.md E.2 item 7); we use
+    the labels, as KDLSQ-BERT does.
+
+    Args:
+        logits: [B, C] class logits, or [B, 1] (or [B]) predictions for regression.
+        labels: [B] class indices (integer) for classification, float targets for regression.
+            For classification, label -100 is ignored (PyTorch's default ``ignore_index``).
+        regression: whether the task is regression.
+
+    Returns:
+        0-dim tensor: the mean loss over the batch.
+
+    Raises:
+        ValueError: if the shapes do not fit.
+    """
+    if regression:
+        if logits.dim() == 2 and logits.shape[-1] != 1:
+            raise ValueError(
+                f"ground_truth_loss: regression needs [B, 1] or [B] logits, got {tuple(logits.shape)}"
+            )
+        pred = logits.reshape(-1)
+        if labels.dim() != 1 or pred.shape != labels.shape:
+            raise ValueError(
+                f"ground_truth_loss: logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}"
+            )
+        dtype = _compute_dtype(pred, labels)
+        return F.mse_loss(pred.to(dtype), labels.to(dtype), reduction="mean")
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"ground_truth_loss: expected logits [B, C] and labels [B], got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    dtype = _compute_dtype(logits)
+    return F.cross_entropy(logits.to(dtype), labels.long(), reduction="mean")

@@ -1,0 +1,182 @@
+"""Execution backends: how the student steps, how the teacher is held, and how ranks talk.
+
+The training loop (:mod:`kdqat_dist.engine.loop`) talks only to this interface, so the same loop runs
+in one process (:class:`LocalBackend`) or under DeepSpeed (:mod:`kdqat_dist.engine.ds_backend`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdqat_dist.config import RunConfig
+from kdqat_dist.engine.optim import make_optimizer, make_scheduler
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from kdqat_dist.config import ConfigError
+
+        raise ConfigError("train.device: cuda requested but no CUDA device is available; allowed here: cpu, auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LocalBackend:
+    """Single process: torch AdamW, linear warmup/decay, global-norm clipping, gradient accumulation."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        self.micro = 0
+        self.student: nn.Module | None = None
+
+    # -- models
+    def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
+        self.student = model.to(self.device)
+        self.optimizer = make_optimizer(model, self.cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.train.warmup_ratio)
+        return self.student
+
+    def setup_teacher(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        return model.to(self.device).eval()
+
+    def student_module(self) -> nn.Module:
+        return self.student
+
+    # -- stepping
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self) -> bool:
+        """Optimizer step at the accumulation boundary; returns True when the weights changed."""
+        self.micro += 1
+        if self.micro % self.cfg.train.grad_accum:
+            return False
+        if self.cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- collectives (trivial in one process)
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def micro_batch_size(self) -> int:
+        return self.cfg.train.batch_size // self.cfg.train.grad_accum
+
+    # -- checkpoints (for --resume)
+    def save_checkpoint(self, ckpt_dir: Path, client_state: dict) -> None:
+        tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "client": client_state,
+                    "rng": rng_state()}, tmp / "state.pt")
+        _commit_checkpoint(tmp, ckpt_dir)
+
+    def load_checkpoint(self, ckpt_dir: Path) -> dict:
+        state = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=False)
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return state["client"]
+
+    def memory_report(self) -> dict[str, float]:
+        return memory_report(self.student, getattr(self, "optimizer", None))
+
+    def teardown(self) -> None:
+        pass
+
+
+def _commit_checkpoint(tmp: Path, final: Path) -> None:
+    """Atomically publish a finished checkpoint and point ``latest`` at it.
+
+    The folder is complete before it is renamed into place, and ``latest`` is replaced with an atomic
+    rename, so a crash mid-write never leaves a ``latest`` that names a partial checkpoint.
+    """
+    import shutil
+
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = final.parent / "latest.tmp"
+    latest_tmp.write_text(json.dumps({"tag": final.name}))
+    os.replace(latest_tmp, final.parent / "latest")
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    f = ckpt_root / "latest"
+    if not f.exists():
+        return None
+    tag = json.loads(f.read_text())["tag"]
+    p = ckpt_root / tag
+    return p if p.exists() else None
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
+    """Parameter, gradient and optimizer-state bytes held by this process (MiB), plus peak RSS/CUDA."""
+    import resource
+
+    mib = 1 / 2**20
+    out: dict[str, float] = {}
+    if model is not None:
+        params = list(model.parameters())
+        out["param_mib"] = _nbytes(params) * mib
+        out["grad_mib"] = _nbytes([p.grad for p in params if p.grad is not None]) * mib
+    if optimizer is not None:
+        states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        out["optim_mib"] = _nbytes(states) * mib
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() * mib
+    return out

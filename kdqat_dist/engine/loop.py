@@ -1,0 +1,355 @@
+"""The one training loop: ``kdqat finetune`` (FP teacher) and ``kdqat train`` (KD-QAT student).
+
+Reads top to bottom: ``setup`` (data, models, backend), ``train`` (steps, evaluation, best checkpoint),
+``cleanup``. World size 1 is the normal case; the backend hides DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kdqat_dist.config import ConfigError, RunConfig, save_config
+from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
+from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
+from kdqat_dist.data.tasks import TaskSpec, compute_metrics, get_task, selection_value
+from kdqat_dist.distill.objective import DistillObjective, LossOutput
+from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, seed_everything
+from kdqat_dist.models.attention import use_kdqat_attention
+from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path
+from kdqat_dist.models.student import init_student, save_student
+from kdqat_dist.quant.api import calibrate_activations, prepare
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); printed as one line by the CLI."""
+
+
+def make_backend(cfg: RunConfig):
+    if cfg.engine.backend == "deepspeed":
+        from kdqat_dist.engine.ds_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg)
+    return LocalBackend(cfg)
+
+
+class Trainer:
+    """``mode="finetune"`` trains the FP model on labels; ``mode="train"`` runs KD-QAT from a teacher."""
+
+    def __init__(self, cfg: RunConfig, mode: str = "train", resume: bool = False, backend=None,
+                 on_eval: Callable[[dict], None] | None = None):
+        if mode not in ("train", "finetune"):
+            raise ValueError(f"mode must be train or finetune, got {mode!r}")
+        self.cfg, self.mode, self.resume = cfg, mode, resume
+        self.backend = backend
+        self.run_dir = Path(cfg.train.output_dir)
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.writer = None
+        self.teacher_metrics: dict | None = None
+        self.on_eval = on_eval  # called on the main rank with every evaluation record (Ray Tune reports)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> Trainer:
+        cfg = self.cfg
+        self._check_run_dir()
+        seed_everything(cfg.train.seed)
+        self.backend = self.backend or make_backend(cfg)
+        self.task: TaskSpec = get_task(cfg.data)
+        src = self._source_model()
+        self.tokenizer = load_tokenizer(src)
+        max_len = cfg.data.max_seq_length or self.task.max_seq_length
+        splits = load_splits(cfg.data, self.task)
+        self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
+        self.collate = Collator(self.tokenizer)
+        self.train_set = self.data["train"]
+        world, accum = self.backend.world_size, cfg.train.grad_accum
+        if cfg.train.batch_size % (world * accum):
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
+                              f"world size {world} x train.grad_accum {accum}")
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.train.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
+                              f"({len(self.train_set)} examples)")
+        self.total_steps = cfg.train.max_steps or math.ceil(self.steps_per_epoch * cfg.train.epochs)
+        self.eval_every = cfg.train.eval_every or self.task.eval_every
+        self._build_models(src)
+        if self.backend.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self
+
+    def _check_run_dir(self) -> None:
+        # Never overwrite a finished or running run by accident.
+        if not self.resume and (self.run_dir / "config.yaml").exists():
+            raise ConfigError(f"train.output_dir: {self.run_dir} already holds a run; choose another "
+                              "output_dir or pass --resume to continue it")
+
+    def _source_model(self) -> str:
+        if self.mode == "finetune":
+            return self.cfg.model.name_or_path
+        path = self.cfg.student.init_from or self.cfg.teacher.path
+        if not self.cfg.teacher.path:
+            raise ConfigError("teacher.path: required for `kdqat train` (a `kdqat finetune` output folder)")
+        for key, p in (("teacher.path", self.cfg.teacher.path), ("student.init_from", path)):
+            if not Path(p).expanduser().exists():
+                raise ConfigError(f"{key}: {p} does not exist (expected a fine-tuned model folder)")
+        return path
+
+    def _build_models(self, src: str) -> None:
+        cfg, task = self.cfg, self.task
+        id2label = dict(enumerate(task.label_list)) if task.label_list else None
+        if self.mode == "finetune":
+            model = load_classifier(src, task.num_labels, cfg.model.attn_implementation, id2label)
+            self.student = self.backend.setup_student(model, self.total_steps)
+            self.teacher = None
+            self.objective = None
+            return
+        teacher = load_classifier(cfg.teacher.path, task.num_labels, "eager")
+        _check_same_head(teacher, task)
+        student = init_student(src, task.num_labels, cfg.student.num_layers, cfg.distill.layer_map)
+        prepare(student, cfg.quant)
+        if cfg.quant.enabled:
+            calibrate_activations(student, self._first_batch())
+        # Both models run our attention function so the same taps exist on each.
+        use_kdqat_attention(student)
+        use_kdqat_attention(teacher)
+        self.objective = DistillObjective.for_models(cfg.distill, student, teacher, task.is_regression)
+        self.teacher = self.backend.setup_teacher(teacher)
+        self.student = self.backend.setup_student(student, self.total_steps)
+
+    def _first_batch(self) -> dict:
+        n = min(len(self.train_set), self.cfg.train.batch_size)
+        return self.collate([self.train_set[i] for i in range(n)])
+
+    # ------------------------------------------------------------------ train
+
+    def _batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        b = self.collate([self.train_set[i] for i in idx])
+        return {k: v.to(self.backend.device) for k, v in b.items()}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        if self.objective is None:  # finetune: labels only
+            out = self.student(**batch)
+            return LossOutput(total=out.loss, terms={"ground_truth": out.loss.detach()},
+                              student_logits=out.logits)
+        return self.objective(self.student, self.teacher, batch)
+
+    def train(self) -> dict:
+        cfg, be = self.cfg, self.backend
+        step, epoch, start = self._maybe_resume()
+        if self.mode == "train" and self.teacher_metrics is None:
+            self.teacher_metrics = self.evaluate(self.teacher)
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.mode, disable=not (be.is_main and cfg.train.progress),
+                   dynamic_ncols=True)
+        t_last, running = time.perf_counter(), {}
+        while step < self.total_steps:
+            for _, micro in micro_batches(len(self.train_set), cfg.train.batch_size, cfg.train.grad_accum,
+                                          be.rank, be.world_size, cfg.train.seed, epoch, start):
+                self.student.train()
+                for idx in micro:
+                    out = self.loss(self._batch(idx))
+                    self._check_finite(out, step)
+                    be.backward(out.total)
+                    be.step()
+                    for k, v in out.scalars().items():
+                        running[k] = running.get(k, 0.0) + v / len(micro)
+                step += 1
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    dt = (time.perf_counter() - t_last) / cfg.train.log_every
+                    self._log_train(step, running, dt, cfg.train.log_every, out)
+                    bar.set_postfix(loss=f"{running.get('loss', 0) / cfg.train.log_every:.4f}")
+                    running, t_last = {}, time.perf_counter()
+                if step % self.eval_every == 0 or step == self.total_steps:
+                    self._evaluate_and_select(step)
+                if cfg.train.save_every and step % cfg.train.save_every == 0:
+                    self._save_checkpoint(step, epoch, start_next=_next_start(step, self.steps_per_epoch))
+                if step >= self.total_steps:
+                    break
+            epoch, start = epoch + 1, 0
+        bar.close()
+        return self._finish()
+
+    def _check_finite(self, out: LossOutput, step: int) -> None:
+        if torch.isfinite(out.total.detach()).all():
+            return
+        bad = [k for k, v in out.terms.items() if not torch.isfinite(v.detach()).all()]
+        where = f"term '{bad[0]}'" if bad else "the total"
+        raise TrainingError(f"non-finite loss at step {step + 1}: {where} is {float(out.total.detach())}; "
+                            "lower train.lr or check the data")
+
+    def _log_train(self, step: int, running: dict, dt: float, n: int, out: LossOutput) -> None:
+        red = self._mean_over_ranks(running, n)
+        if self.writer is None:
+            return
+        for k, v in red.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        for term, layers in out.per_layer.items():
+            for layer, v in layers.items():
+                self.writer.add_scalar(f"layers/{term}/{layer:02d}", float(v), step)
+        self.writer.add_scalar("train/lr", self.backend.lr(), step)
+        self.writer.add_scalar("train/step_time_s", dt, step)
+        self._diagnostics(step)
+
+    def _diagnostics(self, step: int) -> None:
+        """Ultra-low-bit diagnostics (zero fraction, scale drift, flip rate, clip rate) when available."""
+        try:
+            from kdqat_dist.analysis.diagnostics import log_diagnostics
+        except ImportError:
+            return
+        log_diagnostics(self.writer, step, self.backend.student_module())
+
+    def _mean_over_ranks(self, running: dict, n: int) -> dict:
+        keys = sorted(running)
+        t = torch.tensor([running[k] / n for k in keys], dtype=torch.float64)
+        t = self.backend.all_reduce_sum(t) / self.backend.world_size
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def predict(self, model, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions on a dev split. Every rank runs every batch (ZeRO-3 forwards are collective)."""
+        ds = self.data[split]
+        was_training = model.training
+        model.eval()
+        preds, labels = [], []
+        bs = self.cfg.train.eval_batch_size
+        for i in range(0, len(ds), bs):
+            b = self.collate([ds[j] for j in range(i, min(i + bs, len(ds)))])
+            b = {k: v.to(self.backend.device) for k, v in b.items()}
+            lab = b.pop("labels")
+            logits = model(**b).logits.float()
+            preds.append(logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1))
+            labels.append(lab)
+        model.train(was_training)
+        return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+
+    def evaluate(self, model) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for split in self.task.eval_splits:
+            if split not in self.data:
+                continue
+            m = compute_metrics(self.task, *self.predict(model, split))
+            prefix = "" if split == "dev" else "mm_"
+            metrics.update({prefix + k: v for k, v in m.items()})
+        metrics["selection"] = selection_value(self.task, metrics)
+        return metrics
+
+    def _evaluate_and_select(self, step: int) -> None:
+        metrics = self.evaluate(self.student)
+        record = {"step": step, **metrics}
+        self.history.append(record)
+        improved = self.best is None or metrics["selection"] > self.best["selection"]
+        if improved:
+            self.best = record
+            self._save_best()
+        if self.on_eval is not None and self.backend.is_main:
+            self.on_eval({**record, "best_selection": self.best["selection"], "best_step": self.best["step"],
+                          **({"teacher_selection": self.teacher_metrics["selection"]}
+                             if self.teacher_metrics else {})})
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"eval/{k}", v, step)
+            if self.teacher_metrics:
+                self.writer.add_scalar("eval/teacher_selection", self.teacher_metrics["selection"], step)
+            tqdm.write(f"step {step}: {self.task.selection_metric}={metrics['selection']:.4f}"
+                       + (f" (teacher {self.teacher_metrics['selection']:.4f})" if self.teacher_metrics else "")
+                       + (" *best*" if improved else ""))
+
+    def _save_best(self) -> None:
+        state = self.backend.full_state_dict() if hasattr(self.backend, "full_state_dict") else None
+        if not self.backend.is_main:
+            return
+        model = self.backend.student_module()
+        out = self.run_dir / ("model" if self.mode == "finetune" else "student")
+        if self.mode == "finetune":
+            model.save_pretrained(out, state_dict=state)
+            self.tokenizer.save_pretrained(out)
+            (out / "metrics.json").write_text(json.dumps(self.best, indent=2))
+        else:
+            if state is not None:
+                model = _with_state(model, state)
+            save_student(model, out, self.cfg.quant, self.tokenizer,
+                         extra={"task": self.task.name, "metrics": self.best})
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, step: int, epoch: int, start_next: tuple[int, int]) -> None:
+        ep, st = start_next
+        client = {"step": step, "epoch": epoch + ep, "start": st, "best": self.best,
+                  "history": self.history, "teacher_metrics": self.teacher_metrics}
+        self.backend.save_checkpoint(self.run_dir / "checkpoints" / f"step{step:07d}", client)
+
+    def _maybe_resume(self) -> tuple[int, int, int]:
+        if not self.resume:
+            return 0, 0, 0
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} "
+                              "(set train.save_every to write them)")
+        client = self.backend.load_checkpoint(ckpt)
+        self.best, self.history = client["best"], client["history"]
+        self.teacher_metrics = client["teacher_metrics"]
+        if self.backend.is_main:
+            tqdm.write(f"resumed from {ckpt} at step {client['step']}")
+        return client["step"], client["epoch"], client["start"]
+
+    # ------------------------------------------------------------------ finish
+
+    def _finish(self) -> dict:
+        result = {"task": self.task.name, "selection_metric": self.task.selection_metric,
+                  "best": self.best, "history": self.history, "total_steps": self.total_steps}
+        if self.teacher_metrics is not None:
+            result["teacher"] = self.teacher_metrics
+        result["memory"] = self.backend.memory_report()
+        if self.backend.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.backend is not None:
+            self.backend.teardown()
+
+
+def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
+    """(epochs to add, start step within that epoch) for the step after ``step`` (1-based count)."""
+    return (1, 0) if step % per_epoch == 0 else (0, step % per_epoch)
+
+
+def _with_state(model, state: dict):
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _check_same_head(teacher, task: TaskSpec) -> None:
+    n = teacher.config.num_labels
+    if n != task.num_labels:
+        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
+
+
+def run(cfg: RunConfig, mode: str, resume: bool = False, on_eval: Callable[[dict], None] | None = None) -> dict:
+    """Set up, train, clean up; returns the metrics dict (also written to ``<output_dir>/metrics.json``)."""
+    trainer = Trainer(cfg, mode, resume, on_eval=on_eval)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+__all__ = ["Trainer", "TrainingError", "run", "resolve_model_path"]

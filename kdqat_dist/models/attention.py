@@ -1,0 +1,78 @@
+"""Our attention function, registered with transformers' attention-function registry as ``"kdqat"``.
+
+Instead of a copied modeling file, every BERT-style self-attention module calls this function (the model's
+``config._attn_implementation`` is set to ``"kdqat"``). It
+
+- fake-quantizes Q, K, V and the attention probabilities when the module carries an ``attn_quant``
+  (:class:`~kdqat_dist.quant.fake_quant.AttentionQuant`), as TernaryBERT's modeling file does;
+- emits the taps the KD losses need (``scores``, ``probs``, ``context``) to the module's tap sink, if one
+  is attached by :mod:`kdqat_dist.models.taps`. Nothing is emitted, and nothing retained, otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+ATTN_IMPL = "kdqat"
+
+
+def _emit(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    tap = getattr(module, "_kdqat_tap", None)
+    if tap is not None and name in tap.names:
+        tap.sink(tap.layer, name, tensor)
+
+
+def kdqat_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager scaled-dot-product attention with fake quantization and KD taps.
+
+    Args:
+        module: the self-attention module (holds ``attn_quant`` and ``_kdqat_tap`` when prepared/tapped).
+        query, key, value: [B, H, S, d_h].
+        attention_mask: additive float mask [B, 1, S, S] (0 / very negative) or a boolean keep-mask.
+        scaling: 1/sqrt(d_h) by default.
+        dropout: attention-probability dropout (already 0 in eval mode).
+
+    Returns:
+        (context [B, S, H, d_h], probs [B, H, S, S]) as transformers expects.
+    """
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    q = getattr(module, "attn_quant", None)
+    if q is not None:
+        query, key, value = q.query(query), q.key(key), q.value(value)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    _emit(module, "scores", scores)
+    probs = F.softmax(scores, dim=-1)
+    _emit(module, "probs", probs)  # before dropout and quantization, as the reference's KD tap
+    p = F.dropout(probs, p=dropout, training=module.training)
+    if q is not None:
+        p = q.probs(p)
+    context = torch.matmul(p, value)
+    _emit(module, "context", context)  # per head, before the head merge and W_o
+    return context.transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ATTN_IMPL, kdqat_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def use_kdqat_attention(model: torch.nn.Module) -> None:
+    """Route every self-attention call of ``model`` through :func:`kdqat_attention`."""
+    model.set_attn_implementation(ATTN_IMPL)

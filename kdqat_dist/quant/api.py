@@ -1,0 +1,184 @@
+"""``prepare`` turns a Hugging Face encoder into the fake-quant student in place; ``convert`` freezes it.
+
+What is quantized (ALGORITHMS.md A.1), each choice overridable per module by ``quant.rules``:
+
+- every ``nn.Linear`` -> :class:`QuantLinear` (weight: ``quant.weight``, input: ``quant.act``), except
+  modules matching ``quant.skip`` (the classifier by default);
+- the word embedding table -> :class:`QuantEmbedding` (``quant.embedding``: row-wise ternary);
+- the attention matmuls: Q, K, V and the probabilities through ``quant.attention`` (8-bit), inside our
+  registered attention function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from kdqat_dist.config import ActQuantConfig, QuantConfig, QuantRule, WeightQuantConfig
+from kdqat_dist.models.attention import use_kdqat_attention
+from kdqat_dist.models.encoders import embeddings_module, encoder_layers
+from kdqat_dist.models.taps import self_attention_module
+from kdqat_dist.quant.fake_quant import (
+    ActFakeQuant,
+    AttentionQuant,
+    QuantEmbedding,
+    QuantLinear,
+    WeightFakeQuant,
+)
+
+
+def _rule_for(name: str, cfg: QuantConfig) -> QuantRule | None:
+    for rule in cfg.rules:
+        if re.search(rule.pattern, name):
+            return rule
+    if any(re.search(p, name) for p in cfg.skip):
+        return QuantRule(pattern="<skip>", quantize=False)
+    return None
+
+
+def _weight_cfg(base: WeightQuantConfig, rule: QuantRule | None) -> WeightQuantConfig:
+    if rule is None:
+        return base
+    changes = {}
+    if rule.weight_bits is not None:
+        changes["bits"] = rule.weight_bits
+        # TWN is ternary only: asking for more bits on a TWN default means max-abs uniform.
+        if rule.weight_bits != 2 and base.method == "twn" and rule.weight_method is None:
+            changes["method"] = "sym"
+    if rule.weight_method is not None:
+        changes["method"] = rule.weight_method
+    if rule.weight_granularity is not None:
+        changes["granularity"] = rule.weight_granularity
+    return dataclasses.replace(base, **changes)
+
+
+def _act_cfg(base: ActQuantConfig, rule: QuantRule | None) -> ActQuantConfig:
+    if rule is None:
+        return base
+    changes = {}
+    if rule.act_bits is not None:
+        changes["bits"] = rule.act_bits
+    if rule.act_enabled is not None:
+        changes["enabled"] = rule.act_enabled
+    return dataclasses.replace(base, **changes)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Swap in fake-quant modules in place, reusing the Parameter objects; returns ``model``.
+
+    Weight statistics (TWN Δ/α, max-abs) are recomputed from the latent weights at every forward, so
+    they are exact under ZeRO-3 too (the full weight is gathered for the forward). LSQ steps are
+    initialised here from the whole weights, so call ``prepare`` before the model is partitioned.
+    """
+    if not cfg.enabled:
+        return model
+    emb = embeddings_module(model).word_embeddings
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            continue
+        if isinstance(module, nn.Linear):
+            rule = _rule_for(name, cfg)
+            if rule is not None and not rule.quantize:
+                continue
+            wcfg, acfg = _weight_cfg(cfg.weight, rule), _act_cfg(cfg.act, rule)
+            wq = WeightFakeQuant(wcfg, module.weight) if wcfg.enabled else None
+            aq = ActFakeQuant(acfg) if acfg.enabled else None
+            _set_submodule(model, name, QuantLinear.from_linear(module, wq, aq))
+        elif module is emb and cfg.quantize_embedding:
+            rule = _rule_for(name, cfg)
+            if rule is not None and not rule.quantize:
+                continue
+            wcfg = _weight_cfg(cfg.embedding, rule)
+            _set_submodule(model, name, QuantEmbedding.from_embedding(module, WeightFakeQuant(wcfg, module.weight)))
+    for layer in encoder_layers(model):
+        attn = self_attention_module(layer)
+        if not isinstance(getattr(attn, "attn_quant", None), AttentionQuant):
+            attn.attn_quant = AttentionQuant(cfg.attention)
+    use_kdqat_attention(model)
+    return model
+
+
+def fake_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightFakeQuant | ActFakeQuant]]:
+    for name, m in model.named_modules():
+        if isinstance(m, (WeightFakeQuant, ActFakeQuant)):
+            yield name, m
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool, weights: bool = True, acts: bool = True) -> None:
+    """Switch fake quantization on or off (off gives back the full-precision model exactly)."""
+    for _, q in fake_quantizers(model):
+        if (isinstance(q, WeightFakeQuant) and weights) or (isinstance(q, ActFakeQuant) and acts):
+            q.enabled = enabled and q.cfg.enabled
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return any(True for _ in fake_quantizers(model))
+
+
+def quant_param_names(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Names of learned step sizes: (weight steps, activation steps), for their own learning rates."""
+    w, a = set(), set()
+    for name, q in fake_quantizers(model):
+        if hasattr(q, "step") and isinstance(q.step, nn.Parameter):
+            (w if isinstance(q, WeightFakeQuant) else a).add(f"{name}.step")
+    return w, a
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batch: dict) -> int:
+    """Initialise every LSQ activation step on one batch (KDLSQ-BERT calibrates on one batch).
+
+    Returns the number of quantizers initialised. Sym (dynamic) quantizers need no calibration.
+    """
+    lsq = [q for _, q in fake_quantizers(model) if isinstance(q, ActFakeQuant) and q.cfg.method == "lsq"]
+    for q in lsq:
+        q.initialized.fill_(False)
+    was_training = model.training
+    model.eval()
+    model(**{k: v for k, v in batch.items() if k != "labels"})
+    model.train(was_training)
+    return len(lsq)
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Freeze the quantized weights into the latent tensors (for evaluation and export).
+
+    After ``convert`` each QuantLinear/QuantEmbedding holds its quantized weight values and no weight
+    quantizer; activation and attention quantizers stay, so inference sees the same A8 arithmetic.
+    """
+    for _, m in list(model.named_modules()):
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quant is not None:
+            wq = m.weight_quant
+            m.weight.data.copy_(wq(m.weight))
+            m.frozen_weight_cfg = wq.cfg
+            if hasattr(wq, "step"):
+                m.frozen_step = wq.step.detach().clone()
+            m.weight_quant = None
+    return model
+
+
+def quant_summary(model: nn.Module) -> list[dict]:
+    """One row per quantized module: name, kind, weight method/bits/granularity, activation bits."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            wq = m.weight_quant
+            aq = getattr(m, "act_quant", None)
+            rows.append({
+                "module": name,
+                "kind": "embedding" if isinstance(m, QuantEmbedding) else "linear",
+                "weight": f"{wq.cfg.method}{wq.cfg.bits}/{wq.cfg.granularity}" if wq is not None else "frozen",
+                "act_bits": aq.cfg.bits if aq is not None else None,
+            })
+    return rows

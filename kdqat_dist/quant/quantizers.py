@@ -1,0 +1,249 @@
+"""Quantizer math: forward values and straight-through backward passes (ALGORITHMS.md A.2-A.6).
+
+Every function returns the *dequantized* (fake-quant) tensor. Functions that take ``clip`` zero the
+gradient where ``|x| >= clip`` (the reference's clipped STE); everything else passes the gradient through
+unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _reduce_dims(x: torch.Tensor, per_row: bool) -> tuple[int, ...] | None:
+    """Dimensions to reduce for one statistic per row (dim 0) or one per tensor."""
+    return tuple(range(1, x.dim())) if per_row and x.dim() > 1 else None
+
+
+def _mean_abs(x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    dims = _reduce_dims(x, per_row)
+    return x.abs().mean() if dims is None else x.abs().mean(dim=dims, keepdim=True)
+
+
+def _max_abs(x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    dims = _reduce_dims(x, per_row)
+    return x.abs().amax() if dims is None else x.abs().amax(dim=dims, keepdim=True)
+
+
+class _ClippedSTE(torch.autograd.Function):
+    """Forward: a precomputed quantized value. Backward: identity, zeroed where |x| >= clip."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xq: torch.Tensor, clip: float | None) -> torch.Tensor:
+        mask = None if clip is None else x.abs() < clip
+        ctx.save_for_backward(mask if mask is not None else torch.empty(0))
+        ctx.has_mask = mask is not None
+        return xq
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        g = grad * mask.to(grad.dtype) if ctx.has_mask else grad
+        return g, None, None
+
+
+def _ste(x: torch.Tensor, xq: torch.Tensor, clip: float | None) -> torch.Tensor:
+    return _ClippedSTE.apply(x, xq.detach(), clip)
+
+
+# --------------------------------------------------------------------------- weight quantizers
+
+
+def twn_ternary(w: torch.Tensor, per_row: bool = False, clip: float | None = 2.5) -> torch.Tensor:
+    """TWN ternarisation (Li et al. 2016), as TernaryBERT's ``TwnQuantizer``.
+
+    Δ = 0.7·mean|w|; b = sign(w)·[|w| > Δ]; α = mean of |w| over |w| > Δ; ŵ = α·b.
+
+    Args:
+        w: weight, [out, in] for Linear or [V, D] for an embedding table.
+        per_row: one (Δ, α) per row (the reference's embedding setting) instead of one per tensor.
+        clip: STE clip value; the weight is also clamped to [-clip, clip] first (a no-op for BERT weights).
+
+    Returns:
+        ŵ with the shape of ``w``; it takes at most 3 distinct values per row/tensor.
+    """
+    x = w.detach()
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    delta = 0.7 * _mean_abs(x, per_row)
+    keep = (x.abs() > delta).to(x.dtype)
+    dims = _reduce_dims(x, per_row)
+    if dims is None:
+        alpha = (x.abs() * keep).sum() / keep.sum().clamp(min=1)
+    else:
+        alpha = (x.abs() * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp(min=1)
+    return _ste(w, alpha * torch.sign(x) * keep, clip)
+
+
+def symmetric_quant(
+    x: torch.Tensor, bits: int, per_row: bool = False, clip: float | None = 2.5
+) -> torch.Tensor:
+    """Symmetric uniform max-abs quantisation (TernaryBERT ``SymQuantizer``).
+
+    Clamp to [-clip, clip]; m = max|x| (detached); s = (2^(b-1) - 1)/m; x̂ = round(x·s)/s.
+    Used for 8-bit weights and for every activation (dynamic range, recomputed at every call).
+
+    Args:
+        x: any tensor.
+        bits: 2..8; 2^(b-1) - 1 levels per side (127 at 8 bits).
+        per_row: one range per row (dim 0) instead of one per tensor.
+        clip: clamp value and STE cut-off; None for no clamp.
+    """
+    v = x.detach()
+    if clip is not None:
+        v = v.clamp(-clip, clip)
+    levels = 2 ** (bits - 1) - 1
+    m = _max_abs(v, per_row).clamp(min=1e-8)
+    scale = levels / m
+    return _ste(x, torch.round(v * scale) / scale, clip)
+
+
+def mean_clip_quant(w: torch.Tensor, bits: int, per_row: bool = False, clip: float | None = 2.5) -> torch.Tensor:
+    """The reference's n-bit weight quantiser ``TwnQuantizer_mx`` (used for 4-bit weights/embeddings).
+
+    t = mean|w|; c' = mean of |w| over |w| > t; clamp to [-c', c']; step = 2c'/(2^b - 1);
+    ŵ = round(w/step)·step.
+    """
+    x = w.detach()
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    t = _mean_abs(x, per_row)
+    big = (x.abs() > t).to(x.dtype)
+    dims = _reduce_dims(x, per_row)
+    if dims is None:
+        c = (x.abs() * big).sum() / big.sum().clamp(min=1)
+    else:
+        c = (x.abs() * big).sum(dim=dims, keepdim=True) / big.sum(dim=dims, keepdim=True).clamp(min=1)
+    c = c.clamp(min=1e-8)
+    step = 2 * c / (2**bits - 1)
+    xq = torch.round(torch.maximum(torch.minimum(x, c), -c) / step) * step
+    return _ste(w, xq, clip)
+
+
+# --------------------------------------------------------------------------- LSQ
+
+
+def lsq_levels(bits: int, narrow_range: bool) -> tuple[int, int]:
+    """(Q_N, Q_P) for signed LSQ: (2^(b-1), 2^(b-1)-1), or symmetric (Q_P, Q_P) with ``narrow_range``."""
+    qp = 2 ** (bits - 1) - 1
+    return (qp if narrow_range else qp + 1), qp
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ (Esser et al. 2020): v̂ = clamp(round(v/s), -Q_N, Q_P)·s with the paper's step-size gradient."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
+        r = v / s
+        ctx.save_for_backward(r)
+        ctx.shape_s, ctx.qn, ctx.qp, ctx.g = s.shape, qn, qp, g
+        return torch.clamp(torch.round(r), -qn, qp) * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (r,) = ctx.saved_tensors
+        qn, qp = ctx.qn, ctx.qp
+        lower, upper = r <= -qn, r >= qp
+        inside = ~(lower | upper)
+        grad_v = grad * inside.to(grad.dtype)
+        # d v̂ / d s: round(r) - r inside, -Q_N below, +Q_P above; then scaled by g.
+        ds = torch.where(inside, torch.round(r) - r, torch.where(lower, torch.full_like(r, -qn),
+                                                                 torch.full_like(r, qp)))
+        grad_s = grad * ds * ctx.g
+        # Reduce to the step's shape (one per tensor or one per row).
+        if len(ctx.shape_s) == 0 or grad_s.shape != ctx.shape_s:
+            dims = [i for i in range(grad_s.dim()) if i >= len(ctx.shape_s) or ctx.shape_s[i] == 1]
+            grad_s = grad_s.sum(dim=dims, keepdim=True) if dims else grad_s
+            grad_s = grad_s.reshape(ctx.shape_s)
+        return grad_v, grad_s, None, None, None
+
+
+def lsq_quant(v: torch.Tensor, step: torch.Tensor, bits: int, narrow_range: bool = False,
+              grad_scale: float | None = None) -> torch.Tensor:
+    """LSQ fake quantisation.
+
+    Args:
+        v: the tensor to quantise (weight or activation).
+        step: learned step size s, a scalar tensor or [rows, 1, ...] for per-row steps.
+        bits: bit width.
+        narrow_range: Q_N = Q_P (symmetric; ternary at 2 bits, as KDLSQ-BERT).
+        grad_scale: g; default 1/sqrt(N·Q_P) with N = elements per step (Esser et al.).
+    """
+    qn, qp = lsq_levels(bits, narrow_range)
+    if grad_scale is None:
+        n = v.numel() // max(step.numel(), 1)
+        grad_scale = 1.0 / math.sqrt(n * qp)
+    return _LSQ.apply(v, step, qn, qp, grad_scale)
+
+
+def lsq_init_mean(v: torch.Tensor, bits: int, per_row: bool = False) -> torch.Tensor:
+    """s₀ = 2·mean|v|/sqrt(Q_P) (Esser et al.)."""
+    qp = 2 ** (bits - 1) - 1
+    return (2 * _mean_abs(v.detach().float(), per_row) / math.sqrt(qp)).clamp(min=1e-8)
+
+
+def lsq_init_percentile(v: torch.Tensor, bits: int, percentile: float = 97.5) -> torch.Tensor:
+    """KDLSQ-BERT ``reset_wgt_alpha``: clip at the larger |value| of the (100-p)th and pth percentiles.
+
+    The clip value c becomes the step through s = c / Q_P (the top level lands on the clip value).
+    """
+    qp = 2 ** (bits - 1) - 1
+    flat = v.detach().float().flatten()
+    if flat.numel() > 2_000_000:  # quantile() has an input-size limit; a strided sample is enough
+        flat = flat[:: flat.numel() // 2_000_000 + 1]
+    q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], dtype=flat.dtype))
+    return (q.abs().max() / qp).clamp(min=1e-8)
+
+
+def kl_calibrated_clip(v: torch.Tensor, bits: int, num_bins: int = 2048) -> torch.Tensor:
+    """TensorRT-style KL-divergence calibration of a symmetric clip value on the histogram of |v|.
+
+    For each candidate threshold i (in bins), the reference distribution P is the histogram truncated at
+    i with the clipped mass folded into the last bin; Q is P quantised to 2^(b-1) levels and expanded
+    back (zero bins stay zero). The threshold with the smallest KL(P‖Q) wins (KDLSQ-BERT "new init").
+
+    Returns:
+        the clip value (a scalar tensor); divide by Q_P for an LSQ step.
+    """
+    a = v.detach().float().abs().flatten()
+    amax = float(a.max())
+    if amax == 0.0:
+        return torch.tensor(1e-8)
+    hist = torch.histc(a, bins=num_bins, min=0.0, max=amax).double()
+    width = amax / num_bins
+    levels = 2 ** (bits - 1)
+    best_kl, best_i = math.inf, num_bins
+    for i in range(levels, num_bins + 1, max(1, num_bins // 256)):
+        p = hist[:i].clone()
+        p[-1] += hist[i:].sum()
+        nz = p > 0
+        # Merge the i bins into `levels` groups, spread each group's mass evenly over its non-zero bins.
+        idx = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+        group_mass = torch.zeros(levels, dtype=p.dtype).index_add_(0, idx, hist[:i])
+        group_nz = torch.zeros(levels, dtype=p.dtype).index_add_(0, idx, nz.to(p.dtype))
+        q = torch.where(nz, group_mass[idx] / group_nz[idx].clamp(min=1), torch.zeros_like(p))
+        ps, qs = p / p.sum(), q / q.sum().clamp(min=1e-12)
+        m = nz & (qs > 0)
+        kl = float((ps[m] * torch.log(ps[m] / qs[m])).sum()) + (float(ps[nz & ~m].sum()) * 1e3)
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return torch.tensor((best_i + 0.5) * width)
+
+
+def lsq_init(v: torch.Tensor, bits: int, method: str, per_row: bool = False,
+             percentile: float = 97.5) -> torch.Tensor:
+    """Initial LSQ step by ``method`` in {mean, percentile, kl}; per-row only for ``mean``."""
+    if method == "mean":
+        return lsq_init_mean(v, bits, per_row)
+    if per_row:  # calibrated inits are per tensor; broadcast to one step per row
+        s = lsq_init(v, bits, method, False, percentile)
+        return s.expand(v.shape[0], *([1] * (v.dim() - 1))).clone()
+    if method == "percentile":
+        return lsq_init_percentile(v, bits, percentile)
+    if method == "kl":
+        return (kl_calibrated_clip(v, bits) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
+    raise ValueError(f"unknown LSQ init {method!r}; allowed: mean, percentile, kl")

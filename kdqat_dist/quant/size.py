@@ -1,0 +1,45 @@
+"""Storage size of a model: FP32 bytes vs the bytes of its low-bit form (packed weights + scales)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kdqat_dist.quant.fake_quant import QuantEmbedding, QuantLinear
+
+
+def _numel(p) -> int:
+    return getattr(p, "ds_numel", p.numel())
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    return 4 * sum(_numel(p) for p in model.parameters() if not _is_step(p, model))
+
+
+def _is_step(p, model) -> bool:
+    return any(p is getattr(m, "step", None) for m in model.modules())
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes with every quantized weight stored at its bit width (ternary at 2 bits) plus one FP32 scale
+    per tensor or row; all other parameters (LayerNorm, biases, position embeddings, FP heads) in FP32."""
+    quantized: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            cfg = m.weight_quant.cfg if m.weight_quant is not None else getattr(m, "frozen_weight_cfg", None)
+            if cfg is None or not cfg.enabled:
+                continue
+            n = _numel(m.weight)
+            rows = m.weight.shape[0] if m.weight.dim() > 1 and m.weight.numel() else 1
+            scales = rows if cfg.granularity == "row" else 1
+            total += (n * cfg.bits + 7) // 8 + 4 * scales
+            quantized.add(id(m.weight))
+    for p in model.parameters():
+        if id(p) not in quantized and not _is_step(p, model):
+            total += 4 * _numel(p)
+    return total
+
+
+def size_report(model: nn.Module) -> dict[str, float]:
+    fp, packed = fp32_bytes(model), packed_bytes(model)
+    return {"fp32_mb": fp / 1e6, "packed_mb": packed / 1e6, "ratio": fp / max(packed, 1)}
