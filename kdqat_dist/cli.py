@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The `deepspeed` launcher appends --local_rank=N (before the subcommand); the rank comes from the
+    # environment (LOCAL_RANK) anyway, so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     p = sub.add_parser("finetune", help="fine-tune the full-precision teacher on a task (saves HF format)")

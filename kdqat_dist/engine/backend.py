@@ -6,9 +6,11 @@ in one process (:class:`LocalBackend`) or under DeepSpeed (:mod:`kdqat_dist.engi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from kdqat_dist.config import RunConfig
 from kdqat_dist.engine.optim import make_optimizer, make_scheduler
+from kdqat_dist.models.encoders import load_classifier
 
 
 def pick_device(name: str) -> torch.device:
@@ -26,7 +29,8 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         from kdqat_dist.config import ConfigError
 
-        raise ConfigError("train.device: cuda requested but no CUDA device is available; allowed here: cpu, auto")
+        raise ConfigError("train.device: cuda requested but no CUDA device is available; "
+                          "allowed here: cpu, auto")
     return torch.device(name)
 
 
@@ -63,20 +67,37 @@ class LocalBackend:
         self.device = pick_device(cfg.train.device)
         self.micro = 0
         self.student: nn.Module | None = None
+        self.teacher: nn.Module | None = None
+        self._grad_peak = 0
 
     # -- models
     def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
+        if self.cfg.engine.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.student = model.to(self.device)
         self.optimizer = make_optimizer(model, self.cfg.train)
         self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.train.warmup_ratio)
         return self.student
 
+    def load_teacher(self, path: str, num_labels: int) -> nn.Module:
+        """Load the fine-tuned teacher from ``path``, frozen and in eval mode."""
+        return self.setup_teacher(load_classifier(path, num_labels, "eager"))
+
     def setup_teacher(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        return model.to(self.device).eval()
+        self.teacher = model.to(self.device).eval()
+        return self.teacher
 
     def student_module(self) -> nn.Module:
         return self.student
+
+    @contextlib.contextmanager
+    def gathered_student(self) -> Iterator[nn.Module]:
+        """The student with whole weights inside the block (always so in one process)."""
+        yield self.student
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.student.state_dict()
 
     # -- stepping
     def backward(self, loss: torch.Tensor) -> None:
@@ -87,6 +108,8 @@ class LocalBackend:
         self.micro += 1
         if self.micro % self.cfg.train.grad_accum:
             return False
+        self._grad_peak = max(self._grad_peak, storage_bytes(p.grad for p in self.student.parameters()
+                                                             if p.grad is not None))
         if self.cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
@@ -128,7 +151,11 @@ class LocalBackend:
         return state["client"]
 
     def memory_report(self) -> dict[str, float]:
-        return memory_report(self.student, getattr(self, "optimizer", None))
+        out = memory_report(self.student, getattr(self, "optimizer", None))
+        out["grad_mib"] = self._grad_peak / 2**20
+        if self.teacher is not None:
+            out["teacher_param_mib"] = storage_bytes(p.data for p in self.teacher.parameters()) / 2**20
+        return out
 
     def teardown(self) -> None:
         pass
@@ -159,8 +186,13 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return p if p.exists() else None
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one flat buffer count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
 
 
 def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
@@ -171,11 +203,12 @@ def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | No
     out: dict[str, float] = {}
     if model is not None:
         params = list(model.parameters())
-        out["param_mib"] = _nbytes(params) * mib
-        out["grad_mib"] = _nbytes([p.grad for p in params if p.grad is not None]) * mib
+        out["param_mib"] = storage_bytes(p.data for p in params) * mib
+        out["grad_mib"] = storage_bytes(p.grad for p in params if p.grad is not None) * mib
     if optimizer is not None:
-        states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        out["optim_mib"] = _nbytes(states) * mib
+        states = [v for s in optimizer.state.values() for v in s.values()
+                  if torch.is_tensor(v) and v.dim() > 0]
+        out["optim_mib"] = storage_bytes(states) * mib
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() * mib

@@ -20,7 +20,7 @@ from kdqat_dist.config import ConfigError, RunConfig, save_config
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
 from kdqat_dist.data.tasks import TaskSpec, compute_metrics, get_task, selection_value
-from kdqat_dist.distill.objective import DistillObjective, LossOutput
+from kdqat_dist.distill.objective import DistillObjective, LossOutput, _unwrap
 from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, seed_everything
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path
@@ -51,6 +51,7 @@ class Trainer:
         self.backend = backend
         self.run_dir = Path(cfg.train.output_dir)
         self.history: list[dict] = []
+        self.train_log: list[dict] = []  # reduced training scalars at every log step
         self.best: dict | None = None
         self.writer = None
         self.teacher_metrics: dict | None = None
@@ -60,9 +61,10 @@ class Trainer:
 
     def setup(self) -> Trainer:
         cfg = self.cfg
-        self._check_run_dir()
         seed_everything(cfg.train.seed)
         self.backend = self.backend or make_backend(cfg)
+        self._check_run_dir()
+        self.backend.barrier()  # every rank has checked before rank 0 writes config.yaml
         self.task: TaskSpec = get_task(cfg.data)
         src = self._source_model()
         self.tokenizer = load_tokenizer(src)
@@ -116,17 +118,20 @@ class Trainer:
             self.teacher = None
             self.objective = None
             return
-        teacher = load_classifier(cfg.teacher.path, task.num_labels, "eager")
-        _check_same_head(teacher, task)
+        # The student is built and prepared whole on every rank (LSQ steps from whole weights, activation
+        # steps calibrated) before the backend may partition it.
         student = init_student(src, task.num_labels, cfg.student.num_layers, cfg.distill.layer_map)
         prepare(student, cfg.quant)
         if cfg.quant.enabled:
             calibrate_activations(student, self._first_batch())
+        # The backend may build the teacher partitioned (ZeRO-3); it comes back frozen and in eval mode.
+        teacher = self.backend.load_teacher(cfg.teacher.path, task.num_labels)
+        _check_same_head(_unwrap(teacher), task)
         # Both models run our attention function so the same taps exist on each.
         use_kdqat_attention(student)
-        use_kdqat_attention(teacher)
+        use_kdqat_attention(_unwrap(teacher))
         self.objective = DistillObjective.for_models(cfg.distill, student, teacher, task.is_regression)
-        self.teacher = self.backend.setup_teacher(teacher)
+        self.teacher = teacher
         self.student = self.backend.setup_student(student, self.total_steps)
 
     def _first_batch(self) -> dict:
@@ -148,12 +153,12 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, be = self.cfg, self.backend
-        step, epoch, start = self._maybe_resume()
+        step, epoch, start, running = self._maybe_resume()
         if self.mode == "train" and self.teacher_metrics is None:
             self.teacher_metrics = self.evaluate(self.teacher)
-        bar = tqdm(total=self.total_steps, initial=step, desc=self.mode, disable=not (be.is_main and cfg.train.progress),
-                   dynamic_ncols=True)
-        t_last, running = time.perf_counter(), {}
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.mode,
+                   disable=not (be.is_main and cfg.train.progress), dynamic_ncols=True)
+        t_last = time.perf_counter()
         while step < self.total_steps:
             for _, micro in micro_batches(len(self.train_set), cfg.train.batch_size, cfg.train.grad_accum,
                                           be.rank, be.world_size, cfg.train.seed, epoch, start):
@@ -175,7 +180,7 @@ class Trainer:
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(step)
                 if cfg.train.save_every and step % cfg.train.save_every == 0:
-                    self._save_checkpoint(step, epoch, start_next=_next_start(step, self.steps_per_epoch))
+                    self._save_checkpoint(step, epoch, _next_start(step, self.steps_per_epoch), running)
                 if step >= self.total_steps:
                     break
             epoch, start = epoch + 1, 0
@@ -192,15 +197,15 @@ class Trainer:
 
     def _log_train(self, step: int, running: dict, dt: float, n: int, out: LossOutput) -> None:
         red = self._mean_over_ranks(running, n)
-        if self.writer is None:
-            return
-        for k, v in red.items():
-            self.writer.add_scalar(f"train/{k}", v, step)
-        for term, layers in out.per_layer.items():
-            for layer, v in layers.items():
-                self.writer.add_scalar(f"layers/{term}/{layer:02d}", float(v), step)
-        self.writer.add_scalar("train/lr", self.backend.lr(), step)
-        self.writer.add_scalar("train/step_time_s", dt, step)
+        self.train_log.append({"step": step, **red, "lr": self.backend.lr()})
+        if self.writer is not None:
+            for k, v in red.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            for term, layers in out.per_layer.items():
+                for layer, v in layers.items():
+                    self.writer.add_scalar(f"layers/{term}/{layer:02d}", float(v), step)
+            self.writer.add_scalar("train/lr", self.backend.lr(), step)
+            self.writer.add_scalar("train/step_time_s", dt, step)
         self._diagnostics(step)
 
     def _diagnostics(self, step: int) -> None:
@@ -209,7 +214,11 @@ class Trainer:
             from kdqat_dist.analysis.diagnostics import log_diagnostics
         except ImportError:
             return
-        log_diagnostics(self.writer, step, self.backend.student_module())
+        # They read whole weights: under ZeRO-3 gathering is a collective, so every rank enters the block
+        # and rank 0 (the one with a writer) logs.
+        with self.backend.gathered_student() as model:
+            if self.writer is not None:
+                log_diagnostics(self.writer, step, model)
 
     def _mean_over_ranks(self, running: dict, n: int) -> dict:
         keys = sorted(running)
@@ -265,37 +274,37 @@ class Trainer:
                 self.writer.add_scalar(f"eval/{k}", v, step)
             if self.teacher_metrics:
                 self.writer.add_scalar("eval/teacher_selection", self.teacher_metrics["selection"], step)
-            tqdm.write(f"step {step}: {self.task.selection_metric}={metrics['selection']:.4f}"
-                       + (f" (teacher {self.teacher_metrics['selection']:.4f})" if self.teacher_metrics else "")
+            teacher = f" (teacher {self.teacher_metrics['selection']:.4f})" if self.teacher_metrics else ""
+            tqdm.write(f"step {step}: {self.task.selection_metric}={metrics['selection']:.4f}{teacher}"
                        + (" *best*" if improved else ""))
 
     def _save_best(self) -> None:
-        state = self.backend.full_state_dict() if hasattr(self.backend, "full_state_dict") else None
-        if not self.backend.is_main:
-            return
-        model = self.backend.student_module()
-        out = self.run_dir / ("model" if self.mode == "finetune" else "student")
-        if self.mode == "finetune":
-            model.save_pretrained(out, state_dict=state)
-            self.tokenizer.save_pretrained(out)
-            (out / "metrics.json").write_text(json.dumps(self.best, indent=2))
-        else:
-            if state is not None:
-                model = _with_state(model, state)
-            save_student(model, out, self.cfg.quant, self.tokenizer,
-                         extra={"task": self.task.name, "metrics": self.best})
+        # Under ZeRO-3 the whole weights exist only inside this block, on every rank; rank 0 writes them.
+        with self.backend.gathered_student() as model:
+            if not self.backend.is_main:
+                return
+            out = self.run_dir / ("model" if self.mode == "finetune" else "student")
+            if self.mode == "finetune":
+                model.save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+                (out / "metrics.json").write_text(json.dumps(self.best, indent=2))
+            else:
+                save_student(model, out, self.cfg.quant, self.tokenizer,
+                             extra={"task": self.task.name, "metrics": self.best})
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save_checkpoint(self, step: int, epoch: int, start_next: tuple[int, int]) -> None:
+    def _save_checkpoint(self, step: int, epoch: int, start_next: tuple[int, int], running: dict) -> None:
         ep, st = start_next
-        client = {"step": step, "epoch": epoch + ep, "start": st, "best": self.best,
-                  "history": self.history, "teacher_metrics": self.teacher_metrics}
+        client = {"step": step, "epoch": epoch + ep, "start": st, "best": self.best, "history": self.history,
+                  "teacher_metrics": self.teacher_metrics, "running": dict(running),
+                  "train_log": self.train_log}
         self.backend.save_checkpoint(self.run_dir / "checkpoints" / f"step{step:07d}", client)
 
-    def _maybe_resume(self) -> tuple[int, int, int]:
+    def _maybe_resume(self) -> tuple[int, int, int, dict]:
+        """(step, epoch, start step in epoch, running sums) to continue from; zeros for a fresh run."""
         if not self.resume:
-            return 0, 0, 0
+            return 0, 0, 0, {}
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} "
@@ -303,9 +312,10 @@ class Trainer:
         client = self.backend.load_checkpoint(ckpt)
         self.best, self.history = client["best"], client["history"]
         self.teacher_metrics = client["teacher_metrics"]
+        self.train_log = list(client.get("train_log", []))
         if self.backend.is_main:
             tqdm.write(f"resumed from {ckpt} at step {client['step']}")
-        return client["step"], client["epoch"], client["start"]
+        return client["step"], client["epoch"], client["start"], dict(client.get("running", {}))
 
     # ------------------------------------------------------------------ finish
 
@@ -314,8 +324,12 @@ class Trainer:
                   "best": self.best, "history": self.history, "total_steps": self.total_steps}
         if self.teacher_metrics is not None:
             result["teacher"] = self.teacher_metrics
-        result["memory"] = self.backend.memory_report()
+        result["train_log"] = self.train_log
+        result["world_size"] = self.backend.world_size
+        per_rank = self.backend.gather_objects(self.backend.memory_report())
+        result["memory"], result["memory_per_rank"] = per_rank[self.backend.rank], per_rank
         if self.backend.is_main:
+            tqdm.write(_memory_table(per_rank))
             (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         return result
 
@@ -331,18 +345,28 @@ def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
     return (1, 0) if step % per_epoch == 0 else (0, step % per_epoch)
 
 
-def _with_state(model, state: dict):
-    model.load_state_dict(state, strict=False)
-    return model
+MEMORY_COLUMNS = ("param_mib", "master_mib", "grad_mib", "optim_mib", "teacher_param_mib", "peak_rss_mib",
+                  "peak_cuda_mib")
+
+
+def _memory_table(per_rank: list[dict]) -> str:
+    """One line per rank: where the bytes are, so sharding is visible in the log."""
+    cols = [c for c in MEMORY_COLUMNS if any(c in r for r in per_rank)]
+    head = "memory (MiB) per rank: " + " ".join(f"{c.removesuffix('_mib'):>13s}" for c in cols)
+    lines = [head] + [f"  rank {i:<16d}" + " ".join(f"{r.get(c, 0.0):13.2f}" for c in cols)
+                      for i, r in enumerate(per_rank)]
+    return "\n".join(lines)
 
 
 def _check_same_head(teacher, task: TaskSpec) -> None:
     n = teacher.config.num_labels
     if n != task.num_labels:
-        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
+        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} "
+                          f"has {task.num_labels}")
 
 
-def run(cfg: RunConfig, mode: str, resume: bool = False, on_eval: Callable[[dict], None] | None = None) -> dict:
+def run(cfg: RunConfig, mode: str, resume: bool = False,
+        on_eval: Callable[[dict], None] | None = None) -> dict:
     """Set up, train, clean up; returns the metrics dict (also written to ``<output_dir>/metrics.json``)."""
     trainer = Trainer(cfg, mode, resume, on_eval=on_eval)
     try:

@@ -39,7 +39,8 @@ def make_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    # `vocab=` (a path): transformers 5 silently ignores `vocab_file=` and every word becomes [UNK].
+    tok = BertTokenizerFast(vocab=str(out / "vocab.txt"), do_lower_case=True)
     common = dict(
         vocab_size=len(vocab),
         hidden_size=hidden_size,

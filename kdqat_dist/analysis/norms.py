@@ -1,0 +1,194 @@
+"""Norm-based analysis of self-attention (Kobayashi et al. 2020; ALGORITHMS.md A.8 and D, Exp3).
+
+Self-attention output of token i, before the residual and LayerNorm, decomposes over heads h and keys j:
+
+    y_i = Σ_h Σ_j α_{h,i,j} f_h(x_j) + b_o,     f_h(x_j) = W_o[:, head h] · v_{h,j}
+
+so besides the weight α the size of the transformed vector ‖f_h(x_j)‖ says how much token j contributes.
+
+The value vectors are recomputed here from the tapped layer input (``hidden[l]``) with the layer's own
+value projection, called as a module: for a student that is the fake-quant ``QuantLinear`` (8-bit input,
+quantized weight), followed by the attention quantizer of V, exactly as in its forward. W_o is the output
+projection's weight, quantized for students (``quantized_weight()``). The tap machinery itself is not
+touched. For a student, Σ_h Σ_j α f + b_o reproduces its ``sa_output`` only up to the 8-bit quantization
+of the attention probabilities and of the context (both nonlinear, so they cannot be split over heads).
+
+Key tokens are grouped into classes ([CLS], [SEP], punctuation, other; plus all tokens), and every
+quantity is averaged per class over a dev sample (:class:`NormAccumulator`).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdqat_dist.models.taps import self_attention_module
+
+__all__ = [
+    "CLASS_LABELS",
+    "TOKEN_CLASSES",
+    "NormAccumulator",
+    "norm_decomposition",
+    "layer_summary",
+    "output_weight",
+    "token_classes",
+    "transformed_vectors",
+    "value_vectors",
+]
+
+TOKEN_CLASSES = ("cls", "sep", "punct", "other", "all")
+CLASS_LABELS = {"cls": "[CLS]", "sep": "[SEP]", "punct": "punctuation", "other": "other tokens",
+                "all": "all tokens"}
+
+
+def _is_punctuation(token: str) -> bool:
+    # WordPiece continuation (##), byte-level BPE (Ġ) and SentencePiece (▁) markers are not the token.
+    t = token.removeprefix("##").lstrip("Ġ▁")
+    return bool(t) and all(unicodedata.category(c).startswith("P") for c in t)
+
+
+def token_classes(input_ids: Sequence[int] | torch.Tensor, tokenizer) -> torch.Tensor:
+    """Class membership of each token: [S, C] float (0/1), columns in :data:`TOKEN_CLASSES` order.
+
+    [CLS] and [SEP] are the tokenizer's ``cls_token_id`` / ``sep_token_id`` (``<s>`` / ``</s>`` for
+    RoBERTa); punctuation is a token made only of Unicode punctuation; the last column is all ones.
+    """
+    ids = [int(i) for i in (input_ids.reshape(-1).tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    out = torch.zeros(len(ids), len(TOKEN_CLASSES))
+    for j, (i, tok) in enumerate(zip(ids, tokens, strict=True)):
+        if i == tokenizer.cls_token_id:
+            c = 0
+        elif i == tokenizer.sep_token_id:
+            c = 1
+        elif tok is not None and _is_punctuation(tok):
+            c = 2
+        else:
+            c = 3
+        out[j, c] = 1.0
+    out[:, 4] = 1.0
+    return out
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    fn = getattr(module, "quantized_weight", None)
+    return fn() if callable(fn) else module.weight
+
+
+@torch.no_grad()
+def value_vectors(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Per-head value vectors of one sample: [H, S, d_h], as the layer's attention function sees them.
+
+    Args:
+        layer: one Transformer layer (``encoder.layer[l]``).
+        hidden: [S, D] or [1, S, D], the layer's input (tap ``hidden[l]``).
+    """
+    attn = self_attention_module(layer)
+    x = hidden.reshape(1, -1, hidden.shape[-1])
+    h, dh = attn.num_attention_heads, attn.attention_head_size
+    v = attn.value(x).view(1, x.shape[1], h, dh).transpose(1, 2)  # [1, H, S, d_h]
+    q = getattr(attn, "attn_quant", None)
+    if q is not None:
+        v = q.value(v)
+    return v[0]
+
+
+@torch.no_grad()
+def output_weight(layer: nn.Module) -> torch.Tensor:
+    """W_o of the attention output projection, [D, H·d_h] (quantized for a fake-quant student)."""
+    return _weight(layer.attention.output.dense)
+
+
+@torch.no_grad()
+def transformed_vectors(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """f_h(x_j) = W_o[:, head h] · v_{h,j} for every head and token: [H, S, D] (bias excluded)."""
+    v = value_vectors(layer, hidden)  # [H, S, dh]
+    w = output_weight(layer).to(v.dtype)  # [D, H*dh]
+    h, _, dh = v.shape
+    return torch.einsum("hsd,ohd->hso", v, w.view(w.shape[0], h, dh))
+
+
+@torch.no_grad()
+def norm_decomposition(layer: nn.Module, hidden: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Kobayashi et al.'s quantities for one layer and one sample (true length S).
+
+    Args:
+        layer: the Transformer layer.
+        hidden: [S, D] or [1, S, D] layer input (tap ``hidden[l]``).
+        probs: [H, S, S] or [1, H, S, S] attention probabilities α (tap ``probs[l]``; query, key).
+
+    Returns:
+        ``alpha`` [H, S, S]; ``f_norm`` ‖f_h(x_j)‖ [H, S]; ``af_norm`` ‖α_{h,i,j} f_h(x_j)‖ [H, S, S];
+        ``sum_af_norm`` ‖Σ_h α_{h,i,j} f_h(x_j)‖ [S, S]; ``sum_af`` Σ_j Σ_h α f [S, D] (= sa_output − b_o
+        for a full-precision model).
+    """
+    alpha = probs.reshape(probs.shape[-3:]).float()
+    f = transformed_vectors(layer, hidden).float()  # [H, S, D]
+    f_norm = f.norm(dim=-1)  # [H, S]
+    af = torch.einsum("hij,hjo->ijo", alpha, f)  # [S, S, D]: Σ_h α f, per (query, key)
+    return {
+        "alpha": alpha,
+        "f_norm": f_norm,
+        "af_norm": alpha * f_norm[:, None, :],  # α ≥ 0, so ‖αf‖ = α‖f‖
+        "sum_af_norm": af.norm(dim=-1),
+        "sum_af": af.sum(dim=1),
+    }
+
+
+@dataclass
+class NormAccumulator:
+    """Per-class means over a dev sample, for one model: sums and counts, divided at the end.
+
+    Key-token class c of token j decides where a quantity goes. α, ‖αf‖ and ‖Σ_h αf‖ are averaged over
+    every (query i, key j ∈ c) pair, ‖f‖ over the keys j ∈ c; every token of every sample weighs the same.
+    """
+
+    n_layers: int
+    n_heads: int
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(len(TOKEN_CLASSES)))
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros(len(TOKEN_CLASSES)))
+
+    def __post_init__(self) -> None:
+        c = len(TOKEN_CLASSES)
+        for k in ("alpha", "f_norm", "af_norm"):
+            self.sums[k] = np.zeros((self.n_layers, self.n_heads, c))
+        self.sums["sum_af_norm"] = np.zeros((self.n_layers, c))
+
+    def add(self, layer: int, dec: dict[str, torch.Tensor], classes: torch.Tensor) -> None:
+        """Add one layer of one sample; call once per layer, then :meth:`count` once per sample."""
+        m = classes.to(dec["alpha"].device, torch.float64)  # [S, C]
+        self.sums["alpha"][layer] += (dec["alpha"].double().sum(1) @ m).cpu().numpy()
+        self.sums["f_norm"][layer] += (dec["f_norm"].double() @ m).cpu().numpy()
+        self.sums["af_norm"][layer] += (dec["af_norm"].double().sum(1) @ m).cpu().numpy()
+        self.sums["sum_af_norm"][layer] += (dec["sum_af_norm"].double().sum(0) @ m).cpu().numpy()
+
+    def count(self, classes: torch.Tensor) -> None:
+        n = classes.double().sum(0).cpu().numpy()  # tokens per class
+        self.tokens += n
+        self.pairs += n * classes.shape[0]  # every query row sees every key
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Means: ``alpha``, ``f_norm``, ``af_norm`` [L, H, C]; ``sum_af_norm`` [L, C]; NaN for an absent
+        class. Also ``tokens`` [C], the number of key tokens of each class seen."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pairs = np.where(self.pairs > 0, self.pairs, np.nan)
+            toks = np.where(self.tokens > 0, self.tokens, np.nan)
+            return {
+                "alpha": self.sums["alpha"] / pairs,
+                "f_norm": self.sums["f_norm"] / toks,
+                "af_norm": self.sums["af_norm"] / pairs,
+                "sum_af_norm": self.sums["sum_af_norm"] / pairs,
+                "tokens": self.tokens.copy(),
+            }
+
+
+def layer_summary(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-layer curves [L, C]: α and ‖f(x)‖ averaged over heads, and ‖Σ_h αf(x)‖."""
+    return {"alpha": result["alpha"].mean(axis=1), "f_norm": result["f_norm"].mean(axis=1),
+            "sum_af_norm": result["sum_af_norm"]}

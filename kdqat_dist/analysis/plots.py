@@ -1,0 +1,333 @@
+"""Figures of ``kdqat analyze``: matplotlib ``Figure`` objects (no pyplot state), written as PNG.
+
+Every function takes the plain arrays of the analysis JSON and a path, writes one PNG and returns the
+path. Colours are fixed per model across figures (teacher black, students in the tab10 order), layers and
+heads are 0-based as in the JSON and in TensorBoard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy.stats import gaussian_kde
+
+from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES
+
+__all__ = [
+    "colors",
+    "gaussian_density",
+    "plot_distance_heatmaps",
+    "plot_distance_layers",
+    "plot_dynamic_range_layers",
+    "plot_dynamic_range_tokens",
+    "plot_hessian_spectrum",
+    "plot_norm_heads",
+    "plot_norm_layers",
+]
+
+DPI = 150
+DISTANCE_LABELS = {
+    "kl": ("KL(teacher ‖ student)", "nats per query row"),
+    "ranking_loss": ("Ranking loss", "per query row"),
+    "cover_length_ratio": ("Top-{k} cover length ratio", "fraction of sequence length"),
+}
+NORM_LABELS = {
+    "alpha": "α (attention weight)",
+    "f_norm": "‖f(x)‖",
+    "af_norm": "‖αf(x)‖",
+    "sum_af_norm": "‖Σ_h αf(x)‖",
+}
+
+
+def colors(names: Sequence[str]) -> dict[str, str]:
+    """Teacher black, students C0, C1, ... (the order given)."""
+    out, i = {}, 0
+    for n in names:
+        if n == "teacher":
+            out[n] = "black"
+        else:
+            out[n] = f"C{i % 10}"
+            i += 1
+    return out
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _int_axis(ax, axis: str = "x") -> None:
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def _heatmap(fig: Figure, ax, data: np.ndarray, title: str, cbar_label: str, vmin=None, vmax=None,
+             diverging: bool = False):
+    kw = {"cmap": "viridis", "vmin": vmin, "vmax": vmax}
+    if diverging:
+        lim = vmax if vmax is not None else np.nanmax(np.abs(data))
+        lim = lim if np.isfinite(lim) and lim > 0 else 1.0
+        kw = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(0.0, -lim, lim)}
+    im = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest", **kw)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    _int_axis(ax, "x")
+    _int_axis(ax, "y")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label(cbar_label, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    return im
+
+
+# --------------------------------------------------------------------------- Exp1
+
+
+def plot_distance_heatmaps(dist: Mapping[str, Mapping[str, np.ndarray]], path: Path, top_k: int = 5) -> Path:
+    """Rows: students; columns: KL, ranking loss, cover length ratio; each a layer × head heat map of the
+    mean over the sample. Each column shares one colour scale across students.
+
+    Args:
+        dist: ``dist[student][metric]`` [L, H] means.
+    """
+    students = list(dist)
+    metrics = list(DISTANCE_LABELS)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.0 * len(students) + 0.4), layout="constrained")
+    axes = fig.subplots(len(students), len(metrics), squeeze=False)
+    for j, m in enumerate(metrics):
+        vals = np.stack([np.asarray(dist[s][m]) for s in students])
+        vmin, vmax = float(np.nanmin(vals)), float(np.nanmax(vals))
+        vmax = vmax if vmax > vmin else vmin + 1e-12
+        title, unit = DISTANCE_LABELS[m]
+        for i, s in enumerate(students):
+            _heatmap(fig, axes[i, j], np.asarray(dist[s][m]), f"{title.format(k=top_k)}: {s}", unit, vmin, vmax)
+    fig.suptitle("Attention-map distance to the teacher, per layer and head (mean over dev samples)")
+    return _save(fig, path)
+
+
+def plot_distance_layers(mean: Mapping[str, Mapping[str, np.ndarray]], std: Mapping[str, Mapping[str, np.ndarray]],
+                         n_samples: int, path: Path, top_k: int = 5, identical_cover: float | None = None) -> Path:
+    """Per-layer curves (mean over heads) of the three distances, one line per student.
+
+    Args:
+        mean: ``mean[student][metric]`` [L], the mean over heads and samples.
+        std: ``std[student][metric]`` [L], the standard deviation over samples of the head mean (band).
+        identical_cover: the cover ratio of identical maps (min(k, S)/S averaged over samples), drawn as a
+            reference line.
+    """
+    students = list(mean)
+    col = colors(students)
+    metrics = list(DISTANCE_LABELS)
+    fig = Figure(figsize=(4.3 * len(metrics), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, m in zip(axes, metrics, strict=True):
+        title, unit = DISTANCE_LABELS[m]
+        for s in students:
+            y, e = np.asarray(mean[s][m]), np.asarray(std[s][m])
+            x = np.arange(len(y))
+            ax.plot(x, y, marker="o", ms=4, color=col[s], label=s)
+            ax.fill_between(x, y - e, y + e, color=col[s], alpha=0.15, lw=0)
+        if m == "cover_length_ratio" and identical_cover is not None:
+            ax.axhline(identical_cover, color="gray", ls="--", lw=1, label="identical maps")
+        if m != "cover_length_ratio":
+            ax.set_ylim(bottom=0)
+        ax.set_title(title.format(k=top_k), fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(unit)
+        _int_axis(ax)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title=f"mean ± s.d. over {n_samples} samples", title_fontsize=7)
+    fig.suptitle("Attention-map distance to the teacher per layer (mean over heads)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Exp3: dynamic range
+
+
+def plot_dynamic_range_layers(rng: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path:
+    """Per layer: the max and min of the attention-block output over tokens and hidden units, mean over
+    samples (line) and the range over samples (band), one colour per model.
+
+    Args:
+        rng: ``rng[model]["min"|"max"]`` [N, L].
+    """
+    col = colors(list(rng))
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for name, r in rng.items():
+        for key, ls in (("max", "-"), ("min", "--")):
+            v = np.asarray(r[key])
+            x = np.arange(v.shape[1])
+            ax.plot(x, v.mean(0), ls=ls, marker="o", ms=3, color=col[name],
+                    label=f"{name} {key}")
+            ax.fill_between(x, v.min(0), v.max(0), color=col[name], alpha=0.1, lw=0)
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention output value (after LayerNorm)")
+    _int_axis(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    n = next(iter(rng.values()))["min"].shape[0]
+    ax.set_title(f"Attention-output dynamic range per layer\n(min/max over tokens and hidden units; "
+                 f"line: mean, band: range over {n} samples)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_dynamic_range_tokens(rng: Mapping[str, Mapping[str, np.ndarray]], tokens: Sequence[str],
+                              path: Path) -> Path:
+    """One panel per layer: per-token max (solid) and min (dashed) over the hidden units, first sample.
+
+    Args:
+        rng: ``rng[model]["example_min"|"example_max"]`` [L, S].
+        tokens: the sample's tokens, used as tick labels when there are at most 40.
+    """
+    col = colors(list(rng))
+    n_layers = np.asarray(next(iter(rng.values()))["example_min"]).shape[0]
+    ncols = min(4, n_layers)
+    nrows = -(-n_layers // ncols)
+    s = len(tokens)
+    fig = Figure(figsize=(max(4.0, 0.16 * s + 1.5) * ncols, 3.0 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    for l in range(nrows * ncols):
+        ax = axes.flat[l]
+        if l >= n_layers:
+            ax.set_visible(False)
+            continue
+        for name, r in rng.items():
+            x = np.arange(s)
+            ax.plot(x, np.asarray(r["example_max"])[l], color=col[name], lw=1.2, label=f"{name} max")
+            ax.plot(x, np.asarray(r["example_min"])[l], color=col[name], lw=1.2, ls="--", label=f"{name} min")
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.set_title(f"layer {l}", fontsize=9)
+        if s <= 40:
+            ax.set_xticks(np.arange(s))
+            ax.set_xticklabels(tokens, rotation=90, fontsize=6)
+        else:
+            ax.set_xlabel("token index")
+        if l % ncols == 0:
+            ax.set_ylabel("attention output value")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Attention-output min/max over the hidden units, per token (first dev sample)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Exp3: norms
+
+
+def plot_norm_heads(norms: Mapping[str, Mapping[str, np.ndarray]], cls: str, path: Path) -> Path:
+    """Layer × head heat maps for key-token class ``cls``: rows α, ‖f(x)‖, ‖αf(x)‖; columns: the teacher,
+    then teacher − student for each student (diverging scale, shared by the students of a row).
+
+    Args:
+        norms: ``norms[model][quantity]`` [L, H, C] (C in :data:`TOKEN_CLASSES` order).
+    """
+    c = TOKEN_CLASSES.index(cls)
+    students = [m for m in norms if m != "teacher"]
+    quantities = ("alpha", "f_norm", "af_norm")
+    fig = Figure(figsize=(3.9 * (1 + len(students)), 2.9 * len(quantities) + 0.4), layout="constrained")
+    axes = fig.subplots(len(quantities), 1 + len(students), squeeze=False)
+    for i, q in enumerate(quantities):
+        t = np.asarray(norms["teacher"][q])[..., c]
+        _heatmap(fig, axes[i, 0], t, f"{NORM_LABELS[q]}: teacher", NORM_LABELS[q])
+        diffs = [t - np.asarray(norms[s][q])[..., c] for s in students]
+        lim = max([float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 0.0 for d in diffs] + [0.0])
+        for j, (s, d) in enumerate(zip(students, diffs, strict=True)):
+            _heatmap(fig, axes[i, j + 1], d, f"{NORM_LABELS[q]}: teacher − {s}", "teacher − student",
+                     vmax=lim or 1e-12, diverging=True)
+    fig.suptitle(f"Norm-based analysis for key tokens: {CLASS_LABELS[cls]} (mean over dev samples)")
+    return _save(fig, path)
+
+
+def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path, difference: bool) -> Path:
+    """Per-layer curves: rows α, ‖f(x)‖, ‖Σ_h αf(x)‖ (α and ‖f‖ averaged over heads); columns key-token
+    classes. With ``difference`` the lines are |teacher − student| per student, else the raw values of
+    every model.
+
+    Args:
+        values: ``values[model][quantity]`` [L, C] (for ``difference``: ``values[student]``, already
+            the absolute differences).
+    """
+    col = colors(list(values))
+    quantities = ("alpha", "f_norm", "sum_af_norm")
+    fig = Figure(figsize=(3.3 * len(TOKEN_CLASSES), 2.6 * len(quantities) + 0.5), layout="constrained")
+    axes = fig.subplots(len(quantities), len(TOKEN_CLASSES), squeeze=False, sharex=True)
+    for i, q in enumerate(quantities):
+        for j, cls in enumerate(TOKEN_CLASSES):
+            ax = axes[i, j]
+            for name, v in values.items():
+                y = np.asarray(v[q])[:, j]
+                ax.plot(np.arange(len(y)), y, marker="o", ms=3, color=col[name], label=name)
+            if i == 0:
+                ax.set_title(CLASS_LABELS[cls], fontsize=10)
+            if j == 0:
+                ax.set_ylabel(("|Δ| " if difference else "") + NORM_LABELS[q])
+            if i == len(quantities) - 1:
+                ax.set_xlabel("layer")
+            _int_axis(ax)
+            ax.grid(alpha=0.3)
+            if difference:
+                ax.set_ylim(bottom=0)
+    axes[0, 0].legend(fontsize=7)
+    what = "|teacher − student| of the dev-sample means" if difference else "dev-sample means"
+    fig.suptitle(f"Norm-based analysis per layer, by key-token class: {what}")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Exp2
+
+
+def gaussian_density(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
+    """Gaussian KDE (Scott's bandwidth) of ``values`` on ``grid``; None for fewer than 2 distinct values."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size < 2 or np.ptp(v) == 0:
+        return None
+    return gaussian_kde(v)(grid)
+
+
+def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path) -> Path:
+    """Densities of the per-example dominant Hessian eigenvalues, positive and negative ones apart.
+
+    Args:
+        eigs: ``eigs[model]`` [N] the dominant eigenvalue of each example (first column of the result).
+    """
+    col = colors(list(eigs))
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, sign, title in ((axes[0], 1, "Positive max eigenvalue"), (axes[1], -1, "Negative max eigenvalue")):
+        sets = {m: np.asarray(e, dtype=np.float64).ravel() for m, e in eigs.items()}
+        sets = {m: e[(e > 0) if sign > 0 else (e < 0)] for m, e in sets.items()}
+        pooled = np.concatenate([e for e in sets.values()] + [np.zeros(0)])
+        if pooled.size == 0:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="gray")
+        else:
+            lo, hi = float(pooled.min()), float(pooled.max())
+            pad = 0.25 * (hi - lo) if hi > lo else 0.25 * max(abs(hi), 1e-6)
+            grid = np.linspace(lo - pad, hi + pad, 400)
+            for m, e in sets.items():
+                if e.size == 0:
+                    continue
+                d = gaussian_density(e, grid)
+                label = f"{m} (n={e.size})"
+                if d is not None:
+                    ax.plot(grid, d, color=col[m], label=label)
+                    ax.fill_between(grid, d, color=col[m], alpha=0.12, lw=0)
+                else:
+                    ax.axvline(float(e[0]), color=col[m], ls=":", label=label + ", single value")
+                ax.plot(e, np.zeros_like(e), "|", color=col[m], ms=10, mew=1.2)
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("dominant Hessian eigenvalue λ_max")
+        ax.set_ylabel("density")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Hessian max-eigenvalue spectrum over dev examples (power iteration; Gaussian KDE, ticks: "
+                 "examples)", fontsize=10)
+    return _save(fig, path)

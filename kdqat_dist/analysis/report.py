@@ -1,0 +1,448 @@
+"""``kdqat analyze``: load a teacher and its students, analyse a dev sample, write figures, JSON and Markdown.
+
+Output folder (``--out``):
+
+- ``analysis.json``: every number behind the figures (arrays as nested lists, 0-based layer/head
+  indices, ``null`` where a token class never occurs), with the shape of each array under ``dims``;
+- ``summary.md``: a short report with the figures embedded;
+- the PNG figures listed in :data:`FIGURES` (``norms_heads_<class>.png`` once per key-token class).
+
+Bad input (a folder that is not a model or not a kdqat student, architectures or tokenizers that differ,
+a task without a dev split) raises :class:`~kdqat_dist.config.ConfigError` with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdqat_dist.analysis.collect import DISTANCES, collect
+from kdqat_dist.analysis.hessian import max_eigenvalue_spectrum
+from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
+from kdqat_dist.config import ConfigError
+
+__all__ = ["FIGURES", "AnalyzeOptions", "analyze", "analyze_models", "load_models", "parse_student_spec",
+           "write_report"]
+
+FIGURES = (
+    "attention_distance_heatmaps.png",
+    "attention_distance_layers.png",
+    "dynamic_range_layers.png",
+    "dynamic_range_tokens.png",
+    *(f"norms_heads_{c}.png" for c in TOKEN_CLASSES),
+    "norms_layers_values.png",
+    "norms_layers_difference.png",
+    "hessian_spectrum.png",
+)
+ARCH_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
+               "vocab_size")
+
+
+@dataclass
+class AnalyzeOptions:
+    """Everything ``kdqat analyze`` takes; the CLI flags have the same names (``--hessian-iters`` ...)."""
+
+    teacher: str
+    students: list[str]  # "DIR" or "NAME=DIR"
+    out: str
+    task: str | None = None  # overrides data.task of the config
+    config: str | None = None  # a recipe, for the data section (source, files, max_seq_length)
+    overrides: list[str] = field(default_factory=list)
+    samples: int = 32  # dev examples for the attention and norm analyses
+    seed: int = 0  # which dev examples, and the power iteration's start vectors
+    top_k: int = 5  # cover length: the teacher's top-k keys
+    hessian_samples: int = 8  # the first N of the sample; 0 skips the Hessian
+    hessian_iters: int = 100
+    hessian_tol: float = 1e-3
+    hessian_top_n: int = 1
+    hessian_norm_weight: float = 0.01  # the reference's 0.01·Σ‖p‖₂ term
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        checks = (
+            (self.samples >= 1, "--samples", "must be >= 1"),
+            (self.top_k >= 1, "--top-k", "must be >= 1"),
+            (self.hessian_samples >= 0, "--hessian-samples", "must be >= 0 (0 skips the Hessian)"),
+            (self.hessian_iters >= 1, "--hessian-iters", "must be >= 1"),
+            (self.hessian_tol > 0, "--hessian-tol", "must be > 0"),
+            (self.hessian_top_n >= 1, "--hessian-top-n", "must be >= 1"),
+            (self.hessian_norm_weight >= 0, "--hessian-norm-weight", "must be >= 0"),
+            (bool(self.students), "--student", "give at least one student folder"),
+        )
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------- loading and checks
+
+
+def parse_student_spec(spec: str) -> tuple[str, Path]:
+    """``"NAME=DIR"`` or ``"DIR"``; a bare DIR is named after its folder (a run's ``student/`` after the run)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, Path(path).expanduser()
+    p = Path(spec).expanduser()
+    base = p.resolve().name if p.exists() else p.name
+    if base == "student":
+        base = p.resolve().parent.name if p.exists() else p.parent.name
+    return base or "student", p
+
+
+def _resolve_teacher(path: Path) -> Path:
+    if not path.exists():
+        raise ConfigError(f"--teacher: {path} does not exist (expected a `kdqat finetune` model folder)")
+    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return path / "model"  # a finetune run folder
+    if not (path / "config.json").exists():
+        raise ConfigError(f"--teacher: {path} has no config.json (not a Hugging Face model folder)")
+    return path
+
+
+def _resolve_student(path: Path) -> Path:
+    from kdqat_dist.models.student import STUDENT_META, is_student_dir
+
+    if not path.exists():
+        raise ConfigError(f"--student: {path} does not exist (expected the student/ folder of `kdqat train`)")
+    if not is_student_dir(path) and is_student_dir(path / "student"):
+        return path / "student"  # a train run folder
+    if not is_student_dir(path):
+        raise ConfigError(f"--student: {path} is not a kdqat student folder (no {STUDENT_META}); give the "
+                          "student/ folder written by `kdqat train`")
+    return path
+
+
+def _check_architecture(name: str, t_cfg, s_cfg) -> None:
+    for f in ARCH_FIELDS:
+        tv, sv = getattr(t_cfg, f, None), getattr(s_cfg, f, None)
+        if tv != sv:
+            raise ConfigError(f"--student {name}: architecture differs from the teacher ({f}: teacher {tv}, "
+                              f"student {sv}); the analysis compares layer by layer and head by head")
+
+
+def _tokenizer_spec(tok) -> dict:
+    spec: dict[str, Any] = {"vocab": tok.get_vocab(), "cls": tok.cls_token_id, "sep": tok.sep_token_id,
+                            "pad": tok.pad_token_id}
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        full = json.loads(backend.to_str())
+        spec.update({k: full.get(k) for k in ("normalizer", "pre_tokenizer", "model")})
+    return spec
+
+
+def _check_tokenizer(name: str, t_tok, s_tok) -> None:
+    a, b = _tokenizer_spec(t_tok), _tokenizer_spec(s_tok)
+    for key in ("vocab", "cls", "sep", "pad", "normalizer", "pre_tokenizer", "model"):
+        if a.get(key) != b.get(key):
+            what = (f"vocabularies differ ({len(a['vocab'])} vs {len(b['vocab'])} tokens)" if key == "vocab"
+                    else f"{key} differs")
+            raise ConfigError(f"--student {name}: its tokenizer does not match the teacher's ({what}); "
+                              "both must tokenize the dev set identically")
+
+
+def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
+                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, nn.Module], Any]:
+    """Load and check the teacher (FP, ``kdqat`` attention) and the students; returns them and the tokenizer.
+
+    Raises:
+        ConfigError: a missing or wrong folder, a label count that differs from the task's, a student
+            whose architecture or tokenizer differs from the teacher's, or two students with one name.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kdqat_dist.models.attention import use_kdqat_attention
+    from kdqat_dist.models.encoders import load_classifier
+    from kdqat_dist.models.student import load_student
+
+    t_dir = _resolve_teacher(Path(teacher).expanduser())
+    t_cfg = AutoConfig.from_pretrained(t_dir)
+    if t_cfg.num_labels != num_labels:
+        raise ConfigError(f"--teacher: {t_dir} has {t_cfg.num_labels} labels but the task has {num_labels}")
+    t_tok = AutoTokenizer.from_pretrained(t_dir)
+    specs: dict[str, Path] = {}
+    for spec in students:
+        name, path = parse_student_spec(spec)
+        if name == "teacher":
+            raise ConfigError(f"--student {spec}: the name 'teacher' is reserved; use NAME=DIR")
+        if name in specs:
+            raise ConfigError(f"--student {spec}: two students are named {name!r}; name them with NAME=DIR")
+        specs[name] = _resolve_student(path)
+    for name, path in specs.items():
+        s_cfg = AutoConfig.from_pretrained(path)
+        _check_architecture(name, t_cfg, s_cfg)
+        if s_cfg.num_labels != num_labels:
+            raise ConfigError(f"--student {name}: {path} has {s_cfg.num_labels} labels but the task has "
+                              f"{num_labels}")
+        if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+            _check_tokenizer(name, t_tok, AutoTokenizer.from_pretrained(path))
+    t_model = load_classifier(str(t_dir), num_labels, "eager")
+    use_kdqat_attention(t_model)
+    loaded = {name: load_student(path, device) for name, path in specs.items()}
+    for m in loaded.values():
+        use_kdqat_attention(m)
+    return t_model.to(device).eval(), loaded, t_tok
+
+
+def _dev_sample(opts: AnalyzeOptions):
+    """(data config, task, the sampled dev rows as a Dataset, their row ids); checks the dev split first."""
+    from kdqat_dist.config import load_config
+    from kdqat_dist.data.errors import DataError
+    from kdqat_dist.data.loaders import load_splits
+    from kdqat_dist.data.tasks import get_task
+
+    cfg = load_config(opts.config, list(opts.overrides) + ([f"data.task={opts.task}"] if opts.task else []))
+    task = get_task(cfg.data)
+    try:
+        splits = load_splits(cfg.data, task)
+    except DataError as exc:
+        if "no dev split" in str(exc):
+            where = str(exc).split(": no dev split")[0]
+            raise ConfigError(f"data: task {task.name} has no dev split ({where}); `kdqat analyze` runs on "
+                              "dev examples: set data.dev_file, or a data.source that has one") from None
+        raise
+    dev = splits["dev"]
+    n = min(opts.samples, len(dev))
+    rows = sorted(np.random.default_rng(opts.seed).choice(len(dev), size=n, replace=False).tolist())
+    return cfg.data, task, dev.select(rows), rows
+
+
+def _tokenize(data_cfg, task, rows, tokenizer) -> list[dict[str, torch.Tensor]]:
+    """Each row as its own unpadded batch of 1 (``input_ids`` [1, S] ... ``labels`` [1])."""
+    from kdqat_dist.data.loaders import Collator, tokenize_splits
+
+    max_len = data_cfg.max_seq_length or task.max_seq_length
+    tok = tokenize_splits({"dev": rows}, tokenizer, max_len, data_cfg.cache_dir or None)["dev"]
+    collate = Collator(tokenizer)
+    return [collate([tok[i]]) for i in range(len(tok))]
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyze_models(
+    teacher: nn.Module,
+    students: Mapping[str, nn.Module],
+    examples: Sequence[Mapping[str, torch.Tensor]],
+    tokenizer,
+    top_k: int = 5,
+    hessian_samples: int = 8,
+    hessian_iters: int = 100,
+    hessian_tol: float = 1e-3,
+    hessian_top_n: int = 1,
+    hessian_norm_weight: float = 0.01,
+    regression: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every analysis on in-memory models; returns the results as numpy arrays (see :func:`to_json`).
+
+    Returns:
+        ``distance``: per student, per metric: ``mean``/``std`` [L, H] over samples, ``layer_mean``/
+        ``layer_std`` [L] (head mean, its s.d. over samples) and ``per_sample`` [N, L, H];
+        ``dynamic_range``: per model ``min``/``max`` [N, L], ``example_min``/``example_max`` [L, S_0];
+        ``norms``: per model ``alpha``/``f_norm``/``af_norm`` [L, H, C], ``sum_af_norm`` [L, C],
+        ``layer`` (per-layer [L, C] curves), ``tokens`` [C];
+        ``norm_difference``: per student, teacher − student of those arrays and ``layer_abs`` |Δ| [L, C];
+        ``hessian``: per model ``eigenvalues``/``iterations``/``converged`` [N_h, top_n] (absent when
+        ``hessian_samples`` is 0); ``lengths`` [N]; ``identical_cover`` (the cover ratio of equal maps).
+    """
+    torch.manual_seed(seed)
+    raw = collect(teacher, students, examples, tokenizer, top_k)
+    out: dict[str, Any] = {"lengths": raw["lengths"], "dynamic_range": raw["dynamic_range"]}
+    lengths = raw["lengths"].astype(np.float64)
+    out["identical_cover"] = float(np.mean(np.minimum(top_k, lengths) / lengths))
+    out["distance"] = {}
+    for s, metrics in raw["distance"].items():
+        out["distance"][s] = {}
+        for m, v in metrics.items():  # v: [N, L, H]
+            head_mean = v.mean(axis=2)  # [N, L]
+            out["distance"][s][m] = {"mean": v.mean(0), "std": v.std(0), "layer_mean": head_mean.mean(0),
+                                     "layer_std": head_mean.std(0), "per_sample": v}
+    out["norms"] = {}
+    for name, r in raw["norms"].items():
+        out["norms"][name] = {**r, "layer": layer_summary(r)}
+    t = out["norms"]["teacher"]
+    out["norm_difference"] = {}
+    for s in students:
+        r = out["norms"][s]
+        diff = {q: t[q] - r[q] for q in ("alpha", "f_norm", "af_norm", "sum_af_norm")}
+        diff["layer_abs"] = {q: np.abs(t["layer"][q] - r["layer"][q]) for q in t["layer"]}
+        out["norm_difference"][s] = diff
+    if hessian_samples > 0:
+        hx = list(examples)[:hessian_samples]
+        out["hessian"] = {
+            name: max_eigenvalue_spectrum(m, hx, hessian_top_n, hessian_iters, hessian_tol,
+                                          hessian_norm_weight, regression, seed)
+            for name, m in {"teacher": teacher, **students}.items()
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+DIMS = {
+    "distance.<student>.<metric>.mean/std": ["layer", "head"],
+    "distance.<student>.<metric>.layer_mean/layer_std": ["layer"],
+    "distance.<student>.<metric>.per_sample": ["sample", "layer", "head"],
+    "dynamic_range.<model>.min/max": ["sample", "layer"],
+    "dynamic_range.<model>.example_min/example_max": ["layer", "token of the first sample"],
+    "norms.<model>.alpha/f_norm/af_norm": ["layer", "head", "key-token class"],
+    "norms.<model>.sum_af_norm": ["layer", "key-token class"],
+    "norms.<model>.layer.*": ["layer", "key-token class"],
+    "norms.<model>.tokens": ["key-token class"],
+    "norm_difference.<student>.*": ["as in norms; teacher − student"],
+    "norm_difference.<student>.layer_abs.*": ["layer", "key-token class"],
+    "hessian.<model>.*": ["hessian sample", "eigenvalue rank"],
+}
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[str, Any],
+                 example_tokens: Sequence[str]) -> list[Path]:
+    """Write ``analysis.json``, the PNG figures and ``summary.md`` into ``out_dir``; returns the paths."""
+    from kdqat_dist.analysis import plots as P
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    top_k = int(meta.get("top_k", 5))
+    n = len(results["lengths"])
+    dist = results["distance"]
+    written = [
+        P.plot_distance_heatmaps({s: {m: d[m]["mean"] for m in DISTANCES} for s, d in dist.items()},
+                                 out / "attention_distance_heatmaps.png", top_k),
+        P.plot_distance_layers({s: {m: d[m]["layer_mean"] for m in DISTANCES} for s, d in dist.items()},
+                               {s: {m: d[m]["layer_std"] for m in DISTANCES} for s, d in dist.items()},
+                               n, out / "attention_distance_layers.png", top_k, results["identical_cover"]),
+        P.plot_dynamic_range_layers(results["dynamic_range"], out / "dynamic_range_layers.png"),
+        P.plot_dynamic_range_tokens(results["dynamic_range"], example_tokens, out / "dynamic_range_tokens.png"),
+    ]
+    norms = results["norms"]
+    written += [P.plot_norm_heads(norms, c, out / f"norms_heads_{c}.png") for c in TOKEN_CLASSES]
+    written.append(P.plot_norm_layers({m: r["layer"] for m, r in norms.items()},
+                                      out / "norms_layers_values.png", difference=False))
+    written.append(P.plot_norm_layers({s: d["layer_abs"] for s, d in results["norm_difference"].items()},
+                                      out / "norms_layers_difference.png", difference=True))
+    if "hessian" in results:
+        written.append(P.plot_hessian_spectrum({m: h["eigenvalues"][:, 0] for m, h in results["hessian"].items()},
+                                               out / "hessian_spectrum.png"))
+    doc = {"meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS,
+                    "figures": [p.name for p in written]},
+           "example_tokens": list(example_tokens), **results}
+    json_path = out / "analysis.json"
+    json_path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
+    md_path = out / "summary.md"
+    md_path.write_text(_markdown(results, meta, [p.name for p in written]))
+    return [json_path, md_path, *written]
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.4g}"
+
+
+def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequence[str]) -> str:
+    top_k = int(meta.get("top_k", 5))
+    lengths = np.asarray(results["lengths"])
+    lines = [
+        "# kdqat analyze",
+        "",
+        f"- teacher: `{meta.get('teacher')}`",
+        *[f"- student **{s}**: `{p}`" for s, p in meta.get("students", {}).items()],
+        f"- task: {meta.get('task')}, {len(lengths)} dev examples (seed {meta.get('seed')}), each run alone at "
+        f"its true length: {int(lengths.min())}–{int(lengths.max())} tokens (mean {lengths.mean():.1f})",
+        "- layer and head indices are 0-based (as in `analysis.json` and TensorBoard)",
+        "",
+        "## Attention-map distance to the teacher (Exp1)",
+        "",
+        f"Mean over layers, heads and samples. The top-{top_k} cover length ratio of identical maps is "
+        f"{results['identical_cover']:.3f} on this sample (its minimum).",
+        "",
+        f"| student | KL(teacher ‖ student) | ranking loss | top-{top_k} cover length ratio |",
+        "|---|---|---|---|",
+    ]
+    for s, d in results["distance"].items():
+        lines.append(f"| {s} | " + " | ".join(_fmt(float(d[m]["mean"].mean())) for m in DISTANCES) + " |")
+    lines += ["", "![attention distance heat maps](attention_distance_heatmaps.png)", "",
+              "![attention distance per layer](attention_distance_layers.png)", "",
+              "## Attention-output dynamic range (Exp3)", "",
+              "Min and max of the attention-block output (after the residual and LayerNorm) over all tokens, "
+              "hidden units, layers and samples.", "", "| model | min | max |", "|---|---|---|"]
+    for m, r in results["dynamic_range"].items():
+        lines.append(f"| {m} | {_fmt(float(np.min(r['min'])))} | {_fmt(float(np.max(r['max'])))} |")
+    lines += ["", "![dynamic range per layer](dynamic_range_layers.png)", "",
+              "![dynamic range per token](dynamic_range_tokens.png)", "",
+              "## Norm-based analysis (Kobayashi et al.; Exp3)", "",
+              "Mean |teacher − student| over layers of the per-layer curves (α and ‖f(x)‖ averaged over heads).",
+              "", "| student | key tokens | Δα | Δ‖f(x)‖ | Δ‖Σ_h αf(x)‖ |", "|---|---|---|---|---|"]
+    for s, d in results["norm_difference"].items():
+        for c, cls in enumerate(TOKEN_CLASSES):
+            vals = [float(np.nanmean(d["layer_abs"][q][:, c])) if np.isfinite(d["layer_abs"][q][:, c]).any()
+                    else float("nan") for q in ("alpha", "f_norm", "sum_af_norm")]
+            lines.append(f"| {s} | {CLASS_LABELS[cls]} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    tokens = results["norms"]["teacher"]["tokens"]
+    lines += ["", "Key tokens seen: " + ", ".join(f"{CLASS_LABELS[c]} {int(tokens[i])}"
+                                                   for i, c in enumerate(TOKEN_CLASSES)), ""]
+    lines += ["![norms per layer: values](norms_layers_values.png)", "",
+              "![norms per layer: differences](norms_layers_difference.png)", ""]
+    lines += [f"![norms per head: {CLASS_LABELS[c]}](norms_heads_{c}.png)" for c in TOKEN_CLASSES]
+    lines += ["", "## Hessian max-eigenvalue spectrum (Exp2)", ""]
+    if "hessian" in results:
+        h0 = next(iter(results["hessian"].values()))
+        lines += [f"Power iteration per example (batch 1, eval mode) on CE + {meta.get('hessian_norm_weight')}"
+                  f"·Σ‖p‖₂, at most {meta.get('hessian_iters')} iterations, relative tolerance "
+                  f"{meta.get('hessian_tol')}, {h0['eigenvalues'].shape[0]} examples.", "",
+                  "| model | median λ_max | positive | negative | converged |", "|---|---|---|---|---|"]
+        for m, h in results["hessian"].items():
+            e = h["eigenvalues"][:, 0]
+            lines.append(f"| {m} | {_fmt(float(np.median(e)))} | {int((e > 0).sum())} | {int((e < 0).sum())} | "
+                         f"{int(h['converged'][:, 0].sum())}/{len(e)} |")
+        lines += ["", "![Hessian spectrum](hessian_spectrum.png)"]
+    else:
+        lines.append("Skipped (`--hessian-samples 0`).")
+    missing = [f for f in figures if f not in "\n".join(lines)]
+    lines += [f"![{f}]({f})" for f in missing]
+    return "\n".join(lines) + "\n"
+
+
+def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
+    """The whole ``kdqat analyze`` command; returns ``{"out": folder, "files": [...], "seconds": ...}``."""
+    from kdqat_dist.engine.backend import pick_device
+
+    opts.validate()
+    t0 = time.perf_counter()
+    device = pick_device(opts.device)
+    data_cfg, task, dev_rows, row_ids = _dev_sample(opts)  # data problems fail before any model loads
+    teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
+    examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
+    results = analyze_models(teacher, students, examples, tokenizer, opts.top_k, opts.hessian_samples,
+                             opts.hessian_iters, opts.hessian_tol, opts.hessian_top_n,
+                             opts.hessian_norm_weight, task.is_regression, opts.seed)
+    meta = {**asdict(opts), "task": task.name, "dev_rows": row_ids,
+            "students": dict(parse_student_spec(s) for s in opts.students)}
+    meta["students"] = {k: str(v) for k, v in meta["students"].items()}
+    tokens = tokenizer.convert_ids_to_tokens(examples[0]["input_ids"][0].tolist())
+    files = write_report(results, opts.out, meta, tokens)
+    return {"out": str(Path(opts.out)), "files": [str(f) for f in files], "seconds": time.perf_counter() - t0}

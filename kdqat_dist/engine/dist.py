@@ -1,0 +1,106 @@
+"""Process-group plumbing: who am I, how many are we, and bringing the group up and down.
+
+Works under every launcher the project ships (``deepspeed``, ``torchrun``, Slurm + torchrun, Ray Train)
+and with none: with ``RANK``/``WORLD_SIZE`` unset the process is world size 1 on a free local port, so
+``engine.backend=deepspeed`` also runs as a plain ``kdqat train``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_launch_env() -> bool:
+    """Fill the variables ``env://`` rendezvous needs; returns True if this is a launcher-less run."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return False
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())})
+    return True
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
+
+    DeepSpeed builds ``deepspeed_shm_comm`` (about 47 s on a 2-core machine) whenever its torch comm
+    backend starts on a CPU accelerator, but only ``inference_all_reduce`` (tensor-parallel inference)
+    uses it; training collectives go through gloo either way, and ``inference_all_reduce`` falls back to
+    gloo when the op is absent. DeepSpeed reads op compatibility from one cached dict, so marking the op
+    incompatible there skips the build. Set ``KDQAT_DS_SHM=1`` to keep DeepSpeed's default.
+    """
+    if os.environ.get("KDQAT_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_process_group(timeout_s: float | None = None) -> bool:
+    """Bring up DeepSpeed's comm layer over the launcher's group; returns True if we created the group.
+
+    A group that already exists (Ray Train's workers) is reused and left for its owner to destroy.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    skip_shm_comm_build()
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        return False
+    ensure_launch_env()
+    timeout = timedelta(seconds=timeout_s or float(os.environ.get("KDQAT_DIST_TIMEOUT_S", 1800)))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout,
+                               verbose=False)
+    return True
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum ``t`` over ranks (out of place). NCCL needs device tensors; gloo is happy with CPU ones."""
+    buf = t.detach().to(device).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def gather_objects(obj) -> list:
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    dist.barrier()

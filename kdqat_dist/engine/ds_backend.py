@@ -1,0 +1,274 @@
+"""DeepSpeed backend: a ZeRO 0-3 student engine and a ZeRO-3-partitioned (or replicated) teacher.
+
+Same interface as :class:`~kdqat_dist.engine.backend.LocalBackend`, so the one training loop runs
+unchanged. What happens where:
+
+- **Student.** Built, fake-quant prepared, LSQ steps initialised from whole weights and activation
+  steps calibrated on every rank from the full checkpoint *before* :func:`deepspeed.initialize`, so
+  initialisation never reads an empty ZeRO-3 partition. The optimizer is a torch AdamW object with our
+  parameter groups (no JIT build; LSQ steps keep their own learning rates) unless
+  ``engine.optimizer=deepspeed``; the schedule is the same LambdaLR as in one process; clipping and
+  gradient accumulation come from the resolved JSON, whose values come from ``train.*``.
+- **Teacher.** ``engine.teacher=zero3``: constructed under ``HfDeepSpeedConfig`` so transformers
+  partitions each parameter as it is created and loads the checkpoint into the partitions; its
+  parameters are never whole on one rank outside the forward of the module that owns them. Then an
+  optimizer-free DeepSpeed engine in eval mode. The KD objective's forward hooks and attention taps run
+  on its ``.module`` unchanged. ``engine.teacher=replicated``: a plain frozen copy per rank.
+- **Checkpoints.** ``engine.save_checkpoint`` into ``<tag>.tmp``, per-rank RNG and loop state beside it,
+  then rank 0 renames the folder and atomically repoints ``latest``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from kdqat_dist.config import ConfigError, RunConfig
+from kdqat_dist.engine import dist, ds_config
+from kdqat_dist.engine.backend import (
+    _commit_checkpoint,
+    memory_report,
+    rng_state,
+    set_rng_state,
+    storage_bytes,
+)
+from kdqat_dist.engine.optim import make_optimizer, make_scheduler, param_groups
+from kdqat_dist.models.encoders import load_classifier, resolve_model_path
+
+RANK_STATE = "rank{rank:05d}_state.pt"
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        if cfg.engine.precision == "fp16":
+            raise ConfigError("engine.precision: fp16 needs a GPU; on CPU use fp32 (or bf16)")
+        return torch.device("cpu")
+    if cfg.train.device == "cpu":
+        raise ConfigError("train.device: cpu, but DeepSpeed picked accelerator "
+                          f"{acc.device_name()!r}; set DS_ACCELERATOR=cpu to train on the CPU")
+    acc.set_device(dist.local_rank())
+    return torch.device(acc.device_name(dist.local_rank()))
+
+
+class DeepSpeedBackend:
+    """The loop's backend under DeepSpeed (any launcher, or none: world size 1)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._owns_group = dist.init_process_group()
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        self.device = _device(cfg)
+        self.run_dir = Path(cfg.train.output_dir)
+        self.engine = None
+        self.teacher_engine = None
+        self.teacher: nn.Module | None = None
+        self._grad_peak = 0
+
+    # ------------------------------------------------------------------ configs
+
+    def ds_config(self, kind: str, hidden_size: int | None) -> dict:
+        """Resolve on every rank (so a ConfigError is raised everywhere, not a hang), write on rank 0,
+        then every rank reads the one file back and uses that."""
+        resolved = ds_config.build(self.cfg, self.world_size, kind, hidden_size)
+        if self.is_main:
+            ds_config.write_resolved(resolved, self.run_dir, kind)
+        dist.barrier()
+        return ds_config.read_resolved(self.run_dir, kind)
+
+    # ------------------------------------------------------------------ models
+
+    def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
+        e, t = self.cfg.engine, self.cfg.train
+        if e.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.device)
+        conf = self.ds_config("student", getattr(model.config, "hidden_size", None))
+        optimizer = make_optimizer(model, t) if e.optimizer == "torch" else None
+        params = None if optimizer is not None else param_groups(model, t)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=conf,
+            lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t.warmup_ratio))
+        return self.engine
+
+    def load_teacher(self, path: str, num_labels: int) -> nn.Module:
+        """The frozen teacher: a ZeRO-3 engine built partitioned, or a replicated module."""
+        if self.cfg.engine.teacher == "replicated":
+            return self.setup_teacher(load_classifier(path, num_labels, "eager"))
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        hidden = getattr(AutoConfig.from_pretrained(resolve_model_path(path)), "hidden_size", None)
+        conf = self.ds_config("teacher", hidden)
+        # While this object lives, from_pretrained builds under zero.Init: each parameter is partitioned
+        # as it is created and the checkpoint is copied into the partitions module by module.
+        hf_ds = HfDeepSpeedConfig(conf)
+        try:
+            model = load_classifier(path, num_labels, "eager")
+        finally:
+            unset_hf_deepspeed_config()  # the student and later loads must not be partitioned
+            del hf_ds
+        model.requires_grad_(False)
+        self.teacher_engine, *_ = deepspeed.initialize(model=model, config=conf)
+        self.teacher_engine.eval()
+        self.teacher = self.teacher_engine
+        return self.teacher_engine
+
+    def setup_teacher(self, model: nn.Module) -> nn.Module:
+        """An already-built teacher: replicated (frozen copy on every rank)."""
+        model.requires_grad_(False)
+        self.teacher = model.to(self.device).eval()
+        return self.teacher
+
+    def student_module(self) -> nn.Module:
+        return self.engine.module
+
+    def zero3_student(self) -> bool:
+        return self.engine is not None and self.engine.zero_optimization_stage() == 3
+
+    @contextlib.contextmanager
+    def gathered_student(self) -> Iterator[nn.Module]:
+        """Whole student weights on every rank inside the block (a collective under ZeRO-3)."""
+        module = self.student_module()
+        if not self.zero3_student():
+            yield module
+            return
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield module
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole student state dict on CPU, on every rank (gathered under ZeRO-3)."""
+        with self.gathered_student() as module:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    # ------------------------------------------------------------------ stepping
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+
+    def step(self) -> bool:
+        """Call after every micro-batch; DeepSpeed steps (and schedules) at the accumulation boundary."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self._grad_peak = max(self._grad_peak, self._grad_bytes())
+        self.engine.step()
+        return boundary
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def micro_batch_size(self) -> int:
+        return self.cfg.train.batch_size // (self.world_size * self.cfg.train.grad_accum)
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return dist.all_reduce_sum(t, self.device)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return dist.gather_objects(obj)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, ckpt_dir: Path, client_state: dict) -> None:
+        """All ranks write into ``<tag>.tmp``; rank 0 publishes it and repoints ``latest`` atomically."""
+        tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash mid-write
+        dist.barrier()
+        meta = {"step": client_state.get("step"), "world_size": self.world_size}
+        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False, client_state=meta)
+        torch.save({"client": client_state, "rng": rng_state(), "world_size": self.world_size},
+                   tmp / RANK_STATE.format(rank=self.rank))
+        dist.barrier()
+        if self.is_main:
+            _commit_checkpoint(tmp, ckpt_dir)
+        dist.barrier()
+
+    def load_checkpoint(self, ckpt_dir: Path) -> dict:
+        own = ckpt_dir / RANK_STATE.format(rank=self.rank)
+        if not own.exists():
+            saved = len(list(ckpt_dir.glob("rank*_state.pt")))
+            raise ConfigError(f"--resume: {ckpt_dir} was written by {saved} ranks; resume it with the same "
+                              f"number of ranks (now {self.world_size})")
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise ConfigError(f"--resume: DeepSpeed could not load {ckpt_dir}")
+        state = torch.load(own, map_location="cpu", weights_only=False)
+        set_rng_state(state["rng"])
+        return state["client"]
+
+    # ------------------------------------------------------------------ memory
+
+    def _grad_bytes(self) -> int:
+        module, opt = self.engine.module, self.engine.optimizer
+        tensors = [p.grad for p in module.parameters() if p.grad is not None]
+        for attr in ("averaged_gradients", "grad_partitions_flat_buffer"):
+            held = getattr(opt, attr, None)
+            if isinstance(held, dict):
+                for v in held.values():
+                    tensors += v if isinstance(v, list) else [v]
+            elif torch.is_tensor(held):
+                tensors.append(held)
+        return storage_bytes(t for t in tensors if torch.is_tensor(t))
+
+    def memory_report(self) -> dict[str, float]:
+        """This rank's bytes (MiB): student params (its partition under ZeRO-3), fp32 master copies,
+        gradients (peak, at an accumulation boundary), optimizer state, teacher params, peak RSS."""
+        mib = 1 / 2**20
+        opt = self.engine.optimizer if self.engine is not None else None
+        inner = getattr(opt, "optimizer", opt)
+        out = memory_report(None, inner)
+        out["param_mib"] = _param_bytes(self.engine.module) * mib if self.engine is not None else 0.0
+        masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(
+            opt, "fp32_partitioned_groups_flat", None) or []
+        out["master_mib"] = storage_bytes(masters) * mib
+        out["grad_mib"] = self._grad_peak * mib
+        teacher = _unwrap(self.teacher) if self.teacher is not None else None
+        out["teacher_param_mib"] = _param_bytes(teacher) * mib if teacher is not None else 0.0
+        out["zero_stage"] = self.engine.zero_optimization_stage() if self.engine is not None else -1
+        out["teacher_zero3"] = self.teacher_engine is not None
+        out["rank"] = self.rank
+        return out
+
+    # ------------------------------------------------------------------ teardown
+
+    def teardown(self) -> None:
+        """Destroy the engines, then the process group (avoids ZeRO-3's abort at interpreter exit)."""
+        for eng in (self.engine, self.teacher_engine):
+            if eng is not None:
+                with contextlib.suppress(Exception):
+                    eng.destroy()
+        self.engine = self.teacher_engine = None
+        if self._owns_group:
+            dist.destroy_process_group()
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    inner = getattr(m, "module", None)
+    return inner if isinstance(inner, nn.Module) else m
+
+
+def _param_bytes(module: nn.Module) -> int:
+    """Parameter storage this rank holds: whole tensors, or ZeRO-3 partitions (``ds_tensor``)."""
+    tensors = []
+    for p in module.parameters():
+        tensors.append(p.data)
+        if hasattr(p, "ds_tensor"):
+            tensors.append(p.ds_tensor)
+    return storage_bytes(tensors)

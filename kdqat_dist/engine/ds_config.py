@@ -1,0 +1,240 @@
+"""DeepSpeed JSON configs with one source of truth: the run config fills every ``"auto"`` field.
+
+``ds_configs/*.json`` hold the ZeRO policy only. Everything the run config already says (batch sizes,
+gradient accumulation, clipping, precision, optimizer settings) is ``"auto"`` there and filled here.
+A field the JSON sets explicitly must agree with the run config, or :func:`resolve` raises a
+:class:`~kdqat_dist.config.ConfigError` naming both keys; a silent disagreement between the two is the
+bug this module exists to prevent.
+
+The resolved JSON is written once into the run directory (``ds_config_student.json``,
+``ds_config_teacher.json``) by rank 0, and every rank then reads that same file
+(:func:`kdqat_dist.engine.ds_backend.DeepSpeedBackend`), so the ranks cannot disagree either.
+
+ZeRO-3 buffer sizes that depend on the model (``stage3_param_persistence_threshold``,
+``stage3_prefetch_bucket_size``, ``reduce_bucket_size``) are ``"auto"`` too and are derived from the
+hidden size, following the usual rule: parameters under 10·hidden elements (biases, LayerNorms) stay
+whole on every rank; matrices are partitioned.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdqat_dist.config import ConfigError, RunConfig
+
+AUTO = "auto"
+KINDS = ("student", "teacher")
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def config_dirs() -> list[Path]:
+    """Where the shipped JSONs are looked for: ``./ds_configs`` first, then the checkout's."""
+    return [Path.cwd() / "ds_configs", REPO_CONFIGS]
+
+
+def base_config_path(cfg: RunConfig, kind: str) -> Path:
+    """The base JSON for the student (``engine.ds_config`` or ``zero{stage}.json``) or the teacher."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    key = "engine.ds_config" if kind == "student" else "engine.teacher_ds_config"
+    explicit = cfg.engine.ds_config if kind == "student" else cfg.engine.teacher_ds_config
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"{key}: {explicit} does not exist")
+        return p
+    name = f"zero{cfg.engine.zero_stage}.json" if kind == "student" else "teacher_zero3.json"
+    for d in config_dirs():
+        if (d / name).is_file():
+            return d / name
+    raise ConfigError(f"{key}: no {name} in {' or '.join(str(d) for d in config_dirs())}; "
+                      f"set {key} to a DeepSpeed JSON file")
+
+
+def load_base(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return data
+
+
+def _adam_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """betas/eps/weight decay exactly as ``engine.optim.make_optimizer`` builds them (one source)."""
+    from kdqat_dist.engine.optim import make_optimizer
+
+    d = make_optimizer(nn.Linear(1, 1), cfg.train).defaults
+    return {"lr": cfg.train.lr, "betas": list(d["betas"]), "eps": d["eps"],
+            "weight_decay": cfg.train.weight_decay}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+class _Filler:
+    """Fills ``"auto"`` (or missing) fields of one JSON tree and checks the explicit ones."""
+
+    def __init__(self, tree: dict, source: str):
+        self.tree, self.source = tree, source
+
+    def fill(self, path: str, value: Any, run_key: str | None, add_missing: bool = True) -> None:
+        """Set ``path`` (dotted) to ``value`` if it is "auto" or missing; else require equality.
+
+        ``run_key`` names the run-config key the value comes from (None: derived from the model), so
+        the error tells the user which of the two places to change.
+        """
+        *parents, leaf = path.split(".")
+        node = self.tree
+        for p in parents:
+            if p not in node:
+                if not add_missing:
+                    return
+                node[p] = {}
+            node = node[p]
+        if leaf not in node:
+            if add_missing:
+                node[leaf] = value
+            return
+        current = node[leaf]
+        if current == AUTO:
+            node[leaf] = value
+        elif run_key is not None and not _same(current, value):
+            raise ConfigError(f"{self.source}: {path} is {current!r} but {run_key} gives {value!r}; "
+                              f'set {path} to "auto" (recommended) or change {run_key}')
+
+
+def resolve(base: dict, cfg: RunConfig, world_size: int, kind: str = "student",
+            hidden_size: int | None = None, source: str = "ds_config") -> dict:
+    """Fill the ``"auto"`` fields of a base DeepSpeed config from the run config.
+
+    Args:
+        base: the base JSON (left unchanged).
+        cfg: the run config (``train`` and ``engine`` sections are read).
+        world_size: number of data-parallel ranks.
+        kind: ``student`` (a training engine) or ``teacher`` (an optimizer-free ZeRO-3 engine).
+        hidden_size: the model's hidden size, for the ZeRO-3 buffer sizes (None leaves DeepSpeed's
+            defaults where the JSON says "auto").
+        source: the JSON's file name, for error messages.
+
+    Returns:
+        A new dict that DeepSpeed accepts, with no ``"auto"`` left.
+
+    Raises:
+        ConfigError: an explicit JSON value contradicts the run config, or a section the run config owns
+            (``scheduler``) is present.
+    """
+    t, e = cfg.train, cfg.engine
+    out = copy.deepcopy(base)
+    f = _Filler(out, source)
+    if t.batch_size % (world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by world size {world_size} x "
+                          f"train.grad_accum {t.grad_accum}")
+    if "scheduler" in out:
+        raise ConfigError(f"{source}: remove the 'scheduler' section; the learning-rate schedule comes from "
+                          "train.lr / train.warmup_ratio (linear warmup and decay, as in one process)")
+    f.fill("train_batch_size", t.batch_size, "train.batch_size")
+    f.fill("train_micro_batch_size_per_gpu", t.batch_size // (world_size * t.grad_accum),
+           "train.batch_size / (world size x train.grad_accum)")
+    f.fill("gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
+    f.fill("bf16.enabled", e.precision == "bf16", "engine.precision")
+    f.fill("fp16.enabled", e.precision == "fp16", "engine.precision")
+    stage = e.zero_stage if kind == "student" else 3
+    f.fill("zero_optimization.stage", stage, "engine.zero_stage" if kind == "student" else "engine.teacher")
+    _fill_zero_sizes(f, out, hidden_size)
+    if kind == "teacher":
+        out.pop("optimizer", None)
+        out.pop("gradient_clipping", None)
+        return _no_auto_left(out, source)
+    f.fill("gradient_clipping", float(t.max_grad_norm), "train.max_grad_norm")
+    _fill_optimizer(f, out, cfg, source)
+    return _no_auto_left(out, source)
+
+
+def _fill_zero_sizes(f: _Filler, out: dict, hidden_size: int | None) -> None:
+    z = out.get("zero_optimization", {})
+    derived = {}
+    if hidden_size:
+        derived = {"reduce_bucket_size": hidden_size * hidden_size,
+                   "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                   "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if z.get(key) != AUTO:
+            continue
+        if key in derived and z.get("stage") == 3:
+            f.fill(f"zero_optimization.{key}", derived[key], None, add_missing=False)
+        else:  # no model at hand, or not ZeRO-3: DeepSpeed's own default
+            del z[key]
+
+
+def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
+    adam = _adam_defaults(cfg)
+    keys = {"lr": "train.lr", "betas": "engine.optim (betas)", "eps": "train.adam_eps",
+            "weight_decay": "train.weight_decay"}
+    if "optimizer" in out:
+        for name, value in adam.items():
+            f.fill(f"optimizer.params.{name}", value, keys[name])
+    if cfg.engine.optimizer == "torch":
+        # A torch AdamW object with our parameter groups is passed to deepspeed.initialize instead (no JIT
+        # build); the section has been checked against the run config above, so dropping it loses nothing.
+        out.pop("optimizer", None)
+        return
+    opt = out.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{source}: optimizer.type {opt.get('type')!r} is not supported; use AdamW "
+                          "(the run's parameter groups and learning rates assume it)")
+    for name, value in adam.items():
+        f.fill(f"optimizer.params.{name}", value, keys[name])
+
+
+def _no_auto_left(tree: dict, source: str, prefix: str = "") -> dict:
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if v == AUTO:
+            raise ConfigError(f'{source}: {path} is "auto" but nothing in the run config fills it; '
+                              "give it a value")
+        if isinstance(v, dict):
+            _no_auto_left(v, source, path + ".")
+    return tree
+
+
+def resolved_path(run_dir: str | Path, kind: str) -> Path:
+    return Path(run_dir) / f"ds_config_{kind}.json"
+
+
+def write_resolved(resolved: dict, run_dir: str | Path, kind: str) -> Path:
+    """Write the resolved config atomically (a reader never sees half a file); returns its path."""
+    path = resolved_path(run_dir, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_resolved(run_dir: str | Path, kind: str) -> dict:
+    path = resolved_path(run_dir, kind)
+    if not path.is_file():
+        raise ConfigError(f"train.output_dir: {path} (written by rank 0) is not visible on this rank; "
+                          "the run directory must be on a filesystem shared by all nodes")
+    return json.loads(path.read_text())
+
+
+def build(cfg: RunConfig, world_size: int, kind: str, hidden_size: int | None = None) -> dict:
+    """Base JSON for ``kind`` + the run config -> the resolved dict (nothing written)."""
+    path = base_config_path(cfg, kind)
+    return resolve(load_base(path), cfg, world_size, kind, hidden_size, source=path.name)

@@ -1,0 +1,490 @@
+"""The packed low-bit artifact: writer (:func:`export_model`, :func:`export_student`), reader (:func:`load`).
+
+An export folder holds
+
+- ``model.safetensors``: for every quantized weight ``<module>.weight.codes`` (uint8, bit-packed integer
+  codes) and ``<module>.weight.scale`` (FP32, one per tensor or per row); every other tensor of the student
+  (LayerNorms, biases, position/type embeddings, FP classifier, learned activation steps) as it is;
+- ``kdqat_export.json``: format version, the quant config, per-module method/bits/granularity/encoding,
+  activation quantizer settings, the weights file's size and SHA-256, and the size figures;
+- the Hugging Face ``config.json`` and the tokenizer files.
+
+:func:`load` rebuilds the architecture from ``config.json``, applies ``prepare`` + ``convert`` with the stored
+quant config (activation and attention quantizers exactly as in training, weights frozen), and fills in the
+dequantized weights. It needs nothing but this folder, and never imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdqat_dist.config import ALLOWED_BITS, ConfigError, QuantConfig, _build, to_dict
+from kdqat_dist.export.packing import (
+    Encoding,
+    choose_encoding,
+    code_range,
+    decode,
+    dequant_op,
+    dequantize,
+    encode,
+    weight_codes,
+)
+from kdqat_dist.quant.api import convert, is_prepared, prepare
+from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
+from kdqat_dist.quant.size import fp32_bytes
+
+EXPORT_META = "kdqat_export.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "kdqat-packed"
+FORMAT_VERSION = 1
+_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece",
+                       "sentencepiece")
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote, and its sizes in bytes."""
+
+    out_dir: Path
+    file_bytes: int  # model.safetensors on disk (packed weights, scales, FP parts, header)
+    fp32_bytes: int  # 4 bytes x every parameter of the student (learned steps excluded)
+    quantized_fp32_bytes: int  # 4 bytes x the elements of the weights that were packed
+    quantized_packed_bytes: int  # their packed codes plus their FP32 scales
+    modules: int  # number of packed weights
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.file_bytes, 1)
+
+    @property
+    def weight_ratio(self) -> float:
+        return self.quantized_fp32_bytes / max(self.quantized_packed_bytes, 1)
+
+    def lines(self) -> list[str]:
+        return [
+            f"packed file  {self.out_dir / WEIGHTS_FILE}: {self.file_bytes / 1e6:.3f} MB",
+            f"FP32 model   {self.fp32_bytes / 1e6:.3f} MB (4 bytes x parameters); "
+            f"{self.ratio:.2f}x smaller on disk",
+            f"packed weights ({self.modules} tensors): {self.quantized_packed_bytes / 1e6:.3f} MB vs "
+            f"{self.quantized_fp32_bytes / 1e6:.3f} MB FP32, {self.weight_ratio:.2f}x smaller",
+        ]
+
+    def as_dict(self) -> dict:
+        return {"file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes,
+                "quantized_fp32_bytes": self.quantized_fp32_bytes,
+                "quantized_packed_bytes": self.quantized_packed_bytes, "modules": self.modules,
+                "ratio": self.ratio, "weight_ratio": self.weight_ratio}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; raises ConfigError when it is a file or a non-empty folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out: {out} already exists and is not an empty folder; refusing to overwrite it")
+    return out
+
+
+def _remove_written(out: Path, created: bool) -> None:
+    """Remove what an export wrote (``out`` was empty or absent before it)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():
+        for p in out.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def probe_batch(config, n: int = 4, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed batch of random token ids with some padding, for comparing two models' logits."""
+    g = torch.Generator().manual_seed(seed)
+    seq = max(2, min(seq, getattr(config, "max_position_embeddings", seq + 2) - 2))
+    ids = torch.randint(0, config.vocab_size, (n, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(1, n):
+        mask[i, max(1, seq - 3 * i):] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = model(**batch).logits
+    model.train(was)
+    return out
+
+
+def _quantized_modules(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            yield name, m
+
+
+def _act_settings(m: nn.Module) -> dict | None:
+    aq = getattr(m, "act_quant", None)
+    if aq is None:
+        return None
+    c = aq.cfg
+    return {"method": c.method, "bits": c.bits, "clip": c.clip}
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, tokenizer=None,
+                 files_from: str | Path | None = None, base3: bool = False, extra: dict | None = None,
+                 verify: bool = True) -> ExportReport:
+    """Pack a fake-quant (prepared, not converted) model into ``out_dir``.
+
+    Args:
+        model: the student as evaluated in training: ``prepare``-d with ``quant``, weight quantizers on.
+        quant: its quant config (stored; :func:`load` prepares the rebuilt model with it).
+        out_dir: a new or empty folder.
+        tokenizer: saved next to the weights (or give ``files_from``).
+        files_from: a model folder whose ``config.json`` and tokenizer files are copied.
+        base3: store ternary tensors five trits per byte (1.6 bits) instead of 2 bits.
+        extra: more keys for ``kdqat_export.json`` (source, task, metrics...).
+        verify: reload the artifact and require identical logits on a fixed probe batch.
+
+    Raises:
+        ConfigError: the model was never quantized, is already converted, uses unsupported bits, an
+            activation LSQ step was never calibrated, or the reloaded artifact does not reproduce it.
+    """
+    out = check_out_dir(out_dir)
+    if not quant.enabled or not is_prepared(model):
+        raise ConfigError("export: the model was never quantized (quant.enabled is false or `prepare` was "
+                          "not applied); export needs a `kdqat train` student")
+    model.eval()
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    skip_keys: set[str] = set()
+    q_fp32 = q_packed = 0
+    with torch.no_grad():
+        for name, m in _quantized_modules(model):
+            wq = m.weight_quant
+            if wq is None:
+                if hasattr(m, "frozen_weight_cfg"):
+                    raise ConfigError(f"export: {name} is already converted (weights frozen); export the "
+                                      "fake-quant student, e.g. the student/ folder written by `kdqat train`")
+                continue  # weight quantization disabled for this module by a rule: stays FP
+            cfg = wq.cfg
+            if not wq.enabled:
+                raise ConfigError(f"export: weight quantization of {name} is switched off; switch it back on "
+                                  "(set_quant_enabled) before exporting")
+            if cfg.bits not in ALLOWED_BITS:
+                raise ConfigError(f"export: {name} uses {cfg.bits}-bit weights; allowed: 2, 3, 4, 8")
+            target = wq(m.weight).detach()
+            step = getattr(wq, "step", None)
+            codes, scale = weight_codes(m.weight, cfg, step)
+            lo, hi = code_range(cfg.method, cfg.bits, cfg.narrow_range)
+            op = dequant_op(cfg.method)
+            if int(codes.min()) < lo or int(codes.max()) > hi or not torch.equal(
+                    dequantize(codes, scale, op, target.dtype), target):
+                raise ConfigError(f"export: the codes of {name} do not reproduce its fake-quant weight "
+                                  f"({cfg.method}{cfg.bits}); not exporting a wrong model")
+            enc = choose_encoding(codes, cfg.bits, base3 and cfg.bits == 2)
+            packed = encode(codes, enc)
+            scale32 = scale.reshape(-1).to(torch.float32).contiguous()
+            tensors[f"{name}.weight.codes"] = packed
+            tensors[f"{name}.weight.scale"] = scale32
+            skip_keys.add(f"{name}.weight")
+            if step is not None:
+                skip_keys.add(f"{name}.weight_quant.step")
+            modules[name] = {
+                "kind": "embedding" if isinstance(m, QuantEmbedding) else "linear",
+                "shape": list(m.weight.shape),
+                "method": cfg.method,
+                "bits": cfg.bits,
+                "granularity": cfg.granularity,
+                "narrow_range": cfg.narrow_range,
+                "packing": enc.packing,
+                "storage_bits": 1.6 if enc.packing == "base3" else enc.storage_bits,
+                "zero": enc.zero,
+                "dequant": op,
+                "act": _act_settings(m),
+            }
+            if enc.packing == "bits" and enc.storage_bits != cfg.bits:
+                modules[name]["note"] = (f"{cfg.method} produced {hi - lo + 1} levels; codes stored at "
+                                         f"{enc.storage_bits} bits")
+            q_fp32 += 4 * m.weight.numel()
+            q_packed += packed.numel() + 4 * scale32.numel()
+        for name, q in model.named_modules():
+            if isinstance(q, ActFakeQuant):
+                skip_keys.add(f"{name}.initialized")
+                if q.enabled and q.cfg.method == "lsq" and not bool(q.initialized):
+                    raise ConfigError(f"export: activation step {name} was never calibrated "
+                                      "(run calibrate_activations or a training step first)")
+    if not modules:
+        raise ConfigError("export: the model has no quantized weights (every weight quantizer is disabled); "
+                          "nothing to pack")
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        if k in skip_keys:
+            continue
+        t = v.detach().cpu().contiguous()
+        if t.data_ptr() in seen and t.numel():  # tied tensors: safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[k] = t
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_side_files(model, out, tokenizer, files_from)
+        wpath = out / WEIGHTS_FILE
+        save_file(tensors, str(wpath), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        report = ExportReport(out, wpath.stat().st_size, fp32_bytes(model), q_fp32, q_packed, len(modules))
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "weights_file": WEIGHTS_FILE,
+            "weights_bytes": report.file_bytes,
+            "weights_sha256": _sha256(wpath),
+            "quant": to_dict(quant),
+            "activation": {"act": to_dict(quant.act), "attention": to_dict(quant.attention)},
+            "modules": modules,
+            "sizes": report.as_dict(),
+            "versions": _versions(),
+            **(extra or {}),
+        }
+        (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
+        if verify:
+            loaded = load(out)
+            batch = probe_batch(model.config)
+            a, b = logits_of(model, batch), logits_of(loaded, batch)
+            if not torch.equal(a, b):
+                diff = float((a - b).abs().max())
+                raise ConfigError(f"export: the reloaded artifact's logits differ from the fake-quant "
+                                  f"model's (max |diff| {diff:.3g}); not keeping a wrong model")
+    except BaseException:
+        _remove_written(out, created)
+        raise
+    return report
+
+
+def _write_side_files(model: nn.Module, out: Path, tokenizer, files_from) -> None:
+    if files_from is not None:
+        src = Path(files_from)
+        shutil.copy2(src / "config.json", out / "config.json")
+        for p in src.iterdir():
+            if p.is_file() and p.name.startswith(_TOKENIZER_PREFIXES):
+                shutil.copy2(p, out / p.name)
+    else:
+        model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def _versions() -> dict:
+    import transformers
+
+    from kdqat_dist import __version__
+
+    return {"kdqat_dist": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def export_student(student_dir: str | Path, out_dir: str | Path, base3: bool = False,
+                   verify: bool = True) -> ExportReport:
+    """Pack the ``student/`` folder written by ``kdqat train`` into ``out_dir`` (see :func:`export_model`)."""
+    from kdqat_dist.models.student import STUDENT_META, is_student_dir, load_student
+
+    src = Path(student_dir)
+    check_out_dir(out_dir)
+    if not src.exists():
+        raise ConfigError(f"--student: {src} does not exist")
+    if not is_student_dir(src):
+        raise ConfigError(f"--student: {src} is not a quantized student folder (no {STUDENT_META}); the "
+                          "model was never quantized: export the student/ folder written by `kdqat train`")
+    try:
+        meta = json.loads((src / STUDENT_META).read_text())
+        quant = _build(QuantConfig, meta["quant"], "quant")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--student: {src / STUDENT_META} is unreadable ({type(exc).__name__})") from None
+    if not quant.enabled:
+        raise ConfigError(f"--student: {src} was trained with quant.enabled=false; the model was never "
+                          "quantized, there is nothing to pack")
+    for key, wcfg in (("quant.weight", quant.weight), ("quant.embedding", quant.embedding)):
+        if wcfg.bits not in ALLOWED_BITS:
+            raise ConfigError(f"{key}.bits: {wcfg.bits} is not supported by export; allowed: 2, 3, 4, 8")
+    model = load_student(src)
+    extra = {"source": {"student": str(src.resolve()), "task": meta.get("task"),
+                        "metrics": meta.get("metrics")}}
+    return export_model(model, quant, out_dir, files_from=src, base3=base3, extra=extra, verify=verify)
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def read_meta(path: str | Path) -> dict:
+    """The parsed ``kdqat_export.json`` of an export folder (format checked, weights not read)."""
+    p = Path(path)
+    mpath = p / EXPORT_META
+    if not mpath.exists():
+        raise ConfigError(f"{p} is not a kdqat export folder (no {EXPORT_META}); "
+                          "create one with `kdqat export`")
+    try:
+        meta = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{mpath} is not valid JSON (corrupt export metadata)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"{mpath}: not a {FORMAT} metadata file")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ConfigError(f"{mpath}: format_version {version!r} is not supported (this kdqat_dist reads "
+                          f"1..{FORMAT_VERSION}); upgrade kdqat_dist")
+    for key in ("weights_file", "weights_bytes", "weights_sha256", "quant", "modules"):
+        if key not in meta:
+            raise ConfigError(f"{mpath}: missing key {key!r} (corrupt export metadata)")
+    return meta
+
+
+def verify_file(path: str | Path, meta: dict | None = None) -> Path:
+    """Check the packed weights file's size (truncation) and SHA-256 (corruption); returns its path."""
+    p = Path(path)
+    meta = meta or read_meta(p)
+    w = p / meta["weights_file"]
+    if not w.exists():
+        raise ConfigError(f"{w} is missing (the export folder is incomplete)")
+    size, expected = w.stat().st_size, int(meta["weights_bytes"])
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing data"
+        raise ConfigError(f"{w} is {what}: {size} bytes, expected {expected}; re-run `kdqat export`")
+    if _sha256(w) != meta["weights_sha256"]:
+        raise ConfigError(f"{w} is corrupt: its SHA-256 does not match {EXPORT_META}; re-run `kdqat export`")
+    return w
+
+
+def _module_encoding(name: str, info: dict) -> tuple[Encoding, list[int], str]:
+    try:
+        bits, method, shape = int(info["bits"]), str(info["method"]), [int(s) for s in info["shape"]]
+        packing, zero, op = str(info["packing"]), int(info["zero"]), str(info["dequant"])
+        storage = 0 if packing == "base3" else int(info["storage_bits"])
+        granularity = str(info["granularity"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{EXPORT_META}: module {name}: incomplete entry "
+                          "(corrupt export metadata)") from None
+    if bits not in ALLOWED_BITS:
+        raise ConfigError(f"{EXPORT_META}: module {name}: unsupported bits {bits}; allowed: 2, 3, 4, 8")
+    if method == "twn" and bits != 2:
+        raise ConfigError(f"{EXPORT_META}: module {name}: twn needs bits=2, got {bits}")
+    code_range(method, bits)  # raises on an unknown method
+    if granularity not in ("tensor", "row"):
+        raise ConfigError(f"{EXPORT_META}: module {name}: unknown granularity {granularity!r}")
+    if packing not in ("bits", "base3"):
+        raise ConfigError(f"{EXPORT_META}: module {name}: unknown packing {packing!r}; allowed: bits, base3")
+    if op != dequant_op(method):
+        raise ConfigError(f"{EXPORT_META}: module {name}: dequantization {op!r} does not match {method}")
+    return Encoding(packing, storage, zero), shape, granularity
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the runnable quantized model from an export folder alone.
+
+    The architecture comes from ``config.json``; ``prepare`` + ``convert`` with the stored quant config put
+    the activation and attention quantizers exactly where training had them, and the weights are the
+    dequantized packed codes (bit-identical to the fake-quant weights training evaluated).
+
+    Raises:
+        ConfigError: not an export folder, unsupported format/bits, a truncated or corrupt weights file
+            (size and SHA-256 are checked before anything is read), or weights that do not fit the config.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    p = Path(path)
+    meta = read_meta(p)
+    wfile = verify_file(p, meta)
+    try:
+        quant = _build(QuantConfig, meta["quant"], "quant")
+    except ConfigError as exc:
+        raise ConfigError(f"{p / EXPORT_META}: bad quant config ({exc})") from None
+    if not (p / "config.json").exists():
+        raise ConfigError(f"{p} has no config.json (the export folder is incomplete)")
+    try:
+        state = load_file(str(wfile))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{wfile} is not a readable safetensors file ({exc})") from None
+
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{p / 'config.json'} is not a readable model config ({first})") from None
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    prepare(model, quant)
+    convert(model)  # weight quantizers off, activation quantizers on; the weights are filled in below
+
+    frozen = {n for n, m in _quantized_modules(model) if hasattr(m, "frozen_weight_cfg")}
+    listed = set(meta["modules"])
+    if frozen != listed:
+        diff = sorted(frozen ^ listed)[:3]
+        raise ConfigError(f"{p / EXPORT_META}: its modules do not match the quant config on this "
+                          f"architecture (e.g. {diff})")
+    with torch.no_grad():
+        for name, info in meta["modules"].items():
+            enc, shape, granularity = _module_encoding(name, info)
+            m = model.get_submodule(name)
+            cfg = m.frozen_weight_cfg
+            if (cfg.method, cfg.bits, cfg.granularity) != (info["method"], info["bits"], granularity):
+                raise ConfigError(f"{p / EXPORT_META}: module {name} is {info['method']}{info['bits']}/"
+                                  f"{granularity} but the quant config says {cfg.method}{cfg.bits}/"
+                                  f"{cfg.granularity}")
+            if list(m.weight.shape) != shape:
+                raise ConfigError(f"{name}: packed shape {shape} does not match the model's "
+                                  f"{list(m.weight.shape)}")
+            codes_t = state.pop(f"{name}.weight.codes", None)
+            scale = state.pop(f"{name}.weight.scale", None)
+            if codes_t is None or scale is None:
+                raise ConfigError(f"{wfile}: missing the packed weight or scale of {name}")
+            rows = shape[0] if granularity == "row" and len(shape) > 1 else 1
+            if scale.dtype != torch.float32 or scale.numel() != rows:
+                raise ConfigError(f"{wfile}: {name} has {scale.numel()} scales, expected {rows}")
+            n = math.prod(shape)
+            codes = decode(codes_t, enc, n)
+            lo, hi = code_range(info["method"], info["bits"], bool(info.get("narrow_range", True)))
+            if n and (int(codes.min()) < lo or int(codes.max()) > hi):
+                raise ConfigError(f"{wfile}: codes of {name} fall outside [{lo}, {hi}] (corrupt data)")
+            s = scale.reshape(rows, *([1] * (len(shape) - 1))) if granularity == "row" else scale.reshape(())
+            w = dequantize(codes.view(shape), s, info["dequant"], m.weight.dtype)
+            m.weight.data.copy_(w)
+            if info["method"] == "lsq":
+                m.frozen_step = s.clone()
+
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(f"{wfile}: tensors do not fit {p / 'config.json'} "
+                          f"({str(exc).strip().splitlines()[-1].strip()})") from None
+    allowed_missing = {f"{n}.weight" for n in listed}
+    allowed_missing |= {f"{n}.initialized" for n, q in model.named_modules() if isinstance(q, ActFakeQuant)}
+    bad_missing = [k for k in missing if k not in allowed_missing]
+    if bad_missing or unexpected:
+        raise ConfigError(f"{wfile}: tensors do not match {p / 'config.json'} (missing {bad_missing[:3]}, "
+                          f"unexpected {list(unexpected)[:3]})")
+    for m in model.modules():  # learned activation steps were calibrated in training: never recalibrate
+        if isinstance(m, ActFakeQuant) and hasattr(m, "initialized"):
+            m.initialized.fill_(True)
+    return model.to(device).eval()

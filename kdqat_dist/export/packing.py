@@ -1,0 +1,289 @@
+"""Bit packing of integer weight codes, and the exact code/scale form of every weight quantizer.
+
+Two layers, both pure functions on tensors:
+
+- **packing**: unsigned codes ``u`` in ``[0, 2^bits)`` -> a flat ``uint8`` tensor, ``bits`` per value,
+  little-endian (value ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream, bit 0 = the least
+  significant bit of byte 0); the last byte is zero-padded. Base-3 packing stores trits ``{0, 1, 2}``
+  five per byte (``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4``, at most 242), 1.6 bits per ternary value.
+- **codes**: a frozen quantized weight ``ŵ`` (what :class:`~kdqat_dist.quant.fake_quant.WeightFakeQuant`
+  returns) as signed integer codes and FP32 scales with ``dequantize(codes, scale) == ŵ`` exactly:
+
+  ===========  ==========================================  ===========================  =========
+  method       codes                                        scale                        ŵ
+  ===========  ==========================================  ===========================  =========
+  twn          sign(ŵ) in {-1, 0, 1}                        α = max|ŵ| (per tensor/row)  code * α
+  sym          round(v·s) in [-(2^(b-1)-1), 2^(b-1)-1]      s = (2^(b-1)-1)/max|v|       code / s
+  mean_clip    round(clamp(v, ±c)/step), |code| <= 2^(b-1)  step = 2c/(2^b-1)            code * step
+  lsq          clamp(round(w/s), -Q_N, Q_P)                 s (the learned step)          code * s
+  ===========  ==========================================  ===========================  =========
+
+  ``sym`` divides, exactly as :func:`~kdqat_dist.quant.quantizers.symmetric_quant` does, so the product
+  is the same float operation as in training (``code * (1/s)`` would differ by an ulp). ``mean_clip`` can
+  produce 2^b + 1 levels (round-half-even takes the clamped ``±c`` to ``±2^(b-1)``); when a tensor uses
+  them its codes are stored with one extra bit instead of being altered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdqat_dist.config import ALLOWED_BITS, ConfigError, WeightQuantConfig
+
+MAX_STORAGE_BITS = 9  # 8-bit mean_clip with its 257th level
+_TRIT_POWERS = (1, 3, 9, 27, 81)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    """Bytes that ``n`` values take at ``bits`` bits each (the last byte padded)."""
+    return (n * bits + 7) // 8
+
+
+def base3_nbytes(n: int) -> int:
+    """Bytes that ``n`` trits take at five per byte."""
+    return (n + 4) // 5
+
+
+# --------------------------------------------------------------------------- dense n-bit packing
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_STORAGE_BITS:
+        raise ConfigError(f"packing: unsupported storage width {bits!r} bits; allowed: 1..{MAX_STORAGE_BITS}")
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integers (any shape, each in ``[0, 2^bits)``) into a flat uint8 tensor.
+
+    Raises:
+        ConfigError: ``bits`` outside 1..9, or a value that does not fit in ``bits`` bits.
+    """
+    _check_bits(bits)
+    u = values.reshape(-1).to(torch.int64)
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
+        raise ConfigError(f"packing: values in [{int(u.min())}, {int(u.max())}] do not fit in {bits} bits")
+    n = u.numel()
+    nbytes = packed_nbytes(n, bits)
+    if bits == 8:
+        return u.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole values per byte, no value straddles two bytes
+        per = 8 // bits
+        padded = torch.zeros(nbytes * per, dtype=torch.int64)
+        padded[:n] = u
+        shifts = torch.arange(per, dtype=torch.int64) * bits
+        return (padded.view(nbytes, per) << shifts).sum(dim=1).to(torch.uint8)
+    # 3, 5, 6, 7, 9 bits: expand to a bit stream, regroup by 8.
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((u.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    padded = torch.zeros(nbytes * 8, dtype=torch.uint8)
+    padded[: stream.numel()] = stream
+    weights = (1 << torch.arange(8, dtype=torch.int64)).to(torch.uint8)
+    return (padded.view(nbytes, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` values, as a flat int64 tensor.
+
+    Raises:
+        ConfigError: ``packed`` is not the uint8 length that ``n`` values at ``bits`` bits need.
+    """
+    _check_bits(bits)
+    expected = packed_nbytes(n, bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ConfigError(f"packing: expected {expected} uint8 bytes for {n} values at {bits} bits, got "
+                          f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}")
+    b = packed.to(torch.int64)
+    if bits == 8:
+        return b.clone()
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int64) * bits
+        return ((b.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+    stream = ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)[: n * bits]
+    return (stream.view(n, bits) << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+
+
+# --------------------------------------------------------------------------- base-3 packing
+
+
+def pack_base3(trits: torch.Tensor) -> torch.Tensor:
+    """Pack values in {0, 1, 2} five per byte (1.6 bits each) into a flat uint8 tensor."""
+    t = trits.reshape(-1).to(torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
+        raise ConfigError(f"packing: base-3 needs values in {{0, 1, 2}}, "
+                          f"got [{int(t.min())}, {int(t.max())}]")
+    n = t.numel()
+    nbytes = base3_nbytes(n)
+    padded = torch.zeros(nbytes * 5, dtype=torch.int64)
+    padded[:n] = t
+    return (padded.view(nbytes, 5) * torch.tensor(_TRIT_POWERS)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_base3(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_base3`: the first ``n`` trits as a flat int64 tensor.
+
+    Raises:
+        ConfigError: wrong length or dtype, or a byte above 242 (not five trits: a corrupt file).
+    """
+    expected = base3_nbytes(n)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ConfigError(f"packing: expected {expected} uint8 bytes for {n} base-3 values, got "
+                          f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}")
+    b = packed.to(torch.int64)
+    if b.numel() and int(b.max()) > 242:
+        raise ConfigError("packing: a base-3 byte is above 242 (3^5 - 1); the packed data is corrupt")
+    return ((b.unsqueeze(1) // torch.tensor(_TRIT_POWERS)) % 3).reshape(-1)[:n]
+
+
+# --------------------------------------------------------------------------- signed codes <-> bytes
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one tensor's signed codes are stored: ``u = code + zero``, packed by ``packing``."""
+
+    packing: str  # "bits" | "base3"
+    storage_bits: int  # bits per value for "bits"; 0 for base3 (1.6 bits)
+    zero: int
+
+    def nbytes(self, n: int) -> int:
+        return base3_nbytes(n) if self.packing == "base3" else packed_nbytes(n, self.storage_bits)
+
+
+def choose_encoding(codes: torch.Tensor, bits: int, base3: bool = False) -> Encoding:
+    """The encoding of signed ``codes`` at nominal width ``bits``.
+
+    Codes spanning at most three values are base-3 packed when ``base3`` is set. Otherwise the width is
+    ``bits``, or the smallest width that holds the codes' range when it does not fit (mean_clip's extra
+    level). ``zero`` is minus the smallest code present, so every stored value is non-negative.
+    """
+    if bits not in ALLOWED_BITS:
+        raise ConfigError(f"export: unsupported weight bits {bits}; allowed: 2, 3, 4, 8")
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    if base3 and hi - lo <= 2:
+        return Encoding("base3", 0, -lo)
+    width = max(bits, math.ceil(math.log2(hi - lo + 1)) if hi > lo else 1)
+    _check_bits(width)
+    return Encoding("bits", width, -lo)
+
+
+def encode(codes: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    """Signed codes -> packed uint8 bytes."""
+    u = codes.reshape(-1).to(torch.int64) + enc.zero
+    return pack_base3(u) if enc.packing == "base3" else pack_bits(u, enc.storage_bits)
+
+
+def decode(packed: torch.Tensor, enc: Encoding, n: int) -> torch.Tensor:
+    """Packed uint8 bytes -> ``n`` signed int64 codes."""
+    if enc.packing == "base3":
+        u = unpack_base3(packed, n)
+    elif enc.packing == "bits":
+        u = unpack_bits(packed, enc.storage_bits, n)
+    else:
+        raise ConfigError(f"packing: unknown packing {enc.packing!r}; allowed: bits, base3")
+    return u - enc.zero
+
+
+# --------------------------------------------------------------------------- quantizer -> codes
+
+
+def dequant_op(method: str) -> str:
+    """``"div"`` for sym (ŵ = code / s, as training computes it), ``"mul"`` for the others."""
+    return "div" if method == "sym" else "mul"
+
+
+def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, int]:
+    """The codes a quantizer can produce (inclusive)."""
+    if method == "twn":
+        return -1, 1
+    half = 2 ** (bits - 1)
+    if method == "sym":
+        return -(half - 1), half - 1
+    if method == "mean_clip":
+        return -half, half
+    if method == "lsq":
+        return -((half - 1) if narrow_range else half), half - 1
+    raise ConfigError(f"export: unknown weight method {method!r}; allowed: twn, sym, mean_clip, lsq")
+
+
+def _group_amax(x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    if per_row and x.dim() > 1:
+        return x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)
+    return x.abs().amax()
+
+
+def _group_mean(x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    if per_row and x.dim() > 1:
+        return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return x.abs().mean()
+
+
+def _group_mean_above(x: torch.Tensor, thresh: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """As quantizers.mean_clip_quant: the mean of |x| over |x| > thresh, per tensor or row."""
+    big = (x.abs() > thresh).to(x.dtype)
+    if per_row and x.dim() > 1:
+        dims = tuple(range(1, x.dim()))
+        return (x.abs() * big).sum(dim=dims, keepdim=True) / big.sum(dim=dims, keepdim=True).clamp(min=1)
+    return (x.abs() * big).sum() / big.sum().clamp(min=1)
+
+
+def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
+                 step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int64, the weight's shape) and FP32 scales of ``cfg``'s quantizer on ``latent``.
+
+    The scale has shape [rows, 1] (row granularity) or [] (tensor). Recomputes the quantizer's statistics
+    with the same float operations as :mod:`kdqat_dist.quant.quantizers`; callers check the result with
+    :func:`dequantize` against the fake-quant weight.
+
+    Args:
+        latent: the latent (unquantized) FP32 weight.
+        cfg: the module's weight quantizer config.
+        step: the learned LSQ step (``WeightFakeQuant.step``); required for ``lsq``.
+    """
+    if cfg.bits not in ALLOWED_BITS:
+        raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
+    if cfg.method == "twn" and cfg.bits != 2:
+        raise ConfigError(f"export: twn is ternary and needs bits=2, got {cfg.bits}")
+    per_row = cfg.granularity == "row"
+    w = latent.detach()
+    x = w.clamp(-cfg.clip, cfg.clip) if cfg.clip is not None else w
+    if cfg.method == "twn":
+        from kdqat_dist.quant.quantizers import twn_ternary
+
+        wq = twn_ternary(w, per_row, cfg.clip)
+        return torch.sign(wq).to(torch.int64), _group_amax(wq, per_row)
+    if cfg.method == "sym":
+        levels = 2 ** (cfg.bits - 1) - 1
+        s = levels / _group_amax(x, per_row).clamp(min=1e-8)
+        return torch.round(x * s).to(torch.int64), s
+    if cfg.method == "mean_clip":
+        t = _group_mean(x, per_row)
+        c = _group_mean_above(x, t, per_row).clamp(min=1e-8)
+        st = 2 * c / (2**cfg.bits - 1)
+        return torch.round(torch.maximum(torch.minimum(x, c), -c) / st).to(torch.int64), st
+    if cfg.method == "lsq":
+        if step is None:
+            raise ConfigError("export: an lsq weight quantizer needs its learned step")
+        s = step.detach().to(w.dtype)
+        qn = 2 ** (cfg.bits - 1) - (1 if cfg.narrow_range else 0)
+        qp = 2 ** (cfg.bits - 1) - 1
+        return torch.clamp(torch.round(w / s), -qn, qp).to(torch.int64), s
+    raise ConfigError(f"export: unknown weight method {cfg.method!r}; allowed: twn, sym, mean_clip, lsq")
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ from integer codes and scales (``scale`` broadcasts: [] or [rows, 1])."""
+    c = codes.to(dtype)
+    s = scale.to(dtype)
+    if op == "mul":
+        return c * s
+    if op == "div":
+        return c / s
+    raise ConfigError(f"export: unknown dequantization {op!r}; allowed: mul, div")

@@ -1,0 +1,59 @@
+"""``kdqat sweep``: a Ray Tune sweep of KD-QAT runs described by a spec in ``ray_tune/``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  kdqat sweep --config ray_tune/tiny_demo.yaml                 # local Ray sized to this machine
+  kdqat sweep --config ray_tune/tiny_demo.yaml --resume        # continue an interrupted sweep
+  kdqat sweep --config ray_tune/map_output_sweep_a.yaml --address auto   # join a running cluster (Slurm)
+  kdqat sweep --config ray_tune/tiny_demo.yaml --report-only   # rebuild the tables and the plot
+
+key=value arguments override the base recipe for every trial (e.g. train.max_steps=50)."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="Ray Tune sweep of KD-QAT runs (spec in ray_tune/*.yaml)",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", required=True, help="sweep spec YAML (a path or a name in ray_tune/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides for every trial")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in output_dir; finished trials "
+                   "are kept, errored and unfinished ones run again")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto); default: start "
+                   "a local one")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance "
+                   "(default: this machine's cores, +1 for the trial driver when tune.num_workers > 1)")
+    p.add_argument("--output-dir", default=None, help="override the spec's output_dir")
+    p.add_argument("--report-only", action="store_true", help="only rebuild results.{csv,md} and sweep.png")
+    p.add_argument("--quiet", action="store_true", help="less Ray Tune progress output")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from kdqat_dist.tune.results import collect_rows, format_console, write_report
+    from kdqat_dist.tune.spec import load_spec
+
+    spec = load_spec(args.config, args.overrides, output_dir=args.output_dir)
+    if not args.report_only:
+        from kdqat_dist.tune.trainable import run_sweep
+
+        print(f"kdqat sweep: {spec.name}: {spec.num_grid_points} grid points x "
+              f"{spec.base_config().tune.num_samples} samples -> {spec.output_dir}", flush=True)
+        grid = run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
+                         verbose=0 if args.quiet else 1)
+        errors = grid.num_errors
+    else:
+        errors = 0
+    paths = write_report(spec.output_dir)
+    rows, _ = collect_rows(spec.output_dir)
+    print(format_console(rows))
+    print("\n".join(f"{k:12s} {v}" for k, v in paths.items()))
+    print(f"{'tensorboard':12s} tensorboard --logdir {spec.output_dir / 'trials'}")
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if errors or bad:
+        print(f"kdqat sweep: {max(errors, len(bad))} trial(s) did not finish; fix the cause and rerun with "
+              "--resume (finished trials are kept)", file=sys.stderr)
+        return 1
+    return 0

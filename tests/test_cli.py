@@ -1,0 +1,44 @@
+"""The command line: help, one-line errors with non-zero exit and no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kdqat_dist.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kdqat_dist.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_subcommands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "finetune", "eval", "demo"):
+        assert cmd in r.stdout
+
+
+def test_bad_config_is_one_line_no_traceback():
+    r = run_cli("train", "--config", "tiny_debug", "quant.weight.bits=5")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "kdqat: error: quant.weight.bits: got 5; allowed: 2, 3, 4, 8"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--config", "tiny_debug"], "teacher.path: required"),
+    (["train", "--config", "tiny_debug", "teacher.path=/does/not/exist"], "teacher.path: /does/not/exist does not exist"),
+    (["train", "--config", "missing_recipe"], "config file not found"),
+    (["eval", "--model", "/does/not/exist", "--config", "tiny_debug"], "--model: /does/not/exist does not exist"),
+])
+def test_user_errors_exit_2(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_recipes_listing(capsys):
+    assert main(["recipes"]) == 0
+    assert "tiny_debug" in capsys.readouterr().out

@@ -1,0 +1,83 @@
+"""The typed config: every recipe parses, overrides are typed, bad input gives one clear line."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdqat_dist.config import RECIPES_DIR, ConfigError, flat_keys, load_config, save_config
+
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"demo", "tiny_debug", "bert_base_w2a8_kd", "bert_large_w2a8_kd", "kdlsq_w2a8"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_and_opens_with_its_command(path):
+    cfg = load_config(path)
+    assert cfg.train.batch_size > 0
+    assert path.read_text().startswith("#"), "each recipe opens with a comment saying how to run it"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny_debug", ["train.lr=1e-5", "quant.weight.bits=4", "quant.weight.method=sym",
+                                     "distill.gamma=0.25", "train.max_steps=3", "distill.layer_map=[0, 1]"])
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.quant.weight.bits == 4 and cfg.distill.gamma == 0.25 and cfg.distill.layer_map == [0, 1]
+    # a partial section keeps the defaults of the fields it does not name
+    cfg = load_config(None, ["quant.embedding.bits=4", "quant.embedding.method=sym"])
+    assert cfg.quant.embedding.granularity == "row"
+
+
+def test_dict_overrides_for_sweeps():
+    cfg = load_config("tiny_debug", {"distill.attn_map.weight": 0.3, "train.seed": 52})
+    assert cfg.distill.attn_map.weight == 0.3 and cfg.train.seed == 52
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quant.bitz=4", "unknown key 'quant.bitz'"),
+    ("quant.weight.bits=5", "quant.weight.bits: got 5; allowed: 2, 3, 4, 8"),
+    ("quant.weight.bits=four", "quant.weight.bits: expected an integer"),
+    ("distill.attn_map.weight=-1", "distill.attn_map.weight: got -1.0; loss weights must be >= 0"),
+    ("quant.weight.method=twn2", "quant.weight.method: got 'twn2'"),
+    ("quant.embedding.bits=4", "quant.embedding.method: twn is ternary and needs bits=2"),
+    ("engine.zero_stage=4", "engine.zero_stage: got 4; allowed: 0, 1, 2, 3"),
+    ("distill.gamma=1.5", "distill.gamma: must be in [0, 1]"),
+    ("train.batch_size=0", "train.batch_size: must be > 0"),
+    ("nonsense", "expected key=value"),
+    ("quant.rules=[{pattern: '('}]", "is not a valid regex"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_debug", [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_recipe_lists_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found.*tiny_debug"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("demo", ["train.seed=7"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["quant"]["embedding"]["granularity"] == "row"
+
+
+def test_flat_keys():
+    keys = flat_keys()
+    assert {"distill.attn_map.weight", "train.seed", "data.task", "quant.weight.bits"} <= keys
+    assert Path  # keep import used

@@ -1,0 +1,159 @@
+"""The streaming KD objective equals the naive computation; gradients reach the student only."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from kdqat_dist.config import DistillConfig, LossTerm, QuantConfig
+from kdqat_dist.distill import losses as L
+from kdqat_dist.distill.objective import TERM_TAPS, DistillObjective, effective_weights
+from kdqat_dist.models.attention import use_kdqat_attention
+from kdqat_dist.quant.api import prepare
+
+TERMS = ["logits", "hidden", "attn_score", "attn_map", "attn_output", "context", "sa_output", "ground_truth"]
+
+
+def make_pair(layers=2, student_layers=None, lsq=False):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+    teacher = BertForSequenceClassification(cfg).eval()
+    student = copy.deepcopy(teacher)
+    if student_layers is not None:
+        student.bert.encoder.layer = torch.nn.ModuleList(student.bert.encoder.layer[:student_layers])
+        student.config.num_hidden_layers = student_layers
+    q = QuantConfig()
+    if lsq:
+        q.weight.method, q.weight.bits = "lsq", 4
+    prepare(student, q)
+    use_kdqat_attention(teacher)
+    teacher.requires_grad_(False)
+    # Dropout off so that two forwards of the student are identical (the comparison needs it).
+    student.eval()
+    return student, teacher
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    return {"input_ids": torch.randint(1, 50, (4, 10), generator=g), "attention_mask": mask,
+            "token_type_ids": torch.zeros(4, 10, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def cfg_with(active):
+    d = DistillConfig()
+    for t in TERMS:
+        setattr(d, t, LossTerm(1.0 if t in active else 0.0))
+    return d
+
+
+@pytest.mark.parametrize("active", [
+    *[(t,) for t in TERMS],
+    ("logits", "hidden", "attn_map", "attn_output"),
+    ("logits", "hidden", "attn_score"),
+    tuple(TERMS),
+])
+def test_streaming_equals_naive(active):
+    student, teacher = make_pair()
+    obj = DistillObjective.for_models(cfg_with(active), student, teacher)
+    b = batch()
+    s = obj(student, teacher, b)
+    n = obj.naive(student, teacher, b)
+    assert set(s.terms) == set(active)
+    for k in active:
+        torch.testing.assert_close(s.terms[k], n.terms[k], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s.total, n.total, rtol=1e-6, atol=1e-6)
+
+
+def test_every_combination_of_tap_terms_matches_naive():
+    student, teacher = make_pair()
+    b = batch()
+    tap_terms = list(TERM_TAPS)
+    for r in (2, 3):
+        for combo in itertools.combinations(tap_terms, r):
+            obj = DistillObjective.for_models(cfg_with(combo), student, teacher)
+            torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total,
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_naive_matches_hf_outputs_for_hidden_and_attention():
+    """The naive path itself agrees with transformers' own output_hidden_states/output_attentions."""
+    student, teacher = make_pair()
+    b = batch()
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map")), student, teacher)
+    with torch.no_grad():
+        so = student(**inputs, output_hidden_states=True, output_attentions=True)
+        to = teacher(**inputs, output_hidden_states=True, output_attentions=True)
+    hidden = sum(L.hidden_mse(a, c) for a, c in zip(so.hidden_states, to.hidden_states, strict=True))
+    amap = sum(L.attention_map_kl(a, c, b["attention_mask"]) for a, c in zip(so.attentions, to.attentions,
+                                                                             strict=True))
+    out = obj(student, teacher, b)
+    torch.testing.assert_close(out.terms["hidden"], hidden, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.terms["attn_map"], amap, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_weight_taps_nothing():
+    student, teacher = make_pair()
+    obj = DistillObjective.for_models(cfg_with(("logits",)), student, teacher)
+    assert obj.student_taps() == {} and obj.teacher_taps() == {}
+    obj = DistillObjective.for_models(cfg_with(("attn_map",)), student, teacher)
+    assert obj.teacher_taps() == {"probs": {0, 1}}
+
+
+def test_teacher_taps_are_consumed_as_produced():
+    """Streaming: at most one teacher tap tensor is alive in the sink at a time (none are stored)."""
+    student, teacher = make_pair()
+    obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map", "attn_output")), student, teacher)
+    seen = []
+    orig = obj.term_loss
+
+    def spy(term, s, t, mask):
+        seen.append(term)
+        return orig(term, s, t, mask)
+
+    obj.term_loss = spy
+    obj(student, teacher, batch())
+    # Forward order: embeddings, then per layer probs -> attention output -> layer output.
+    assert seen == ["hidden", "attn_map", "attn_output", "hidden", "attn_map", "attn_output", "hidden"]
+
+
+def test_gradients_reach_student_weights_and_steps_never_teacher():
+    student, teacher = make_pair(lsq=True)
+    student.train()
+    obj = DistillObjective.for_models(cfg_with(TERMS), student, teacher)
+    out = obj(student, teacher, batch())
+    out.total.backward()
+    q = student.bert.encoder.layer[0].attention.self.query
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    assert q.weight_quant.step.grad is not None and q.weight_quant.step.grad.abs() > 0
+    assert student.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_unified_gamma_and_per_layer_contributions():
+    d = DistillConfig(gamma=0.3)
+    w = effective_weights(d)
+    assert w["attn_map"] == 0.3 and abs(w["attn_output"] - 0.7) < 1e-12
+    student, teacher = make_pair()
+    obj = DistillObjective.for_models(d, student, teacher)
+    out = obj(student, teacher, batch())
+    expected = sum(w[k] * v for k, v in out.terms.items())
+    torch.testing.assert_close(out.total, expected)
+    assert set(out.per_layer["attn_map"]) == {0, 1}
+    torch.testing.assert_close(sum(out.per_layer["attn_output"].values()), out.terms["attn_output"])
+
+
+def test_shallower_student_uniform_layer_map():
+    student, teacher = make_pair(layers=4, student_layers=2)
+    d = cfg_with(("hidden", "attn_map"))
+    d.layer_map = "uniform"
+    obj = DistillObjective.for_models(d, student, teacher)
+    assert obj.teacher_taps() == {"hidden": {0, 2, 4}, "probs": {1, 3}}
+    b = batch()
+    torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total)

@@ -1,0 +1,71 @@
+"""`kdqat finetune` and `kdqat train` end to end on a tiny encoder and the built-in task."""
+
+import json
+
+import pytest
+import torch
+
+from kdqat_dist.config import ConfigError, load_config
+from kdqat_dist.engine.loop import Trainer, TrainingError, run
+from kdqat_dist.models.student import load_student
+from kdqat_dist.pipeline import evaluate_folder
+
+
+def test_finetune_checkpoint_reloads_with_identical_metrics(tiny_teacher):
+    saved = json.loads((tiny_teacher / "metrics.json").read_text())
+    cfg = load_config("tiny_debug")
+    again = evaluate_folder(cfg, str(tiny_teacher))
+    assert again["acc"] == pytest.approx(saved["acc"], abs=0)
+    assert (tiny_teacher / "config.json").exists() and (tiny_teacher / "tokenizer.json").exists()
+
+
+def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
+    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'run'}",
+                                     "train.max_steps=16", "train.eval_every=8"])
+    trainer = Trainer(cfg, "train").setup()
+    batch = {k: v for k, v in trainer._first_batch().items()}
+    trainer.student.eval()
+    with torch.no_grad():
+        before = trainer.objective(trainer.student, trainer.teacher, batch).total.item()
+    result = trainer.train()
+    trainer.student.eval()
+    with torch.no_grad():
+        after = trainer.objective(trainer.student, trainer.teacher, batch).total.item()
+    trainer.cleanup()
+    assert after < before, (before, after)
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "student/model.safetensors", "student/kdqat_student.json"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tb").glob("events.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best"]["step"] in (8, 16) and "teacher" in metrics
+    # the saved best student reloads and scores exactly what was selected
+    student = load_student(run_dir / "student")
+    again = evaluate_folder(cfg, str(run_dir / "student"))
+    assert again["selection"] == pytest.approx(result["best"]["selection"], abs=0)
+    assert student.bert.encoder.layer[0].attention.self.query.weight_quant is not None
+
+
+def test_nan_loss_stops_with_step_and_term(tiny_teacher, tmp_path):
+    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'nan'}"])
+    trainer = Trainer(cfg, "train").setup()
+    real = trainer.objective.term_loss
+
+    def poisoned(term, s, t, mask):
+        v = real(term, s, t, mask)
+        return v * float("nan") if term == "attn_map" else v
+
+    trainer.objective.term_loss = poisoned
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: term 'attn_map'"):
+        trainer.train()
+    trainer.cleanup()
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_teacher, tmp_path):
+    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'r'}",
+                                     "train.max_steps=2", "train.eval_every=2"])
+    run(cfg, "train")
+    stamp = (tmp_path / "r" / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(cfg, "train")
+    assert (tmp_path / "r" / "metrics.json").read_text() == stamp
