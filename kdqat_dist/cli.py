@@ -78,6 +78,9 @@ def _load(args):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown our own progress bar
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

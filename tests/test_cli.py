@@ -29,7 +29,8 @@ def test_bad_config_is_one_line_no_traceback():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--config", "tiny_debug"], "teacher.path: required"),
-    (["train", "--config", "tiny_debug", "teacher.path=/does/not/exist"], "teacher.path: /does/not/exist does not exist"),
+    (["train", "--config", "tiny_debug", "teacher.path=/does/not/exist"],
+     "teacher.path: /does/not/exist does not exist"),
     (["train", "--config", "missing_recipe"], "config file not found"),
     (["eval", "--model", "/does/not/exist", "--config", "tiny_debug"], "--model: /does/not/exist does not exist"),
 ])

@@ -5,7 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from kdqat_dist.config import QuantConfig, QuantRule, load_config
 from kdqat_dist.quant.api import convert, prepare, quant_summary, set_quant_enabled
@@ -185,3 +190,23 @@ def test_minilm_prepare_if_installed():
     assert len(quant_summary(m)) == 6 * 6 + 2  # 6 linears per layer, pooler, word embeddings
     rules = QuantConfig(rules=[QuantRule(pattern="pooler", quantize=False)])
     assert rules.rules[0].pattern == "pooler"
+
+
+def test_row_wise_embedding_gather_path_is_exact():
+    """Quantizing only the looked-up rows equals quantizing the whole table, values and gradients."""
+    from kdqat_dist.config import WeightQuantConfig
+    from kdqat_dist.quant.fake_quant import WeightFakeQuant
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, padding_idx=0)
+    qe = QuantEmbedding.from_embedding(emb, WeightFakeQuant(WeightQuantConfig(granularity="row"), emb.weight))
+    ids = torch.tensor([[3, 7, 3, 0], [9, 9, 1, 49]])
+    fast = qe(ids)
+    full = F.embedding(ids, qe.weight_quant(qe.weight), 0)
+    assert torch.equal(fast, full)
+    (fast * torch.arange(8.0)).sum().backward()
+    g_fast = qe.weight.grad.clone()
+    qe.weight.grad = None
+    (full * torch.arange(8.0)).sum().backward()
+    assert torch.equal(g_fast, qe.weight.grad)
+    assert g_fast[0].abs().sum() == 0  # the padding row stays untrained, as in nn.Embedding

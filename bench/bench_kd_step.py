@@ -1,0 +1,97 @@
+"""KD-QAT step cost on MiniLM (issue #4 benchmark): time per step and peak memory of
+
+(a) plain FP fine-tuning, (b) QAT without KD, (c) KD-QAT with the streaming teacher,
+(d) KD-QAT computed the naive way (all layers' taps of both models materialised, then losses).
+
+Each variant runs in its own process so peak RSS is its own. Batch 32 x 128 tokens, 2 threads.
+Usage: python bench/bench_kd_step.py [--steps 6] [--batch 32] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = ("a_fp_finetune", "b_qat_no_kd", "c_kdqat_streaming", "d_kdqat_naive")
+
+
+def one(variant: str, steps: int, batch: int, seq: int) -> dict:
+    import torch
+
+    from kdqat_dist.config import DistillConfig, QuantConfig, TrainConfig
+    from kdqat_dist.distill.objective import DistillObjective
+    from kdqat_dist.engine.optim import make_optimizer
+    from kdqat_dist.models.attention import use_kdqat_attention
+    from kdqat_dist.models.encoders import load_classifier
+    from kdqat_dist.quant.api import prepare
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    student = load_classifier("minilm", 2)
+    # (a) and (b) hold no teacher at all, so their memory is the no-KD baseline.
+    teacher = copy.deepcopy(student) if variant.startswith(("c_", "d_")) else student
+    if variant != "a_fp_finetune":
+        prepare(student, QuantConfig())
+    use_kdqat_attention(student)
+    use_kdqat_attention(teacher)
+    if teacher is not student:
+        teacher.eval().requires_grad_(False)
+    student.train()
+    opt = make_optimizer(student, TrainConfig(lr=2e-5))
+    dcfg = DistillConfig()  # logits + hidden + attention map + attention output
+    obj = DistillObjective.for_models(dcfg, student, teacher)
+    g = torch.Generator().manual_seed(0)
+    b = {"input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
+         "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+         "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
+         "labels": torch.randint(0, 2, (batch,), generator=g)}
+    b["attention_mask"][: batch // 2, seq * 3 // 4:] = 0  # some padding, as real batches have
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        if variant in ("a_fp_finetune", "b_qat_no_kd"):
+            loss = student(**b).loss
+        elif variant == "c_kdqat_streaming":
+            loss = obj(student, teacher, b).total
+        else:
+            loss = obj.naive(student, teacher, b).total
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i > 0:  # the first step pays allocator warm-up
+            times.append(time.perf_counter() - t0)
+    return {"variant": variant, "s_per_step": sum(times) / len(times),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--variant", choices=VARIANTS)
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(one(args.variant, args.steps, args.batch, args.seq)))
+        return
+    rows = {}
+    for v in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--variant", v, "--steps", str(args.steps),
+                              "--batch", str(args.batch), "--seq", str(args.seq)],
+                             capture_output=True, text=True, check=True)
+        rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{v:20s} {rows[v]['s_per_step']:.3f} s/step  peak RSS {rows[v]['peak_rss_mib']:.0f} MiB", flush=True)
+    a, b, c, d = (rows[v] for v in VARIANTS)
+    print(f"time (c)/(a) = {c['s_per_step'] / a['s_per_step']:.2f} (target <= 1.6)")
+    print(f"time (d)/(c) = {d['s_per_step'] / c['s_per_step']:.2f}")
+    print(f"memory (c)/(b) = {c['peak_rss_mib'] / b['peak_rss_mib']:.2f} (target <= 1.1)")
+    print(f"memory (c)/(d) = {c['peak_rss_mib'] / d['peak_rss_mib']:.2f} (target < 1)")
+
+
+if __name__ == "__main__":
+    main()
