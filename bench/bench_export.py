@@ -1,4 +1,4 @@
-"""Size of the `kdqat export` artifact for MiniLM-L6 (W2 ternary, E2 row-wise ternary, A8), and the logits check.
+"""Size of the `kdqat export` artifact for MiniLM-L6 (W2 ternary, E2 row-wise ternary, A8); logits check.
 
 No training is needed for the size figure: MiniLM is prepared with the default QuantConfig, packed (2-bit and
 base-3), reloaded from the packed file alone and compared with the fake-quant model on real text and on a
@@ -64,19 +64,21 @@ def main() -> None:
             t0 = time.perf_counter()
             loaded = load(out)
             t_load = time.perf_counter() - t0
-            same = all(torch.equal(ref[k], logits_of(loaded, b)) for k, b in (("text", text), ("probe", probe)))
-            preds = all(torch.equal(ref[k].argmax(-1), logits_of(loaded, b).argmax(-1))
-                        for k, b in (("text", text), ("probe", probe)))
+            got = {k: logits_of(loaded, b) for k, b in (("text", text), ("probe", probe))}
+            same = all(torch.equal(ref[k], got[k]) for k in ref)
+            preds = all(torch.equal(ref[k].argmax(-1), got[k].argmax(-1)) for k in ref)
             rows.append((base3, rep, same, preds, t_export, t_load))
 
     date = datetime.date.today().isoformat()
+    c = model.config
     lines = [
         "",
         f"## kdqat export: packed artifact size, MiniLM-L6 ({date})",
         "",
-        f"Machine: {_machine()}. Command: `HF_HUB_OFFLINE=1 python bench/bench_export.py --model {args.model}`.",
-        f"Model: `{args.model}` ({count_parameters(model) / 1e6:.2f} M parameters, {model.config.num_hidden_layers} "
-        f"layers, hidden {model.config.hidden_size}, vocab {model.config.vocab_size}) prepared with the default "
+        f"Machine: {_machine()}. "
+        f"Command: `HF_HUB_OFFLINE=1 python bench/bench_export.py --model {args.model}`.",
+        f"Model: `{args.model}` ({count_parameters(model) / 1e6:.2f} M parameters, {c.num_hidden_layers} "
+        f"layers, hidden {c.hidden_size}, vocab {c.vocab_size}) prepared with the default "
         "QuantConfig (weights TWN ternary per tensor, word embeddings TWN ternary per row, classifier FP32, "
         "8-bit activations), untrained classifier; no training is needed for sizes.",
         "",
@@ -84,26 +86,34 @@ def main() -> None:
         "| ratio (weights) | logits identical | export s | load s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def mb(n: int) -> str:
+        return f"{n / 1e6:.3f} MB"
+
     for base3, rep, same, _preds, te, tl in rows:
         lines.append(
-            f"| {'base-3 (1.6 bit)' if base3 else '2 bit'} | {rep.file_bytes / 1e6:.3f} MB | {rep.fp32_bytes / 1e6:.3f} MB "
-            f"| {rep.ratio:.2f}x | {rep.quantized_packed_bytes / 1e6:.3f} MB | {rep.quantized_fp32_bytes / 1e6:.3f} MB "
+            f"| {'base-3 (1.6 bit)' if base3 else '2 bit'} | {mb(rep.file_bytes)} | {mb(rep.fp32_bytes)} "
+            f"| {rep.ratio:.2f}x | {mb(rep.quantized_packed_bytes)} | {mb(rep.quantized_fp32_bytes)} "
             f"| {rep.weight_ratio:.2f}x | {'yes' if same else 'NO'} | {te:.1f} | {tl:.1f} |")
     lines += [
         "",
         f"- `quant.size.size_report` estimate for the same model: {estimate['packed_mb']:.3f} MB "
         f"({estimate['ratio']:.2f}x); the file adds the safetensors header and stores the same FP parts.",
-        "- What stays FP32 in the file: position (512 x 384) and token-type embeddings, LayerNorms, biases and "
-        "the classifier; they are most of the gap between the weight ratio and the file ratio.",
-        f"- Logits compared with `torch.equal` on {len(TEXTS)} real sentences and an 8 x 64 random probe batch "
-        "(identical logits imply identical predictions).",
+        f"- What stays FP32 in the file: position ({c.max_position_embeddings} x {c.hidden_size}) and "
+        "token-type embeddings, LayerNorms, biases and the classifier; they make the gap between the weight "
+        "ratio and the file ratio.",
+        f"- Logits compared with `torch.equal` on {len(TEXTS)} real sentences and an 8 x 64 random probe "
+        "batch; identical logits, hence identical predictions: "
+        + ", ".join(f"{'base-3' if b3 else '2 bit'} {'yes' if p else 'NO'}" for b3, _r, _s, p, _e, _l in rows)
+        + ".",
         "",
     ]
     section = "\n".join(lines)
     print(section)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write(section)
+    if args.append:  # append only: other benchmarks keep their own sections in the same file
+        path = Path(args.append)
+        head = "" if path.exists() else "# Benchmark results\n"
+        with open(path, "a") as f:
+            f.write(head + section)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from kdqat_dist.export.packing import (
     encode,
     weight_codes,
 )
-from kdqat_dist.quant.api import convert, is_prepared, prepare
+from kdqat_dist.quant.api import is_prepared, prepare
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
 from kdqat_dist.quant.size import fp32_bytes
 
@@ -178,7 +178,6 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
     if not quant.enabled or not is_prepared(model):
         raise ConfigError("export: the model was never quantized (quant.enabled is false or `prepare` was "
                           "not applied); export needs a `kdqat train` student")
-    model.eval()
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     skip_keys: set[str] = set()
@@ -199,7 +198,7 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
                 raise ConfigError(f"export: {name} uses {cfg.bits}-bit weights; allowed: 2, 3, 4, 8")
             target = wq(m.weight).detach()
             step = getattr(wq, "step", None)
-            codes, scale = weight_codes(m.weight, cfg, step)
+            codes, scale = weight_codes(m.weight, cfg, step, quantized=target)
             lo, hi = code_range(cfg.method, cfg.bits, cfg.narrow_range)
             op = dequant_op(cfg.method)
             if int(codes.min()) < lo or int(codes.max()) > hi or not torch.equal(
@@ -228,13 +227,17 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
                 "act": _act_settings(m),
             }
             if enc.packing == "bits" and enc.storage_bits != cfg.bits:
-                modules[name]["note"] = (f"{cfg.method} produced {hi - lo + 1} levels; codes stored at "
-                                         f"{enc.storage_bits} bits")
+                used = int(codes.max()) - int(codes.min()) + 1
+                modules[name]["note"] = (f"{cfg.method}{cfg.bits} produced codes spanning {used} levels "
+                                         f"(> 2^{cfg.bits}); stored at {enc.storage_bits} bits, unaltered")
             q_fp32 += 4 * m.weight.numel()
             q_packed += packed.numel() + 4 * scale32.numel()
         for name, q in model.named_modules():
             if isinstance(q, ActFakeQuant):
                 skip_keys.add(f"{name}.initialized")
+                if q.enabled != q.cfg.enabled:
+                    raise ConfigError(f"export: activation quantizer {name} is switched off; the artifact "
+                                      "always applies activation quantization as configured")
                 if q.enabled and q.cfg.method == "lsq" and not bool(q.initialized):
                     raise ConfigError(f"export: activation step {name} was never calibrated "
                                       "(run calibrate_activations or a training step first)")
@@ -339,6 +342,15 @@ def export_student(student_dir: str | Path, out_dir: str | Path, base3: bool = F
 # --------------------------------------------------------------------------- reader
 
 
+def _freeze(model: nn.Module) -> None:
+    """The module state :func:`~kdqat_dist.quant.api.convert` leaves (weight quantizer removed, its config
+    kept as ``frozen_weight_cfg``) without quantizing the placeholder weights that are overwritten anyway."""
+    for _, m in _quantized_modules(model):
+        if m.weight_quant is not None:
+            m.frozen_weight_cfg = m.weight_quant.cfg
+            m.weight_quant = None
+
+
 def read_meta(path: str | Path) -> dict:
     """The parsed ``kdqat_export.json`` of an export folder (format checked, weights not read)."""
     p = Path(path)
@@ -435,7 +447,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         raise ConfigError(f"{p / 'config.json'} is not a readable model config ({first})") from None
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     prepare(model, quant)
-    convert(model)  # weight quantizers off, activation quantizers on; the weights are filled in below
+    _freeze(model)  # as `convert`: weight quantizers off, activation quantizers on; weights filled in below
 
     frozen = {n for n, m in _quantized_modules(model) if hasattr(m, "frozen_weight_cfg")}
     listed = set(meta["modules"])

@@ -233,8 +233,8 @@ def _group_mean_above(x: torch.Tensor, thresh: torch.Tensor, per_row: bool) -> t
     return (x.abs() * big).sum() / big.sum().clamp(min=1)
 
 
-def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
-                 step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig, step: torch.Tensor | None = None,
+                 quantized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int64, the weight's shape) and FP32 scales of ``cfg``'s quantizer on ``latent``.
 
     The scale has shape [rows, 1] (row granularity) or [] (tensor). Recomputes the quantizer's statistics
@@ -245,6 +245,7 @@ def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
         latent: the latent (unquantized) FP32 weight.
         cfg: the module's weight quantizer config.
         step: the learned LSQ step (``WeightFakeQuant.step``); required for ``lsq``.
+        quantized: the fake-quant weight, when the caller has it (saves recomputing TWN).
     """
     if cfg.bits not in ALLOWED_BITS:
         raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
@@ -256,7 +257,7 @@ def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
     if cfg.method == "twn":
         from kdqat_dist.quant.quantizers import twn_ternary
 
-        wq = twn_ternary(w, per_row, cfg.clip)
+        wq = twn_ternary(w, per_row, cfg.clip) if quantized is None else quantized.detach()
         return torch.sign(wq).to(torch.int64), _group_amax(wq, per_row)
     if cfg.method == "sym":
         levels = 2 ** (cfg.bits - 1) - 1
