@@ -143,6 +143,8 @@ def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
         assert r["teacher_selection"] == m["teacher"]["selection"]
         assert (r["map_w"], r["output_w"]) == (r["gamma"], pytest.approx(1 - r["gamma"]))
         assert (Path(r["run_dir"]) / "tb").is_dir()
+        progress = json.loads((Path(r["run_dir"]).parent / "progress.json").read_text())
+        assert [h["step"] for h in progress["history"]] == [3, 6]
         resolved = yaml.safe_load((Path(r["run_dir"]).parent / "resolved.yaml").read_text())
         assert resolved["distill"]["gamma"] == r["gamma"] and resolved["train"]["seed"] == r["seed"]
     # Tune saw every evaluation (steps 3 and 6) of each trial

@@ -37,6 +37,7 @@ def main(args) -> int:
 
     spec = load_spec(args.config, args.overrides, output_dir=args.output_dir)
     if not args.report_only:
+        _warn_missing_teachers(spec)
         from kdqat_dist.tune.trainable import run_sweep
 
         print(f"kdqat sweep: {spec.name}: {spec.num_grid_points} grid points x "
@@ -57,3 +58,14 @@ def main(args) -> int:
               "--resume (finished trials are kept)", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_missing_teachers(spec) -> None:
+    """Trials whose teacher does not exist (on this machine) will fail; say so before starting."""
+    from pathlib import Path
+
+    missing = sorted({cfg.teacher.path for cfg in (spec.resolve(p, v) for p, v in spec.grid_points()[:2000])
+                      if cfg.teacher.path and not Path(cfg.teacher.path).exists()})
+    if missing:
+        print(f"kdqat sweep: warning: {len(missing)} teacher path(s) do not exist here (e.g. {missing[0]}); "
+              "their trials will fail until the teachers exist (then rerun with --resume)", file=sys.stderr)

@@ -42,9 +42,13 @@ def _load_trial(tdir: Path) -> dict | None:
     run = tdir / "run"
     cfg_file = run / "config.yaml" if (run / "config.yaml").exists() else tdir / "resolved.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    metrics_file = run / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-    return {"dir": tdir, "meta": meta, "cfg": cfg, "metrics": metrics}
+    metrics_file, progress_file = run / "metrics.json", tdir / "progress.json"
+    metrics, status = None, "incomplete"
+    if metrics_file.exists():
+        metrics, status = json.loads(metrics_file.read_text()), "ok"
+    elif progress_file.exists():  # stopped early (ASHA) or failed after some evaluations
+        metrics, status = json.loads(progress_file.read_text()), "partial"
+    return {"dir": tdir, "meta": meta, "cfg": cfg, "metrics": metrics, "status": status}
 
 
 def _effective_mix(cfg: dict) -> tuple[Any, Any]:
@@ -80,7 +84,7 @@ def collect_rows(output_dir: str | Path) -> tuple[list[dict], list[str]]:
         best = m.get("best") or {}
         sel_name = m.get("selection_metric", "selection")
         for k, v in best.items():
-            if k in ("step", "selection"):
+            if k in ("step", "selection", "best_selection", "best_step", "teacher_selection"):
                 continue
             row[k] = v
             if k not in metric_cols:
@@ -91,7 +95,7 @@ def collect_rows(output_dir: str | Path) -> tuple[list[dict], list[str]]:
         row["teacher_selection"] = teacher.get("selection")
         row["best_step"] = best.get("step")
         row["total_steps"] = m.get("total_steps")
-        row["status"] = "ok"
+        row["status"] = t["status"]
         row["run_dir"] = str(tdir / "run")
         rows.append(row)
     rows.sort(key=lambda r: tuple(str(r.get(c)) for c in ("task", "variant", "map_w", "output_w", "gamma",
@@ -270,8 +274,9 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
 
 
 def format_console(rows: list[dict], limit: int = 40) -> str:
-    cols = [c for c in ("task", "variant", "map_w", "output_w", "seed", "selection", "teacher_selection",
-                        "best_step", "status") if any(c in r for r in rows)]
+    cols = [c for c in ("task", "variant", "map_w", "output_w", "gamma", "seed", "lr", "w_bits", "selection",
+                        "teacher_selection", "best_step", "status") if any(c in r for r in rows)]
+    cols = [c for c in cols if c not in ("lr", "w_bits") or len({r.get(c) for r in rows}) > 1]
     text = markdown_table(rows[:limit], cols)
     if len(rows) > limit:
         text += f"\n... {len(rows) - limit} more rows in results.md"

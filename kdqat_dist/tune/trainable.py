@@ -29,6 +29,7 @@ from kdqat_dist.tune.spec import SweepSpec, check_resources, spec_from_dict, tri
 
 EXPERIMENT = "tune"  # <output_dir>/tune holds the Tune experiment state
 EVENTS = "events.jsonl"  # evaluation records written by rank 0 of a distributed trial
+PROGRESS = "progress.json"  # the evaluations so far (the partial result of a stopped trial)
 
 
 def _short_key(key: str) -> str:
@@ -81,9 +82,30 @@ def train_trial(config: dict, spec: dict | None = None) -> None:
     if cfg.tune.num_workers == 1:
         from kdqat_dist.engine.loop import run
 
-        run(cfg, "train", resume=resume, on_eval=lambda rec: tune.report(_numeric(rec)))
+        progress = Progress(tdir / PROGRESS)
+        run(cfg, "train", resume=resume, on_eval=lambda rec: tune.report(progress.add(rec)))
     else:
         _run_distributed(cfg, resolved, tdir, resume)
+
+
+class Progress:
+    """Every evaluation record so far, in ``progress.json`` - the trial's own partial result, which the
+    table uses when a trial never wrote metrics.json (stopped early by ASHA, or failed)."""
+
+    def __init__(self, path: Path):
+        self.path, self.history = path, []
+
+    def add(self, rec: dict) -> dict[str, float]:
+        rec = _numeric(rec)
+        self.history.append(rec)
+        best = max(self.history, key=lambda r: r.get("selection", float("-inf")))
+        data = {"best": best, "history": self.history}
+        if "teacher_selection" in rec:
+            data["teacher"] = {"selection": rec["teacher_selection"]}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.path)
+        return rec
 
 
 def _replay(metrics: dict) -> None:
@@ -143,10 +165,10 @@ def _run_distributed(cfg: RunConfig, resolved: Path, tdir: Path, resume: bool) -
 
     th = threading.Thread(target=fit, name="torchtrainer-fit", daemon=True)
     th.start()
-    seen = 0
+    seen, progress = 0, Progress(tdir / PROGRESS)
     while True:
         alive = th.is_alive()
-        seen = _relay(events, seen, tune.report)
+        seen = _relay(events, seen, lambda rec: tune.report(progress.add(rec)))
         if not alive:
             break
         th.join(timeout=1.0)
