@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=list(args.overrides), samples=args.samples, seed=args.seed, top_k=args.top_k,
         hessian_samples=args.hessian_samples, hessian_iters=args.hessian_iters, hessian_tol=args.hessian_tol,
         hessian_top_n=args.hessian_top_n, hessian_norm_weight=args.hessian_norm_weight, device=args.device,
+        progress=True,
     )
     result = analyze(opts)
     print(f"kdqat analyze: wrote {len(result['files'])} files to {result['out']} in {result['seconds']:.1f} s "

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from kdqat_dist.analysis.attention_distance import cover_length_ratio, head_kl, ranking_loss
 from kdqat_dist.analysis.norms import NormAccumulator, norm_decomposition, token_classes
@@ -47,6 +48,7 @@ def collect(
     examples: Sequence[Mapping[str, torch.Tensor]],
     tokenizer,
     top_k: int = 5,
+    progress: bool = False,
 ) -> dict:
     """Attention-map distances, attention-output dynamic range and norm statistics over ``examples``.
 
@@ -56,6 +58,7 @@ def collect(
         examples: batch-1 inputs (``input_ids`` [1, S], ``attention_mask``, ...), unpadded.
         tokenizer: classifies key tokens for the norm analysis.
         top_k: the teacher's top keys the cover length must reach.
+        progress: show a progress bar (stderr).
 
     Returns:
         ``distance[student][metric]`` [N, L, H] for metric in :data:`DISTANCES`;
@@ -80,7 +83,7 @@ def collect(
            for m in models}
     acc = {m: NormAccumulator(n_layers, n_heads) for m in models}
     lengths = []
-    for n, ex in enumerate(examples):
+    for n, ex in enumerate(tqdm(examples, desc="attention and norms", disable=not progress, leave=False)):
         ids = ex["input_ids"]
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError(f"collect: example {n} must be one unpadded sample [1, S], got {tuple(ids.shape)}")

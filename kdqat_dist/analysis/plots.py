@@ -67,8 +67,8 @@ def _int_axis(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
-def _heatmap(fig: Figure, ax, data: np.ndarray, title: str, cbar_label: str, vmin=None, vmax=None,
-             diverging: bool = False):
+def _heatmap(ax, data: np.ndarray, title: str, vmin=None, vmax=None, diverging: bool = False):
+    """A layer × head image (layer 0 at the bottom); returns the image for a colour bar."""
     kw = {"cmap": "viridis", "vmin": vmin, "vmax": vmax}
     if diverging:
         lim = vmax if vmax is not None else np.nanmax(np.abs(data))
@@ -80,10 +80,14 @@ def _heatmap(fig: Figure, ax, data: np.ndarray, title: str, cbar_label: str, vmi
     ax.set_ylabel("layer")
     _int_axis(ax, "x")
     _int_axis(ax, "y")
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    cb.set_label(cbar_label, fontsize=8)
-    cb.ax.tick_params(labelsize=7)
     return im
+
+
+def _colorbar(fig: Figure, im, axes, label: str) -> None:
+    """One colour bar for ``axes`` (a single axes or several sharing the scale of ``im``)."""
+    cb = fig.colorbar(im, ax=axes, fraction=0.046 if not isinstance(axes, np.ndarray) else 0.03, pad=0.02)
+    cb.set_label(label, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
 
 
 # --------------------------------------------------------------------------- Exp1
@@ -106,7 +110,8 @@ def plot_distance_heatmaps(dist: Mapping[str, Mapping[str, np.ndarray]], path: P
         vmax = vmax if vmax > vmin else vmin + 1e-12
         title, unit = DISTANCE_LABELS[m]
         for i, s in enumerate(students):
-            _heatmap(fig, axes[i, j], np.asarray(dist[s][m]), f"{title.format(k=top_k)}: {s}", unit, vmin, vmax)
+            im = _heatmap(axes[i, j], np.asarray(dist[s][m]), f"{title.format(k=top_k)}: {s}", vmin, vmax)
+        _colorbar(fig, im, axes[:, j], unit)
     fig.suptitle("Attention-map distance to the teacher, per layer and head (mean over dev samples)")
     return _save(fig, path)
 
@@ -134,8 +139,11 @@ def plot_distance_layers(mean: Mapping[str, Mapping[str, np.ndarray]], std: Mapp
             ax.plot(x, y, marker="o", ms=4, color=col[s], label=s)
             ax.fill_between(x, y - e, y + e, color=col[s], alpha=0.15, lw=0)
         if m == "cover_length_ratio" and identical_cover is not None:
-            ax.axhline(identical_cover, color="gray", ls="--", lw=1, label="identical maps")
-        if m != "cover_length_ratio":
+            ax.axhline(identical_cover, color="gray", ls="--", lw=1, label="identical maps (minimum)")
+            ax.legend(handles=ax.get_lines()[-1:], fontsize=8, loc="best")
+        if m == "cover_length_ratio":
+            ax.set_ylim(0, 1.02)
+        else:
             ax.set_ylim(bottom=0)
         ax.set_title(title.format(k=top_k), fontsize=10)
         ax.set_xlabel("layer")
@@ -172,7 +180,7 @@ def plot_dynamic_range_layers(rng: Mapping[str, Mapping[str, np.ndarray]], path:
     ax.set_ylabel("attention output value (after LayerNorm)")
     _int_axis(ax)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     n = next(iter(rng.values()))["min"].shape[0]
     ax.set_title(f"Attention-output dynamic range per layer\n(min/max over tokens and hidden units; "
                  f"line: mean, band: range over {n} samples)", fontsize=10)
@@ -235,12 +243,13 @@ def plot_norm_heads(norms: Mapping[str, Mapping[str, np.ndarray]], cls: str, pat
     axes = fig.subplots(len(quantities), 1 + len(students), squeeze=False)
     for i, q in enumerate(quantities):
         t = np.asarray(norms["teacher"][q])[..., c]
-        _heatmap(fig, axes[i, 0], t, f"{NORM_LABELS[q]}: teacher", NORM_LABELS[q])
+        _colorbar(fig, _heatmap(axes[i, 0], t, f"{NORM_LABELS[q]}: teacher"), axes[i, 0], NORM_LABELS[q])
         diffs = [t - np.asarray(norms[s][q])[..., c] for s in students]
         lim = max([float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 0.0 for d in diffs] + [0.0])
         for j, (s, d) in enumerate(zip(students, diffs, strict=True)):
-            _heatmap(fig, axes[i, j + 1], d, f"{NORM_LABELS[q]}: teacher − {s}", "teacher − student",
-                     vmax=lim or 1e-12, diverging=True)
+            im = _heatmap(axes[i, j + 1], d, f"{NORM_LABELS[q]}: teacher − {s}", vmax=lim or 1e-12, diverging=True)
+        if students:
+            _colorbar(fig, im, axes[i, 1:], "teacher − student")
     fig.suptitle(f"Norm-based analysis for key tokens: {CLASS_LABELS[cls]} (mean over dev samples)")
     return _save(fig, path)
 
@@ -257,13 +266,19 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
     col = colors(list(values))
     quantities = ("alpha", "f_norm", "sum_af_norm")
     fig = Figure(figsize=(3.3 * len(TOKEN_CLASSES), 2.6 * len(quantities) + 0.5), layout="constrained")
-    axes = fig.subplots(len(quantities), len(TOKEN_CLASSES), squeeze=False, sharex=True)
+    # One y scale per row, so the key-token classes compare at a glance.
+    axes = fig.subplots(len(quantities), len(TOKEN_CLASSES), squeeze=False, sharex=True, sharey="row")
     for i, q in enumerate(quantities):
         for j, cls in enumerate(TOKEN_CLASSES):
             ax = axes[i, j]
+            empty = True
             for name, v in values.items():
-                y = np.asarray(v[q])[:, j]
+                y = np.asarray(v[q], dtype=np.float64)[:, j]
+                empty &= not np.isfinite(y).any()
                 ax.plot(np.arange(len(y)), y, marker="o", ms=3, color=col[name], label=name)
+            if empty:
+                ax.text(0.5, 0.5, "no such tokens\nin the sample", ha="center", va="center",
+                        transform=ax.transAxes, color="gray", fontsize=8)
             if i == 0:
                 ax.set_title(CLASS_LABELS[cls], fontsize=10)
             if j == 0:
@@ -272,8 +287,8 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
                 ax.set_xlabel("layer")
             _int_axis(ax)
             ax.grid(alpha=0.3)
-            if difference:
-                ax.set_ylim(bottom=0)
+        if difference:  # after the whole row is drawn, so the shared top covers every panel
+            axes[i, 0].set_ylim(bottom=0)
     axes[0, 0].legend(fontsize=7)
     what = "|teacher − student| of the dev-sample means" if difference else "dev-sample means"
     fig.suptitle(f"Norm-based analysis per layer, by key-token class: {what}")
@@ -283,17 +298,29 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
 # --------------------------------------------------------------------------- Exp2
 
 
-def gaussian_density(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Gaussian KDE (Scott's bandwidth) of ``values`` on ``grid``; None for fewer than 2 distinct values."""
+def gaussian_density(values: np.ndarray, grid: np.ndarray | None = None, points: int = 400
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Gaussian KDE (Scott's bandwidth) of ``values``: (grid, density), None for < 2 distinct values.
+
+    Without ``grid`` the density is evaluated on ``points`` points spanning the values ± 3 bandwidths, so
+    a narrow spectrum is resolved whatever the scale of the other models' values.
+    """
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size < 2 or np.ptp(v) == 0:
         return None
-    return gaussian_kde(v)(grid)
+    kde = gaussian_kde(v)
+    if grid is None:
+        bw = 3 * float(np.sqrt(kde.covariance[0, 0]))
+        grid = np.linspace(v.min() - bw, v.max() + bw, points)
+    return grid, kde(grid)
 
 
 def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path) -> Path:
     """Densities of the per-example dominant Hessian eigenvalues, positive and negative ones apart.
+
+    When the eigenvalues of a panel span more than two decades (models of very different curvature),
+    the density is taken over log10|λ| instead, so every model stays readable.
 
     Args:
         eigs: ``eigs[model]`` [N] the dominant eigenvalue of each example (first column of the result).
@@ -304,30 +331,40 @@ def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path) -> Path:
     for ax, sign, title in ((axes[0], 1, "Positive max eigenvalue"), (axes[1], -1, "Negative max eigenvalue")):
         sets = {m: np.asarray(e, dtype=np.float64).ravel() for m, e in eigs.items()}
         sets = {m: e[(e > 0) if sign > 0 else (e < 0)] for m, e in sets.items()}
-        pooled = np.concatenate([e for e in sets.values()] + [np.zeros(0)])
-        if pooled.size == 0:
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="gray")
+        pooled = np.abs(np.concatenate([*sets.values(), np.zeros(0)]))
+        log = pooled.size > 0 and pooled.max() / max(pooled.min(), 1e-300) > 100
+        if log:
+            sets = {m: np.log10(np.abs(e)) for m, e in sets.items()}
+            ax.set_xlabel("log10 λ_max" if sign > 0 else "log10 |λ_max|")
         else:
-            lo, hi = float(pooled.min()), float(pooled.max())
-            pad = 0.25 * (hi - lo) if hi > lo else 0.25 * max(abs(hi), 1e-6)
-            grid = np.linspace(lo - pad, hi + pad, 400)
-            for m, e in sets.items():
-                if e.size == 0:
-                    continue
-                d = gaussian_density(e, grid)
-                label = f"{m} (n={e.size})"
-                if d is not None:
-                    ax.plot(grid, d, color=col[m], label=label)
-                    ax.fill_between(grid, d, color=col[m], alpha=0.12, lw=0)
-                else:
-                    ax.axvline(float(e[0]), color=col[m], ls=":", label=label + ", single value")
-                ax.plot(e, np.zeros_like(e), "|", color=col[m], ms=10, mew=1.2)
+            ax.set_xlabel("dominant Hessian eigenvalue λ_max")
+        if pooled.size == 0:
+            ax.text(0.5, 0.5, "none in this sample", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for m, e in sets.items():
+            if e.size == 0:
+                continue
+            label = f"{m} (n={e.size})"
+            kde = gaussian_density(e)
+            if kde is not None and not log:  # the density of positive (negative) values stops at 0
+                keep = kde[0] >= 0 if sign > 0 else kde[0] <= 0
+                kde = (kde[0][keep], kde[1][keep])
+            if kde is not None:
+                ax.plot(*kde, color=col[m], label=label)
+                ax.fill_between(*kde, color=col[m], alpha=0.12, lw=0)
+            else:
+                ax.axvline(float(e[0]), color=col[m], ls=":", label=label + ", one value")
+            # rug: one tick per example, just above the x axis
+            ax.plot(e, np.full(e.shape, 0.02), "|", color=col[m], ms=12, mew=1.2,
+                    transform=ax.get_xaxis_transform())
+        if pooled.size:
             ax.set_ylim(bottom=0)
+            ax.set_ylabel("density")
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("dominant Hessian eigenvalue λ_max")
-        ax.set_ylabel("density")
         ax.grid(alpha=0.3)
-    fig.suptitle("Hessian max-eigenvalue spectrum over dev examples (power iteration; Gaussian KDE, ticks: "
-                 "examples)", fontsize=10)
+    fig.suptitle("Hessian max-eigenvalue spectrum over dev examples (power iteration per example; "
+                 "Gaussian KDE; ticks: examples)", fontsize=10)
     return _save(fig, path)

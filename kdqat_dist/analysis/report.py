@@ -31,7 +31,7 @@ from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
 from kdqat_dist.config import ConfigError
 
 __all__ = ["FIGURES", "AnalyzeOptions", "analyze", "analyze_models", "load_models", "parse_student_spec",
-           "write_report"]
+           "student_names", "write_report"]
 
 FIGURES = (
     "attention_distance_heatmaps.png",
@@ -66,6 +66,7 @@ class AnalyzeOptions:
     hessian_top_n: int = 1
     hessian_norm_weight: float = 0.01  # the reference's 0.01·Σ‖p‖₂ term
     device: str = "cpu"
+    progress: bool = False  # progress bars on stderr (the CLI turns them on)
 
     def validate(self) -> None:
         checks = (
@@ -86,16 +87,33 @@ class AnalyzeOptions:
 # --------------------------------------------------------------------------- loading and checks
 
 
-def parse_student_spec(spec: str) -> tuple[str, Path]:
-    """``"NAME=DIR"`` or ``"DIR"``; a bare DIR is named after its folder (a run's ``student/`` after the run)."""
+def parse_student_spec(spec: str) -> tuple[str | None, Path]:
+    """``"NAME=DIR"`` -> (NAME, DIR); ``"DIR"`` -> (None, DIR): named later after its folder."""
     name, sep, path = spec.partition("=")
     if sep and name and "/" not in name:
         return name, Path(path).expanduser()
-    p = Path(spec).expanduser()
-    base = p.resolve().name if p.exists() else p.name
-    if base == "student":
-        base = p.resolve().parent.name if p.exists() else p.parent.name
-    return base or "student", p
+    return None, Path(spec).expanduser()
+
+
+def student_names(specs: Sequence[str]) -> dict[str, Path]:
+    """Name -> folder. A bare DIR is named after its folder (a run's ``student/`` after the run), made
+    unique with a suffix; an explicit NAME must be unique and not ``teacher``."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, path = parse_student_spec(spec)
+        if name is not None:
+            if name == "teacher" or name in out:
+                raise ConfigError(f"--student {spec}: the name {name!r} is "
+                                  f"{'reserved' if name == 'teacher' else 'used twice'}; choose another NAME")
+            out[name] = path
+            continue
+        p = path.resolve()
+        base = (p.parent.name if p.name == "student" else p.name) or "student"
+        name, i = base, 2
+        while name in out or name == "teacher":
+            name, i = f"{base}-{i}", i + 1
+        out[name] = path
+    return out
 
 
 def _resolve_teacher(path: Path) -> Path:
@@ -105,6 +123,11 @@ def _resolve_teacher(path: Path) -> Path:
         return path / "model"  # a finetune run folder
     if not (path / "config.json").exists():
         raise ConfigError(f"--teacher: {path} has no config.json (not a Hugging Face model folder)")
+    from kdqat_dist.models.student import is_student_dir
+
+    if is_student_dir(path):
+        raise ConfigError(f"--teacher: {path} is a kdqat student folder; the teacher is the full-precision "
+                          "model written by `kdqat finetune`")
     return path
 
 
@@ -167,15 +190,11 @@ def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
     t_cfg = AutoConfig.from_pretrained(t_dir)
     if t_cfg.num_labels != num_labels:
         raise ConfigError(f"--teacher: {t_dir} has {t_cfg.num_labels} labels but the task has {num_labels}")
-    t_tok = AutoTokenizer.from_pretrained(t_dir)
-    specs: dict[str, Path] = {}
-    for spec in students:
-        name, path = parse_student_spec(spec)
-        if name == "teacher":
-            raise ConfigError(f"--student {spec}: the name 'teacher' is reserved; use NAME=DIR")
-        if name in specs:
-            raise ConfigError(f"--student {spec}: two students are named {name!r}; name them with NAME=DIR")
-        specs[name] = _resolve_student(path)
+    try:
+        t_tok = AutoTokenizer.from_pretrained(t_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--teacher: no usable tokenizer in {t_dir} ({str(exc).splitlines()[0]})") from None
+    specs = {name: _resolve_student(path) for name, path in student_names(students).items()}
     for name, path in specs.items():
         s_cfg = AutoConfig.from_pretrained(path)
         _check_architecture(name, t_cfg, s_cfg)
@@ -206,8 +225,10 @@ def _dev_sample(opts: AnalyzeOptions):
     except DataError as exc:
         if "no dev split" in str(exc):
             where = str(exc).split(": no dev split")[0]
-            raise ConfigError(f"data: task {task.name} has no dev split ({where}); `kdqat analyze` runs on "
-                              "dev examples: set data.dev_file, or a data.source that has one") from None
+            where = f"{where} is not set" if where.startswith("data.") else f"{where} not found"
+            raise ConfigError(f"data: task {task.name} has no dev split ({where}); `kdqat analyze` "
+                              "runs on dev examples: add the dev file (a GLUE folder's dev.tsv, or "
+                              "data.dev_file beside data.train_file)") from None
         raise
     dev = splits["dev"]
     n = min(opts.samples, len(dev))
@@ -241,6 +262,7 @@ def analyze_models(
     hessian_norm_weight: float = 0.01,
     regression: bool = False,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Every analysis on in-memory models; returns the results as numpy arrays (see :func:`to_json`).
 
@@ -255,7 +277,7 @@ def analyze_models(
         ``hessian_samples`` is 0); ``lengths`` [N]; ``identical_cover`` (the cover ratio of equal maps).
     """
     torch.manual_seed(seed)
-    raw = collect(teacher, students, examples, tokenizer, top_k)
+    raw = collect(teacher, students, examples, tokenizer, top_k, progress)
     out: dict[str, Any] = {"lengths": raw["lengths"], "dynamic_range": raw["dynamic_range"]}
     lengths = raw["lengths"].astype(np.float64)
     out["identical_cover"] = float(np.mean(np.minimum(top_k, lengths) / lengths))
@@ -280,7 +302,8 @@ def analyze_models(
         hx = list(examples)[:hessian_samples]
         out["hessian"] = {
             name: max_eigenvalue_spectrum(m, hx, hessian_top_n, hessian_iters, hessian_tol,
-                                          hessian_norm_weight, regression, seed)
+                                          hessian_norm_weight, regression, seed,
+                                          f"Hessian {name}" if progress else None)
             for name, m in {"teacher": teacher, **students}.items()
         }
     return out
@@ -404,10 +427,12 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
             lines.append(f"| {s} | {CLASS_LABELS[cls]} | " + " | ".join(_fmt(v) for v in vals) + " |")
     tokens = results["norms"]["teacher"]["tokens"]
     lines += ["", "Key tokens seen: " + ", ".join(f"{CLASS_LABELS[c]} {int(tokens[i])}"
-                                                   for i, c in enumerate(TOKEN_CLASSES)), ""]
+                                                   for i, c in enumerate(TOKEN_CLASSES)) + ". Over all "
+              "tokens α averages 1/S for every model (each query row sums to 1), so its Δ is rounding.", ""]
     lines += ["![norms per layer: values](norms_layers_values.png)", "",
               "![norms per layer: differences](norms_layers_difference.png)", ""]
-    lines += [f"![norms per head: {CLASS_LABELS[c]}](norms_heads_{c}.png)" for c in TOKEN_CLASSES]
+    for c in TOKEN_CLASSES:
+        lines += [f"![norms per head: {CLASS_LABELS[c]}](norms_heads_{c}.png)", ""]
     lines += ["", "## Hessian max-eigenvalue spectrum (Exp2)", ""]
     if "hessian" in results:
         h0 = next(iter(results["hessian"].values()))
@@ -439,10 +464,9 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
     results = analyze_models(teacher, students, examples, tokenizer, opts.top_k, opts.hessian_samples,
                              opts.hessian_iters, opts.hessian_tol, opts.hessian_top_n,
-                             opts.hessian_norm_weight, task.is_regression, opts.seed)
+                             opts.hessian_norm_weight, task.is_regression, opts.seed, opts.progress)
     meta = {**asdict(opts), "task": task.name, "dev_rows": row_ids,
-            "students": dict(parse_student_spec(s) for s in opts.students)}
-    meta["students"] = {k: str(v) for k, v in meta["students"].items()}
+            "students": {k: str(v) for k, v in student_names(opts.students).items()}}
     tokens = tokenizer.convert_ids_to_tokens(examples[0]["input_ids"][0].tolist())
     files = write_report(results, opts.out, meta, tokens)
     return {"out": str(Path(opts.out)), "files": [str(f) for f in files], "seconds": time.perf_counter() - t0}

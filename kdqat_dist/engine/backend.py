@@ -91,6 +91,9 @@ class LocalBackend:
     def student_module(self) -> nn.Module:
         return self.student
 
+    def partitioned_student(self) -> bool:
+        return False
+
     @contextlib.contextmanager
     def gathered_student(self) -> Iterator[nn.Module]:
         """The student with whole weights inside the block (always so in one process)."""
@@ -165,23 +168,29 @@ def _commit_checkpoint(tmp: Path, final: Path) -> None:
     """Atomically publish a finished checkpoint and point ``latest`` at it.
 
     The folder is complete before it is renamed into place, and ``latest`` is replaced with an atomic
-    rename, so a crash mid-write never leaves a ``latest`` that names a partial checkpoint.
+    rename, so a crash mid-write never leaves a ``latest`` that names a partial checkpoint. ``latest``
+    holds the bare tag, as DeepSpeed's own ``latest`` does, so ``zero_to_fp32.py`` works on the folder.
     """
     import shutil
 
-    if final.exists():
+    if final.exists():  # complete but never published (a crash before `latest` moved): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     latest_tmp = final.parent / "latest.tmp"
-    latest_tmp.write_text(json.dumps({"tag": final.name}))
+    with open(latest_tmp, "w") as f:
+        f.write(final.name)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(latest_tmp, final.parent / "latest")
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The folder ``<ckpt_root>/latest`` names, or None if there is no complete checkpoint."""
     f = ckpt_root / "latest"
     if not f.exists():
         return None
-    tag = json.loads(f.read_text())["tag"]
+    text = f.read_text().strip()
+    tag = json.loads(text)["tag"] if text.startswith("{") else text
     p = ckpt_root / tag
     return p if p.exists() else None
 
@@ -213,3 +222,16 @@ def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | No
     if torch.cuda.is_available():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() * mib
     return out
+
+
+MEMORY_COLUMNS = ("param_mib", "master_mib", "grad_mib", "optim_mib", "teacher_param_mib", "peak_rss_mib",
+                  "peak_cuda_mib")
+
+
+def memory_table(per_rank: list[dict]) -> str:
+    """One line per rank: where the bytes are, so sharding is visible in the log."""
+    cols = [c for c in MEMORY_COLUMNS if any(c in r for r in per_rank)]
+    head = "memory (MiB) per rank: " + " ".join(f"{c.removesuffix('_mib'):>13s}" for c in cols)
+    lines = [head] + [f"  rank {i:<16d}" + " ".join(f"{r.get(c, 0.0):13.2f}" for c in cols)
+                      for i, r in enumerate(per_rank)]
+    return "\n".join(lines)

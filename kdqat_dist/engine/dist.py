@@ -23,6 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_ADDED_ENV: list[str] = []  # variables we set for a launcher-less run; removed again at teardown
+
+
 def ensure_launch_env() -> bool:
     """Fill the variables ``env://`` rendezvous needs; returns True if this is a launcher-less run."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -30,8 +33,11 @@ def ensure_launch_env() -> bool:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         return False
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())})
+    added = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+    added = {k: v for k, v in added.items() if k not in os.environ}
+    os.environ.update(added)
+    _ADDED_ENV.extend(added)
     return True
 
 
@@ -73,8 +79,12 @@ def init_process_group(timeout_s: float | None = None) -> bool:
 
 
 def destroy_process_group() -> None:
+    """Tear the group down and forget the variables a launcher-less run set (in-process callers such as
+    tests and notebooks must not look like rank 0 of a launched job afterwards)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _ADDED_ENV:
+        os.environ.pop(_ADDED_ENV.pop(), None)
 
 
 def rank() -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ from kdqat_dist.engine.optim import make_optimizer, make_scheduler, param_groups
 from kdqat_dist.models.encoders import load_classifier, resolve_model_path
 
 RANK_STATE = "rank{rank:05d}_state.pt"
+# DeepSpeed's ZeRO collectives call torch.distributed functions that torch 2.13 deprecates; the warning
+# fires on every call and says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -96,9 +100,11 @@ class DeepSpeedBackend:
         conf = self.ds_config("student", getattr(model.config, "hidden_size", None))
         optimizer = make_optimizer(model, t) if e.optimizer == "torch" else None
         params = None if optimizer is not None else param_groups(model, t)
+        scalars = _lift_scalar_params(model)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, config=conf,
             lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t.warmup_ratio))
+        _restore_scalar_params(scalars)
         return self.engine
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
@@ -136,6 +142,11 @@ class DeepSpeedBackend:
 
     def zero3_student(self) -> bool:
         return self.engine is not None and self.engine.zero_optimization_stage() == 3
+
+    def partitioned_student(self) -> bool:
+        """True when submodules must not be called outside the engine's forward (ZeRO-3 hooks would
+        fetch and release their parameters)."""
+        return self.zero3_student()
 
     @contextlib.contextmanager
     def gathered_student(self) -> Iterator[nn.Module]:
@@ -264,11 +275,37 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else m
 
 
+def _lift_scalar_params(model: nn.Module) -> list[nn.Parameter]:
+    """Give 0-dim parameters (per-tensor LSQ steps) shape (1,) for :func:`deepspeed.initialize`.
+
+    DeepSpeed broadcasts and partitions parameters through byte views (``p.data.view(torch.uint8)``),
+    which a 0-dim float tensor cannot give. The values are unchanged; :func:`_restore_scalar_params`
+    puts the shape back so the module, its state dict and saved students look as in one process.
+    """
+    lifted = [p for p in model.parameters() if p.dim() == 0]
+    for p in lifted:
+        p.data = p.data.reshape(1)
+    return lifted
+
+
+def _restore_scalar_params(params: list[nn.Parameter]) -> None:
+    for p in params:
+        if hasattr(p, "ds_shape"):  # ZeRO-3: gathers reshape to ds_shape
+            p.ds_shape = torch.Size([])
+        if p.data.numel() == 1:  # whole on this rank (ZeRO 0-2, or a persistent ZeRO-3 parameter)
+            p.data = p.data.view(())
+
+
 def _param_bytes(module: nn.Module) -> int:
-    """Parameter storage this rank holds: whole tensors, or ZeRO-3 partitions (``ds_tensor``)."""
+    """Parameter storage this rank owns: whole tensors, or under ZeRO-3 its partitions (``ds_tensor``)
+    plus the small parameters kept whole (``ds_persist``). A ZeRO-3 parameter gathered for a forward is
+    working memory, not owned: it counts in peak memory, not here."""
     tensors = []
     for p in module.parameters():
-        tensors.append(p.data)
         if hasattr(p, "ds_tensor"):
             tensors.append(p.ds_tensor)
+            if getattr(p, "ds_persist", False):
+                tensors.append(p.data)
+        else:
+            tensors.append(p.data)
     return storage_bytes(tensors)

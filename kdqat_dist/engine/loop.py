@@ -6,10 +6,11 @@ Reads top to bottom: ``setup`` (data, models, backend), ``train`` (steps, evalua
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
 from kdqat_dist.data.tasks import TaskSpec, compute_metrics, get_task, selection_value
 from kdqat_dist.distill.objective import DistillObjective, LossOutput, _unwrap
-from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, seed_everything
+from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, memory_table, seed_everything
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path
 from kdqat_dist.models.student import init_student, save_student
@@ -66,11 +67,12 @@ class Trainer:
         self._check_run_dir()
         self.backend.barrier()  # every rank has checked before rank 0 writes config.yaml
         self.task: TaskSpec = get_task(cfg.data)
-        src = self._source_model()
-        self.tokenizer = load_tokenizer(src)
-        max_len = cfg.data.max_seq_length or self.task.max_seq_length
-        splits = load_splits(cfg.data, self.task)
-        self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
+        with _main_first(self.backend):  # rank 0 fills the model and tokenisation caches, then the rest read
+            src = self._source_model()
+            self.tokenizer = load_tokenizer(src)
+            max_len = cfg.data.max_seq_length or self.task.max_seq_length
+            splits = load_splits(cfg.data, self.task)
+            self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
         self.collate = Collator(self.tokenizer)
         self.train_set = self.data["train"]
         world, accum = self.backend.world_size, cfg.train.grad_accum
@@ -214,6 +216,12 @@ class Trainer:
             from kdqat_dist.analysis.diagnostics import log_diagnostics
         except ImportError:
             return
+        if self.backend.partitioned_student() and _quantizers_own_params(self.backend.student_module()):
+            # They call the LSQ quantizer modules directly; under ZeRO-3 that runs DeepSpeed's fetch/release
+            # hooks outside the forward, which would re-partition the gathered steps mid-read.
+            if step == self.cfg.train.log_every and self.backend.is_main:
+                tqdm.write("quant diagnostics are off: LSQ steps under a ZeRO-3 student (use zero_stage<=2)")
+            return
         # They read whole weights: under ZeRO-3 gathering is a collective, so every rank enters the block
         # and rank 0 (the one with a writer) logs.
         with self.backend.gathered_student() as model:
@@ -329,7 +337,7 @@ class Trainer:
         per_rank = self.backend.gather_objects(self.backend.memory_report())
         result["memory"], result["memory_per_rank"] = per_rank[self.backend.rank], per_rank
         if self.backend.is_main:
-            tqdm.write(_memory_table(per_rank))
+            tqdm.write(memory_table(per_rank))
             (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         return result
 
@@ -340,22 +348,27 @@ class Trainer:
             self.backend.teardown()
 
 
+@contextlib.contextmanager
+def _main_first(backend) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (one process: just run it)."""
+    if not backend.is_main:
+        backend.barrier()
+    try:
+        yield
+    finally:
+        if backend.is_main:
+            backend.barrier()
+
+
 def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
     """(epochs to add, start step within that epoch) for the step after ``step`` (1-based count)."""
     return (1, 0) if step % per_epoch == 0 else (0, step % per_epoch)
 
 
-MEMORY_COLUMNS = ("param_mib", "master_mib", "grad_mib", "optim_mib", "teacher_param_mib", "peak_rss_mib",
-                  "peak_cuda_mib")
+def _quantizers_own_params(model) -> bool:
+    from kdqat_dist.quant.api import quant_param_names
 
-
-def _memory_table(per_rank: list[dict]) -> str:
-    """One line per rank: where the bytes are, so sharding is visible in the log."""
-    cols = [c for c in MEMORY_COLUMNS if any(c in r for r in per_rank)]
-    head = "memory (MiB) per rank: " + " ".join(f"{c.removesuffix('_mib'):>13s}" for c in cols)
-    lines = [head] + [f"  rank {i:<16d}" + " ".join(f"{r.get(c, 0.0):13.2f}" for c in cols)
-                      for i, r in enumerate(per_rank)]
-    return "\n".join(lines)
+    return any(quant_param_names(model))
 
 
 def _check_same_head(teacher, task: TaskSpec) -> None:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# kdqat on one node with torchrun: NUM_PROCS ranks (one per GPU, or CPU ranks over gloo).
+#
+#   NUM_PROCS=2 launch/torchrun.sh tiny_debug teacher.path=runs/tiny_teacher/model \
+#       train.output_dir=runs/tiny_ds engine.zero_stage=2 engine.teacher=zero3
+#
+# runs exactly:
+#   torchrun --standalone --nproc_per_node $NUM_PROCS --module kdqat_dist.cli \
+#       $COMMAND [--resume] --config <recipe> engine.backend=deepspeed <key=value ...>
+#
+# If one rank dies, torchrun stops the others and reports which rank failed and how (exit code or
+# signal), so a lost rank never leaves the job hanging. RESUME=1 continues from the latest checkpoint.
+# Env: NUM_PROCS (2), COMMAND (train | finetune), RESUME=1, KDQAT_DRY_RUN=1 to print the command.
+set -euo pipefail
+RECIPE="${1:?usage: launch/torchrun.sh <recipe> [key=value ...]}"
+shift
+export TOKENIZERS_PARALLELISM=false
+${KDQAT_DRY_RUN:+echo} torchrun --standalone --nproc_per_node "${NUM_PROCS:-2}" \
+    --module kdqat_dist.cli "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" engine.backend=deepspeed "$@"

@@ -1,0 +1,60 @@
+"""Fixtures for the multi-process tests: a dropout-free tiny teacher and the launch environment."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdqat_dist.config import load_config
+from kdqat_dist.engine.loop import run
+from kdqat_dist.models.tiny import make_tiny_checkpoint
+
+STEPS = 3  # KD-QAT steps of every parity run
+LSQ = ("quant.weight.method=lsq", "quant.act.method=lsq")
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def parity_teacher(tmp_path_factory) -> Path:
+    """A random tiny BERT with dropout off: the student starts from it, so one process and N ranks see
+    the same arithmetic (dropout masks would differ between one stream of micro-batches and N)."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("parity_teacher") / "model")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def launch_env() -> dict[str, str]:
+    """The environment for launched jobs: this venv first on PATH, offline, one thread per rank."""
+    env = dict(os.environ)
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("KDQAT_DRY_RUN", None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _parity_config(teacher: Path, out: Path, *extra: str):
+    """tiny_debug for STEPS steps, logging every step: the same global batch of 16 at any world size."""
+    return load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "train.log_every=1",
+                                      f"train.max_steps={STEPS}", f"train.eval_every={STEPS}", *extra])
+
+
+@pytest.fixture(scope="session")
+def parity_config():
+    """``parity_config(teacher, out, *overrides)`` -> the RunConfig every parity run starts from."""
+    return _parity_config
+
+
+@pytest.fixture(scope="session")
+def local_reference(parity_teacher, tmp_path_factory) -> dict[str, list[dict]]:
+    """Single-process training logs with grad_accum=2 (the micro-batches two ranks see): TWN and LSQ."""
+    root = tmp_path_factory.mktemp("local_reference")
+    return {name: run(_parity_config(parity_teacher, root / name, "train.grad_accum=2", *extra), "train")["train_log"]
+            for name, extra in (("twn", ()), ("lsq", LSQ))}

@@ -1,0 +1,61 @@
+"""2 CPU ranks over gloo, real DeepSpeed: ZeRO students and a ZeRO-3 teacher against one process.
+
+One 2-rank job (tests/dist/zero_checks.py under torchrun) runs every check, to keep launches few.
+Tolerances: the total loss of every step within 1e-5 relative, every loss term within 1e-6 absolute of
+the single-process run with grad_accum=2 on the same global batch (the same micro-batches; only the
+order of floating-point reductions differs); teacher taps and fake-quant outputs exactly equal.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dist
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+
+
+def _assert_same_losses(ref: list[dict], got: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        for k in a:
+            if k.startswith("loss/"):
+                assert b[k] == pytest.approx(a[k], abs=1e-6), (a["step"], k)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(parity_teacher, launch_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero_checks")
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "tests/dist/zero_checks.py",
+           "--teacher", str(parity_teacher), "--out", str(out), "--steps", str(STEPS)]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_zero2_and_zero3_losses_match_one_process(two_ranks, local_reference):
+    assert all(r["world_size"] == 2 for r in two_ranks)
+    _assert_same_losses(local_reference["twn"], two_ranks[0]["zero2"])  # ZeRO-2 student, TWN weights
+    _assert_same_losses(local_reference["lsq"], two_ranks[0]["zero3"])  # ZeRO-3 student, LSQ weights + acts
+    assert two_ranks[0]["zero2"] == two_ranks[1]["zero2"]  # reduced values: identical on every rank
+
+
+def test_zero3_teacher_taps_equal_unsharded_and_memory_halves(two_ranks):
+    for r in two_ranks:
+        assert set(r["taps"]) >= {"hidden/2", "probs/1", "scores/0", "context/1", "attn_output/1", "logits"}
+        assert max(r["taps"].values()) == 0.0, r["taps"]
+        # each rank holds about half of the teacher's parameter bytes (small tensors stay whole)
+        ratio = r["teacher_param_bytes"] / r["teacher_full_bytes"]
+        assert 0.45 <= ratio <= 0.55, ratio
+
+
+def test_zero3_student_fake_quant_equals_unsharded(two_ranks):
+    for r in two_ranks:
+        fq = r["fake_quant"]
+        assert fq["partitioned"] > 0  # the weights really were partitioned on this rank
+        assert fq["logits_max_diff"] == 0.0
+        assert fq["state_dict_equal"]  # gathered weights, TWN/LSQ steps and buffers: bit-exact

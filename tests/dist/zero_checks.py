@@ -1,0 +1,111 @@
+"""Run by tests/dist/test_dist_zero.py under ``torchrun --nproc_per_node 2``: several ZeRO checks in one job.
+
+Each rank writes ``<out>/rank<r>.json`` with:
+
+- ``zero2`` / ``zero3``: the training log of a short KD-QAT run (ZeRO-2 student + ZeRO-3 teacher with
+  TWN weights; ZeRO-3 student + ZeRO-3 teacher with LSQ weights and activations);
+- ``taps``: max |ZeRO-3 teacher - unsharded teacher| for every tap, layer and the logits;
+- ``teacher_param_bytes`` / ``teacher_full_bytes``: this rank's ZeRO-3 teacher storage vs the whole model;
+- ``fake_quant``: max |ZeRO-3 student - unsharded student| logits, and whether the gathered state dict
+  equals the unsharded one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from kdqat_dist.config import load_config
+from kdqat_dist.engine import dist
+from kdqat_dist.engine.backend import storage_bytes
+from kdqat_dist.engine.ds_backend import DeepSpeedBackend, _param_bytes
+from kdqat_dist.engine.loop import run
+from kdqat_dist.models.attention import use_kdqat_attention
+from kdqat_dist.models.encoders import encoder_layers, load_classifier, load_tokenizer
+from kdqat_dist.models.student import init_student
+from kdqat_dist.models.taps import ALL_TAPS, TapStore, tapped
+from kdqat_dist.quant.api import calibrate_activations, prepare
+
+LSQ = ["quant.weight.method=lsq", "quant.act.method=lsq"]
+TEXTS = ["the film was a delight from start to finish", "dull", "an uneven but moving story about two friends",
+         "i would not watch it again", "bright and funny", "the plot makes no sense at all and drags",
+         "great", "a slow, quiet and beautiful film"]
+
+
+def _cfg(args, name: str, *extra: str):
+    return load_config("tiny_debug", [f"teacher.path={args.teacher}", f"train.output_dir={args.out / name}",
+                                      "engine.backend=deepspeed", "engine.teacher=zero3", "train.log_every=1",
+                                      f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", *extra])
+
+
+def _batch(path: str) -> dict[str, torch.Tensor]:
+    tok = load_tokenizer(path)
+    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
+
+
+def check_teacher(args, batch) -> dict:
+    be = DeepSpeedBackend(_cfg(args, "taps"))
+    teacher = be.load_teacher(args.teacher, 2)
+    ref = load_classifier(args.teacher, 2, "eager").eval()
+    use_kdqat_attention(teacher.module)
+    use_kdqat_attention(ref)
+    n = len(encoder_layers(ref))
+    wanted = {tap: set(range(n + 1 if tap == "hidden" else n)) for tap in ALL_TAPS}
+    sharded, whole = TapStore(), TapStore()
+    with torch.no_grad(), tapped(teacher.module, wanted, sharded):
+        logits = teacher(**batch).logits
+    with torch.no_grad(), tapped(ref, wanted, whole):
+        ref_logits = ref(**batch).logits
+    diffs = {f"{tap}/{layer}": float((sharded[tap][layer] - t).abs().max())
+             for tap in ALL_TAPS for layer, t in whole[tap].items()}
+    diffs["logits"] = float((logits - ref_logits).abs().max())
+    out = {"taps": diffs, "teacher_param_bytes": _param_bytes(teacher.module),
+           "teacher_full_bytes": storage_bytes(p.data for p in ref.parameters())}
+    be.teardown()
+    return out
+
+
+def check_fake_quant(args, batch) -> dict:
+    cfg = _cfg(args, "fake_quant", "engine.zero_stage=3", *LSQ)
+    be = DeepSpeedBackend(cfg)
+    student = init_student(args.teacher, 2, None, "identity")
+    prepare(student, cfg.quant)
+    calibrate_activations(student, batch)
+    ref = copy.deepcopy(student).eval()
+    engine = be.setup_student(student, total_steps=10)
+    engine.eval()
+    with torch.no_grad():
+        diff = float((engine(**batch).logits - ref(**batch).logits).abs().max())
+    gathered = be.full_state_dict()
+    whole = ref.state_dict()
+    same = gathered.keys() == whole.keys() and all(torch.equal(gathered[k], whole[k]) for k in whole)
+    partitioned = sum(1 for p in engine.module.parameters() if p.data.numel() == 0)
+    be.teardown()
+    return {"fake_quant": {"logits_max_diff": diff, "state_dict_equal": same, "partitioned": partitioned}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group()  # owned here; each backend below reuses it and leaves it up
+    result: dict = {"world_size": dist.world_size()}
+    result["zero2"] = run(_cfg(args, "zero2", "engine.zero_stage=2"), "train")["train_log"]
+    result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3", *LSQ), "train")["train_log"]
+    batch = _batch(args.teacher)
+    result.update(check_teacher(args, batch))
+    result.update(check_fake_quant(args, batch))
+    (args.out / f"rank{dist.rank()}.json").write_text(json.dumps(result, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

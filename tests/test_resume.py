@@ -1,0 +1,90 @@
+"""Kill-and-resume in one process: a run stopped after a checkpoint and resumed ends exactly where an
+uninterrupted run ends (same losses at every step, same evaluations, same saved student)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdqat_dist.config import ConfigError, load_config
+from kdqat_dist.engine.backend import LocalBackend, _commit_checkpoint, latest_checkpoint
+from kdqat_dist.engine.loop import Trainer, run
+from kdqat_dist.models.tiny import make_tiny_checkpoint
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: raised from inside a training step."""
+
+
+class KilledAfter(LocalBackend):
+    """A LocalBackend whose process 'dies' in the middle of optimizer step ``n + 1``."""
+
+    def __init__(self, cfg, n: int):
+        super().__init__(cfg)
+        self.left = n
+
+    def step(self) -> bool:
+        if self.left == 0:
+            raise Killed
+        applied = super().step()
+        self.left -= int(applied)
+        return applied
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    # A random tiny encoder is a valid teacher; dropout stays on, so the RNG restore is exercised too.
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("resume_teacher") / "model")
+
+
+def _cfg(teacher: Path, out: Path, *extra: str):
+    return load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "train.max_steps=8",
+                                      "train.save_every=3", "train.log_every=1", "train.eval_every=4",
+                                      "train.grad_accum=2", *extra])
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(teacher, tmp_path):
+    full = run(_cfg(teacher, tmp_path / "full"), "train")
+
+    cfg = _cfg(teacher, tmp_path / "killed")
+    trainer = Trainer(cfg, "train", backend=KilledAfter(cfg, 5)).setup()
+    with pytest.raises(Killed):
+        trainer.train()  # dies during step 6; the last checkpoint is step 3
+    trainer.cleanup()
+    assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step0000003"
+
+    resumed = run(cfg, "train", resume=True)
+    assert [r["step"] for r in resumed["train_log"]] == list(range(1, 9))
+    for a, b in zip(full["train_log"], resumed["train_log"], strict=True):
+        assert a == b  # every reduced loss term and the learning rate, bit for bit
+    assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
+    assert resumed["teacher"] == full["teacher"]
+    w_full = load_file(str(tmp_path / "full" / "student" / "model.safetensors"))
+    w_res = load_file(str(tmp_path / "killed" / "student" / "model.safetensors"))
+    assert w_full.keys() == w_res.keys()
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_resume_without_checkpoint_names_the_fix(teacher, tmp_path):
+    cfg = _cfg(teacher, tmp_path / "none", "train.save_every=null", "train.max_steps=1")
+    run(cfg, "train")
+    with pytest.raises(ConfigError, match="no checkpoint.*train.save_every"):
+        run(cfg, "train", resume=True)
+
+
+def test_latest_never_names_a_partial_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step0000002.tmp").mkdir(parents=True)
+    (root / "step0000002.tmp" / "state.pt").write_text("complete")
+    _commit_checkpoint(root / "step0000002.tmp", root / "step0000002")
+    # a writer killed half-way through the next checkpoint leaves only a .tmp folder behind
+    (root / "step0000004.tmp").mkdir()
+    (root / "step0000004.tmp" / "state.pt").write_text("parti")
+    assert latest_checkpoint(root) == root / "step0000002"
+    assert (root / "latest").read_text() == "step0000002"  # DeepSpeed's format: the bare tag
+    assert not (root / "latest.tmp").exists()
+    # the legacy JSON pointer is still understood
+    (root / "latest").write_text(json.dumps({"tag": "step0000002"}))
+    assert latest_checkpoint(root) == root / "step0000002"
