@@ -21,7 +21,7 @@ def test_finetune_checkpoint_reloads_with_identical_metrics(tiny_teacher):
 
 def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
     cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'run'}",
-                                     "train.max_steps=16", "train.eval_every=8"])
+                                     "train.max_steps=16", "train.eval_every=8", "train.lr=2e-4"])
     trainer = Trainer(cfg, "train").setup()
     batch = {k: v for k, v in trainer._first_batch().items()}
     trainer.student.eval()
