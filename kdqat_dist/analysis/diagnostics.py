@@ -22,14 +22,19 @@ and ``.../all`` summaries (weighted by element counts). Module names drop the mo
 layers read ``03.attention.self.query``. The per-layer KD loss terms are logged by the loop itself
 (``layers/<term>/<layer>``).
 
-Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0``): it is skipped, not
-gathered (this module must not depend on the distributed engine).
+Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0``). The caller passes
+``gather`` (the engine's per-module gather, a collective): then every rank calls :func:`log_diagnostics`,
+every rank gathers one quantized module at a time (memory stays at one module's weights), and the rank
+with the writer computes and writes. Without ``gather`` empty partitions are skipped. This module does
+not import the distributed engine.
 """
 
 from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +79,9 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
     for mean-clip the smallest non-zero |ŵ| (its levels are multiples of the step).
     """
     cfg = wq.cfg
-    q = wq(weight).float()
+    # .forward, not __call__: a ZeRO-3 engine hooks every submodule call to fetch its parameters (a
+    # collective the other ranks would not join); the caller has made them whole already.
+    q = wq.forward(weight).float()
     per_row = wq.per_row and q.dim() > 1
     dims = tuple(range(1, q.dim())) if per_row else None
 
@@ -125,7 +132,8 @@ def _open_clip_window(model: nn.Module, acts: list[ActFakeQuant], forwards: int 
 
 
 @torch.no_grad()
-def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | None = 1) -> None:
+def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | None = 1,
+                    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
     """Write the quantization diagnostics of ``model`` at ``step`` to a TensorBoard ``SummaryWriter``.
 
     Cheap enough for every log step: one re-quantization of each weight (as a forward does; the word
@@ -133,44 +141,27 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
     it looks up), an int8 copy to the CPU for the flip rate, and clip counting during ``clip_forwards``
     forward passes after each call (the first micro-batch; None counts every forward until the next call,
     which costs one extra pass over every quantized activation at every step).
-    Does nothing when ``writer`` is None (non-main ranks) or the model has no fake quantizers.
+    ``gather(params)``: a context manager making ``params`` whole on every rank (ZeRO-3); with it every
+    rank must call this function. Without it, does nothing when ``writer`` is None (non-main ranks).
     """
-    if writer is None:
+    if writer is None and gather is None:
         return
     model = _unwrap(model)
     prefix = getattr(model, "base_model_prefix", "")
     totals = {"zero": 0.0, "flip": 0.0, "n": 0, "n_flip": 0, "clipped": 0.0, "seen": 0.0}
     for name, m in _quant_modules(model):
-        wq = m.weight_quant
-        if m.weight.numel() == 0 or (hasattr(wq, "step") and wq.step.numel() == 0):
-            continue  # a ZeRO-3 partition: nothing to look at on this rank
-        tag = short_name(name, prefix)
-        codes, scale_t = weight_codes(wq, m.weight)
-        codes8 = codes.clamp_(-128, 127).to(torch.int8).cpu()
-        n = codes8.numel()
-        zero = int(torch.count_nonzero(codes8 == 0)) / n
-        scale = float(scale_t.mean())
-        state = _STATE.get(wq)
-        writer.add_scalar(f"quant_zero_frac/{tag}", zero, step)
-        writer.add_scalar(f"quant_scale/{tag}", scale, step)
-        totals["zero"] += zero * n
-        totals["n"] += n
-        if state is None or state.codes.shape != codes8.shape:
-            _STATE[wq] = _WeightState(codes8, scale)
-            writer.add_scalar(f"quant_scale_drift/{tag}", 0.0, step)
-            continue
-        flip = int(torch.count_nonzero(codes8 != state.codes)) / n
-        writer.add_scalar(f"quant_flip_rate/{tag}", flip, step)
-        writer.add_scalar(f"quant_scale_drift/{tag}", scale / state.first_scale - 1.0 if state.first_scale else 0.0,
-                          step)
-        totals["flip"] += flip * n
-        totals["n_flip"] += n
-        state.codes = codes8
+        with gather(list(m.parameters())) if gather is not None else nullcontext():
+            if writer is not None:
+                _log_weight(writer, step, short_name(name, prefix), m, totals)
     acts = [(name, q) for name, q in model.named_modules() if isinstance(q, ActFakeQuant) and q.enabled]
     for name, q in acts:
         tag = short_name(name, prefix).replace(".act_quant", ".input")
-        if q.cfg.method == "lsq" and q.step.numel() > 0:
-            writer.add_scalar(f"quant_act_step/{tag}", float(q.step.detach()), step)
+        if q.cfg.method == "lsq":  # the step is a parameter: a partition under ZeRO-3 unless gathered
+            with gather(list(q.parameters())) if gather is not None else nullcontext():
+                if writer is not None and q.step.numel() > 0:
+                    writer.add_scalar(f"quant_act_step/{tag}", float(q.step.detach()), step)
+        if writer is None:
+            continue
         seen, clipped = float(q.seen), float(q.clipped)
         if seen > 0:
             writer.add_scalar(f"quant_clip_rate/{tag}", clipped / seen, step)
@@ -178,6 +169,8 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
             totals["seen"] += seen
         q.clipped.zero_()
         q.seen.zero_()
+    if writer is None:
+        return
     _open_clip_window(model, [q for _, q in acts], clip_forwards)
     if totals["n"]:
         writer.add_scalar("quant_zero_frac/all", totals["zero"] / totals["n"], step)
@@ -185,6 +178,32 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
         writer.add_scalar("quant_flip_rate/all", totals["flip"] / totals["n_flip"], step)
     if totals["seen"]:
         writer.add_scalar("quant_clip_rate/all", totals["clipped"] / totals["seen"], step)
+
+
+def _log_weight(writer, step: int, tag: str, m: nn.Module, totals: dict) -> None:
+    wq = m.weight_quant
+    if m.weight.numel() == 0 or (hasattr(wq, "step") and wq.step.numel() == 0):
+        return  # a ZeRO-3 partition nobody gathered: nothing to look at on this rank
+    codes, scale_t = weight_codes(wq, m.weight)
+    codes8 = codes.clamp_(-128, 127).to(torch.int8).cpu()
+    n = codes8.numel()
+    zero = int(torch.count_nonzero(codes8 == 0)) / n
+    scale = float(scale_t.mean())
+    state = _STATE.get(wq)
+    writer.add_scalar(f"quant_zero_frac/{tag}", zero, step)
+    writer.add_scalar(f"quant_scale/{tag}", scale, step)
+    totals["zero"] += zero * n
+    totals["n"] += n
+    if state is None or state.codes.shape != codes8.shape:
+        _STATE[wq] = _WeightState(codes8, scale)
+        writer.add_scalar(f"quant_scale_drift/{tag}", 0.0, step)
+        return
+    flip = int(torch.count_nonzero(codes8 != state.codes)) / n
+    writer.add_scalar(f"quant_flip_rate/{tag}", flip, step)
+    writer.add_scalar(f"quant_scale_drift/{tag}", scale / state.first_scale - 1.0 if state.first_scale else 0.0, step)
+    totals["flip"] += flip * n
+    totals["n_flip"] += n
+    state.codes = codes8
 
 
 def reset_diagnostics(model: nn.Module) -> None:

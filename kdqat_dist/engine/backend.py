@@ -99,6 +99,10 @@ class LocalBackend:
         """The student with whole weights inside the block (always so in one process)."""
         yield self.student
 
+    def gathered_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        """Whole ``params`` inside the block (always so in one process)."""
+        return contextlib.nullcontext()
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.student.state_dict()
 

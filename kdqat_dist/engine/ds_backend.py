@@ -9,10 +9,10 @@ unchanged. What happens where:
   parameter groups (no JIT build; LSQ steps keep their own learning rates) unless
   ``engine.optimizer=deepspeed``; the schedule is the same LambdaLR as in one process; clipping and
   gradient accumulation come from the resolved JSON, whose values come from ``train.*``.
-- **Teacher.** ``engine.teacher=zero3``: constructed under ``HfDeepSpeedConfig`` so transformers
-  partitions each parameter as it is created and loads the checkpoint into the partitions; its
-  parameters are never whole on one rank outside the forward of the module that owns them. Then an
-  optimizer-free DeepSpeed engine in eval mode. The KD objective's forward hooks and attention taps run
+- **Teacher.** ``engine.teacher=zero3``: constructed under ``HfDeepSpeedConfig``, so transformers
+  partitions each parameter as it is created and fills the partitions from the checkpoint one module
+  at a time (rank 0 reads the values); no rank ever holds the whole teacher. Then an optimizer-free
+  DeepSpeed engine in eval mode. The KD objective's forward hooks and attention taps run
   on its ``.module`` unchanged. ``engine.teacher=replicated``: a plain frozen copy per rank.
 - **Checkpoints.** ``engine.save_checkpoint`` into ``<tag>.tmp``, per-rank RNG and loop state beside it,
   then rank 0 renames the folder and atomically repoints ``latest``.
@@ -118,7 +118,8 @@ class DeepSpeedBackend:
         hidden = getattr(AutoConfig.from_pretrained(resolve_model_path(path)), "hidden_size", None)
         conf = self.ds_config("teacher", hidden)
         # While this object lives, from_pretrained builds under zero.Init: each parameter is partitioned
-        # as it is created and the checkpoint is copied into the partitions module by module.
+        # as it is created and the checkpoint is copied into the partitions module by module. (The path
+        # that works with transformers 5: zero.Init around the constructor fails in _init_weights.)
         hf_ds = HfDeepSpeedConfig(conf)
         try:
             model = load_classifier(path, num_labels, "eager")
@@ -157,6 +158,13 @@ class DeepSpeedBackend:
             return
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             yield module
+
+    def gathered_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        """Whole ``params`` on every rank inside the block: a collective under a ZeRO-3 student, so every
+        rank must enter it with the same list."""
+        if not self.zero3_student():
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole student state dict on CPU, on every rank (gathered under ZeRO-3)."""
@@ -260,11 +268,24 @@ class DeepSpeedBackend:
     # ------------------------------------------------------------------ teardown
 
     def teardown(self) -> None:
-        """Destroy the engines, then the process group (avoids ZeRO-3's abort at interpreter exit)."""
-        for eng in (self.engine, self.teacher_engine):
-            if eng is not None:
+        """Quiesce, destroy the engines, then the process group.
+
+        ZeRO-3 prefetches the next modules' parameters with asynchronous all-gathers; one still in flight
+        when the interpreter exits aborts the process ("terminate called without an active exception")
+        after an otherwise finished run. So: wait for them (re-partitioning everything), meet the other
+        ranks, and only then take the engines and the group down.
+        """
+        engines = [e for e in (self.engine, self.teacher_engine) if e is not None]
+        for eng in engines:
+            if eng.zero_optimization_stage() == 3:
                 with contextlib.suppress(Exception):
-                    eng.destroy()
+                    eng.empty_partition_cache()
+        if engines and torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.barrier()
+        for eng in engines:
+            with contextlib.suppress(Exception):
+                eng.destroy()
         self.engine = self.teacher_engine = None
         if self._owns_group:
             dist.destroy_process_group()

@@ -216,17 +216,10 @@ class Trainer:
             from kdqat_dist.analysis.diagnostics import log_diagnostics
         except ImportError:
             return
-        if self.backend.partitioned_student() and _quantizers_own_params(self.backend.student_module()):
-            # They call the LSQ quantizer modules directly; under ZeRO-3 that runs DeepSpeed's fetch/release
-            # hooks outside the forward, which would re-partition the gathered steps mid-read.
-            if step == self.cfg.train.log_every and self.backend.is_main:
-                tqdm.write("quant diagnostics are off: LSQ steps under a ZeRO-3 student (use zero_stage<=2)")
-            return
-        # They read whole weights: under ZeRO-3 gathering is a collective, so every rank enters the block
-        # and rank 0 (the one with a writer) logs.
-        with self.backend.gathered_student() as model:
-            if self.writer is not None:
-                log_diagnostics(self.writer, step, model)
+        # ZeRO-3: the weights are partitions outside the forward. Every rank walks the quantized modules
+        # and gathers one module at a time (collectives: all must join); rank 0 writes.
+        gather = self.backend.gathered_params if self.backend.partitioned_student() else None
+        log_diagnostics(self.writer, step, self.backend.student_module(), gather=gather)
 
     def _mean_over_ranks(self, running: dict, n: int) -> dict:
         keys = sorted(running)
@@ -363,12 +356,6 @@ def _main_first(backend) -> Iterator[None]:
 def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
     """(epochs to add, start step within that epoch) for the step after ``step`` (1-based count)."""
     return (1, 0) if step % per_epoch == 0 else (0, step % per_epoch)
-
-
-def _quantizers_own_params(model) -> bool:
-    from kdqat_dist.quant.api import quant_param_names
-
-    return any(quant_param_names(model))
 
 
 def _check_same_head(teacher, task: TaskSpec) -> None:

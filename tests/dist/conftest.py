@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,8 +55,33 @@ def parity_config():
 
 
 @pytest.fixture(scope="session")
-def local_reference(parity_teacher, tmp_path_factory) -> dict[str, list[dict]]:
+def local_reference_root(tmp_path_factory) -> Path:
+    """Where :func:`local_reference` runs: ``<root>/twn`` and ``<root>/lsq`` (TensorBoard in ``tb/``)."""
+    return tmp_path_factory.mktemp("local_reference")
+
+
+@pytest.fixture(scope="session")
+def local_reference(parity_teacher, local_reference_root) -> dict[str, list[dict]]:
     """Single-process training logs with grad_accum=2 (the micro-batches two ranks see): TWN and LSQ."""
-    root = tmp_path_factory.mktemp("local_reference")
+    root = local_reference_root
     return {name: run(_parity_config(parity_teacher, root / name, "train.grad_accum=2", *extra), "train")["train_log"]
             for name, extra in (("twn", ()), ("lsq", LSQ))}
+
+
+def _run_job(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; on timeout kill the whole group (no orphaned ranks)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n[test] killed after {timeout} s: the job hung"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def run_job():
+    """``run_job(cmd, env, cwd, timeout=300)`` -> CompletedProcess; a hung job is killed, group and all."""
+    return _run_job

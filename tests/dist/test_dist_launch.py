@@ -60,12 +60,11 @@ def _kill_rank_after_first_checkpoint(proc: subprocess.Popen, out: Path, rank: i
 
 
 @pytest.mark.dist
-def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parity_teacher, launch_env,
+def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parity_teacher, launch_env, run_job,
                                                                           tmp_path):
     # 1. the DeepSpeed launcher, uninterrupted
     env = dict(launch_env, NUM_PROCS="2", MASTER_PORT=str(_free_port()))
-    full = subprocess.run(_script("deepspeed_single_node.sh", parity_teacher, tmp_path / "full"), cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    full = run_job(_script("deepspeed_single_node.sh", parity_teacher, tmp_path / "full"), env, REPO)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     ref = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert ref["world_size"] == 2 and len(ref["memory_per_rank"]) == 2
@@ -90,8 +89,7 @@ def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parit
     assert not (out / "metrics.json").exists()
 
     # 3. RESUME=1 continues from the latest checkpoint and lands where the uninterrupted run did
-    resumed = subprocess.run(_script("torchrun.sh", parity_teacher, out), cwd=REPO, env=dict(env, RESUME="1"),
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_job(_script("torchrun.sh", parity_teacher, out), dict(env, RESUME="1"), REPO)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     got = json.loads((out / "metrics.json").read_text())

@@ -2,8 +2,9 @@
 
 Each rank writes ``<out>/rank<r>.json`` with:
 
-- ``zero2`` / ``zero3``: the training log of a short KD-QAT run (ZeRO-2 student + ZeRO-3 teacher with
-  TWN weights; ZeRO-3 student + ZeRO-3 teacher with LSQ weights and activations);
+- ``zero2`` / ``zero3`` / ``zero3_lsq``: the training log of a short KD-QAT run with a ZeRO-3 teacher and
+  a ZeRO-2 or ZeRO-3 student (TWN weights, the default), and a ZeRO-3 student with LSQ weights and
+  activations (0-dim step parameters);
 - ``taps``: max |ZeRO-3 teacher - unsharded teacher| for every tap, layer and the logits;
 - ``teacher_param_bytes`` / ``teacher_full_bytes``: this rank's ZeRO-3 teacher storage vs the whole model;
 - ``fake_quant``: max |ZeRO-3 student - unsharded student| logits, and whether the gathered state dict
@@ -98,7 +99,8 @@ def main() -> None:
     dist.init_process_group()  # owned here; each backend below reuses it and leaves it up
     result: dict = {"world_size": dist.world_size()}
     result["zero2"] = run(_cfg(args, "zero2", "engine.zero_stage=2"), "train")["train_log"]
-    result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3", *LSQ), "train")["train_log"]
+    result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3"), "train")["train_log"]
+    result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.zero_stage=3", *LSQ), "train")["train_log"]
     batch = _batch(args.teacher)
     result.update(check_teacher(args, batch))
     result.update(check_fake_quant(args, batch))
