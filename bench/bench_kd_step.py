@@ -4,6 +4,9 @@
 (d) KD-QAT computed the naive way (all layers' taps of both models materialised, then losses).
 
 Each variant runs in its own process so peak RSS is its own. Batch 32 x 128 tokens, 2 threads.
+Peak RSS includes what glibc's allocator keeps after frees, so each variant is also run once more, for
+two steps, under a dispatch mode that sums the bytes of the tensor storages alive after every op: the
+peak of that is the tensors' own memory (the model's weights, created before, are not in it).
 Usage: python bench/bench_kd_step.py [--steps 6] [--batch 32] [--seq 128]
 """
 
@@ -20,7 +23,44 @@ import time
 VARIANTS = ("a_fp_finetune", "b_qat_no_kd", "c_kdqat_streaming", "d_kdqat_naive")
 
 
-def one(variant: str, steps: int, batch: int, seq: int) -> dict:
+class LiveTensors:
+    """Peak bytes of live tensor storages seen by a TorchDispatchMode (checked every few ops)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                owner.seen(out)
+                return out
+
+        self.mode = Mode()
+        self.refs: dict[int, tuple] = {}
+        self.peak = 0
+        self.ops = 0
+
+    def seen(self, out) -> None:
+        import torch
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st.data_ptr() and st.data_ptr() not in self.refs:
+                    self.refs[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+        self.ops += 1
+        if self.ops % 4 == 0:
+            self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
+            self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
+
+
+def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> dict:
+    import contextlib
+
     import torch
 
     from kdqat_dist.config import DistillConfig, QuantConfig, TrainConfig
@@ -52,8 +92,11 @@ def one(variant: str, steps: int, batch: int, seq: int) -> dict:
          "labels": torch.randint(0, 2, (batch,), generator=g)}
     b["attention_mask"][: batch // 2, seq * 3 // 4:] = 0  # some padding, as real batches have
     times = []
+    tracker = LiveTensors() if live else None
     for i in range(steps + 1):
         t0 = time.perf_counter()
+        ctx = tracker.mode if tracker is not None else contextlib.nullcontext()
+        ctx.__enter__()
         if variant in ("a_fp_finetune", "b_qat_no_kd"):
             loss = student(**b).loss
         elif variant == "c_kdqat_streaming":
@@ -63,8 +106,11 @@ def one(variant: str, steps: int, batch: int, seq: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        ctx.__exit__(None, None, None)
         if i > 0:  # the first step pays allocator warm-up
             times.append(time.perf_counter() - t0)
+    if tracker is not None:
+        return {"variant": variant, "peak_live_tensor_mib": tracker.peak / 2**20}
     return {"variant": variant, "s_per_step": sum(times) / len(times),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -75,22 +121,28 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--variant", choices=VARIANTS)
+    ap.add_argument("--live", action="store_true", help="with --variant: peak live tensor bytes instead")
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(one(args.variant, args.steps, args.batch, args.seq)))
+        print(json.dumps(one(args.variant, 1 if args.live else args.steps, args.batch, args.seq, args.live)))
         return
     rows = {}
     for v in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--variant", v, "--steps", str(args.steps),
-                              "--batch", str(args.batch), "--seq", str(args.seq)],
-                             capture_output=True, text=True, check=True)
-        rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{v:20s} {rows[v]['s_per_step']:.3f} s/step  peak RSS {rows[v]['peak_rss_mib']:.0f} MiB", flush=True)
+        for extra in ([], ["--live"]):
+            out = subprocess.run([sys.executable, __file__, "--variant", v, "--steps", str(args.steps),
+                                  "--batch", str(args.batch), "--seq", str(args.seq), *extra],
+                                 capture_output=True, text=True, check=True)
+            rows.setdefault(v, {}).update(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[v]
+        print(f"{v:20s} {r['s_per_step']:.3f} s/step  peak RSS {r['peak_rss_mib']:.0f} MiB  "
+              f"peak live tensors {r['peak_live_tensor_mib']:.0f} MiB", flush=True)
     a, b, c, d = (rows[v] for v in VARIANTS)
     print(f"time (c)/(a) = {c['s_per_step'] / a['s_per_step']:.2f} (target <= 1.6)")
     print(f"time (d)/(c) = {d['s_per_step'] / c['s_per_step']:.2f}")
     print(f"memory (c)/(b) = {c['peak_rss_mib'] / b['peak_rss_mib']:.2f} (target <= 1.1)")
     print(f"memory (c)/(d) = {c['peak_rss_mib'] / d['peak_rss_mib']:.2f} (target < 1)")
+    live = "peak_live_tensor_mib"
+    print(f"live tensors (c)/(b) = {c[live] / b[live]:.2f}, (c)/(d) = {c[live] / d[live]:.2f}")
 
 
 if __name__ == "__main__":

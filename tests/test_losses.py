@@ -316,3 +316,37 @@ def test_half_inputs_backprop_in_their_own_dtype():
         fn(x).backward()
         assert x.grad.dtype == torch.bfloat16, name
         assert torch.isfinite(x.grad.float()).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attention_map_kl_gradients_equal_autograd_of_the_formula(dtype):
+    # The loss has a hand-written backward (for memory): it must equal autograd through the plain formula,
+    # for the student and for a teacher that requires grad, with clamped and padded entries present.
+    mask = _mask()
+    ps, pt = _probs((B, H, S, S), 21).to(dtype), _probs((B, H, S, S), 22).to(dtype)
+    ps[0, 0, 0, 0] = 0.0
+    pt[1, 1, 2, 3] = 1e-12
+    ps.requires_grad_(True)
+    pt.requires_grad_(True)
+    got = attention_map_kl(ps, pt, mask)
+    g_s, g_t = torch.autograd.grad(got * 3.0, (ps, pt))
+
+    def plain(a, b):
+        valid = mask.bool()
+        pair = valid[:, None, :, None] & valid[:, None, None, :]
+        up = torch.float64 if dtype == torch.float64 else torch.float32
+        a_c = torch.where(pair, a.to(up).clamp_min(1e-8), 1.0)
+        b_c = torch.where(pair, b.to(up).clamp_min(1e-8), 1.0)
+        kl = torch.where(pair, b_c * (b_c.log() - a_c.log()), 0.0)
+        return (kl.sum(dim=(-2, -1)) / valid.sum(-1).clamp_min(1)[:, None]).mean()
+
+    a, b = ps.detach().clone().requires_grad_(True), pt.detach().clone().requires_grad_(True)
+    want = plain(a, b)
+    w_s, w_t = torch.autograd.grad(want * 3.0, (a, b))
+    tol = dict(rel=1e-10, abs=0) if dtype == torch.float64 else dict(rel=1e-5, abs=1e-6)
+    assert got.item() == pytest.approx(want.item(), **tol)
+    assert g_s.dtype == dtype and g_t.dtype == dtype
+    assert torch.allclose(g_s.double(), w_s.double(), rtol=tol["rel"], atol=tol["abs"])
+    assert torch.allclose(g_t.double(), w_t.double(), rtol=tol["rel"], atol=tol["abs"])
+    assert (g_s != 0).any() and (g_s[~(mask[:, None, :, None].bool() & mask[:, None, None, :].bool())
+                                    .expand(B, H, S, S)] == 0).all()

@@ -132,3 +132,32 @@ def test_kl_calibration_clips_outliers():
     assert 1.0 < float(clip) < 50.0  # ignores the outlier but keeps the bulk
     s = Q.lsq_init(v, 8, "kl")
     torch.testing.assert_close(s, clip / 127)
+
+
+def test_sibling_activation_quantizers_share_one_quantization_with_the_same_gradient():
+    # Q/K/V projections read one tensor: the second quantizer returns the first one's output. It must be
+    # the formula's value, with the gradient three separate quantizations would give, and never reused
+    # for a modified input or other settings.
+    from kdqat_dist.config import ActQuantConfig
+    from kdqat_dist.quant.fake_quant import ActFakeQuant
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 5, 16, generator=g) * 2).requires_grad_(True)
+    qs = [ActFakeQuant(ActQuantConfig()) for _ in range(3)]
+    ws = [torch.randn(4, 5, 16, generator=g) for _ in range(3)]
+    outs = [q(x) for q in qs]
+    assert outs[1] is outs[0] and outs[2] is outs[0]
+    assert torch.equal(outs[0], Q.symmetric_quant(x, 8, False, 2.5))
+    sum((o * w).sum() for o, w in zip(outs, ws, strict=True)).backward()
+    shared = x.grad.clone()
+    x.grad = None
+    sum((Q.symmetric_quant(x, 8, False, 2.5) * w).sum() for w in ws).backward()
+    assert torch.equal(shared, x.grad)
+    assert (shared[x.detach().abs() >= 2.5] == 0).all()
+
+    other = ActFakeQuant(ActQuantConfig(bits=4))
+    assert other(x) is not outs[0]
+    with torch.no_grad():
+        x.add_(1.0)  # same object, new values
+    fresh = qs[0](x)
+    assert fresh is not outs[0] and torch.equal(fresh, Q.symmetric_quant(x, 8, False, 2.5))

@@ -210,17 +210,58 @@ def attention_map_kl(
         raise ValueError(
             f"attention_map_kl: attention_mask must be [B, S] = {(b, s)}, got {tuple(attention_mask.shape)}"
         )
-    dtype = _compute_dtype(student_probs, teacher_probs)
     valid = attention_mask.to(device=student_probs.device) != 0  # [B, S]
-    pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
-    one = torch.ones((), dtype=dtype, device=student_probs.device)
-    # Masked entries become 1 so that their log is 0 and finite; they are zeroed again below.
-    ps = torch.where(pair, student_probs.to(dtype).clamp_min(eps), one)
-    pt = torch.where(pair, teacher_probs.to(dtype).clamp_min(eps), one)
-    kl = torch.where(pair, pt * (pt.log() - ps.log()), torch.zeros_like(one))  # [B, H, S, S]
-    n_valid = valid.sum(dim=-1).clamp_min(1).to(dtype)  # [B]
-    kl_bh = kl.sum(dim=(-2, -1)) / n_valid[:, None]  # [B, H]
-    return kl_bh.mean()
+    return _AttentionMapKL.apply(student_probs, teacher_probs, valid, eps)
+
+
+class _AttentionMapKL(torch.autograd.Function):
+    """:func:`attention_map_kl` with a hand-written backward, for memory.
+
+    Composed from autograd ops, the loss keeps two fresh [B, H, S, S] tensors per layer alive until the
+    backward (the clamped student probabilities for ``log`` and the teacher's for ``mul``) and makes five
+    more at its peak. Here it saves only its inputs: the student's probabilities are the softmax output
+    that autograd keeps anyway, so the one extra tensor per layer is the teacher's map, the least the
+    gradient ``-p_t / p_s`` needs. Forward temporaries are reused in place (three at the peak).
+    """
+
+    @staticmethod
+    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = _compute_dtype(ps, pt)
+        b, h = ps.shape[:2]
+        pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
+        scale = 1.0 / (valid.sum(dim=-1).clamp_min(1).to(dtype) * (b * h))  # [B]: mean over (b, h) of 1/s_b
+        with torch.no_grad():
+            # Two [B, H, S, S] buffers, reused in place: fresh large CPU allocations cost page faults.
+            kl = pt.to(dtype).clamp_min(eps).log_()
+            tmp = ps.to(dtype).clamp_min(eps).log_()
+            kl.sub_(tmp)
+            kl.mul_(torch.clamp_min(pt.to(dtype), eps, out=tmp))  # tmp <- max(p_t, eps)
+            del tmp
+            # masked_fill, not multiply: padded entries may hold NaN (softmax over an all -inf row)
+            kl.masked_fill_(~pair, 0.0)
+            loss = (kl.sum(dim=(1, 2, 3)) * scale).sum()
+        ctx.save_for_backward(ps, pt, pair, scale)
+        ctx.eps = eps
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ps, pt, pair, scale = ctx.saved_tensors
+        eps = ctx.eps
+        dtype = scale.dtype
+        w = (grad * scale)[:, None, None, None]  # [B, 1, 1, 1]
+        g_s = g_t = None
+        if ctx.needs_input_grad[0]:
+            # d/dps of -p_t log max(p_s, eps): -p_t / p_s where p_s >= eps (clamp_min passes ties), else 0
+            g_s = pt.to(dtype).clamp_min(eps).div_(ps.to(dtype).clamp_min(eps)).mul_(-w)
+            g_s.masked_fill_((ps >= eps).logical_and_(pair).logical_not_(), 0.0)
+            g_s = g_s.to(ps.dtype)
+        if ctx.needs_input_grad[1]:
+            # d/dpt of p_t (log p_t - log p_s): log p_t - log p_s + 1 where p_t >= eps
+            g_t = pt.to(dtype).clamp_min(eps).log_().sub_(ps.to(dtype).clamp_min(eps).log_()).add_(1.0).mul_(w)
+            g_t.masked_fill_((pt >= eps).logical_and_(pair).logical_not_(), 0.0)
+            g_t = g_t.to(pt.dtype)
+        return g_s, g_t, None, None
 
 
 def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:

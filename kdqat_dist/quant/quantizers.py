@@ -42,7 +42,7 @@ class _ClippedSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        g = grad * mask.to(grad.dtype) if ctx.has_mask else grad
+        g = torch.where(mask, grad, 0.0) if ctx.has_mask else grad  # one pass, no float copy of the mask
         return g, None, None
 
 
@@ -94,12 +94,25 @@ def symmetric_quant(
         clip: clamp value and STE cut-off; None for no clamp.
     """
     v = x.detach()
-    if clip is not None:
-        v = v.clamp(-clip, clip)
     levels = 2 ** (bits - 1) - 1
-    m = _max_abs(v, per_row).clamp(min=1e-8)
-    scale = levels / m
-    return _ste(x, torch.round(v * scale) / scale, clip)
+    # max|clamp(v)| = min(max|v|, clip): one aminmax pass instead of a clamped copy, abs and amax.
+    if per_row and v.dim() > 1:
+        m = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True)
+    else:
+        lo, hi = torch.aminmax(v)
+        m = torch.maximum(hi, -lo)
+    ste_clip = clip
+    if clip is not None:
+        # Nothing reaches the clip (e.g. attention probabilities in [0, 1]): the STE mask would be all
+        # ones, so skip computing and storing it. Checked on the CPU only, where reading m costs nothing
+        # (on a GPU it would stall the stream at every activation).
+        if m.dim() == 0 and m.device.type == "cpu" and float(m) < clip:
+            ste_clip = None
+        m = m.clamp(max=clip)
+    scale = levels / m.clamp(min=1e-8)
+    # One new tensor, rounded in place (this is the hot path of every activation).
+    xq = v.clamp(-clip, clip) if clip is not None else v.clone()
+    return _ste(x, xq.mul_(scale).round_().div_(scale), ste_clip)
 
 
 def mean_clip_quant(w: torch.Tensor, bits: int, per_row: bool = False, clip: float | None = 2.5) -> torch.Tensor:
