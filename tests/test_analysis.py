@@ -13,7 +13,7 @@ import torch
 
 from kdqat_dist.analysis.attention_distance import cover_length_ratio, head_kl, ranking_loss
 from kdqat_dist.analysis.collect import forward_taps
-from kdqat_dist.analysis.hessian import hessian_loss, norm_penalty_hvp, power_iteration
+from kdqat_dist.analysis.hessian import hessian_loss, norm_penalty_hvp, norm_penalty_max_eigenvalue, power_iteration
 from kdqat_dist.analysis.norms import TOKEN_CLASSES, norm_decomposition, token_classes, value_vectors
 from kdqat_dist.analysis.report import FIGURES, AnalyzeOptions, analyze, analyze_models, load_models
 from kdqat_dist.config import ConfigError, QuantConfig
@@ -171,6 +171,18 @@ def test_closed_form_norm_penalty_hvp_matches_autograd():
     for r, h in zip(ref, got[:2], strict=True):
         torch.testing.assert_close(h, r)
     assert torch.equal(got[2], torch.zeros(2, dtype=torch.float64))
+
+
+def test_norm_term_eigenvalue_is_what_power_iteration_finds_on_that_term_alone():
+    g = torch.Generator().manual_seed(6)
+    params = [(torch.randn(6, 5, generator=g, dtype=torch.float64) * s).requires_grad_(True) for s in (1.0, 0.05)]
+    params.append(torch.full((1,), 1e-4, dtype=torch.float64, requires_grad=True))  # 1 element: no curvature
+    loss = 0.01 * sum(p.norm() for p in params)
+    r = power_iteration(loss, params, max_iter=200, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    want = norm_penalty_max_eigenvalue(params, 0.01)
+    assert want == pytest.approx(0.01 / float(params[1].detach().norm()))
+    assert r.eigenvalues[0] == pytest.approx(want, rel=1e-6)
+    assert norm_penalty_max_eigenvalue(params, 0.0) == 0.0
 
 
 def test_model_spectrum_equals_the_reference_loss_through_autograd(loaded):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["EigenResult", "hessian_loss", "max_eigenvalue_spectrum", "norm_penalty_hvp", "power_iteration"]
+__all__ = ["EigenResult", "hessian_loss", "max_eigenvalue_spectrum", "norm_penalty_hvp", "norm_penalty_max_eigenvalue",
+           "power_iteration"]
 
 
 @dataclass
@@ -122,6 +123,20 @@ def power_iteration(
     return result
 
 
+def norm_penalty_max_eigenvalue(params: Sequence[torch.Tensor], weight: float) -> float:
+    """λ_max of the Hessian of ``weight·Σ_p ‖p‖₂`` alone: ``weight / min ‖p‖``.
+
+    Each tensor's block is ``weight·(I − uuᵀ)/‖p‖``, whose eigenvalues are ``weight/‖p‖`` (on the
+    directions orthogonal to p) and 0, so the largest comes from the smallest-norm tensor with more than
+    one element. It does not depend on the data: when an example's λ_max equals it, the loss term's own
+    curvature is below it (typical of a confident model, whose CE Hessian nearly vanishes) and the figure
+    shows the smallest parameter norm, not the data. 0 when ``weight`` is 0.
+    """
+    norms = [float(p.detach().norm()) for p in params if p.numel() > 1]
+    norms = [n for n in norms if n > 0]
+    return weight / min(norms) if weight and norms else 0.0
+
+
 def norm_penalty_hvp(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], weight: float) -> list[torch.Tensor]:
     """H·v of ``weight·Σ_p ‖p‖₂`` in closed form: ``weight·(v − u(u·v))/‖p‖`` per tensor, u = p/‖p‖.
 
@@ -177,7 +192,8 @@ def max_eigenvalue_spectrum(
     ``progress``, when given, is the label of a progress bar (stderr).
 
     Returns:
-        ``eigenvalues`` [N, top_n] float, ``iterations`` [N, top_n] int, ``converged`` [N, top_n] bool.
+        ``eigenvalues`` [N, top_n] float, ``iterations`` [N, top_n] int, ``converged`` [N, top_n] bool,
+        ``norm_term_eigenvalue`` (0-dim): λ_max of the norm term alone (:func:`norm_penalty_max_eigenvalue`).
     """
     was_training = model.training
     model.eval()
@@ -205,6 +221,7 @@ def max_eigenvalue_spectrum(
             p.requires_grad_(f)
         model.train(was_training)
     shape = (len(examples), top_n)
-    return {"eigenvalues": np.asarray(eig, dtype=np.float64).reshape(shape),
+    return {"norm_term_eigenvalue": np.float64(norm_penalty_max_eigenvalue(list(model.parameters()), norm_weight)),
+            "eigenvalues": np.asarray(eig, dtype=np.float64).reshape(shape),
             "iterations": np.asarray(its, dtype=np.int64).reshape(shape),
             "converged": np.asarray(conv, dtype=bool).reshape(shape)}

@@ -85,7 +85,9 @@ def _heatmap(ax, data: np.ndarray, title: str, vmin=None, vmax=None, diverging: 
 
 def _colorbar(fig: Figure, im, axes, label: str) -> None:
     """One colour bar for ``axes`` (a single axes or several sharing the scale of ``im``)."""
-    cb = fig.colorbar(im, ax=axes, fraction=0.046 if not isinstance(axes, np.ndarray) else 0.03, pad=0.02)
+    many = isinstance(axes, np.ndarray) and axes.size > 1
+    # aspect (length / width) grows with the axes spanned, so a shared bar runs the whole column
+    cb = fig.colorbar(im, ax=axes, fraction=0.03 if many else 0.046, pad=0.02, aspect=20 * (axes.size if many else 1))
     cb.set_label(label, fontsize=8)
     cb.ax.tick_params(labelsize=7)
 
@@ -298,32 +300,43 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
 # --------------------------------------------------------------------------- Exp2
 
 
-def gaussian_density(values: np.ndarray, grid: np.ndarray | None = None, points: int = 400
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
+def gaussian_density(values: np.ndarray, grid: np.ndarray | None = None, points: int = 400,
+                     min_bandwidth: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
     """Gaussian KDE (Scott's bandwidth) of ``values``: (grid, density), None for < 2 distinct values.
 
     Without ``grid`` the density is evaluated on ``points`` points spanning the values ± 3 bandwidths, so
-    a narrow spectrum is resolved whatever the scale of the other models' values.
+    a narrow spectrum is resolved whatever the scale of the other models' values. ``min_bandwidth``
+    widens a kernel narrower than that (values equal to 5 digits would otherwise give a needle of
+    density 10^4 that dwarfs every other model on shared axes).
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size < 2 or np.ptp(v) == 0:
         return None
     kde = gaussian_kde(v)
+    std = float(np.sqrt(kde.covariance[0, 0] / kde.factor**2))  # the data's own (weighted) spread
+    if min_bandwidth > 0 and kde.factor * std < min_bandwidth:
+        kde.set_bandwidth(min_bandwidth / std)
     if grid is None:
         bw = 3 * float(np.sqrt(kde.covariance[0, 0]))
         grid = np.linspace(v.min() - bw, v.max() + bw, points)
     return grid, kde(grid)
 
 
-def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path) -> Path:
+def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path,
+                          norm_term: Mapping[str, float] | None = None) -> Path:
     """Densities of the per-example dominant Hessian eigenvalues, positive and negative ones apart.
 
     When the eigenvalues of a panel span more than two decades (models of very different curvature),
     the density is taken over log10|λ| instead, so every model stays readable.
 
+    Kernels are at least 2% of the panel's span wide. ``norm_term[model]``, when given, is drawn as a
+    dashed line: the λ_max of the 0.01·Σ‖p‖₂ term alone, which a model's values sit on when its loss
+    term adds less curvature than that.
+
     Args:
         eigs: ``eigs[model]`` [N] the dominant eigenvalue of each example (first column of the result).
+        norm_term: ``norm_term[model]`` the norm term's own λ_max (0: no norm term).
     """
     col = colors(list(eigs))
     fig = Figure(figsize=(10.0, 3.8), layout="constrained")
@@ -343,11 +356,17 @@ def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path) -> Path:
                     color="gray")
             ax.set_xticks([])
             ax.set_yticks([])
+        span = float(np.ptp(np.concatenate([*sets.values(), np.zeros(0)]))) if pooled.size else 0.0
+        if sign > 0 and norm_term:
+            for m, lam in norm_term.items():
+                if lam > 0 and sets.get(m, np.zeros(0)).size:
+                    x = np.log10(lam) if log else lam
+                    ax.axvline(x, color=col[m], ls="--", lw=1, alpha=0.7, label=f"{m}: norm term alone")
         for m, e in sets.items():
             if e.size == 0:
                 continue
             label = f"{m} (n={e.size})"
-            kde = gaussian_density(e)
+            kde = gaussian_density(e, min_bandwidth=0.02 * span)
             if kde is not None and not log:  # the density of positive (negative) values stops at 0
                 keep = kde[0] >= 0 if sign > 0 else kde[0] <= 0
                 kde = (kde[0][keep], kde[1][keep])
@@ -365,6 +384,7 @@ def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path) -> Path:
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+    dashed = "; dashed: the norm term's own λ_max" if norm_term and any(v > 0 for v in norm_term.values()) else ""
     fig.suptitle("Hessian max-eigenvalue spectrum over dev examples (power iteration per example; "
-                 "Gaussian KDE; ticks: examples)", fontsize=10)
+                 f"Gaussian KDE; ticks: examples{dashed})", fontsize=10)
     return _save(fig, path)

@@ -340,7 +340,8 @@ DIMS = {
     "norms.<model>.tokens": ["key-token class"],
     "norm_difference.<student>.*": ["as in norms; teacher − student"],
     "norm_difference.<student>.layer_abs.*": ["layer", "key-token class"],
-    "hessian.<model>.*": ["hessian sample", "eigenvalue rank"],
+    "hessian.<model>.eigenvalues/iterations/converged": ["hessian sample", "eigenvalue rank"],
+    "hessian.<model>.norm_term_eigenvalue": [],
 }
 
 
@@ -370,8 +371,9 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[
     written.append(P.plot_norm_layers({s: d["layer_abs"] for s, d in results["norm_difference"].items()},
                                       out / "norms_layers_difference.png", difference=True))
     if "hessian" in results:
-        written.append(P.plot_hessian_spectrum({m: h["eigenvalues"][:, 0] for m, h in results["hessian"].items()},
-                                               out / "hessian_spectrum.png"))
+        written.append(P.plot_hessian_spectrum(
+            {m: h["eigenvalues"][:, 0] for m, h in results["hessian"].items()}, out / "hessian_spectrum.png",
+            {m: float(h["norm_term_eigenvalue"]) for m, h in results["hessian"].items()}))
     doc = {"meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS,
                     "figures": [p.name for p in written]},
            "example_tokens": list(example_tokens), **results}
@@ -439,11 +441,21 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
         lines += [f"Power iteration per example (batch 1, eval mode) on CE + {meta.get('hessian_norm_weight')}"
                   f"·Σ‖p‖₂, at most {meta.get('hessian_iters')} iterations, relative tolerance "
                   f"{meta.get('hessian_tol')}, {h0['eigenvalues'].shape[0]} examples.", "",
-                  "| model | median λ_max | positive | negative | converged |", "|---|---|---|---|---|"]
+                  "| model | median λ_max | norm term alone | positive | negative | converged |",
+                  "|---|---|---|---|---|---|"]
+        floor_bound = []
         for m, h in results["hessian"].items():
             e = h["eigenvalues"][:, 0]
-            lines.append(f"| {m} | {_fmt(float(np.median(e)))} | {int((e > 0).sum())} | {int((e < 0).sum())} | "
-                         f"{int(h['converged'][:, 0].sum())}/{len(e)} |")
+            lam = float(h["norm_term_eigenvalue"])
+            lines.append(f"| {m} | {_fmt(float(np.median(e)))} | {_fmt(lam)} | {int((e > 0).sum())} | "
+                         f"{int((e < 0).sum())} | {int(h['converged'][:, 0].sum())}/{len(e)} |")
+            if lam > 0 and np.allclose(e, lam, rtol=1e-3):
+                floor_bound.append(m)
+        if floor_bound:
+            lines += ["", f"For {', '.join(floor_bound)} every example's λ_max equals the norm term's own "
+                      "(weight / smallest parameter-tensor norm, independent of the data): the loss adds less "
+                      "curvature than that term, as for a confident model whose CE Hessian nearly vanishes. "
+                      "Rerun with `--hessian-norm-weight 0` to see the loss term's own spectrum."]
         lines += ["", "![Hessian spectrum](hessian_spectrum.png)"]
     else:
         lines.append("Skipped (`--hessian-samples 0`).")
