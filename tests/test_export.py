@@ -111,6 +111,11 @@ def test_every_method_and_granularity_round_trips(tmp_path):
     steps = [float(m.step.detach()) for m in loaded.modules()
              if isinstance(m, ActFakeQuant) and m.cfg.method == "lsq"]
     assert steps and all(s != 1.0 for s in steps)  # the calibrated steps, not a fresh init
+    # the size the training summary prints agrees with what export stores (mean_clip: 2^b + 1 levels)
+    from kdqat_dist.quant.size import quantized_packed_bytes
+
+    assert quantized_packed_bytes(model) == export_model(model, quant, tmp_path / "e2", verify=False
+                                                         ).quantized_packed_bytes
 
 
 def test_size_ratio_ternary_with_2bit_embeddings(tmp_path):

@@ -19,9 +19,24 @@ def _is_step(p, model) -> bool:
     return any(p is getattr(m, "step", None) for m in model.modules())
 
 
+def storage_bits(method: str, bits: int) -> int:
+    """Bits per stored code: ``bits``, except mean-clip (the reference's n-bit quantizer), whose rounding
+    of the clip value gives 2^b + 1 levels (codes -2^(b-1) .. 2^(b-1)), one more bit as ``kdqat export``
+    stores it."""
+    return bits + 1 if method == "mean_clip" else bits
+
+
 def packed_bytes(model: nn.Module) -> int:
-    """Bytes with every quantized weight stored at its bit width (ternary at 2 bits) plus one FP32 scale
+    """Bytes with every quantized weight stored at its storage width (ternary at 2 bits) plus one FP32 scale
     per tensor or row; all other parameters (LayerNorm, biases, position embeddings, FP heads) in FP32."""
+    quantized, total = _quantized_bytes(model)
+    for p in model.parameters():
+        if id(p) not in quantized and not _is_step(p, model):
+            total += 4 * _numel(p)
+    return total
+
+
+def _quantized_bytes(model: nn.Module) -> tuple[set[int], int]:
     quantized: set[int] = set()
     total = 0
     for m in model.modules():
@@ -32,12 +47,14 @@ def packed_bytes(model: nn.Module) -> int:
             n = _numel(m.weight)
             rows = m.weight.shape[0] if m.weight.dim() > 1 and m.weight.numel() else 1
             scales = rows if cfg.granularity == "row" else 1
-            total += (n * cfg.bits + 7) // 8 + 4 * scales
+            total += (n * storage_bits(cfg.method, cfg.bits) + 7) // 8 + 4 * scales
             quantized.add(id(m.weight))
-    for p in model.parameters():
-        if id(p) not in quantized and not _is_step(p, model):
-            total += 4 * _numel(p)
-    return total
+    return quantized, total
+
+
+def quantized_packed_bytes(model: nn.Module) -> int:
+    """The quantized weights' part of :func:`packed_bytes`: their packed codes and FP32 scales."""
+    return _quantized_bytes(model)[1]
 
 
 def size_report(model: nn.Module) -> dict[str, float]:
