@@ -94,27 +94,22 @@ def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
 
 
 def evaluate_folder(cfg: RunConfig, path: str) -> dict:
-    """Evaluate a student folder, or a fine-tuned FP model folder, on the configured task's dev split."""
-    from kdqat_dist.engine.loop import Trainer
-    from kdqat_dist.models.encoders import load_classifier
+    """Evaluate a student folder, an export, or a fine-tuned FP model folder on the task's dev split(s)."""
+    from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
+    from kdqat_dist.data.tasks import get_task
+    from kdqat_dist.engine.backend import pick_device
+    from kdqat_dist.engine.evaluate import evaluate
+    from kdqat_dist.models.encoders import load_classifier, load_tokenizer
     from kdqat_dist.models.student import is_student_dir, load_student
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--model: {p} does not exist")
-    trainer = Trainer(cfg, "finetune")
-    cfg.model.name_or_path = str(p)
-    trainer.task = __import__("kdqat_dist.data.tasks", fromlist=["get_task"]).get_task(cfg.data)
-    from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
-    from kdqat_dist.engine.backend import LocalBackend
-    from kdqat_dist.models.encoders import load_tokenizer
-
-    trainer.backend = LocalBackend(cfg)
-    trainer.tokenizer = load_tokenizer(str(p))
-    max_len = cfg.data.max_seq_length or trainer.task.max_seq_length
-    dev = {k: v for k, v in load_splits(cfg.data, trainer.task).items() if k != "train"}
-    trainer.data = tokenize_splits(dev, trainer.tokenizer, max_len, cfg.data.cache_dir or None)
-    trainer.collate = Collator(trainer.tokenizer)
+    task = get_task(cfg.data)
+    tokenizer = load_tokenizer(str(p))
+    max_len = cfg.data.max_seq_length or task.max_seq_length
+    dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
+    data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
     if (p / "kdqat_export.json").exists():  # a packed artifact from `kdqat export`
         from kdqat_dist.export import load
 
@@ -122,7 +117,8 @@ def evaluate_folder(cfg: RunConfig, path: str) -> dict:
     elif is_student_dir(p):
         model = load_student(p)
     else:
-        model = load_classifier(str(p), trainer.task.num_labels)
-    metrics = trainer.evaluate(model.to(trainer.backend.device))
+        model = load_classifier(str(p), task.num_labels)
+    device = pick_device(cfg.train.device)
+    metrics = evaluate(model.to(device), task, data, Collator(tokenizer), cfg.train.eval_batch_size, device)
     print(_table([[k, f"{v:.4f}"] for k, v in metrics.items()], ["metric", "value"]))
     return metrics

@@ -13,16 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from kdqat_dist.config import ConfigError, RunConfig, save_config
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
-from kdqat_dist.data.tasks import TaskSpec, compute_metrics, get_task, selection_value
+from kdqat_dist.data.tasks import TaskSpec, get_task
 from kdqat_dist.distill.objective import DistillObjective, LossOutput, _unwrap
 from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, memory_table, seed_everything
+from kdqat_dist.engine.evaluate import evaluate as evaluate_model
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path
 from kdqat_dist.models.student import init_student, save_student
@@ -230,33 +230,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def predict(self, model, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions on a dev split. Every rank runs every batch (ZeRO-3 forwards are collective)."""
-        ds = self.data[split]
-        was_training = model.training
-        model.eval()
-        preds, labels = [], []
-        bs = self.cfg.train.eval_batch_size
-        for i in range(0, len(ds), bs):
-            b = self.collate([ds[j] for j in range(i, min(i + bs, len(ds)))])
-            b = {k: v.to(self.backend.device) for k, v in b.items()}
-            lab = b.pop("labels")
-            logits = model(**b).logits.float()
-            preds.append(logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1))
-            labels.append(lab)
-        model.train(was_training)
-        return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-
     def evaluate(self, model) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for split in self.task.eval_splits:
-            if split not in self.data:
-                continue
-            m = compute_metrics(self.task, *self.predict(model, split))
-            prefix = "" if split == "dev" else "mm_"
-            metrics.update({prefix + k: v for k, v in m.items()})
-        metrics["selection"] = selection_value(self.task, metrics)
-        return metrics
+        return evaluate_model(model, self.task, self.data, self.collate, self.cfg.train.eval_batch_size,
+                              self.backend.device)
 
     def _evaluate_and_select(self, step: int) -> None:
         metrics = self.evaluate(self.student)
