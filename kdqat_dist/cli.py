@@ -78,6 +78,14 @@ def _load(args):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            # What DeepSpeed falls back to anyway on a machine without CUDA, said up front: otherwise its
+            # "Setting accelerator to CPU ... unable to detect it" warning lands in the middle of a run
+            # (transformers imports DeepSpeed lazily). CUDA and CPU are the accelerators kdqat supports.
+            os.environ["DS_ACCELERATOR"] = "cpu"
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown our own progress bar
