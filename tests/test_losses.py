@@ -350,3 +350,60 @@ def test_attention_map_kl_gradients_equal_autograd_of_the_formula(dtype):
     assert torch.allclose(g_t.double(), w_t.double(), rtol=tol["rel"], atol=tol["abs"])
     assert (g_s != 0).any() and (g_s[~(mask[:, None, :, None].bool() & mask[:, None, None, :].bool())
                                     .expand(B, H, S, S)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fn", [mse, attention_score_mse])
+def test_mse_gradients_equal_autograd_of_the_formula(fn, dtype):
+    # mse keeps only s - t for its hand-written backward (for memory): its gradients to both arguments
+    # must equal autograd through F.mse_loss, including the masked-score entries zeroed by attention_score_mse.
+    mask = _mask()
+    if fn is attention_score_mse:
+        s, t = _scores(30, mask, torch.finfo(dtype).min, dtype), _scores(31, mask, torch.finfo(dtype).min, dtype)
+    else:
+        s = torch.randn(B, S, D, generator=_gen(30)).to(dtype)
+        t = torch.randn(B, S, D, generator=_gen(31)).to(dtype)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    got = fn(s, t)
+    g_s, g_t = torch.autograd.grad(got * 3.0, (s, t))
+
+    up = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = s.detach().to(up).requires_grad_(True), t.detach().to(up).requires_grad_(True)
+    a_m, b_m = a, b
+    if fn is attention_score_mse:
+        a_m, b_m = torch.where(a <= -100.0, 0.0, a), torch.where(b <= -100.0, 0.0, b)
+    want = torch.nn.functional.mse_loss(a_m, b_m)
+    w_s, w_t = torch.autograd.grad(want * 3.0, (a, b))
+    assert got.dtype == up and g_s.dtype == dtype and g_t.dtype == dtype
+    assert got.item() == pytest.approx(want.item(), rel=1e-12 if dtype == torch.float64 else 1e-6)
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-6)
+    assert torch.allclose(g_s.to(up), w_s.to(dtype).to(up), **tol)
+    assert torch.allclose(g_t.to(up), w_t.to(dtype).to(up), **tol)
+    assert (g_s != 0).any() and torch.equal(g_s, -g_t)
+
+
+def test_hand_written_backwards_refuse_double_backward():
+    # Their backwards use tensors saved without a graph: a second derivative would be silently wrong.
+    s = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(mse(s, torch.zeros(B, S, D, dtype=torch.float64)), s, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_attention_map_kl_blocks_of_heads_and_recompute_give_the_same_loss_and_gradients(monkeypatch):
+    import kdqat_dist.distill.losses as losses_mod
+
+    mask = _mask()
+    ps0, pt = _probs((B, H, S, S), 41), _probs((B, H, S, S), 42)
+    ps = ps0.clone().requires_grad_(True)
+    whole = attention_map_kl(ps, pt, mask)
+    (g_whole,) = torch.autograd.grad(whole, ps)
+    monkeypatch.setattr(losses_mod, "_KL_BLOCK_ELEMENTS", 1)  # one head per block
+    ps = ps0.clone().requires_grad_(True)
+    calls = []
+    blocked = attention_map_kl(ps, pt, mask, recompute_teacher=(lambda x: calls.append(1) or x * 1.0, (pt,)))
+    (g_blocked,) = torch.autograd.grad(blocked, ps)
+    assert calls == [1]
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
+    assert torch.equal(g_blocked, g_whole)

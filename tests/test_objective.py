@@ -103,7 +103,8 @@ def test_zero_weight_taps_nothing():
     obj = DistillObjective.for_models(cfg_with(("logits",)), student, teacher)
     assert obj.student_taps() == {} and obj.teacher_taps() == {}
     obj = DistillObjective.for_models(cfg_with(("attn_map",)), student, teacher)
-    assert obj.teacher_taps() == {"probs": {0, 1}}
+    # the map term also taps the teacher's Q and K, to recompute its map in the backward
+    assert obj.teacher_taps() == {"probs": {0, 1}, "map_inputs": {0, 1}}
 
 
 def test_teacher_taps_are_consumed_as_produced():
@@ -113,9 +114,9 @@ def test_teacher_taps_are_consumed_as_produced():
     seen = []
     orig = obj.term_loss
 
-    def spy(term, s, t, mask):
+    def spy(term, s, t, mask, recompute_teacher=None):
         seen.append(term)
-        return orig(term, s, t, mask)
+        return orig(term, s, t, mask, recompute_teacher)
 
     obj.term_loss = spy
     obj(student, teacher, batch())
@@ -154,6 +155,67 @@ def test_shallower_student_uniform_layer_map():
     d = cfg_with(("hidden", "attn_map"))
     d.layer_map = "uniform"
     obj = DistillObjective.for_models(d, student, teacher)
-    assert obj.teacher_taps() == {"hidden": {0, 2, 4}, "probs": {1, 3}}
+    assert obj.teacher_taps() == {"hidden": {0, 2, 4}, "probs": {1, 3}, "map_inputs": {1, 3}}
     b = batch()
     torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total)
+
+
+def test_streaming_gradients_equal_naive_with_the_teacher_map_recomputed(monkeypatch):
+    # Streaming keeps the teacher's Q and K, not its map, and recomputes the map in the KL's backward;
+    # the naive path keeps the map. Both must give the student the same gradients.
+    from kdqat_dist.models.attention import MapInputs
+
+    calls = []
+    orig = MapInputs.probs
+    monkeypatch.setattr(MapInputs, "probs", lambda self: calls.append(1) or orig(self))
+    b = batch()
+    grads = []
+    for path in ("stream", "naive"):
+        student, teacher = make_pair()
+        obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map", "attn_output")), student, teacher)
+        out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
+        out.total.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert len(calls) == 2  # once per teacher layer, in the streaming backward only
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_map_inputs_recompute_the_probs_tap_exactly():
+    from kdqat_dist.models.taps import TapStore, tapped
+
+    _, teacher = make_pair()
+    store = TapStore()
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    with torch.no_grad(), tapped(teacher, {"probs": {0, 1}, "map_inputs": {0, 1}}, store):
+        teacher(**inputs)
+    for layer in (0, 1):
+        assert torch.equal(store["map_inputs"][layer].probs(), store["probs"][layer])
+
+
+def test_teacher_q_and_k_are_freed_by_the_backward_even_while_the_loss_is_kept(monkeypatch):
+    # Kept on ctx instead of saved, they would live as long as the graph's root: a whole extra step in a
+    # loop that keeps `loss` until it is reassigned.
+    import gc
+    import weakref
+
+    import kdqat_dist.distill.objective as objective_mod
+
+    refs = []
+    orig = objective_mod._recompute
+
+    def spy(inputs, dtype):
+        refs.append(weakref.ref(inputs.query))
+        return orig(inputs, dtype)
+
+    monkeypatch.setattr(objective_mod, "_recompute", spy)
+    student, teacher = make_pair()
+    obj = DistillObjective.for_models(cfg_with(("attn_map",)), student, teacher)
+    out = obj(student, teacher, batch())
+    gc.collect()
+    assert len(refs) == 2 and all(r() is not None for r in refs)  # kept for the backward
+    out.total.backward()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert out.total.grad_fn is not None  # the graph's root is still alive

@@ -51,8 +51,8 @@ def test_nan_loss_stops_with_step_and_term(tiny_teacher, tmp_path):
     trainer = Trainer(cfg, "train").setup()
     real = trainer.objective.term_loss
 
-    def poisoned(term, s, t, mask):
-        v = real(term, s, t, mask)
+    def poisoned(term, s, t, mask, *rest):
+        v = real(term, s, t, mask, *rest)
         return v * float("nan") if term == "attn_map" else v
 
     trainer.objective.term_loss = poisoned

@@ -14,8 +14,11 @@ Per-layer sums (``sum_l``) from the reference are left to the caller, which owns
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention_map_kl",
@@ -97,8 +100,37 @@ def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         ValueError: if the shapes differ.
     """
     _check_same_shape(student, teacher, "mse")
-    dtype = _compute_dtype(student, teacher)
-    return F.mse_loss(student.to(dtype), teacher.to(dtype), reduction="mean")
+    return _MeanSquaredError.apply(student, teacher)
+
+
+class _MeanSquaredError(torch.autograd.Function):
+    """:func:`mse` with a hand-written backward, for memory.
+
+    ``F.mse_loss`` keeps both of its inputs for the backward. The student tap of a KD term is often not
+    kept by anything else (the next layer keeps its own quantized copy), and the teacher's tap would
+    otherwise be freed as soon as the teacher's next layer has run; so the composed loss holds two
+    [B, S, D] tensors per layer, or three with its forward buffer. The gradient needs only ``s - t``:
+    this saves that one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(s, t)
+        with torch.no_grad():
+            diff = s.to(dtype) - t.to(dtype)
+            loss = diff.square().mean()
+        ctx.save_for_backward(diff)
+        ctx.dtypes = (s.dtype, t.dtype)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        g = diff * (grad * (2.0 / max(diff.numel(), 1)))
+        g_s = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        g_t = g.neg().to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return g_s, g_t
 
 
 def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -166,7 +198,7 @@ def attention_score_mse(
     zero = torch.zeros((), dtype=dtype, device=s.device)
     s = torch.where(s <= threshold, zero, s)
     t = torch.where(t <= threshold, zero, t)
-    return F.mse_loss(s, t, reduction="mean")
+    return _MeanSquaredError.apply(s, t)
 
 
 def attention_map_kl(
@@ -174,6 +206,7 @@ def attention_map_kl(
     teacher_probs: torch.Tensor,
     attention_mask: torch.Tensor,
     eps: float = 1e-8,
+    recompute_teacher: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]] | None = None,
 ) -> torch.Tensor:
     """Attention-map KD: KL(teacher || student) of each valid query row, over valid keys (A.7).
 
@@ -193,6 +226,11 @@ def attention_map_kl(
         teacher_probs: [B, H, S, S] teacher attention probabilities.
         attention_mask: [B, S], 1 (or True) for real tokens and 0 for padding.
         eps: lower clamp of the probabilities before the log.
+        recompute_teacher: optional ``(fn, tensors)`` with ``fn(*tensors)`` equal to ``teacher_probs``.
+            When given, the teacher map is not kept for the backward but recomputed there from
+            ``tensors``, which are saved instead (and freed by the backward, like any saved tensor). A
+            caller that can rebuild the map from smaller tensors (the teacher's Q and K: 2·B·S·D numbers
+            instead of B·H·S·S) saves the difference until the backward.
 
     Returns:
         0-dim tensor: the loss for one layer.
@@ -211,7 +249,12 @@ def attention_map_kl(
             f"attention_map_kl: attention_mask must be [B, S] = {(b, s)}, got {tuple(attention_mask.shape)}"
         )
     valid = attention_mask.to(device=student_probs.device) != 0  # [B, S]
-    return _AttentionMapKL.apply(student_probs, teacher_probs, valid, eps)
+    return _AttentionMapKL.apply(student_probs, teacher_probs, valid, eps, recompute_teacher)
+
+
+# Elements per block of heads in the KL's forward: bounds its two temporaries (8 MiB each in float32)
+# whatever B and S are, while each block stays one vectorised op over the whole batch.
+_KL_BLOCK_ELEMENTS = 1 << 21
 
 
 class _AttentionMapKL(torch.autograd.Function):
@@ -221,32 +264,45 @@ class _AttentionMapKL(torch.autograd.Function):
     backward (the clamped student probabilities for ``log`` and the teacher's for ``mul``) and makes five
     more at its peak. Here it saves only its inputs: the student's probabilities are the softmax output
     that autograd keeps anyway, so the one extra tensor per layer is the teacher's map, the least the
-    gradient ``-p_t / p_s`` needs. Forward temporaries are reused in place (three at the peak).
+    gradient ``-p_t / p_s`` needs (or nothing, when the caller can recompute it). The forward runs over
+    blocks of heads with two reused buffers, so its working memory does not grow with B·H·S·S.
     """
 
     @staticmethod
-    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, eps: float,
+                recompute: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]] | None,
+                ) -> torch.Tensor:
         dtype = _compute_dtype(ps, pt)
-        b, h = ps.shape[:2]
+        b, h, s = ps.shape[:3]
         pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
         scale = 1.0 / (valid.sum(dim=-1).clamp_min(1).to(dtype) * (b * h))  # [B]: mean over (b, h) of 1/s_b
+        per_sample = torch.zeros(b, dtype=dtype, device=ps.device)
+        step = max(1, _KL_BLOCK_ELEMENTS // max(1, b * s * s))
         with torch.no_grad():
-            # Two [B, H, S, S] buffers, reused in place: fresh large CPU allocations cost page faults.
-            kl = pt.to(dtype).clamp_min(eps).log_()
-            tmp = ps.to(dtype).clamp_min(eps).log_()
-            kl.sub_(tmp)
-            kl.mul_(torch.clamp_min(pt.to(dtype), eps, out=tmp))  # tmp <- max(p_t, eps)
-            del tmp
-            # masked_fill, not multiply: padded entries may hold NaN (softmax over an all -inf row)
-            kl.masked_fill_(~pair, 0.0)
-            loss = (kl.sum(dim=(1, 2, 3)) * scale).sum()
-        ctx.save_for_backward(ps, pt, pair, scale)
+            for h0 in range(0, h, step):
+                ps_blk, pt_blk = ps[:, h0:h0 + step], pt[:, h0:h0 + step]
+                kl = pt_blk.to(dtype).clamp_min(eps).log_()
+                tmp = ps_blk.to(dtype).clamp_min(eps).log_()
+                kl.sub_(tmp)
+                kl.mul_(torch.clamp_min(pt_blk.to(dtype), eps, out=tmp))  # tmp <- max(p_t, eps)
+                del tmp
+                # masked_fill, not multiply: padded entries may hold NaN (softmax over an all -inf row)
+                kl.masked_fill_(~pair, 0.0)
+                per_sample += kl.sum(dim=(1, 2, 3))
+                del kl
+            loss = (per_sample * scale).sum()
+        # Only tensors saved through save_for_backward are freed by the backward; anything else on ctx
+        # lives as long as the graph's root (often a whole extra step), so the recompute inputs go there.
+        ctx.recompute_fn = None if recompute is None else recompute[0]
+        ctx.save_for_backward(ps, pair, scale, *((pt,) if recompute is None else recompute[1]))
         ctx.eps = eps
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        ps, pt, pair, scale = ctx.saved_tensors
+        ps, pair, scale, *rest = ctx.saved_tensors
+        pt = rest[0] if ctx.recompute_fn is None else ctx.recompute_fn(*rest)
         eps = ctx.eps
         dtype = scale.dtype
         w = (grad * scale)[:, None, None, None]  # [B, 1, 1, 1]
@@ -261,7 +317,7 @@ class _AttentionMapKL(torch.autograd.Function):
             g_t = pt.to(dtype).clamp_min(eps).log_().sub_(ps.to(dtype).clamp_min(eps).log_()).add_(1.0).mul_(w)
             g_t.masked_fill_((pt >= eps).logical_and_(pair).logical_not_(), 0.0)
             g_t = g_t.to(pt.dtype)
-        return g_s, g_t, None, None
+        return g_s, g_t, None, None, None
 
 
 def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:

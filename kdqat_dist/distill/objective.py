@@ -6,7 +6,9 @@ Order of work per batch:
 2. the teacher's forward under ``no_grad``; each teacher tap goes straight into its loss term against the
    mapped student tap as soon as its layer produces it, and is then dropped. The teacher never holds
    all layers' hidden states or attention maps at once, which is what lets a ZeRO-3-sharded teacher
-   stream its activations layer by layer.
+   stream its activations layer by layer. What the backward needs is kept in its smallest form: the
+   MSE terms keep ``s - t``; the map term keeps the teacher's Q and K (2·B·S·D numbers) and recomputes
+   the map (B·H·S·S) from them in its backward, with the same operations, so the gradient is unchanged.
 
 A term whose weight is 0 taps nothing.
 """
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from kdqat_dist.config import DistillConfig
 from kdqat_dist.distill import losses as L
+from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import encoder_layers
 from kdqat_dist.models.layer_map import hidden_map, layer_map
 from kdqat_dist.models.taps import TapStore, tapped
@@ -35,6 +39,34 @@ TERM_TAPS = {
     "sa_output": "sa_output",
 }
 TERMS = ("logits", "ground_truth") + tuple(TERM_TAPS)
+
+
+def _recompute(inputs: MapInputs | None, dtype: torch.dtype):
+    """``(fn, tensors)`` rebuilding the teacher map from its layer's Q, K and mask, in the student's dtype."""
+    if inputs is None:
+        return None
+    return partial(_teacher_probs, scaling=inputs.scaling, dtype=dtype), (inputs.query, inputs.key,
+                                                                          inputs.attention_mask)
+
+
+def _teacher_probs(query, key, attention_mask, *, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    with torch.no_grad():
+        return MapInputs(query, key, attention_mask, scaling).probs().to(dtype)
+
+
+def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
+    """Have autograd run ``loss``'s backward when the backward reaches ``student_tap``, not at its start.
+
+    Autograd runs the ready node created last first. A loss made during the teacher's forward is created
+    after the whole student, so its backward would run first and its gradient for the student tap (for
+    the map term a [B, H, S, S] tensor per layer) would wait there until the backward reached that layer:
+    all layers' at once. With the tap's sequence number the loss node runs just before the tap's own
+    backward, and the gradient is made when it is used. Only the order changes, never the values; on a
+    torch without this (private) setter the order is simply autograd's default.
+    """
+    node, tap_node = loss.grad_fn, student_tap.grad_fn
+    if node is not None and tap_node is not None and hasattr(node, "_set_sequence_nr"):
+        node._set_sequence_nr(tap_node._sequence_nr())
 
 
 @dataclass
@@ -106,17 +138,21 @@ class DistillObjective:
         return out
 
     def teacher_taps(self) -> dict[str, set[int]]:
-        return {tap: set(by_t) for tap, by_t in self.t2s.items()}
+        taps = {tap: set(by_t) for tap, by_t in self.t2s.items()}
+        if "probs" in taps:  # the map loss keeps the teacher's Q and K for its backward, not its map
+            taps["map_inputs"] = set(taps["probs"])
+        return taps
 
     # ------------------------------------------------------------------ one term
 
-    def term_loss(self, term: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def term_loss(self, term: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                  recompute_teacher=None) -> torch.Tensor:
         if term == "hidden":
             return L.hidden_mse(s, t)
         if term == "attn_score":
             return L.attention_score_mse(s, t)
         if term == "attn_map":
-            return L.attention_map_kl(s, t, mask)
+            return L.attention_map_kl(s, t, mask, recompute_teacher=recompute_teacher)
         return L.mse(s, t)
 
     def logit_terms(self, out: LossOutput, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
@@ -148,19 +184,26 @@ class DistillObjective:
             s_logits = student(**inputs).logits
         out = LossOutput(total=torch.zeros(()), student_logits=s_logits)
         sums: dict[str, torch.Tensor] = {}
+        map_inputs: dict[int, MapInputs] = {}
 
-        def sink(t_layer: int, tap: str, t_tensor: torch.Tensor) -> None:
+        def sink(t_layer: int, tap: str, t_tensor) -> None:
+            if tap == "map_inputs":  # arrives just before the same layer's probs
+                map_inputs[t_layer] = t_tensor
+                return
             term = self.tap_term[tap]
             # The teacher runs under no_grad; the loss must still build a graph to the student.
             with torch.enable_grad():
                 for s_layer in self.t2s[tap][t_layer]:
                     s_tensor = store.data[tap].pop(s_layer)
-                    value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask)
+                    value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask,
+                                           _recompute(map_inputs.get(t_layer), s_tensor.dtype))
+                    _run_backward_at(value, s_tensor)
                     sums[term] = value if term not in sums else sums[term] + value
                     out.per_layer.setdefault(term, {})[s_layer] = value.detach()
 
         with torch.no_grad(), tapped(_unwrap(teacher), self.teacher_taps(), sink):
             t_logits = teacher(**inputs).logits if self._needs_teacher() else None
+        map_inputs.clear()
         out.teacher_logits = t_logits
         out.terms.update(sums)
         self.logit_terms(out, s_logits, t_logits, batch.get("labels"))

@@ -5,11 +5,14 @@ Instead of a copied modeling file, every BERT-style self-attention module calls 
 
 - fake-quantizes Q, K, V and the attention probabilities when the module carries an ``attn_quant``
   (:class:`~kdqat_dist.quant.fake_quant.AttentionQuant`), as TernaryBERT's modeling file does;
-- emits the taps the KD losses need (``scores``, ``probs``, ``context``) to the module's tap sink, if one
-  is attached by :mod:`kdqat_dist.models.taps`. Nothing is emitted, and nothing retained, otherwise.
+- emits the taps the KD losses need (``scores``, ``probs``, ``map_inputs``, ``context``) to the module's tap
+  sink, if one is attached by :mod:`kdqat_dist.models.taps`. Nothing is emitted, and nothing retained,
+  otherwise.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,35 @@ def _emit(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     tap = getattr(module, "_kdqat_tap", None)
     if tap is not None and name in tap.names:
         tap.sink(tap.layer, name, tensor)
+
+
+def attention_scores(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """``Q Kᵀ · scaling`` plus the additive mask (or a boolean keep-mask applied as finfo.min): [B, H, S, S]."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is None:
+        return scores
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask
+
+
+@dataclass(frozen=True)
+class MapInputs:
+    """What one layer's attention probabilities are computed from (the ``map_inputs`` tap).
+
+    ``probs()`` gives the same values as the ``probs`` tap (same operations on the same tensors), so a
+    KD loss can keep Q and K (2·B·S·D numbers) for its backward instead of the map (B·H·S·S).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
+    def probs(self) -> torch.Tensor:
+        return F.softmax(attention_scores(self.query, self.key, self.attention_mask, self.scaling), dim=-1)
 
 
 def kdqat_attention(
@@ -52,14 +84,11 @@ def kdqat_attention(
     q = getattr(module, "attn_quant", None)
     if q is not None:
         query, key, value = q.query(query), q.key(key), q.value(value)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
+    scores = attention_scores(query, key, attention_mask, scaling)
     _emit(module, "scores", scores)
     probs = F.softmax(scores, dim=-1)
+    del scores  # nothing keeps it for the backward: free it before the taps' losses allocate theirs
+    _emit(module, "map_inputs", MapInputs(query, key, attention_mask, scaling))
     _emit(module, "probs", probs)  # before dropout and quantization, as the reference's KD tap
     p = F.dropout(probs, p=dropout, training=module.training)
     if q is not None:

@@ -8,12 +8,15 @@ name           tensor                                                        sha
 hidden         index 0: embedding output; index l+1: output of layer l       [B, S, D]
 scores         QKᵀ/√d_h + additive mask (attention function)                 [B, H, S, S]
 probs          softmax probabilities before dropout and quantization         [B, H, S, S]
+map_inputs     ``MapInputs(Q, K, mask, scaling)`` that ``probs`` is computed    2 x [B, H, S, d_h]
+               from (emitted just before it); ``.probs()`` recomputes it
 context        per-head softmax(A)·V before the head merge                   [B, H, S, d_h]
 sa_output      W_o·ctx + b_o (attention.output.dense), before residual/LN    [B, S, D]
 attn_output    LayerNorm(Dropout(W_o·ctx + b_o) + X): the attention block    [B, S, D]
 =============  ============================================================  ===============
 
-A sink is any ``callable(layer: int, name: str, tensor) -> None``. Only the (name, layer) pairs asked
+A sink is any ``callable(layer: int, name: str, tensor) -> None`` (``map_inputs`` delivers a
+:class:`~kdqat_dist.models.attention.MapInputs` instead of a tensor). Only the (name, layer) pairs asked
 for are tapped; the hooks are removed when the context manager exits. The same mechanism runs on a
 plain model, a DeepSpeed ZeRO-3 engine's module, and in the analysis tools.
 """
@@ -30,7 +33,7 @@ from torch import nn
 from kdqat_dist.models.encoders import embeddings_module, encoder_layers
 
 Sink = Callable[[int, str, torch.Tensor], None]
-FUNCTION_TAPS = ("scores", "probs", "context")
+FUNCTION_TAPS = ("scores", "probs", "map_inputs", "context")
 MODULE_TAPS = ("sa_output", "attn_output")
 ALL_TAPS = ("hidden",) + FUNCTION_TAPS + MODULE_TAPS
 

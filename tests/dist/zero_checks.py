@@ -25,7 +25,7 @@ from kdqat_dist.engine import dist
 from kdqat_dist.engine.backend import storage_bytes
 from kdqat_dist.engine.ds_backend import DeepSpeedBackend, _param_bytes
 from kdqat_dist.engine.loop import run
-from kdqat_dist.models.attention import use_kdqat_attention
+from kdqat_dist.models.attention import MapInputs, use_kdqat_attention
 from kdqat_dist.models.encoders import encoder_layers, load_classifier, load_tokenizer
 from kdqat_dist.models.student import init_student
 from kdqat_dist.models.taps import ALL_TAPS, TapStore, tapped
@@ -61,7 +61,10 @@ def check_teacher(args, batch) -> dict:
         logits = teacher(**batch).logits
     with torch.no_grad(), tapped(ref, wanted, whole):
         ref_logits = ref(**batch).logits
-    diffs = {f"{tap}/{layer}": float((sharded[tap][layer] - t).abs().max())
+    def value(x):  # map_inputs: the probabilities recomputed from the tapped Q, K and mask
+        return x.probs() if isinstance(x, MapInputs) else x
+
+    diffs = {f"{tap}/{layer}": float((value(sharded[tap][layer]) - value(t)).abs().max())
              for tap in ALL_TAPS for layer, t in whole[tap].items()}
     diffs["logits"] = float((logits - ref_logits).abs().max())
     out = {"taps": diffs, "teacher_param_bytes": _param_bytes(teacher.module),
