@@ -435,16 +435,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def resolve_recipe(path: str | Path) -> Path:
-    """A recipe path, or the name of a recipe shipped in the package (``tiny_debug`` / ``tiny_debug.yaml``)."""
+def resolve_shipped(path: str | Path, folder: Path, what: str) -> Path:
+    """A YAML path, or the name of one shipped in ``folder`` (``tiny_debug`` / ``tiny_debug.yaml``).
+
+    Raises:
+        ConfigError: naming the file and listing what ships, e.g. ``config file not found: x
+            (shipped recipes: ...)`` for ``what="recipe"``.
+    """
     p = Path(path)
     if p.exists():
         return p
-    for cand in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+    for cand in (folder / p.name, folder / f"{p.name}.yaml"):
         if cand.exists():
             return cand
-    shipped = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file not found: {path} (shipped recipes: {shipped})")
+    shipped = ", ".join(sorted(x.stem for x in folder.glob("*.yaml"))) or "none"
+    noun = "config file" if what == "recipe" else f"{what} file"
+    raise ConfigError(f"{noun} not found: {path} (shipped {what}s: {shipped})")
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe path, or the name of a recipe shipped in the package."""
+    return resolve_shipped(path, RECIPES_DIR, "recipe")
 
 
 def load_yaml(path: str | Path) -> dict:

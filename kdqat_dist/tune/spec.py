@@ -34,7 +34,15 @@ from typing import Any
 
 import yaml
 
-from kdqat_dist.config import ConfigError, RunConfig, flat_keys, load_config, load_yaml, parse_override
+from kdqat_dist.config import (
+    ConfigError,
+    RunConfig,
+    flat_keys,
+    load_config,
+    load_yaml,
+    parse_override,
+    resolve_shipped,
+)
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "ray_tune"
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
@@ -172,14 +180,7 @@ def _suggest(key: str) -> str:
 
 
 def resolve_spec_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.exists():
-        return p
-    for cand in (SPEC_DIR / p.name, SPEC_DIR / f"{p.name}.yaml"):
-        if cand.exists():
-            return cand
-    shipped = ", ".join(sorted(x.stem for x in SPEC_DIR.glob("*.yaml"))) or "none"
-    raise ConfigError(f"sweep spec not found: {path} (shipped specs: {shipped})")
+    return resolve_shipped(path, SPEC_DIR, "sweep spec")
 
 
 def _check_key(key: Any, where: str, allow_tune: bool = False) -> str:
