@@ -65,6 +65,28 @@ def summary(cfg: RunConfig, result: dict, trainer=None) -> str:
     return head + "\n" + _table(rows, ["model", metric, "bits", "best step", "size"])
 
 
+def _demo_dir_usable(root: Path) -> bool:
+    """Nothing finished or half-written to lose: absent, or holding only a finished teacher to reuse."""
+    if (root / "summary.json").exists() or (root / "student_run").exists():
+        return False
+    teacher = root / "teacher"
+    return not teacher.exists() or (teacher / "model" / "config.json").exists()
+
+
+def pick_demo_dir(root: Path) -> Path:
+    """``root``, or the first of ``root-2``, ``root-3``, ... that a new demo can use.
+
+    So that running the demo again (or after an interruption) never fails and never overwrites a finished
+    or half-written run; a folder whose teacher finished but whose student never started is reused.
+    """
+    n = 1
+    cand = root
+    while not _demo_dir_usable(cand):
+        n += 1
+        cand = root.with_name(f"{root.name}-{n}")
+    return cand
+
+
 def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
     """Fine-tune MiniLM on the built-in synthetic task, KD-QAT it to W2(ternary) E2 A8, print both.
 
@@ -72,9 +94,15 @@ def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
     """
     base = load_config(config or "demo", overrides)
     root = Path(base.train.output_dir)
-    if (root / "summary.json").exists():
-        raise ConfigError(f"train.output_dir: {root} already holds a finished demo; pass "
-                          f"train.output_dir=<new folder> or delete it")
+    if any(o.split("=", 1)[0].strip() == "train.output_dir" for o in overrides or []):
+        if not _demo_dir_usable(root):  # a folder the user named: never write into a used one
+            raise ConfigError(f"train.output_dir: {root} already holds a demo run; pass "
+                              f"train.output_dir=<new folder> or delete it")
+    else:
+        chosen = pick_demo_dir(root)
+        if chosen != root:
+            print(f"[demo] {root} already holds a demo run; this one goes to {chosen}")
+        root = chosen
     t0 = time.perf_counter()
     teacher_dir = root / "teacher"
     if (teacher_dir / "model" / "config.json").exists():

