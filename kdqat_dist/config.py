@@ -183,6 +183,10 @@ class TrainConfig:
     save_every: int | None = None  # engine checkpoints every N steps (for --resume)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
+    # TensorBoard diagnostics of `kdqat train` (kdqat_dist.analysis.diagnostics): zero fraction, scale and
+    # drift, clip rate at log steps; weight flip rate at evaluations; each layer's KD loss contribution.
+    # bench/bench_diagnostics.py measures their cost; false skips all of them.
+    diagnostics: bool = True
 
 
 @dataclass
@@ -209,6 +213,24 @@ class TuneConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """``kdqat analyze`` (kdqat_dist.analysis.report): the dev sample and the Hessian power iteration.
+
+    The command's flags (``--samples``, ``--hessian-iters`` ...) override these when given.
+    """
+
+    samples: int = 32  # dev examples for the attention and norm analyses
+    seed: int = 0  # which dev examples, and the power iteration's start vectors
+    top_k: int = 5  # cover length: the teacher's top-k keys
+    hessian_samples: int = 8  # the first N of the sample; 0 skips the Hessian
+    hessian_iters: int = 100  # power iterations at most
+    hessian_tol: float = 1e-3  # relative change of the eigenvalue that stops the iteration
+    hessian_top_n: int = 1  # eigenvalues per example
+    hessian_norm_weight: float = 0.01  # the reference's 0.01·Σ‖p‖₂ term of the Hessian loss
+    device: str = "cpu"  # cpu | cuda | auto
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -219,6 +241,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -307,6 +330,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(u.cpus_per_worker >= 1, "tune.cpus_per_worker", "must be >= 1")
     _check(u.gpus_per_worker >= 0, "tune.gpus_per_worker", "must be >= 0")
     _check(u.scheduler in ("none", "asha"), "tune.scheduler", f"got {u.scheduler!r}; allowed: none, asha")
+
+    a = cfg.analysis
+    for name in ("samples", "top_k", "hessian_iters", "hessian_top_n"):
+        _check(getattr(a, name) >= 1, f"analysis.{name}", f"got {getattr(a, name)}; must be >= 1")
+    _check(a.hessian_samples >= 0, "analysis.hessian_samples",
+           f"got {a.hessian_samples}; must be >= 0 (0 skips the Hessian)")
+    _check(a.hessian_tol > 0, "analysis.hessian_tol", f"got {a.hessian_tol}; must be > 0")
+    _check(a.hessian_norm_weight >= 0, "analysis.hessian_norm_weight", f"got {a.hessian_norm_weight}; must be >= 0")
+    _check(a.device in ("auto", "cpu", "cuda"), "analysis.device", f"got {a.device!r}; allowed: auto, cpu, cuda")
     return cfg
 
 

@@ -15,7 +15,7 @@ from kdqat_dist.analysis.attention_distance import cover_length_ratio, head_kl, 
 from kdqat_dist.analysis.collect import forward_taps
 from kdqat_dist.analysis.hessian import hessian_loss, norm_penalty_hvp, norm_penalty_max_eigenvalue, power_iteration
 from kdqat_dist.analysis.norms import TOKEN_CLASSES, norm_decomposition, token_classes, value_vectors
-from kdqat_dist.analysis.report import FIGURES, AnalyzeOptions, analyze, analyze_models, load_models
+from kdqat_dist.analysis.report import FIGURES, AnalyzeOptions, analyze, analyze_models, load_models, run_config
 from kdqat_dist.config import ConfigError, QuantConfig
 from kdqat_dist.models.encoders import encoder_layers
 from kdqat_dist.models.taps import TapStore, tapped
@@ -338,9 +338,11 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_path, capsys):
     out = tmp_path / "an"
+    # the sample size and iterations come from the config's analysis section; a flag overrides it
     rc, err = _cli(["analyze", "--config", "tiny_debug", "--teacher", str(models_dir / "teacher"),
                     "--student", str(models_dir / "map"), "--student", f"lsq={models_dir / 'out'}",
-                    "--out", str(out), "--samples", "4", "--hessian-samples", "2", "--hessian-iters", "3"], capsys)
+                    "--out", str(out), "--hessian-samples", "2",
+                    "analysis.samples=4", "analysis.hessian_iters=3", "analysis.hessian_samples=6"], capsys)
     assert rc == 0, err
     for name in FIGURES:
         assert (out / name).stat().st_size > 5000, name  # a real image, not an empty canvas
@@ -349,6 +351,9 @@ def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_pa
     assert set(doc["distance"]) == {"map", "lsq"}
     assert set(doc["norms"]) == {"teacher", "map", "lsq"}
     assert len(doc["lengths"]) == 4 and doc["meta"]["task"] == "demo"
+    assert (doc["meta"]["samples"], doc["meta"]["hessian_iters"], doc["meta"]["hessian_samples"]) == (4, 3, 2)
+    hs = doc["hessian"]["map"]
+    assert len(hs["eigenvalues"]) == 2 and max(i for row in hs["iterations"] for i in row) <= 3
     md = (out / "summary.md").read_text()
     assert all(f"({name})" in md for name in FIGURES)
 
@@ -397,3 +402,27 @@ def test_bad_input_is_a_one_line_config_error(models_dir, tmp_path, capsys):
     rc, err = _cli(["analyze", "--teacher", str(teacher), "--student", str(teacher), "--out", str(tmp_path / "y"),
                     "--config", "tiny_debug"], capsys)
     assert rc == 2 and err.count("\n") == 1 and err.startswith("kdqat: error: --student")
+    # a bad analysis value, as a flag or as a key: one line naming what the user typed
+    base = ["analyze", "--teacher", str(teacher), "--student", str(models_dir / "map"), "--out", str(tmp_path / "y"),
+            "--config", "tiny_debug"]
+    rc, err = _cli([*base, "--samples", "0"], capsys)
+    assert rc == 2 and err == "kdqat: error: --samples (analysis.samples: got 0; must be >= 1)\n"
+    rc, err = _cli([*base, "analysis.hessian_tol=0"], capsys)
+    assert rc == 2 and err == "kdqat: error: analysis.hessian_tol: got 0.0; must be > 0\n"
+    assert not (tmp_path / "y").exists()
+
+
+def test_run_config_layers_recipe_overrides_and_options(tmp_path):
+    from kdqat_dist.config import AnalysisConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  task: demo\nanalysis:\n  samples: 7\n  top_k: 4\n  hessian_iters: 9\n")
+    opts = AnalyzeOptions(teacher="t", students=["s"], out="o", config=str(recipe),
+                          overrides=["analysis.top_k=2", "analysis.hessian_tol=1e-2"], hessian_iters=11, task="rte")
+    cfg = run_config(opts)
+    a = cfg.analysis
+    # recipe < key=value overrides < options (flags); the rest keeps the defaults
+    assert (a.samples, a.top_k, a.hessian_iters, a.hessian_tol) == (7, 2, 11, 0.01)
+    assert a.hessian_samples == AnalysisConfig().hessian_samples and cfg.data.task == "rte"
+    with pytest.raises(ConfigError, match=r"^--hessian-tol \(analysis.hessian_tol: got -1.0; must be > 0\)$"):
+        run_config(AnalyzeOptions(teacher="t", students=["s"], out="o", hessian_tol=-1.0))

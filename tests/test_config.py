@@ -49,6 +49,16 @@ def test_dict_overrides_for_sweeps():
     ("train.batch_size=0", "train.batch_size: must be > 0"),
     ("nonsense", "expected key=value"),
     ("quant.rules=[{pattern: '('}]", "is not a valid regex"),
+    ("train.diagnostics=maybe", "train.diagnostics: expected true or false, got 'maybe'"),
+    ("analysis.samples=0", "analysis.samples: got 0; must be >= 1"),
+    ("analysis.top_k=-2", "analysis.top_k: got -2; must be >= 1"),
+    ("analysis.hessian_iters=0", "analysis.hessian_iters: got 0; must be >= 1"),
+    ("analysis.hessian_samples=-1", "analysis.hessian_samples: got -1; must be >= 0"),
+    ("analysis.hessian_tol=0", "analysis.hessian_tol: got 0.0; must be > 0"),
+    ("analysis.hessian_tol=-1e-3", "analysis.hessian_tol: got -0.001; must be > 0"),
+    ("analysis.samples=3.5", "analysis.samples: expected an integer, got 3.5"),
+    ("analysis.device=tpu", "analysis.device: got 'tpu'; allowed: auto, cpu, cuda"),
+    ("analysis.sample=3", "unknown key 'analysis.sample'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -81,3 +91,21 @@ def test_flat_keys():
     keys = flat_keys()
     assert {"distill.attn_map.weight", "train.seed", "data.task", "quant.weight.bits"} <= keys
     assert Path  # keep import used
+
+
+def test_analysis_section_from_yaml_and_overrides(tmp_path):
+    from kdqat_dist.config import AnalysisConfig
+
+    assert load_config(None).analysis == AnalysisConfig()
+    assert load_config(None).train.diagnostics is True
+    p = tmp_path / "an.yaml"
+    p.write_text("analysis:\n  samples: 64\n  hessian_tol: 1e-4\n  hessian_iters: 20\ntrain:\n  diagnostics: false\n")
+    cfg = load_config(p, ["analysis.hessian_iters=50", "analysis.top_k=3"])
+    a = cfg.analysis
+    assert (a.samples, a.hessian_tol, a.hessian_iters, a.top_k) == (64, 1e-4, 50, 3)
+    assert isinstance(a.hessian_tol, float)  # YAML reads 1e-4 as a string
+    assert a.hessian_samples == AnalysisConfig().hessian_samples  # unnamed keys keep their defaults
+    assert cfg.train.diagnostics is False
+    assert {"analysis.samples", "analysis.hessian_tol", "train.diagnostics"} <= flat_keys()
+    save_config(cfg, tmp_path / "round.yaml")
+    assert load_config(tmp_path / "round.yaml") == cfg

@@ -1,4 +1,4 @@
-"""Training-time quantization diagnostics: values on a prepared model, ZeRO-3 partitions, a real run's events."""
+"""Training-time diagnostics: values on a prepared model, ZeRO-3 partitions, real runs' TensorBoard events."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdqat_dist.analysis.diagnostics import log_diagnostics, reset_diagnostics, short_name, weight_codes
+from kdqat_dist.analysis.diagnostics import (
+    log_diagnostics,
+    log_flip_rate,
+    reset_diagnostics,
+    short_name,
+    weight_codes,
+)
 from kdqat_dist.config import QuantConfig, WeightQuantConfig
 from kdqat_dist.quant.api import prepare
-from kdqat_dist.quant.fake_quant import QuantLinear, WeightFakeQuant
+from kdqat_dist.quant.fake_quant import QuantEmbedding, QuantLinear, WeightFakeQuant
 
 
 class FakeWriter:
@@ -58,6 +64,16 @@ def test_weight_codes_per_method():
     delta = 0.7 * x.mean()
     assert step.item() == pytest.approx(float(x[x > delta].mean()), rel=1e-6)  # α
     assert torch.equal(codes == 0, x <= delta)
+    # TWN's codes come off the threshold, not from ŵ: codes x step must be the forward's ŵ, bit for bit
+    w2 = w.clone()
+    w2[2] = 0  # a row with no weight above the threshold
+    w2[3, 0] = 4.0  # beyond the clip
+    for gran in ("tensor", "row"):
+        wq = WeightFakeQuant(WeightQuantConfig(granularity=gran))
+        codes, step = weight_codes(wq, w2)
+        assert torch.equal(codes * step, wq.forward(w2)), gran
+        assert set(codes.unique().tolist()) == {-1.0, 0.0, 1.0} and (step > 0).all()
+    assert torch.equal(codes[2], torch.zeros(10)) and step[2].item() == 1.0
     codes, step = weight_codes(WeightFakeQuant(WeightQuantConfig(bits=8, method="sym")), w)
     assert step.item() == pytest.approx(float(x.clamp(max=2.5).max()) / 127, rel=1e-6)
     assert codes.abs().max() == 127
@@ -88,23 +104,45 @@ def test_log_diagnostics_values_and_state():
     assert not any(t.startswith(("quant_flip_rate/", "quant_clip_rate/")) for t in w.scalars)  # nothing yet
     # the first call switched clip counting on; a forward feeds it
     forward(model)
-    with torch.no_grad():  # flip the sign of the first row of one weight: its non-zero codes flip
-        q.weight[0].neg_()
-        q.weight.mul_(1.5)  # and scale it: TWN's α grows by the same factor
+    with torch.no_grad():
+        q.weight.mul_(1.5)  # TWN's α grows by the same factor
     log_diagnostics(w, 2, model)
-    flips = float((codes[0] != 0).sum()) / codes.numel()
-    assert w.last("quant_flip_rate/00.attention.self.query") == pytest.approx(flips)
-    assert w.last("quant_flip_rate/00.attention.self.key") == 0.0
     assert w.last("quant_scale_drift/00.attention.self.query") == pytest.approx(0.5, rel=1e-5)
+    assert w.last("quant_scale_drift/00.attention.self.key") == pytest.approx(0.0, abs=1e-7)
+    assert not any(t.startswith("quant_flip_rate/") for t in w.scalars)  # evaluations' (log_flip_rate)
     rate = w.last("quant_clip_rate/00.attention.self.query.input")
     assert 0.0 <= rate < 1.0
     assert w.last("quant_clip_rate/00.attention.self.attn_quant.probs") == 0.0  # probs lie in [0, 1] < 2.5
     aq = q.act_quant
     assert aq.track_stats and float(aq.seen) == 0.0  # counters reset after reading
-    for tag in ("quant_zero_frac/all", "quant_flip_rate/all", "quant_clip_rate/all"):
+    for tag in ("quant_zero_frac/all", "quant_clip_rate/all"):
         assert 0.0 <= w.last(tag) <= 1.0
     reset_diagnostics(model)
     assert not aq.track_stats
+
+
+def test_flip_rate_counts_codes_changed_since_the_previous_call():
+    model = tiny_student()
+    w = FakeWriter()
+    log_flip_rate(w, None, model)  # the baseline: kept, nothing written
+    assert not w.scalars
+    q = model.bert.encoder.layer[0].attention.self.query
+    codes, _ = weight_codes(q.weight_quant, q.weight)
+    with torch.no_grad():  # flip the sign of the first row: its non-zero codes flip, α is unchanged
+        q.weight[0].neg_()
+    log_flip_rate(w, 3, model)
+    flips = int((codes[0] != 0).sum())
+    assert flips > 0
+    assert w.scalars["quant_flip_rate/00.attention.self.query"] == [(3, pytest.approx(flips / codes.numel()))]
+    assert w.last("quant_flip_rate/00.attention.self.key") == 0.0
+    n_all = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantLinear | QuantEmbedding)
+                and m.weight_quant is not None and m.weight_quant.enabled)
+    assert w.last("quant_flip_rate/all") == pytest.approx(flips / n_all)
+    log_flip_rate(w, 6, model)  # nothing changed since the previous call (not since the baseline)
+    assert w.last("quant_flip_rate/00.attention.self.query") == 0.0
+    reset_diagnostics(model)  # forgets the codes: the next call is a new baseline
+    log_flip_rate(w, 9, model)
+    assert w.scalars["quant_flip_rate/all"][-1][0] == 6
 
 
 def test_clip_rate_counts_inputs_beyond_the_clip():
@@ -156,9 +194,14 @@ def test_zero3_partitions_are_skipped_and_none_writer_is_a_no_op():
     w = FakeWriter()
     log_diagnostics(w, 1, model)
     log_diagnostics(w, 2, model)
+    log_flip_rate(w, None, model)
+    log_flip_rate(w, 2, model)
     assert "quant_zero_frac/00.attention.self.query" not in w.scalars
+    assert "quant_flip_rate/00.attention.self.query" not in w.scalars
     assert "quant_zero_frac/00.attention.self.key" in w.scalars
+    assert "quant_flip_rate/00.attention.self.key" in w.scalars
     log_diagnostics(None, 3, model)
+    log_flip_rate(None, 3, model)
 
 
 def test_no_distributed_imports_in_analysis():
@@ -168,21 +211,35 @@ def test_no_distributed_imports_in_analysis():
         assert not re.search(r"^\s*(import|from)\s+(deepspeed|torch\.distributed|ray)\b", src, re.M), f.name
 
 
-def test_training_run_writes_the_diagnostics_to_tensorboard(tmp_path):
+def _events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    (events,) = (run_dir / "tb").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _tiny_run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, object]:
+    """A real `kdqat train` of the tiny recipe from a random FP teacher: (metrics, its TensorBoard events)."""
     from kdqat_dist.config import load_config
     from kdqat_dist.engine.loop import run
     from kdqat_dist.models.tiny import make_tiny_checkpoint
 
-    teacher = make_tiny_checkpoint(tmp_path / "teacher")  # a random FP model is a valid teacher here
-    out = tmp_path / "run"
-    cfg = load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "train.max_steps=6",
-                                     "train.log_every=2", "train.eval_every=6", "data.demo_size=120"])
-    run(cfg, "train")
-    (events,) = (out / "tb").glob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-    acc.Reload()
+    teacher = tmp_path / "teacher"
+    if not teacher.exists():
+        make_tiny_checkpoint(teacher)  # a random FP model is a valid teacher here
+    out = tmp_path / name
+    cfg = load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "data.demo_size=120",
+                                     *overrides])
+    return run(cfg, "train"), _events(out)
+
+
+def test_training_run_writes_the_diagnostics_to_tensorboard(tmp_path):
+    # 7 steps, 2 micro-batches each; logs at 3, 6 and 7 (a one-step last window), evaluations at 4 and 7;
+    # loss weights other than 1, so a weighted contribution differs from the raw term
+    metrics, acc = _tiny_run(tmp_path, "run", "train.max_steps=7", "train.log_every=3", "train.eval_every=4",
+                             "train.grad_accum=2", "distill.hidden.weight=0.5", "distill.attn_map.weight=2")
     tags = set(acc.Tags()["scalars"])
     for group in ("quant_zero_frac", "quant_scale", "quant_scale_drift", "quant_flip_rate"):
         assert f"{group}/00.attention.self.query" in tags, group
@@ -190,10 +247,50 @@ def test_training_run_writes_the_diagnostics_to_tensorboard(tmp_path):
                 "quant_clip_rate/01.attention.self.attn_quant.key"):
         assert tag in tags, tag
     assert "quant_zero_frac/embeddings.word_embeddings" in tags
-    # the loop's per-layer KD terms: the default recipe distils hidden states, maps and outputs
-    for tag in ("layers/attn_map/00", "layers/attn_map/01", "layers/attn_output/01", "layers/hidden/02"):
-        assert tag in tags, tag
+    assert "diagnostics/README/text_summary" in acc.Tags()["tensors"]  # the text entry explaining the tags
     steps = [e.step for e in acc.Scalars("quant_zero_frac/00.attention.self.query")]
-    assert steps == [2, 4, 6]
-    assert [e.step for e in acc.Scalars("quant_flip_rate/00.attention.self.query")] == [4, 6]
+    assert steps == [3, 6, 7]
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("quant_clip_rate/all"))
+
+    # the flip rate: at evaluations, codes changed since the previous one (the first: since the start)
+    flips = acc.Scalars("quant_flip_rate/all")
+    assert [e.step for e in flips] == [4, 7]
+    assert all(0.0 < e.value < 1.0 for e in flips)  # lr 1e-3 moves some ternary codes
+
+    # each term's (and layer's) weighted contribution, averaged like the loss: they sum to train/loss
+    contrib = sorted(t for t in tags if t.startswith("kd_contribution/"))
+    # the default recipe distils logits, hidden states (3 with the embeddings), maps and outputs (2 layers)
+    assert contrib == ["kd_contribution/attn_map/00", "kd_contribution/attn_map/01",
+                       "kd_contribution/attn_output/00", "kd_contribution/attn_output/01",
+                       "kd_contribution/hidden/00", "kd_contribution/hidden/01", "kd_contribution/hidden/02",
+                       "kd_contribution/logits"]
+    loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(loss) == [3, 6, 7]
+    for step, total in loss.items():
+        parts = [next(e.value for e in acc.Scalars(t) if e.step == step) for t in contrib]
+        assert sum(parts) == pytest.approx(total, rel=1e-5), step
+        assert min(parts) >= 0
+    # ... and a term's layers sum to its weight times the (unweighted) term the loop logs
+    hidden = [acc.Scalars(f"kd_contribution/hidden/{i:02d}")[-1].value for i in range(3)]
+    assert sum(hidden) == pytest.approx(0.5 * metrics["train_log"][-1]["loss/hidden"], rel=1e-5)
+    assert not any(k.startswith("kd_contribution/") for k in metrics["train_log"][-1])
+
+
+def test_flip_rate_is_zero_when_the_weights_do_not_move(tmp_path):
+    # train.lr must be > 0; 1e-12 moves no weight by a float32 ulp of its value, so no code can change
+    _, acc = _tiny_run(tmp_path, "still", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
+                       "train.lr=1e-12")
+    flips = acc.Scalars("quant_flip_rate/all")
+    assert [e.step for e in flips] == [2, 4]
+    assert all(e.value == 0.0 for e in flips)
+    assert all(e.value == 0.0 for e in acc.Scalars("quant_flip_rate/00.attention.self.query"))
+
+
+def test_diagnostics_switch_off(tmp_path):
+    metrics, acc = _tiny_run(tmp_path, "off", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
+                             "train.diagnostics=false")
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/selection" in tags  # the run logged
+    assert not [t for t in tags if t.startswith(("quant_", "kd_contribution/"))]
+    assert "diagnostics/README/text_summary" not in acc.Tags()["tensors"]
+    assert metrics["best"] is not None

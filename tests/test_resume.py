@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdqat_dist.config import ConfigError, load_config
+from kdqat_dist.config import ConfigError, load_config, save_config
 from kdqat_dist.engine.backend import LocalBackend, _commit_checkpoint, latest_checkpoint
 from kdqat_dist.engine.loop import Trainer, run
 from kdqat_dist.models.tiny import make_tiny_checkpoint
@@ -67,11 +67,27 @@ def test_killed_and_resumed_run_matches_uninterrupted(teacher, tmp_path):
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
-def test_resume_without_checkpoint_names_the_fix(teacher, tmp_path):
+def test_resume_of_a_finished_run_without_checkpoint_names_the_fix(teacher, tmp_path):
     cfg = _cfg(teacher, tmp_path / "none", "train.save_every=null", "train.max_steps=1")
     run(cfg, "train")
-    with pytest.raises(ConfigError, match="no checkpoint.*train.save_every"):
+    before = (tmp_path / "none" / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="finished run and no checkpoint.*train.save_every"):
         run(cfg, "train", resume=True)
+    assert (tmp_path / "none" / "metrics.json").read_bytes() == before  # nothing overwritten
+
+
+def test_resume_before_the_first_checkpoint_starts_from_step_0(teacher, tmp_path):
+    # A job preempted before its first checkpoint and requeued with --resume (the Slurm scripts pass it
+    # on every restart): its folder holds only the config; the run must start over, not refuse.
+    cfg = _cfg(teacher, tmp_path / "early", "train.max_steps=2")
+    (tmp_path / "early").mkdir()
+    save_config(cfg, tmp_path / "early" / "config.yaml")
+    with pytest.raises(ConfigError, match="already holds a run"):  # without --resume it is protected
+        run(cfg, "train")
+    out = run(cfg, "train", resume=True)
+    assert [r["step"] for r in out["train_log"]] == [1, 2]
+    out = run(_cfg(teacher, tmp_path / "never", "train.max_steps=1"), "train", resume=True)  # no folder at all
+    assert out["total_steps"] == 1
 
 
 def test_latest_never_names_a_partial_checkpoint(tmp_path):

@@ -10,7 +10,9 @@ EXAMPLE = """examples:
   kdqat analyze --config tiny_debug --teacher /tmp/a/t --student /tmp/a/map --student /tmp/a/out --out /tmp/an
 
 A run folder stands for its model/ (finetune) or student/ (train) folder. A student is named by NAME=DIR,
-or after its run folder. Extra key=value arguments override the recipe's data section (data.source, ...)."""
+or after its run folder. Extra key=value arguments override the recipe: its data section (data.source, ...)
+and its analysis section (analysis.samples=64, analysis.hessian_iters=50, ...); the flags below, when
+given, override the analysis section in turn."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,19 +28,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a `kdqat train` student/ folder; repeat for several students")
     p.add_argument("--task", default=None, help="the task (sets data.task); default: the recipe's")
     p.add_argument("--out", required=True, help="output folder for the figures, analysis.json and summary.md")
-    p.add_argument("--config", "-c", default=None, help="recipe whose data section is used (default: built-in)")
-    p.add_argument("--samples", type=int, default=32, help="dev examples analysed (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="picks the dev examples and power-iteration starts")
-    p.add_argument("--top-k", type=int, default=5, help="teacher keys the cover length must reach (default 5)")
-    p.add_argument("--hessian-samples", type=int, default=8,
-                   help="examples for the Hessian spectrum, the first of the sample (0 skips it; default 8)")
-    p.add_argument("--hessian-iters", type=int, default=100, help="power iterations at most (default 100)")
-    p.add_argument("--hessian-tol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    p.add_argument("--hessian-top-n", type=int, default=1, help="eigenvalues per example (default 1)")
-    p.add_argument("--hessian-norm-weight", type=float, default=0.01,
-                   help="weight of the Σ‖p‖₂ term of the Hessian loss (the reference's 0.01)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.source=glue/RTE")
+    p.add_argument("--config", "-c", default=None,
+                   help="recipe whose data and analysis sections are used (default: built-in)")
+    # None: the config's analysis.<name> decides (see kdqat_dist.config.AnalysisConfig for the defaults).
+    p.add_argument("--samples", type=int, default=None, help="dev examples analysed (analysis.samples, 32)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="picks the dev examples and power-iteration starts (analysis.seed, 0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="teacher keys the cover length must reach (analysis.top_k, 5)")
+    p.add_argument("--hessian-samples", type=int, default=None,
+                   help="examples for the Hessian spectrum, the first of the sample; 0 skips it "
+                        "(analysis.hessian_samples, 8)")
+    p.add_argument("--hessian-iters", type=int, default=None,
+                   help="power iterations at most (analysis.hessian_iters, 100)")
+    p.add_argument("--hessian-tol", type=float, default=None,
+                   help="relative tolerance (analysis.hessian_tol, 1e-3)")
+    p.add_argument("--hessian-top-n", type=int, default=None,
+                   help="eigenvalues per example (analysis.hessian_top_n, 1)")
+    p.add_argument("--hessian-norm-weight", type=float, default=None,
+                   help="weight of the Σ‖p‖₂ term of the Hessian loss (analysis.hessian_norm_weight, 0.01)")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (analysis.device, cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. data.source=glue/RTE analysis.samples=64")
     p.set_defaults(func=run)
     return p
 

@@ -1,16 +1,19 @@
-"""Training-time quantization diagnostics, written to TensorBoard at every log step of ``kdqat train``.
+"""Training-time quantization diagnostics for TensorBoard, written during ``kdqat train``.
 
-:func:`log_diagnostics` is called by the training loop (``Trainer._diagnostics``). Per fake-quantized
-weight (every ``QuantLinear`` / ``QuantEmbedding``), tags ``<group>/<module>``:
+The training loop (``Trainer``, switched off by ``train.diagnostics=false``) calls :func:`log_diagnostics`
+at every log step and :func:`log_flip_rate` at every evaluation. Per fake-quantized weight (every
+``QuantLinear`` / ``QuantEmbedding``), tags ``<group>/<module>``:
 
-- ``quant_zero_frac``: fraction of weights whose code is 0 (for ternary weights: the zeros of {-α, 0, α});
-- ``quant_scale``: the quantization step: TWN α, LSQ step, max-abs step, mean-clip step (mean over rows
-  for row-wise quantizers);
-- ``quant_scale_drift``: that scale relative to its value at the first call, minus 1;
-- ``quant_flip_rate``: fraction of weight codes that changed since the previous call (previous codes
-  are kept as int8 on the CPU, one byte per weight);
+- ``quant_zero_frac`` (log steps): fraction of weights whose code is 0 (for ternary weights: the zeros of
+  {-α, 0, α});
+- ``quant_scale`` (log steps): the quantization step: TWN α, LSQ step, max-abs step, mean-clip step (mean
+  over rows for row-wise quantizers);
+- ``quant_scale_drift`` (log steps): that scale relative to its value at the first call, minus 1;
+- ``quant_flip_rate`` (evaluations): fraction of weight codes that changed since the previous evaluation
+  (the first evaluation compares with the codes at the start of training, or of the resumed process: the
+  codes are kept as int8 on the CPU, one byte per weight, not in checkpoints);
 
-per activation quantizer:
+per activation quantizer (log steps):
 
 - ``quant_clip_rate``: fraction of its inputs beyond the clip value (sym: ``clip``; LSQ: Q_P·step),
   counted by the quantizer itself (``ActFakeQuant.track_stats``) during the first forward pass after
@@ -19,11 +22,12 @@ per activation quantizer:
 - ``quant_act_step`` (LSQ activations only): the learned step;
 
 and ``.../all`` summaries (weighted by element counts). Module names drop the model prefix; Transformer
-layers read ``03.attention.self.query``. The per-layer KD loss terms are logged by the loop itself
-(``layers/<term>/<layer>``).
+layers read ``03.attention.self.query``. Each layer's KD loss contribution is logged by the loop itself
+(``kd_contribution/<term>/<layer>``, see :data:`DESCRIPTION`). :func:`describe_diagnostics` writes
+:data:`DESCRIPTION` as a TensorBoard text entry, so the tags are explained where they are read.
 
 Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0``). The caller passes
-``gather`` (the engine's per-module gather, a collective): then every rank calls :func:`log_diagnostics`,
+``gather`` (the engine's per-module gather, a collective): then every rank calls these functions,
 every rank gathers one quantized module at a time (memory stays at one module's weights), and the rank
 with the writer computes and writes. Without ``gather`` empty partitions are skipped. This module does
 not import the distributed engine.
@@ -35,7 +39,6 @@ import re
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,16 +46,33 @@ from torch.utils.hooks import RemovableHandle
 
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
 
-__all__ = ["log_diagnostics", "reset_diagnostics", "short_name", "weight_codes"]
+__all__ = ["DESCRIPTION", "describe_diagnostics", "log_diagnostics", "log_flip_rate", "reset_diagnostics",
+           "short_name", "weight_codes"]
 
 
-@dataclass
-class _WeightState:
-    codes: torch.Tensor  # int8, CPU
-    first_scale: float
+DESCRIPTION = """\
+Quantization diagnostics of `kdqat train` (kdqat_dist.analysis.diagnostics; `train.diagnostics=false` turns
+them off). `<module>` reads `03.attention.self.query`; `all` is the element-weighted mean over modules.
 
+| tag | when | meaning |
+|---|---|---|
+| `quant_zero_frac/<module>` | log steps | fraction of the weight's codes that are 0 |
+| `quant_scale/<module>` | log steps | quantization step (TWN α, LSQ step, ...; row mean) |
+| `quant_scale_drift/<module>` | log steps | step / step at the first log step − 1 |
+| `quant_flip_rate/<module>` | evaluations | fraction of weight codes changed since the previous evaluation \
+(the first: since the start of training) |
+| `quant_clip_rate/<module>.input` | log steps | fraction of inputs beyond the clip value, in the first \
+forward after the previous log step |
+| `quant_act_step/<module>.input` | log steps | learned LSQ activation step |
+| `kd_contribution/<term>/<layer>` | log steps | weight × that layer's KD term: what it adds to `train/loss`, \
+mean over the steps and micro-batches since the previous log step and over ranks |
+| `kd_contribution/<term>` | log steps | the same for the layer-free terms (logits, ground_truth); all \
+contributions sum to `train/loss` |
+"""
 
-_STATE: weakref.WeakKeyDictionary[WeightFakeQuant, _WeightState] = weakref.WeakKeyDictionary()
+_FIRST_SCALE: weakref.WeakKeyDictionary[WeightFakeQuant, float] = weakref.WeakKeyDictionary()
+# int8 codes (CPU) at the previous evaluation, for the flip rate
+_EVAL_CODES: weakref.WeakKeyDictionary[WeightFakeQuant, torch.Tensor] = weakref.WeakKeyDictionary()
 _WINDOWS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
 
 
@@ -79,11 +99,13 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
     for mean-clip the smallest non-zero |ŵ| (its levels are multiples of the step).
     """
     cfg = wq.cfg
+    per_row = wq.per_row and weight.dim() > 1
+    dims = tuple(range(1, weight.dim())) if per_row else None
+    if cfg.method == "twn":
+        return _twn_codes(weight, dims, cfg.clip)
     # .forward, not __call__: a ZeRO-3 engine hooks every submodule call to fetch its parameters (a
     # collective the other ranks would not join); the caller has made them whole already.
     q = wq.forward(weight).float()
-    per_row = wq.per_row and q.dim() > 1
-    dims = tuple(range(1, q.dim())) if per_row else None
 
     def amax(x: torch.Tensor) -> torch.Tensor:
         return x.amax() if dims is None else x.amax(dim=dims, keepdim=True)
@@ -91,8 +113,6 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
     if cfg.method == "lsq":
         step = wq.step.detach().float()
         step = step.reshape(-1, *([1] * (q.dim() - 1))) if step.dim() > 0 else step
-    elif cfg.method == "twn":
-        step = amax(q.abs())
     elif cfg.method == "sym":
         step = amax(q.abs()) / (2 ** (cfg.bits - 1) - 1)
     else:
@@ -100,6 +120,29 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
         step = -amax(torch.where(a > 0, -a, torch.full_like(a, -float("inf"))))
     step = torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
     return q.div_(step).round_(), step
+
+
+def _twn_codes(weight: torch.Tensor, dims: tuple[int, ...] | None,
+               clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TWN's codes sign(x)·[|x| > Δ] and α, read off the threshold instead of from ŵ = α·b.
+
+    The same operations as :func:`kdqat_dist.quant.quantizers.twn_ternary` up to α, so the same bits; it
+    skips ŵ, its max and the division and rounding: about 2.5x less time on MiniLM's word-embedding table
+    (most of the diagnostics' cost), which TWN quantizes row-wise in the paper's setting.
+    """
+    x = weight.detach()
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    a = x.abs()
+    delta = 0.7 * (a.mean() if dims is None else a.mean(dim=dims, keepdim=True))
+    keep = (a > delta).to(x.dtype)
+    if dims is None:
+        alpha = (a * keep).sum() / keep.sum().clamp(min=1)
+    else:
+        alpha = (a * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp(min=1)
+    step = alpha.float()
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a row with no kept weight: codes all 0
+    return (torch.sign(x) * keep).float(), step
 
 
 def _quant_modules(model: nn.Module):
@@ -131,16 +174,32 @@ def _open_clip_window(model: nn.Module, acts: list[ActFakeQuant], forwards: int 
     _WINDOWS[model] = model.register_forward_hook(close)
 
 
+def describe_diagnostics(writer) -> None:
+    """Write :data:`DESCRIPTION` as a TensorBoard text entry (the Text tab explains every tag)."""
+    if writer is not None:
+        writer.add_text("diagnostics/README", DESCRIPTION, 0)
+
+
+def _gathered(gather, m: nn.Module) -> AbstractContextManager:
+    return gather(list(m.parameters())) if gather is not None else nullcontext()
+
+
+def _usable(m: nn.Module) -> bool:
+    wq = m.weight_quant
+    # an empty tensor is a ZeRO-3 partition nobody gathered: nothing to look at on this rank
+    return m.weight.numel() > 0 and not (hasattr(wq, "step") and wq.step.numel() == 0)
+
+
 @torch.no_grad()
 def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | None = 1,
                     gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
-    """Write the quantization diagnostics of ``model`` at ``step`` to a TensorBoard ``SummaryWriter``.
+    """Write the log-step quantization diagnostics of ``model`` at ``step`` to a TensorBoard ``SummaryWriter``.
 
-    Cheap enough for every log step: one re-quantization of each weight (as a forward does; the word
-    embedding table is quantized whole here, most of the cost, where the forward quantizes only the rows
-    it looks up), an int8 copy to the CPU for the flip rate, and clip counting during ``clip_forwards``
-    forward passes after each call (the first micro-batch; None counts every forward until the next call,
-    which costs one extra pass over every quantized activation at every step).
+    Cheap enough for every log step: one re-quantization of each weight on its device (as a forward does;
+    the word embedding table is quantized whole here, most of the cost, where the forward quantizes only
+    the rows it looks up), and clip counting during ``clip_forwards`` forward passes after each call (the
+    first micro-batch; None counts every forward until the next call, which costs one extra pass over every
+    quantized activation at every step). The flip rate is :func:`log_flip_rate`'s, at evaluations.
     ``gather(params)``: a context manager making ``params`` whole on every rank (ZeRO-3); with it every
     rank must call this function. Without it, does nothing when ``writer`` is None (non-main ranks).
     """
@@ -148,16 +207,16 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
         return
     model = _unwrap(model)
     prefix = getattr(model, "base_model_prefix", "")
-    totals = {"zero": 0.0, "flip": 0.0, "n": 0, "n_flip": 0, "clipped": 0.0, "seen": 0.0}
+    totals = {"zero": 0.0, "n": 0, "clipped": 0.0, "seen": 0.0}
     for name, m in _quant_modules(model):
-        with gather(list(m.parameters())) if gather is not None else nullcontext():
-            if writer is not None:
+        with _gathered(gather, m):
+            if writer is not None and _usable(m):
                 _log_weight(writer, step, short_name(name, prefix), m, totals)
     acts = [(name, q) for name, q in model.named_modules() if isinstance(q, ActFakeQuant) and q.enabled]
     for name, q in acts:
         tag = short_name(name, prefix).replace(".act_quant", ".input")
         if q.cfg.method == "lsq":  # the step is a parameter: a partition under ZeRO-3 unless gathered
-            with gather(list(q.parameters())) if gather is not None else nullcontext():
+            with _gathered(gather, q):
                 if writer is not None and q.step.numel() > 0:
                     writer.add_scalar(f"quant_act_step/{tag}", float(q.step.detach()), step)
         if writer is None:
@@ -174,47 +233,67 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
     _open_clip_window(model, [q for _, q in acts], clip_forwards)
     if totals["n"]:
         writer.add_scalar("quant_zero_frac/all", totals["zero"] / totals["n"], step)
-    if totals["n_flip"]:
-        writer.add_scalar("quant_flip_rate/all", totals["flip"] / totals["n_flip"], step)
     if totals["seen"]:
         writer.add_scalar("quant_clip_rate/all", totals["clipped"] / totals["seen"], step)
 
 
 def _log_weight(writer, step: int, tag: str, m: nn.Module, totals: dict) -> None:
-    wq = m.weight_quant
-    if m.weight.numel() == 0 or (hasattr(wq, "step") and wq.step.numel() == 0):
-        return  # a ZeRO-3 partition nobody gathered: nothing to look at on this rank
-    codes, scale_t = weight_codes(wq, m.weight)
-    codes8 = codes.clamp_(-128, 127).to(torch.int8).cpu()
-    n = codes8.numel()
-    zero = int(torch.count_nonzero(codes8 == 0)) / n
+    codes, scale_t = weight_codes(m.weight_quant, m.weight)
+    n = codes.numel()
+    zeros = int(torch.count_nonzero(codes == 0))  # counted on the weight's device: no copy
     scale = float(scale_t.mean())
-    state = _STATE.get(wq)
-    writer.add_scalar(f"quant_zero_frac/{tag}", zero, step)
+    first = _FIRST_SCALE.setdefault(m.weight_quant, scale)
+    writer.add_scalar(f"quant_zero_frac/{tag}", zeros / n, step)
     writer.add_scalar(f"quant_scale/{tag}", scale, step)
-    totals["zero"] += zero * n
+    writer.add_scalar(f"quant_scale_drift/{tag}", scale / first - 1.0 if first else 0.0, step)
+    totals["zero"] += zeros
     totals["n"] += n
-    if state is None or state.codes.shape != codes8.shape:
-        _STATE[wq] = _WeightState(codes8, scale)
-        writer.add_scalar(f"quant_scale_drift/{tag}", 0.0, step)
+
+
+@torch.no_grad()
+def log_flip_rate(writer, step: int | None, model: nn.Module,
+                  gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
+    """Write ``quant_flip_rate``: per quantized weight, the fraction of its integer codes that changed since
+    the previous call, and keep the current codes for the next one.
+
+    The training loop calls it once before its first step (``step=None``: only keep the codes, write
+    nothing) and at every evaluation, so the rate is the fraction of codes flipped between evaluations.
+    Cost per call: one re-quantization of each weight and an int8 copy on the CPU (one byte per weight).
+    ``gather``/``writer`` as in :func:`log_diagnostics`: the rank with the writer computes and writes.
+    """
+    if writer is None and gather is None:
         return
-    flip = int(torch.count_nonzero(codes8 != state.codes)) / n
-    writer.add_scalar(f"quant_flip_rate/{tag}", flip, step)
-    writer.add_scalar(f"quant_scale_drift/{tag}", scale / state.first_scale - 1.0 if state.first_scale else 0.0, step)
-    totals["flip"] += flip * n
-    totals["n_flip"] += n
-    state.codes = codes8
+    model = _unwrap(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    flipped, total = 0, 0
+    for name, m in _quant_modules(model):
+        with _gathered(gather, m):
+            if writer is None or not _usable(m):
+                continue
+            codes, _ = weight_codes(m.weight_quant, m.weight)
+            codes8 = codes.clamp_(-128, 127).to(torch.int8).cpu()
+            prev = _EVAL_CODES.get(m.weight_quant)
+            _EVAL_CODES[m.weight_quant] = codes8
+            if step is None or prev is None or prev.shape != codes8.shape:
+                continue
+            k = int(torch.count_nonzero(codes8 != prev))
+            writer.add_scalar(f"quant_flip_rate/{short_name(name, prefix)}", k / codes8.numel(), step)
+            flipped += k
+            total += codes8.numel()
+    if writer is not None and total:
+        writer.add_scalar("quant_flip_rate/all", flipped / total, step)
 
 
 def reset_diagnostics(model: nn.Module) -> None:
-    """Forget the kept codes and baselines and stop the clip counters (e.g. between two runs)."""
+    """Forget the kept codes and scale baselines and stop the clip counters (e.g. between two runs)."""
     model = _unwrap(model)
     handle = _WINDOWS.pop(model, None)
     if handle is not None:
         handle.remove()
     for m in model.modules():
         if isinstance(m, WeightFakeQuant):
-            _STATE.pop(m, None)
+            _FIRST_SCALE.pop(m, None)
+            _EVAL_CODES.pop(m, None)
         elif isinstance(m, ActFakeQuant):
             m.track_stats = False
             m.clipped.zero_()

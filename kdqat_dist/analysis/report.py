@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ from torch import nn
 from kdqat_dist.analysis.collect import DISTANCES, collect
 from kdqat_dist.analysis.hessian import max_eigenvalue_spectrum
 from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
-from kdqat_dist.config import ConfigError
+from kdqat_dist.config import AnalysisConfig, ConfigError, RunConfig, load_config, parse_override
 
 __all__ = ["FIGURES", "AnalyzeOptions", "analyze", "analyze_models", "load_models", "parse_student_spec",
-           "student_names", "write_report"]
+           "run_config", "student_names", "write_report"]
 
 FIGURES = (
     "attention_distance_heatmaps.png",
@@ -49,39 +49,54 @@ ARCH_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden
 
 @dataclass
 class AnalyzeOptions:
-    """Everything ``kdqat analyze`` takes; the CLI flags have the same names (``--hessian-iters`` ...)."""
+    """Everything ``kdqat analyze`` takes; the CLI flags have the same names (``--hessian-iters`` ...).
+
+    The numeric knobs default to None: the config's ``analysis`` section decides (its recipe, then
+    ``analysis.*`` overrides); a value given here (a CLI flag) overrides that. :func:`run_config` resolves
+    and validates them.
+    """
 
     teacher: str
     students: list[str]  # "DIR" or "NAME=DIR"
     out: str
     task: str | None = None  # overrides data.task of the config
-    config: str | None = None  # a recipe, for the data section (source, files, max_seq_length)
+    config: str | None = None  # a recipe, for the data and analysis sections
     overrides: list[str] = field(default_factory=list)
-    samples: int = 32  # dev examples for the attention and norm analyses
-    seed: int = 0  # which dev examples, and the power iteration's start vectors
-    top_k: int = 5  # cover length: the teacher's top-k keys
-    hessian_samples: int = 8  # the first N of the sample; 0 skips the Hessian
-    hessian_iters: int = 100
-    hessian_tol: float = 1e-3
-    hessian_top_n: int = 1
-    hessian_norm_weight: float = 0.01  # the reference's 0.01·Σ‖p‖₂ term
-    device: str = "cpu"
+    samples: int | None = None  # dev examples for the attention and norm analyses
+    seed: int | None = None  # which dev examples, and the power iteration's start vectors
+    top_k: int | None = None  # cover length: the teacher's top-k keys
+    hessian_samples: int | None = None  # the first N of the sample; 0 skips the Hessian
+    hessian_iters: int | None = None
+    hessian_tol: float | None = None
+    hessian_top_n: int | None = None
+    hessian_norm_weight: float | None = None  # the reference's 0.01·Σ‖p‖₂ term
+    device: str | None = None
     progress: bool = False  # progress bars on stderr (the CLI turns them on)
 
-    def validate(self) -> None:
-        checks = (
-            (self.samples >= 1, "--samples", "must be >= 1"),
-            (self.top_k >= 1, "--top-k", "must be >= 1"),
-            (self.hessian_samples >= 0, "--hessian-samples", "must be >= 0 (0 skips the Hessian)"),
-            (self.hessian_iters >= 1, "--hessian-iters", "must be >= 1"),
-            (self.hessian_tol > 0, "--hessian-tol", "must be > 0"),
-            (self.hessian_top_n >= 1, "--hessian-top-n", "must be >= 1"),
-            (self.hessian_norm_weight >= 0, "--hessian-norm-weight", "must be >= 0"),
-            (bool(self.students), "--student", "give at least one student folder"),
-        )
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {msg}")
+
+def run_config(opts: AnalyzeOptions) -> RunConfig:
+    """The validated :class:`~kdqat_dist.config.RunConfig`: ``opts.config``, then ``opts.overrides``, then
+    ``opts.task`` and every option that is not None (as ``analysis.<name>``), each overriding the last.
+
+    Raises:
+        ConfigError: one line; a bad option given here names its flag (``--samples (analysis.samples): ...``).
+    """
+    if not opts.students:
+        raise ConfigError("--student: give at least one student folder")
+    # A mapping keeps the order and lets a later key replace an earlier one, as the override list does.
+    tree = dict(parse_override(o) for o in opts.overrides)
+    if opts.task:
+        tree["data.task"] = opts.task
+    given = [f.name for f in fields(AnalysisConfig) if getattr(opts, f.name, None) is not None]
+    tree.update({f"analysis.{name}": getattr(opts, name) for name in given})
+    try:
+        return load_config(opts.config, tree)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        name = key.removeprefix("analysis.")
+        if key.startswith("analysis.") and name in given:  # the user typed the flag, not the key
+            raise ConfigError(f"--{name.replace('_', '-')} ({exc})") from None
+        raise
 
 
 # --------------------------------------------------------------------------- loading and checks
@@ -211,14 +226,12 @@ def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
     return t_model.to(device).eval(), loaded, t_tok
 
 
-def _dev_sample(opts: AnalyzeOptions):
+def _dev_sample(cfg, samples: int, seed: int):
     """(data config, task, the sampled dev rows as a Dataset, their row ids); checks the dev split first."""
-    from kdqat_dist.config import load_config
     from kdqat_dist.data.errors import DataError
     from kdqat_dist.data.loaders import load_splits
     from kdqat_dist.data.tasks import get_task
 
-    cfg = load_config(opts.config, list(opts.overrides) + ([f"data.task={opts.task}"] if opts.task else []))
     task = get_task(cfg.data)
     try:
         splits = load_splits(cfg.data, task)
@@ -231,8 +244,8 @@ def _dev_sample(opts: AnalyzeOptions):
                               "data.dev_file beside data.train_file)") from None
         raise
     dev = splits["dev"]
-    n = min(opts.samples, len(dev))
-    rows = sorted(np.random.default_rng(opts.seed).choice(len(dev), size=n, replace=False).tolist())
+    n = min(samples, len(dev))
+    rows = sorted(np.random.default_rng(seed).choice(len(dev), size=n, replace=False).tolist())
     return cfg.data, task, dev.select(rows), rows
 
 
@@ -468,16 +481,21 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     """The whole ``kdqat analyze`` command; returns ``{"out": folder, "files": [...], "seconds": ...}``."""
     from kdqat_dist.engine.backend import pick_device
 
-    opts.validate()
+    cfg = run_config(opts)  # every config problem fails before any data or model loads
+    a = cfg.analysis
     t0 = time.perf_counter()
-    device = pick_device(opts.device)
-    data_cfg, task, dev_rows, row_ids = _dev_sample(opts)  # data problems fail before any model loads
+    try:
+        device = pick_device(a.device)
+    except ConfigError as exc:  # its message names the training key
+        raise ConfigError(str(exc).replace("train.device", "analysis.device", 1)) from None
+    data_cfg, task, dev_rows, row_ids = _dev_sample(cfg, a.samples, a.seed)  # before any model loads
     teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
     examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
-    results = analyze_models(teacher, students, examples, tokenizer, opts.top_k, opts.hessian_samples,
-                             opts.hessian_iters, opts.hessian_tol, opts.hessian_top_n,
-                             opts.hessian_norm_weight, task.is_regression, opts.seed, opts.progress)
-    meta = {**asdict(opts), "task": task.name, "dev_rows": row_ids,
+    results = analyze_models(teacher, students, examples, tokenizer, a.top_k, a.hessian_samples,
+                             a.hessian_iters, a.hessian_tol, a.hessian_top_n,
+                             a.hessian_norm_weight, task.is_regression, a.seed, opts.progress)
+    # the resolved values, not the options (None where the config decided)
+    meta = {**asdict(opts), **asdict(a), "task": task.name, "dev_rows": row_ids,
             "students": {k: str(v) for k, v in student_names(opts.students).items()}}
     tokens = tokenizer.convert_ids_to_tokens(examples[0]["input_ids"][0].tolist())
     files = write_report(results, opts.out, meta, tokens)

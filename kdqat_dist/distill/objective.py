@@ -63,6 +63,11 @@ def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
     all layers' at once. With the tap's sequence number the loss node runs just before the tap's own
     backward, and the gradient is made when it is used. Only the order changes, never the values; on a
     torch without this (private) setter the order is simply autograd's default.
+
+    Used for the [B, H, S, S] taps only (probabilities, scores), where it matters and where the tap has one
+    other consumer, so its gradient is a sum of two terms whatever the order. A [B, S, D] tap has several
+    consumers; moving its loss node would let the order of a three-term float sum depend on the graph
+    around it (a ZeRO-3 engine adds nodes), and a sharded run would drift from a single-process one.
     """
     node, tap_node = loss.grad_fn, student_tap.grad_fn
     if node is not None and tap_node is not None and hasattr(node, "_set_sequence_nr"):
@@ -197,7 +202,8 @@ class DistillObjective:
                     s_tensor = store.data[tap].pop(s_layer)
                     value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask,
                                            _recompute(map_inputs.get(t_layer), s_tensor.dtype))
-                    _run_backward_at(value, s_tensor)
+                    if tap in ("probs", "scores"):
+                        _run_backward_at(value, s_tensor)
                     sums[term] = value if term not in sums else sums[term] + value
                     out.per_layer.setdefault(term, {})[s_layer] = value.detach()
 

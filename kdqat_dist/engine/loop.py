@@ -28,6 +28,8 @@ from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_
 from kdqat_dist.models.student import init_student, save_student
 from kdqat_dist.quant.api import calibrate_activations, prepare
 
+CONTRIB = "kd_contribution/"  # TensorBoard prefix of each term's (and layer's) weighted share of the loss
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); printed as one line by the CLI."""
@@ -160,7 +162,11 @@ class Trainer:
             self.teacher_metrics = self.evaluate(self.teacher)
         bar = tqdm(total=self.total_steps, initial=step, desc=self.mode,
                    disable=not (be.is_main and cfg.train.progress), dynamic_ncols=True)
-        t_last = time.perf_counter()
+        self._start_diagnostics()
+        # `running` sums since the last log step (a resumed run restores it), so a window's mean divides by
+        # the steps since then: log_every, or fewer in the last window.
+        last_log = step - step % cfg.train.log_every
+        t_last, t_step = time.perf_counter(), step
         while step < self.total_steps:
             for _, micro in micro_batches(len(self.train_set), cfg.train.batch_size, cfg.train.grad_accum,
                                           be.rank, be.world_size, cfg.train.seed, epoch, start):
@@ -172,13 +178,15 @@ class Trainer:
                     be.step()
                     for k, v in out.scalars().items():
                         running[k] = running.get(k, 0.0) + v / len(micro)
+                    self._add_contributions(running, out, len(micro))
                 step += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
-                    dt = (time.perf_counter() - t_last) / cfg.train.log_every
-                    self._log_train(step, running, dt, cfg.train.log_every, out)
-                    bar.set_postfix(loss=f"{running.get('loss', 0) / cfg.train.log_every:.4f}")
-                    running, t_last = {}, time.perf_counter()
+                    n = step - last_log
+                    dt = (time.perf_counter() - t_last) / (step - t_step)
+                    self._log_train(step, running, dt, n)
+                    bar.set_postfix(loss=f"{running.get('loss', 0) / n:.4f}")
+                    running, t_last, t_step, last_log = {}, time.perf_counter(), step, step
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(step)
                 if cfg.train.save_every and step % cfg.train.save_every == 0:
@@ -197,29 +205,64 @@ class Trainer:
         raise TrainingError(f"non-finite loss at step {step + 1}: {where} is {float(out.total.detach())}; "
                             "lower train.lr or check the data")
 
-    def _log_train(self, step: int, running: dict, dt: float, n: int, out: LossOutput) -> None:
+    def _log_train(self, step: int, running: dict, dt: float, n: int) -> None:
+        """Means over the ``n`` steps of the window and over ranks (one all-reduce), then TensorBoard."""
         red = self._mean_over_ranks(running, n)
+        # per-layer contributions go to TensorBoard only: in metrics.json they would be layers x terms
+        # numbers at every log step
+        contrib = {k: red.pop(k) for k in [k for k in red if k.startswith(CONTRIB)]}
         self.train_log.append({"step": step, **red, "lr": self.backend.lr()})
         if self.writer is not None:
             for k, v in red.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
-            for term, layers in out.per_layer.items():
-                for layer, v in layers.items():
-                    self.writer.add_scalar(f"layers/{term}/{layer:02d}", float(v), step)
+            for k, v in contrib.items():
+                self.writer.add_scalar(k, v, step)
             self.writer.add_scalar("train/lr", self.backend.lr(), step)
             self.writer.add_scalar("train/step_time_s", dt, step)
         self._diagnostics(step)
 
-    def _diagnostics(self, step: int) -> None:
-        """Ultra-low-bit diagnostics (zero fraction, scale drift, flip rate, clip rate) when available."""
-        try:
-            from kdqat_dist.analysis.diagnostics import log_diagnostics
-        except ImportError:
-            return
+    def _diagnostics_on(self) -> bool:
+        # the FP fine-tune has no quantizers and no KD terms to look at
+        return self.mode == "train" and self.cfg.train.diagnostics
+
+    def _gather(self):
         # ZeRO-3: the weights are partitions outside the forward. Every rank walks the quantized modules
         # and gathers one module at a time (collectives: all must join); rank 0 writes.
-        gather = self.backend.gathered_params if self.backend.partitioned_student() else None
-        log_diagnostics(self.writer, step, self.backend.student_module(), gather=gather)
+        return self.backend.gathered_params if self.backend.partitioned_student() else None
+
+    def _start_diagnostics(self) -> None:
+        """Explain the tags in TensorBoard and keep the weight codes the first flip rate compares with."""
+        if not self._diagnostics_on():
+            return
+        from kdqat_dist.analysis.diagnostics import describe_diagnostics, log_flip_rate
+
+        describe_diagnostics(self.writer)
+        log_flip_rate(self.writer, None, self.backend.student_module(), gather=self._gather())
+
+    def _diagnostics(self, step: int) -> None:
+        """Log-step ultra-low-bit diagnostics: zero fraction, scale and its drift, clip rate."""
+        if not self._diagnostics_on():
+            return
+        from kdqat_dist.analysis.diagnostics import log_diagnostics
+
+        log_diagnostics(self.writer, step, self.backend.student_module(), gather=self._gather())
+
+    def _add_contributions(self, running: dict, out: LossOutput, n_micro: int) -> None:
+        """Add what each term adds to ``out.total`` (weight x value), per layer where the term has layers,
+        to the window sums: ``kd_contribution/<term>/<layer>`` and ``kd_contribution/<term>`` (logits, ground
+        truth) sum to the loss. One device-to-host copy per micro-batch for all of them."""
+        if not self._diagnostics_on() or self.objective is None:
+            return
+        w = self.objective.weights
+        keys, vals = [], []
+        for term, value in out.terms.items():
+            layers = out.per_layer.get(term) or {None: value.detach()}
+            for layer, v in layers.items():
+                keys.append(CONTRIB + term + ("" if layer is None else f"/{layer:02d}"))
+                vals.append(w[term] * v.float())
+        if keys:
+            for k, v in zip(keys, torch.stack(vals).tolist(), strict=True):
+                running[k] = running.get(k, 0.0) + v / n_micro
 
     def _mean_over_ranks(self, running: dict, n: int) -> dict:
         keys = sorted(running)
@@ -235,6 +278,10 @@ class Trainer:
                               self.backend.device)
 
     def _evaluate_and_select(self, step: int) -> None:
+        if self._diagnostics_on():  # the flip rate is measured between evaluations
+            from kdqat_dist.analysis.diagnostics import log_flip_rate
+
+            log_flip_rate(self.writer, step, self.backend.student_module(), gather=self._gather())
         metrics = self.evaluate(self.student)
         record = {"step": step, **metrics}
         self.history.append(record)
@@ -284,8 +331,14 @@ class Trainer:
             return 0, 0, 0, {}
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} "
-                              "(set train.save_every to write them)")
+            if (self.run_dir / "metrics.json").exists():  # finished: starting over would overwrite it
+                raise ConfigError(f"--resume: {self.run_dir} holds a finished run and no checkpoint under "
+                                  f"{self.run_dir / 'checkpoints'} (set train.save_every to write them)")
+            # Stopped before its first checkpoint (e.g. a Slurm job preempted early and requeued with
+            # --resume): nothing to continue from and nothing finished to lose, so start from step 0.
+            if self.backend.is_main:
+                tqdm.write(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} yet; starting from step 0")
+            return 0, 0, 0, {}
         client = self.backend.load_checkpoint(ckpt)
         self.best, self.history = client["best"], client["history"]
         self.teacher_metrics = client["teacher_metrics"]

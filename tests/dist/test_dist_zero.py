@@ -49,6 +49,19 @@ def test_zero2_and_zero3_losses_match_one_process(two_ranks, local_reference):
     assert two_ranks[0]["zero2"] == two_ranks[1]["zero2"]  # reduced values: identical on every rank
 
 
+def test_zero0_zero1_and_a_replicated_teacher_match_one_process(two_ranks, local_reference):
+    _assert_same_losses(local_reference["twn"], two_ranks[0]["zero0"])
+    _assert_same_losses(local_reference["twn"], two_ranks[0]["zero1_replicated"])
+
+
+def test_finetune_under_deepspeed_matches_one_process(two_ranks, parity_teacher, parity_config, tmp_path):
+    from kdqat_dist.engine.loop import run
+
+    cfg = parity_config(parity_teacher, tmp_path / "ft", "train.grad_accum=2", f"model.name_or_path={parity_teacher}")
+    ref = run(cfg, "finetune")["train_log"]
+    _assert_same_losses(ref, two_ranks[0]["finetune_zero2"])
+
+
 def test_zero3_teacher_taps_equal_unsharded_and_memory_halves(two_ranks):
     for r in two_ranks:
         assert set(r["taps"]) >= {"hidden/2", "probs/1", "scores/0", "context/1", "attn_output/1", "logits"}

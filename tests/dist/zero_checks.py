@@ -4,7 +4,8 @@ Each rank writes ``<out>/rank<r>.json`` with:
 
 - ``zero2`` / ``zero3`` / ``zero3_lsq``: the training log of a short KD-QAT run with a ZeRO-3 teacher and
   a ZeRO-2 or ZeRO-3 student (TWN weights, the default), and a ZeRO-3 student with LSQ weights and
-  activations (0-dim step parameters);
+  activations (0-dim step parameters); ``zero0`` (ZeRO-3 teacher) and ``zero1_replicated`` (a replicated
+  teacher); ``finetune_zero2``: `kdqat finetune` of the FP model under ZeRO-2;
 - ``taps``: max |ZeRO-3 teacher - unsharded teacher| for every tap, layer and the logits;
 - ``teacher_param_bytes`` / ``teacher_full_bytes``: this rank's ZeRO-3 teacher storage vs the whole model;
 - ``fake_quant``: max |ZeRO-3 student - unsharded student| logits, and whether the gathered state dict
@@ -104,6 +105,12 @@ def main() -> None:
     result["zero2"] = run(_cfg(args, "zero2", "engine.zero_stage=2"), "train")["train_log"]
     result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3"), "train")["train_log"]
     result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.zero_stage=3", *LSQ), "train")["train_log"]
+    # the other stages and the replicated teacher, and `kdqat finetune` under DeepSpeed
+    result["zero0"] = run(_cfg(args, "zero0", "engine.zero_stage=0"), "train")["train_log"]
+    result["zero1_replicated"] = run(_cfg(args, "zero1_rep", "engine.zero_stage=1", "engine.teacher=replicated"),
+                                     "train")["train_log"]
+    result["finetune_zero2"] = run(_cfg(args, "finetune_zero2", "engine.zero_stage=2",
+                                        f"model.name_or_path={args.teacher}"), "finetune")["train_log"]
     batch = _batch(args.teacher)
     result.update(check_teacher(args, batch))
     result.update(check_fake_quant(args, batch))
