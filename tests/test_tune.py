@@ -1,7 +1,9 @@
 """`kdqat sweep`: real Ray Tune sweeps on a local CPU Ray instance, with tiny encoders.
 
 One Ray session (3 logical CPUs: a 2-worker trial needs its driver + 2 workers) and one tiny teacher
-are shared by the module.
+are shared by the module. Trials cost ~5-10 s each on 2 cores (a fresh Ray worker imports torch), so the
+tests share what they can: the interrupt test's sweep also exercises choice/uniform sampling, num_samples
+and the ``task`` alias end to end; the ASHA sweep also exercises retries.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +25,9 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("MPLBACK
                ("KDQAT_CACHE", "/tmp/kdq_tune_cache"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
 
-from kdqat_dist.config import ConfigError  # noqa: E402
+from kdqat_dist.config import ConfigError, flat_keys  # noqa: E402
 from kdqat_dist.tune.results import collect_rows, write_report  # noqa: E402
-from kdqat_dist.tune.spec import load_spec, parse_spec  # noqa: E402
+from kdqat_dist.tune.spec import KEY_ALIASES, SPEC_DIR, load_spec, parse_spec  # noqa: E402
 
 HAS_DS_BACKEND = importlib.util.find_spec("kdqat_dist.engine.ds_backend") is not None
 FAST = {"train.max_steps": 6, "train.eval_every": 3, "data.demo_size": 200}
@@ -59,6 +66,27 @@ def _spec(tmp_path: Path, **raw) -> Path:
 def _starts(out: Path) -> dict[str, int]:
     return {json.loads((d / "point.json").read_text())["point"]["train.seed"]:
             len((d / "starts.log").read_text().splitlines()) for d in (out / "trials").iterdir()}
+
+
+def _attempts(tdir: Path) -> list[str]:
+    """The pid of every attempt of a trial (train_trial appends one line per start)."""
+    return [line.split("pid=")[1] for line in (tdir / "starts.log").read_text().splitlines()]
+
+
+def _tune_records(result) -> list[dict]:
+    """What Ray Tune itself received from a trial: its own result.json in Tune's trial folder."""
+    lines = (Path(result.path) / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _expand(spec, n: int = 1) -> list[dict]:
+    """Ray Tune's own expansion of the spec's param space (what the Tuner turns into trials): every grid
+    combination, ``n`` times, with the sampled dimensions drawn each time."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from kdqat_dist.tune.trainable import _param_space
+
+    return [cfg for _ in range(n) for _, cfg in generate_variants(_param_space(spec))]
 
 
 # --------------------------------------------------------------------------- bad input (no trial starts)
@@ -109,6 +137,132 @@ def test_spec_syntax_and_resolution(tmp_path):
     assert cfg.train.seed == 52 and cfg.distill.gamma == 0.5 and cfg.train.lr == 1e-4
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in SPEC_DIR.glob("*.yaml")))
+def test_shipped_specs_parse_expand_and_name_only_config_keys(name, tmp_path):
+    raw = yaml.safe_load((SPEC_DIR / f"{name}.yaml").read_text())
+    named = [*raw.get("search", {}), *raw.get("overrides", {}),
+             *(k if k.startswith("tune.") else f"tune.{k}" for k in raw.get("tune", {})),
+             *(k for bundle in raw.get("variants", {}).values() for k in bundle)]
+    unknown = [k for k in named if KEY_ALIASES.get(k, k) not in flat_keys()]
+    assert not unknown, f"ray_tune/{name}.yaml names keys that are not config keys: {unknown}"
+    spec = load_spec(name, cwd=tmp_path)  # validates every grid point's full config, starts nothing
+    assert spec.name == raw["name"] and spec.output_dir == tmp_path / raw["output_dir"]
+    tune_cfg = spec.base_config().tune
+    assert tune_cfg.scheduler in ("none", "asha") and tune_cfg.num_samples >= 1
+    variants = _expand(spec)
+    assert len(variants) == spec.num_grid_points > 1
+    keys = {d.key for d in spec.search}
+    assert all(set(v["point"]) == keys for v in variants)
+    if spec.variants:
+        assert {v["variant"] for v in variants} == set(spec.variants)
+    for dim in spec.search:
+        drawn = [v["point"][dim.key] for v in variants]
+        if dim.kind in ("uniform", "loguniform"):
+            assert all(dim.values[0] <= x <= dim.values[1] for x in drawn)
+        else:
+            assert set(drawn) <= set(dim.values)
+    # an expanded trial resolves to a config; a relative teacher template is filled per trial under cwd
+    cfg = spec.resolve(variants[-1]["point"], variants[-1]["variant"])
+    template = spec.teacher_path.replace("{data.task}", cfg.data.task)
+    assert cfg.teacher.path == str(tmp_path / template)
+
+
+@pytest.mark.parametrize("search", [
+    {"train.lr": {"uniform": [1.0e-4, 1.0e-3]}, "quant.weight.bits": {"choice": [2, 4, 8]},
+     "distill.gamma": {"loguniform": [0.05, 0.5]}},
+    {"train.lr": "uniform[1.0e-4, 1.0e-3]", "quant.weight.bits": "choice[2, 4, 8]",
+     "distill.gamma": "loguniform[0.05, 0.5]"},
+], ids=["long", "short"])
+def test_sampled_domains_draw_within_their_range(search):
+    spec = parse_spec({"base": "tiny_debug", "overrides": {"quant.weight.method": "sym"}, "search": search,
+                       "tune": {"num_samples": 3}})
+    kinds = {d.key: (d.kind, d.values) for d in spec.search}
+    assert kinds == {"train.lr": ("uniform", [1e-4, 1e-3]), "quant.weight.bits": ("choice", [2, 4, 8]),
+                     "distill.gamma": ("loguniform", [0.05, 0.5])}
+    assert spec.num_grid_points == 1 and spec.base_config().tune.num_samples == 3
+    drawn = [v["point"] for v in _expand(spec, 300)]
+    lrs, bits, gammas = ([p[k] for p in drawn] for k in ("train.lr", "quant.weight.bits", "distill.gamma"))
+    assert all(1e-4 <= x <= 1e-3 for x in lrs) and all(0.05 <= x <= 0.5 for x in gammas)
+    assert set(bits) == {2, 4, 8}  # every choice is drawn (300 draws), nothing else
+    # really sampled: spread over the range (a constant or a bound would fail), log-uniform skewed low
+    assert len(set(lrs)) == 300 and min(lrs) < 2e-4 and max(lrs) > 9e-4
+    assert sum(g < 0.158 for g in gammas) > 100  # half of log-uniform mass lies below sqrt(0.05 * 0.5)
+    for point in drawn[:5]:  # drawn values make valid configs
+        cfg = spec.resolve(point, None)
+        assert cfg.train.lr == point["train.lr"] and cfg.quant.weight.bits == point["quant.weight.bits"]
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "search.train.lr.uniform: low must be < high"),
+    ({"train.lr": "uniform[1e-4]"}, "search.train.lr.uniform: expected [low, high]"),
+    ({"train.lr": {"uniform": ["a", 1]}}, "search.train.lr.uniform: expected a number, got 'a'"),
+    ({"train.seed": {"choice": []}}, "search.train.seed.choice: empty list"),
+    ({"train.seed": "choice[]"}, "search.train.seed.choice: empty list"),
+    ({"train.seed": "choice(1, 2)"}, "search.train.seed: expected {grid: [...]}"),
+    ({"quant.weight.bits": "choice[2, 3]"}, "sweep point (quant.weight.bits=3)"),
+    ({"train.seed": {"choice": [1], "grid": [2]}}, "search.train.seed: expected exactly one of"),
+])
+def test_bad_sampled_domains_fail_fast(search, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_spec({"base": "tiny_debug", "search": search})
+    assert message in str(exc.value)
+
+
+def test_task_is_an_alias_of_data_task(tmp_path):
+    spec = parse_spec({"base": "tiny_debug", "teacher_path": "models/{task}",
+                       "search": {"task": "grid[rte, sst2, cola]", "train.seed": "grid[42, 52]"},
+                       "variants": {"a": {"train.lr": 1e-4}}}, cwd=tmp_path)
+    assert [(d.key, d.values) for d in spec.search][0] == ("data.task", ["rte", "sst2", "cola"])
+    assert spec.num_grid_points == 6
+    cfg = spec.resolve({"data.task": "cola", "train.seed": 52}, "a")
+    assert cfg.data.task == "cola" and cfg.teacher.path == str(tmp_path / "models" / "cola")
+    assert {v["point"]["data.task"] for v in _expand(spec)} == {"rte", "sst2", "cola"}
+    # also in overrides, variants and on the command line
+    spec = parse_spec({"base": "tiny_debug", "overrides": {"task": "rte"},
+                       "variants": {"s": {"task": "sst2"}, "d": {}}}, base_overrides=["train.seed=1"])
+    assert spec.resolve({}, "d").data.task == "rte" and spec.resolve({}, "s").data.task == "sst2"
+    spec = parse_spec({"base": "tiny_debug", "search": {"train.seed": [1]}}, base_overrides=["task=mrpc"])
+    assert spec.base_config().data.task == "mrpc"
+    with pytest.raises(ConfigError, match="search: 'task' and 'data.task' name the same key"):
+        parse_spec({"base": "tiny_debug", "search": {"data.task": ["rte"], "task": ["sst2"]}})
+    with pytest.raises(ConfigError, match=r"search.data.task.grid: empty list"):
+        parse_spec({"base": "tiny_debug", "search": {"task": "grid[]"}})
+
+
+def test_sigterm_stops_like_ctrl_c():
+    """Outside Tune's fit (no graceful stop available) SIGTERM and SIGINT both raise KeyboardInterrupt
+    through the same handler, which records the signal; the previous handlers come back afterwards."""
+    from kdqat_dist.tune.trainable import _graceful_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with _graceful_signals() as got:
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+            assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(sig)
+                time.sleep(1)  # the handler runs between bytecodes; never reached
+        assert got == {"signum": sig}
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+        assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+
+def test_one_stop_delivered_twice_is_one_graceful_stop():
+    # scancel signals the job step and the Slurm script forwards its own SIGTERM: the sweep must stop
+    # gracefully once, not take the second copy for "abort now". A different signal still aborts.
+    from kdqat_dist.tune.trainable import _graceful_signals
+
+    stops = []
+    with _graceful_signals() as got:
+        signal.signal(signal.SIGUSR1, lambda *a: stops.append(1))  # stands in for Tune's graceful stop
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        assert stops == [1] and got["signum"] == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(1)
+
+
 def test_resources_the_cluster_cannot_provide(tmp_path, ray_session, teacher):
     from kdqat_dist.tune.trainable import run_sweep
 
@@ -149,6 +303,20 @@ def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
         assert resolved["distill"]["gamma"] == r["gamma"] and resolved["train"]["seed"] == r["seed"]
     # Tune saw every evaluation (steps 3 and 6) of each trial
     assert all(res.metrics["training_iteration"] == 2 for res in grid)
+    # Cross-check against what Ray Tune itself received from each trial (its own result.json): the row of
+    # Tune's trial X is trial X's folder, with X's searched values and the evaluations X reported.
+    by_id = {json.loads((Path(r["run_dir"]).parent / "point.json").read_text())["trial_id"]: r for r in rows}
+    assert sorted(by_id) == sorted(res.metrics["trial_id"] for res in grid)
+    for res in grid:
+        row = by_id[res.metrics["trial_id"]]
+        assert res.config["point"] == {"distill.gamma": row["gamma"], "train.seed": row["seed"]}
+        tune_seen = _tune_records(res)
+        history = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["history"]
+        assert [(t["step"], t["acc"], t["selection"]) for t in tune_seen] == \
+            [(h["step"], h["acc"], h["selection"]) for h in history]
+        assert row["selection"] == max(t["selection"] for t in tune_seen)
+        assert row["best_step"] == tune_seen[-1]["best_step"]
+        assert row["teacher_selection"] == tune_seen[-1]["teacher_selection"]
     summary = (spec.output_dir / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and "n_seeds" in summary[0]
     assert paths["png"].stat().st_size > 0
@@ -156,9 +324,9 @@ def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
     assert md.count("| demo |") == 6 and "± " in md
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_session, teacher):
-    """Seed 52's teacher is missing: its trial fails (the sweep is interrupted with one finished and one
-    errored trial); after the teacher appears, --resume reruns only that trial."""
+def test_resume_reruns_only_the_failed_trial(tmp_path, ray_session, teacher):
+    """Seed 52's teacher is missing: its trial fails (the sweep ends with one finished and one errored
+    trial, exit status 1); after the teacher appears, --resume reruns only that trial."""
     from kdqat_dist.cli import main
 
     teachers = tmp_path / "teachers"
@@ -182,6 +350,168 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     assert (Path(first_42["run_dir"]) / "metrics.json").stat().st_mtime_ns == mtime
     rows, _ = collect_rows(out)
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_ctrl_c_stops_the_driver_and_resume_skips_finished_trials(tmp_path, ray_session, teacher):
+    """`kdqat sweep` as a real process (joining this module's Ray cluster with --address, which saves
+    starting another); SIGINT once one trial has finished and the next is running. The sweep samples
+    train.lr (uniform) and train.seed (choice) with num_samples 2 and names the task by its alias."""
+    from kdqat_dist.cli import main
+
+    path = _spec(tmp_path, teacher_path=str(teacher), max_concurrent=1,
+                 search={"task": "grid[demo]", "train.lr": "uniform[1.0e-4, 1.0e-3]",
+                         "train.seed": {"choice": [42, 52]}},
+                 tune={"num_samples": 2, "max_failures": 0})
+    out = tmp_path / "sweep"
+    address = ray_session.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "kdqat_dist.cli", "sweep", "--config", str(path),
+                                 "--quiet", "--address", address], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until one trial has finished training and the second has started
+            tdirs = sorted((out / "trials").glob("*")) if (out / "trials").exists() else []
+            done = [d for d in tdirs if (d / "run" / "metrics.json").exists()]
+            if done and sum((d / "starts.log").exists() for d in tdirs) == 2:
+                break
+            assert proc.poll() is None, f"the sweep ended before the interrupt:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no trial finished in time:\n{log.read_text()[-4000:]}"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=90)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert rc == 130, text[-4000:]
+    assert took < 45, f"exit took {took:.0f} s after SIGINT"
+    assert "kdqat sweep: interrupted by SIGINT with 1 of 2 trials finished training; the sweep state is " \
+           f"saved in {out / 'tune'}. Continue with: kdqat sweep --config {path} --address {address} --resume" \
+           in text, text[-4000:]
+    assert (out / "results.md").exists()  # the tables were written for the trials so far
+    (first,) = done
+    rest = next(d for d in (out / "trials").iterdir() if d != first)
+    first_metrics = (first / "run" / "metrics.json").stat().st_mtime_ns
+    first_student = (first / "run" / "student").stat().st_mtime_ns
+    assert _attempts(first) == [_attempts(first)[0]] and len(_attempts(rest)) == 1
+    assert not (rest / "run" / "metrics.json").exists()
+    rest_lr = yaml.safe_load((rest / "resolved.yaml").read_text())["train"]["lr"]
+
+    assert main(["sweep", "--config", str(path), "--quiet", "--resume"]) == 0
+    assert len(_attempts(first)) == 1, "a trial that had finished before the interrupt ran again"
+    assert (first / "run" / "metrics.json").stat().st_mtime_ns == first_metrics
+    assert (first / "run" / "student").stat().st_mtime_ns == first_student
+    assert len(_attempts(rest)) == 2 and (rest / "run" / "metrics.json").exists()
+    # Tune kept the interrupted trial's sampled lr rather than drawing a new one
+    assert yaml.safe_load((rest / "resolved.yaml").read_text())["train"]["lr"] == rest_lr
+    rows, _ = collect_rows(out)
+    assert [r["status"] for r in rows] == ["ok", "ok"]  # num_samples 2 -> 2 trials, both in the table
+    assert {r["task"] for r in rows} == {"demo"} and {r["seed"] for r in rows} <= {42, 52}
+    lrs = [r["lr"] for r in rows]
+    assert all(1e-4 <= lr <= 1e-3 for lr in lrs) and lrs[0] != lrs[1] and rest_lr in lrs
+    assert len((out / "results.csv").read_text().splitlines()) == 3
+
+
+def _custom_task(tmp_path: Path) -> dict:
+    """A 2-class custom task from demo sentences, with two dev files of the same 29 sentences: every label
+    negative / every label positive. Whatever a student predicts, its accuracy on one is 1 - that on the
+    other, so the two can never tie (29 is odd)."""
+    from kdqat_dist.data.demo import make_demo
+
+    names = ("negative", "positive")
+    demo = make_demo(200, 0)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(
+        f"{r['text_a']}\t{names[r['label']]}\n" for r in demo["train"]))
+    for label in names:
+        (tmp_path / f"dev_{label}.tsv").write_text("sentence\tlabel\n" + "".join(
+            f"{r['text_a']}\t{label}\n" for r in demo["dev"][:29]))
+    return {"data.task": "custom", "data.train_file": str(tmp_path / "train.tsv"),
+            "data.label_list": list(names)}
+
+
+def _asha_decisions(histories: list[list[float]]) -> list[bool]:
+    """Which trials ASHA stops (Ray's rule, grace_period 1, reduction_factor 2: rungs at iterations
+    1, 2, 4...; a result below the median of the results recorded earlier at its rung stops the trial),
+    given the values each trial reported, for trials that run one after the other."""
+    import numpy as np
+
+    rungs: dict[int, list[float]] = {}
+    stopped = []
+    for values in histories:
+        stop = False
+        for it, v in enumerate(values, 1):
+            if it & (it - 1) == 0:  # a power of two: a rung
+                seen = rungs.setdefault(it, [])
+                stop = bool(seen) and v < np.nanpercentile(seen, 50)
+                seen.append(v)
+                if stop:
+                    break
+        stopped.append(stop)
+    return stopped
+
+
+def test_asha_stops_trials_early_and_a_crashed_trial_is_retried(tmp_path, ray_session, teacher):
+    """Three trials one after the other, evaluated on [all-negative, all-positive, all-negative] dev
+    labels: the third repeats the first, so whichever of the first two scores lower, one trial reports
+    below the running median at the first rung and ASHA must stop it. The first trial's worker process
+    is killed (SIGKILL, as a node loss or the OOM killer would) on its first attempt; max_failures 1
+    retries it."""
+    from kdqat_dist.cli import main
+    from kdqat_dist.tune.trainable import run_sweep
+
+    dev = [str(tmp_path / f"dev_{x}.tsv") for x in ("negative", "positive", "negative")]
+    path = _spec(tmp_path, teacher_path=str(teacher), max_concurrent=1,
+                 overrides={**_custom_task(tmp_path), "train.max_steps": 4, "train.eval_every": 2},
+                 search={"data.dev_file": {"grid": dev}},
+                 tune={"scheduler": "asha", "grace_period": 1, "max_failures": 1})
+    spec = load_spec(path)
+    trials = spec.output_dir / "trials"
+    killed: list[str] = []
+
+    def kill_first_attempt() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            logs = sorted(trials.glob("*/starts.log")) if trials.exists() else []
+            if logs and logs[0].read_text().strip():
+                pid = _attempts(logs[0].parent)[0]
+                os.kill(int(pid), signal.SIGKILL)  # the Ray worker running the trial
+                killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_first_attempt, daemon=True)
+    killer.start()
+    grid = run_sweep(spec, verbose=0)
+    killer.join()
+    assert killed, "the first trial never started"
+    # the retry: the killed attempt failed, Tune started the trial again, and it finished
+    assert grid.num_errors == 0 and len(grid) == 3, [r.error for r in grid]
+    ordered = sorted(grid, key=lambda r: r.metrics["trial_id"])  # trial ids number them in start order
+    first_dir = next(trials.glob(f"{ordered[0].metrics['trial_id']}_*"))
+    attempts = _attempts(first_dir)
+    assert len(attempts) == 2 and attempts[0] == killed[0] and attempts[1] != killed[0]
+    # ASHA: Tune's own records, replayed through ASHA's rule, say which trials it stops
+    histories = [[t["selection"] for t in _tune_records(r)] for r in ordered]
+    expected = _asha_decisions(histories)
+    assert sum(expected) >= 1, histories  # the dev files guarantee a result below a rung's median
+    rows = {r["trial"]: r for r in collect_rows(spec.output_dir)[0]}
+    assert len(rows) == 3
+    for res, values, stop in zip(ordered, histories, expected, strict=True):
+        tdir = next(trials.glob(f"{res.metrics['trial_id']}_*"))
+        row = rows[tdir.name]
+        progress = json.loads((tdir / "progress.json").read_text())["history"]
+        assert [p["selection"] for p in progress] == values  # Tune saw every evaluation the trial made
+        if stop:  # stopped at the rung: no metrics.json; the table row is the partial result so far
+            assert not (tdir / "run" / "metrics.json").exists()
+            assert row["status"] == "partial" and row["selection"] == max(values)
+        else:
+            assert len(values) == 2 and row["status"] == "ok"
+    # a trial ASHA stopped is a normal outcome, not a failure: the sweep's exit status stays 0
+    assert main(["sweep", "--config", str(path), "--report-only"]) == 0
 
 
 @pytest.mark.slow

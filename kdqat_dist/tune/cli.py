@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   kdqat sweep --config ray_tune/tiny_demo.yaml                 # local Ray sized to this machine
@@ -11,7 +12,13 @@ EPILOG = """examples:
   kdqat sweep --config ray_tune/map_output_sweep_a.yaml --address auto   # join a running cluster (Slurm)
   kdqat sweep --config ray_tune/tiny_demo.yaml --report-only   # rebuild the tables and the plot
 
-key=value arguments override the base recipe for every trial (e.g. train.max_steps=50)."""
+key=value arguments override the base recipe for every trial (e.g. train.max_steps=50).
+
+Ctrl-C (SIGINT) or SIGTERM (Slurm preemption, scancel) stops the sweep gracefully: Tune saves its state,
+running trials stop, the tables are written for the trials so far, and kdqat exits with 130 (SIGINT) or
+143 (SIGTERM); --resume then reruns only the unfinished trials. A second Ctrl-C aborts at once.
+Exit status: 0 every trial finished (or was stopped early by ASHA), 1 some trial failed (fix the cause,
+then --resume), 2 bad input, 130/143 interrupted."""
 
 
 def add_parser(subparsers) -> None:
@@ -32,27 +39,29 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
-    from kdqat_dist.tune.results import collect_rows, format_console, write_report
     from kdqat_dist.tune.spec import load_spec
 
     spec = load_spec(args.config, args.overrides, output_dir=args.output_dir)
+    errors = 0
     if not args.report_only:
         _warn_missing_teachers(spec)
-        from kdqat_dist.tune.trainable import run_sweep
+        from kdqat_dist.tune.trainable import SweepInterrupted, run_sweep
 
         print(f"kdqat sweep: {spec.name}: {spec.num_grid_points} grid points x "
               f"{spec.base_config().tune.num_samples} samples -> {spec.output_dir}", flush=True)
-        grid = run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                         verbose=0 if args.quiet else 1)
+        try:
+            grid = run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
+                             verbose=0 if args.quiet else 1)
+        except SweepInterrupted as exc:
+            _report(spec.output_dir)  # the finished trials' rows are final; worth having now
+            print(f"kdqat sweep: {exc}; the sweep state is saved in {spec.output_dir / 'tune'}. "
+                  f"Continue with: {_resume_command(args)}", file=sys.stderr, flush=True)
+            return exc.exit_code
         errors = grid.num_errors
-    else:
-        errors = 0
-    paths = write_report(spec.output_dir)
-    rows, _ = collect_rows(spec.output_dir)
-    print(format_console(rows))
-    print("\n".join(f"{k:12s} {v}" for k, v in paths.items()))
-    print(f"{'tensorboard':12s} tensorboard --logdir {spec.output_dir / 'trials'}")
-    bad = [r for r in rows if r.get("status") != "ok"]
+    rows = _report(spec.output_dir)
+    # "partial" rows are trials ASHA stopped early - a normal outcome, which --resume would not rerun -
+    # or failed ones after some evaluations, which Tune counts in num_errors.
+    bad = [r for r in rows if r.get("status") == "incomplete"]
     if errors or bad:
         print(f"kdqat sweep: {max(errors, len(bad))} trial(s) did not finish; fix the cause and rerun with "
               "--resume (finished trials are kept)", file=sys.stderr)
@@ -60,10 +69,32 @@ def main(args) -> int:
     return 0
 
 
+def _report(output_dir: Path) -> list[dict]:
+    """Write the tables and the plot, print the trial table and where everything is; returns the rows."""
+    from kdqat_dist.tune.results import collect_rows, format_console, write_report
+
+    paths = write_report(output_dir)
+    rows, _ = collect_rows(output_dir)
+    print(format_console(rows))
+    print("\n".join(f"{k:12s} {v}" for k, v in paths.items()))
+    print(f"{'tensorboard':12s} tensorboard --logdir {output_dir / 'trials'}", flush=True)
+    return rows
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this sweep (same spec, overrides and output dir)."""
+    import shlex
+
+    parts = ["kdqat", "sweep", "--config", args.config, *args.overrides]
+    if args.output_dir:
+        parts += ["--output-dir", args.output_dir]
+    if args.address:
+        parts += ["--address", args.address]
+    return shlex.join([*parts, "--resume"])
+
+
 def _warn_missing_teachers(spec) -> None:
     """Trials whose teacher does not exist (on this machine) will fail; say so before starting."""
-    from pathlib import Path
-
     missing = sorted({cfg.teacher.path for cfg in (spec.resolve(p, v) for p, v in spec.grid_points()[:2000])
                       if cfg.teacher.path and not Path(cfg.teacher.path).exists()})
     if missing:

@@ -9,7 +9,7 @@ named variants (bundles of overrides, e.g. the loss-choice comparison)::
     teacher_path: "models/{data.task}" # optional; {dotted.key} is filled from each trial's config
     overrides: {train.epochs: 3}
     search:
-      data.task: {grid: [rte, sst2]}
+      task: "grid[rte, sst2]"          # short for data.task (the only alias)
       distill.gamma: {grid: [0.1, 0.5, 0.9]}
       train.lr: {loguniform: [1.0e-5, 1.0e-4]}
       train.seed: "grid[42, 52, 62]"   # the short form works too
@@ -17,6 +17,13 @@ named variants (bundles of overrides, e.g. the loss-choice comparison)::
       map: {distill.attn_map.weight: 1.0, distill.attn_output.weight: 0.0}
     tune: {num_workers: 1, scheduler: none}   # the config's tune section (resources, retries, ASHA)
     max_concurrent: 0                  # 0 = as many as the resources allow
+
+Keys are dotted config names (``distill.attn_map.weight``); ``task`` is accepted as an alias of
+``data.task`` everywhere a key is named (search, overrides, variants, ``{task}`` in teacher_path, CLI
+``task=rte``). Domains: ``{grid: [...]}`` (every value), ``{choice: [...]}`` (one value drawn per sample),
+``{uniform: [lo, hi]}`` and ``{loguniform: [lo, hi]}`` (a float drawn per sample), each also in the short
+string form ``"choice[a, b]"`` / ``"uniform[lo, hi]"``, or a plain list (a grid). ``tune.num_samples``
+repeats the whole grid that many times, drawing the sampled dimensions afresh each time.
 
 Every problem raises :class:`~kdqat_dist.config.ConfigError` with one line, before any trial starts.
 """
@@ -53,6 +60,8 @@ SPEC_KEYS = ("name", "base", "output_dir", "teacher_path", "overrides", "search"
 PATH_KEYS = ("teacher.path", "student.init_from", "data.source", "data.train_file", "data.dev_file",
              "data.cache_dir", "engine.ds_config", "engine.teacher_ds_config", "model.name_or_path")
 MAX_GRID_CHECK = 2000
+# Short names the issue's examples use (``task: grid[rte, sst2, cola]``) -> the dotted config key.
+KEY_ALIASES = {"task": "data.task"}
 _SHORT = re.compile(r"^\s*(grid|choice|uniform|loguniform)\s*(\[.*\])\s*$", re.S)
 _TEMPLATE = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 
@@ -166,12 +175,29 @@ def get_dotted(cfg: Any, key: str) -> Any:
 def fill_template(template: str, cfg: RunConfig) -> str:
     """``"models/{data.task}"`` -> ``"models/rte"`` using the trial's config values."""
     def sub(m: re.Match) -> str:
-        key = m.group(1)
+        key = canonical_key(m.group(1))
         if key not in flat_keys():
             raise ConfigError(f"teacher_path: unknown config key {{{key}}} in {template!r}{_suggest(key)}")
         return str(get_dotted(cfg, key))
 
     return _TEMPLATE.sub(sub, template)
+
+
+def canonical_key(key: Any) -> Any:
+    """``task`` -> ``data.task``; every other key unchanged."""
+    return KEY_ALIASES.get(key, key) if isinstance(key, str) else key
+
+
+def _canonical_keys(raw: dict, where: str) -> dict:
+    """Apply :data:`KEY_ALIASES` to a mapping's keys; an alias and its target together is an error
+    (which value would win would depend on the YAML's key order)."""
+    out: dict = {}
+    for k, v in raw.items():
+        ck = canonical_key(k)
+        if ck in out:
+            raise ConfigError(f"{where}: '{k}' and '{ck}' name the same key; keep one")
+        out[ck] = v
+    return out
 
 
 def _suggest(key: str) -> str:
@@ -258,10 +284,10 @@ def _mapping(raw: Any, where: str) -> dict:
     if raw is None:
         return {}
     if isinstance(raw, list):  # ["a.b=c", ...]
-        return dict(parse_override(str(x)) for x in raw)
+        return _canonical_keys(dict(parse_override(str(x)) for x in raw), where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of dotted keys, got {raw!r}")
-    return {k: _yaml_number(v) for k, v in raw.items()}
+    return _canonical_keys({k: _yaml_number(v) for k, v in raw.items()}, where)
 
 
 # --------------------------------------------------------------------------- loading
@@ -306,16 +332,17 @@ def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str]
     overrides = _mapping(raw.get("overrides"), "overrides")
     for k, v in _mapping(raw.get("tune"), "tune").items():
         overrides[k if k.startswith("tune.") else f"tune.{k}"] = v
-    if isinstance(base_overrides, dict):
-        overrides.update(base_overrides)
-    else:
-        overrides.update(dict(parse_override(o) for o in base_overrides or []))
+    cli = base_overrides if isinstance(base_overrides, dict) else dict(parse_override(o)
+                                                                        for o in base_overrides or [])
+    cli = _canonical_keys(cli, "overrides (command line)")
+    overrides.update(cli)
     for k in overrides:
         _check_key(k, "overrides", allow_tune=True)
 
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict):
         raise ConfigError(f"search: expected a mapping of dotted keys to domains, got {search_raw!r}")
+    search_raw = _canonical_keys(search_raw, "search")
     search = [parse_domain(_check_key(k, "search"), v) for k, v in search_raw.items()]
 
     variants_raw = raw.get("variants") or {}
@@ -340,8 +367,7 @@ def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str]
     teacher = raw.get("teacher_path") or ""
     if not isinstance(teacher, str):
         raise ConfigError(f"teacher_path: expected a string template, got {teacher!r}")
-    if base_overrides and "teacher.path" in (base_overrides if isinstance(base_overrides, dict)
-                                             else [parse_override(o)[0] for o in base_overrides]):
+    if "teacher.path" in cli:
         teacher = ""  # an explicit teacher.path on the command line wins over the template
     out = output_dir or raw.get("output_dir") or f"runs/sweeps/{raw.get('name') or Path(path).stem}"
     spec = SweepSpec(name=str(raw.get("name") or Path(path).stem), base=base,

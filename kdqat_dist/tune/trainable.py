@@ -11,25 +11,37 @@ Each trial:
 
 The run itself lives in ``trials/<trial>/run/`` (metrics.json, tb/, student/), a path that survives
 ``--resume``; a trial whose ``metrics.json`` already exists is never trained again.
+
+Interrupting the driver (Ctrl-C = SIGINT, or SIGTERM as Slurm sends on preemption / scancel) stops the
+sweep gracefully: Tune saves its state, the running trials are stopped, and :func:`run_sweep` raises
+:class:`SweepInterrupted`; ``kdqat sweep --resume`` then reruns only the trials that had not finished. A
+second signal aborts at once (the state saved last is kept).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, save_config
 from kdqat_dist.tune.spec import SweepSpec, check_resources, spec_from_dict, trial_resources
 
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid, Tuner
+
 EXPERIMENT = "tune"  # <output_dir>/tune holds the Tune experiment state
 EVENTS = "events.jsonl"  # evaluation records written by rank 0 of a distributed trial
 PROGRESS = "progress.json"  # the evaluations so far (the partial result of a stopped trial)
+_TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 def _short_key(key: str) -> str:
@@ -261,12 +273,93 @@ def max_concurrent(spec: SweepSpec, base: RunConfig, cluster_cpus: float) -> int
     return cap
 
 
+class SweepInterrupted(Exception):
+    """The driver got SIGINT/SIGTERM before every trial finished. Tune saved the sweep state, so
+    ``kdqat sweep --resume`` continues it; ``exit_code`` is the shell convention 128 + signal number."""
+
+    def __init__(self, signum: int, finished: int, total: int, grid: ResultGrid):
+        self.signum, self.finished, self.total, self.grid = signum, finished, total, grid
+        self.signame = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signame} with {finished} of {total} trials finished training")
+
+
+_SAME_STOP_S = 2.0  # the same signal again within this long is the same stop, not "abort now"
+
+
+@contextlib.contextmanager
+def _graceful_signals() -> Iterator[dict[str, int]]:
+    """While the sweep runs: SIGINT and SIGTERM both stop it gracefully, and we know that they came.
+
+    Tune's graceful stop (save the experiment state one last time, stop the running trials, return from
+    ``fit``) is triggered by its SIGINT and SIGUSR1 handlers, installed inside ``fit``. Its SIGINT handler
+    would leave no trace for us - and the ResultGrid it returns shows the stopped trials as TERMINATED,
+    like finished ones - and SIGTERM (Slurm preemption, ``scancel``) would hit ``ray.init``'s handler
+    (``sys.exit``), which skips the save. So Tune's SIGINT handler is switched off (its documented
+    ``TUNE_DISABLE_SIGINT_HANDLER``) and our handler, for both signals, records the signal and calls Tune's
+    SIGUSR1 handler. Before Tune has installed that handler, or on a second signal (not the same one
+    again within 2 s: Slurm can deliver one stop twice), it raises KeyboardInterrupt: stop now, the state
+    saved last is kept. Handlers can only be set from the main
+    thread; elsewhere this does nothing (Tune's defaults apply)."""
+    got: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+    env_before = os.environ.get(_TUNE_SIGINT_ENV)
+
+    first_at: list[float] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        first = not got
+        if not first and signum == got["signum"] and time.monotonic() - first_at[0] < _SAME_STOP_S:
+            return  # one stop delivered twice (scancel signals the job step and the batch script forwards it)
+        got.setdefault("signum", signum)
+        first_at.append(time.monotonic())
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if first and callable(tune_stop) and tune_stop is not before[signal.SIGUSR1]:
+            tune_stop(signal.SIGUSR1, frame)
+        else:
+            raise KeyboardInterrupt
+
+    os.environ[_TUNE_SIGINT_ENV] = "1"
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield got
+    finally:
+        if env_before is None:
+            os.environ.pop(_TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[_TUNE_SIGINT_ENV] = env_before
+        # Tune leaves its SIGUSR1 handler installed after fit; a stale one must not look live to the next
+        # sweep in this process, and Ctrl-C after the sweep must interrupt again.
+        for sig, handler in before.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _finished_trials(output_dir: Path) -> int:
+    """Trials whose run wrote metrics.json (the trial folders are the sweep's own record of them)."""
+    return sum(1 for _ in (output_dir / "trials").glob("*/run/metrics.json"))
+
+
+def _expected_trials(spec: SweepSpec, resume: bool) -> int:
+    """How many trials the sweep has: grid points x num_samples, of the spec it started with (a resumed
+    sweep keeps its original search space even when the spec file changed since)."""
+    recorded = spec.output_dir / "sweep.json"
+    if resume and recorded.exists():
+        spec = spec_from_dict(json.loads(recorded.read_text()))
+    return spec.num_grid_points * spec.base_config().tune.num_samples
+
+
 def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
-              num_cpus: int | None = None, verbose: int = 1):
+              num_cpus: int | None = None, verbose: int = 1) -> ResultGrid:
     """Run (or ``resume``) the sweep; returns the Tune ``ResultGrid``. Tables are written by the caller
-    (:func:`kdqat_dist.tune.results.write_report`)."""
+    (:func:`kdqat_dist.tune.results.write_report`). Raises :class:`SweepInterrupted` when SIGINT/SIGTERM
+    stopped it before every trial finished (the state is saved: continue with ``resume=True``)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     base = spec.base_config()
     exp = spec.output_dir / EXPERIMENT
@@ -277,9 +370,24 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
         raise ConfigError(f"output_dir: {spec.output_dir} already holds this sweep; pass --resume to "
                           "continue it or choose another output_dir")
     _init_ray(address, num_cpus, base)
-    total, largest = _cluster()
-    check_resources(base, total, largest)
+    # From here on Ctrl-C and SIGTERM stop the sweep gracefully (see _graceful_signals).
+    with _graceful_signals() as got:
+        tuner = _make_tuner(spec, base, resume, exp, verbose)
+        n_trials = _expected_trials(spec, resume)
+        grid = tuner.fit()
+    if got:  # Tune stopped gracefully and returned normally; its grid shows stopped trials as TERMINATED
+        raise SweepInterrupted(got["signum"], _finished_trials(spec.output_dir), n_trials, grid)
+    return grid
 
+
+def _make_tuner(spec: SweepSpec, base: RunConfig, resume: bool, exp: Path, verbose: int) -> Tuner:
+    """A new Tuner for the spec, or the saved one under ``exp`` (``resume``) with errored and unfinished
+    trials to run again."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cluster, largest = _cluster()
+    check_resources(base, cluster, largest)
     t = base.tune
     if t.num_workers > 1:
         res: dict[str, float] = {"cpu": 1}  # the trial driver; the workers are Ray Train's actors
@@ -289,23 +397,21 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     _record_spec(spec, resume)
     if resume:
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
-    else:
-        scheduler = None
-        if t.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
-                                      grace_period=t.grace_period, reduction_factor=2)
-        cap = max_concurrent(spec, base, total.get("CPU", 1))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(spec),
-            tune_config=tune.TuneConfig(metric="selection", mode="max", scheduler=scheduler,
-                                        num_samples=t.num_samples,
-                                        max_concurrent_trials=cap),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(spec.output_dir), verbose=verbose,
-                                      failure_config=tune.FailureConfig(max_failures=t.max_failures)),
-        )
-    return tuner.fit()
+        return tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
+    scheduler = None
+    if t.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
+                                  grace_period=t.grace_period, reduction_factor=2)
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(spec),
+        tune_config=tune.TuneConfig(metric="selection", mode="max", scheduler=scheduler,
+                                    num_samples=t.num_samples,
+                                    max_concurrent_trials=max_concurrent(spec, base, cluster.get("CPU", 1))),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(spec.output_dir),
+                                  verbose=verbose,
+                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)),
+    )
 
 
 def _record_spec(spec: SweepSpec, resume: bool) -> None:
