@@ -70,7 +70,12 @@ def _demo_dir_usable(root: Path) -> bool:
     if (root / "summary.json").exists() or (root / "student_run").exists():
         return False
     teacher = root / "teacher"
-    return not teacher.exists() or (teacher / "model" / "config.json").exists()
+    return not teacher.exists() or _teacher_finished(teacher)
+
+
+def _teacher_finished(teacher: Path) -> bool:
+    # metrics.json is written when the run ends; model/ appears at the first better evaluation, mid-run
+    return (teacher / "metrics.json").exists() and (teacher / "model" / "config.json").exists()
 
 
 def pick_demo_dir(root: Path) -> Path:
@@ -105,7 +110,7 @@ def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
         root = chosen
     t0 = time.perf_counter()
     teacher_dir = root / "teacher"
-    if (teacher_dir / "model" / "config.json").exists():
+    if _teacher_finished(teacher_dir):
         print(f"[demo] reusing the fine-tuned teacher in {teacher_dir / 'model'}")
     else:
         print("[demo] 1/2 fine-tuning the full-precision teacher")

@@ -92,6 +92,8 @@ def test_demo_runs_again_into_a_new_folder_and_never_overwrites(tmp_path, monkey
     assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-4")
     (tmp_path / "runs" / "tiny-4" / "teacher" / "model").mkdir(parents=True)
     (tmp_path / "runs" / "tiny-4" / "teacher" / "model" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "tiny-4" / "teacher" / "metrics.json").write_text("{}")
     assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-4")
-    (tmp_path / "runs" / "tiny-4" / "teacher" / "model" / "config.json").unlink()  # half-written teacher
+    # a teacher run stopped after its first best checkpoint (model/ exists, no metrics.json) is unfinished
+    (tmp_path / "runs" / "tiny-4" / "teacher" / "metrics.json").unlink()
     assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-5")

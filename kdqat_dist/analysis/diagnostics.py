@@ -58,7 +58,8 @@ them off). `<module>` reads `03.attention.self.query`; `all` is the element-weig
 |---|---|---|
 | `quant_zero_frac/<module>` | log steps | fraction of the weight's codes that are 0 |
 | `quant_scale/<module>` | log steps | quantization step (TWN α, LSQ step, ...; row mean) |
-| `quant_scale_drift/<module>` | log steps | step / step at the first log step − 1 |
+| `quant_scale_drift/<module>` | log steps | step / step at the first log step − 1 (of this process: \
+after --resume, of the resumed run) |
 | `quant_flip_rate/<module>` | evaluations | fraction of weight codes changed since the previous evaluation \
 (the first: since the start of training) |
 | `quant_clip_rate/<module>.input` | log steps | fraction of inputs beyond the clip value, in the first \

@@ -277,11 +277,12 @@ class SweepInterrupted(Exception):
     """The driver got SIGINT/SIGTERM before every trial finished. Tune saved the sweep state, so
     ``kdqat sweep --resume`` continues it; ``exit_code`` is the shell convention 128 + signal number."""
 
-    def __init__(self, signum: int, finished: int, total: int, grid: ResultGrid):
+    def __init__(self, signum: int, finished: int, total: int | None, grid: ResultGrid | None):
         self.signum, self.finished, self.total, self.grid = signum, finished, total, grid
         self.signame = signal.Signals(signum).name
         self.exit_code = 128 + signum
-        super().__init__(f"interrupted by {self.signame} with {finished} of {total} trials finished training")
+        of = "" if total is None else f" of {total}"
+        super().__init__(f"interrupted by {self.signame} with {finished}{of} trials finished training")
 
 
 _SAME_STOP_S = 2.0  # the same signal again within this long is the same stop, not "abort now"
@@ -371,12 +372,22 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
                           "continue it or choose another output_dir")
     _init_ray(address, num_cpus, base)
     # From here on Ctrl-C and SIGTERM stop the sweep gracefully (see _graceful_signals).
+    n_trials: int | None = None
     with _graceful_signals() as got:
-        tuner = _make_tuner(spec, base, resume, exp, verbose)
-        n_trials = _expected_trials(spec, resume)
-        grid = tuner.fit()
-    if got:  # Tune stopped gracefully and returned normally; its grid shows stopped trials as TERMINATED
-        raise SweepInterrupted(got["signum"], _finished_trials(spec.output_dir), n_trials, grid)
+        try:
+            tuner = _make_tuner(spec, base, resume, exp, verbose)
+            n_trials = _expected_trials(spec, resume)
+            grid = tuner.fit()
+        except KeyboardInterrupt:
+            # a signal before Tune could stop gracefully, or a second one: the state saved last is kept
+            if not got:
+                raise
+            raise SweepInterrupted(got["signum"], _finished_trials(spec.output_dir), n_trials, None) from None
+    finished = _finished_trials(spec.output_dir)
+    # Tune stopped gracefully and returned normally (its grid shows stopped trials as TERMINATED); a signal
+    # that came only after the last trial had finished stopped nothing
+    if got and (n_trials is None or finished < n_trials):
+        raise SweepInterrupted(got["signum"], finished, n_trials, grid)
     return grid
 
 
