@@ -44,7 +44,7 @@ def attention_scores(
 class MapInputs:
     """What one layer's attention probabilities are computed from (the ``map_inputs`` tap).
 
-    ``probs()`` gives the same values as the ``probs`` tap (same operations on the same tensors), so a
+    ``probs()`` gives the same values as the ``probs`` tap (same operations on the same tensors, float32), so a
     KD loss can keep Q and K (2·B·S·D numbers) for its backward instead of the map (B·H·S·S).
     """
 
@@ -54,7 +54,8 @@ class MapInputs:
     scaling: float
 
     def probs(self) -> torch.Tensor:
-        return F.softmax(attention_scores(self.query, self.key, self.attention_mask, self.scaling), dim=-1)
+        scores = attention_scores(self.query, self.key, self.attention_mask, self.scaling)
+        return F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def kdqat_attention(
@@ -86,10 +87,14 @@ def kdqat_attention(
         query, key, value = q.query(query), q.key(key), q.value(value)
     scores = attention_scores(query, key, attention_mask, scaling)
     _emit(module, "scores", scores)
-    probs = F.softmax(scores, dim=-1)
+    # Softmax in float32 whatever the model's dtype, as transformers' eager attention does. The KD tap is
+    # that float32 map: in bf16 the rows would sum to 1 only to ~1e-3, enough to make the KL of two nearly
+    # equal maps negative. (In float32 models both casts are no-ops.)
+    probs32 = F.softmax(scores, dim=-1, dtype=torch.float32)
     del scores  # nothing keeps it for the backward: free it before the taps' losses allocate theirs
     _emit(module, "map_inputs", MapInputs(query, key, attention_mask, scaling))
-    _emit(module, "probs", probs)  # before dropout and quantization, as the reference's KD tap
+    _emit(module, "probs", probs32)  # before dropout and quantization, as the reference's KD tap
+    probs = probs32.to(value.dtype)
     p = F.dropout(probs, p=dropout, training=module.training)
     if q is not None:
         p = q.probs(p)

@@ -2,18 +2,18 @@
 
 Tap names and where they come from (ALGORITHMS.md A.7), for Transformer layer ``l`` (0-based):
 
-=============  ============================================================  ===============
+=============  ============================================================  ==================
 name           tensor                                                        shape
-=============  ============================================================  ===============
+=============  ============================================================  ==================
 hidden         index 0: embedding output; index l+1: output of layer l       [B, S, D]
 scores         QKᵀ/√d_h + additive mask (attention function)                 [B, H, S, S]
-probs          softmax probabilities before dropout and quantization         [B, H, S, S]
-map_inputs     ``MapInputs(Q, K, mask, scaling)`` that ``probs`` is computed    2 x [B, H, S, d_h]
-               from (emitted just before it); ``.probs()`` recomputes it
+probs          softmax probabilities (float32), before dropout/quantization  [B, H, S, S]
+map_inputs     ``MapInputs(Q, K, mask, scaling)``: what ``probs`` is made    2 x [B, H, S, d_h]
+               of (emitted just before it); ``.probs()`` recomputes it
 context        per-head softmax(A)·V before the head merge                   [B, H, S, d_h]
 sa_output      W_o·ctx + b_o (attention.output.dense), before residual/LN    [B, S, D]
 attn_output    LayerNorm(Dropout(W_o·ctx + b_o) + X): the attention block    [B, S, D]
-=============  ============================================================  ===============
+=============  ============================================================  ==================
 
 A sink is any ``callable(layer: int, name: str, tensor) -> None`` (``map_inputs`` delivers a
 :class:`~kdqat_dist.models.attention.MapInputs` instead of a tensor). Only the (name, layer) pairs asked

@@ -25,3 +25,24 @@ def test_deepspeed_without_launcher_and_with_activation_checkpointing_matches_on
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # nothing leaks into this process
     assert (tmp_path / "ds" / "ds_config_teacher.json").exists()
     assert (tmp_path / "ds" / "student" / "model.safetensors").exists()
+
+
+def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, local_reference, tmp_path,
+                                                monkeypatch):
+    # No GPU here, but DeepSpeed's bf16 path runs on the CPU accelerator: bf16 student and ZeRO-3 teacher
+    # weights with fp32 master weights, every loss fed bf16 taps. The losses must stay near the fp32 run
+    # of the same steps (bf16 keeps 8 mantissa bits: a few 1e-3 relative), and be finite.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = parity_config(parity_teacher, tmp_path / "bf16", "train.grad_accum=2", "engine.backend=deepspeed",
+                        "engine.zero_stage=2", "engine.teacher=zero3", "engine.precision=bf16")
+    out = run(cfg, "train")
+    mem = out["memory"]
+    assert mem["param_mib"] == pytest.approx(mem["master_mib"] / 2, rel=1e-3)  # bf16 weights, fp32 master
+    assert mem["teacher_param_mib"] == pytest.approx(mem["param_mib"], rel=1e-3)
+    ref = local_reference["twn"]
+    for a, b in zip(ref, out["train_log"], strict=True):
+        for k in a:
+            if k.startswith("loss"):
+                assert b[k] == pytest.approx(a[k], rel=3e-2, abs=1e-4), (a["step"], k, a[k], b[k])
+                assert b[k] != a[k], (a["step"], k)  # really computed in bf16
