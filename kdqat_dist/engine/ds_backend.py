@@ -289,6 +289,24 @@ class DeepSpeedBackend:
         self.engine = self.teacher_engine = None
         if self._owns_group:
             dist.destroy_process_group()
+            _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed caches in module globals (``deepspeed.utils.groups``).
+
+    They belong to the process group just destroyed; a second run in the same process (a notebook, two
+    ``run()`` calls in one test process) would otherwise hand a stale group to its first broadcast
+    ("Group ... is not registered"). Reset to the values the module starts with, so DeepSpeed makes new
+    ones from the new group.
+    """
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.isupper() and ("GROUP" in name or name.startswith("_MPU_")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    if hasattr(groups, "mesh_device"):
+        groups.mesh_device = None
 
 
 def _unwrap(m: nn.Module) -> nn.Module:

@@ -31,7 +31,8 @@ def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, l
                                                 monkeypatch):
     # No GPU here, but DeepSpeed's bf16 path runs on the CPU accelerator: bf16 student and ZeRO-3 teacher
     # weights with fp32 master weights, every loss fed bf16 taps. The losses must stay near the fp32 run
-    # of the same steps (bf16 keeps 8 mantissa bits: a few 1e-3 relative), and be finite.
+    # of the same steps (bf16 keeps 8 mantissa bits: a few 1e-3 relative), and be finite. It is also the
+    # second DeepSpeed run in this process: teardown must reset DeepSpeed's cached process groups.
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     cfg = parity_config(parity_teacher, tmp_path / "bf16", "train.grad_accum=2", "engine.backend=deepspeed",
