@@ -43,3 +43,15 @@ def test_user_errors_exit_2(capsys, args, message):
 def test_recipes_listing(capsys):
     assert main(["recipes"]) == 0
     assert "tiny_debug" in capsys.readouterr().out
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    # A hub name with no network and no cached copy: transformers raises a multi-line OSError; the user
+    # gets one line naming the model. (HF_HUB_OFFLINE=1 is set for the tests, so nothing is fetched.)
+    r = run_cli("finetune", "--config", "tiny_debug", "model.name_or_path=no-such-org/no-such-model",
+                f"train.output_dir={tmp_path / 'x'}")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdqat: error: cannot load model 'no-such-org/no-such-model': "), last
+    assert not (tmp_path / "x").exists()

@@ -58,8 +58,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub name
 
 
+def _cannot_load(name_or_path: str, exc: OSError) -> ConfigError:
+    # transformers' OSError for a hub name it cannot reach (or a bad name) is several lines with a
+    # traceback; the first line says what went wrong
+    return ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}")
+
+
 def load_tokenizer(name_or_path: str):
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except OSError as exc:
+        raise _cannot_load(name_or_path, exc) from None
 
 
 def load_classifier(
@@ -74,7 +83,10 @@ def load_classifier(
     if id2label:
         kwargs["id2label"] = id2label
         kwargs["label2id"] = {v: k for k, v in id2label.items()}
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise _cannot_load(name_or_path, exc) from None
     if num_labels == 1:
         config.problem_type = "regression"
     try:
@@ -86,7 +98,7 @@ def load_classifier(
             path, config=config, attn_implementation=attn_implementation
         )
     except OSError as exc:
-        raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        raise _cannot_load(name_or_path, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return model
