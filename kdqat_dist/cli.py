@@ -76,6 +76,17 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, except that key=value overrides may stand anywhere, also after an option
+    (``train --config X --resume a=b``): argparse alone stops the positional list at the first option."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ:
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown our own progress bar
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -55,3 +55,26 @@ def test_unreachable_hub_model_is_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kdqat: error: cannot load model 'no-such-org/no-such-model': "), last
     assert not (tmp_path / "x").exists()
+
+
+def test_overrides_may_follow_an_option(capsys):
+    from kdqat_dist.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "--config", "tiny_debug", "a.b=1", "--resume", "train.max_steps=2"])
+    assert args.resume and args.overrides == ["a.b=1", "train.max_steps=2"]
+    for argv, bad in ((["train", "--config", "tiny_debug", "--bogus"], "--bogus"), (["recipes", "x=1"], "x=1")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(build_parser(), argv)
+        assert exc.value.code == 2 and f"unrecognized arguments: {bad}" in capsys.readouterr().err
+
+
+def test_damaged_weights_file_is_one_line(tiny_teacher, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    code = main(["train", "--config", "tiny_debug", f"teacher.path={bad}", f"train.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"kdqat: error: cannot load model '{bad}': "), err

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from kdqat_dist.config import ConfigError
@@ -58,10 +59,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub name
 
 
-def _cannot_load(name_or_path: str, exc: OSError) -> ConfigError:
+def _cannot_load(name_or_path: str, exc: Exception) -> ConfigError:
     # transformers' OSError for a hub name it cannot reach (or a bad name) is several lines with a
-    # traceback; the first line says what went wrong
-    return ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}")
+    # traceback, and a damaged weights file raises safetensors' own error; the first line says what is wrong
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"cannot load model {name_or_path!r}: {first}")
 
 
 def load_tokenizer(name_or_path: str):
@@ -97,7 +99,7 @@ def load_classifier(
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, attn_implementation=attn_implementation
         )
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise _cannot_load(name_or_path, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -81,10 +82,16 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
                           "it must be the student/ folder written by `kdqat train`")
     meta = json.loads((p / STUDENT_META).read_text())
     quant = _build(QuantConfig, meta["quant"], "quant")
-    config = AutoConfig.from_pretrained(p)
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p / 'config.json'} is not a readable model config ({str(exc).splitlines()[0]})") from None
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     prepare(model, quant)
-    state = load_file(str(p / "model.safetensors"))
+    try:
+        state = load_file(str(p / "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{p / 'model.safetensors'} is not a readable safetensors file ({exc})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{p}: checkpoint does not match its config "
