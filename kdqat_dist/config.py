@@ -181,6 +181,7 @@ class TrainConfig:
     eval_every: int | None = None  # None: the per-task value from the recipe table
     log_every: int = 10
     save_every: int | None = None  # engine checkpoints every N steps (for --resume)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; older ones are deleted after each save
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     # TensorBoard diagnostics of `kdqat train` (kdqat_dist.analysis.diagnostics): zero fraction, scale and
@@ -313,6 +314,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0 or null")
     _check(t.save_every is None or t.save_every > 0, "train.save_every", "must be > 0 or null")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"got {t.keep_checkpoints}; must be >= 1")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"got {t.device!r}; allowed: auto, cpu, cuda")
 
     e = cfg.engine

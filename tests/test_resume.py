@@ -104,3 +104,24 @@ def test_latest_never_names_a_partial_checkpoint(tmp_path):
     # the legacy JSON pointer is still understood
     (root / "latest").write_text(json.dumps({"tag": "step0000002"}))
     assert latest_checkpoint(root) == root / "step0000002"
+
+
+def test_only_the_newest_checkpoints_are_kept(teacher, tmp_path):
+    cfg = _cfg(teacher, tmp_path / "keep", "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2",
+               "train.grad_accum=1")
+    run(cfg, "train")
+    root = tmp_path / "keep" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step0000004", "step0000005"]
+    assert latest_checkpoint(root) == root / "step0000005"
+
+
+def test_pruning_never_deletes_what_latest_names(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"step000000{step}.tmp").mkdir(parents=True)
+        _commit_checkpoint(root / f"step000000{step}.tmp", root / f"step000000{step}", keep=1)
+    (root / "step0000009").mkdir()  # a newer-named folder that latest does not name (e.g. copied in)
+    (root / "step0000004.tmp").mkdir()
+    _commit_checkpoint(root / "step0000004.tmp", root / "step0000004", keep=1)
+    assert latest_checkpoint(root) == root / "step0000004"
+    assert (root / "step0000004").exists() and not (root / "step0000001").exists()

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ class LocalBackend:
         torch.save({"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "client": client_state,
                     "rng": rng_state()}, tmp / "state.pt")
-        _commit_checkpoint(tmp, ckpt_dir)
+        _commit_checkpoint(tmp, ckpt_dir, keep=self.cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict:
         state = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=False)
@@ -168,12 +169,14 @@ class LocalBackend:
         pass
 
 
-def _commit_checkpoint(tmp: Path, final: Path) -> None:
-    """Atomically publish a finished checkpoint and point ``latest`` at it.
+def _commit_checkpoint(tmp: Path, final: Path, keep: int | None = None) -> None:
+    """Atomically publish a finished checkpoint and point ``latest`` at it; then keep the newest ``keep``.
 
     The folder is complete before it is renamed into place, and ``latest`` is replaced with an atomic
     rename, so a crash mid-write never leaves a ``latest`` that names a partial checkpoint. ``latest``
     holds the bare tag, as DeepSpeed's own ``latest`` does, so ``zero_to_fp32.py`` works on the folder.
+    Older ``step*`` folders are deleted only after ``latest`` has moved, so a crash while pruning leaves
+    extra checkpoints, never too few.
     """
     import shutil
 
@@ -186,6 +189,11 @@ def _commit_checkpoint(tmp: Path, final: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(latest_tmp, final.parent / "latest")
+    if keep is not None:
+        steps = sorted(p for p in final.parent.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name))
+        for old in steps[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

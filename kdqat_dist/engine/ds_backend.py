@@ -215,7 +215,7 @@ class DeepSpeedBackend:
                    tmp / RANK_STATE.format(rank=self.rank))
         dist.barrier()
         if self.is_main:
-            _commit_checkpoint(tmp, ckpt_dir)
+            _commit_checkpoint(tmp, ckpt_dir, keep=self.cfg.train.keep_checkpoints)
         dist.barrier()
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict:
