@@ -102,6 +102,26 @@ def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parit
         assert b["selection"] == pytest.approx(a["selection"], abs=1e-9)
 
 
+@pytest.mark.dist
+def test_deepspeed_launcher_ends_the_job_when_a_rank_is_killed(parity_teacher, launch_env, tmp_path):
+    # The DeepSpeed launcher's own watchdog: a rank lost mid-run takes the job down at once, and the
+    # launcher's last line names the dead rank's command and its signal.
+    out = tmp_path / "ds_killed"
+    env = dict(launch_env, NUM_PROCS="2", MASTER_PORT=str(_free_port()))
+    proc = subprocess.Popen(_script("deepspeed_single_node.sh", parity_teacher, out), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _kill_rank_after_first_checkpoint(proc, out, rank=1)
+        t_kill = time.monotonic()
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode != 0
+    assert time.monotonic() - t_kill < 60
+    assert "--local_rank=1" in log and "exits with return code = -9" in log, log[-2000:]
+    assert not (out / "metrics.json").exists()
+
+
 def _fake_slurm_bin(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
