@@ -116,6 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdqat: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _lost_peer(exc):
+            raise
+        # another rank died (killed, out of memory, a node lost): the launcher reports which one; the
+        # survivors' collective tracebacks would only bury that report
+        rank = os.environ.get("RANK", "?")
+        print(f"kdqat: error: rank {rank} lost its connection to another rank, which probably died (see the "
+              f"launcher's report): {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return 1
+
+
+# What gloo and NCCL say when the other side of a collective is gone.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "ncclRemoteError", "Broken pipe")
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    return any(s in str(exc) for s in _PEER_LOST)
 
 
 def _dispatch(args) -> int:

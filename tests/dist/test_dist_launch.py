@@ -119,6 +119,8 @@ def test_deepspeed_launcher_ends_the_job_when_a_rank_is_killed(parity_teacher, l
     assert proc.returncode != 0
     assert time.monotonic() - t_kill < 60
     assert "--local_rank=1" in log and "exits with return code = -9" in log, log[-2000:]
+    # the survivor, if it got to notice before the launcher stopped it, says so in one line
+    assert "Traceback" not in log, log[-3000:]
     assert not (out / "metrics.json").exists()
 
 
