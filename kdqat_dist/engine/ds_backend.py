@@ -287,9 +287,25 @@ class DeepSpeedBackend:
             with contextlib.suppress(Exception):
                 eng.destroy()
         self.engine = self.teacher_engine = None
+        _restore_torch_linear()
         if self._owns_group:
             dist.destroy_process_group()
             _forget_deepspeed_groups()
+
+
+def _restore_torch_linear() -> None:
+    """Undo ZeRO-3's process-wide ``torch.nn.functional.linear`` replacement once its engines are gone.
+
+    ZeRO-3 swaps in its memory-efficient linear for every module in the process and leaves it there
+    ("this will persist unless manually reset"); a later single-process run in the same process (a notebook,
+    the test suite) then trains through it and is no longer bit-reproducible against itself across a resume.
+    The next ZeRO-3 engine installs it again.
+    """
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
+
+    original = getattr(patcher, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
 
 
 def _forget_deepspeed_groups() -> None:

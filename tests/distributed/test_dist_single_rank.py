@@ -3,8 +3,11 @@
 import os
 
 import pytest
+import torch
 
 from kdqat_dist.engine.loop import run
+
+TORCH_LINEAR = torch.nn.functional.linear  # before any ZeRO-3 engine in this process
 
 pytestmark = pytest.mark.dist
 
@@ -25,6 +28,8 @@ def test_deepspeed_without_launcher_and_with_activation_checkpointing_matches_on
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # nothing leaks into this process
     assert (tmp_path / "ds" / "ds_config_teacher.json").exists()
     assert (tmp_path / "ds" / "student" / "model.safetensors").exists()
+    # ZeRO-3 (the teacher here) replaces F.linear process-wide; teardown must put torch's back
+    assert torch.nn.functional.linear is TORCH_LINEAR
 
 
 def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, local_reference, tmp_path,

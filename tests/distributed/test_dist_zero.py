@@ -1,6 +1,6 @@
 """2 CPU ranks over gloo, real DeepSpeed: ZeRO students and a ZeRO-3 teacher against one process.
 
-One 2-rank job (tests/dist/zero_checks.py under torchrun) runs every check, to keep launches few.
+One 2-rank job (tests/distributed/zero_checks.py under torchrun) runs every check, to keep launches few.
 Tolerances: the total loss of every step within 1e-5 relative, every loss term within 1e-6 absolute of
 the single-process run with grad_accum=2 on the same global batch (the same micro-batches; only the
 order of floating-point reductions differs); teacher taps and fake-quant outputs exactly equal.
@@ -34,7 +34,7 @@ def zero_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(parity_teacher, launch_env, run_job, zero_out):
     out = zero_out
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "tests/dist/zero_checks.py",
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "tests/distributed/zero_checks.py",
            "--teacher", str(parity_teacher), "--out", str(out), "--steps", str(STEPS)]
     proc = run_job(cmd, launch_env, REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

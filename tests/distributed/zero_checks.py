@@ -1,4 +1,4 @@
-"""Run by tests/dist/test_dist_zero.py under ``torchrun --nproc_per_node 2``: several ZeRO checks in one job.
+"""Run by tests/distributed/test_dist_zero.py under ``torchrun --nproc_per_node 2``: several ZeRO checks in one job.
 
 Each rank writes ``<out>/rank<r>.json`` with:
 
