@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
+from kdqat_dist.quant.quantizers import twn_codes
 
 __all__ = ["DESCRIPTION", "describe_diagnostics", "log_diagnostics", "log_flip_rate", "reset_diagnostics",
            "short_name", "weight_codes"]
@@ -102,8 +103,10 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
     cfg = wq.cfg
     per_row = wq.per_row and weight.dim() > 1
     dims = tuple(range(1, weight.dim())) if per_row else None
-    if cfg.method == "twn":
-        return _twn_codes(weight, dims, cfg.clip)
+    if cfg.method == "twn":  # the codes straight from the threshold: no ŵ, max and division (2.5x faster)
+        codes, alpha = twn_codes(weight, per_row, cfg.clip)
+        step = alpha.float()
+        return codes.float(), torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row: step 1
     # .forward, not __call__: a ZeRO-3 engine hooks every submodule call to fetch its parameters (a
     # collective the other ranks would not join); the caller has made them whole already.
     q = wq.forward(weight).float()
@@ -121,29 +124,6 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
         step = -amax(torch.where(a > 0, -a, torch.full_like(a, -float("inf"))))
     step = torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
     return q.div_(step).round_(), step
-
-
-def _twn_codes(weight: torch.Tensor, dims: tuple[int, ...] | None,
-               clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """TWN's codes sign(x)·[|x| > Δ] and α, read off the threshold instead of from ŵ = α·b.
-
-    The same operations as :func:`kdqat_dist.quant.quantizers.twn_ternary` up to α, so the same bits; it
-    skips ŵ, its max and the division and rounding: about 2.5x less time on MiniLM's word-embedding table
-    (most of the diagnostics' cost), which TWN quantizes row-wise in the paper's setting.
-    """
-    x = weight.detach()
-    if clip is not None:
-        x = x.clamp(-clip, clip)
-    a = x.abs()
-    delta = 0.7 * (a.mean() if dims is None else a.mean(dim=dims, keepdim=True))
-    keep = (a > delta).to(x.dtype)
-    if dims is None:
-        alpha = (a * keep).sum() / keep.sum().clamp(min=1)
-    else:
-        alpha = (a * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp(min=1)
-    step = alpha.float()
-    step = torch.where(step > 0, step, torch.ones_like(step))  # a row with no kept weight: codes all 0
-    return (torch.sign(x) * keep).float(), step
 
 
 def _quant_modules(model: nn.Module):

@@ -200,8 +200,8 @@ class DistillObjective:
             with torch.enable_grad():
                 for s_layer in self.t2s[tap][t_layer]:
                     s_tensor = store.data[tap].pop(s_layer)
-                    value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask,
-                                           _recompute(map_inputs.get(t_layer), s_tensor.dtype))
+                    recompute = _recompute(map_inputs.get(t_layer), s_tensor.dtype) if term == "attn_map" else None
+                    value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask, recompute)
                     if tap in ("probs", "scores"):
                         _run_backward_at(value, s_tensor)
                     sums[term] = value if term not in sums else sums[term] + value

@@ -22,10 +22,14 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 ATTN_IMPL = "kdqat"
 
 
-def _emit(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _wants(module: torch.nn.Module, name: str) -> bool:
     tap = getattr(module, "_kdqat_tap", None)
-    if tap is not None and name in tap.names:
-        tap.sink(tap.layer, name, tensor)
+    return tap is not None and name in tap.names
+
+
+def _emit(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    if _wants(module, name):
+        module._kdqat_tap.sink(module._kdqat_tap.layer, name, tensor)
 
 
 def attention_scores(
@@ -54,8 +58,13 @@ class MapInputs:
     scaling: float
 
     def probs(self) -> torch.Tensor:
-        scores = attention_scores(self.query, self.key, self.attention_mask, self.scaling)
-        return F.softmax(scores, dim=-1, dtype=torch.float32)
+        return attention_probs(attention_scores(self.query, self.key, self.attention_mask, self.scaling))
+
+
+def attention_probs(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys in float32 whatever the model's dtype, as transformers' eager attention does: in
+    bf16 the rows would sum to 1 only to ~1e-3, enough to make the KL of two nearly equal maps negative."""
+    return F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def kdqat_attention(
@@ -87,12 +96,10 @@ def kdqat_attention(
         query, key, value = q.query(query), q.key(key), q.value(value)
     scores = attention_scores(query, key, attention_mask, scaling)
     _emit(module, "scores", scores)
-    # Softmax in float32 whatever the model's dtype, as transformers' eager attention does. The KD tap is
-    # that float32 map: in bf16 the rows would sum to 1 only to ~1e-3, enough to make the KL of two nearly
-    # equal maps negative. (In float32 models both casts are no-ops.)
-    probs32 = F.softmax(scores, dim=-1, dtype=torch.float32)
+    probs32 = attention_probs(scores)  # the KD tap is this float32 map (in float32 models: no casts)
     del scores  # nothing keeps it for the backward: free it before the taps' losses allocate theirs
-    _emit(module, "map_inputs", MapInputs(query, key, attention_mask, scaling))
+    if _wants(module, "map_inputs"):
+        _emit(module, "map_inputs", MapInputs(query, key, attention_mask, scaling))
     _emit(module, "probs", probs32)  # before dropout and quantization, as the reference's KD tap
     probs = probs32.to(value.dtype)
     p = F.dropout(probs, p=dropout, training=module.training)

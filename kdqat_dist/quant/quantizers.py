@@ -66,6 +66,13 @@ def twn_ternary(w: torch.Tensor, per_row: bool = False, clip: float | None = 2.5
     Returns:
         ŵ with the shape of ``w``; it takes at most 3 distinct values per row/tensor.
     """
+    codes, alpha = twn_codes(w, per_row, clip)
+    return _ste(w, alpha * codes, clip)
+
+
+def twn_codes(w: torch.Tensor, per_row: bool = False, clip: float | None = 2.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """TWN's integer codes b = sign(w)·[|w| > Δ] and scale α (per tensor, or [rows, 1, ...] per row), so that
+    :func:`twn_ternary` is α·b. Detached; same arguments as :func:`twn_ternary`."""
     x = w.detach()
     if clip is not None:
         x = x.clamp(-clip, clip)
@@ -76,7 +83,7 @@ def twn_ternary(w: torch.Tensor, per_row: bool = False, clip: float | None = 2.5
         alpha = (x.abs() * keep).sum() / keep.sum().clamp(min=1)
     else:
         alpha = (x.abs() * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp(min=1)
-    return _ste(w, alpha * torch.sign(x) * keep, clip)
+    return torch.sign(x) * keep, alpha
 
 
 def symmetric_quant(

@@ -59,6 +59,19 @@ def _kill_rank_after_first_checkpoint(proc: subprocess.Popen, out: Path, rank: i
     victim.send_signal(signal.SIGKILL)
 
 
+def _launch_and_kill_rank_1(cmd: list[str], env: dict[str, str], out: Path) -> tuple[int, str, float]:
+    """Launch a 2-rank job, SIGKILL rank 1 after the first checkpoint; (return code, log, seconds from the
+    kill to the job's end)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _kill_rank_after_first_checkpoint(proc, out, rank=1)
+        t_kill = time.monotonic()
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc)  # only if the assertions above failed while it ran
+    return proc.returncode, log, time.monotonic() - t_kill
+
+
 @pytest.mark.dist
 def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parity_teacher, launch_env, run_job,
                                                                           tmp_path):
@@ -75,16 +88,9 @@ def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parit
     # 2. torchrun, with rank 1 killed after the first checkpoint: the job ends, it does not hang
     out = tmp_path / "killed"
     env = dict(launch_env, NUM_PROCS="2")
-    proc = subprocess.Popen(_script("torchrun.sh", parity_teacher, out), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _kill_rank_after_first_checkpoint(proc, out, rank=1)
-        t_kill = time.monotonic()
-        log, _ = proc.communicate(timeout=120)
-    finally:
-        _kill_tree(proc)  # only if the assertions above failed while it ran
-    assert proc.returncode != 0
-    assert time.monotonic() - t_kill < 60
+    returncode, log, seconds = _launch_and_kill_rank_1(_script("torchrun.sh", parity_teacher, out), env, out)
+    assert returncode != 0
+    assert seconds < 60
     assert "Root Cause" in log and "rank      : 1" in log and "SIGKILL" in log, log[-2000:]
     assert not (out / "metrics.json").exists()
 
@@ -108,16 +114,10 @@ def test_deepspeed_launcher_ends_the_job_when_a_rank_is_killed(parity_teacher, l
     # launcher's last line names the dead rank's command and its signal.
     out = tmp_path / "ds_killed"
     env = dict(launch_env, NUM_PROCS="2", MASTER_PORT=str(_free_port()))
-    proc = subprocess.Popen(_script("deepspeed_single_node.sh", parity_teacher, out), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _kill_rank_after_first_checkpoint(proc, out, rank=1)
-        t_kill = time.monotonic()
-        log, _ = proc.communicate(timeout=120)
-    finally:
-        _kill_tree(proc)
-    assert proc.returncode != 0
-    assert time.monotonic() - t_kill < 60
+    returncode, log, seconds = _launch_and_kill_rank_1(_script("deepspeed_single_node.sh", parity_teacher, out),
+                                                       env, out)
+    assert returncode != 0
+    assert seconds < 60
     assert "--local_rank=1" in log and "exits with return code = -9" in log, log[-2000:]
     # the survivor, if it got to notice before the launcher stopped it, says so in one line
     assert "Traceback" not in log, log[-3000:]
