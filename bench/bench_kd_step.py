@@ -5,8 +5,10 @@
 
 Each variant runs in its own process so peak RSS is its own. Batch 32 x 128 tokens, 2 threads.
 Peak RSS includes what glibc's allocator keeps after frees, so each variant is also run once more, for
-two steps, under a dispatch mode that sums the bytes of the tensor storages alive after every op: the
-peak of that is the tensors' own memory (the model's weights, created before, are not in it).
+two steps, under a dispatch mode that sums the bytes of the tensor storages alive after every op,
+the weights of both models included: the peak of that is the tensors' own memory, the CPU analogue of
+``torch.cuda.max_memory_allocated``. The teacher is set up as ``kdqat train`` sets it up (feed-forward
+blocks over sequence slices).
 Usage: python bench/bench_kd_step.py [--steps 6] [--batch 32] [--seq 128]
 """
 
@@ -24,7 +26,7 @@ VARIANTS = ("a_fp_finetune", "b_qat_no_kd", "c_kdqat_streaming", "d_kdqat_naive"
 
 
 class LiveTensors:
-    """Peak bytes of live tensor storages seen by a TorchDispatchMode (checked every few ops)."""
+    """Peak bytes of live tensor storages seen by a TorchDispatchMode (checked after every op)."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,22 +42,24 @@ class LiveTensors:
         self.mode = Mode()
         self.refs: dict[int, tuple] = {}
         self.peak = 0
-        self.ops = 0
+
+    def add(self, t) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        st = t.untyped_storage()
+        if st.data_ptr() and st.data_ptr() not in self.refs:
+            self.refs[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
 
     def seen(self, out) -> None:
         import torch
-        from torch.multiprocessing.reductions import StorageWeakRef
         from torch.utils._pytree import tree_flatten
 
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() and st.data_ptr() not in self.refs:
-                    self.refs[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
-        self.ops += 1
-        if self.ops % 4 == 0:
-            self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
-            self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
+                self.add(t)
+        # after every op: sampling every few ops missed peaks by ~25 MiB
+        self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
 
 
 def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> dict:
@@ -68,6 +72,7 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
     from kdqat_dist.engine.optim import make_optimizer
     from kdqat_dist.models.attention import use_kdqat_attention
     from kdqat_dist.models.encoders import load_classifier
+    from kdqat_dist.models.sliced_ffn import slice_feed_forward
     from kdqat_dist.quant.api import prepare
 
     torch.manual_seed(0)
@@ -81,6 +86,7 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
     use_kdqat_attention(teacher)
     if teacher is not student:
         teacher.eval().requires_grad_(False)
+        slice_feed_forward(teacher)
     student.train()
     opt = make_optimizer(student, TrainConfig(lr=2e-5))
     dcfg = DistillConfig()  # logits + hidden + attention map + attention output
@@ -93,6 +99,10 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
     b["attention_mask"][: batch // 2, seq * 3 // 4:] = 0  # some padding, as real batches have
     times = []
     tracker = LiveTensors() if live else None
+    if tracker is not None:  # the weights (and buffers) of both models count too
+        for m in {id(student): student, id(teacher): teacher}.values():
+            for t in (*m.parameters(), *m.buffers()):
+                tracker.add(t)
     for i in range(steps + 1):
         t0 = time.perf_counter()
         ctx = tracker.mode if tracker is not None else contextlib.nullcontext()

@@ -6,9 +6,21 @@ Order of work per batch:
 2. the teacher's forward under ``no_grad``; each teacher tap goes straight into its loss term against the
    mapped student tap as soon as its layer produces it, and is then dropped. The teacher never holds
    all layers' hidden states or attention maps at once, which is what lets a ZeRO-3-sharded teacher
-   stream its activations layer by layer. What the backward needs is kept in its smallest form: the
-   MSE terms keep ``s - t``; the map term keeps the teacher's Q and K (2·B·S·D numbers) and recomputes
-   the map (B·H·S·S) from them in its backward, with the same operations, so the gradient is unchanged.
+   stream its activations layer by layer.
+
+What the backward needs is kept in its smallest form, and recomputed there with the same operations, so
+values and gradients are those of the plain formulas:
+
+- the teacher keeps, per layer, only its attention block's input (the hidden state the hidden term needs
+  anyway); the map and attention-output terms call the block again in their backward
+  (:class:`_TeacherBlock`) instead of keeping the teacher's Q, K and block output;
+- the hidden (after the embeddings) and attention-output terms keep nothing of the student's: their tap
+  is a LayerNorm output, which is recomputed from the LayerNorm's input, which autograd keeps for the
+  LayerNorm's own backward (:class:`_MseSlot`, :class:`_MseAtNorm`);
+- the other MSE terms keep ``s - t``; the map term's student side is the softmax output autograd keeps.
+
+Per layer that is one [B, S, D] tensor instead of four (hidden and output differences, Q and K), for one
+extra call of each teacher attention block in the backward.
 
 A term whose weight is 0 taps nothing.
 """
@@ -21,13 +33,14 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from kdqat_dist.config import DistillConfig
 from kdqat_dist.distill import losses as L
 from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import encoder_layers
 from kdqat_dist.models.layer_map import hidden_map, layer_map
-from kdqat_dist.models.taps import TapStore, tapped
+from kdqat_dist.models.taps import AttentionCall, NormInputs, NormTap, TapStore, supports_norm_taps, tapped
 
 # term -> tap it reads
 TERM_TAPS = {
@@ -41,17 +54,102 @@ TERM_TAPS = {
 TERMS = ("logits", "ground_truth") + tuple(TERM_TAPS)
 
 
-def _recompute(inputs: MapInputs | None, dtype: torch.dtype):
-    """``(fn, tensors)`` rebuilding the teacher map from its layer's Q, K and mask, in the student's dtype."""
-    if inputs is None:
-        return None
-    return partial(_teacher_probs, scaling=inputs.scaling, dtype=dtype), (inputs.query, inputs.key,
-                                                                          inputs.attention_mask)
-
-
 def _teacher_probs(query, key, attention_mask, *, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     with torch.no_grad():
         return MapInputs(query, key, attention_mask, scaling).probs().to(dtype)
+
+
+class _TeacherBlock:
+    """One teacher layer's attention block, called again in the backward by the terms that need it.
+
+    The KD backward of the attention-output term needs the teacher block's output and the map term needs
+    the teacher's map; instead of keeping those (a [B, S, D] output, Q and K: three [B, S, D] tensors), the
+    objective keeps the block's call (its [B, S, D] input, which the hidden term keeps anyway) and calls the
+    block again when the backward gets to that layer. The output term's backward runs first there; its
+    call also keeps Q and K for the map term that follows in the same layer's backward. When the last
+    term has used it, the input is dropped.
+    """
+
+    def __init__(self, call: AttentionCall, uses: int, map_uses: int):
+        self.call, self.uses, self.map_uses = call, uses, map_uses
+        self.map_inputs: MapInputs | None = None
+
+    def output(self) -> torch.Tensor:
+        out, self.map_inputs = self.call.run(with_map=self.map_uses > 0)
+        self._used()
+        return out
+
+    def probs(self, dtype: torch.dtype) -> torch.Tensor:
+        inputs = self.map_inputs if self.map_inputs is not None else self.call.run(with_map=True)[1]
+        self.map_uses -= 1
+        if self.map_uses <= 0:
+            self.map_inputs = None
+        self._used()
+        with torch.no_grad():
+            return inputs.probs().to(dtype)
+
+    def _used(self) -> None:
+        self.uses -= 1
+        if self.uses <= 0:
+            self.call.release()
+            self.map_inputs = None
+
+
+class _MseSlot:
+    """What the backward of one [B, S, D] MSE term at a LayerNorm output needs, outside autograd.
+
+    The student's side is the LayerNorm's input (kept by autograd for the LayerNorm's backward anyway) and
+    the teacher's is its tap tensor or a :class:`_TeacherBlock` to rebuild it from; ``scale`` is d(loss)/d(term),
+    set by the term's node in the backward. Dropped when used, so nothing outlives the backward even
+    while a caller keeps the loss.
+    """
+
+    def __init__(self, norm: NormInputs):
+        self.norm: NormInputs | None = norm
+        self.target: torch.Tensor | None = None
+        self.block: _TeacherBlock | None = None
+        self.scale: torch.Tensor | None = None
+        self.numel = norm.input.numel()
+
+    def take_grad(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The term's gradient for the student's LayerNorm output: scale·2/N·(s − t), or None if unset."""
+        if self.scale is None or self.norm is None:
+            self.norm = self.target = self.block = None
+            return None
+        s = self.norm.output()
+        t = self.target if self.block is None else self.block.output()
+        self.norm = self.target = self.block = None
+        t = t.to(s.dtype)
+        compute = L._compute_dtype(s, t)
+        with torch.no_grad():
+            g = (s.to(compute) - t.to(compute)) * (self.scale * (2.0 / max(self.numel, 1)))
+        self.scale = None
+        return g.to(dtype)
+
+
+class _MseAtNorm(torch.autograd.Function):
+    """A 0-dim zero standing for one MSE term at a student LayerNorm output: ``value = node + mse(...)``.
+
+    It is made in the student's forward, as a consumer of the LayerNorm output but keeping nothing of it,
+    so the term needs no reference to the tap afterwards: the value is computed from the recomputed
+    output when the teacher's tap arrives, and the gradient ``scale·2/N·(s − t)`` in this node's backward,
+    from the slot. The node is given the sequence number of the next tapped LayerNorm, so autograd runs it
+    when the backward gets there: its gradient is made one block before it is used, and is the first
+    term of the tap's gradient sum, as with an ordinary MSE node (the same float sums as before, and as
+    under any engine).
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, slot: _MseSlot) -> torch.Tensor:
+        ctx.slot = slot
+        ctx.dtype = s.dtype
+        return torch.zeros((), dtype=torch.float32, device=s.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        ctx.slot.scale = grad
+        return ctx.slot.take_grad(ctx.dtype), None
 
 
 def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
@@ -64,10 +162,11 @@ def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
     backward, and the gradient is made when it is used. Only the order changes, never the values; on a
     torch without this (private) setter the order is simply autograd's default.
 
-    Used for the [B, H, S, S] taps only (probabilities, scores), where it matters and where the tap has one
-    other consumer, so its gradient is a sum of two terms whatever the order. A [B, S, D] tap has several
-    consumers; moving its loss node would let the order of a three-term float sum depend on the graph
-    around it (a ZeRO-3 engine adds nodes), and a sharded run would drift from a single-process one.
+    Used for the [B, H, S, S] taps (probabilities, scores), where the tap has one other consumer, so its
+    gradient is a sum of two terms whatever the order. A [B, S, D] tap has several consumers; a loss node
+    there must still add its gradient first, as one made after the whole student does, or the order of a
+    float sum would change (and a sharded run drift from a single-process one): the LayerNorm-output terms
+    get the *next* tapped LayerNorm's number, which is above every consumer of their own tap.
     """
     node, tap_node = loss.grad_fn, student_tap.grad_fn
     if node is not None and tap_node is not None and hasattr(node, "_set_sequence_nr"):
@@ -114,10 +213,18 @@ class DistillObjective:
         regression: MSE instead of soft cross-entropy on logits / ground truth.
     """
 
-    def __init__(self, cfg: DistillConfig, n_student: int, n_teacher: int, regression: bool = False):
+    def __init__(self, cfg: DistillConfig, n_student: int, n_teacher: int, regression: bool = False,
+                 norm_taps: bool = False, recompute_teacher: bool = True):
         self.cfg = cfg
         self.weights = effective_weights(cfg)
         self.regression = regression
+        # hidden (after the embeddings) and attn_output terms at the student's LayerNorm outputs, holding
+        # nothing of the student's until the backward (see _MseSlot); else their s − t is kept.
+        self.norm_taps = norm_taps
+        # Call the teacher's attention blocks again in the backward (_TeacherBlock), or keep their outputs
+        # and Q, K. Off for a ZeRO-3 teacher: calling its modules outside its forward re-gathers their
+        # parameters and upsets DeepSpeed's prefetch trace (a resumed run then differed in the last bit).
+        self.recompute_teacher = recompute_teacher
         self.pairs = layer_map(n_teacher, n_student, cfg.layer_map)
         self.hidden_pairs = hidden_map(n_teacher, n_student, cfg.layer_map)
         self.active = {t for t, w in self.weights.items() if w > 0}
@@ -132,20 +239,40 @@ class DistillObjective:
         self.tap_term = {tap: term for term, tap in TERM_TAPS.items()}
 
     @classmethod
-    def for_models(cls, cfg: DistillConfig, student: nn.Module, teacher: nn.Module,
-                   regression: bool = False) -> DistillObjective:
-        return cls(cfg, len(encoder_layers(_unwrap(student))), len(encoder_layers(_unwrap(teacher))), regression)
+    def for_models(cls, cfg: DistillConfig, student: nn.Module, teacher: nn.Module, regression: bool = False,
+                   recompute_teacher: bool = True, norm_taps: bool = True) -> DistillObjective:
+        """The objective for these models; ``norm_taps`` where the student's layers have the LayerNorms."""
+        s, t = _unwrap(student), _unwrap(teacher)
+        return cls(cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression,
+                   norm_taps and supports_norm_taps(s), recompute_teacher)
+
+    def _slotted(self, tap: str) -> bool:
+        return self.norm_taps and tap in ("hidden", "attn_output")
 
     def student_taps(self) -> dict[str, set[int]]:
         out: dict[str, set[int]] = {}
         for tap, by_t in self.t2s.items():
-            out[tap] = {s for ss in by_t.values() for s in ss}
+            layers = {s for ss in by_t.values() for s in ss}
+            if self._slotted(tap):
+                norm = layers - {0} if tap == "hidden" else set(layers)  # the embedding output: no LN output
+                if norm:
+                    out[f"{tap}_norm"] = norm
+                layers = layers - norm
+            if layers:
+                out[tap] = layers
         return out
 
     def teacher_taps(self) -> dict[str, set[int]]:
         taps = {tap: set(by_t) for tap, by_t in self.t2s.items()}
-        if "probs" in taps:  # the map loss keeps the teacher's Q and K for its backward, not its map
-            taps["map_inputs"] = set(taps["probs"])
+        if not self.recompute_teacher:
+            if "probs" in taps:  # the map term keeps the teacher's Q and K, and recomputes the map from them
+                taps["map_inputs"] = set(taps["probs"])
+            return taps
+        # the map term (and with norm taps the output term) calls the teacher's attention block again in
+        # its backward instead of keeping the teacher's Q and K (and block output)
+        calls = set(taps.get("probs", ())) | (set(taps.get("attn_output", ())) if self.norm_taps else set())
+        if calls:
+            taps["attention_call"] = calls
         return taps
 
     # ------------------------------------------------------------------ one term
@@ -185,30 +312,69 @@ class DistillObjective:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         mask = batch["attention_mask"]
         store = TapStore()
-        with tapped(_unwrap(student), self.student_taps(), store):
+        slots: dict[tuple[str, int], tuple[_MseSlot, torch.Tensor]] = {}
+        last: list[torch.Tensor] = []  # the previous tap's node
+
+        def student_sink(layer: int, name: str, tap) -> None:
+            if not isinstance(tap, NormTap):
+                store(layer, name, tap)
+                return
+            slot = _MseSlot(tap.inputs)
+            node = _MseAtNorm.apply(tap.output, slot)
+            if last and node.grad_fn is not None and tap.output.grad_fn is not None:
+                _run_backward_at(last.pop(), tap.output)
+            last[:] = [node]
+            slots[(name.removesuffix("_norm"), layer)] = (slot, node)
+
+        with tapped(_unwrap(student), self.student_taps(), student_sink):
             s_logits = student(**inputs).logits
+        last.clear()
         out = LossOutput(total=torch.zeros(()), student_logits=s_logits)
         sums: dict[str, torch.Tensor] = {}
+        blocks: dict[int, _TeacherBlock] = {}
         map_inputs: dict[int, MapInputs] = {}
+
+        def map_recompute(t_layer: int, dtype: torch.dtype):
+            if self.recompute_teacher:
+                return partial(blocks[t_layer].probs, dtype=dtype), ()
+            q = map_inputs[t_layer]
+            return partial(_teacher_probs, scaling=q.scaling, dtype=dtype), (q.query, q.key, q.attention_mask)
 
         def sink(t_layer: int, tap: str, t_tensor) -> None:
             if tap == "map_inputs":  # arrives just before the same layer's probs
                 map_inputs[t_layer] = t_tensor
                 return
+            if tap == "attention_call":  # arrives before the same layer's probs and attention output
+                map_uses = len(self.t2s.get("probs", {}).get(t_layer, ()))
+                out_uses = len(self.t2s.get("attn_output", {}).get(t_layer, ())) if self.norm_taps else 0
+                blocks[t_layer] = _TeacherBlock(t_tensor, map_uses + out_uses, map_uses)
+                return
             term = self.tap_term[tap]
             # The teacher runs under no_grad; the loss must still build a graph to the student.
             with torch.enable_grad():
                 for s_layer in self.t2s[tap][t_layer]:
-                    s_tensor = store.data[tap].pop(s_layer)
-                    recompute = _recompute(map_inputs.get(t_layer), s_tensor.dtype) if term == "attn_map" else None
-                    value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask, recompute)
-                    if tap in ("probs", "scores"):
-                        _run_backward_at(value, s_tensor)
+                    slotted = slots.pop((tap, s_layer), None)
+                    if slotted is not None:
+                        slot, handle = slotted
+                        with torch.no_grad():
+                            value = L.mse(slot.norm.output(), t_tensor.to(slot.norm.input.dtype))
+                        if tap == "hidden" or not self.recompute_teacher:
+                            slot.target = t_tensor
+                        else:
+                            slot.block = blocks[t_layer]
+                        value = handle + value
+                    else:
+                        s_tensor = store.data[tap].pop(s_layer)
+                        recompute = map_recompute(t_layer, s_tensor.dtype) if term == "attn_map" else None
+                        value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask, recompute)
+                        if tap in ("probs", "scores"):
+                            _run_backward_at(value, s_tensor)
                     sums[term] = value if term not in sums else sums[term] + value
                     out.per_layer.setdefault(term, {})[s_layer] = value.detach()
 
         with torch.no_grad(), tapped(_unwrap(teacher), self.teacher_taps(), sink):
             t_logits = teacher(**inputs).logits if self._needs_teacher() else None
+        blocks.clear()
         map_inputs.clear()
         out.teacher_logits = t_logits
         out.terms.update(sums)

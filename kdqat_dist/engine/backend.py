@@ -95,6 +95,9 @@ class LocalBackend:
     def partitioned_student(self) -> bool:
         return False
 
+    def partitioned_teacher(self) -> bool:
+        return False
+
     @contextlib.contextmanager
     def gathered_student(self) -> Iterator[nn.Module]:
         """The student with whole weights inside the block (always so in one process)."""

@@ -141,6 +141,10 @@ class DeepSpeedBackend:
     def student_module(self) -> nn.Module:
         return self.engine.module
 
+    def partitioned_teacher(self) -> bool:
+        """True for a ZeRO-3 teacher: its modules are called only by its own forward (see DistillObjective)."""
+        return self.teacher_engine is not None
+
     def zero3_student(self) -> bool:
         return self.engine is not None and self.engine.zero_optimization_stage() == 3
 

@@ -25,6 +25,7 @@ from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, memory_ta
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path
+from kdqat_dist.models.sliced_ffn import slice_feed_forward
 from kdqat_dist.models.student import init_student, save_student
 from kdqat_dist.quant.api import calibrate_activations, prepare
 
@@ -134,9 +135,14 @@ class Trainer:
         # Both models run our attention function so the same taps exist on each.
         use_kdqat_attention(student)
         use_kdqat_attention(_unwrap(teacher))
-        self.objective = DistillObjective.for_models(cfg.distill, student, teacher, task.is_regression)
+        # A ZeRO-3 teacher's modules are called only by its own forward, as DeepSpeed traces it.
+        whole_teacher = not self.backend.partitioned_teacher()
+        if whole_teacher:
+            slice_feed_forward(_unwrap(teacher))
         self.teacher = teacher
         self.student = self.backend.setup_student(student, self.total_steps)
+        self.objective = DistillObjective.for_models(cfg.distill, student, teacher, task.is_regression,
+                                                     recompute_teacher=whole_teacher)
 
     def _first_batch(self) -> dict:
         n = min(len(self.train_set), self.cfg.train.batch_size)

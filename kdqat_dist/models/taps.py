@@ -13,12 +13,19 @@ map_inputs     ``MapInputs(Q, K, mask, scaling)``: what ``probs`` is made    2 x
 context        per-head softmax(A)·V before the head merge                   [B, H, S, d_h]
 sa_output      W_o·ctx + b_o (attention.output.dense), before residual/LN    [B, S, D]
 attn_output    LayerNorm(Dropout(W_o·ctx + b_o) + X): the attention block    [B, S, D]
+hidden_norm    index l+1 only: :class:`NormTap` of layer l's output          [B, S, D]
+               LayerNorm (its output, and the input it can be recomputed from)
+attn_output_   :class:`NormTap` of the attention block's LayerNorm           [B, S, D]
+norm
+attention_     :class:`AttentionCall`: layer l's attention block with the    [B, S, D] input
+call           arguments it was called with; ``.run()`` calls it again
 =============  ============================================================  ==================
 
 A sink is any ``callable(layer: int, name: str, tensor) -> None`` (``map_inputs`` delivers a
-:class:`~kdqat_dist.models.attention.MapInputs` instead of a tensor). Only the (name, layer) pairs asked
-for are tapped; the hooks are removed when the context manager exits. The same mechanism runs on a
-plain model, a DeepSpeed ZeRO-3 engine's module, and in the analysis tools.
+:class:`~kdqat_dist.models.attention.MapInputs` instead of a tensor, the ``*_norm`` taps a :class:`NormTap`
+and ``attention_call`` an :class:`AttentionCall`). Only the (name, layer) pairs asked for are tapped; the
+hooks are removed when the context manager exits. The same mechanism runs on a plain model, a DeepSpeed
+ZeRO-3 engine's module, and in the analysis tools.
 """
 
 from __future__ import annotations
@@ -28,14 +35,99 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import embeddings_module, encoder_layers
 
 Sink = Callable[[int, str, torch.Tensor], None]
 FUNCTION_TAPS = ("scores", "probs", "map_inputs", "context")
 MODULE_TAPS = ("sa_output", "attn_output")
-ALL_TAPS = ("hidden",) + FUNCTION_TAPS + MODULE_TAPS
+NORM_TAPS = ("hidden_norm", "attn_output_norm")
+ALL_TAPS = ("hidden",) + FUNCTION_TAPS + MODULE_TAPS + NORM_TAPS + ("attention_call",)
+
+
+@dataclass
+class NormInputs:
+    """What a LayerNorm's output is computed from; ``output()`` recomputes it with the same operation.
+
+    The input is what autograd keeps for the LayerNorm's own backward anyway, so holding it costs nothing
+    while the backward has not passed the LayerNorm; the affine parameters are copies (D numbers each),
+    taken while a ZeRO-3 engine has them gathered.
+    """
+
+    input: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    normalized_shape: tuple[int, ...]
+
+    def output(self) -> torch.Tensor:
+        with torch.no_grad():
+            return F.layer_norm(self.input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@dataclass
+class NormTap:
+    """A ``*_norm`` tap: the LayerNorm's ``output`` (for use during the call only) and its ``inputs``."""
+
+    output: torch.Tensor
+    inputs: NormInputs
+
+
+class AttentionCall:
+    """One layer's attention block (``layer.attention``) with the arguments of its call, to call it again.
+
+    ``run()`` gives the same attention-block output (the ``attn_output`` tap) and, if asked, the same
+    :class:`MapInputs` as the call that was tapped: same module, same inputs, no dropout in eval mode. A
+    KD loss can keep this (the layer's [B, S, D] input) for its backward instead of the block's output and
+    the teacher's Q and K. Under ZeRO-3 the module gathers its parameters again when called.
+    """
+
+    def __init__(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
+        self.layer, self.module, self.args, self.kwargs = layer, module, args, kwargs
+
+    def run(self, with_map: bool = False) -> tuple[torch.Tensor, MapInputs | None]:
+        if self.args is None:
+            raise RuntimeError(f"the attention call of layer {self.layer} was released")
+        attn = self_attention_module_of_block(self.module)
+        got: dict[str, MapInputs] = {}
+        previous = getattr(attn, "_kdqat_tap", None)
+        if with_map:
+            attn._kdqat_tap = _AttnTap(self.layer, frozenset({"map_inputs"}), lambda _l, n, t: got.__setitem__(n, t))
+        try:
+            with torch.no_grad():
+                out = _out(self.module(*self.args, **self.kwargs))
+        finally:
+            attn._kdqat_tap = previous
+        return out, got.get("map_inputs")
+
+    def release(self) -> None:
+        """Drop the arguments (the layer's input): nothing can be recomputed after this."""
+        self.args = self.kwargs = None
+
+
+def norm_modules(layer: nn.Module) -> dict[str, nn.LayerNorm | None]:
+    """The LayerNorms whose outputs are a BERT layer's ``attn_output`` and its output (``hidden`` l+1)."""
+
+    def find(*path: str):
+        m = layer
+        for name in path:
+            m = getattr(m, name, None)
+        return m if isinstance(m, nn.LayerNorm) else None
+
+    return {"attn_output_norm": find("attention", "output", "LayerNorm"), "hidden_norm": find("output", "LayerNorm")}
+
+
+def supports_norm_taps(model: nn.Module) -> bool:
+    """Whether every layer has the two LayerNorms the ``*_norm`` taps hook (BERT, RoBERTa, MiniLM, ...)."""
+    layers = encoder_layers(model)
+    return bool(layers) and all(m is not None for layer in layers for m in norm_modules(layer).values())
+
+
+def self_attention_module_of_block(block: nn.Module) -> nn.Module:
+    return block.self
 
 
 @dataclass
@@ -46,7 +138,7 @@ class _AttnTap:
 
 
 def self_attention_module(layer: nn.Module) -> nn.Module:
-    return layer.attention.self
+    return self_attention_module_of_block(layer.attention)
 
 
 def _out(output):
@@ -76,7 +168,27 @@ def tapped(model: nn.Module, wanted: dict[str, set[int]], sink: Sink) -> Iterato
 
         return hook
 
+    def norm_hooks(layer_idx: int, name: str, norm: nn.LayerNorm):
+        params: list = []
+
+        def pre(mod, _inp):  # parameters are gathered here under ZeRO-3 (its own pre-hook ran first)
+            params[:] = [None if p is None else p.detach().clone() for p in (mod.weight, mod.bias)]
+
+        def post(mod, inp, output):
+            sink(layer_idx, name, NormTap(output, NormInputs(inp[0], params[0], params[1], mod.eps,
+                                                              tuple(mod.normalized_shape))))
+
+        return norm.register_forward_pre_hook(pre), norm.register_forward_hook(post)
+
+    def call_hook(layer_idx: int):
+        def pre(mod, args, kwargs):
+            sink(layer_idx, "attention_call", AttentionCall(layer_idx, mod, args, kwargs))
+
+        return pre
+
     try:
+        if 0 in wanted.get("hidden_norm", ()):
+            raise ValueError("hidden_norm has no index 0 (the embedding output is not a LayerNorm's output)")
         if 0 in wanted.get("hidden", ()):
             handles.append(embeddings_module(model).register_forward_hook(module_hook(0, "hidden")))
         for i, layer in enumerate(layers):
@@ -86,6 +198,14 @@ def tapped(model: nn.Module, wanted: dict[str, set[int]], sink: Sink) -> Iterato
                 handles.append(layer.attention.output.register_forward_hook(module_hook(i, "attn_output")))
             if i in wanted.get("sa_output", ()):
                 handles.append(layer.attention.output.dense.register_forward_hook(module_hook(i, "sa_output")))
+            norms = norm_modules(layer)
+            for name, idx in (("hidden_norm", i + 1), ("attn_output_norm", i)):
+                if idx in wanted.get(name, ()):
+                    if norms[name] is None:
+                        raise ValueError(f"{name}: layer {i} has no LayerNorm where a BERT layer has it")
+                    handles.extend(norm_hooks(idx, name, norms[name]))
+            if i in wanted.get("attention_call", ()):
+                handles.append(layer.attention.register_forward_pre_hook(call_hook(i), with_kwargs=True))
             names = frozenset(n for n in FUNCTION_TAPS if i in wanted.get(n, ()))
             if names:
                 attn = self_attention_module(layer)

@@ -29,7 +29,7 @@ from kdqat_dist.engine.loop import run
 from kdqat_dist.models.attention import MapInputs, use_kdqat_attention
 from kdqat_dist.models.encoders import encoder_layers, load_classifier, load_tokenizer
 from kdqat_dist.models.student import init_student
-from kdqat_dist.models.taps import ALL_TAPS, TapStore, tapped
+from kdqat_dist.models.taps import ALL_TAPS, AttentionCall, NormTap, TapStore, tapped
 from kdqat_dist.quant.api import calibrate_activations, prepare
 
 LSQ = ["quant.weight.method=lsq", "quant.act.method=lsq"]
@@ -57,13 +57,20 @@ def check_teacher(args, batch) -> dict:
     use_kdqat_attention(ref)
     n = len(encoder_layers(ref))
     wanted = {tap: set(range(n + 1 if tap == "hidden" else n)) for tap in ALL_TAPS}
+    wanted["hidden_norm"] = set(range(1, n + 1))  # layer outputs only
     sharded, whole = TapStore(), TapStore()
     with torch.no_grad(), tapped(teacher.module, wanted, sharded):
         logits = teacher(**batch).logits
     with torch.no_grad(), tapped(ref, wanted, whole):
         ref_logits = ref(**batch).logits
-    def value(x):  # map_inputs: the probabilities recomputed from the tapped Q, K and mask
-        return x.probs() if isinstance(x, MapInputs) else x
+    def value(x):
+        if isinstance(x, MapInputs):  # the probabilities recomputed from the tapped Q, K and mask
+            return x.probs()
+        if isinstance(x, NormTap):  # the LayerNorm output recomputed from its input
+            return x.inputs.output()
+        if isinstance(x, AttentionCall):  # the attention block called again (ZeRO-3 gathers again)
+            return x.run()[0]
+        return x
 
     diffs = {f"{tap}/{layer}": float((value(sharded[tap][layer]) - value(t)).abs().max())
              for tap in ALL_TAPS for layer, t in whole[tap].items()}
