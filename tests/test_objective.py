@@ -221,9 +221,10 @@ def test_recomputed_teacher_block_equals_its_taps_exactly():
                                  store):
         teacher(**inputs)
     for layer in (0, 1):
-        out, map_inputs = store["attention_call"][layer].run(with_map=True)
+        out, map_inputs, probs = store["attention_call"][layer].run(with_map=True)
         assert torch.equal(out, store["attn_output"][layer])
         assert torch.equal(map_inputs.probs(), store["probs"][layer])
+        assert torch.equal(probs, store["probs"][layer])
 
 
 def test_student_layernorm_outputs_are_not_kept_for_the_teacher_or_the_backward():

@@ -66,8 +66,9 @@ class _TeacherBlock:
     the teacher's map; instead of keeping those (a [B, S, D] output, Q and K: three [B, S, D] tensors), the
     objective keeps the block's call (its [B, S, D] input, which the hidden term keeps anyway) and calls the
     block again when the backward gets to that layer. The output term's backward runs first there; its
-    call also keeps Q and K for the map term that follows in the same layer's backward. When the last
-    term has used it, the input is dropped.
+    call also keeps Q and K (half the map's size) for the map term that follows in the same layer's
+    backward. A map term on its own takes the map its call makes. When the last term has used the block,
+    its input is dropped.
     """
 
     def __init__(self, call: AttentionCall, uses: int, map_uses: int):
@@ -75,24 +76,25 @@ class _TeacherBlock:
         self.map_inputs: MapInputs | None = None
 
     def output(self) -> torch.Tensor:
-        out, self.map_inputs = self.call.run(with_map=self.map_uses > 0)
+        out, self.map_inputs, _ = self.call.run(with_map=self.map_uses > 0)
         self._used()
         return out
 
     def probs(self, dtype: torch.dtype) -> torch.Tensor:
-        inputs = self.map_inputs if self.map_inputs is not None else self.call.run(with_map=True)[1]
+        if self.map_inputs is not None:
+            pt = self.map_inputs.probs()
+        else:
+            pt = self.call.run(with_map=True)[2]
         self.map_uses -= 1
-        if self.map_uses <= 0:
-            self.map_inputs = None
         self._used()
-        with torch.no_grad():
-            return inputs.probs().to(dtype)
+        return pt.to(dtype)
 
     def _used(self) -> None:
         self.uses -= 1
+        if self.map_uses <= 0:
+            self.map_inputs = None
         if self.uses <= 0:
             self.call.release()
-            self.map_inputs = None
 
 
 class _MseSlot:

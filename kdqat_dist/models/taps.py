@@ -80,28 +80,31 @@ class AttentionCall:
     """One layer's attention block (``layer.attention``) with the arguments of its call, to call it again.
 
     ``run()`` gives the same attention-block output (the ``attn_output`` tap) and, if asked, the same
-    :class:`MapInputs` as the call that was tapped: same module, same inputs, no dropout in eval mode. A
-    KD loss can keep this (the layer's [B, S, D] input) for its backward instead of the block's output and
-    the teacher's Q and K. Under ZeRO-3 the module gathers its parameters again when called.
+    :class:`MapInputs` and attention map (the ``map_inputs`` and ``probs`` taps) as the call that was
+    tapped: same module, same inputs, no dropout in eval mode. A KD loss can keep this (the layer's
+    [B, S, D] input) for its backward instead of the block's output and the teacher's Q and K. Under
+    ZeRO-3 the module gathers its parameters again when called.
     """
 
     def __init__(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
         self.layer, self.module, self.args, self.kwargs = layer, module, args, kwargs
 
-    def run(self, with_map: bool = False) -> tuple[torch.Tensor, MapInputs | None]:
+    def run(self, with_map: bool = False) -> tuple[torch.Tensor, MapInputs | None, torch.Tensor | None]:
+        """(block output [B, S, D], and if ``with_map`` its MapInputs and float32 map [B, H, S, S])."""
         if self.args is None:
             raise RuntimeError(f"the attention call of layer {self.layer} was released")
         attn = self_attention_module_of_block(self.module)
-        got: dict[str, MapInputs] = {}
+        got: dict = {}
         previous = getattr(attn, "_kdqat_tap", None)
         if with_map:
-            attn._kdqat_tap = _AttnTap(self.layer, frozenset({"map_inputs"}), lambda _l, n, t: got.__setitem__(n, t))
+            attn._kdqat_tap = _AttnTap(self.layer, frozenset({"map_inputs", "probs"}),
+                                       lambda _l, n, t: got.__setitem__(n, t))
         try:
             with torch.no_grad():
                 out = _out(self.module(*self.args, **self.kwargs))
         finally:
             attn._kdqat_tap = previous
-        return out, got.get("map_inputs")
+        return out, got.get("map_inputs"), got.get("probs")
 
     def release(self) -> None:
         """Drop the arguments (the layer's input): nothing can be recomputed after this."""
