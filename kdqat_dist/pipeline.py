@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from kdqat_dist.config import ConfigError, RunConfig, load_config
+from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_override
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -99,7 +99,7 @@ def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
     """
     base = load_config(config or "demo", overrides)
     root = Path(base.train.output_dir)
-    if any(o.split("=", 1)[0].strip() == "train.output_dir" for o in overrides or []):
+    if any(parse_override(o)[0] == "train.output_dir" for o in overrides or []):
         if not _demo_dir_usable(root):  # a folder the user named: never write into a used one
             raise ConfigError(f"train.output_dir: {root} already holds a demo run; pass "
                               f"train.output_dir=<new folder> or delete it")

@@ -484,10 +484,7 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     cfg = run_config(opts)  # every config problem fails before any data or model loads
     a = cfg.analysis
     t0 = time.perf_counter()
-    try:
-        device = pick_device(a.device)
-    except ConfigError as exc:  # its message names the training key
-        raise ConfigError(str(exc).replace("train.device", "analysis.device", 1)) from None
+    device = pick_device(a.device, "analysis.device")
     data_cfg, task, dev_rows, row_ids = _dev_sample(cfg, a.samples, a.seed)  # before any model loads
     teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
     examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]

@@ -127,10 +127,15 @@ class _MeanSquaredError(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (diff,) = ctx.saved_tensors
-        g = diff * (grad * (2.0 / max(diff.numel(), 1)))
+        g = mse_grad(diff, grad)
         g_s = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         g_t = g.neg().to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return g_s, g_t
+
+
+def mse_grad(diff: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d(grad · mean(diff²))/d(diff) = grad · 2/N · diff: the gradient of :func:`mse` for its first input."""
+    return diff * (grad * (2.0 / max(diff.numel(), 1)))
 
 
 def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

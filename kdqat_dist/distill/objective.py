@@ -101,32 +101,23 @@ class _MseSlot:
     """What the backward of one [B, S, D] MSE term at a LayerNorm output needs, outside autograd.
 
     The student's side is the LayerNorm's input (kept by autograd for the LayerNorm's backward anyway) and
-    the teacher's is its tap tensor or a :class:`_TeacherBlock` to rebuild it from; ``scale`` is d(loss)/d(term),
-    set by the term's node in the backward. Dropped when used, so nothing outlives the backward even
-    while a caller keeps the loss.
+    the teacher's is its tap tensor or a :class:`_TeacherBlock` to rebuild it from. Dropped when used, so
+    nothing outlives the backward even while a caller keeps the loss.
     """
 
     def __init__(self, norm: NormInputs):
         self.norm: NormInputs | None = norm
         self.target: torch.Tensor | None = None
         self.block: _TeacherBlock | None = None
-        self.scale: torch.Tensor | None = None
-        self.numel = norm.input.numel()
 
-    def take_grad(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The term's gradient for the student's LayerNorm output: scale·2/N·(s − t), or None if unset."""
-        if self.scale is None or self.norm is None:
-            self.norm = self.target = self.block = None
-            return None
+    def take_grad(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The term's gradient for the student's LayerNorm output, given d(loss)/d(term) = ``grad``."""
         s = self.norm.output()
         t = self.target if self.block is None else self.block.output()
         self.norm = self.target = self.block = None
         t = t.to(s.dtype)
         compute = L._compute_dtype(s, t)
-        with torch.no_grad():
-            g = (s.to(compute) - t.to(compute)) * (self.scale * (2.0 / max(self.numel, 1)))
-        self.scale = None
-        return g.to(dtype)
+        return L.mse_grad(s.to(compute) - t.to(compute), grad).to(dtype)
 
 
 class _MseAtNorm(torch.autograd.Function):
@@ -134,7 +125,7 @@ class _MseAtNorm(torch.autograd.Function):
 
     It is made in the student's forward, as a consumer of the LayerNorm output but keeping nothing of it,
     so the term needs no reference to the tap afterwards: the value is computed from the recomputed
-    output when the teacher's tap arrives, and the gradient ``scale·2/N·(s − t)`` in this node's backward,
+    output when the teacher's tap arrives, and the gradient ``grad·2/N·(s − t)`` in this node's backward,
     from the slot. The node is given the sequence number of the next tapped LayerNorm, so autograd runs it
     when the backward gets there: its gradient is made one block before it is used, and is the first
     term of the tap's gradient sum, as with an ordinary MSE node (the same float sums as before, and as
@@ -150,8 +141,7 @@ class _MseAtNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        ctx.slot.scale = grad
-        return ctx.slot.take_grad(ctx.dtype), None
+        return ctx.slot.take_grad(grad, ctx.dtype), None
 
 
 def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
@@ -242,11 +232,11 @@ class DistillObjective:
 
     @classmethod
     def for_models(cls, cfg: DistillConfig, student: nn.Module, teacher: nn.Module, regression: bool = False,
-                   recompute_teacher: bool = True, norm_taps: bool = True) -> DistillObjective:
-        """The objective for these models; ``norm_taps`` where the student's layers have the LayerNorms."""
+                   recompute_teacher: bool = True) -> DistillObjective:
+        """The objective for these models; norm taps where the student's layers have the LayerNorms."""
         s, t = _unwrap(student), _unwrap(teacher)
-        return cls(cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression,
-                   norm_taps and supports_norm_taps(s), recompute_teacher)
+        return cls(cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression, supports_norm_taps(s),
+                   recompute_teacher)
 
     def _slotted(self, tap: str) -> bool:
         return self.norm_taps and tap in ("hidden", "attn_output")
@@ -330,7 +320,6 @@ class DistillObjective:
 
         with tapped(_unwrap(student), self.student_taps(), student_sink):
             s_logits = student(**inputs).logits
-        last.clear()
         out = LossOutput(total=torch.zeros(()), student_logits=s_logits)
         sums: dict[str, torch.Tensor] = {}
         blocks: dict[int, _TeacherBlock] = {}
@@ -376,8 +365,6 @@ class DistillObjective:
 
         with torch.no_grad(), tapped(_unwrap(teacher), self.teacher_taps(), sink):
             t_logits = teacher(**inputs).logits if self._needs_teacher() else None
-        blocks.clear()
-        map_inputs.clear()
         out.teacher_logits = t_logits
         out.terms.update(sums)
         self.logit_terms(out, s_logits, t_logits, batch.get("labels"))

@@ -24,14 +24,14 @@ from kdqat_dist.engine.optim import make_optimizer, make_scheduler
 from kdqat_dist.models.encoders import load_classifier
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """The device ``name`` (``auto``, ``cpu``, ``cuda``...) names; ``key`` is the config key it came from."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         from kdqat_dist.config import ConfigError
 
-        raise ConfigError("train.device: cuda requested but no CUDA device is available; "
-                          "allowed here: cpu, auto")
+        raise ConfigError(f"{key}: cuda requested but no CUDA device is available; allowed here: cpu, auto")
     return torch.device(name)
 
 

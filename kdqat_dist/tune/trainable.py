@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, save_config
+from kdqat_dist.tune.results import _sweep_meta
 from kdqat_dist.tune.spec import SweepSpec, check_resources, spec_from_dict, trial_resources
 
 if TYPE_CHECKING:
@@ -346,12 +347,13 @@ def _finished_trials(output_dir: Path) -> int:
     return sum(1 for _ in (output_dir / "trials").glob("*/run/metrics.json"))
 
 
-def _expected_trials(spec: SweepSpec, resume: bool) -> int:
-    """How many trials the sweep has: grid points x num_samples, of the spec it started with (a resumed
-    sweep keeps its original search space even when the spec file changed since)."""
-    recorded = spec.output_dir / "sweep.json"
-    if resume and recorded.exists():
-        spec = spec_from_dict(json.loads(recorded.read_text()))
+def _expected_trials(spec: SweepSpec) -> int:
+    """How many trials the sweep has: grid points x num_samples, of the spec it started with, which
+    :func:`_record_spec` keeps in sweep.json (a resumed sweep keeps its original search space even when
+    the spec file changed since)."""
+    recorded = _sweep_meta(spec.output_dir)
+    if recorded:
+        spec = spec_from_dict(recorded)
     return spec.num_grid_points * spec.base_config().tune.num_samples
 
 
@@ -376,7 +378,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     with _graceful_signals() as got:
         try:
             tuner = _make_tuner(spec, base, resume, exp, verbose)
-            n_trials = _expected_trials(spec, resume)
+            n_trials = _expected_trials(spec)
             grid = tuner.fit()
         except KeyboardInterrupt:
             # a signal before Tune could stop gracefully, or a second one: the state saved last is kept
