@@ -47,6 +47,24 @@ def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
     assert student.bert.encoder.layer[0].attention.self.query.weight_quant is not None
 
 
+def test_keeping_the_teacher_blocks_instead_of_recomputing_them_trains_bit_for_bit_the_same(tiny_teacher,
+                                                                                          tmp_path):
+    logs = []
+    for keep in ("true", "false"):
+        cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / keep}",
+                                         "train.max_steps=4", "train.eval_every=4", "train.log_every=1",
+                                         f"distill.recompute_teacher={keep}"])
+        trainer = Trainer(cfg, "train").setup()
+        # what the map term keeps for its backward: the block's call, or the teacher's Q and K
+        assert ("attention_call" if keep == "true" else "map_inputs") in trainer.objective.teacher_taps()
+        logs.append(trainer.train()["train_log"])
+        trainer.cleanup()
+    assert [r["step"] for r in logs[0]] == [1, 2, 3, 4]
+    for a, b in zip(*logs, strict=True):
+        assert {k: v for k, v in a.items() if k.startswith("loss")} == {
+            k: v for k, v in b.items() if k.startswith("loss")}
+
+
 def test_nan_loss_stops_with_step_and_term(tiny_teacher, tmp_path):
     cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'nan'}"])
     trainer = Trainer(cfg, "train").setup()
