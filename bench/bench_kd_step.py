@@ -11,12 +11,16 @@ two steps, under a dispatch mode that sums the bytes of the tensor storages aliv
 the weights of both models included: the peak of that is the tensors' own memory, the CPU analogue of
 ``torch.cuda.max_memory_allocated``. The teacher is set up as ``kdqat train`` sets it up (feed-forward
 blocks over sequence slices).
-Usage: python bench/bench_kd_step.py [--steps 6] [--batch 32] [--seq 128]
+Step times are also taken with the five variants' steps in turn in one process (``--rounds`` rounds,
+medians): the development machine's speed drifted by ±20% between processes, which made the ratios of
+separately timed processes meaningless. Those interleaved medians give the time ratios.
+Usage: python bench/bench_kd_step.py [--steps 6] [--rounds 6] [--batch 32] [--seq 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import resource
@@ -64,9 +68,9 @@ class LiveTensors:
         self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
 
 
-def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> dict:
-    import contextlib
-
+def setup(variant: str, batch: int, seq: int):
+    """Models, optimizer and batch of one variant; returns ``(step, models)`` where ``step()`` runs one
+    training step (forward, backward, optimizer) and ``models`` are the modules whose weights it holds."""
     import torch
 
     from kdqat_dist.config import DistillConfig, QuantConfig, TrainConfig
@@ -78,7 +82,6 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
     from kdqat_dist.quant.api import prepare
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     student = load_classifier("minilm", 2)
     # (a) and (b) hold no teacher at all, so their memory is the no-KD baseline.
     teacher = copy.deepcopy(student) if variant.startswith(("c", "d")) else student
@@ -99,16 +102,8 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
          "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
          "labels": torch.randint(0, 2, (batch,), generator=g)}
     b["attention_mask"][: batch // 2, seq * 3 // 4:] = 0  # some padding, as real batches have
-    times = []
-    tracker = LiveTensors() if live else None
-    if tracker is not None:  # the weights (and buffers) of both models count too
-        for m in {id(student): student, id(teacher): teacher}.values():
-            for t in (*m.parameters(), *m.buffers()):
-                tracker.add(t)
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        ctx = tracker.mode if tracker is not None else contextlib.nullcontext()
-        ctx.__enter__()
+
+    def step() -> None:
         if variant in ("a_fp_finetune", "b_qat_no_kd"):
             loss = student(**b).loss
         elif variant.startswith("c"):
@@ -118,7 +113,25 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ctx.__exit__(None, None, None)
+
+    return step, {id(student): student, id(teacher): teacher}.values()
+
+
+def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    step, models = setup(variant, batch, seq)
+    times = []
+    tracker = LiveTensors() if live else None
+    if tracker is not None:  # the weights (and buffers) of both models count too
+        for m in models:
+            for t in (*m.parameters(), *m.buffers()):
+                tracker.add(t)
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        with tracker.mode if tracker is not None else contextlib.nullcontext():
+            step()
         if i > 0:  # the first step pays allocator warm-up
             times.append(time.perf_counter() - t0)
     if tracker is not None:
@@ -127,36 +140,61 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def interleaved(rounds: int, batch: int, seq: int) -> dict[str, float]:
+    """Median seconds per step of every variant, their steps taken in turn in one process, so that the
+    machine's drift (step times moved ±20% between processes on the development machine) hits all alike."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(2)
+    steps = {v: setup(v, batch, seq)[0] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(rounds + 1):
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r > 0:  # the first round pays allocator warm-up
+                times[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of the interleaved timing")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--variant", choices=VARIANTS)
     ap.add_argument("--live", action="store_true", help="with --variant: peak live tensor bytes instead")
+    ap.add_argument("--interleave", action="store_true", help="only the interleaved timing, as JSON")
     args = ap.parse_args()
     if args.variant:
         print(json.dumps(one(args.variant, 1 if args.live else args.steps, args.batch, args.seq, args.live)))
         return
-    rows = {}
-    for v in VARIANTS:
-        for extra in ([], ["--live"]):
-            out = subprocess.run([sys.executable, __file__, "--variant", v, "--steps", str(args.steps),
-                                  "--batch", str(args.batch), "--seq", str(args.seq), *extra],
-                                 capture_output=True, text=True, check=True)
-            rows.setdefault(v, {}).update(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = rows[v]
-        print(f"{v:20s} {r['s_per_step']:.3f} s/step  peak RSS {r['peak_rss_mib']:.0f} MiB  "
-              f"peak live tensors {r['peak_live_tensor_mib']:.0f} MiB", flush=True)
+    if args.interleave:
+        print(json.dumps(interleaved(args.rounds, args.batch, args.seq)))
+        return
+
+    def child(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--rounds", str(args.rounds),
+                              "--batch", str(args.batch), "--seq", str(args.seq), *extra],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = {v: {**child("--variant", v), **child("--variant", v, "--live")} for v in VARIANTS}
+    for v, t in child("--interleave").items():
+        rows[v]["s_interleaved"] = t
+    for v, r in rows.items():
+        print(f"{v:24s} {r['s_interleaved']:.3f} s/step interleaved ({r['s_per_step']:.3f} alone)  "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB  peak live tensors {r['peak_live_tensor_mib']:.0f} MiB")
     a, b, c, c2, d = (rows[v] for v in VARIANTS)
-    print(f"time (c)/(a) = {c['s_per_step'] / a['s_per_step']:.2f} (target <= 1.6)")
-    print(f"time (d)/(c) = {d['s_per_step'] / c['s_per_step']:.2f}")
-    print(f"memory (c)/(b) = {c['peak_rss_mib'] / b['peak_rss_mib']:.2f} (target <= 1.1)")
-    print(f"memory (c)/(d) = {c['peak_rss_mib'] / d['peak_rss_mib']:.2f} (target < 1)")
-    live = "peak_live_tensor_mib"
+    t, live, rss = "s_interleaved", "peak_live_tensor_mib", "peak_rss_mib"
+    print(f"time (c)/(a) = {c[t] / a[t]:.2f} (target <= 1.6); (d)/(c) = {d[t] / c[t]:.2f}")
     print(f"live tensors (c)/(b) = {c[live] / b[live]:.2f} (target <= 1.1), (c)/(d) = {c[live] / d[live]:.2f}")
-    print(f"(c2), keeping the teacher blocks: time /(a) = {c2['s_per_step'] / a['s_per_step']:.2f}, "
-          f"RSS /(b) = {c2['peak_rss_mib'] / b['peak_rss_mib']:.2f}, live /(b) = {c2[live] / b[live]:.2f}")
+    print(f"peak RSS (c)/(b) = {c[rss] / b[rss]:.2f} (target <= 1.1), (c)/(d) = {c[rss] / d[rss]:.2f} (target < 1)")
+    print(f"(c2), keeping the teacher blocks: time /(a) = {c2[t] / a[t]:.2f}, live /(b) = {c2[live] / b[live]:.2f}, "
+          f"RSS /(b) = {c2[rss] / b[rss]:.2f}")
 
 
 if __name__ == "__main__":
