@@ -35,13 +35,20 @@ def _emit(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 def attention_scores(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """``Q Kᵀ · scaling`` plus the additive mask (or a boolean keep-mask applied as finfo.min): [B, H, S, S]."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    """``Q Kᵀ · scaling`` plus the additive mask (or a boolean keep-mask applied as finfo.min): [B, H, S, S].
+
+    Scaled and masked in place: the product's backward needs Q and K, not the product, so one [B, H, S, S]
+    tensor is made instead of three (the same values as out of place).
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
     if attention_mask is None:
         return scores
     if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return scores + attention_mask
+        return scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+    wider = torch.broadcast_shapes(attention_mask.shape, scores.shape) != scores.shape
+    if attention_mask.dtype != scores.dtype or wider:
+        return scores + attention_mask  # type promotion or a mask wider than the scores: out of place
+    return scores.add_(attention_mask)
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,21 @@ class MapInputs:
     scaling: float
 
     def probs(self) -> torch.Tensor:
-        return attention_probs(attention_scores(self.query, self.key, self.attention_mask, self.scaling))
+        return attention_probs(attention_scores(self.query, self.key, self.attention_mask, self.scaling),
+                               overwrite=True)
 
 
-def attention_probs(scores: torch.Tensor) -> torch.Tensor:
+def attention_probs(scores: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Softmax over keys in float32 whatever the model's dtype, as transformers' eager attention does: in
-    bf16 the rows would sum to 1 only to ~1e-3, enough to make the KL of two nearly equal maps negative."""
+    bf16 the rows would sum to 1 only to ~1e-3, enough to make the KL of two nearly equal maps negative.
+
+    With ``overwrite`` (the caller no longer needs ``scores``) a float32 CPU map that autograd does not
+    track is written over the scores, so a teacher's forward makes one [B, H, S, S] tensor where it made
+    two. Only there: the CPU kernel is tested to give the same bits in place; other kernels are not.
+    """
+    if (overwrite and scores.dtype == torch.float32 and scores.device.type == "cpu"
+            and not (torch.is_grad_enabled() and scores.requires_grad)):
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
     return F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
@@ -96,8 +112,10 @@ def kdqat_attention(
         query, key, value = q.query(query), q.key(key), q.value(value)
     scores = attention_scores(query, key, attention_mask, scaling)
     _emit(module, "scores", scores)
-    probs32 = attention_probs(scores)  # the KD tap is this float32 map (in float32 models: no casts)
-    del scores  # nothing keeps it for the backward: free it before the taps' losses allocate theirs
+    # the KD tap is this float32 map (in float32 models: no casts); written over the scores unless they
+    # were tapped, as nothing keeps them for the backward
+    probs32 = attention_probs(scores, overwrite=not _wants(module, "scores"))
+    del scores  # free it before the taps' losses allocate theirs
     if _wants(module, "map_inputs"):
         _emit(module, "map_inputs", MapInputs(query, key, attention_mask, scaling))
     _emit(module, "probs", probs32)  # before dropout and quantization, as the reference's KD tap
