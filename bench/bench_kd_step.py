@@ -53,8 +53,11 @@ class LiveTensors:
         from torch.multiprocessing.reductions import StorageWeakRef
 
         st = t.untyped_storage()
-        if st.data_ptr() and st.data_ptr() not in self.refs:
-            self.refs[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+        ptr = st.data_ptr()
+        known = self.refs.get(ptr)
+        # a storage freed since the last check may have left its address to this one
+        if ptr and (known is None or known[0].expired()):
+            self.refs[ptr] = (StorageWeakRef(st), st.nbytes())
 
     def seen(self, out) -> None:
         import torch
