@@ -65,26 +65,24 @@ class _TeacherBlock:
     The KD backward of the attention-output term needs the teacher block's output and the map term needs
     the teacher's map; instead of keeping those (a [B, S, D] output, Q and K: three [B, S, D] tensors), the
     objective keeps the block's call (its [B, S, D] input, which the hidden term keeps anyway) and calls the
-    block again when the backward gets to that layer. The output term's backward runs first there; its
-    call also keeps Q and K (half the map's size) for the map term that follows in the same layer's
-    backward. A map term on its own takes the map its call makes. When the last term has used the block,
-    its input is dropped.
+    block again when the backward gets to that layer. The output term's backward runs first there; the map
+    its call makes is kept for the map term that follows in the same layer's backward (one call per layer;
+    keeping Q and K instead and rebuilding the map from them cost a second product and softmax, and
+    measured no lower peak). A map term on its own makes its own call. When the last term has used the
+    block, its input is dropped.
     """
 
     def __init__(self, call: AttentionCall, uses: int, map_uses: int):
         self.call, self.uses, self.map_uses = call, uses, map_uses
-        self.map_inputs: MapInputs | None = None
+        self.map: torch.Tensor | None = None
 
     def output(self) -> torch.Tensor:
-        out, self.map_inputs, _ = self.call.run(with_map=self.map_uses > 0)
+        out, _, self.map = self.call.run(with_map=self.map_uses > 0)
         self._used()
         return out
 
     def probs(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.map_inputs is not None:
-            pt = self.map_inputs.probs()
-        else:
-            pt = self.call.run(with_map=True)[2]
+        pt = self.map if self.map is not None else self.call.run(with_map=True)[2]
         self.map_uses -= 1
         self._used()
         return pt.to(dtype)
@@ -92,7 +90,7 @@ class _TeacherBlock:
     def _used(self) -> None:
         self.uses -= 1
         if self.map_uses <= 0:
-            self.map_inputs = None
+            self.map = None
         if self.uses <= 0:
             self.call.release()
 
