@@ -5,16 +5,17 @@ attention blocks called again in the backward), (c2) the same keeping the teache
 instead (``distill.recompute_teacher=false``), (d) KD-QAT computed the naive way (all layers' taps of both
 models materialised, then losses).
 
-Each variant runs in its own process so peak RSS is its own. Batch 32 x 128 tokens, 2 threads.
+Each variant runs in its own process, as a training run does (its own allocator state and peak RSS).
 Peak RSS includes what glibc's allocator keeps after frees, so each variant is also run once more, for
 two steps, under a dispatch mode that sums the bytes of the tensor storages alive after every op,
 the weights of both models included: the peak of that is the tensors' own memory, the CPU analogue of
 ``torch.cuda.max_memory_allocated``. The teacher is set up as ``kdqat train`` sets it up (feed-forward
-blocks over sequence slices).
-Step times are also taken with the five variants' steps in turn in one process (``--rounds`` rounds,
-medians): the development machine's speed drifted by ±20% between processes, which made the ratios of
-separately timed processes meaningless. Those interleaved medians give the time ratios.
-Usage: python bench/bench_kd_step.py [--steps 6] [--rounds 6] [--batch 32] [--seq 128]
+blocks over token slices).
+The development machine's speed drifts (±20% between processes minutes apart), so the variants' processes
+run in turn, ``--rounds`` times, and each variant's time is the median over its processes of their median
+step. (Taking all variants' steps in turn inside one process, as this script did before, shares one
+allocator between them: the KD variants then ran 5-10% slower than in their own processes.)
+Usage: python bench/bench_kd_step.py [--steps 4] [--rounds 3] [--batch 32] [--seq 128]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import copy
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -139,60 +141,41 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
             times.append(time.perf_counter() - t0)
     if tracker is not None:
         return {"variant": variant, "peak_live_tensor_mib": tracker.peak / 2**20}
-    return {"variant": variant, "s_per_step": sum(times) / len(times),
+    return {"variant": variant, "s_per_step": statistics.median(times),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def interleaved(rounds: int, batch: int, seq: int) -> dict[str, float]:
-    """Median seconds per step of every variant, their steps taken in turn in one process, so that the
-    machine's drift (step times moved ±20% between processes on the development machine) hits all alike."""
-    import statistics
-
-    import torch
-
-    torch.set_num_threads(2)
-    steps = {v: setup(v, batch, seq)[0] for v in VARIANTS}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(rounds + 1):
-        for v, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if r > 0:  # the first round pays allocator warm-up
-                times[v].append(time.perf_counter() - t0)
-    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=6, help="rounds of the interleaved timing")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="processes per variant, run in turn")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--variant", choices=VARIANTS)
     ap.add_argument("--live", action="store_true", help="with --variant: peak live tensor bytes instead")
-    ap.add_argument("--interleave", action="store_true", help="only the interleaved timing, as JSON")
     args = ap.parse_args()
     if args.variant:
         print(json.dumps(one(args.variant, 1 if args.live else args.steps, args.batch, args.seq, args.live)))
         return
-    if args.interleave:
-        print(json.dumps(interleaved(args.rounds, args.batch, args.seq)))
-        return
 
     def child(*extra: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--rounds", str(args.rounds),
-                              "--batch", str(args.batch), "--seq", str(args.seq), *extra],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch),
+                              "--seq", str(args.seq), *extra], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    rows = {v: {**child("--variant", v), **child("--variant", v, "--live")} for v in VARIANTS}
-    for v, t in child("--interleave").items():
-        rows[v]["s_interleaved"] = t
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for v in VARIANTS:
+            runs[v].append(child("--variant", v))
+    rows = {v: {"s_per_step": statistics.median(r["s_per_step"] for r in rs),
+                "s_per_step_runs": [round(r["s_per_step"], 3) for r in rs],
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+                **child("--variant", v, "--live")} for v, rs in runs.items()}
     for v, r in rows.items():
-        print(f"{v:24s} {r['s_interleaved']:.3f} s/step interleaved ({r['s_per_step']:.3f} alone)  "
+        print(f"{v:24s} {r['s_per_step']:.3f} s/step (runs {r['s_per_step_runs']})  "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB  peak live tensors {r['peak_live_tensor_mib']:.0f} MiB")
     a, b, c, c2, d = (rows[v] for v in VARIANTS)
-    t, live, rss = "s_interleaved", "peak_live_tensor_mib", "peak_rss_mib"
+    t, live, rss = "s_per_step", "peak_live_tensor_mib", "peak_rss_mib"
     print(f"time (c)/(a) = {c[t] / a[t]:.2f} (target <= 1.6); (d)/(c) = {d[t] / c[t]:.2f}")
     print(f"live tensors (c)/(b) = {c[live] / b[live]:.2f} (target <= 1.1), (c)/(d) = {c[live] / d[live]:.2f}")
     print(f"peak RSS (c)/(b) = {c[rss] / b[rss]:.2f} (target <= 1.1), (c)/(d) = {c[rss] / d[rss]:.2f} (target < 1)")
