@@ -140,9 +140,9 @@ class DistillConfig:
     gamma: float | None = None
     # identity | uniform | an explicit list: student layer i learns from teacher layer layer_map[i]
     layer_map: Any = "identity"
-    # Call each teacher attention block again in the backward instead of keeping its output and Q, K for it:
-    # 2 of the 3 [B, S, D] tensors a layer keeps fewer, for ~1/3 of a teacher forward more time. Exact
-    # either way (the same gradients, bit for bit). A ZeRO-3 teacher always keeps them.
+    # Call each teacher attention block (but the last tapped) again in the backward instead of keeping its
+    # output and Q, K for it: 2 of the 3 [B, S, D] tensors a layer keeps fewer, for a fraction of a teacher
+    # forward more time. Exact either way (the same gradients, bit for bit). A ZeRO-3 teacher always keeps them.
     recompute_teacher: bool = True
 
 

@@ -103,8 +103,9 @@ def test_zero_weight_taps_nothing():
     obj = DistillObjective.for_models(cfg_with(("logits",)), student, teacher)
     assert obj.student_taps() == {} and obj.teacher_taps() == {}
     obj = DistillObjective.for_models(cfg_with(("attn_map",)), student, teacher)
-    # the map term also keeps the teacher's attention-block calls, to recompute its map in the backward
-    assert obj.teacher_taps() == {"probs": {0, 1}, "attention_call": {0, 1}}
+    # the map term also keeps the teacher's attention-block calls, to recompute its map in the backward,
+    # except in the last layer (its map is kept: that layer's backward runs at the step's memory peak)
+    assert obj.teacher_taps() == {"probs": {0, 1}, "attention_call": {0}}
     obj = DistillObjective.for_models(cfg_with(("attn_map",)), student, teacher, recompute_teacher=False)
     assert obj.teacher_taps() == {"probs": {0, 1}, "map_inputs": {0, 1}}  # or its Q and K
     obj = DistillObjective.for_models(cfg_with(("hidden", "attn_output")), student, teacher)
@@ -161,7 +162,7 @@ def test_shallower_student_uniform_layer_map():
     d = cfg_with(("hidden", "attn_map"))
     d.layer_map = "uniform"
     obj = DistillObjective.for_models(d, student, teacher)
-    assert obj.teacher_taps() == {"hidden": {0, 2, 4}, "probs": {1, 3}, "attention_call": {1, 3}}
+    assert obj.teacher_taps() == {"hidden": {0, 2, 4}, "probs": {1, 3}, "attention_call": {1}}
     b = batch()
     torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total)
 
@@ -207,8 +208,9 @@ def test_each_teacher_block_is_called_once_more_in_the_backward(monkeypatch):
     out = obj(student, teacher, batch())
     assert calls == []
     out.total.backward()
-    # top layer first; the output term's call also keeps Q and K for the map term of the same layer
-    assert calls == [(1, True), (0, True)]
+    # not the top layer (its map and block output are kept); one call per layer, whose map the map term
+    # of the same layer takes
+    assert calls == [(0, True)]
 
 
 def test_recomputed_teacher_block_equals_its_taps_exactly():
@@ -280,11 +282,22 @@ def test_what_the_backward_keeps_is_freed_by_it_even_while_the_loss_is_kept(monk
         orig(self, call, uses, map_uses)
 
     monkeypatch.setattr(objective_mod._TeacherBlock, "__init__", spy)
+    orig_tapped = objective_mod.tapped
+
+    def tapped_spy(model, wanted, sink):  # the kept (top) layer's map and block output
+        def spying(layer, name, t):
+            if layer == 1 and name in ("probs", "attn_output"):
+                refs.append(weakref.ref(t))
+            sink(layer, name, t)
+
+        return orig_tapped(model, wanted, spying if not torch.is_grad_enabled() else sink)
+
+    monkeypatch.setattr(objective_mod, "tapped", tapped_spy)
     student, teacher = make_pair()
     obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map", "attn_output")), student, teacher)
     out = obj(student, teacher, batch())
     gc.collect()
-    assert len(refs) == 2 and all(r() is not None for r in refs)  # kept for the backward
+    assert len(refs) == 3 and all(r() is not None for r in refs)  # kept for the backward
     out.total.backward()
     gc.collect()
     assert all(r() is None for r in refs)

@@ -133,9 +133,13 @@ class _MeanSquaredError(torch.autograd.Function):
         return g_s, g_t
 
 
-def mse_grad(diff: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d(grad · mean(diff²))/d(diff) = grad · 2/N · diff: the gradient of :func:`mse` for its first input."""
-    return diff * (grad * (2.0 / max(diff.numel(), 1)))
+def mse_grad(diff: torch.Tensor, grad: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """d(grad · mean(diff²))/d(diff) = grad · 2/N · diff: the gradient of :func:`mse` for its first input.
+
+    With ``overwrite`` it is written over ``diff`` (same values), for a caller whose ``diff`` is its own.
+    """
+    scale = grad * (2.0 / max(diff.numel(), 1))
+    return diff.mul_(scale) if overwrite else diff * scale
 
 
 def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -257,9 +261,9 @@ def attention_map_kl(
     return _AttentionMapKL.apply(student_probs, teacher_probs, valid, eps, recompute_teacher)
 
 
-# Elements per block of heads in the KL's forward: bounds its two temporaries (8 MiB each in float32)
+# Elements per block of heads in the KL's forward: bounds its two temporaries (4 MiB each in float32)
 # whatever B and S are, while each block stays one vectorised op over the whole batch.
-_KL_BLOCK_ELEMENTS = 1 << 21
+_KL_BLOCK_ELEMENTS = 1 << 20
 
 
 class _AttentionMapKL(torch.autograd.Function):

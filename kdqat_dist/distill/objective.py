@@ -13,14 +13,16 @@ values and gradients are those of the plain formulas:
 
 - the teacher keeps, per layer, only its attention block's input (the hidden state the hidden term needs
   anyway); the map and attention-output terms call the block again in their backward
-  (:class:`_TeacherBlock`) instead of keeping the teacher's Q, K and block output;
+  (:class:`_TeacherBlock`) instead of keeping the teacher's Q, K and block output. The last layer the
+  teacher taps is the exception: its map and block output are kept, as its backward runs at the step's
+  memory peak, where its block's temporaries would weigh more;
 - the hidden (after the embeddings) and attention-output terms keep nothing of the student's: their tap
   is a LayerNorm output, which is recomputed from the LayerNorm's input, which autograd keeps for the
   LayerNorm's own backward (:class:`_MseSlot`, :class:`_MseAtNorm`);
 - the other MSE terms keep ``s - t``; the map term's student side is the softmax output autograd keeps.
 
 Per layer that is one [B, S, D] tensor instead of four (hidden and output differences, Q and K), for one
-extra call of each teacher attention block in the backward.
+extra call of each teacher attention block but the last in the backward.
 
 A term whose weight is 0 taps nothing.
 """
@@ -115,7 +117,9 @@ class _MseSlot:
         self.norm = self.target = self.block = None
         t = t.to(s.dtype)
         compute = L._compute_dtype(s, t)
-        return L.mse_grad(s.to(compute) - t.to(compute), grad).to(dtype)
+        # s is this call's own recompute: the difference and the gradient are written over it, so the first
+        # KD gradient of the backward (the top layer's, at the step's memory peak) makes one [B, S, D] tensor
+        return L.mse_grad(s.to(compute).sub_(t.to(compute)), grad, overwrite=True).to(dtype)
 
 
 class _MseAtNorm(torch.autograd.Function):
@@ -259,11 +263,24 @@ class DistillObjective:
                 taps["map_inputs"] = set(taps["probs"])
             return taps
         # the map term (and with norm taps the output term) calls the teacher's attention block again in
-        # its backward instead of keeping the teacher's Q and K (and block output)
+        # its backward instead of keeping the teacher's Q and K (and block output), except in the last
+        # layer the teacher taps (see _kept_layer)
         calls = set(taps.get("probs", ())) | (set(taps.get("attn_output", ())) if self.norm_taps else set())
+        calls.discard(self._kept_layer())
         if calls:
             taps["attention_call"] = calls
         return taps
+
+    def _kept_layer(self) -> int | None:
+        """The teacher layer whose map and block output are kept, not recomputed: the last one tapped.
+
+        Its terms are the first the backward reaches, while all the student's activations are still
+        alive: a call of its block there would add its temporaries (Q, K, V, scores, map) at the step's
+        peak, while the kept map and output (alive from the end of the teacher's forward) weigh less.
+        Every lower layer's call runs after the student's top layer has freed its activations.
+        """
+        calls = set(self.t2s.get("probs", ())) | (set(self.t2s.get("attn_output", ())) if self.norm_taps else set())
+        return max(calls) if calls and self.recompute_teacher else None
 
     # ------------------------------------------------------------------ one term
 
@@ -325,6 +342,8 @@ class DistillObjective:
 
         def map_recompute(t_layer: int, dtype: torch.dtype):
             if self.recompute_teacher:
+                if t_layer not in blocks:  # the kept layer: the map term keeps the teacher's map itself
+                    return None
                 return partial(blocks[t_layer].probs, dtype=dtype), ()
             q = map_inputs[t_layer]
             return partial(_teacher_probs, scaling=q.scaling, dtype=dtype), (q.query, q.key, q.attention_mask)
@@ -347,7 +366,7 @@ class DistillObjective:
                         slot, handle = slotted
                         with torch.no_grad():
                             value = L.mse(slot.norm.output(), t_tensor.to(slot.norm.input.dtype))
-                        if tap == "hidden" or not self.recompute_teacher:
+                        if tap == "hidden" or t_layer not in blocks:
                             slot.target = t_tensor
                         else:
                             slot.block = blocks[t_layer]
