@@ -49,6 +49,16 @@ def test_symmetric_quant_8bit_formula_and_clip():
     assert len(torch.unique(out)) <= 255
 
 
+def test_symmetric_quant_inside_the_clip_skips_nothing_of_the_formula():
+    x = (torch.randn(4, 10, generator=torch.Generator().manual_seed(3)) * 0.5).requires_grad_()
+    assert x.abs().max() < 2.5  # the clamp is the identity here, and the STE mask all ones
+    out = Q.symmetric_quant(x, 8, clip=2.5)
+    s = 127 / x.detach().abs().max()
+    assert torch.equal(out, torch.round(x.detach() * s) / s)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_symmetric_quant_levels(bits):
     x = torch.linspace(-1, 1, 1001)

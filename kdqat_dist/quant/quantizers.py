@@ -146,9 +146,10 @@ def symmetric_quant(
             ste_clip = None
         m = m.clamp(max=clip)
     scale = levels / m.clamp(min=1e-8)
-    # One new tensor, rounded in place (this is the hot path of every activation).
-    xq = v.clamp(-clip, clip) if clip is not None else v.clone()
-    return _ste(x, xq.mul_(scale).round_().div_(scale), ste_clip)
+    # One new tensor, rounded in place (this is the hot path of every activation); no clamp pass when
+    # nothing reaches the clip (then the clamp is the identity).
+    xq = v.clamp(-clip, clip).mul_(scale) if ste_clip is not None else v * scale
+    return _ste(x, xq.round_().div_(scale), ste_clip)
 
 
 def mean_clip_quant(w: torch.Tensor, bits: int, per_row: bool = False, clip: float | None = 2.5) -> torch.Tensor:
