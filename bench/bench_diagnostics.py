@@ -4,7 +4,7 @@ Both runs are the same KD-QAT run of the demo task (W2 E2 A8, logits + hidden + 
 an untuned MiniLM-L6 as its own teacher (timing does not need a fine-tuned one), each in its own process:
 ``train.diagnostics=true`` and ``=false``. Reported per run: the wall time of ``Trainer.train()`` (set-up
 excluded) and, in the run with diagnostics, the time spent inside them, measured in-process by wrapping
-``log_diagnostics`` (log steps), ``log_flip_rate`` (start + evaluations) and ``Trainer._add_contributions``
+``log_diagnostics`` (log steps), ``log_flip_rate`` (start + evaluations) and ``Trainer._contributions``
 (every micro-batch). The in-process time is the robust number on a shared machine; the wall difference
 also holds what the wrapping cannot see (clip counting in the first forward after each log step) and noise.
 ``--log-every 2`` logs 5x more often than the recipes' default (10), so the log-step cost is overstated.
@@ -48,7 +48,7 @@ def one(diagnostics: bool, teacher: str, out: str, args: argparse.Namespace) -> 
     # the loop imports these by name at each call, so wrapping the module's attributes catches every call
     D.log_diagnostics = _timed(spent, "log_diagnostics", D.log_diagnostics)
     D.log_flip_rate = _timed(spent, "log_flip_rate", D.log_flip_rate)
-    Trainer._add_contributions = _timed(spent, "add_contributions", Trainer._add_contributions)
+    Trainer._contributions = _timed(spent, "contributions", Trainer._contributions)
     cfg = load_config("demo", [f"teacher.path={teacher}", f"train.output_dir={out}", f"train.max_steps={args.steps}",
                                f"train.log_every={args.log_every}", f"train.eval_every={args.eval_every}",
                                f"train.batch_size={args.batch}", "train.device=cpu", "train.progress=false",
@@ -98,7 +98,7 @@ def main() -> None:
           f"({100 * (on['train_wall_s'] / off['train_wall_s'] - 1):+.1f}%)")
     print(f"inside the diagnostics (run with them on): {on['inside_diagnostics_s']:.2f} s = "
           f"{100 * on['inside_diagnostics_s'] / on['train_wall_s']:.1f}% of its train() wall")
-    for name in ("log_diagnostics", "log_flip_rate", "add_contributions"):
+    for name in ("log_diagnostics", "log_flip_rate", "contributions"):
         n = int(on.get(name + "_calls", 0))
         if n:
             print(f"  {name:18s} {n:4d} calls  {on[name]:7.3f} s  {1000 * on[name] / n:8.2f} ms/call")

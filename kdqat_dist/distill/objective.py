@@ -177,10 +177,6 @@ class LossOutput:
     student_logits: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
 
-    def scalars(self) -> dict[str, float]:
-        out = {"loss": float(self.total.detach())}
-        out.update({f"loss/{k}": float(v.detach()) for k, v in self.terms.items()})
-        return out
 
 
 def effective_weights(cfg: DistillConfig) -> dict[str, float]:

@@ -179,12 +179,12 @@ class Trainer:
                 self.student.train()
                 for idx in micro:
                     out = self.loss(self._batch(idx))
-                    self._check_finite(out, step)
+                    values = self._micro_scalars(out)
+                    self._check_finite(values, step)
                     be.backward(out.total)
                     be.step()
-                    for k, v in out.scalars().items():
+                    for k, v in values.items():
                         running[k] = running.get(k, 0.0) + v / len(micro)
-                    self._add_contributions(running, out, len(micro))
                 step += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
@@ -203,12 +203,23 @@ class Trainer:
         bar.close()
         return self._finish()
 
-    def _check_finite(self, out: LossOutput, step: int) -> None:
-        if torch.isfinite(out.total.detach()).all():
+    def _micro_scalars(self, out: LossOutput) -> dict[str, float]:
+        """``loss``, ``loss/<term>`` and (with diagnostics) the ``kd_contribution/...`` values of one
+        micro-batch, read from the device in one copy: the one host sync a micro-batch costs, which the
+        finiteness check needs before the backward anyway (on a GPU, one sync per scalar would stall the
+        queue once per term)."""
+        keys = ["loss", *(f"loss/{k}" for k in out.terms)]
+        vals = [out.total.detach().float(), *(v.detach().float() for v in out.terms.values())]
+        c_keys, c_vals = self._contributions(out)
+        return dict(zip(keys + c_keys, torch.stack(vals + c_vals).tolist(), strict=True))
+
+    @staticmethod
+    def _check_finite(values: dict[str, float], step: int) -> None:
+        if math.isfinite(values["loss"]):
             return
-        bad = [k for k, v in out.terms.items() if not torch.isfinite(v.detach()).all()]
+        bad = [k.removeprefix("loss/") for k, v in values.items() if k.startswith("loss/") and not math.isfinite(v)]
         where = f"term '{bad[0]}'" if bad else "the total"
-        raise TrainingError(f"non-finite loss at step {step + 1}: {where} is {float(out.total.detach())}; "
+        raise TrainingError(f"non-finite loss at step {step + 1}: {where} is {values['loss']}; "
                             "lower train.lr or check the data")
 
     def _log_train(self, step: int, running: dict, dt: float, n: int) -> None:
@@ -253,12 +264,12 @@ class Trainer:
 
         log_diagnostics(self.writer, step, self.backend.student_module(), gather=self._gather())
 
-    def _add_contributions(self, running: dict, out: LossOutput, n_micro: int) -> None:
-        """Add what each term adds to ``out.total`` (weight x value), per layer where the term has layers,
-        to the window sums: ``kd_contribution/<term>/<layer>`` and ``kd_contribution/<term>`` (logits, ground
-        truth) sum to the loss. One device-to-host copy per micro-batch for all of them."""
+    def _contributions(self, out: LossOutput) -> tuple[list[str], list[torch.Tensor]]:
+        """What each term adds to ``out.total`` (weight x value), per layer where the term has layers:
+        ``kd_contribution/<term>/<layer>`` and ``kd_contribution/<term>`` (logits, ground truth), which sum
+        to the loss. Device scalars; :meth:`_micro_scalars` reads them with the loss."""
         if not self._diagnostics_on() or self.objective is None:
-            return
+            return [], []
         w = self.objective.weights
         keys, vals = [], []
         for term, value in out.terms.items():
@@ -266,9 +277,7 @@ class Trainer:
             for layer, v in layers.items():
                 keys.append(CONTRIB + term + ("" if layer is None else f"/{layer:02d}"))
                 vals.append(w[term] * v.float())
-        if keys:
-            for k, v in zip(keys, torch.stack(vals).tolist(), strict=True):
-                running[k] = running.get(k, 0.0) + v / n_micro
+        return keys, vals
 
     def _mean_over_ranks(self, running: dict, n: int) -> dict:
         keys = sorted(running)
