@@ -43,6 +43,14 @@ def test_scores_scaled_and_masked_in_place_equal_the_out_of_place_formula():
     assert torch.equal(attention_scores(q, k, keep, 0.5), want)
     wide = torch.zeros(2, 3, 5, 5)  # broadcasts the scores up: out of place
     assert attention_scores(q[:, :1], k[:, :1], wide, 0.5).shape == (2, 3, 5, 5)
+    assert attention_scores(q[:, :1], k[:, :1], wide == 0, 0.5).shape == (2, 3, 5, 5)  # a wide keep-mask too
+
+
+def test_strided_scores_are_not_written_over():
+    scores = _scores().transpose(-1, -2)  # a strided view: the in-place kernel would mix up its rows
+    with torch.no_grad():
+        p = attention_probs(scores, overwrite=True)
+    assert torch.equal(p, F.softmax(scores, dim=-1))
 
 
 def test_a_tapped_teacher_forward_keeps_its_scores_intact():

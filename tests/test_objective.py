@@ -113,6 +113,21 @@ def test_zero_weight_taps_nothing():
     assert obj.student_taps() == {"hidden": {0}, "hidden_norm": {1, 2}, "attn_output_norm": {0, 1}}
 
 
+@pytest.mark.parametrize("layer_map, calls", [
+    ([1, 0], {1}),  # the top student layer learns from teacher layer 0: that one is kept
+    ([1, 1], {1}),  # teacher layer 1 serves both student layers: kept, it would outlive the top layer's backward
+    ([0, 1], {0}),
+])
+def test_the_kept_teacher_layer_is_the_one_the_backward_reaches_first(layer_map, calls):
+    student, teacher = make_pair()
+    cfg = cfg_with(("attn_map", "attn_output"))
+    cfg.layer_map = layer_map
+    obj = DistillObjective.for_models(cfg, student, teacher)
+    assert obj.teacher_taps()["attention_call"] == calls
+    out, naive = obj(student, teacher, batch()), obj.naive(student, teacher, batch())
+    torch.testing.assert_close(out.total, naive.total, rtol=1e-6, atol=1e-7)
+
+
 def test_teacher_taps_are_consumed_as_produced(monkeypatch):
     """Streaming: each layer's terms are computed while the teacher runs that layer, before the next."""
     import kdqat_dist.distill.losses as losses_mod

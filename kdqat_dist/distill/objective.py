@@ -268,15 +268,26 @@ class DistillObjective:
         return taps
 
     def _kept_layer(self) -> int | None:
-        """The teacher layer whose map and block output are kept, not recomputed: the last one tapped.
+        """The teacher layer whose map and block output are kept, not recomputed: the one whose terms the
+        backward reaches first (those of the top student layer with a map or output term), if no other
+        student layer learns from it.
 
-        Its terms are the first the backward reaches, while all the student's activations are still
-        alive: a call of its block there would add its temporaries (Q, K, V, scores, map) at the step's
-        peak, while the kept map and output (alive from the end of the teacher's forward) weigh less.
-        Every lower layer's call runs after the student's top layer has freed its activations.
+        The backward reaches those terms while all the student's activations are still alive: a call of the
+        block there would add its temporaries (Q, K, V, scores, map) at the step's peak, while the kept map
+        and output (alive from the end of the teacher's forward) weigh less. Every other layer's call runs
+        after the student's top layer has freed its activations.
         """
-        calls = set(self.t2s.get("probs", ())) | (set(self.t2s.get("attn_output", ())) if self.norm_taps else set())
-        return max(calls) if calls and self.recompute_teacher else None
+        if not self.recompute_teacher:
+            return None
+        taps = ("probs", "attn_output") if self.norm_taps else ("probs",)
+        pairs = {(s, t) for tap in taps for t, ss in self.t2s.get(tap, {}).items() for s in ss}
+        if not pairs:
+            return None
+        top = max(s for s, _ in pairs)
+        (t_top, *more) = {t for s, t in pairs if s == top}
+        if more or any(s != top for s, t in pairs if t == t_top):
+            return None  # kept, it would stay alive through the other layers' backward
+        return t_top
 
     # ------------------------------------------------------------------ one term
 

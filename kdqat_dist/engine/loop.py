@@ -209,7 +209,7 @@ class Trainer:
         finiteness check needs before the backward anyway (on a GPU, one sync per scalar would stall the
         queue once per term)."""
         keys = ["loss", *(f"loss/{k}" for k in out.terms)]
-        vals = [out.total.detach().float(), *(v.detach().float() for v in out.terms.values())]
+        vals = [out.total.detach().double(), *(v.detach().double() for v in out.terms.values())]
         c_keys, c_vals = self._contributions(out)
         return dict(zip(keys + c_keys, torch.stack(vals + c_vals).tolist(), strict=True))
 
@@ -276,7 +276,7 @@ class Trainer:
             layers = out.per_layer.get(term) or {None: value.detach()}
             for layer, v in layers.items():
                 keys.append(CONTRIB + term + ("" if layer is None else f"/{layer:02d}"))
-                vals.append(w[term] * v.float())
+                vals.append(w[term] * v.double())
         return keys, vals
 
     def _mean_over_ranks(self, running: dict, n: int) -> dict:

@@ -43,9 +43,10 @@ def attention_scores(
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
     if attention_mask is None:
         return scores
-    if attention_mask.dtype == torch.bool:
-        return scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
     wider = torch.broadcast_shapes(attention_mask.shape, scores.shape) != scores.shape
+    if attention_mask.dtype == torch.bool:
+        fill = torch.finfo(scores.dtype).min
+        return scores.masked_fill(~attention_mask, fill) if wider else scores.masked_fill_(~attention_mask, fill)
     if attention_mask.dtype != scores.dtype or wider:
         return scores + attention_mask  # type promotion or a mask wider than the scores: out of place
     return scores.add_(attention_mask)
@@ -77,7 +78,8 @@ def attention_probs(scores: torch.Tensor, overwrite: bool = False) -> torch.Tens
     track is written over the scores, so a teacher's forward makes one [B, H, S, S] tensor where it made
     two. Only there: the CPU kernel is tested to give the same bits in place; other kernels are not.
     """
-    if (overwrite and scores.dtype == torch.float32 and scores.device.type == "cpu"
+    # contiguous only: the kernel reads and writes each row in place, which a strided alias would break
+    if (overwrite and scores.dtype == torch.float32 and scores.device.type == "cpu" and scores.is_contiguous()
             and not (torch.is_grad_enabled() and scores.requires_grad)):
         return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
     return F.softmax(scores, dim=-1, dtype=torch.float32)

@@ -1,7 +1,8 @@
 """Run an inference-only encoder's feed-forward blocks over slices of its tokens (used for the teacher).
 
 A BERT layer's feed-forward block is applied to each token on its own, so running it over slices of the
-tokens gives the same values while its [B, S, 4·D] intermediate and activation, the largest tensors of a
+tokens gives the same values (up to float rounding: a matrix product over fewer rows may sum in another
+order) while its [B, S, 4·D] intermediate and activation, the largest tensors of a
 teacher's forward besides the attention map, are never whole. In a KD step the teacher runs on top of the
 student's saved activations, so its largest temporary is what the step's peak memory adds. transformers'
 own ``chunk_size_feed_forward`` needs the sequence length to be a multiple of the chunk; this does not.
