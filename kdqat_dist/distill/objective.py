@@ -261,11 +261,15 @@ class DistillObjective:
         # the map term (and with norm taps the output term) calls the teacher's attention block again in
         # its backward instead of keeping the teacher's Q and K (and block output), except in the last
         # layer the teacher taps (see _kept_layer)
-        calls = set(taps.get("probs", ())) | (set(taps.get("attn_output", ())) if self.norm_taps else set())
+        calls = {t for tap in self._block_taps() for t in taps.get(tap, ())}
         calls.discard(self._kept_layer())
         if calls:
             taps["attention_call"] = calls
         return taps
+
+    def _block_taps(self) -> tuple[str, ...]:
+        """The teacher taps whose terms are fed by a teacher block call (the output term only at norm taps)."""
+        return ("probs", "attn_output") if self.norm_taps else ("probs",)
 
     def _kept_layer(self) -> int | None:
         """The teacher layer whose map and block output are kept, not recomputed: the one whose terms the
@@ -279,8 +283,7 @@ class DistillObjective:
         """
         if not self.recompute_teacher:
             return None
-        taps = ("probs", "attn_output") if self.norm_taps else ("probs",)
-        pairs = {(s, t) for tap in taps for t, ss in self.t2s.get(tap, {}).items() for s in ss}
+        pairs = {(s, t) for tap in self._block_taps() for t, ss in self.t2s.get(tap, {}).items() for s in ss}
         if not pairs:
             return None
         top = max(s for s, _ in pairs)
