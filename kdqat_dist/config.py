@@ -159,6 +159,9 @@ class DataConfig:
     label_list: list[str] | None = None  # custom classification labels (None with num_labels=1: regression)
     num_labels: int | None = None
     max_seq_length: int | None = None  # None: the per-task value from the recipe table
+    # longest: pad each batch to its longest row; max_length: to max_seq_length (the reference code's
+    # padding; its KD means over positions then count the padded ones)
+    padding: str = "longest"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     demo_size: int = 4000
@@ -176,10 +179,16 @@ class TrainConfig:
     eval_batch_size: int = 64
     grad_accum: int = 1
     lr: float = 2e-5
+    # adamw: torch AdamW + one global gradient-norm clip + linear warmup/decay; bertadam: the reference
+    # code's BertAdam (no bias correction, each tensor's gradient clipped to max_grad_norm, warmup_linear)
+    optimizer: str = "adamw"
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     adam_eps: float = 1e-6
     max_grad_norm: float = 1.0
+    # Dropout of the model being trained (the student in `kdqat train`, the model in `kdqat finetune`;
+    # never the teacher, which is always in eval mode); null keeps the checkpoint's values.
+    dropout: float | None = None
     quant_weight_lr: float = 1e-3  # learned step sizes / clip values of weights (KDLSQ-BERT)
     quant_act_lr: float = 3e-2  # ... of activations
     eval_every: int | None = None  # None: the per-task value from the recipe table
@@ -307,6 +316,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(lm in ("identity", "uniform") or (isinstance(lm, list) and all(isinstance(i, int) for i in lm)),
            "distill.layer_map", "allowed: identity, uniform, or a list of teacher layer indices")
 
+    _check(cfg.data.padding in ("longest", "max_length"), "data.padding",
+           f"got {cfg.data.padding!r}; allowed: longest, max_length")
+
     t = cfg.train
     _check(t.batch_size > 0, "train.batch_size", "must be > 0")
     _check(t.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
@@ -314,8 +326,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.epochs > 0, "train.epochs", "must be > 0")
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
     _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(t.optimizer in ("adamw", "bertadam"), "train.optimizer", f"got {t.optimizer!r}; allowed: adamw, bertadam")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"got {t.max_grad_norm}; must be >= 0 (0: no clipping)")
     _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(t.dropout is None or 0.0 <= t.dropout < 1.0, "train.dropout", f"got {t.dropout}; must be in [0, 1) or null")
     _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0 or null")
     _check(t.save_every is None or t.save_every > 0, "train.save_every", "must be > 0 or null")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"got {t.keep_checkpoints}; must be >= 1")
@@ -330,6 +345,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"got {e.precision!r}; allowed: fp32, bf16, fp16")
     _check(e.optimizer in ("torch", "deepspeed"), "engine.optimizer",
            f"got {e.optimizer!r}; allowed: torch, deepspeed")
+    _check(e.optimizer == "torch" or t.optimizer == "adamw", "engine.optimizer",
+           "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch")
 
     u = cfg.tune
     _check(u.num_workers >= 1, "tune.num_workers", "must be >= 1")

@@ -152,6 +152,7 @@ def evaluate_folder(cfg: RunConfig, path: str) -> dict:
     else:
         model = load_classifier(str(p), task.num_labels)
     device = pick_device(cfg.train.device)
-    metrics = evaluate(model.to(device), task, data, Collator(tokenizer), cfg.train.eval_batch_size, device)
+    collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
+    metrics = evaluate(model.to(device), task, data, collate, cfg.train.eval_batch_size, device)
     print(_table([[k, f"{v:.4f}"] for k, v in metrics.items()], ["metric", "value"]))
     return metrics

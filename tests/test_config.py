@@ -59,6 +59,10 @@ def test_dict_overrides_for_sweeps():
     ("analysis.samples=3.5", "analysis.samples: expected an integer, got 3.5"),
     ("analysis.device=tpu", "analysis.device: got 'tpu'; allowed: auto, cpu, cuda"),
     ("analysis.sample=3", "unknown key 'analysis.sample'"),
+    ("train.optimizer=sgd", "train.optimizer: got 'sgd'; allowed: adamw, bertadam"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm: got -1.0; must be >= 0"),
+    ("data.padding=max", "data.padding: got 'max'; allowed: longest, max_length"),
+    ("train.dropout=1.0", "train.dropout: got 1.0; must be in [0, 1) or null"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -115,3 +115,18 @@ def test_demo_runs_again_into_a_new_folder_and_never_overwrites(tmp_path, monkey
     # a teacher run stopped after its first best checkpoint (model/ exists, no metrics.json) is unfinished
     (tmp_path / "runs" / "tiny-4" / "teacher" / "metrics.json").unlink()
     assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-5")
+
+
+def test_teacher_stays_in_eval_mode_and_student_dropout_follows_train_dropout(tiny_teacher, tmp_path):
+    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'm'}",
+                                     "train.max_steps=2", "train.eval_every=1", "train.dropout=0.25"])
+    tr = Trainer(cfg, "train").setup()
+    try:
+        assert tr.teacher.config.hidden_dropout_prob > 0  # a realistic teacher: dropout on when training
+        tr.train()
+        assert not any(m.training for m in tr.teacher.modules())
+        drops = [m.p for m in tr.student.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(p == 0.25 for p in drops) and tr.student.config.hidden_dropout_prob == 0.25
+        assert all(m.p > 0 and m.p != 0.25 for m in tr.teacher.modules() if isinstance(m, torch.nn.Dropout))
+    finally:
+        tr.cleanup()

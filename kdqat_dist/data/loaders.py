@@ -495,19 +495,23 @@ def _is_float(x: Any) -> bool:
 
 
 class Collator:
-    """List of tokenized rows -> dict of tensors, padded to the longest row of the batch.
+    """List of tokenized rows -> dict of tensors, padded to the longest row of the batch, or to
+    ``max_length`` (``data.padding=max_length``: every batch the same width, as the reference code pads;
+    the KD means over all positions then include the padded ones).
 
     ``labels`` become float32 for regression (float labels) and int64 for classification.
     """
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         inputs = [{k: r[k] for k in _TEXT_COLUMNS if k in r} for r in rows]
-        batch = dict(self.tokenizer.pad(inputs, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
-                                        return_tensors="pt"))
+        padding = "longest" if self.max_length is None else "max_length"
+        batch = dict(self.tokenizer.pad(inputs, padding=padding, max_length=self.max_length,
+                                        pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"))
         if rows and "labels" in rows[0]:
             labels = [r["labels"] for r in rows]
             dtype = torch.float32 if _is_float(labels[0]) else torch.long

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdqat_dist.config import RunConfig
-from kdqat_dist.engine.optim import make_optimizer, make_scheduler
+from kdqat_dist.engine.optim import global_clip, make_optimizer, make_scheduler
 from kdqat_dist.models.encoders import load_classifier
 
 
@@ -77,7 +77,7 @@ class LocalBackend:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.student = model.to(self.device)
         self.optimizer = make_optimizer(model, self.cfg.train)
-        self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.train.warmup_ratio)
+        self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.train)
         return self.student
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
@@ -121,8 +121,8 @@ class LocalBackend:
             return False
         self._grad_peak = max(self._grad_peak, storage_bytes(p.grad for p in self.student.parameters()
                                                              if p.grad is not None))
-        if self.cfg.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
+        if global_clip(self.cfg.train) > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), global_clip(self.cfg.train))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

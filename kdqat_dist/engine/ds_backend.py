@@ -40,7 +40,7 @@ from kdqat_dist.engine.backend import (
     set_rng_state,
     storage_bytes,
 )
-from kdqat_dist.engine.optim import make_optimizer, make_scheduler, param_groups
+from kdqat_dist.engine.optim import clip_each_, make_optimizer, make_scheduler, param_groups
 from kdqat_dist.models.encoders import load_classifier, resolve_model_path
 
 RANK_STATE = "rank{rank:05d}_state.pt"
@@ -98,12 +98,14 @@ class DeepSpeedBackend:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)
         conf = self.ds_config("student", getattr(model.config, "hidden_size", None))
-        optimizer = make_optimizer(model, t) if e.optimizer == "torch" else None
+        # BertAdam's per-tensor clipping runs here on whole gradients (step()): its optimizer object only
+        # sees ZeRO's flat partitions.
+        optimizer = make_optimizer(model, t, clip_each=False) if e.optimizer == "torch" else None
         params = None if optimizer is not None else param_groups(model, t)
         scalars = _lift_scalar_params(model)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, config=conf,
-            lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t.warmup_ratio))
+            lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t))
         _restore_scalar_params(scalars)
         return self.engine
 
@@ -128,7 +130,9 @@ class DeepSpeedBackend:
             del hf_ds
         model.requires_grad_(False)
         self.teacher_engine, *_ = deepspeed.initialize(model=model, config=conf)
-        self.teacher_engine.eval()
+        # DeepSpeedEngine.eval() switches only the wrapped module; nn.Module.train(False) clears the
+        # engine's own flag as well, so nothing that reads it (or restores it) turns dropout back on.
+        nn.Module.train(self.teacher_engine, False)
         self.teacher = self.teacher_engine
         return self.teacher_engine
 
@@ -185,8 +189,20 @@ class DeepSpeedBackend:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
             self._grad_peak = max(self._grad_peak, self._grad_bytes())
+            t = self.cfg.train
+            if t.optimizer == "bertadam" and t.max_grad_norm > 0:
+                self._clip_each_tensor(t.max_grad_norm)
         self.engine.step()
         return boundary
+
+    def _clip_each_tensor(self, max_norm: float) -> None:
+        """BertAdam's per-tensor clipping on the reduced gradients, between the backward and the step,
+        through DeepSpeed's public gradient API (``safe_update_full_grad_vectorized``): each parameter's
+        whole gradient under every ZeRO stage, as one process clips it."""
+        from deepspeed.utils import safe_update_full_grad_vectorized
+
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        safe_update_full_grad_vectorized(params, lambda g, p: clip_each_(g, max_norm))
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from kdqat_dist.config import ConfigError, RunConfig
+from kdqat_dist.engine.optim import global_clip, make_optimizer
 
 AUTO = "auto"
 KINDS = ("student", "teacher")
@@ -69,8 +70,6 @@ def load_base(path: Path) -> dict:
 
 def _adam_defaults(cfg: RunConfig) -> dict[str, Any]:
     """betas/eps/weight decay exactly as ``engine.optim.make_optimizer`` builds them (one source)."""
-    from kdqat_dist.engine.optim import make_optimizer
-
     d = make_optimizer(nn.Linear(1, 1), cfg.train).defaults
     return {"lr": cfg.train.lr, "betas": list(d["betas"]), "eps": d["eps"],
             "weight_decay": cfg.train.weight_decay}
@@ -160,7 +159,8 @@ def resolve(base: dict, cfg: RunConfig, world_size: int, kind: str = "student",
         out.pop("optimizer", None)
         out.pop("gradient_clipping", None)
         return _no_auto_left(out, source)
-    f.fill("gradient_clipping", float(t.max_grad_norm), "train.max_grad_norm")
+    # BertAdam clips each tensor itself (the backend does it on whole gradients): no global clip then
+    f.fill("gradient_clipping", float(global_clip(t)), "train.max_grad_norm")
     _fill_optimizer(f, out, cfg, source)
     return _no_auto_left(out, source)
 
@@ -188,6 +188,8 @@ def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
     if "optimizer" in out:
         for name, value in adam.items():
             f.fill(f"optimizer.params.{name}", value, keys[name])
+    if cfg.train.optimizer == "bertadam":  # our own optimizer object: DeepSpeed asks for this to accept it
+        f.fill("zero_allow_untested_optimizer", True, "train.optimizer")
     if cfg.engine.optimizer == "torch":
         # A torch AdamW object with our parameter groups is passed to deepspeed.initialize instead (no JIT
         # build); the section has been checked against the run config above, so dropping it loses nothing.

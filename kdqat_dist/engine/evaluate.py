@@ -18,7 +18,10 @@ def predict(model: nn.Module, dataset: Sequence, collate: Callable, task: TaskSp
 
     Every rank of a distributed run calls this on every batch (ZeRO-3 forwards are collective).
     """
-    was_training = model.training
+    # Restore every module's own mode afterwards, not the wrapper's flag: a DeepSpeed engine's ``eval()``
+    # leaves the engine's own ``training`` flag set, and ``model.train(model.training)`` would then put
+    # a frozen ZeRO-3 teacher into training mode (dropout on) for the rest of the run.
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     preds, labels = [], []
     try:
@@ -30,7 +33,8 @@ def predict(model: nn.Module, dataset: Sequence, collate: Callable, task: TaskSp
             preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
             labels.append(lab)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 

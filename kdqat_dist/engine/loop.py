@@ -24,7 +24,7 @@ from kdqat_dist.distill.objective import DistillObjective, LossOutput, _unwrap
 from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, memory_table, seed_everything
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
 from kdqat_dist.models.attention import use_kdqat_attention
-from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path
+from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout
 from kdqat_dist.models.sliced_ffn import slice_feed_forward
 from kdqat_dist.models.student import init_student, save_student
 from kdqat_dist.quant.api import calibrate_activations, prepare
@@ -76,7 +76,7 @@ class Trainer:
             max_len = cfg.data.max_seq_length or self.task.max_seq_length
             splits = load_splits(cfg.data, self.task)
             self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
-        self.collate = Collator(self.tokenizer)
+        self.collate = Collator(self.tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
         self.train_set = self.data["train"]
         world, accum = self.backend.world_size, cfg.train.grad_accum
         if cfg.train.batch_size % (world * accum):
@@ -119,6 +119,8 @@ class Trainer:
         id2label = dict(enumerate(task.label_list)) if task.label_list else None
         if self.mode == "finetune":
             model = load_classifier(src, task.num_labels, cfg.model.attn_implementation, id2label)
+            if cfg.train.dropout is not None:
+                set_dropout(model, cfg.train.dropout)
             self.student = self.backend.setup_student(model, self.total_steps)
             self.teacher = None
             self.objective = None
@@ -126,6 +128,8 @@ class Trainer:
         # The student is built and prepared whole on every rank (LSQ steps from whole weights, activation
         # steps calibrated) before the backend may partition it.
         student = init_student(src, task.num_labels, cfg.student.num_layers, cfg.distill.layer_map)
+        if cfg.train.dropout is not None:
+            set_dropout(student, cfg.train.dropout)
         prepare(student, cfg.quant)
         if cfg.quant.enabled:
             calibrate_activations(student, self._first_batch())

@@ -1,4 +1,9 @@
-"""Optimizer parameter groups and the learning-rate schedule (ALGORITHMS.md B.1, A.6)."""
+"""Optimizers, their parameter groups and the learning-rate schedules (ALGORITHMS.md B.1, A.6).
+
+``train.optimizer``: ``adamw`` (torch AdamW, one global gradient-norm clip, linear warmup/decay) or
+``bertadam`` (the reference code's BertAdam: no bias correction, each parameter tensor's gradient
+clipped on its own, and its warmup_linear schedule).
+"""
 
 from __future__ import annotations
 
@@ -40,8 +45,90 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups.values() if g["params"]]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, eps=cfg.adam_eps, betas=(0.9, 0.999))
+BETAS = (0.9, 0.999)
+
+
+class BertAdam(torch.optim.Optimizer):
+    """The BertAdam of the reference code (TernaryBERT's ``transformer/optimization.py``), step for step.
+
+    For each parameter tensor with gradient g (after the backward, averaged over the batch):
+
+        g ← g · min(1, c / (‖g‖₂ + 1e-6))        per-tensor clipping (c = max_grad_norm; 0 skips it)
+        m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²
+        p ← p − lr · (m / (√v + ε) + λ·p)
+
+    There is no bias correction: early updates are up to 1/√(1 − β2^t)·(1 − β1^t) times Adam's (about 3x
+    at step 100 with β2 = 0.999), which is what the reference's short QAT runs are tuned for. ``lr`` is the
+    group's current rate (the scheduler sets it, :func:`bert_warmup_linear` for the reference's schedule).
+    ``max_grad_norm=0`` leaves clipping to the caller: under ZeRO the optimizer sees flat partitions, not
+    tensors, so the DeepSpeed backend clips each whole gradient before the step.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = BETAS, eps: float = 1e-6,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      max_grad_norm=max_grad_norm))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["max_grad_norm"] > 0:
+                    clip_each_(g, group["max_grad_norm"])
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = m / (v.sqrt() + group["eps"])
+                if group["weight_decay"] > 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+                state["step"] += 1
+        return loss
+
+
+def clip_each_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale one tensor's gradient in place to L2 norm at most ``max_norm`` (torch's clip_grad_norm_ on
+    that tensor alone: coefficient max_norm / (norm + 1e-6), capped at 1)."""
+    norm = torch.linalg.vector_norm(grad.float())
+    return grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, clip_each: bool = True) -> torch.optim.Optimizer:
+    """``train.optimizer`` over :func:`param_groups`. ``clip_each=False``: a BertAdam that leaves its
+    per-tensor clipping to the caller (ZeRO partitions)."""
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "bertadam":
+        return BertAdam(groups, lr=cfg.lr, eps=cfg.adam_eps, betas=BETAS,
+                        max_grad_norm=cfg.max_grad_norm if clip_each else 0.0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps, betas=BETAS)
+
+
+def global_clip(cfg: TrainConfig) -> float:
+    """The global gradient-norm clip the engine applies (0: none; BertAdam clips each tensor instead)."""
+    return 0.0 if cfg.optimizer == "bertadam" else cfg.max_grad_norm
+
+
+def bert_warmup_linear(total_steps: int, warmup_ratio: float):
+    """Multiplier of the reference's ``warmup_linear`` at optimizer step ``step`` (0-based), progress
+    x = step / total_steps: x / warmup during warmup (0 at the first step), then (1 − x) / (1 − warmup)."""
+
+    def fn(step: int) -> float:
+        x = step / total_steps
+        if x < warmup_ratio:
+            return x / warmup_ratio
+        return max(0.0, (1.0 - x) / (1.0 - warmup_ratio))
+
+    return fn
 
 
 def linear_warmup_decay(total_steps: int, warmup_ratio: float):
@@ -56,5 +143,7 @@ def linear_warmup_decay(total_steps: int, warmup_ratio: float):
     return fn
 
 
-def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    return torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total_steps, warmup_ratio))
+def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig):
+    """The schedule that goes with ``train.optimizer``: the reference's warmup_linear for BertAdam."""
+    fn = bert_warmup_linear if cfg.optimizer == "bertadam" else linear_warmup_decay
+    return torch.optim.lr_scheduler.LambdaLR(opt, fn(total_steps, cfg.warmup_ratio))

@@ -106,6 +106,20 @@ def load_classifier(
     return model
 
 
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of ``model`` (hidden, attention probabilities, classifier) to ``p``, in its config too,
+    so a saved model keeps it."""
+    for key in DROPOUT_KEYS:
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The list of Transformer layers of a BERT-style encoder (BERT, RoBERTa, MiniLM, ELECTRA, ...)."""
     for name, module in model.named_modules():

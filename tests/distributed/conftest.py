@@ -1,4 +1,4 @@
-"""Fixtures for the multi-process tests: a dropout-free tiny teacher and the launch environment."""
+"""Fixtures for the multi-process tests: a tiny teacher (dropout on, as a real one) and the launch environment."""
 
 import json
 import os
@@ -15,18 +15,20 @@ from kdqat_dist.models.tiny import make_tiny_checkpoint
 
 STEPS = 3  # KD-QAT steps of every parity run
 LSQ = ("quant.weight.method=lsq", "quant.act.method=lsq")
+BERTADAM = ("train.optimizer=bertadam", "train.lr=1e-3", "train.max_grad_norm=0.05")  # a clip that acts
 
 VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
 def parity_teacher(tmp_path_factory) -> Path:
-    """A random tiny BERT with dropout off: the student starts from it, so one process and N ranks see
-    the same arithmetic (dropout masks would differ between one stream of micro-batches and N)."""
+    """A random tiny BERT with dropout 0.1 like a real checkpoint: a teacher left in training mode changes
+    every parity run. The student it starts trains with ``train.dropout=0`` (see :func:`_parity_config`),
+    so one process and N ranks see the same arithmetic (student dropout masks would differ between one
+    stream of micro-batches and N)."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("parity_teacher") / "model")
     cfg = json.loads((path / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    assert cfg["hidden_dropout_prob"] > 0 and cfg["attention_probs_dropout_prob"] > 0
     return path
 
 
@@ -45,7 +47,8 @@ def launch_env() -> dict[str, str]:
 def _parity_config(teacher: Path, out: Path, *extra: str):
     """tiny_debug for STEPS steps, logging every step: the same global batch of 16 at any world size."""
     return load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "train.log_every=1",
-                                      f"train.max_steps={STEPS}", f"train.eval_every={STEPS}", *extra])
+                                      "train.dropout=0", f"train.max_steps={STEPS}", "train.eval_every=1",
+                                      *extra])
 
 
 @pytest.fixture(scope="session")
@@ -62,10 +65,11 @@ def local_reference_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_reference(parity_teacher, local_reference_root) -> dict[str, list[dict]]:
-    """Single-process training logs with grad_accum=2 (the micro-batches two ranks see): TWN and LSQ."""
+    """Single-process training logs with grad_accum=2 (the micro-batches two ranks see): TWN, LSQ, and
+    BertAdam with its per-tensor clipping."""
     root = local_reference_root
     return {name: run(_parity_config(parity_teacher, root / name, "train.grad_accum=2", *extra), "train")["train_log"]
-            for name, extra in (("twn", ()), ("lsq", LSQ))}
+            for name, extra in (("twn", ()), ("lsq", LSQ), ("bertadam", BERTADAM))}
 
 
 def _run_job(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -52,3 +52,31 @@ def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, l
             if k.startswith("loss"):
                 assert b[k] == pytest.approx(a[k], rel=3e-2, abs=1e-4), (a["step"], k, a[k], b[k])
                 assert b[k] != a[k], (a["step"], k)  # really computed in bf16
+
+
+def _train_and_check_teacher_mode(cfg, resume: bool = False) -> None:
+    from kdqat_dist.engine.loop import Trainer
+
+    tr = Trainer(cfg, "train", resume=resume).setup()
+    try:
+        tr.student.train()
+        tr.evaluate(tr.teacher)
+        tr.evaluate(tr.student)
+        assert not any(m.training for m in tr.teacher.modules())  # the engine's own flag too
+        assert all(m.training for m in tr.student.module.modules())  # predict restores the student's mode
+        tr.train()  # evaluates the teacher (fresh run) and the student, and checkpoints
+        assert not any(m.training for m in tr.teacher.modules())
+    finally:
+        tr.cleanup()
+
+
+def test_zero3_teacher_stays_in_eval_mode_after_evaluations_checkpoints_and_resume(
+        parity_teacher, parity_config, tmp_path, monkeypatch):
+    # DeepSpeedEngine.eval() leaves the engine's `training` flag set; restoring that flag after an
+    # evaluation used to turn the teacher's dropout on for the rest of the run.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = parity_config(parity_teacher, tmp_path / "mode", "engine.backend=deepspeed", "engine.zero_stage=2",
+                        "engine.teacher=zero3", "train.save_every=2")
+    _train_and_check_teacher_mode(cfg)
+    _train_and_check_teacher_mode(cfg, resume=True)

@@ -54,6 +54,13 @@ def test_zero0_zero1_and_a_replicated_teacher_match_one_process(two_ranks, local
     _assert_same_losses(local_reference["twn"], two_ranks[0]["zero1_replicated"])
 
 
+def test_bertadam_under_every_zero_stage_matches_one_process(two_ranks, local_reference):
+    # per-tensor clipping needs each parameter's whole gradient, which ZeRO 1-3 partition
+    for stage in (0, 1, 2, 3):
+        _assert_same_losses(local_reference["bertadam"], two_ranks[0][f"bertadam_zero{stage}"])
+    assert local_reference["bertadam"][-1]["loss"] != pytest.approx(local_reference["twn"][-1]["loss"], rel=1e-3)
+
+
 def test_finetune_under_deepspeed_matches_one_process(two_ranks, parity_teacher, parity_config, tmp_path):
     from kdqat_dist.engine.loop import run
 

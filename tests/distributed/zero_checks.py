@@ -5,7 +5,8 @@ Each rank writes ``<out>/rank<r>.json`` with:
 - ``zero2`` / ``zero3`` / ``zero3_lsq``: the training log of a short KD-QAT run with a ZeRO-3 teacher and
   a ZeRO-2 or ZeRO-3 student (TWN weights, the default), and a ZeRO-3 student with LSQ weights and
   activations (0-dim step parameters); ``zero0`` (ZeRO-3 teacher) and ``zero1_replicated`` (a replicated
-  teacher); ``finetune_zero2``: `kdqat finetune` of the FP model under ZeRO-2;
+  teacher); ``bertadam_zero{0,1,2,3}``: BertAdam under each stage; ``finetune_zero2``: `kdqat finetune`
+  of the FP model under ZeRO-2;
 - ``taps``: max |ZeRO-3 teacher - unsharded teacher| for every tap, layer and the logits;
 - ``teacher_param_bytes`` / ``teacher_full_bytes``: this rank's ZeRO-3 teacher storage vs the whole model;
 - ``fake_quant``: max |ZeRO-3 student - unsharded student| logits, and whether the gathered state dict
@@ -33,6 +34,7 @@ from kdqat_dist.models.taps import ALL_TAPS, AttentionCall, NormTap, TapStore, t
 from kdqat_dist.quant.api import calibrate_activations, prepare
 
 LSQ = ["quant.weight.method=lsq", "quant.act.method=lsq"]
+BERTADAM = ["train.optimizer=bertadam", "train.lr=1e-3", "train.max_grad_norm=0.05"]  # as conftest.BERTADAM
 TEXTS = ["the film was a delight from start to finish", "dull", "an uneven but moving story about two friends",
          "i would not watch it again", "bright and funny", "the plot makes no sense at all and drags",
          "great", "a slow, quiet and beautiful film"]
@@ -41,7 +43,8 @@ TEXTS = ["the film was a delight from start to finish", "dull", "an uneven but m
 def _cfg(args, name: str, *extra: str):
     return load_config("tiny_debug", [f"teacher.path={args.teacher}", f"train.output_dir={args.out / name}",
                                       "engine.backend=deepspeed", "engine.teacher=zero3", "train.log_every=1",
-                                      f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", *extra])
+                                      "train.dropout=0",
+                                      f"train.max_steps={args.steps}", "train.eval_every=1", *extra])
 
 
 def _batch(path: str) -> dict[str, torch.Tensor]:
@@ -116,6 +119,9 @@ def main() -> None:
     result["zero0"] = run(_cfg(args, "zero0", "engine.zero_stage=0"), "train")["train_log"]
     result["zero1_replicated"] = run(_cfg(args, "zero1_rep", "engine.zero_stage=1", "engine.teacher=replicated"),
                                      "train")["train_log"]
+    for stage in (0, 1, 2, 3):  # BertAdam: per-tensor clipping of whole gradients under every stage
+        result[f"bertadam_zero{stage}"] = run(_cfg(args, f"bertadam{stage}", f"engine.zero_stage={stage}", *BERTADAM),
+                                              "train")["train_log"]
     result["finetune_zero2"] = run(_cfg(args, "finetune_zero2", "engine.zero_stage=2",
                                         f"model.name_or_path={args.teacher}"), "finetune")["train_log"]
     batch = _batch(args.teacher)
