@@ -136,6 +136,9 @@ class DistillConfig:
     sa_output: LossTerm = field(default_factory=LossTerm)  # ablation: W_o ctx + b, no residual/LN
     ground_truth: LossTerm = field(default_factory=LossTerm)  # CE/MSE against the labels
     temperature: float = 1.0  # logit KD temperature
+    # The [B, S, D] MSE terms (hidden, attn_output, context, sa_output) average over every position,
+    # padding included (all: the reference), or over real tokens only (valid).
+    mse_tokens: str = "all"
     # Unified loss: when set, attn_map weight = gamma and attn_output weight = 1 - gamma.
     gamma: float | None = None
     # identity | uniform | an explicit list: student layer i learns from teacher layer layer_map[i]
@@ -311,6 +314,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         w = getattr(d, name).weight
         _check(w >= 0, f"distill.{name}.weight", f"got {w}; loss weights must be >= 0")
     _check(d.temperature > 0, "distill.temperature", "must be > 0")
+    _check(d.mse_tokens in ("all", "valid"), "distill.mse_tokens", f"got {d.mse_tokens!r}; allowed: all, valid")
     _check(d.gamma is None or 0.0 <= d.gamma <= 1.0, "distill.gamma", "must be in [0, 1] or null")
     lm = d.layer_map
     _check(lm in ("identity", "uniform") or (isinstance(lm, list) and all(isinstance(i, int) for i in lm)),

@@ -63,6 +63,7 @@ def test_dict_overrides_for_sweeps():
     ("train.max_grad_norm=-1", "train.max_grad_norm: got -1.0; must be >= 0"),
     ("data.padding=max", "data.padding: got 'max'; allowed: longest, max_length"),
     ("train.dropout=1.0", "train.dropout: got 1.0; must be in [0, 1) or null"),
+    ("distill.mse_tokens=real", "distill.mse_tokens: got 'real'; allowed: all, valid"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

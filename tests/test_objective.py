@@ -182,6 +182,50 @@ def test_shallower_student_uniform_layer_map():
     torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total)
 
 
+@pytest.mark.parametrize("active", [("hidden",), ("attn_output",), ("context",), ("sa_output",),
+                                    ("logits", "hidden", "attn_map", "attn_output")])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_valid_token_mse_streaming_equals_naive_and_its_formula(active, recompute):
+    b = batch()
+    grads, totals = [], []
+    for path in ("stream", "naive"):
+        student, teacher = make_pair(layers=3)
+        d = cfg_with(active)
+        d.mse_tokens = "valid"
+        obj = DistillObjective.for_models(d, student, teacher, recompute_teacher=recompute)
+        out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
+        (out.total * 3.0).backward()
+        totals.append({k: v.detach() for k, v in out.terms.items()})
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    for k in totals[0]:
+        torch.testing.assert_close(totals[0][k], totals[1][k], rtol=1e-6, atol=1e-7)
+    for n in grads[0]:
+        scale = float(grads[1][n].abs().max())
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6 * scale + 1e-9, msg=n)
+    # and the masked value differs from the all-positions one (the batch has padding)
+    student, teacher = make_pair(layers=3)
+    plain = DistillObjective.for_models(cfg_with(active), student, teacher).naive(student, teacher, b)
+    term = next(t for t in active if t != "logits")
+    assert float(plain.terms[term]) != pytest.approx(float(totals[0][term]), rel=1e-3)
+
+
+def test_token_weighted_mse_is_the_mean_over_real_tokens():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 4, generator=g, requires_grad=True), torch.randn(3, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    got = L.mse(s, t, L.token_weights(mask, s))
+    naive = sum(((s[b, i] - t[b, i]) ** 2).sum() for b in range(3) for i in range(5) if mask[b, i]) / (8 * 4)
+    torch.testing.assert_close(got, naive)
+    (g1,) = torch.autograd.grad(got, s)
+    (g2,) = torch.autograd.grad(naive, s)
+    torch.testing.assert_close(g1, g2)
+    assert float(g1[1, 3].abs().sum()) == 0.0  # padded positions get no gradient
+    # per-head context [B, H, S, d]: the same mean over real tokens
+    c_s, c_t = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    naive_c = sum(((c_s[b, :, i] - c_t[b, :, i]) ** 2).sum() for b in range(3) for i in range(5) if mask[b, i])
+    torch.testing.assert_close(L.mse(c_s, c_t, L.token_weights(mask, c_s)), naive_c / (8 * 2 * 4))
+
+
 @pytest.mark.parametrize("active,layer_map,lsq,recompute", [
     (("hidden",), "identity", False, True),  # nothing but the term reaches the top layer: its gradient must
     (("attn_output",), "identity", False, True),

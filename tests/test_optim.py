@@ -101,3 +101,29 @@ def test_bertadam_run_takes_larger_early_steps_than_adamw(tiny_teacher, tmp_path
         return sum(float((p.detach() - start[k]).norm()) for k, p in tr.student.named_parameters())
 
     assert moved("bertadam") > 1.5 * moved("adamw")
+
+
+def test_activation_clip_moves_at_quant_act_lr_not_q_p_times_faster(tiny_teacher):
+    """KDLSQ's quant_act_lr is the rate of the clip; we learn the step = clip / Q_P, so the step's rate is
+    quant_act_lr / Q_P: after one Adam update (sign-like, about lr in size) the clip moves by about
+    quant_act_lr, not 127 times that."""
+    from kdqat_dist.config import QuantConfig
+    from kdqat_dist.engine.optim import param_groups
+    from kdqat_dist.models.encoders import load_classifier
+    from kdqat_dist.quant.api import fake_quantizers, prepare
+
+    model = load_classifier(str(tiny_teacher), 2)
+    q = QuantConfig()
+    q.act.method = "lsq"
+    prepare(model, q)
+    cfg = TrainConfig(quant_act_lr=3e-2)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["quant_act_q127"]["lr"] == pytest.approx(3e-2 / 127)
+    acts = [m for _, m in fake_quantizers(model) if hasattr(m, "step") and m.cfg.bits == 8]
+    assert acts and len(groups["quant_act_q127"]["params"]) == len(acts)
+    opt = torch.optim.AdamW([groups["quant_act_q127"]], betas=(0.9, 0.999))
+    step = acts[0].step
+    clip_before = float(step.detach()) * 127
+    step.grad = torch.ones_like(step)
+    opt.step()
+    assert abs(float(step.detach()) * 127 - clip_before) == pytest.approx(3e-2, rel=0.05)

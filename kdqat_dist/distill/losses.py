@@ -82,25 +82,44 @@ def soft_cross_entropy(
     return per_sample.mean()
 
 
-def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Element-mean squared error between two tensors of the same shape.
+def mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-mean squared error between two tensors of the same shape, optionally weighted.
 
     Used for the attention-block output [B, S, D], the per-head context [B, H, S, d_h] and the
     self-attention output [B, S, D] taps (A.7 ``output_distill``, ``context_distill``,
-    ``sa_output_distill``). All positions count, padding included, as in the reference.
+    ``sa_output_distill``). By default all positions count, padding included, as in the reference; with
+    ``weight`` from :func:`token_weights` only real tokens do.
 
     Args:
         student: [*] student tensor.
         teacher: [*] teacher tensor, same shape.
+        weight: None, or a tensor broadcastable to the inputs (e.g. [B, S, 1]).
 
     Returns:
-        0-dim tensor: ``mean((student - teacher) ** 2)``.
+        0-dim tensor: ``mean(weight * (student - teacher) ** 2)`` (weight 1 when None).
 
     Raises:
         ValueError: if the shapes differ.
     """
     _check_same_shape(student, teacher, "mse")
-    return _MeanSquaredError.apply(student, teacher)
+    return _MeanSquaredError.apply(student, teacher, weight)
+
+
+def token_weights(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-position weights that turn :func:`mse`'s mean over all positions into a mean over real tokens.
+
+    ``w[b, s] = mask[b, s] · (B·S) / Σ mask``, so ``mean(w · diff²) = Σ_valid diff² / (n_valid · D)``.
+
+    Args:
+        attention_mask: [B, S], 1 for real tokens and 0 for padding.
+        like: the tap the weights are for: [B, S, D], or [B, H, S, d_h] (per-head context).
+
+    Returns:
+        [B, S, 1] or [B, 1, S, 1] weights in ``like``'s compute dtype (float32 for bf16/fp16 taps).
+    """
+    m = (attention_mask != 0).to(device=like.device, dtype=_compute_dtype(like, like))
+    w = m * (m.numel() / m.sum().clamp(min=1))
+    return w[:, :, None] if like.dim() == 3 else w[:, None, :, None]
 
 
 class _MeanSquaredError(torch.autograd.Function):
@@ -114,32 +133,36 @@ class _MeanSquaredError(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         dtype = _compute_dtype(s, t)
         with torch.no_grad():
             diff = s.to(dtype) - t.to(dtype)
-            loss = diff.square().mean()
-        ctx.save_for_backward(diff)
+            loss = diff.square().mean() if weight is None else (diff.square() * weight).mean()
+        ctx.save_for_backward(diff, weight)
         ctx.dtypes = (s.dtype, t.dtype)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (diff,) = ctx.saved_tensors
-        g = mse_grad(diff, grad)
+        diff, weight = ctx.saved_tensors
+        g = mse_grad(diff, grad, weight=weight)
         g_s = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         g_t = g.neg().to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return g_s, g_t
+        return g_s, g_t, None
 
 
-def mse_grad(diff: torch.Tensor, grad: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-    """d(grad · mean(diff²))/d(diff) = grad · 2/N · diff: the gradient of :func:`mse` for its first input.
+def mse_grad(diff: torch.Tensor, grad: torch.Tensor, overwrite: bool = False,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """d(grad · mean(w·diff²))/d(diff) = grad · 2/N · w · diff: the gradient of :func:`mse` for its first
+    input (w = 1 when ``weight`` is None).
 
     With ``overwrite`` it is written over ``diff`` (same values), for a caller whose ``diff`` is its own.
     """
     scale = grad * (2.0 / max(diff.numel(), 1))
-    return diff.mul_(scale) if overwrite else diff * scale
+    if weight is None:
+        return diff.mul_(scale) if overwrite else diff * scale
+    return diff.mul_(weight).mul_(scale) if overwrite else diff * weight * scale
 
 
 def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -159,15 +182,17 @@ def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return mse(student, teacher)
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden-state KD for one layer: element-mean MSE over every position, padding included.
 
-    The reference (A.7 ``rep_distill``) does not mask padding here, and neither do we, so that loss
-    magnitudes match its hyperparameters.
+    The reference (A.7 ``rep_distill``) does not mask padding here; neither do we by default, so that loss
+    magnitudes match its hyperparameters. ``weight`` (:func:`token_weights`) makes it a mean over real
+    tokens (``distill.mse_tokens=valid``).
 
     Args:
         student: [B, S, D] student hidden states (embedding output or a layer output).
         teacher: [B, S, D] teacher hidden states.
+        weight: None or [B, S, 1] per-position weights.
 
     Returns:
         0-dim tensor: mean over B * S * D entries.
@@ -176,7 +201,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         ValueError: if the shapes differ.
     """
     _check_same_shape(student, teacher, "hidden_mse")
-    return mse(student, teacher)
+    return mse(student, teacher, weight)
 
 
 def attention_score_mse(
@@ -207,7 +232,7 @@ def attention_score_mse(
     zero = torch.zeros((), dtype=dtype, device=s.device)
     s = torch.where(s <= threshold, zero, s)
     t = torch.where(t <= threshold, zero, t)
-    return _MeanSquaredError.apply(s, t)
+    return _MeanSquaredError.apply(s, t, None)
 
 
 def attention_map_kl(

@@ -109,6 +109,7 @@ class _MseSlot:
         self.norm: NormInputs | None = norm
         self.target: torch.Tensor | None = None
         self.block: _TeacherBlock | None = None
+        self.weight: torch.Tensor | None = None  # per-token weights (distill.mse_tokens=valid)
 
     def take_grad(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The term's gradient for the student's LayerNorm output, given d(loss)/d(term) = ``grad``."""
@@ -119,7 +120,8 @@ class _MseSlot:
         compute = L._compute_dtype(s, t)
         # s is this call's own recompute: the difference and the gradient are written over it, so the first
         # KD gradient of the backward (the top layer's, at the step's memory peak) makes one [B, S, D] tensor
-        return L.mse_grad(s.to(compute).sub_(t.to(compute)), grad, overwrite=True).to(dtype)
+        weight, self.weight = self.weight, None
+        return L.mse_grad(s.to(compute).sub_(t.to(compute)), grad, overwrite=True, weight=weight).to(dtype)
 
 
 class _MseAtNorm(torch.autograd.Function):
@@ -294,15 +296,19 @@ class DistillObjective:
 
     # ------------------------------------------------------------------ one term
 
+    def mse_weight(self, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """Per-token weights of the MSE terms: None (every position, the reference) or real tokens only."""
+        return L.token_weights(mask, like) if self.cfg.mse_tokens == "valid" else None
+
     def term_loss(self, term: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
                   recompute_teacher=None) -> torch.Tensor:
         if term == "hidden":
-            return L.hidden_mse(s, t)
+            return L.hidden_mse(s, t, self.mse_weight(mask, s))
         if term == "attn_score":
             return L.attention_score_mse(s, t)
         if term == "attn_map":
             return L.attention_map_kl(s, t, mask, recompute_teacher=recompute_teacher)
-        return L.mse(s, t)
+        return L.mse(s, t, self.mse_weight(mask, s))
 
     def logit_terms(self, out: LossOutput, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
                     labels: torch.Tensor | None) -> None:
@@ -374,8 +380,9 @@ class DistillObjective:
                     slotted = slots.pop((tap, s_layer), None)
                     if slotted is not None:
                         slot, handle = slotted
+                        slot.weight = self.mse_weight(mask, t_tensor)
                         with torch.no_grad():
-                            value = L.mse(slot.norm.output(), t_tensor.to(slot.norm.input.dtype))
+                            value = L.mse(slot.norm.output(), t_tensor.to(slot.norm.input.dtype), slot.weight)
                         if tap == "hidden" or t_layer not in blocks:
                             slot.target = t_tensor
                         else:

@@ -22,22 +22,30 @@ QUANT_ACT_WD = 1e-4
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: decayed weights, no decay for bias/LayerNorm, and LSQ steps at their own rates."""
-    w_steps, a_steps = quant_param_names(model)
+    """Groups: decayed weights, no decay for bias/LayerNorm, and LSQ steps at their own rates.
+
+    ``train.quant_act_lr`` is the rate of an activation quantizer's *clip* (KDLSQ-BERT learns the clip
+    value); we learn the step s = clip / Q_P, and Adam moves a parameter by about its rate per update
+    whatever its scale, so each activation step gets quant_act_lr / Q_P (one group per bit width) and its
+    clip moves at KDLSQ's rate.
+    """
+    w_steps, a_levels = quant_param_names(model)
     groups: dict[str, dict] = {
         "decay": {"params": [], "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
         "no_decay": {"params": [], "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
         "quant_weight": {"params": [], "weight_decay": QUANT_WEIGHT_WD, "lr": cfg.quant_weight_lr,
                          "name": "quant_weight"},
-        "quant_act": {"params": [], "weight_decay": QUANT_ACT_WD, "lr": cfg.quant_act_lr, "name": "quant_act"},
     }
+    for qp in sorted(set(a_levels.values())):
+        groups[f"quant_act_q{qp}"] = {"params": [], "weight_decay": QUANT_ACT_WD, "lr": cfg.quant_act_lr / qp,
+                                      "name": f"quant_act_q{qp}"}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name in w_steps:
             groups["quant_weight"]["params"].append(p)
-        elif name in a_steps:
-            groups["quant_act"]["params"].append(p)
+        elif name in a_levels:
+            groups[f"quant_act_q{a_levels[name]}"]["params"].append(p)
         elif any(k in name for k in NO_DECAY):
             groups["no_decay"]["params"].append(p)
         else:

@@ -125,12 +125,16 @@ def is_prepared(model: nn.Module) -> bool:
     return any(True for _ in fake_quantizers(model))
 
 
-def quant_param_names(model: nn.Module) -> tuple[set[str], set[str]]:
-    """Names of learned step sizes: (weight steps, activation steps), for their own learning rates."""
-    w, a = set(), set()
+def quant_param_names(model: nn.Module) -> tuple[set[str], dict[str, int]]:
+    """Learned step sizes: (weight step names, {activation step name: Q_P of its quantizer}), for their
+    own learning rates."""
+    w, a = set(), {}
     for name, q in fake_quantizers(model):
         if hasattr(q, "step") and isinstance(q.step, nn.Parameter):
-            (w if isinstance(q, WeightFakeQuant) else a).add(f"{name}.step")
+            if isinstance(q, WeightFakeQuant):
+                w.add(f"{name}.step")
+            else:
+                a[f"{name}.step"] = 2 ** (q.cfg.bits - 1) - 1
     return w, a
 
 
