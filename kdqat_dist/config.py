@@ -178,7 +178,8 @@ class TrainConfig:
     seed: int = 42
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 32  # global batch (all ranks, after gradient accumulation)
+    batch_size: int | None = 32  # global batch (all ranks, after gradient accumulation); null: the task's
+    # batch in the reference's table (CoLA 16, the other GLUE tasks 32)
     eval_batch_size: int = 64
     grad_accum: int = 1
     lr: float = 2e-5
@@ -324,7 +325,7 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"got {cfg.data.padding!r}; allowed: longest, max_length")
 
     t = cfg.train
-    _check(t.batch_size > 0, "train.batch_size", "must be > 0")
+    _check(t.batch_size is None or t.batch_size > 0, "train.batch_size", "must be > 0 or null (the task's)")
     _check(t.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
     _check(t.grad_accum > 0, "train.grad_accum", "must be > 0")
     _check(t.epochs > 0, "train.epochs", "must be > 0")

@@ -18,8 +18,21 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_and_opens_with_its_command(path):
     cfg = load_config(path)
-    assert cfg.train.batch_size > 0
+    assert cfg.train.batch_size is None or cfg.train.batch_size > 0  # null: the task's batch
     assert path.read_text().startswith("#"), "each recipe opens with a comment saying how to run it"
+
+
+def test_null_batch_size_takes_the_papers_per_task_batch(tiny_teacher, tmp_path):
+    from kdqat_dist.data.tasks import TASKS
+    from kdqat_dist.engine.loop import Trainer
+
+    assert TASKS["cola"].batch_size == 16 and {t.batch_size for n, t in TASKS.items() if n != "cola"} == {32}
+    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'b'}",
+                                     "train.batch_size=null"])
+    tr = Trainer(cfg, "train").setup()
+    tr.cleanup()
+    assert cfg.train.batch_size == 32  # the demo task's batch; written into config.yaml resolved
+    assert load_config(tmp_path / "b" / "config.yaml").train.batch_size == 32
 
 
 def test_overrides_are_typed_and_nested():
@@ -46,7 +59,7 @@ def test_dict_overrides_for_sweeps():
     ("quant.embedding.bits=4", "quant.embedding.method: twn is ternary and needs bits=2"),
     ("engine.zero_stage=4", "engine.zero_stage: got 4; allowed: 0, 1, 2, 3"),
     ("distill.gamma=1.5", "distill.gamma: must be in [0, 1]"),
-    ("train.batch_size=0", "train.batch_size: must be > 0"),
+    ("train.batch_size=0", "train.batch_size: must be > 0 or null"),
     ("nonsense", "expected key=value"),
     ("quant.rules=[{pattern: '('}]", "is not a valid regex"),
     ("train.diagnostics=maybe", "train.diagnostics: expected true or false, got 'maybe'"),

@@ -33,6 +33,7 @@ class TaskSpec:
     selection_metric: str
     eval_splits: tuple[str, ...] = ("dev",)
     label: str = "label"
+    batch_size: int = 32  # the reference's per-task training batch (used when train.batch_size is null)
 
     @property
     def num_labels(self) -> int:
@@ -51,7 +52,7 @@ _MNLI = ("contradiction", "entailment", "neutral")
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("cola", "sentence", None, _BINARY, 64, 50, "mcc"),
+        TaskSpec("cola", "sentence", None, _BINARY, 64, 50, "mcc", batch_size=16),
         TaskSpec("sst2", "sentence", None, _BINARY, 64, 100, "acc"),
         TaskSpec("mrpc", "sentence1", "sentence2", _BINARY, 128, 50, "acc_and_f1"),
         TaskSpec("stsb", "sentence1", "sentence2", None, 128, 100, "corr"),

@@ -70,6 +70,8 @@ class Trainer:
         self._check_run_dir()
         self.backend.barrier()  # every rank has checked before rank 0 writes config.yaml
         self.task: TaskSpec = get_task(cfg.data)
+        if cfg.train.batch_size is None:  # the task's batch from the reference's table; config.yaml shows it
+            cfg.train.batch_size = self.task.batch_size
         with _main_first(self.backend):  # rank 0 fills the model and tokenisation caches, then the rest read
             src = self._source_model()
             self.tokenizer = load_tokenizer(src)
