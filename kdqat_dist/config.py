@@ -68,6 +68,9 @@ class WeightQuantConfig:
     init: str = "mean"
     percentile: float = 97.5
     narrow_range: bool = True  # LSQ: symmetric levels (-Q_P..Q_P); at 2 bits this is ternary
+    # LSQ: the weight gradient passes straight through outside the clip range (KDLSQ-BERT) instead of
+    # being zeroed there (LSQ)
+    straight_through: bool = False
 
 
 @dataclass
@@ -136,6 +139,9 @@ class DistillConfig:
     sa_output: LossTerm = field(default_factory=LossTerm)  # ablation: W_o ctx + b, no residual/LN
     ground_truth: LossTerm = field(default_factory=LossTerm)  # CE/MSE against the labels
     temperature: float = 1.0  # logit KD temperature
+    # soft cross-entropy on logits: mean over the batch of the sum over classes (TernaryBERT), or the mean
+    # over batch x classes (KDLSQ-BERT's .mean(): the batch mean divided by the number of classes)
+    soft_ce_reduction: str = "batch"
     # The [B, S, D] MSE terms (hidden, attn_output, context, sa_output) average over every position,
     # padding included (all: the reference), or over real tokens only (valid).
     mse_tokens: str = "all"
@@ -315,6 +321,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         w = getattr(d, name).weight
         _check(w >= 0, f"distill.{name}.weight", f"got {w}; loss weights must be >= 0")
     _check(d.temperature > 0, "distill.temperature", "must be > 0")
+    _check(d.soft_ce_reduction in ("batch", "batch_classes"), "distill.soft_ce_reduction",
+           f"got {d.soft_ce_reduction!r}; allowed: batch, batch_classes")
     _check(d.mse_tokens in ("all", "valid"), "distill.mse_tokens", f"got {d.mse_tokens!r}; allowed: all, valid")
     _check(d.gamma is None or 0.0 <= d.gamma <= 1.0, "distill.gamma", "must be in [0, 1] or null")
     lm = d.layer_map

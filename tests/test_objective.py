@@ -209,6 +209,19 @@ def test_valid_token_mse_streaming_equals_naive_and_its_formula(active, recomput
     assert float(plain.terms[term]) != pytest.approx(float(totals[0][term]), rel=1e-3)
 
 
+def test_soft_ce_over_batch_and_classes_is_kdlsqs_mean():
+    student, teacher = make_pair()
+    b = batch()
+    d = cfg_with(("logits",))
+    plain = DistillObjective.for_models(d, student, teacher)(student, teacher, b).terms["logits"]
+    d.soft_ce_reduction = "batch_classes"
+    out = DistillObjective.for_models(d, student, teacher)(student, teacher, b)
+    s_logits, t_logits = out.student_logits.detach(), out.teacher_logits
+    naive = (-(t_logits.softmax(-1) * s_logits.log_softmax(-1))).mean()  # KDLSQ: .mean() over B x C
+    torch.testing.assert_close(out.terms["logits"].detach(), naive)
+    torch.testing.assert_close(out.terms["logits"].detach(), plain.detach() / 2)
+
+
 def test_token_weighted_mse_is_the_mean_over_real_tokens():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(3, 5, 4, generator=g, requires_grad=True), torch.randn(3, 5, 4, generator=g)

@@ -127,3 +127,17 @@ def test_activation_clip_moves_at_quant_act_lr_not_q_p_times_faster(tiny_teacher
     step.grad = torch.ones_like(step)
     opt.step()
     assert abs(float(step.detach()) * 127 - clip_before) == pytest.approx(3e-2, rel=0.05)
+
+
+def test_weight_steps_get_quant_weight_lr_over_q_p(tiny_teacher):
+    from kdqat_dist.config import QuantConfig
+    from kdqat_dist.engine.optim import param_groups
+    from kdqat_dist.models.encoders import load_classifier
+    from kdqat_dist.quant.api import prepare
+
+    model = load_classifier(str(tiny_teacher), 2)
+    q = QuantConfig()
+    q.weight.method, q.weight.bits = "lsq", 4
+    prepare(model, q)
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(quant_weight_lr=1e-3))}
+    assert groups["quant_weight_q7"]["lr"] == pytest.approx(1e-3 / 7)  # W4 narrow range: Q_P = 7

@@ -171,3 +171,18 @@ def test_sibling_activation_quantizers_share_one_quantization_with_the_same_grad
         x.add_(1.0)  # same object, new values
     fresh = qs[0](x)
     assert fresh is not outs[0] and torch.equal(fresh, Q.symmetric_quant(x, 8, False, 2.5))
+
+
+def test_lsq_straight_through_passes_the_weight_gradient_outside_the_range():
+    v = torch.tensor([-3.0, -0.4, 0.2, 0.9, 2.5], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    (g_clip,) = torch.autograd.grad(Q.lsq_quant(v, s, 2, narrow_range=True).sum(), v)
+    v2 = v.detach().clone().requires_grad_(True)
+    s2 = s.detach().clone().requires_grad_(True)
+    out = Q.lsq_quant(v2, s2, 2, narrow_range=True, straight_through=True)
+    g_v, g_s = torch.autograd.grad(out.sum(), (v2, s2))
+    inside = (v.detach() / 0.5).abs() < 1  # Q_P = 1 at 2 bits, narrow range
+    assert torch.equal(g_clip, inside.float())  # LSQ: zero outside [-Q_N s, Q_P s]
+    assert torch.equal(g_v, torch.ones(5))  # KDLSQ: plain STE for weights
+    (g_s_clip,) = torch.autograd.grad(Q.lsq_quant(v.detach(), s, 2, narrow_range=True).sum(), s)
+    assert float(g_s) == pytest.approx(float(g_s_clip))  # the step's gradient is LSQ's either way

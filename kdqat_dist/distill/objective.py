@@ -313,8 +313,12 @@ class DistillObjective:
     def logit_terms(self, out: LossOutput, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
                     labels: torch.Tensor | None) -> None:
         if "logits" in self.active and t_logits is not None:
-            out.terms["logits"] = (L.logits_mse(s_logits, t_logits) if self.regression
-                                   else L.soft_cross_entropy(s_logits, t_logits, self.cfg.temperature))
+            if self.regression:
+                out.terms["logits"] = L.logits_mse(s_logits, t_logits)
+            else:
+                ce = L.soft_cross_entropy(s_logits, t_logits, self.cfg.temperature)
+                # KDLSQ-BERT averages over batch x classes: the batch mean over the number of classes
+                out.terms["logits"] = ce / s_logits.shape[-1] if self.cfg.soft_ce_reduction == "batch_classes" else ce
         if "ground_truth" in self.active:
             if labels is None:
                 raise ValueError("distill.ground_truth needs labels in the batch")

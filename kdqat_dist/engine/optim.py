@@ -24,26 +24,25 @@ QUANT_ACT_WD = 1e-4
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Groups: decayed weights, no decay for bias/LayerNorm, and LSQ steps at their own rates.
 
-    ``train.quant_act_lr`` is the rate of an activation quantizer's *clip* (KDLSQ-BERT learns the clip
-    value); we learn the step s = clip / Q_P, and Adam moves a parameter by about its rate per update
-    whatever its scale, so each activation step gets quant_act_lr / Q_P (one group per bit width) and its
-    clip moves at KDLSQ's rate.
+    ``train.quant_weight_lr`` / ``train.quant_act_lr`` are the rates of a quantizer's *clip* (KDLSQ-BERT
+    learns the clip value α); we learn the step s = α / Q_P, and Adam moves a parameter by about its rate
+    per update whatever its scale, so each step gets the rate / Q_P (one group per kind and Q_P) and its
+    clip moves at KDLSQ's rate. (Ternary weights have Q_P = 1: step and clip are the same.)
     """
-    w_steps, a_levels = quant_param_names(model)
+    w_levels, a_levels = quant_param_names(model)
     groups: dict[str, dict] = {
         "decay": {"params": [], "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
         "no_decay": {"params": [], "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
-        "quant_weight": {"params": [], "weight_decay": QUANT_WEIGHT_WD, "lr": cfg.quant_weight_lr,
-                         "name": "quant_weight"},
     }
-    for qp in sorted(set(a_levels.values())):
-        groups[f"quant_act_q{qp}"] = {"params": [], "weight_decay": QUANT_ACT_WD, "lr": cfg.quant_act_lr / qp,
-                                      "name": f"quant_act_q{qp}"}
+    for kind, levels, lr, wd in (("quant_weight", w_levels, cfg.quant_weight_lr, QUANT_WEIGHT_WD),
+                                 ("quant_act", a_levels, cfg.quant_act_lr, QUANT_ACT_WD)):
+        for qp in sorted(set(levels.values())):
+            groups[f"{kind}_q{qp}"] = {"params": [], "weight_decay": wd, "lr": lr / qp, "name": f"{kind}_q{qp}"}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name in w_steps:
-            groups["quant_weight"]["params"].append(p)
+        if name in w_levels:
+            groups[f"quant_weight_q{w_levels[name]}"]["params"].append(p)
         elif name in a_levels:
             groups[f"quant_act_q{a_levels[name]}"]["params"].append(p)
         elif any(k in name for k in NO_DECAY):

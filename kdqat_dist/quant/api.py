@@ -22,6 +22,7 @@ from kdqat_dist.config import ActQuantConfig, QuantConfig, QuantRule, WeightQuan
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import embeddings_module, encoder_layers
 from kdqat_dist.models.taps import self_attention_module
+from kdqat_dist.quant import quantizers as Q
 from kdqat_dist.quant.fake_quant import (
     ActFakeQuant,
     AttentionQuant,
@@ -125,14 +126,14 @@ def is_prepared(model: nn.Module) -> bool:
     return any(True for _ in fake_quantizers(model))
 
 
-def quant_param_names(model: nn.Module) -> tuple[set[str], dict[str, int]]:
-    """Learned step sizes: (weight step names, {activation step name: Q_P of its quantizer}), for their
-    own learning rates."""
-    w, a = set(), {}
+def quant_param_names(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """Learned step sizes and the top level Q_P of their quantizers: ({weight step name: Q_P},
+    {activation step name: Q_P}), for their own learning rates."""
+    w, a = {}, {}
     for name, q in fake_quantizers(model):
         if hasattr(q, "step") and isinstance(q.step, nn.Parameter):
             if isinstance(q, WeightFakeQuant):
-                w.add(f"{name}.step")
+                w[f"{name}.step"] = Q.lsq_levels(q.cfg.bits, q.cfg.narrow_range)[1]
             else:
                 a[f"{name}.step"] = 2 ** (q.cfg.bits - 1) - 1
     return w, a

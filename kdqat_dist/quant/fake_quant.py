@@ -47,7 +47,7 @@ class WeightFakeQuant(nn.Module):
             return Q.symmetric_quant(w, c.bits, self.per_row, c.clip)
         if c.method == "mean_clip":
             return Q.mean_clip_quant(w, c.bits, self.per_row, c.clip)
-        return Q.lsq_quant(w, self.step.to(w.dtype), c.bits, c.narrow_range)
+        return Q.lsq_quant(w, self.step.to(w.dtype), c.bits, c.narrow_range, straight_through=c.straight_through)
 
     def extra_repr(self) -> str:
         return f"{self.cfg.method}, bits={self.cfg.bits}, {self.cfg.granularity}, enabled={self.enabled}"

@@ -187,10 +187,11 @@ class _LSQ(torch.autograd.Function):
     """LSQ (Esser et al. 2020): v̂ = clamp(round(v/s), -Q_N, Q_P)·s with the paper's step-size gradient."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
+    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float,
+                straight_through: bool = False) -> torch.Tensor:
         r = v / s
         ctx.save_for_backward(r)
-        ctx.shape_s, ctx.qn, ctx.qp, ctx.g = s.shape, qn, qp, g
+        ctx.shape_s, ctx.qn, ctx.qp, ctx.g, ctx.straight = s.shape, qn, qp, g, straight_through
         return torch.clamp(torch.round(r), -qn, qp) * s
 
     @staticmethod
@@ -199,7 +200,7 @@ class _LSQ(torch.autograd.Function):
         qn, qp = ctx.qn, ctx.qp
         lower, upper = r <= -qn, r >= qp
         inside = ~(lower | upper)
-        grad_v = grad * inside.to(grad.dtype)
+        grad_v = grad if ctx.straight else grad * inside.to(grad.dtype)
         # d v̂ / d s: round(r) - r inside, -Q_N below, +Q_P above; then scaled by g.
         ds = torch.where(inside, torch.round(r) - r, torch.where(lower, torch.full_like(r, -qn),
                                                                  torch.full_like(r, qp)))
@@ -209,11 +210,11 @@ class _LSQ(torch.autograd.Function):
             dims = [i for i in range(grad_s.dim()) if i >= len(ctx.shape_s) or ctx.shape_s[i] == 1]
             grad_s = grad_s.sum(dim=dims, keepdim=True) if dims else grad_s
             grad_s = grad_s.reshape(ctx.shape_s)
-        return grad_v, grad_s, None, None, None
+        return grad_v, grad_s, None, None, None, None
 
 
 def lsq_quant(v: torch.Tensor, step: torch.Tensor, bits: int, narrow_range: bool = False,
-              grad_scale: float | None = None) -> torch.Tensor:
+              grad_scale: float | None = None, straight_through: bool = False) -> torch.Tensor:
     """LSQ fake quantisation.
 
     Args:
@@ -222,12 +223,14 @@ def lsq_quant(v: torch.Tensor, step: torch.Tensor, bits: int, narrow_range: bool
         bits: bit width.
         narrow_range: Q_N = Q_P (symmetric; ternary at 2 bits, as KDLSQ-BERT).
         grad_scale: g; default 1/sqrt(N·Q_P) with N = elements per step (Esser et al.).
+        straight_through: pass v's gradient through everywhere (KDLSQ-BERT's weights) instead of zeroing
+            it where v/s falls outside [-Q_N, Q_P] (LSQ).
     """
     qn, qp = lsq_levels(bits, narrow_range)
     if grad_scale is None:
         n = v.numel() // max(step.numel(), 1)
         grad_scale = 1.0 / math.sqrt(n * qp)
-    return _LSQ.apply(v, step, qn, qp, grad_scale)
+    return _LSQ.apply(v, step, qn, qp, grad_scale, straight_through)
 
 
 def lsq_init_mean(v: torch.Tensor, bits: int, per_row: bool = False) -> torch.Tensor:
