@@ -18,6 +18,7 @@ import yaml
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 ALLOWED_BITS = (2, 3, 4, 8)
+INITS = ("mean", "percentile", "kl", "kl_cdf")  # LSQ step initialisations (quant/quantizers.py lsq_init)
 
 
 class ConfigError(ValueError):
@@ -64,7 +65,8 @@ class WeightQuantConfig:
     method: str = "twn"
     granularity: str = "tensor"  # tensor | row
     clip: float | None = 2.5  # STE zeroes the gradient where |w| >= clip; null disables
-    # LSQ step initialisation: mean (2*mean|w|/sqrt(Q_P), Esser et al.), percentile or kl (KDLSQ-BERT).
+    # LSQ step initialisation: mean (2*mean|w|/sqrt(Q_P), Esser et al.), percentile, kl (TensorRT-style
+    # KL) or kl_cdf (KDLSQ-BERT's own CDF-interpolated KL with sqrt bins).
     init: str = "mean"
     percentile: float = 97.5
     narrow_range: bool = True  # LSQ: symmetric levels (-Q_P..Q_P); at 2 bits this is ternary
@@ -82,7 +84,7 @@ class ActQuantConfig:
     method: str = "sym"  # sym: dynamic per-tensor max-abs; lsq: learned step size
     # The reference clamps every quantized activation to [-2.5, 2.5] before scaling (A.4); null disables.
     clip: float | None = 2.5
-    init: str = "mean"  # LSQ: mean | percentile | kl, computed on the first calibration batch
+    init: str = "mean"  # LSQ: mean | percentile | kl | kl_cdf, computed on the first calibration batch
     percentile: float = 99.9
 
 
@@ -283,8 +285,7 @@ def _validate_weight(q: WeightQuantConfig, key: str) -> None:
     _check(q.method != "twn" or q.bits == 2, f"{key}.method", "twn is ternary and needs bits=2")
     _check(q.granularity in ("tensor", "row"), f"{key}.granularity",
            f"got {q.granularity!r}; allowed: tensor, row")
-    _check(q.init in ("mean", "percentile", "kl"), f"{key}.init",
-           f"got {q.init!r}; allowed: mean, percentile, kl")
+    _check(q.init in INITS, f"{key}.init", f"got {q.init!r}; allowed: {', '.join(INITS)}")
     _check(q.clip is None or q.clip > 0, f"{key}.clip", "must be positive or null")
     _check(50.0 < q.percentile <= 100.0, f"{key}.percentile", "must be in (50, 100]")
 
@@ -292,8 +293,7 @@ def _validate_weight(q: WeightQuantConfig, key: str) -> None:
 def _validate_act(q: ActQuantConfig, key: str) -> None:
     _check(q.bits in ALLOWED_BITS, f"{key}.bits", f"got {q.bits}; allowed: 2, 3, 4, 8")
     _check(q.method in ("sym", "lsq"), f"{key}.method", f"got {q.method!r}; allowed: sym, lsq")
-    _check(q.init in ("mean", "percentile", "kl"), f"{key}.init",
-           f"got {q.init!r}; allowed: mean, percentile, kl")
+    _check(q.init in INITS, f"{key}.init", f"got {q.init!r}; allowed: {', '.join(INITS)}")
     _check(q.clip is None or q.clip > 0, f"{key}.clip", "must be positive or null")
     _check(50.0 < q.percentile <= 100.0, f"{key}.percentile", "must be in (50, 100]")
 

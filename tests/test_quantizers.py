@@ -186,3 +186,50 @@ def test_lsq_straight_through_passes_the_weight_gradient_outside_the_range():
     assert torch.equal(g_v, torch.ones(5))  # KDLSQ: plain STE for weights
     (g_s_clip,) = torch.autograd.grad(Q.lsq_quant(v.detach(), s, 2, narrow_range=True).sum(), s)
     assert float(g_s) == pytest.approx(float(g_s_clip))  # the step's gradient is LSQ's either way
+
+
+def _naive_kdlsq_clip(values: list[float], bits: int) -> float:
+    """KDLSQ's calibration written out with lists: sqrt bins, CDF, resample to n points and back."""
+    def interp(x: float, xp: list[float], fp: list[float]) -> float:
+        for k in range(len(xp) - 1):
+            if xp[k] <= x <= xp[k + 1]:
+                t = 0.0 if xp[k + 1] == xp[k] else (x - xp[k]) / (xp[k + 1] - xp[k])
+                return fp[k] + t * (fp[k + 1] - fp[k])
+        return fp[-1]
+
+    def lin(m: int) -> list[float]:
+        return [j / (m - 1) for j in range(m)]
+
+    a = [abs(x) for x in values]
+    mx = max(a)
+    nb = math.ceil(mx / ((mx - min(a)) / math.sqrt(len(a))))  # numpy's bins="sqrt" over [0, max]
+    w = mx / nb
+    hist = [0] * nb
+    for x in a:
+        hist[min(int(x / w), nb - 1)] += 1
+    cdf, acc = [], 0.0
+    for h in hist:
+        acc += h / len(a)
+        cdf.append(acc)
+    n = 2 ** (bits - 1)
+    best = (math.inf, mx)
+    for i in range(n + 1, nb + 1):
+        p = cdf[: i - 1] + [1.0] * (nb - i + 1)
+        coarse = [interp(x, lin(i), p[:i]) for x in lin(n)]
+        q = [interp(x, lin(n), coarse) for x in lin(i)] + p[i:]
+        d = sum(0.0 if c == 0 and qq == 0 else (c - qq) * math.log2(c / qq) for c, qq in zip(cdf, q, strict=True))
+        if d < best[0]:
+            best = (d, (i + 0.5) * w)
+    return best[1]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kdlsq_cdf_clip_matches_its_formula_and_clips_outliers(bits):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(900, generator=g)
+    v[:3] *= 8  # a few outliers: the calibrated clip stays well inside them
+    got = float(Q.kdlsq_cdf_clip(v, bits))
+    assert got == pytest.approx(_naive_kdlsq_clip(v.tolist(), bits), rel=1e-6)
+    assert 0 < got < float(v.abs().max())
+    step = Q.lsq_init(v, bits, "kl_cdf")
+    assert float(step) == pytest.approx(got / (2 ** (bits - 1) - 1), rel=1e-6)

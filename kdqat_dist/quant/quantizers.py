@@ -287,9 +287,54 @@ def kl_calibrated_clip(v: torch.Tensor, bits: int, num_bins: int = 2048) -> torc
     return torch.tensor((best_i + 0.5) * width)
 
 
+def kdlsq_cdf_clip(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """KDLSQ-BERT's own KL calibration of a symmetric clip value (its ``kl_divergence_initilization``).
+
+    On the histogram of |v| over [0, max|v|] with numpy's ``bins="sqrt"`` (width (max − min)/√N), normalised, with
+    C its cumulative sum: for each candidate i = n+1 … bins−1 (n = 2^(b−1)), threshold (i + ½)·width,
+
+        P = C with P[i−1:] = 1;   P' = P[:i] linearly resampled onto n points and back onto i points;
+        Q = P with Q[:i] = P';     d_i = Σ (C − Q) · log2(C / Q)
+
+    (a J-divergence between the cumulative distributions), and the threshold with the smallest d_i wins.
+    Terms where C and Q are both 0 count 0 (the reference code would give NaN there). With fewer bins
+    than n + 1 the clip is max|v|.
+
+    Returns:
+        the clip value (a scalar tensor); divide by Q_P for an LSQ step.
+    """
+    import numpy as np
+
+    a = v.detach().float().abs().flatten().cpu().numpy().astype(np.float64)
+    mx = float(a.max()) if a.size else 0.0
+    if mx == 0.0:
+        return torch.tensor(1e-8)
+    hist, edges = np.histogram(a, bins="sqrt", range=(0.0, mx))
+    cdf = np.cumsum(hist / hist.sum())
+    n, nbins, width = 2 ** (bits - 1), len(hist), edges[1] - edges[0]
+    if n + 1 > nbins:
+        return torch.tensor(mx)
+    best_d, best_t = math.inf, mx
+    for i in range(n + 1, nbins + 1):
+        p = cdf.copy()
+        p[i - 1:] = 1.0
+        coarse = np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, i), p[:i])
+        q = p.copy()
+        q[:i] = np.interp(np.linspace(0.0, 1.0, i), np.linspace(0.0, 1.0, n), coarse)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = (cdf - q) * np.log2(cdf / q)
+        d = float(np.where((cdf == 0) & (q == 0), 0.0, terms).sum())
+        if d < best_d:
+            best_d, best_t = d, (i + 0.5) * width
+    return torch.tensor(best_t)
+
+
 def lsq_init(v: torch.Tensor, bits: int, method: str, per_row: bool = False,
              percentile: float = 97.5) -> torch.Tensor:
-    """Initial LSQ step by ``method`` in {mean, percentile, kl}; per-row only for ``mean``."""
+    """Initial LSQ step by ``method`` in {mean, percentile, kl, kl_cdf}; per-row only for ``mean``.
+
+    ``kl``: TensorRT-style KL on the histogram (:func:`kl_calibrated_clip`); ``kl_cdf``: KDLSQ-BERT's own
+    calibration (:func:`kdlsq_cdf_clip`)."""
     if method == "mean":
         return lsq_init_mean(v, bits, per_row)
     if per_row:  # calibrated inits are per tensor; broadcast to one step per row
@@ -299,4 +344,6 @@ def lsq_init(v: torch.Tensor, bits: int, method: str, per_row: bool = False,
         return lsq_init_percentile(v, bits, percentile)
     if method == "kl":
         return (kl_calibrated_clip(v, bits) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
-    raise ValueError(f"unknown LSQ init {method!r}; allowed: mean, percentile, kl")
+    if method == "kl_cdf":
+        return (kdlsq_cdf_clip(v, bits) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
+    raise ValueError(f"unknown LSQ init {method!r}; allowed: mean, percentile, kl, kl_cdf")
