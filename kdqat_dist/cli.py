@@ -22,6 +22,19 @@ Overrides are dotted keys: section.field=value (values parsed as YAML). Recipes 
 can be named without a path; see `kdqat recipes`."""
 
 
+SECTIONS_HELP = """config sections: model teacher student data quant distill train engine tune analysis
+  kdqat config RECIPE [key=value ...]   prints every key of the resolved config with its value (YAML)"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdqat-dist")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="recipe YAML (a path or a shipped recipe name)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
@@ -38,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     # The `deepspeed` launcher appends --local_rank=N (before the subcommand); the rank comes from the
     # environment (LOCAL_RANK) anyway, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"kdqat {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="command")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("finetune", help="fine-tune the full-precision teacher on a task (saves HF format)")
+    p = sub.add_parser("finetune", help="fine-tune the full-precision teacher on a task (saves HF format)",
+                       epilog=SECTIONS_HELP, formatter_class=raw)
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
-    p = sub.add_parser("train", help="KD-QAT: train the quantized student from the fine-tuned teacher")
+    p = sub.add_parser("train", help="KD-QAT: train the quantized student from the fine-tuned teacher",
+                       epilog=SECTIONS_HELP, formatter_class=raw)
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
@@ -54,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="finetune + KD-QAT + evaluation on the built-in synthetic task, offline")
     _add_config_args(p)
+
+    p = sub.add_parser("config", help="print the fully resolved config (YAML) of a recipe and overrides; runs nothing")
+    p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (a path or a shipped recipe name)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
 
     sub.add_parser("recipes", help="list the recipes shipped in the package")
     _add_optional_commands(sub)
@@ -142,6 +163,13 @@ def _dispatch(args) -> int:
         for p in sorted(RECIPES_DIR.glob("*.yaml")):
             first = p.read_text().splitlines()[0].lstrip("# ").strip()
             print(f"{p.stem:28s} {first}")
+        return 0
+    if args.command == "config":
+        import yaml
+
+        from kdqat_dist.config import load_config, to_dict
+
+        print(yaml.safe_dump(to_dict(load_config(args.recipe, args.overrides)), sort_keys=False), end="")
         return 0
     if hasattr(args, "func"):
         return args.func(args)

@@ -150,7 +150,7 @@ def evaluate_folder(cfg: RunConfig, path: str) -> dict:
     elif is_student_dir(p):
         model = load_student(p)
     else:
-        model = load_classifier(str(p), task.num_labels)
+        model = load_classifier(str(p), task.num_labels, strict=True)
     device = pick_device(cfg.train.device)
     collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
     metrics = evaluate(model.to(device), task, data, collate, cfg.train.eval_batch_size, device)

@@ -78,3 +78,18 @@ def test_damaged_weights_file_is_one_line(tiny_teacher, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"kdqat: error: cannot load model '{bad}': "), err
+
+
+def test_version_config_and_train_help():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kdqat ")
+    r = run_cli("config", "tiny_debug", "train.lr=3e-4", "distill.gamma=0.5")
+    assert r.returncode == 0
+    import yaml
+
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["train"]["lr"] == 3e-4 and cfg["distill"]["gamma"] == 0.5 and cfg["data"]["task"] == "demo"
+    r = run_cli("config", "tiny_debug", "train.lrr=1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("kdqat: error: unknown key 'train.lrr'")
+    r = run_cli("train", "--help")
+    assert "config sections: model teacher student data quant distill" in r.stdout and "kdqat config" in r.stdout

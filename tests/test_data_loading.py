@@ -157,6 +157,17 @@ def test_qqp_malformed_row_is_an_error(tmp_path):
     assert "\n" not in msg
 
 
+def test_empty_sentence_in_a_glue_tsv_is_an_error(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [["sentence", "label"], ["good film", "1"], ["   ", "0"]])
+    write_tsv(tmp_path / "dev.tsv", [["sentence", "label"], ["bad", "0"]])
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.tsv'}:3: column 0 is empty \(a text is required\)"):
+        load(tmp_path, "sst2")
+    header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    write_tsv(tmp_path / "train.tsv", [header, ["0", "1", "2", "How?", "", "0"]])
+    with pytest.raises(DataError, match=r"train\.tsv:2: column 4 is empty"):
+        load(tmp_path, "qqp")
+
+
 def test_mrpc_with_byte_order_mark(tmp_path):
     header = ["\ufeffQuality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
     write_tsv(tmp_path / "train.tsv", [header, ["1", "7", "8", "He said.", "He stated."]])

@@ -209,6 +209,11 @@ def test_cli_export_round_trip_and_eval(student_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--config", cfg_yaml]) == 0
     assert main(["export", "--student", str(student_dir), "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+    # without its kdqat_export.json the folder is not evaluated as a partly random model
+    (out / "kdqat_export.json").unlink()
+    assert main(["eval", "--model", str(out), "--config", cfg_yaml]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not match the model" in err and "needs its kdqat_export.json" in err
 
 
 def test_cli_fails_when_metrics_differ(student_dir, tmp_path, capsys, monkeypatch):
@@ -240,3 +245,15 @@ def test_load_never_imports_deepspeed(exported, monkeypatch):
     src = Path(__file__).parents[1] / "kdqat_dist" / "export"
     assert not any("import deepspeed" in p.read_text() or "from deepspeed" in p.read_text()
                    for p in src.glob("*.py"))
+
+
+def test_written_weight_files_get_ordinary_permissions(student_dir, exported, tiny_teacher):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    for f in (exported[0] / "model.safetensors", student_dir / "model.safetensors",
+              tiny_teacher / "model.safetensors"):  # export, student, fine-tuned model
+        assert stat.S_IMODE(f.stat().st_mode) == want, f

@@ -533,3 +533,11 @@ def test_two_deepspeed_workers_per_trial(tmp_path, ray_session, teacher):
     assert grid[0].metrics["training_iteration"] == 2
     m = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())
     assert rows[0]["selection"] == m["best"]["selection"]
+
+
+def test_csv_numbers_are_rounded_for_reading(tmp_path):
+    from kdqat_dist.tune.results import _write_csv
+
+    _write_csv(tmp_path / "r.csv", [{"gamma": 0.09999999999999998, "acc": 0.8765432109876, "seed": 42,
+                                     "run_dir": "x"}], ["gamma", "acc", "seed", "run_dir"])
+    assert (tmp_path / "r.csv").read_text().splitlines()[1] == "0.1,0.876543,42,x"

@@ -139,6 +139,9 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> Dataset:
                     what = "as in the header" if fmt.header else f"{task.name} files have no header"
                     raise DataError(f"{path}:{line_no}: malformed row: expected {n_cols} tab-separated "
                                     f"columns ({what}), got {len(row)}")
+                for col in (fmt.a, fmt.b):
+                    if col is not None and not row[col].strip():
+                        raise DataError(f"{path}:{line_no}: column {col % n_cols} is empty (a text is required)")
                 a.append(row[fmt.a])
                 b.append(row[fmt.b] if fmt.b is not None else None)
                 where = f"{path}:{line_no}, column {fmt.label % n_cols}"
@@ -242,7 +245,7 @@ def normalise(ds: Dataset, task: TaskSpec, where: Callable[[int], str], source: 
                 texts.append(None)
                 continue
             v = cols[col][i]
-            if v is None:
+            if v is None or (isinstance(v, str) and not v.strip()):
                 raise DataError(f"{where(i)}: column {col!r} has no value (a text is required)")
             texts.append(v if isinstance(v, str) else str(v))
         a_out.append(texts[0])

@@ -23,6 +23,7 @@ from kdqat_dist.data.tasks import TaskSpec, get_task
 from kdqat_dist.distill.objective import DistillObjective, LossOutput, _unwrap
 from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, memory_table, seed_everything
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
+from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout
 from kdqat_dist.models.sliced_ffn import slice_feed_forward
@@ -332,6 +333,8 @@ class Trainer:
             if self.mode == "finetune":
                 model.save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
+                for f in out.glob("*.safetensors"):
+                    ordinary_permissions(f)
                 (out / "metrics.json").write_text(json.dumps(self.best, indent=2))
             else:
                 save_student(model, out, self.cfg.quant, self.tokenizer,

@@ -39,6 +39,7 @@ from kdqat_dist.export.packing import (
     encode,
     weight_codes,
 )
+from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.quant.api import is_prepared, prepare
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
 from kdqat_dist.quant.size import fp32_bytes
@@ -260,6 +261,7 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
         _write_side_files(model, out, tokenizer, files_from)
         wpath = out / WEIGHTS_FILE
         save_file(tensors, str(wpath), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        ordinary_permissions(wpath)
         report = ExportReport(out, wpath.stat().st_size, fp32_bytes(model), q_fp32, q_packed, len(modules))
         meta = {
             "format": FORMAT,

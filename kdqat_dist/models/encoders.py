@@ -78,8 +78,14 @@ def load_classifier(
     num_labels: int,
     attn_implementation: str = "eager",
     id2label: dict[int, str] | None = None,
+    strict: bool = False,
 ) -> PreTrainedModel:
-    """A sequence-classification model; its head is new when the checkpoint has none (expected)."""
+    """A sequence-classification model; its head is new when the checkpoint has none (expected).
+
+    ``strict``: every weight must come from the checkpoint (a model to evaluate, not to fine-tune); a
+    folder whose weights do not match (a packed export without its ``kdqat_export.json``, another
+    architecture) is a ConfigError instead of a partly random model.
+    """
     path = resolve_model_path(name_or_path)
     kwargs = {"num_labels": num_labels}
     if id2label:
@@ -96,13 +102,20 @@ def load_classifier(
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, attn_implementation=attn_implementation
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, attn_implementation=attn_implementation, output_loading_info=True
         )
     except (OSError, SafetensorError) as exc:
         raise _cannot_load(name_or_path, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if strict and bad:
+        export = (Path(path) / "model.safetensors").exists() and not (Path(path) / "kdqat_export.json").exists()
+        hint = (" (a `kdqat export` folder needs its kdqat_export.json, and a student its kdqat_student.json)"
+                if export else "")
+        first = "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in bad.items())
+        raise ConfigError(f"model path {path}: its weights do not match the model ({first}){hint}")
     return model
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdqat_dist.config import ConfigError, QuantConfig, _build, to_dict
+from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.encoders import encoder_layers, load_classifier
 from kdqat_dist.models.layer_map import layer_map
 from kdqat_dist.quant.api import prepare
@@ -65,6 +66,7 @@ def save_student(model: nn.Module, out_dir: str | Path, quant: QuantConfig, toke
             state[k] = state[k].clone()
         seen[ptr] = k
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    ordinary_permissions(out / "model.safetensors")
     meta = {"format_version": FORMAT_VERSION, "quant": to_dict(quant), **(extra or {})}
     (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
     return out

@@ -161,12 +161,17 @@ def _columns(rows: list[dict], first: list[str]) -> list[str]:
     return cols
 
 
+def _csv_value(v):
+    """Floats to 6 significant digits (0.09999999999999998 -> 0.1); everything else as it is."""
+    return float(f"{v:.6g}") if isinstance(v, float) else v
+
+
 def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({c: r.get(c, "") for c in cols})
+            w.writerow({c: _csv_value(r.get(c, "")) for c in cols})
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
