@@ -16,8 +16,11 @@
 # Env: HOSTFILE (hostfile), MASTER_ADDR (first host of HOSTFILE), MASTER_PORT (29500), DS_LAUNCHER
 # (pdsh | openmpi | mvapich | ...), COMMAND (train | finetune), RESUME=1, KDQAT_DRY_RUN=1.
 set -euo pipefail
+# shellcheck source=launch/checks.sh
+source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: HOSTFILE=... launch/deepspeed_multi_node.sh <recipe> [key=value ...]}"
 shift
+check_hostfile; check_command
 export TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} deepspeed --hostfile "${HOSTFILE:-hostfile}" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" \

@@ -12,8 +12,11 @@
 # run's latest checkpoint (needs train.save_every), KDQAT_DRY_RUN=1 to print the command instead.
 # The launcher appends --local_rank=N, which kdqat accepts and ignores (the rank comes from the env).
 set -euo pipefail
+# shellcheck source=launch/checks.sh
+source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: launch/deepspeed_single_node.sh <recipe> [key=value ...]}"
 shift
+check_num_procs; check_command
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} deepspeed --num_accelerators "${NUM_PROCS:-2}" --master_port "${MASTER_PORT:-29500}" \
     --module kdqat_dist.cli "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" engine.backend=deepspeed "$@"

@@ -12,8 +12,11 @@
 # signal), so a lost rank never leaves the job hanging. RESUME=1 continues from the latest checkpoint.
 # Env: NUM_PROCS (2), COMMAND (train | finetune), RESUME=1, KDQAT_DRY_RUN=1 to print the command.
 set -euo pipefail
+# shellcheck source=launch/checks.sh
+source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: launch/torchrun.sh <recipe> [key=value ...]}"
 shift
+check_num_procs; check_command
 export TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} torchrun --standalone --nproc_per_node "${NUM_PROCS:-2}" \
     --module kdqat_dist.cli "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" engine.backend=deepspeed "$@"

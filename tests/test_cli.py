@@ -93,3 +93,24 @@ def test_version_config_and_train_help():
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("kdqat: error: unknown key 'train.lrr'")
     r = run_cli("train", "--help")
     assert "config sections: model teacher student data quant distill" in r.stdout and "kdqat config" in r.stdout
+
+
+@pytest.mark.parametrize("script, env, message", [
+    ("deepspeed_single_node.sh", {"NUM_PROCS": "0"}, "NUM_PROCS=0: must be a positive integer"),
+    ("torchrun.sh", {"NUM_PROCS": "0"}, "NUM_PROCS=0: must be a positive integer"),
+    ("torchrun.sh", {"COMMAND": "eval"}, "COMMAND=eval: allowed: train, finetune"),
+    ("deepspeed_multi_node.sh", {"HOSTFILE": "/nonexistent"}, "HOSTFILE=/nonexistent: no such readable file"),
+    ("deepspeed_multi_node.sh", {"HOSTFILE": "GARBLED"}, ":2: 'node2 slots' is not '<host> slots=<N>'"),
+])
+def test_launchers_refuse_bad_input_before_starting_ranks(tmp_path, script, env, message):
+    from pathlib import Path
+
+    garbled = tmp_path / "hostfile"
+    garbled.write_text("node1 slots=2\nnode2 slots\n")
+    env = {k: (str(garbled) if v == "GARBLED" else v) for k, v in env.items()}
+    launch = Path(__file__).resolve().parents[1] / "launch" / script
+    r = subprocess.run(["bash", str(launch), "tiny_debug", f"train.output_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"{script}: error: {r.stderr.split(': error: ', 1)[1].strip()}"]
+    assert message in r.stderr and not (tmp_path / "run").exists()

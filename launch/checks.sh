@@ -1,0 +1,28 @@
+# Checks shared by the launch scripts (sourced, not run): bad launcher input is one line and exit 2,
+# before any rank starts, instead of a 1-rank run that exits 0 or a launcher traceback.
+# shellcheck shell=bash
+
+die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+
+check_num_procs() {  # NUM_PROCS, when set, is a positive integer
+    local n="${NUM_PROCS:-2}"
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "NUM_PROCS=$n: must be a positive integer (ranks on this node)"
+}
+
+check_command() {  # COMMAND is a training command
+    case "${COMMAND:-train}" in train|finetune) ;; *) die "COMMAND=${COMMAND}: allowed: train, finetune" ;; esac
+}
+
+check_hostfile() {  # HOSTFILE exists and every entry reads "<host> slots=<N>" (DeepSpeed's format)
+    local f="${HOSTFILE:-hostfile}" line n=0 hosts=0
+    [[ -f "$f" && -r "$f" ]] || die "HOSTFILE=$f: no such readable file (one '<host> slots=<N>' line per node)"
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        n=$((n + 1))
+        line="${line%%#*}"
+        [[ -z "${line//[[:space:]]/}" ]] && continue
+        [[ "$line" =~ ^[[:space:]]*[^[:space:]=]+[[:space:]]+slots=[1-9][0-9]*[[:space:]]*$ ]] \
+            || die "$f:$n: '$line' is not '<host> slots=<N>' (N >= 1)"
+        hosts=$((hosts + 1))
+    done < "$f"
+    [[ $hosts -gt 0 ]] || die "HOSTFILE=$f: no hosts (one '<host> slots=<N>' line per node)"
+}
