@@ -569,6 +569,29 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# Keys a resumed run may change: how long it runs, what it logs and how it checkpoints. Anything else
+# (quantizers, losses, optimizer, data, engine) would silently make the resumed steps another run.
+RESUMABLE = ("train.max_steps", "train.log_every", "train.progress", "train.diagnostics", "train.save_every",
+             "train.keep_checkpoints", "train.eval_every", "data.cache_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: RunConfig, requested: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, requested value) for every key that differs and may not change on resume."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(requested))
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith("tune.")]
+
+
 def flat_keys(cls: type = RunConfig, prefix: str = "") -> set[str]:
     """Every dotted leaf key of the config, for validating sweep search spaces."""
     out: set[str] = set()

@@ -65,15 +65,43 @@ def test_killed_and_resumed_run_matches_uninterrupted(teacher, tmp_path):
     w_res = load_file(str(tmp_path / "killed" / "student" / "model.safetensors"))
     assert w_full.keys() == w_res.keys()
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    # TensorBoard: the steps logged after the checkpoint (4, 5) by the killed run are purged, not doubled
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "killed" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in acc.Scalars("eval/acc")] == [4, 8]
+
+
+def test_resume_with_other_settings_is_refused_and_touches_nothing(teacher, tmp_path):
+    cfg = _cfg(teacher, tmp_path / "run", "train.max_steps=3")
+    run(cfg, "train")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    tb_before = sorted((tmp_path / "run" / "tb").iterdir())
+    changed = _cfg(teacher, tmp_path / "run", "train.max_steps=5", "quant.weight.bits=4", "quant.weight.method=sym",
+                   "train.lr=0.5")
+    with pytest.raises(ConfigError) as e:
+        run(changed, "train", resume=True)
+    msg = str(e.value)
+    assert "quant.weight.bits (2 -> 4)" in msg and "quant.weight.method ('twn' -> 'sym')" in msg
+    assert "train.lr (0.001 -> 0.5)" in msg and "train.max_steps" not in msg.split("only")[0]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert sorted((tmp_path / "run" / "tb").iterdir()) == tb_before
+    out = run(_cfg(teacher, tmp_path / "run", "train.max_steps=5"), "train", resume=True)  # longer: allowed
+    assert out["total_steps"] == 5 and [r["step"] for r in out["train_log"]] == [1, 2, 3, 4, 5]
 
 
 def test_resume_of_a_finished_run_without_checkpoint_names_the_fix(teacher, tmp_path):
     cfg = _cfg(teacher, tmp_path / "none", "train.save_every=null", "train.max_steps=1")
     run(cfg, "train")
-    before = (tmp_path / "none" / "metrics.json").read_bytes()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "none").iterdir() if p.is_file()}
+    tb_before = sorted((tmp_path / "none" / "tb").iterdir())
     with pytest.raises(ConfigError, match="finished run and no checkpoint.*train.save_every"):
         run(cfg, "train", resume=True)
-    assert (tmp_path / "none" / "metrics.json").read_bytes() == before  # nothing overwritten
+    # nothing overwritten or added: metrics, config.yaml, TensorBoard
+    assert {p.name: p.read_bytes() for p in (tmp_path / "none").iterdir() if p.is_file()} == before
+    assert sorted((tmp_path / "none" / "tb").iterdir()) == tb_before
 
 
 def test_resume_before_the_first_checkpoint_starts_from_step_0(teacher, tmp_path):

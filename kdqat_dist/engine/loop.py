@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kdqat_dist.config import ConfigError, RunConfig, save_config
+from kdqat_dist.config import RESUMABLE, ConfigError, RunConfig, load_config, resume_changes, save_config
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
 from kdqat_dist.data.tasks import TaskSpec, get_task
@@ -73,6 +73,7 @@ class Trainer:
         self.task: TaskSpec = get_task(cfg.data)
         if cfg.train.batch_size is None:  # the task's batch from the reference's table; config.yaml shows it
             cfg.train.batch_size = self.task.batch_size
+        self._resume_step = self._check_resume() if self.resume else None
         with _main_first(self.backend):  # rank 0 fills the model and tokenisation caches, then the rest read
             src = self._source_model()
             self.tokenizer = load_tokenizer(src)
@@ -97,7 +98,9 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            # a resumed run drops the events written after its checkpoint (they are logged again)
+            purge = None if self._resume_step is None else self._resume_step + 1
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
         return self
 
     def _check_run_dir(self) -> None:
@@ -105,6 +108,27 @@ class Trainer:
         if not self.resume and (self.run_dir / "config.yaml").exists():
             raise ConfigError(f"train.output_dir: {self.run_dir} already holds a run; choose another "
                               "output_dir or pass --resume to continue it")
+
+    def _check_resume(self) -> int | None:
+        """Before anything is written: refuse a --resume that cannot continue this run as it was, or that
+        asks for other settings than the checkpoint was trained with. Returns the checkpoint's step
+        (None: no checkpoint yet, the run starts over)."""
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            if (self.run_dir / "metrics.json").exists():  # finished: starting over would overwrite it
+                raise ConfigError(f"--resume: {self.run_dir} holds a finished run and no checkpoint under "
+                                  f"{self.run_dir / 'checkpoints'} (set train.save_every to write them)")
+            return None
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.exists():
+            changed = resume_changes(load_config(saved_path), self.cfg)
+            if changed:
+                what = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changed[:6])
+                more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+                raise ConfigError(f"--resume: {self.run_dir} was trained with other settings: {what}{more}; "
+                                  f"resume with the run's own config.yaml (only {', '.join(RESUMABLE)} may "
+                                  "change), or start a new run in another output_dir")
+        return int(ckpt.name.removeprefix("step"))
 
     def _source_model(self) -> str:
         if self.mode == "finetune":
@@ -354,10 +378,7 @@ class Trainer:
         if not self.resume:
             return 0, 0, 0, {}
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        if ckpt is None:
-            if (self.run_dir / "metrics.json").exists():  # finished: starting over would overwrite it
-                raise ConfigError(f"--resume: {self.run_dir} holds a finished run and no checkpoint under "
-                                  f"{self.run_dir / 'checkpoints'} (set train.save_every to write them)")
+        if ckpt is None:  # (a finished run without one was refused in setup)
             # Stopped before its first checkpoint (e.g. a Slurm job preempted early and requeued with
             # --resume): nothing to continue from and nothing finished to lose, so start from step 0.
             if self.backend.is_main:
