@@ -157,6 +157,13 @@ def test_qqp_malformed_row_is_an_error(tmp_path):
     assert "\n" not in msg
 
 
+def test_glue_header_without_the_label_column_is_an_error(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [["sentence"], ["good film"]])
+    write_tsv(tmp_path / "dev.tsv", [["sentence", "label"], ["bad", "0"]])
+    with pytest.raises(DataError, match=r"train\.tsv:1: the header has 1 column\(s\) \(sentence\); sst2 files need"):
+        load(tmp_path, "sst2")
+
+
 def test_empty_sentence_in_a_glue_tsv_is_an_error(tmp_path):
     write_tsv(tmp_path / "train.tsv", [["sentence", "label"], ["good film", "1"], ["   ", "0"]])
     write_tsv(tmp_path / "dev.tsv", [["sentence", "label"], ["bad", "0"]])

@@ -153,3 +153,14 @@ def test_pruning_never_deletes_what_latest_names(tmp_path):
     _commit_checkpoint(root / "step0000004.tmp", root / "step0000004", keep=1)
     assert latest_checkpoint(root) == root / "step0000004"
     assert (root / "step0000004").exists() and not (root / "step0000001").exists()
+
+
+def test_truncated_checkpoint_is_one_line_naming_the_fix(teacher, tmp_path):
+    cfg = _cfg(teacher, tmp_path / "t", "train.max_steps=3", "train.save_every=3")
+    run(cfg, "train")
+    state = tmp_path / "t" / "checkpoints" / "step0000003" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(ConfigError) as e:
+        run(_cfg(teacher, tmp_path / "t", "train.max_steps=4", "train.save_every=3"), "train", resume=True)
+    msg = str(e.value)
+    assert "step0000003 is damaged or incomplete" in msg and "latest" in msg and "\n" not in msg

@@ -132,6 +132,11 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> Dataset:
             for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
                 if line_no == 1 and fmt.header:
                     n_cols = len(row)
+                    need = max(i + 1 if i >= 0 else -i for i in (fmt.a, fmt.b, fmt.label) if i is not None)
+                    if n_cols < need:
+                        raise DataError(f"{path}:1: the header has {n_cols} column(s) ({', '.join(row)}); "
+                                        f"{task.name} files need at least {need} (the text and label columns "
+                                        "of GLUE's format)")
                     continue
                 if not row:  # a blank line holds no record (typically the file's last line)
                     continue

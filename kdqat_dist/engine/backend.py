@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdqat_dist.config import RunConfig
+from kdqat_dist.config import ConfigError, RunConfig
 from kdqat_dist.engine.optim import global_clip, make_optimizer, make_scheduler
 from kdqat_dist.models.encoders import load_classifier
 
@@ -29,8 +29,6 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from kdqat_dist.config import ConfigError
-
         raise ConfigError(f"{key}: cuda requested but no CUDA device is available; allowed here: cpu, auto")
     return torch.device(name)
 
@@ -154,7 +152,8 @@ class LocalBackend:
         _commit_checkpoint(tmp, ckpt_dir, keep=self.cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict:
-        state = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=False)
+        with damaged_checkpoint(ckpt_dir):
+            state = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=False)
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -197,6 +196,22 @@ def _commit_checkpoint(tmp: Path, final: Path, keep: int | None = None) -> None:
         for old in steps[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def damaged_checkpoint(ckpt_dir: Path) -> Iterator[None]:
+    """Turn a truncated or unreadable checkpoint file into one ConfigError line that says what to do."""
+    import pickle
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"--resume: the checkpoint {ckpt_dir} is damaged or incomplete ({first}); to resume "
+                          f"from an older one, write its folder name (e.g. step0000100) into "
+                          f"{ckpt_dir.parent / 'latest'}") from None
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -35,6 +35,7 @@ from kdqat_dist.config import ConfigError, RunConfig
 from kdqat_dist.engine import dist, ds_config
 from kdqat_dist.engine.backend import (
     _commit_checkpoint,
+    damaged_checkpoint,
     memory_report,
     rng_state,
     set_rng_state,
@@ -240,15 +241,16 @@ class DeepSpeedBackend:
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict:
         own = ckpt_dir / RANK_STATE.format(rank=self.rank)
-        if not own.exists():
-            saved = len(list(ckpt_dir.glob("rank*_state.pt")))
-            raise ConfigError(f"--resume: {ckpt_dir} was written by {saved} ranks; resume it with the same "
+        saved = len(list(ckpt_dir.glob("rank*_state.pt")))
+        if saved != self.world_size:  # every rank checks the same folder, so all refuse together
+            raise ConfigError(f"--resume: {ckpt_dir} was written by {saved} rank(s); resume it with the same "
                               f"number of ranks (now {self.world_size})")
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise ConfigError(f"--resume: DeepSpeed could not load {ckpt_dir}")
-        state = torch.load(own, map_location="cpu", weights_only=False)
+        with damaged_checkpoint(ckpt_dir):
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            if path is None:
+                raise ConfigError(f"--resume: DeepSpeed could not load {ckpt_dir}")
+            state = torch.load(own, map_location="cpu", weights_only=False)
         set_rng_state(state["rng"])
         return state["client"]
 

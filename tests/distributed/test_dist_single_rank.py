@@ -80,3 +80,25 @@ def test_zero3_teacher_stays_in_eval_mode_after_evaluations_checkpoints_and_resu
                         "engine.teacher=zero3", "train.save_every=2")
     _train_and_check_teacher_mode(cfg)
     _train_and_check_teacher_mode(cfg, resume=True)
+
+
+def test_truncated_deepspeed_checkpoint_and_another_rank_count_are_one_line(
+        parity_teacher, parity_config, tmp_path, monkeypatch):
+    from kdqat_dist.config import ConfigError
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = parity_config(parity_teacher, tmp_path / "ds", "engine.backend=deepspeed", "engine.zero_stage=2",
+                        "train.save_every=3")
+    run(cfg, "train")
+    ckpt = tmp_path / "ds" / "checkpoints" / "step0000003"
+    # written by "2 ranks": refused before DeepSpeed reads anything
+    extra = ckpt / "rank00001_state.pt"
+    extra.write_bytes((ckpt / "rank00000_state.pt").read_bytes())
+    with pytest.raises(ConfigError, match=r"written by 2 rank\(s\); resume it with the same number of ranks \(now 1\)"):
+        run(cfg, "train", resume=True)
+    extra.unlink()
+    for f in ckpt.rglob("*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="step0000003 is damaged or incomplete"):
+        run(cfg, "train", resume=True)
