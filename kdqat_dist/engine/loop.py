@@ -244,13 +244,22 @@ class Trainer:
         c_keys, c_vals = self._contributions(out)
         return dict(zip(keys + c_keys, torch.stack(vals + c_vals).tolist(), strict=True))
 
-    @staticmethod
-    def _check_finite(values: dict[str, float], step: int) -> None:
-        if math.isfinite(values["loss"]):
+    def _check_finite(self, values: dict[str, float], step: int) -> None:
+        """Stop on a non-finite loss, on every rank together: each rank's flags (total and every term) are
+        summed over ranks, so a NaN on one rank stops all of them at the same micro-batch with the same
+        message, instead of one rank raising while its peers wait in the next collective."""
+        keys = ["loss", *(k for k in values if k.startswith("loss/"))]
+        flags = torch.tensor([0.0 if math.isfinite(values[k]) else 1.0 for k in keys], dtype=torch.float64)
+        world = self.backend.world_size
+        if world > 1:
+            flags = self.backend.all_reduce_sum(flags)
+        if flags[0] == 0:
             return
-        bad = [k.removeprefix("loss/") for k, v in values.items() if k.startswith("loss/") and not math.isfinite(v)]
+        bad = [k.removeprefix("loss/") for k, f in zip(keys[1:], flags[1:].tolist(), strict=True) if f > 0]
         where = f"term '{bad[0]}'" if bad else "the total"
-        raise TrainingError(f"non-finite loss at step {step + 1}: {where} is {values['loss']}; "
+        what = f"is {values['loss']}" if not math.isfinite(values["loss"]) else "is not finite"
+        on = f" on {int(flags[0])} of {world} ranks" if world > 1 else ""
+        raise TrainingError(f"non-finite loss at step {step + 1}: {where} {what}{on}; "
                             "lower train.lr or check the data")
 
     def _log_train(self, step: int, running: dict, dt: float, n: int) -> None:

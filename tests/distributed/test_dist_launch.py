@@ -170,3 +170,13 @@ def test_launch_scripts_dry_run_print_the_exact_commands(tmp_path):
     for sbatch in ("slurm_single_node.sbatch", "slurm_multi_node.sbatch"):
         text = (REPO / "launch" / sbatch).read_text()
         assert "#SBATCH --requeue" in text and "#SBATCH --ntasks-per-node=1" in text
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_same_line(parity_teacher, launch_env, run_job, tmp_path):
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "tests/distributed/nan_check.py",
+           "--teacher", str(parity_teacher), "--out", str(tmp_path)]
+    proc = run_job(cmd, launch_env, REPO, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert msgs[0].startswith("non-finite loss at step 1: term 'attn_map'") and "on 1 of 2 ranks" in msgs[0]
+    assert "is nan" in msgs[1] and "is not finite" in msgs[0]  # rank 1 saw the NaN itself, rank 0 via the flags
