@@ -356,6 +356,12 @@ def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_pa
     assert len(hs["eigenvalues"]) == 2 and max(i for row in hs["iterations"] for i in row) <= 3
     md = (out / "summary.md").read_text()
     assert all(f"({name})" in md for name in FIGURES)
+    # a used --out is refused: nothing of the earlier analysis is replaced
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, err = _cli(["analyze", "--config", "tiny_debug", "--teacher", str(models_dir / "teacher"),
+                    "--student", str(models_dir / "map"), "--out", str(out), "analysis.samples=2"], capsys)
+    assert rc == 2 and err == f"kdqat: error: --out: {out} already exists and is not empty; choose a new folder\n"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 def test_bad_input_is_a_one_line_config_error(models_dir, tmp_path, capsys):

@@ -482,6 +482,10 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     from kdqat_dist.engine.backend import pick_device
 
     cfg = run_config(opts)  # every config problem fails before any data or model loads
+    out = Path(opts.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # an earlier analysis would be half replaced (a figure it has and this one does not stays stale)
+        raise ConfigError(f"--out: {out} already exists and is not empty; choose a new folder")
     a = cfg.analysis
     t0 = time.perf_counter()
     device = pick_device(a.device, "analysis.device")
