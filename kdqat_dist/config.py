@@ -252,7 +252,10 @@ class AnalysisConfig:
     hessian_iters: int = 100  # power iterations at most
     hessian_tol: float = 1e-3  # relative change of the eigenvalue that stops the iteration
     hessian_top_n: int = 1  # eigenvalues per example
-    hessian_norm_weight: float = 0.01  # the reference's 0.01·Σ‖p‖₂ term of the Hessian loss
+    # weight of the reference's 0.01·Σ‖p‖₂ term in the Hessian loss. 0 by default: that term's own λ_max
+    # (weight / smallest parameter-tensor norm) exceeds a fine-tuned model's CE curvature, so with it every
+    # example's λ_max is the regulariser's, not the loss's. Set 0.01 to reproduce the reference's figure.
+    hessian_norm_weight: float = 0.0
     device: str = "cpu"  # cpu | cuda | auto
 
 

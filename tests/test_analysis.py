@@ -354,6 +354,8 @@ def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_pa
     assert (doc["meta"]["samples"], doc["meta"]["hessian_iters"], doc["meta"]["hessian_samples"]) == (4, 3, 2)
     hs = doc["hessian"]["map"]
     assert len(hs["eigenvalues"]) == 2 and max(i for row in hs["iterations"] for i in row) <= 3
+    # by default the spectrum is the loss's own curvature, not the Σ‖p‖₂ regulariser's (whose λ_max it hid)
+    assert doc["meta"]["hessian_norm_weight"] == 0.0 and hs["norm_term_eigenvalue"] == 0.0
     md = (out / "summary.md").read_text()
     assert all(f"({name})" in md for name in FIGURES)
     # a used --out is refused: nothing of the earlier analysis is replaced

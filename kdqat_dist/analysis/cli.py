@@ -46,7 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hessian-top-n", type=int, default=None,
                    help="eigenvalues per example (analysis.hessian_top_n, 1)")
     p.add_argument("--hessian-norm-weight", type=float, default=None,
-                   help="weight of the Σ‖p‖₂ term of the Hessian loss (analysis.hessian_norm_weight, 0.01)")
+                   help="weight of the Σ‖p‖₂ term of the Hessian loss (analysis.hessian_norm_weight, 0; "
+                        "the reference used 0.01)")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (analysis.device, cpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. data.source=glue/RTE analysis.samples=64")

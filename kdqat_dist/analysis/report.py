@@ -69,7 +69,7 @@ class AnalyzeOptions:
     hessian_iters: int | None = None
     hessian_tol: float | None = None
     hessian_top_n: int | None = None
-    hessian_norm_weight: float | None = None  # the reference's 0.01·Σ‖p‖₂ term
+    hessian_norm_weight: float | None = None  # the reference's 0.01·Σ‖p‖₂ term (default 0: the loss alone)
     device: str | None = None
     progress: bool = False  # progress bars on stderr (the CLI turns them on)
 
@@ -272,7 +272,7 @@ def analyze_models(
     hessian_iters: int = 100,
     hessian_tol: float = 1e-3,
     hessian_top_n: int = 1,
-    hessian_norm_weight: float = 0.01,
+    hessian_norm_weight: float = 0.0,
     regression: bool = False,
     seed: int = 0,
     progress: bool = False,
