@@ -144,9 +144,12 @@ class DistillConfig:
     # soft cross-entropy on logits: mean over the batch of the sum over classes (TernaryBERT), or the mean
     # over batch x classes (KDLSQ-BERT's .mean(): the batch mean divided by the number of classes)
     soft_ce_reduction: str = "batch"
-    # The [B, S, D] MSE terms (hidden, attn_output, context, sa_output) average over every position,
-    # padding included (all: the reference), or over real tokens only (valid).
-    mse_tokens: str = "all"
+    # The [B, S, D] MSE terms (hidden, attn_output, context, sa_output) average over real tokens only
+    # (valid), or over every position, padding included (all: the reference, whose batches are all padded to
+    # max length). valid is the default: with "all" a long row's tokens weigh less the more padding its
+    # batch has, and on SST-2 it was worth +0.8 points on the holdout and +2.9 on whole sentences
+    # (bench/RESULTS.md, accuracy ablation).
+    mse_tokens: str = "valid"
     # Unified loss: when set, attn_map weight = gamma and attn_output weight = 1 - gamma.
     gamma: float | None = None
     # identity | uniform | an explicit list: student layer i learns from teacher layer layer_map[i]

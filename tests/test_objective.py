@@ -90,7 +90,8 @@ def test_naive_matches_hf_outputs_for_hidden_and_attention():
     with torch.no_grad():
         so = student(**inputs, output_hidden_states=True, output_attentions=True)
         to = teacher(**inputs, output_hidden_states=True, output_attentions=True)
-    hidden = sum(L.hidden_mse(a, c) for a, c in zip(so.hidden_states, to.hidden_states, strict=True))
+    w = L.token_weights(b["attention_mask"], so.hidden_states[0])  # distill.mse_tokens=valid, the default
+    hidden = sum(L.hidden_mse(a, c, w) for a, c in zip(so.hidden_states, to.hidden_states, strict=True))
     amap = sum(L.attention_map_kl(a, c, b["attention_mask"]) for a, c in zip(so.attentions, to.attentions,
                                                                              strict=True))
     out = obj(student, teacher, b)
@@ -204,7 +205,9 @@ def test_valid_token_mse_streaming_equals_naive_and_its_formula(active, recomput
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6 * scale + 1e-9, msg=n)
     # and the masked value differs from the all-positions one (the batch has padding)
     student, teacher = make_pair(layers=3)
-    plain = DistillObjective.for_models(cfg_with(active), student, teacher).naive(student, teacher, b)
+    d_all = cfg_with(active)
+    d_all.mse_tokens = "all"
+    plain = DistillObjective.for_models(d_all, student, teacher).naive(student, teacher, b)
     term = next(t for t in active if t != "logits")
     assert float(plain.terms[term]) != pytest.approx(float(totals[0][term]), rel=1e-3)
 

@@ -1,0 +1,196 @@
+"""KD-QAT accuracy on real SST-2 at a fixed budget: variants x seeds, one `kdqat train` process each.
+
+The accuracy issue's setting: the MiniLM teacher fine-tuned on 20,000 SST-2 rows (``bench/sst2_data.py``
+makes the folders; the teacher command is in bench/RESULTS.md), then 300 KD-QAT steps at batch 32, max
+length 64, TWN ternary weights, row-wise ternary embeddings, 8-bit activations, logits + hidden +
+attention-map losses, lr 2e-5, 10% warmup then linear decay, fp32 on the CPU. Each variant adds its
+overrides. For every run the script records the best holdout accuracy (selected on the holdout, as the
+reference does), that student's accuracy on the sentence-level split, the median step time (TensorBoard
+``train/step_time_s``) and peak RSS, one JSON line per run in ``<out>/results.jsonl``.
+
+Usage:
+    python bench/bench_accuracy_sst2.py --variants adamw bertadam --seeds 42 43 44
+    python bench/bench_accuracy_sst2.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent / "kdqat"
+DATA = Path("bench/out/sst2")
+TEACHER = Path("bench/out/acc/teacher/model")
+
+BASE = [
+    "data.task=sst2", "data.max_seq_length=64", "train.max_steps=300", "train.batch_size=32", "train.lr=2e-5",
+    "train.warmup_ratio=0.1", "train.eval_every=100", "train.progress=false", "distill.attn_output.weight=0",
+    "engine.backend=none", "engine.precision=fp32",
+    # explicit, so that a change of the recipe's defaults does not change what a variant measures
+    "train.optimizer=adamw", "data.padding=longest", "distill.mse_tokens=all", "train.eval_batch_size=64",
+]
+VARIANTS: dict[str, list[str]] = {
+    "adamw": [],
+    "bertadam": ["train.optimizer=bertadam"],
+    "adamw_maxlen": ["data.padding=max_length"],
+    "bertadam_maxlen": ["train.optimizer=bertadam", "data.padding=max_length"],
+    "bertadam_maxlen_eval32": ["train.optimizer=bertadam", "data.padding=max_length", "train.eval_batch_size=32"],
+    "bertadam_valid": ["train.optimizer=bertadam", "distill.mse_tokens=valid"],
+    "adamw_lr6e-5": ["train.lr=6e-5"],
+}
+# The full budget: one epoch over the 65,349 non-holdout rows (2,043 steps), evaluated every 100 steps,
+# with the shipped recipe's losses (logits + hidden + attention map + attention output).
+FULL = [f"data.source={DATA / 'full'}", "train.max_steps=null", "train.epochs=1", "distill.attn_output.weight=1"]
+for _name in ("adamw", "bertadam", "bertadam_valid"):
+    VARIANTS[f"full_{_name}"] = [*VARIANTS[_name], *FULL]
+
+
+def median_step_time(run_dir: Path) -> float | None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/step_time_s" not in acc.Tags()["scalars"]:
+        return None
+    return statistics.median(e.value for e in acc.Scalars("train/step_time_s"))
+
+
+def evaluate_on(model: Path, data: Path, overrides: list[str]) -> float:
+    """Accuracy of a saved student (or FP model) on the GLUE folder ``data``, with the run's settings."""
+    from kdqat_dist.config import load_config
+    from kdqat_dist.pipeline import evaluate_folder
+
+    cfg = load_config("bert_base_w2a8_kd", [*BASE, *overrides, f"data.source={data}"])
+    return evaluate_folder(cfg, str(model))["acc"]
+
+
+BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 10_000))  # words per row
+
+
+def length_buckets(model_dir: Path, data: Path, overrides: list[str]) -> dict[str, list]:
+    """{"1-5": [rows, accuracy], ...}: accuracy of a saved model on ``data``'s dev rows by length in words."""
+    import numpy as np
+
+    from kdqat_dist.config import load_config
+    from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
+    from kdqat_dist.data.tasks import get_task
+    from kdqat_dist.engine.evaluate import predict
+    from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+    from kdqat_dist.models.student import is_student_dir, load_student
+
+    cfg = load_config("bert_base_w2a8_kd", [*BASE, *overrides, f"data.source={data}"])
+    task = get_task(cfg.data)
+    dev = load_splits(cfg.data, task)["dev"]
+    tok = load_tokenizer(str(model_dir))
+    ds = tokenize_splits({"dev": dev}, tok, 64)["dev"]
+    model = load_student(model_dir) if is_student_dir(model_dir) else load_classifier(str(model_dir), 2).eval()
+    collate = Collator(tok, max_length=64 if cfg.data.padding == "max_length" else None)
+    pred, lab = predict(model, ds, collate, task, cfg.train.eval_batch_size, "cpu")
+    words = np.array([len(t.split()) for t in dev["text_a"]])
+    out = {}
+    for lo, hi in BUCKETS:
+        sel = (words >= lo) & (words <= hi)
+        out[f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"] = [int(sel.sum()), float((pred[sel] == lab[sel]).mean())]
+    return out
+
+
+def run_one(name: str, seed: int, out: Path, teacher: Path, overrides: list[str] | None = None) -> dict:
+    """Train (unless ``<out>/<name>-s<seed>`` already finished) and score one run; appends its JSON line."""
+    overrides = VARIANTS[name] if overrides is None else overrides
+    run_dir = out / f"{name}-s{seed}"
+    if (run_dir / "metrics.json").exists():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        wall = None
+    else:
+        cmd = [str(BIN), "train", "--config", "bert_base_w2a8_kd", *BASE, f"data.source={DATA / 'teacher'}",
+               f"teacher.path={teacher}", f"train.output_dir={run_dir}", f"train.seed={seed}", *overrides]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    sentences = evaluate_on(run_dir / "student", DATA / "sentences", overrides)
+    row = {"variant": name, "seed": seed, "overrides": overrides, "holdout": metrics["best"]["acc"],
+           "best_step": metrics["best"]["step"],
+           "teacher_holdout": metrics["teacher"]["acc"], "sentences": sentences,
+           "s_per_step": median_step_time(run_dir), "peak_rss_mib": metrics["memory"]["peak_rss_mib"],
+           "wall_s": wall, "buckets": length_buckets(run_dir / "student", DATA / "teacher", overrides),
+           "history": [(h["step"], h["acc"]) for h in metrics["history"]]}
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def table(out: Path) -> str:
+    """Markdown: one row per variant (mean ± sample std over its seeds) from ``<out>/results.jsonl``."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+
+    def ms(xs: list[float]) -> str:
+        pct = [100 * x for x in xs]
+        return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}" if len(pct) > 1 else f"{pct[0]:.2f}"
+
+    buckets = list(rows[0]["buckets"]) if rows and "buckets" in rows[0] else []
+    lines = ["| variant | seeds | holdout | sentence split | " + " | ".join(f"{b} words" for b in buckets)
+             + " | s/step (median) | peak RSS GiB |", "|---" * (6 + len(buckets)) + "|"]
+    for name, rs in by.items():
+        cells = [ms([r["buckets"][b][1] for r in rs]) for b in buckets] if buckets else []
+        steps = [r["s_per_step"] for r in rs if r.get("s_per_step")]
+        step = f"{statistics.median(steps):.2f}" if steps else "-"
+        rss = max(r["peak_rss_mib"] for r in rs) / 1024
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {ms([r['holdout'] for r in rs])} | "
+                     f"{ms([r['sentences'] for r in rs])} | " + " | ".join(cells)
+                     + f" | {step} | {f'{rss:.2f}' if rss else '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["adamw", "bertadam"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[42])
+    ap.add_argument("--out", type=Path, default=Path("bench/out/acc/runs"))
+    ap.add_argument("--teacher", type=Path, default=TEACHER)
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of <out>/results.jsonl")
+    ap.add_argument("--score-teacher", action="store_true",
+                    help="add the FP teacher's row (holdout, sentence split, length buckets) to results.jsonl")
+    args = ap.parse_args()
+    if args.list:
+        for k, v in VARIANTS.items():
+            print(f"{k:24s} {' '.join(v)}")
+        return
+    if args.table:
+        print(table(args.out))
+        return
+    if args.score_teacher:
+        args.out.mkdir(parents=True, exist_ok=True)
+        buckets = length_buckets(args.teacher, DATA / "teacher", [])
+        row = {"variant": "teacher (FP)", "seed": 0, "holdout": evaluate_on(args.teacher, DATA / "teacher", []),
+               "sentences": evaluate_on(args.teacher, DATA / "sentences", []), "buckets": buckets,
+               "s_per_step": None, "peak_rss_mib": 0.0}
+        with open(args.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+        return
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+    if not (args.teacher / "config.json").exists() or not (DATA / "teacher" / "train.tsv").exists():
+        sys.exit("run bench/sst2_data.py and fine-tune the teacher first (commands in bench/RESULTS.md)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    for seed in args.seeds:
+        for name in args.variants:
+            row = run_one(name, seed, args.out, args.teacher)
+            print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

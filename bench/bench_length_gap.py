@@ -1,0 +1,83 @@
+"""Where a trained student loses accuracy on long inputs: its accuracy by input length under variations
+that switch one suspect off at evaluation time (issue: the full-budget student loses 2 points on whole
+sentences).
+
+For a saved student (``kdqat train``'s ``student/``) and the SST-2 folders of ``bench/sst2_data.py`` it
+reports accuracy on the sentence-level split and on the holdout's length buckets for:
+
+- ``as trained``: evaluation batch 64, every quantizer on (what ``kdqat eval`` reports);
+- ``eval batch 1``: each example gets its own dynamic 8-bit activation ranges (per batch, a long row
+  shares its max-abs with the batch: do other rows' ranges hurt it?);
+- ``FP activations``: activation and attention quantizers off (ternary weights and embeddings kept);
+- ``FP embeddings``: the word-embedding quantizer off (the ternary word vectors as a suspect).
+
+Usage: ``python bench/bench_length_gap.py --student bench/out/acc/runs/bertadam-s42/student``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_accuracy_sst2 import BASE, BUCKETS, DATA  # noqa: E402
+
+
+def accuracy_by_length(model, data: Path, batch: int) -> tuple[float, dict[str, list]]:
+    from kdqat_dist.config import load_config
+    from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
+    from kdqat_dist.data.tasks import get_task
+    from kdqat_dist.engine.evaluate import predict
+
+    cfg = load_config("bert_base_w2a8_kd", [*BASE, f"data.source={data}"])
+    task = get_task(cfg.data)
+    dev = load_splits(cfg.data, task)["dev"]
+    tok = model.kdqat_tokenizer
+    ds = tokenize_splits({"dev": dev}, tok, 64)["dev"]
+    pred, lab = predict(model, ds, Collator(tok), task, batch, "cpu")
+    words = np.array([len(t.split()) for t in dev["text_a"]])
+    out = {}
+    for lo, hi in BUCKETS:
+        sel = (words >= lo) & (words <= hi)
+        out[f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"] = [int(sel.sum()), float((pred[sel] == lab[sel]).mean())]
+    return float((pred == lab).mean()), out
+
+
+def main() -> None:
+    from kdqat_dist.models.encoders import load_tokenizer
+    from kdqat_dist.models.student import load_student
+    from kdqat_dist.quant.api import set_quant_enabled
+    from kdqat_dist.quant.fake_quant import QuantEmbedding
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", type=Path, required=True)
+    args = ap.parse_args()
+    rows = []
+    for name in ("as trained", "eval batch 1", "FP activations", "FP embeddings"):
+        model = load_student(args.student)
+        model.kdqat_tokenizer = load_tokenizer(str(args.student))
+        if name == "FP activations":
+            set_quant_enabled(model, False, weights=False, acts=True)
+        if name == "FP embeddings":
+            for m in model.modules():
+                if isinstance(m, QuantEmbedding):
+                    set_quant_enabled(m, False, weights=True, acts=False)
+        batch = 1 if name == "eval batch 1" else 64
+        sent, _ = accuracy_by_length(model, DATA / "sentences", batch)
+        hold, buckets = accuracy_by_length(model, DATA / "teacher", batch)
+        rows.append({"variant": name, "sentences": sent, "holdout": hold, "buckets": buckets})
+        print(json.dumps(rows[-1]), flush=True)
+    head = list(rows[0]["buckets"])
+    print("| evaluation | sentence split | holdout | " + " | ".join(f"{b} words" for b in head) + " |")
+    print("|---" * (3 + len(head)) + "|")
+    for r in rows:
+        print(f"| {r['variant']} | {100 * r['sentences']:.2f} | {100 * r['holdout']:.2f} | "
+              + " | ".join(f"{100 * r['buckets'][b][1]:.2f}" for b in head) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The paper's comparison on real SST-2: TernaryBERT's KD losses vs attention map, output and unified.
+
+Same teacher, data and budget as ``bench/bench_accuracy_sst2.py`` (300 KD-QAT steps of the MiniLM teacher
+fine-tuned on 20k SST-2 rows; TWN W2, row-wise ternary E2, A8), with the optimizer and padding given by
+``--extra`` (the shipped SST-2 recipe's by default). Each loss variant runs for every seed; the script
+writes ``<out>/results.jsonl`` (one line per run), ``<out>/loss_variants.md`` (mean ± std over seeds,
+holdout and sentence-level split) and ``<out>/loss_variants.png``.
+
+Usage:
+    python bench/bench_loss_variants.py --seeds 42 43 44
+    python bench/bench_loss_variants.py --variants map output --seeds 42 --gammas 0.25 0.75
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_accuracy_sst2 import TEACHER, run_one  # noqa: E402
+
+# every variant: logits + hidden-state KD, plus its attention terms (the others 0)
+OFF = ["distill.attn_map.weight=0", "distill.attn_output.weight=0", "distill.attn_score.weight=0"]
+LOSSES: dict[str, list[str]] = {
+    "ternarybert": [*OFF, "distill.attn_score.weight=1"],  # logits + hidden + attention scores
+    "map": [*OFF, "distill.attn_map.weight=1"],
+    "output": [*OFF, "distill.attn_output.weight=1"],
+}
+EXTRA = ["train.optimizer=bertadam"]
+
+
+def unified(gamma: float) -> list[str]:
+    return [*OFF, f"distill.gamma={gamma}"]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """(mean, sample std) in percent of accuracies in [0, 1]; std 0 for one value."""
+    pct = [100 * x for x in xs]
+    return statistics.mean(pct), statistics.stdev(pct) if len(pct) > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    return [{"variant": name, "seeds": sorted(r["seed"] for r in rs),
+             "holdout": mean_std([r["holdout"] for r in rs]), "sentences": mean_std([r["sentences"] for r in rs])}
+            for name, rs in by.items()]
+
+
+def write_table(summary: list[dict], teacher: dict, path: Path) -> None:
+    lines = ["| loss | seeds | holdout (mean ± std) | sentence split (mean ± std) |", "|---|---|---|---|",
+             f"| teacher (FP) | - | {100 * teacher['holdout']:.2f} | {100 * teacher['sentences']:.2f} |"]
+    for s in summary:
+        h, t = s["holdout"], s["sentences"]
+        lines.append(f"| {s['variant']} | {', '.join(map(str, s['seeds']))} | {h[0]:.2f} ± {h[1]:.2f} | "
+                     f"{t[0]:.2f} ± {t[1]:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(summary: list[dict], teacher: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["variant"] for s in summary]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    for off, key, label in ((-0.18, "holdout", "2k holdout"), (0.18, "sentences", "sentence split")):
+        ax.bar([i + off for i in x], [s[key][0] for s in summary], 0.36, yerr=[s[key][1] for s in summary],
+               capsize=3, label=label)
+        ax.axhline(100 * teacher[key], ls="--", lw=1, color="C0" if key == "holdout" else "C1")
+    ax.set_xticks(list(x), names)
+    lo = min(s[k][0] - s[k][1] for s in summary for k in ("holdout", "sentences"))
+    ax.set_ylim(lo - 2, 100 * max(teacher.values()) + 1)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("W2/E2/A8 students by KD loss (dashed: FP teacher)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=list(LOSSES), help=f"of {', '.join(LOSSES)}")
+    ap.add_argument("--gammas", nargs="*", type=float, default=[0.5], help="unified-loss γ values to run")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    ap.add_argument("--extra", nargs="*", default=EXTRA, help="overrides added to every variant")
+    ap.add_argument("--teacher", type=Path, default=TEACHER)
+    ap.add_argument("--teacher-sentences", type=float, default=None,
+                    help="the teacher's sentence-split accuracy (0-1), for the table")
+    ap.add_argument("--out", type=Path, default=Path("bench/out/loss_variants"))
+    args = ap.parse_args()
+    bad = [v for v in args.variants if v not in LOSSES]
+    if bad:
+        sys.exit(f"unknown loss variant(s) {bad}; allowed: {', '.join(LOSSES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    todo = [(v, LOSSES[v]) for v in args.variants] + [(f"unified_{g:g}", unified(g)) for g in args.gammas]
+    rows = []
+    for seed in args.seeds:
+        for name, overrides in todo:
+            row = run_one(name, seed, args.out, args.teacher, [*overrides, *args.extra])
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("history", "buckets")}), flush=True)
+    summary = summarise(rows)
+    teacher = {"holdout": rows[0]["teacher_holdout"], "sentences": args.teacher_sentences or float("nan")}
+    write_table(summary, teacher, args.out / "loss_variants.md")
+    plot(summary, teacher, args.out / "loss_variants.png")
+    print((args.out / "loss_variants.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Real SST-2 folders for the accuracy benchmarks, made from ``../shared/data/sst2/train.tsv`` (never committed).
+
+The official dev set is not available here, so the last 2,000 rows of the training file are held out;
+the rest is the training pool. Folders written (GLUE format, ``train.tsv`` + ``dev.tsv``):
+
+- ``teacher/``: 20,000 rows drawn with ``random.Random(0).sample(pool, 20000)`` (the accuracy issue's
+  teacher recipe) and the holdout as dev;
+- ``full/``: the whole pool (65,349 rows) and the holdout as dev;
+- ``sentences/``: a dev set of the holdout rows that read like whole sentences (see
+  :func:`is_sentence`), for scoring a student on sentence-level data.
+
+Usage: ``python bench/sst2_data.py --out bench/out/sst2`` (idempotent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+HOLDOUT = 2000
+TEACHER_ROWS = 20000
+SENTENCE_MIN_WORDS = 8
+
+
+def is_sentence(text: str) -> bool:
+    """A holdout row that reads like a whole sentence: at least 8 words and ending in sentence
+    punctuation (SST-2's training file is mostly phrase fragments, its dev set whole sentences)."""
+    return len(text.split()) >= SENTENCE_MIN_WORDS and text.rstrip()[-1:] in (".", "!", "?")
+
+
+def _write(folder: Path, header: list[str], train: list[list[str]], dev: list[list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train.tsv", train), ("dev.tsv", dev)):
+        # written back verbatim (a csv.writer would escape the quotes inside sentences)
+        (folder / name).write_text("\n".join("\t".join(r) for r in [header, *part]) + "\n")
+
+
+def make(out: Path, src: Path = SHARED) -> dict[str, int]:
+    lines = src.read_text().splitlines()
+    header, body = lines[0].split("\t"), [ln.split("\t") for ln in lines[1:] if ln]
+    pool, holdout = body[:-HOLDOUT], body[-HOLDOUT:]
+    teacher = random.Random(0).sample(pool, TEACHER_ROWS)
+    sentences = [r for r in holdout if is_sentence(r[0])]
+    _write(out / "teacher", header, teacher, holdout)
+    _write(out / "full", header, pool, holdout)
+    _write(out / "sentences", header, teacher[:64], sentences)
+    return {"pool": len(pool), "holdout": len(holdout), "teacher_train": len(teacher), "sentences": len(sentences)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(SHARED))
+    ap.add_argument("--out", default="bench/out/sst2")
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        sys.exit(f"SST-2 not found at {args.data}")
+    print(make(Path(args.out), Path(args.data)))
+
+
+if __name__ == "__main__":
+    main()
