@@ -11,6 +11,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+
+def _register_with_transformers() -> None:
+    # `import kdqat_dist` makes transformers' from_pretrained understand a student folder's
+    # quantization_config (quant_method "kdqat"): see kdqat_dist.quant.hf_quantizer.
+    from kdqat_dist.quant.hf_quantizer import register
+
+    register()
+
+
+_register_with_transformers()
+
 _LAZY = {
     "prepare": "kdqat_dist.quant.api",
     "convert": "kdqat_dist.quant.api",

@@ -476,6 +476,11 @@ def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     return dataclasses.replace(base, **kwargs)
 
 
+def build_section(cls: type, data: dict, prefix: str = "") -> Any:
+    """A config section (e.g. :class:`QuantConfig`) from a saved dict, unknown keys refused by name."""
+    return _build(cls, data, prefix)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

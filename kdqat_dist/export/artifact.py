@@ -16,6 +16,7 @@ dequantized weights. It needs nothing but this folder, and never imports DeepSpe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdqat_dist.config import ALLOWED_BITS, ConfigError, QuantConfig, _build, to_dict
+from kdqat_dist.config import ALLOWED_BITS, ConfigError, QuantConfig, build_section, to_dict
 from kdqat_dist.export.packing import (
     Encoding,
     choose_encoding,
@@ -294,12 +295,15 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
 def _write_side_files(model: nn.Module, out: Path, tokenizer, files_from) -> None:
     if files_from is not None:
         src = Path(files_from)
-        shutil.copy2(src / "config.json", out / "config.json")
         for p in src.iterdir():
             if p.is_file() and p.name.startswith(_TOKENIZER_PREFIXES):
                 shutil.copy2(p, out / p.name)
-    else:
-        model.config.save_pretrained(out)
+    # The student's quantization_config (quant_method "kdqat") describes latent weights and steps, not the
+    # packed codes: an export is loaded with kdqat_dist.export.load, so its config.json is the plain one.
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
@@ -326,7 +330,7 @@ def export_student(student_dir: str | Path, out_dir: str | Path, base3: bool = F
                           "model was never quantized: export the student/ folder written by `kdqat train`")
     try:
         meta = json.loads((src / STUDENT_META).read_text())
-        quant = _build(QuantConfig, meta["quant"], "quant")
+        quant = build_section(QuantConfig, meta["quant"], "quant")
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"--student: {src / STUDENT_META} is unreadable ({type(exc).__name__})") from None
     if not quant.enabled:
@@ -432,7 +436,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     meta = read_meta(p)
     wfile = verify_file(p, meta)
     try:
-        quant = _build(QuantConfig, meta["quant"], "quant")
+        quant = build_section(QuantConfig, meta["quant"], "quant")
     except ConfigError as exc:
         raise ConfigError(f"{p / EXPORT_META}: bad quant config ({exc})") from None
     if not (p / "config.json").exists():

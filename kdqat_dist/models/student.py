@@ -7,6 +7,7 @@ reloads with :func:`load_student` into exactly the fake-quant model that was eva
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from kdqat_dist.config import ConfigError, QuantConfig, _build, to_dict
+from kdqat_dist.config import ConfigError, QuantConfig, build_section, to_dict
 from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.encoders import encoder_layers, load_classifier
 from kdqat_dist.models.layer_map import layer_map
-from kdqat_dist.quant.api import prepare
+from kdqat_dist.quant.api import mark_calibrated, prepare
+from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig
 
 STUDENT_META = "kdqat_student.json"
 FORMAT_VERSION = 1
@@ -54,7 +56,11 @@ def save_student(model: nn.Module, out_dir: str | Path, quant: QuantConfig, toke
     """Write a student folder that :func:`load_student` rebuilds exactly."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
+    # config.json says the folder is a kdqat-quantized model (transformers' quantization_config), so
+    # AutoModelForSequenceClassification.from_pretrained rebuilds the student with kdqat_dist imported
+    config = copy.deepcopy(model.config)
+    config.quantization_config = KdqatQuantizationConfig.from_quant(quant).to_dict()
+    config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -83,7 +89,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         raise ConfigError(f"{p} is not a kdqat student folder (no {STUDENT_META}); "
                           "it must be the student/ folder written by `kdqat train`")
     meta = json.loads((p / STUDENT_META).read_text())
-    quant = _build(QuantConfig, meta["quant"], "quant")
+    quant = build_section(QuantConfig, meta["quant"], "quant")
     try:
         config = AutoConfig.from_pretrained(p)
     except (OSError, ValueError) as exc:
@@ -98,8 +104,5 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     if missing or unexpected:
         raise ConfigError(f"{p}: checkpoint does not match its config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    # LSQ activation steps were calibrated before saving: don't recalibrate on first use.
-    for m in model.modules():
-        if hasattr(m, "initialized"):
-            m.initialized.fill_(True)
+    mark_calibrated(model)  # LSQ activation steps were calibrated before saving: no recalibration on first use
     return model.to(device).eval()

@@ -122,6 +122,14 @@ def set_quant_enabled(model: nn.Module, enabled: bool, weights: bool = True, act
             q.enabled = enabled and q.cfg.enabled
 
 
+def mark_calibrated(model: nn.Module) -> None:
+    """Mark every LSQ activation step as calibrated: a loaded student's steps are learned values, which a
+    first forward must not re-initialise."""
+    for m in model.modules():
+        if isinstance(m, ActFakeQuant) and hasattr(m, "initialized"):
+            m.initialized.fill_(True)
+
+
 def is_prepared(model: nn.Module) -> bool:
     return any(True for _ in fake_quantizers(model))
 

@@ -1,0 +1,83 @@
+"""kdqat students as Hugging Face quantized models: ``quant_method: "kdqat"`` in ``config.json``.
+
+transformers' public extension points for quantization methods (``register_quantization_config`` /
+``register_quantizer``, as torchao and compressed-tensors plug in) let ``from_pretrained`` rebuild a saved
+student: the quantizer swaps in the fake-quant modules (:func:`~kdqat_dist.quant.api.prepare`) on the
+skeleton before the weights load, so the learned steps load into their parameters, and marks the
+activation steps as calibrated afterwards. ``import kdqat_dist`` registers it; then
+
+    AutoModelForSequenceClassification.from_pretrained(student_dir)
+
+returns the student ``kdqat eval`` scores, logit for logit. Without kdqat_dist imported transformers does
+not know the method: it logs "Unknown quantization type, got kdqat ... we will skip the quantization" and
+builds the plain model from the latent full-precision weights (a different model; the warning is the only
+signal transformers' public API allows us).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from kdqat_dist.config import QuantConfig, build_section, to_dict
+
+QUANT_METHOD = "kdqat"
+FORMAT_VERSION = 1
+
+
+class KdqatQuantizationConfig(QuantizationConfigMixin):
+    """``config.json``'s ``quantization_config``: the run's whole ``quant`` section (methods, bits,
+    granularity, per-module rules, skips), so the student is rebuilt exactly as it was trained."""
+
+    def __init__(self, quant: dict[str, Any] | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.quant = quant or {}
+        self.format_version = format_version
+
+    @classmethod
+    def from_quant(cls, quant: QuantConfig) -> KdqatQuantizationConfig:
+        return cls(quant=to_dict(quant))
+
+    def quant_config(self) -> QuantConfig:
+        return build_section(QuantConfig, self.quant, "quantization_config.quant")
+
+
+class KdqatHfQuantizer(HfQuantizer):
+    """Loads a saved kdqat student: fake-quant modules first, then the weights and learned steps."""
+
+    requires_calibration = True  # only pre-quantized (trained) students load; nothing is quantized here
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from kdqat_dist.quant.api import prepare
+
+        prepare(model, self.quantization_config.quant_config())
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from kdqat_dist.quant.api import mark_calibrated
+
+        mark_calibrated(model)
+        return model
+
+    def is_serializable(self, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the method with transformers (idempotent: a second import or a reload is a no-op)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
+        register_quantization_config(QUANT_METHOD)(KdqatQuantizationConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
+        register_quantizer(QUANT_METHOD)(KdqatHfQuantizer)

@@ -1,0 +1,83 @@
+"""A saved student is a Hugging Face model that knows it is quantized (config.json's quantization_config):
+with kdqat_dist imported, AutoModelForSequenceClassification.from_pretrained returns the quantized student."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import kdqat_dist  # noqa: F401  (registers quant_method "kdqat" with transformers)
+from kdqat_dist.config import QuantConfig, QuantRule
+from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.models.student import load_student, save_student
+from kdqat_dist.models.tiny import make_tiny_checkpoint
+from kdqat_dist.quant.api import calibrate_activations, prepare
+from kdqat_dist.quant.fake_quant import QuantLinear
+
+TEXTS = ["the film was great", "a dull , boring film and bad acting", "not bad at all"]
+
+
+def _student(tmp_path, quant: QuantConfig):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    tok = load_tokenizer(str(base))
+    model = load_classifier(str(base), 2)
+    prepare(model, quant)
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    calibrate_activations(model, batch)
+    with torch.no_grad():  # move the learned steps off their initial values, as training does
+        for name, p in model.named_parameters():
+            if name.endswith(".step"):
+                p.mul_(1.3)
+    save_student(model, tmp_path / "student", quant, tok)
+    return tmp_path / "student", batch
+
+
+def _lsq_rules() -> QuantConfig:
+    q = QuantConfig()
+    q.weight.method, q.weight.bits, q.act.method = "lsq", 4, "lsq"
+    q.rules = [QuantRule(pattern=r"intermediate\.dense$", weight_bits=8, weight_method="sym")]
+    return q
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(), _lsq_rules()], ids=["twn", "lsq_rules"])
+def test_from_pretrained_returns_the_quantized_student(tmp_path, quant):
+    folder, batch = _student(tmp_path, quant)
+    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "kdqat" and cfg["quant"]["weight"]["method"] == quant.weight.method
+    assert cfg["quant"]["rules"] == [r.__dict__ for r in quant.rules]
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ours = load_student(folder)
+    assert isinstance(hf.bert.encoder.layer[0].attention.self.query, QuantLinear)
+    assert hf.is_quantized and hf.config.quantization_config.quant_method == "kdqat"
+    with torch.no_grad():
+        assert torch.equal(hf(**batch).logits, ours(**batch).logits)
+        plain = load_classifier(str(tmp_path / "base"), 2).eval()
+        assert not torch.allclose(hf(**batch).logits, plain(**batch).logits)  # really quantized
+    for (n, a), (_, b) in zip(sorted(hf.state_dict().items()), sorted(ours.state_dict().items()), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_a_folder_saved_before_quantization_config_still_loads_through_kdqat(tmp_path):
+    folder, batch = _student(tmp_path, QuantConfig())
+    ref = load_student(folder)
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["quantization_config"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    with torch.no_grad():
+        assert torch.equal(load_student(old)(**batch).logits, ref(**batch).logits)
+
+
+def test_without_kdqat_dist_transformers_says_it_skips_the_quantization(tmp_path):
+    folder, _ = _student(tmp_path, QuantConfig())
+    code = ("import transformers, sys; transformers.logging.set_verbosity_warning(); "
+            "from transformers import AutoModelForSequenceClassification as A; "
+            f"A.from_pretrained({str(folder)!r}); assert 'kdqat_dist' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Unknown quantization type, got kdqat" in r.stderr and "skip the quantization" in r.stderr
