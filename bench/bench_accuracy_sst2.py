@@ -73,31 +73,38 @@ def evaluate_on(model: Path, data: Path, overrides: list[str]) -> float:
 BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 10_000))  # words per row
 
 
-def length_buckets(model_dir: Path, data: Path, overrides: list[str]) -> dict[str, list]:
-    """{"1-5": [rows, accuracy], ...}: accuracy of a saved model on ``data``'s dev rows by length in words."""
+def accuracy_by_length(model, tokenizer, data: Path, overrides: list[str], batch: int | None = None
+                       ) -> tuple[float, dict[str, list]]:
+    """(accuracy, {"1-5": [rows, accuracy], ...}) of ``model`` on ``data``'s dev rows, by length in words."""
     import numpy as np
 
     from kdqat_dist.config import load_config
     from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
     from kdqat_dist.data.tasks import get_task
     from kdqat_dist.engine.evaluate import predict
-    from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-    from kdqat_dist.models.student import is_student_dir, load_student
 
     cfg = load_config("bert_base_w2a8_kd", [*BASE, *overrides, f"data.source={data}"])
     task = get_task(cfg.data)
     dev = load_splits(cfg.data, task)["dev"]
-    tok = load_tokenizer(str(model_dir))
-    ds = tokenize_splits({"dev": dev}, tok, 64)["dev"]
-    model = load_student(model_dir) if is_student_dir(model_dir) else load_classifier(str(model_dir), 2).eval()
-    collate = Collator(tok, max_length=64 if cfg.data.padding == "max_length" else None)
-    pred, lab = predict(model, ds, collate, task, cfg.train.eval_batch_size, "cpu")
+    ds = tokenize_splits({"dev": dev}, tokenizer, 64)["dev"]
+    collate = Collator(tokenizer, max_length=64 if cfg.data.padding == "max_length" else None)
+    pred, lab = predict(model, ds, collate, task, batch or cfg.train.eval_batch_size, "cpu")
     words = np.array([len(t.split()) for t in dev["text_a"]])
     out = {}
     for lo, hi in BUCKETS:
         sel = (words >= lo) & (words <= hi)
-        out[f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"] = [int(sel.sum()), float((pred[sel] == lab[sel]).mean())]
-    return out
+        acc = float((pred[sel] == lab[sel]).mean()) if sel.any() else float("nan")
+        out[f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"] = [int(sel.sum()), acc]
+    return float((pred == lab).mean()), out
+
+
+def length_buckets(model_dir: Path, data: Path, overrides: list[str]) -> dict[str, list]:
+    """Accuracy by length of a saved student or FP model folder (see :func:`accuracy_by_length`)."""
+    from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+    from kdqat_dist.models.student import is_student_dir, load_student
+
+    model = load_student(model_dir) if is_student_dir(model_dir) else load_classifier(str(model_dir), 2).eval()
+    return accuracy_by_length(model, load_tokenizer(str(model_dir)), data, overrides)[1]
 
 
 def run_one(name: str, seed: int, out: Path, teacher: Path, overrides: list[str] | None = None) -> dict:

@@ -21,30 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_accuracy_sst2 import BASE, BUCKETS, DATA  # noqa: E402
-
-
-def accuracy_by_length(model, data: Path, batch: int) -> tuple[float, dict[str, list]]:
-    from kdqat_dist.config import load_config
-    from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
-    from kdqat_dist.data.tasks import get_task
-    from kdqat_dist.engine.evaluate import predict
-
-    cfg = load_config("bert_base_w2a8_kd", [*BASE, f"data.source={data}"])
-    task = get_task(cfg.data)
-    dev = load_splits(cfg.data, task)["dev"]
-    tok = model.kdqat_tokenizer
-    ds = tokenize_splits({"dev": dev}, tok, 64)["dev"]
-    pred, lab = predict(model, ds, Collator(tok), task, batch, "cpu")
-    words = np.array([len(t.split()) for t in dev["text_a"]])
-    out = {}
-    for lo, hi in BUCKETS:
-        sel = (words >= lo) & (words <= hi)
-        out[f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"] = [int(sel.sum()), float((pred[sel] == lab[sel]).mean())]
-    return float((pred == lab).mean()), out
+from bench_accuracy_sst2 import DATA, accuracy_by_length  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +37,7 @@ def main() -> None:
     rows = []
     for name in ("as trained", "eval batch 1", "FP activations", "FP embeddings"):
         model = load_student(args.student)
-        model.kdqat_tokenizer = load_tokenizer(str(args.student))
+        tok = load_tokenizer(str(args.student))
         if name == "FP activations":
             set_quant_enabled(model, False, weights=False, acts=True)
         if name == "FP embeddings":
@@ -67,8 +45,8 @@ def main() -> None:
                 if isinstance(m, QuantEmbedding):
                     set_quant_enabled(m, False, weights=True, acts=False)
         batch = 1 if name == "eval batch 1" else 64
-        sent, _ = accuracy_by_length(model, DATA / "sentences", batch)
-        hold, buckets = accuracy_by_length(model, DATA / "teacher", batch)
+        sent, _ = accuracy_by_length(model, tok, DATA / "sentences", [], batch)
+        hold, buckets = accuracy_by_length(model, tok, DATA / "teacher", [], batch)
         rows.append({"variant": name, "sentences": sent, "holdout": hold, "buckets": buckets})
         print(json.dumps(rows[-1]), flush=True)
     head = list(rows[0]["buckets"])
