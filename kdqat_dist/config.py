@@ -180,6 +180,9 @@ class DataConfig:
     max_eval_samples: int | None = None
     demo_size: int = 4000
     demo_seed: int = 0
+    # easy (the adjective decides: a tiny random model learns it in seconds), standard, or hard (frames that
+    # reverse a clause, 5 % label noise); see kdqat_dist/data/demo.py
+    demo_level: str = "standard"
     cache_dir: str = ""  # tokenisation cache; "" = ~/.cache/kdqat_dist/tokenized
 
 

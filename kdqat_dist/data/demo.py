@@ -17,6 +17,18 @@ Grammar (every token is lowercase; "," is its own token)::
                 [intensifier] adjective
     pol(clause) = polarity(adjective), flipped when the clause has a negation (not / never / hardly)
 
+Three levels (``data.demo_level``):
+
+- ``easy``: simple clauses without negation; the label is the adjective's polarity (a bag of words reads
+  it off; a tiny random encoder learns it in seconds, so smoke runs and sweeps can see accuracy move);
+- ``standard``: the grammar above;
+- ``hard``: the grammar above, and any clause may sit inside a frame that keeps its sentiment ("critics
+  agree that ...") or reverses it ("nobody would say that ...", "it is not true that ..."), so a clause's
+  polarity is the parity of up to three switches (adjective, negation, frame) and a contrast sentence
+  needs that parity for the clause that counts; and a fixed share of labels (``HARD_LABEL_NOISE``) is
+  flipped at random, in train and dev alike, as in real annotations. The best possible dev accuracy is
+  about ``1 - HARD_LABEL_NOISE``: a model that scores 100 % here has memorised noise.
+
 Openers, closers, determiners, aspects, verbs and intensifiers carry no sentiment. In contrast sentences
 one clause of each polarity appears, so their bag of words is the same for both labels; in simple
 clauses negation makes the adjective's polarity an XOR with the negation word, which a linear model over
@@ -64,7 +76,15 @@ CLOSERS = (
     "this year", "at the festival", "last night", "on the big screen", "for a sequel", "by the end",
     "in my opinion", "on a second viewing", "for its genre", "from start to finish", "at the cinema",
 )
-NEGATIONS = frozenset({"not", "never", "hardly"})
+# hard level: frames around a clause; the reversing ones hold exactly one negation word each
+KEEP_FRAMES = ("critics agree that", "it is true that", "everyone says that", "i would say that",
+               "we all felt that")
+FLIP_FRAMES = ("nobody would say that", "it is not true that", "i would never say that",
+               "it is hardly fair to say that", "no one felt that")
+NEGATIONS = frozenset({"not", "never", "hardly", "nobody", "no"})
+HARD_LABEL_NOISE = 0.05
+_P_FRAME = 0.4
+LEVELS = ("easy", "standard", "hard")
 CONNECTORS = ("and", "but", "although", "though")
 
 # Mixture of sentence shapes and rates, tuned so that a bag-of-words logistic regression reaches about
@@ -80,14 +100,18 @@ def vocabulary() -> list[str]:
     """Every token the generator can produce (lowercase words and ","), sorted."""
     phrases = [
         *POSITIVE, *NEGATIVE, *ASPECTS, *DETERMINERS, *VERBS, *NEG_VERBS, *PRONOUNS, *FIND_POS, *FIND_NEG,
-        *INTENSIFIERS, *OPENERS, *CLOSERS, *CONNECTORS, ",",
+        *INTENSIFIERS, *OPENERS, *CLOSERS, *CONNECTORS, *KEEP_FRAMES, *FLIP_FRAMES, ",",
     ]
     return sorted({tok for p in phrases for tok in p.split()})
 
 
-def _clause(rng: random.Random, polarity: int) -> str:
+def _clause(rng: random.Random, polarity: int, level: str = "standard") -> str:
     """One clause whose sentiment is ``polarity`` (1 positive, 0 negative)."""
-    negated = rng.random() < _P_NEGATE
+    if level == "hard" and rng.random() < _P_FRAME:
+        flip = rng.random() < 0.5
+        frame = rng.choice(FLIP_FRAMES if flip else KEEP_FRAMES)
+        return f"{frame} {_clause(rng, polarity ^ int(flip))}"
+    negated = level != "easy" and rng.random() < _P_NEGATE
     adj_pol = polarity ^ int(negated)
     adj = rng.choice(POSITIVE if adj_pol else NEGATIVE)
     subject = f"{rng.choice(DETERMINERS)} {rng.choice(ASPECTS)}"
@@ -104,13 +128,13 @@ def _clause(rng: random.Random, polarity: int) -> str:
     return " ".join(words)
 
 
-def _sentence(rng: random.Random, label: int) -> str:
-    shape = rng.choices([s for s, _ in _SHAPES], weights=[w for _, w in _SHAPES])[0]
-    main, other = _clause(rng, label), _clause(rng, 1 - label)
+def _sentence(rng: random.Random, label: int, level: str = "standard") -> str:
+    shape = "simple" if level == "easy" else rng.choices([s for s, _ in _SHAPES], weights=[w for _, w in _SHAPES])[0]
+    main, other = _clause(rng, label, level), _clause(rng, 1 - label, level)
     if shape == "simple":
         body = main
     elif shape == "and":
-        body = f"{main} and {_clause(rng, label)}"
+        body = f"{main} and {_clause(rng, label, level)}"
     elif shape == "but":
         body = f"{other} but {main}"
     elif shape == "although":
@@ -126,23 +150,29 @@ def _sentence(rng: random.Random, label: int) -> str:
     return " ".join(parts)
 
 
-def make_demo(n: int, seed: int) -> dict[str, list[dict]]:
+def make_demo(n: int, seed: int, level: str = "standard") -> dict[str, list[dict]]:
     """``n`` distinct sentences split into ``train`` and ``dev`` (15 %, at least 1 of each when n >= 2).
 
     Records are ``{"text_a": str, "text_b": None, "label": int}`` with labels 0 = negative, 1 = positive.
-    The same ``(n, seed)`` always gives the same data.
+    The same ``(n, seed, level)`` always gives the same data. At the hard level a ``HARD_LABEL_NOISE``
+    share of the labels is flipped (so ``rule_label`` disagrees with exactly those rows).
     """
     if n < 2:
         raise ValueError(f"demo size must be >= 2, got {n}")
+    if level not in LEVELS:
+        raise ValueError(f"demo level must be one of {', '.join(LEVELS)}, got {level!r}")
     rng = random.Random(seed)
+    noise = random.Random(f"{seed}-noise")  # its own stream: the texts do not depend on the noise
     seen: set[str] = set()
     records: list[dict] = []
     # Distinct texts, so no dev sentence also appears in train.
     while len(records) < n:
         label = int(rng.random() < 0.5)
-        text = _sentence(rng, label)
+        text = _sentence(rng, label, level)
         if text not in seen:
             seen.add(text)
+            if level == "hard" and noise.random() < HARD_LABEL_NOISE:
+                label = 1 - label
             records.append({"text_a": text, "text_b": None, "label": label})
     n_dev = min(max(1, round(0.15 * n)), n - 1)
     return {"train": records[: n - n_dev], "dev": records[n - n_dev:]}
@@ -152,7 +182,8 @@ def _clause_polarity(tokens: list[str]) -> int:
     adj = [t for t in tokens if t in _POS_SET or t in _NEG_SET]
     if len(adj) != 1:
         raise ValueError(f"expected one sentiment adjective in {' '.join(tokens)!r}")
-    return int(adj[0] in _POS_SET) ^ int(any(t in NEGATIONS for t in tokens))
+    # each negation word (in the predicate or in a reversing frame) flips the clause once
+    return int(adj[0] in _POS_SET) ^ (sum(t in NEGATIONS for t in tokens) % 2)
 
 
 _POS_SET = frozenset(POSITIVE)

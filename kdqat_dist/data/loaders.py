@@ -33,7 +33,7 @@ from datasets.utils import logging as ds_logging
 from torch.utils.data import DataLoader, Sampler
 
 from kdqat_dist.config import DataConfig
-from kdqat_dist.data.demo import make_demo
+from kdqat_dist.data.demo import LEVELS, make_demo
 from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.tasks import TaskSpec
 
@@ -329,7 +329,9 @@ def _load_demo(cfg: DataConfig, task: TaskSpec) -> dict[str, Dataset]:
                         "empty (use task: custom for your own files)")
     if cfg.demo_size < 2:
         raise DataError(f"data.demo_size: got {cfg.demo_size}; must be >= 2")
-    demo = make_demo(cfg.demo_size, cfg.demo_seed)
+    if cfg.demo_level not in LEVELS:
+        raise DataError(f"data.demo_level: got {cfg.demo_level!r}; allowed: {', '.join(LEVELS)}")
+    demo = make_demo(cfg.demo_size, cfg.demo_seed, cfg.demo_level)
     return {split: Dataset.from_list(recs, features=_features(task)) for split, recs in demo.items()}
 
 
