@@ -8,21 +8,93 @@ names the key and what is allowed; the CLI prints that line and exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-ALLOWED_BITS = (2, 3, 4, 8)
-INITS = ("mean", "percentile", "kl", "kl_cdf")  # LSQ step initialisations (quant/quantizers.py lsq_init)
+
+# --------------------------------------------------------------------------- value sets and constraints
+# Each allowed set is written once, here, as a Literal; the loader reads it from the field's type hint
+# (so a saved config, loaded with build_section, is checked the same way as a recipe).
+
+Bits = Literal[2, 3, 4, 8]
+# The quantizers of quant/quantizers.py: twn_ternary, symmetric_quant, mean_clip_quant, lsq_quant.
+WeightMethod = Literal["twn", "sym", "mean_clip", "lsq"]
+ActMethod = Literal["sym", "lsq"]  # dynamic max-abs (symmetric_quant) or learned step size (lsq_quant)
+Granularity = Literal["tensor", "row"]
+LsqInit = Literal["mean", "percentile", "kl", "kl_cdf"]  # quant/quantizers.py lsq_init
+Device = Literal["auto", "cpu", "cuda"]
+
+ALLOWED_BITS: tuple[int, ...] = typing.get_args(Bits)
+INITS: tuple[str, ...] = typing.get_args(LsqInit)
 
 
 class ConfigError(ValueError):
     """A user error in a config file, an override or a CLI argument (printed as one line)."""
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number's allowed interval, checked by the loader: ``Annotated[float, Range(gt=0)]``.
+
+    ``note`` is appended to the error message, e.g. ``"(0: no clipping)"``.
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    note: str = ""
+
+    def __str__(self) -> str:
+        lo = f"({_num(self.gt)}" if self.gt is not None else f"[{_num(self.ge)}" if self.ge is not None else None
+        hi = f"{_num(self.lt)})" if self.lt is not None else f"{_num(self.le)}]" if self.le is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f"{'>' if self.gt is not None else '>='} {lo[1:]}"
+        return f"{'<' if self.lt is not None else '<='} {hi[:-1]}"
+
+    def problem(self, value: Any, nullable: bool) -> str | None:
+        """None if ``value`` is in range, else the message after ``key: ``."""
+        ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+              and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+        if ok:
+            return None
+        note = f" {self.note}" if self.note else ""
+        return f"got {value!r}; must be {self}{' or null' if nullable else ''}{note}"
+
+
+@dataclass(frozen=True)
+class Regex:
+    """A string that must compile as a regular expression (and, with ``nonempty``, not be empty)."""
+
+    nonempty: bool = False
+
+    def problem(self, value: str, nullable: bool) -> str | None:
+        if self.nonempty and not value:
+            return "must be a non-empty regex"
+        try:
+            re.compile(value)
+        except re.error as exc:
+            return f"{value!r} is not a valid regex ({exc})"
+        return None
+
+
+Positive = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+PositiveInt = Annotated[int, Range(ge=1)]
+Percentile = Annotated[float, Range(gt=50, le=100)]
 
 
 # --------------------------------------------------------------------------- sections
@@ -56,19 +128,19 @@ class StudentConfig:
 
 @dataclass
 class WeightQuantConfig:
-    """A weight quantizer (ALGORITHMS.md A.2, A.5, A.6)."""
+    """A weight quantizer (docs/algorithms.md, "Quantizers")."""
 
     enabled: bool = True
-    bits: int = 2
+    bits: Bits = 2
     # twn: ternary, threshold 0.7*mean|w| (bits=2 only); sym: max-abs uniform; mean_clip: clip at the mean
     # of |w| above mean|w| (the reference's 4-bit TwnQuantizer_mx); lsq: learned step size.
-    method: str = "twn"
-    granularity: str = "tensor"  # tensor | row
-    clip: float | None = 2.5  # STE zeroes the gradient where |w| >= clip; null disables
+    method: WeightMethod = "twn"
+    granularity: Granularity = "tensor"
+    clip: Positive | None = 2.5  # STE zeroes the gradient where |w| >= clip; null disables
     # LSQ step initialisation: mean (2*mean|w|/sqrt(Q_P), Esser et al.), percentile, kl (TensorRT-style
     # KL) or kl_cdf (KDLSQ-BERT's own CDF-interpolated KL with sqrt bins).
-    init: str = "mean"
-    percentile: float = 97.5
+    init: LsqInit = "mean"
+    percentile: Percentile = 97.5
     narrow_range: bool = True  # LSQ: symmetric levels (-Q_P..Q_P); at 2 bits this is ternary
     # LSQ: the weight gradient passes straight through outside the clip range (KDLSQ-BERT) instead of
     # being zeroed there (LSQ)
@@ -77,15 +149,15 @@ class WeightQuantConfig:
 
 @dataclass
 class ActQuantConfig:
-    """An activation quantizer (ALGORITHMS.md A.4, A.5)."""
+    """An activation quantizer (docs/algorithms.md, "Quantizers")."""
 
     enabled: bool = True
-    bits: int = 8
-    method: str = "sym"  # sym: dynamic per-tensor max-abs; lsq: learned step size
-    # The reference clamps every quantized activation to [-2.5, 2.5] before scaling (A.4); null disables.
-    clip: float | None = 2.5
-    init: str = "mean"  # LSQ: mean | percentile | kl | kl_cdf, computed on the first calibration batch
-    percentile: float = 99.9
+    bits: Bits = 8
+    method: ActMethod = "sym"  # sym: dynamic per-tensor max-abs; lsq: learned step size
+    # The reference clamps every quantized activation to [-2.5, 2.5] before scaling; null disables.
+    clip: Positive | None = 2.5
+    init: LsqInit = "mean"  # LSQ: computed on the first calibration batch
+    percentile: Percentile = 99.9
 
 
 @dataclass
@@ -95,12 +167,12 @@ class QuantRule:
     The first matching rule wins. ``quantize: false`` keeps the module in full precision.
     """
 
-    pattern: str = ""
+    pattern: Annotated[str, Regex(nonempty=True)] = ""
     quantize: bool = True
-    weight_bits: int | None = None
-    weight_method: str | None = None
-    weight_granularity: str | None = None
-    act_bits: int | None = None
+    weight_bits: Bits | None = None
+    weight_method: WeightMethod | None = None
+    weight_granularity: Granularity | None = None
+    act_bits: Bits | None = None
     act_enabled: bool | None = None
 
 
@@ -120,17 +192,18 @@ class QuantConfig:
     quantize_embedding: bool = True
     rules: list[QuantRule] = field(default_factory=list)
     # Kept in full precision unless a rule says otherwise (classifier heads, as in the reference).
-    skip: list[str] = field(default_factory=lambda: [r"(^|\.)classifier(\.|$)"])
+    skip: list[Annotated[str, Regex()]] = field(default_factory=lambda: [r"(^|\.)classifier(\.|$)"])
 
 
 @dataclass
 class LossTerm:
-    weight: float = 0.0
+    weight: Annotated[float, Range(ge=0, note="(0 switches the term off)")] = 0.0
 
 
 @dataclass
 class DistillConfig:
-    """Loss weights (ALGORITHMS.md A.7). A weight of 0 switches a term off and nothing is tapped for it."""
+    """Loss weights (docs/algorithms.md, "Losses"). A weight of 0 switches a term off and nothing is tapped
+    for it."""
 
     logits: LossTerm = field(default_factory=lambda: LossTerm(1.0))
     hidden: LossTerm = field(default_factory=lambda: LossTerm(1.0))
@@ -140,20 +213,20 @@ class DistillConfig:
     context: LossTerm = field(default_factory=LossTerm)  # ablation: per-head softmax(A)V
     sa_output: LossTerm = field(default_factory=LossTerm)  # ablation: W_o ctx + b, no residual/LN
     ground_truth: LossTerm = field(default_factory=LossTerm)  # CE/MSE against the labels
-    temperature: float = 1.0  # logit KD temperature
+    temperature: Positive = 1.0  # logit KD temperature
     # soft cross-entropy on logits: mean over the batch of the sum over classes (TernaryBERT), or the mean
     # over batch x classes (KDLSQ-BERT's .mean(): the batch mean divided by the number of classes)
-    soft_ce_reduction: str = "batch"
+    soft_ce_reduction: Literal["batch", "batch_classes"] = "batch"
     # The [B, S, D] MSE terms (hidden, attn_output, context, sa_output) average over real tokens only
     # (valid), or over every position, padding included (all: the reference, whose batches are all padded to
     # max length). valid is the default: with "all" a long row's tokens weigh less the more padding its
     # batch has, and on SST-2 it was worth +0.8 points on the holdout and +2.9 on whole sentences
     # (bench/RESULTS.md, accuracy ablation).
-    mse_tokens: str = "valid"
+    mse_tokens: Literal["all", "valid"] = "valid"
     # Unified loss: when set, attn_map weight = gamma and attn_output weight = 1 - gamma.
-    gamma: float | None = None
+    gamma: Annotated[float, Range(ge=0, le=1)] | None = None
     # identity | uniform | an explicit list: student layer i learns from teacher layer layer_map[i]
-    layer_map: Any = "identity"
+    layer_map: Literal["identity", "uniform"] | list[int] = "identity"
     # Call each teacher attention block (but the last tapped) again in the backward instead of keeping its
     # output and Q, K for it: 2 of the 3 [B, S, D] tensors a layer keeps fewer, for a fraction of a teacher
     # forward more time. Exact either way (the same gradients, bit for bit). A ZeRO-3 teacher always keeps them.
@@ -162,7 +235,9 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "demo"  # a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte), demo, or custom
+    # a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte), demo, or custom; checked against the task registry
+    # (data/tasks.py), which also knows the aliases
+    task: str = "demo"
     # "" = built-in (demo) or the hub (GLUE); a GLUE-format directory; or a hub dataset name.
     source: str = ""
     train_file: str = ""  # custom tasks: CSV / JSON / JSONL / Parquet / TSV
@@ -175,7 +250,7 @@ class DataConfig:
     max_seq_length: int | None = None  # None: the per-task value from the recipe table
     # longest: pad each batch to its longest row; max_length: to max_seq_length (the reference code's
     # padding; its KD means over positions then count the padded ones)
-    padding: str = "longest"
+    padding: Literal["longest", "max_length"] = "longest"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     demo_size: int = 4000
@@ -190,30 +265,31 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 42
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int | None = 32  # global batch (all ranks, after gradient accumulation); null: the task's
-    # batch in the reference's table (CoLA 16, the other GLUE tasks 32)
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 2e-5
+    epochs: Positive = 3.0
+    max_steps: Annotated[int, Range(gt=0)] | None = None  # overrides epochs when set
+    # global batch (all ranks, after gradient accumulation); null: the task's batch in the reference's table
+    # (CoLA 16, the other GLUE tasks 32)
+    batch_size: Annotated[int, Range(gt=0, note="(null: the task's batch)")] | None = 32
+    eval_batch_size: Annotated[int, Range(gt=0)] = 64
+    grad_accum: Annotated[int, Range(gt=0)] = 1
+    lr: Positive = 2e-5
     # adamw: torch AdamW + one global gradient-norm clip + linear warmup/decay; bertadam: the reference
     # code's BertAdam (no bias correction, each tensor's gradient clipped to max_grad_norm, warmup_linear)
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    optimizer: Literal["adamw", "bertadam"] = "adamw"
+    weight_decay: NonNegative = 0.01
+    warmup_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.1
     adam_eps: float = 1e-6
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, Range(ge=0, note="(0: no clipping)")] = 1.0
     # Dropout of the model being trained (the student in `kdqat train`, the model in `kdqat finetune`;
     # never the teacher, which is always in eval mode); null keeps the checkpoint's values.
-    dropout: float | None = None
+    dropout: Annotated[float, Range(ge=0, lt=1)] | None = None
     quant_weight_lr: float = 1e-3  # learned step sizes / clip values of weights (KDLSQ-BERT)
     quant_act_lr: float = 3e-2  # ... of activations
-    eval_every: int | None = None  # None: the per-task value from the recipe table
+    eval_every: Annotated[int, Range(gt=0)] | None = None  # None: the per-task value from the recipe table
     log_every: int = 10
-    save_every: int | None = None  # engine checkpoints every N steps (for --resume)
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept; older ones are deleted after each save
-    device: str = "auto"  # auto | cpu | cuda
+    save_every: Annotated[int, Range(gt=0)] | None = None  # engine checkpoints every N steps (for --resume)
+    keep_checkpoints: PositiveInt = 2  # the newest N checkpoints are kept; older ones are deleted after each save
+    device: Device = "auto"
     progress: bool = True
     # TensorBoard diagnostics of `kdqat train` (kdqat_dist.analysis.diagnostics): zero fraction, scale and
     # drift, clip rate at log steps; weight flip rate at evaluations; each layer's KD loss contribution.
@@ -223,23 +299,24 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = "none"  # none (single process) | deepspeed
-    zero_stage: int = 2  # student ZeRO stage 0-3
-    teacher: str = "replicated"  # replicated | zero3
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    backend: Literal["none", "deepspeed"] = "none"  # none: a single process
+    zero_stage: Literal[0, 1, 2, 3] = 2  # student ZeRO stage
+    teacher: Literal["replicated", "zero3"] = "replicated"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ds_config: str = ""  # base student JSON; "" = ds_configs/zero{stage}.json
     teacher_ds_config: str = ""  # "" = ds_configs/teacher_zero3.json
-    optimizer: str = "torch"  # torch: a torch AdamW object (no JIT build); deepspeed: DeepSpeed's own
+    # torch: a torch AdamW object (no JIT build); deepspeed: DeepSpeed's own
+    optimizer: Literal["torch", "deepspeed"] = "torch"
     activation_checkpointing: bool = False
 
 
 @dataclass
 class TuneConfig:
-    num_workers: int = 1  # DeepSpeed ranks per trial
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0
+    num_workers: PositiveInt = 1  # DeepSpeed ranks per trial
+    cpus_per_worker: PositiveInt = 1
+    gpus_per_worker: NonNegative = 0
     max_failures: int = 1
-    scheduler: str = "none"  # none | asha
+    scheduler: Literal["none", "asha"] = "none"
     grace_period: int = 1
     num_samples: int = 1
 
@@ -251,18 +328,19 @@ class AnalysisConfig:
     The command's flags (``--samples``, ``--hessian-iters`` ...) override these when given.
     """
 
-    samples: int = 32  # dev examples for the attention and norm analyses
+    samples: PositiveInt = 32  # dev examples for the attention and norm analyses
     seed: int = 0  # which dev examples, and the power iteration's start vectors
-    top_k: int = 5  # cover length: the teacher's top-k keys
-    hessian_samples: int = 8  # the first N of the sample; 0 skips the Hessian
-    hessian_iters: int = 100  # power iterations at most
-    hessian_tol: float = 1e-3  # relative change of the eigenvalue that stops the iteration
-    hessian_top_n: int = 1  # eigenvalues per example
+    top_k: PositiveInt = 5  # cover length: the teacher's top-k keys
+    # the first N of the sample; 0 skips the Hessian
+    hessian_samples: Annotated[int, Range(ge=0, note="(0 skips the Hessian)")] = 8
+    hessian_iters: PositiveInt = 100  # power iterations at most
+    hessian_tol: Positive = 1e-3  # relative change of the eigenvalue that stops the iteration
+    hessian_top_n: PositiveInt = 1  # eigenvalues per example
     # weight of the reference's 0.01·Σ‖p‖₂ term in the Hessian loss. 0 by default: that term's own λ_max
     # (weight / smallest parameter-tensor norm) exceeds a fine-tuned model's CE curvature, so with it every
     # example's λ_max is the regulariser's, not the loss's. Set 0.01 to reproduce the reference's figure.
-    hessian_norm_weight: float = 0.0
-    device: str = "cpu"  # cpu | cuda | auto
+    hessian_norm_weight: NonNegative = 0.0
+    device: Device = "cpu"
 
 
 @dataclass
@@ -280,6 +358,8 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- validation
+# Single values are checked by the loader against their field's type (Literal sets, Range, Regex); what
+# is left here are the rules that tie several fields together.
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -287,144 +367,93 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _validate_weight(q: WeightQuantConfig, key: str) -> None:
-    _check(q.bits in ALLOWED_BITS, f"{key}.bits", f"got {q.bits}; allowed: 2, 3, 4, 8")
-    _check(q.method in ("twn", "sym", "mean_clip", "lsq"), f"{key}.method",
-           f"got {q.method!r}; allowed: twn, sym, mean_clip, lsq")
+def _check_twn_bits(q: WeightQuantConfig, key: str) -> None:
     _check(q.method != "twn" or q.bits == 2, f"{key}.method", "twn is ternary and needs bits=2")
-    _check(q.granularity in ("tensor", "row"), f"{key}.granularity",
-           f"got {q.granularity!r}; allowed: tensor, row")
-    _check(q.init in INITS, f"{key}.init", f"got {q.init!r}; allowed: {', '.join(INITS)}")
-    _check(q.clip is None or q.clip > 0, f"{key}.clip", "must be positive or null")
-    _check(50.0 < q.percentile <= 100.0, f"{key}.percentile", "must be in (50, 100]")
 
 
-def _validate_act(q: ActQuantConfig, key: str) -> None:
-    _check(q.bits in ALLOWED_BITS, f"{key}.bits", f"got {q.bits}; allowed: 2, 3, 4, 8")
-    _check(q.method in ("sym", "lsq"), f"{key}.method", f"got {q.method!r}; allowed: sym, lsq")
-    _check(q.init in INITS, f"{key}.init", f"got {q.init!r}; allowed: {', '.join(INITS)}")
-    _check(q.clip is None or q.clip > 0, f"{key}.clip", "must be positive or null")
-    _check(50.0 < q.percentile <= 100.0, f"{key}.percentile", "must be in (50, 100]")
+def loss_terms(cfg: DistillConfig) -> dict[str, float]:
+    """Every loss term's configured weight, by name (the :class:`LossTerm` fields; gamma not applied)."""
+    return {f.name: getattr(cfg, f.name).weight for f in dataclasses.fields(cfg)
+            if isinstance(getattr(cfg, f.name), LossTerm)}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Reject impossible values, naming the key. Returns ``cfg`` for chaining."""
+    """Reject combinations of values that cannot run together, naming the key. Returns ``cfg``."""
     q = cfg.quant
-    _validate_weight(q.weight, "quant.weight")
-    _validate_weight(q.embedding, "quant.embedding")
-    _validate_act(q.act, "quant.act")
-    _validate_act(q.attention, "quant.attention")
+    _check_twn_bits(q.weight, "quant.weight")
+    _check_twn_bits(q.embedding, "quant.embedding")
     for i, r in enumerate(q.rules):
-        key = f"quant.rules[{i}]"
-        _check(bool(r.pattern), f"{key}.pattern", "must be a non-empty regex")
-        for name, bits in (("weight_bits", r.weight_bits), ("act_bits", r.act_bits)):
-            _check(bits is None or bits in ALLOWED_BITS, f"{key}.{name}", f"got {bits}; allowed: 2, 3, 4, 8")
         if r.weight_method is not None:
             merged = dataclasses.replace(q.weight, method=r.weight_method, bits=r.weight_bits or q.weight.bits)
-            _validate_weight(merged, key)
-    _validate_regexes(q)
+            _check_twn_bits(merged, f"quant.rules[{i}]")
 
     d = cfg.distill
-    for name in ("logits", "hidden", "attn_score", "attn_map", "attn_output", "context", "sa_output",
-                 "ground_truth"):
-        w = getattr(d, name).weight
-        _check(w >= 0, f"distill.{name}.weight", f"got {w}; loss weights must be >= 0")
-    _check(d.temperature > 0, "distill.temperature", "must be > 0")
-    _check(d.soft_ce_reduction in ("batch", "batch_classes"), "distill.soft_ce_reduction",
-           f"got {d.soft_ce_reduction!r}; allowed: batch, batch_classes")
-    _check(d.mse_tokens in ("all", "valid"), "distill.mse_tokens", f"got {d.mse_tokens!r}; allowed: all, valid")
-    _check(d.gamma is None or 0.0 <= d.gamma <= 1.0, "distill.gamma", "must be in [0, 1] or null")
-    lm = d.layer_map
-    _check(lm in ("identity", "uniform") or (isinstance(lm, list) and all(isinstance(i, int) for i in lm)),
-           "distill.layer_map", "allowed: identity, uniform, or a list of teacher layer indices")
+    weights = loss_terms(d)
+    # All weights 0 would make the loss a constant with no gradient; backward() would fail mid-run.
+    _check(d.gamma is not None or any(w > 0 for w in weights.values()), "distill",
+           f"every loss weight is 0 and distill.gamma is null, so there is nothing to train on; give one of "
+           f"{', '.join(weights)} a weight > 0 (distill.<term>.weight) or set distill.gamma")
 
-    _check(cfg.data.padding in ("longest", "max_length"), "data.padding",
-           f"got {cfg.data.padding!r}; allowed: longest, max_length")
-
-    t = cfg.train
-    _check(t.batch_size is None or t.batch_size > 0, "train.batch_size", "must be > 0 or null (the task's)")
-    _check(t.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
-    _check(t.grad_accum > 0, "train.grad_accum", "must be > 0")
-    _check(t.epochs > 0, "train.epochs", "must be > 0")
-    _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
-    _check(t.lr > 0, "train.lr", "must be > 0")
-    _check(t.optimizer in ("adamw", "bertadam"), "train.optimizer", f"got {t.optimizer!r}; allowed: adamw, bertadam")
-    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"got {t.max_grad_norm}; must be >= 0 (0: no clipping)")
-    _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
-    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(t.dropout is None or 0.0 <= t.dropout < 1.0, "train.dropout", f"got {t.dropout}; must be in [0, 1) or null")
-    _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0 or null")
-    _check(t.save_every is None or t.save_every > 0, "train.save_every", "must be > 0 or null")
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"got {t.keep_checkpoints}; must be >= 1")
-    _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"got {t.device!r}; allowed: auto, cpu, cuda")
-
-    e = cfg.engine
-    _check(e.backend in ("none", "deepspeed"), "engine.backend", f"got {e.backend!r}; allowed: none, deepspeed")
-    _check(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"got {e.zero_stage}; allowed: 0, 1, 2, 3")
-    _check(e.teacher in ("replicated", "zero3"), "engine.teacher",
-           f"got {e.teacher!r}; allowed: replicated, zero3")
-    _check(e.precision in ("fp32", "bf16", "fp16"), "engine.precision",
-           f"got {e.precision!r}; allowed: fp32, bf16, fp16")
-    _check(e.optimizer in ("torch", "deepspeed"), "engine.optimizer",
-           f"got {e.optimizer!r}; allowed: torch, deepspeed")
-    _check(e.optimizer == "torch" or t.optimizer == "adamw", "engine.optimizer",
+    _check(cfg.engine.optimizer == "torch" or cfg.train.optimizer == "adamw", "engine.optimizer",
            "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch")
-
-    u = cfg.tune
-    _check(u.num_workers >= 1, "tune.num_workers", "must be >= 1")
-    _check(u.cpus_per_worker >= 1, "tune.cpus_per_worker", "must be >= 1")
-    _check(u.gpus_per_worker >= 0, "tune.gpus_per_worker", "must be >= 0")
-    _check(u.scheduler in ("none", "asha"), "tune.scheduler", f"got {u.scheduler!r}; allowed: none, asha")
-
-    a = cfg.analysis
-    for name in ("samples", "top_k", "hessian_iters", "hessian_top_n"):
-        _check(getattr(a, name) >= 1, f"analysis.{name}", f"got {getattr(a, name)}; must be >= 1")
-    _check(a.hessian_samples >= 0, "analysis.hessian_samples",
-           f"got {a.hessian_samples}; must be >= 0 (0 skips the Hessian)")
-    _check(a.hessian_tol > 0, "analysis.hessian_tol", f"got {a.hessian_tol}; must be > 0")
-    _check(a.hessian_norm_weight >= 0, "analysis.hessian_norm_weight", f"got {a.hessian_norm_weight}; must be >= 0")
-    _check(a.device in ("auto", "cpu", "cuda"), "analysis.device", f"got {a.device!r}; allowed: auto, cpu, cuda")
     return cfg
-
-
-def _validate_regexes(q: QuantConfig) -> None:
-    import re
-
-    pats = [(f"quant.rules[{i}].pattern", r.pattern) for i, r in enumerate(q.rules)]
-    pats += [(f"quant.skip[{i}]", p) for i, p in enumerate(q.skip)]
-    for key, p in pats:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise ConfigError(f"{key}: {p!r} is not a valid regex ({exc})") from None
 
 
 # --------------------------------------------------------------------------- loading
 
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+_NONE = type(None)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Cast a YAML value to the annotated field type, or raise a ConfigError naming the key."""
+def _describe(tp: Any) -> str:
+    """What a type allows, in words, for an error message."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin is Literal:
+        return ", ".join(str(a) for a in args)
+    if origin is list:
+        return {int: "a list of integers", float: "a list of numbers", str: "a list of strings"}.get(
+            args[0] if args else None, "a list")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
+    """Cast a YAML value to the annotated field type and check it against the type's allowed values
+    (a Literal's set; an Annotated Range or Regex), or raise a ConfigError naming the key.
+
+    ``nullable``: the field also allows null (the message says so).
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    or_null = " or null" if nullable else ""
     if tp is Any:
         return value
+    if origin is Annotated:
+        out = _coerce(value, args[0], key, nullable)
+        for marker in args[1:]:
+            problem = marker.problem(out, nullable)
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
+        return out
+    if origin is Literal:
+        out = _coerce(value, type(args[0]), key, nullable)
+        if out not in args:
+            raise ConfigError(f"{key}: got {out!r}; allowed: {_describe(tp)}{', null' if nullable else ''}")
+        return out
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if value is None and _NONE in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        arms = [a for a in args if a is not _NONE]
+        if len(arms) == 1:
+            return _coerce(value, arms[0], key, nullable or _NONE in args)
+        for a in arms:
             try:
                 return _coerce(value, a, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        allowed = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
+            except ConfigError:
+                pass
+        allowed = " or ".join(_describe(a) for a in arms) + (" or null" if _NONE in args else "")
+        raise ConfigError(f"{key}: got {value!r}; allowed: {allowed}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
@@ -432,16 +461,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list{or_null}, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false{or_null}, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer{or_null}, got {value!r}")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
@@ -450,13 +479,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number{or_null}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string{or_null}, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
@@ -464,7 +493,7 @@ def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     """Build ``cls`` from ``data`` on top of ``base`` (default: ``cls()``), so a partial section keeps the
     defaults of the fields it does not name (``quant.embedding.bits=4`` keeps row granularity)."""
     base = cls() if base is None else base
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():

@@ -54,12 +54,12 @@ def test_dict_overrides_for_sweeps():
     ("quant.bitz=4", "unknown key 'quant.bitz'"),
     ("quant.weight.bits=5", "quant.weight.bits: got 5; allowed: 2, 3, 4, 8"),
     ("quant.weight.bits=four", "quant.weight.bits: expected an integer"),
-    ("distill.attn_map.weight=-1", "distill.attn_map.weight: got -1.0; loss weights must be >= 0"),
+    ("distill.attn_map.weight=-1", "distill.attn_map.weight: got -1.0; must be >= 0 (0 switches the term off)"),
     ("quant.weight.method=twn2", "quant.weight.method: got 'twn2'"),
     ("quant.embedding.bits=4", "quant.embedding.method: twn is ternary and needs bits=2"),
     ("engine.zero_stage=4", "engine.zero_stage: got 4; allowed: 0, 1, 2, 3"),
-    ("distill.gamma=1.5", "distill.gamma: must be in [0, 1]"),
-    ("train.batch_size=0", "train.batch_size: must be > 0 or null"),
+    ("distill.gamma=1.5", "distill.gamma: got 1.5; must be in [0, 1] or null"),
+    ("train.batch_size=0", "train.batch_size: got 0; must be > 0 or null"),
     ("nonsense", "expected key=value"),
     ("quant.rules=[{pattern: '('}]", "is not a valid regex"),
     ("train.diagnostics=maybe", "train.diagnostics: expected true or false, got 'maybe'"),
@@ -77,6 +77,29 @@ def test_dict_overrides_for_sweeps():
     ("data.padding=max", "data.padding: got 'max'; allowed: longest, max_length"),
     ("train.dropout=1.0", "train.dropout: got 1.0; must be in [0, 1) or null"),
     ("distill.mse_tokens=real", "distill.mse_tokens: got 'real'; allowed: all, valid"),
+    ("quant.act.method=twn", "quant.act.method: got 'twn'; allowed: sym, lsq"),
+    ("quant.attention.method=mean_clip", "quant.attention.method: got 'mean_clip'; allowed: sym, lsq"),
+    ("quant.embedding.method=ternary", "quant.embedding.method: got 'ternary'; allowed: twn, sym, mean_clip, lsq"),
+    ("quant.weight.init=max", "quant.weight.init: got 'max'; allowed: mean, percentile, kl, kl_cdf"),
+    ("quant.weight.granularity=col", "quant.weight.granularity: got 'col'; allowed: tensor, row"),
+    ("quant.weight.percentile=50", "quant.weight.percentile: got 50.0; must be in (50, 100]"),
+    ("quant.weight.clip=abc", "quant.weight.clip: expected a number or null, got 'abc'"),
+    ("quant.act.clip=0", "quant.act.clip: got 0.0; must be > 0 or null"),
+    ("quant.rules=[{pattern: x, weight_method: foo}]",
+     "quant.rules[0].weight_method: got 'foo'; allowed: twn, sym, mean_clip, lsq, null"),
+    ("quant.rules=[{pattern: x, weight_bits: 5}]", "quant.rules[0].weight_bits: got 5; allowed: 2, 3, 4, 8, null"),
+    ("quant.rules=[{pattern: x, weight_method: twn, weight_bits: 4}]",
+     "quant.rules[0].method: twn is ternary and needs bits=2"),
+    ("quant.rules=[{pattern: ''}]", "quant.rules[0].pattern: must be a non-empty regex"),
+    ("quant.skip=['(']", "quant.skip[0]: '(' is not a valid regex"),
+    ("distill.layer_map=foo", "distill.layer_map: got 'foo'; allowed: identity, uniform or a list of integers"),
+    ("distill.layer_map=[0, x]", "distill.layer_map: got [0, 'x']; allowed: identity, uniform or a list of integers"),
+    ("distill.soft_ce_reduction=sum", "distill.soft_ce_reduction: got 'sum'; allowed: batch, batch_classes"),
+    ("distill.temperature=0", "distill.temperature: got 0.0; must be > 0"),
+    ("engine.precision=fp8", "engine.precision: got 'fp8'; allowed: fp32, bf16, fp16"),
+    ("engine.zero_stage=two", "engine.zero_stage: expected an integer, got 'two'"),
+    ("train.device=tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda"),
+    ("tune.scheduler=pbt", "tune.scheduler: got 'pbt'; allowed: none, asha"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -127,3 +150,65 @@ def test_analysis_section_from_yaml_and_overrides(tmp_path):
     assert {"analysis.samples", "analysis.hessian_tol", "train.diagnostics"} <= flat_keys()
     save_config(cfg, tmp_path / "round.yaml")
     assert load_config(tmp_path / "round.yaml") == cfg
+
+
+ZERO_ALL = [f"distill.{t}.weight=0" for t in ("logits", "hidden", "attn_score", "attn_map", "attn_output",
+                                              "context", "sa_output", "ground_truth")]
+
+
+def test_all_zero_loss_weights_are_a_config_error():
+    # Today's failure mode without the check: validation passes, then backward() fails on a constant loss.
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_debug", ZERO_ALL)
+    msg = str(e.value)
+    assert msg.startswith("distill: every loss weight is 0 and distill.gamma is null") and "\n" not in msg
+    assert "ground_truth" in msg and "distill.gamma" in msg
+    # any one term, or the unified gamma (map = gamma, output = 1 - gamma), is enough
+    assert load_config("tiny_debug", ZERO_ALL + ["distill.gamma=0"]).distill.gamma == 0.0
+    assert load_config("tiny_debug", ZERO_ALL + ["distill.ground_truth.weight=1"]).distill.ground_truth.weight == 1
+
+
+def test_allowed_sets_live_on_the_fields():
+    import typing
+
+    from kdqat_dist.config import ALLOWED_BITS, INITS, Bits, LsqInit, WeightQuantConfig
+
+    assert ALLOWED_BITS == typing.get_args(Bits) == (2, 3, 4, 8)
+    assert INITS == typing.get_args(LsqInit)
+    assert typing.get_type_hints(WeightQuantConfig, include_extras=True)["bits"] is Bits
+
+
+def test_saved_sections_are_checked_too():
+    # Student folders and exports rebuild their QuantConfig with build_section, without validate().
+    from kdqat_dist.config import QuantConfig, build_section
+
+    with pytest.raises(ConfigError, match=r"^quantization_config\.quant\.weight\.method: got 'foo'; allowed: "
+                                          r"twn, sym, mean_clip, lsq$"):
+        build_section(QuantConfig, {"weight": {"method": "foo"}}, "quantization_config.quant")
+    with pytest.raises(ConfigError, match=r"^quant\.act\.bits: got 16; allowed: 2, 3, 4, 8$"):
+        build_section(QuantConfig, {"act": {"bits": 16}}, "quant")
+
+
+def test_every_allowed_method_and_init_runs():
+    # The Literal sets must name exactly what quant/ implements: each value quantizes a tensor.
+    import typing
+
+    import torch
+
+    from kdqat_dist.config import ActMethod, ActQuantConfig, LsqInit, WeightMethod, WeightQuantConfig
+    from kdqat_dist.quant.fake_quant import ActFakeQuant, WeightFakeQuant
+    from kdqat_dist.quant.quantizers import lsq_init
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    for method in typing.get_args(WeightMethod):
+        for bits in (2, 4) if method != "twn" else (2,):
+            out = WeightFakeQuant(WeightQuantConfig(method=method, bits=bits), w)(w)
+            assert out.shape == w.shape and torch.isfinite(out).all(), (method, bits)
+            # mean_clip's extreme code rounds to ±2^(b-1): 2^b + 1 levels, as the reference's TwnQuantizer_mx
+            assert out.unique().numel() <= 2**bits + 1, (method, bits)
+    for method in typing.get_args(ActMethod):
+        out = ActFakeQuant(ActQuantConfig(method=method, bits=8))(w)
+        assert out.shape == w.shape and torch.isfinite(out).all(), method
+    for init in typing.get_args(LsqInit):
+        assert float(lsq_init(w, 4, init)) > 0, init

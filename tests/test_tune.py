@@ -99,7 +99,7 @@ def _expand(spec, n: int = 1) -> list[dict]:
     ({"distill.gamma": "grid[]"}, "search.distill.gamma.grid: empty list"),
     ({"train.lr": {"loguniform": [0, 1e-4]}}, "search.train.lr.loguniform: bounds must be > 0"),
     ({"quant.weight.bits": {"grid": [2, 5]}}, "sweep point (quant.weight.bits=5): quant.weight.bits: got 5"),
-    ({"distill.gamma": {"grid": [0.5, 1.5]}}, "sweep point (distill.gamma=1.5): distill.gamma: must be in"),
+    ({"distill.gamma": {"grid": [0.5, 1.5]}}, "sweep point (distill.gamma=1.5): distill.gamma: got 1.5; must be in"),
     ({"tune.num_workers": {"grid": [1, 2]}}, "cannot vary per trial"),
     ({}, "search: empty"),
 ])
