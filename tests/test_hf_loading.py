@@ -81,3 +81,22 @@ def test_without_kdqat_dist_transformers_says_it_skips_the_quantization(tmp_path
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Unknown quantization type, got kdqat" in r.stderr and "skip the quantization" in r.stderr
+
+
+def test_a_student_saved_with_0d_lsq_steps_still_loads_both_ways(tmp_path):
+    # format_version 1 (before per-tensor steps had shape (1,)): 0-d steps in model.safetensors
+    from safetensors.torch import load_file, save_file
+
+    folder, batch = _student(tmp_path, _lsq_rules())
+    ref = load_student(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    old = {k: v.reshape(()).contiguous() if k.endswith(".step") and v.shape == (1,) else v for k, v in state.items()}
+    assert sum(v.dim() == 0 for v in old.values()) > 10
+    save_file(old, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for model in (load_student(folder), AutoModelForSequenceClassification.from_pretrained(folder).eval()):
+        assert all(p.shape == (1,) for n, p in model.named_parameters() if n.endswith(".step"))
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, ref(**batch).logits)

@@ -11,7 +11,7 @@ from kdqat_dist.quant import quantizers as Q
 def test_twn_per_tensor_matches_formula():
     torch.manual_seed(0)
     w = torch.randn(16, 24) * 0.05
-    out = Q.twn_ternary(w, per_row=False)
+    out = Q.TWN(bits=2, per_row=False).fake_quant(w)
     delta = 0.7 * w.abs().mean()
     keep = w.abs() > delta
     alpha = w.abs()[keep].mean()
@@ -23,7 +23,7 @@ def test_twn_per_tensor_matches_formula():
 def test_twn_per_row_matches_formula_row_by_row():
     torch.manual_seed(1)
     w = torch.randn(5, 40)
-    out = Q.twn_ternary(w, per_row=True, clip=2.5)
+    out = Q.TWN(bits=2, per_row=True, clip=2.5).fake_quant(w)
     for r in range(5):
         row = w[r].clamp(-2.5, 2.5)  # step 1 of A.2
         delta = 0.7 * row.abs().mean()
@@ -35,14 +35,14 @@ def test_twn_per_row_matches_formula_row_by_row():
 
 def test_twn_ste_identity_inside_zero_outside_clip():
     w = torch.tensor([[0.1, -0.2, 3.0, -2.6, 0.01, 2.4]], requires_grad=True)
-    Q.twn_ternary(w, clip=2.5).sum().backward()
+    Q.TWN(bits=2, clip=2.5).fake_quant(w).sum().backward()
     assert w.grad.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
 
 
 def test_symmetric_quant_8bit_formula_and_clip():
     torch.manual_seed(2)
     x = torch.randn(4, 10) * 2
-    out = Q.symmetric_quant(x, 8, clip=2.5)
+    out = Q.SymMaxAbs(bits=8, clip=2.5).fake_quant(x)
     xc = x.clamp(-2.5, 2.5)
     s = 127 / xc.abs().max()
     assert torch.equal(out, torch.round(xc * s) / s)
@@ -52,7 +52,7 @@ def test_symmetric_quant_8bit_formula_and_clip():
 def test_symmetric_quant_inside_the_clip_skips_nothing_of_the_formula():
     x = (torch.randn(4, 10, generator=torch.Generator().manual_seed(3)) * 0.5).requires_grad_()
     assert x.abs().max() < 2.5  # the clamp is the identity here, and the STE mask all ones
-    out = Q.symmetric_quant(x, 8, clip=2.5)
+    out = Q.SymMaxAbs(bits=8, clip=2.5).fake_quant(x)
     s = 127 / x.detach().abs().max()
     assert torch.equal(out, torch.round(x.detach() * s) / s)
     out.sum().backward()
@@ -62,20 +62,20 @@ def test_symmetric_quant_inside_the_clip_skips_nothing_of_the_formula():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_symmetric_quant_levels(bits):
     x = torch.linspace(-1, 1, 1001)
-    out = Q.symmetric_quant(x, bits, clip=None)
+    out = Q.SymMaxAbs(bits=bits, clip=None).fake_quant(x)
     assert len(torch.unique(out)) == 2 * (2 ** (bits - 1) - 1) + 1
 
 
 def test_symmetric_quant_ste_zero_outside_clip():
     x = torch.tensor([0.5, -1.0, 2.6, -3.0, 2.49], requires_grad=True)
-    Q.symmetric_quant(x, 8, clip=2.5).sum().backward()
+    Q.SymMaxAbs(bits=8, clip=2.5).fake_quant(x).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
 def test_mean_clip_quant_formula():
     torch.manual_seed(3)
     w = torch.randn(8, 8)
-    out = Q.mean_clip_quant(w, 4, clip=None)
+    out = Q.MeanClip(bits=4, clip=None).fake_quant(w)
     t = w.abs().mean()
     c = w.abs()[w.abs() > t].mean()
     step = 2 * c / 15
@@ -85,10 +85,10 @@ def test_mean_clip_quant_formula():
 def test_lsq_forward_and_levels():
     v = torch.linspace(-2, 2, 101)
     s = torch.tensor(0.3)
-    out = Q.lsq_quant(v, s, 3)  # Q_N = 4, Q_P = 3
+    out = Q.LSQ(bits=3, narrow_range=False).fake_quant(v, s)  # Q_N = 4, Q_P = 3
     expected = torch.clamp(torch.round(v / s), -4, 3) * s
     assert torch.equal(out, expected)
-    narrow = Q.lsq_quant(v, s, 2, narrow_range=True)
+    narrow = Q.LSQ(bits=2, narrow_range=True).fake_quant(v, s)
     assert set(torch.round(narrow / s).tolist()) == {-1.0, 0.0, 1.0}
 
 
@@ -99,7 +99,7 @@ def test_lsq_step_gradient_equals_analytic_expression():
     bits = 3
     qn, qp = 4, 3
     upstream = torch.randn(200)
-    out = Q.lsq_quant(v, s, bits)
+    out = Q.LSQ(bits=bits, narrow_range=False).fake_quant(v, s)
     (out * upstream).sum().backward()
     r = v / 0.4
     ds = torch.where(r <= -qn, torch.tensor(-float(qn)),
@@ -110,14 +110,14 @@ def test_lsq_step_gradient_equals_analytic_expression():
 
 def test_lsq_input_gradient_is_clipped_ste():
     v = torch.tensor([-3.0, -0.2, 0.0, 0.3, 5.0], requires_grad=True)
-    Q.lsq_quant(v, torch.tensor(0.5), 3).sum().backward()  # range [-2.0, 1.5]
+    Q.LSQ(bits=3, narrow_range=False).fake_quant(v, torch.tensor(0.5)).sum().backward()  # range [-2.0, 1.5]
     assert v.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
 def test_lsq_per_row_step_gradient_shape():
     w = torch.randn(6, 10)
     s = torch.full((6, 1), 0.2, requires_grad=True)
-    Q.lsq_quant(w, s, 4).sum().backward()
+    Q.LSQ(bits=4, narrow_range=False).fake_quant(w, s).sum().backward()
     assert s.grad.shape == (6, 1)
     assert torch.all(s.grad != 0)
 
@@ -144,10 +144,10 @@ def test_kl_calibration_clips_outliers():
     torch.testing.assert_close(s, clip / 127)
 
 
-def test_sibling_activation_quantizers_share_one_quantization_with_the_same_gradient():
-    # Q/K/V projections read one tensor: the second quantizer returns the first one's output. It must be
-    # the formula's value, with the gradient three separate quantizations would give, and never reused
-    # for a modified input or other settings.
+def test_sibling_activation_quantizers_each_give_the_formula_and_its_gradient():
+    # Q/K/V projections read one tensor. There is no cache between them (the former process-wide one never
+    # hit in a real forward): each quantizer gives the formula's value, the gradient is that of three
+    # quantizations, and a modified input is quantized afresh.
     from kdqat_dist.config import ActQuantConfig
     from kdqat_dist.quant.fake_quant import ActFakeQuant
 
@@ -156,35 +156,32 @@ def test_sibling_activation_quantizers_share_one_quantization_with_the_same_grad
     qs = [ActFakeQuant(ActQuantConfig()) for _ in range(3)]
     ws = [torch.randn(4, 5, 16, generator=g) for _ in range(3)]
     outs = [q(x) for q in qs]
-    assert outs[1] is outs[0] and outs[2] is outs[0]
-    assert torch.equal(outs[0], Q.symmetric_quant(x, 8, False, 2.5))
+    sym = Q.SymMaxAbs(bits=8, per_row=False, clip=2.5)
+    assert all(torch.equal(o, sym.fake_quant(x)) for o in outs)
     sum((o * w).sum() for o, w in zip(outs, ws, strict=True)).backward()
-    shared = x.grad.clone()
+    grad = x.grad.clone()
     x.grad = None
-    sum((Q.symmetric_quant(x, 8, False, 2.5) * w).sum() for w in ws).backward()
-    assert torch.equal(shared, x.grad)
-    assert (shared[x.detach().abs() >= 2.5] == 0).all()
-
-    other = ActFakeQuant(ActQuantConfig(bits=4))
-    assert other(x) is not outs[0]
+    sum((sym.fake_quant(x) * w).sum() for w in ws).backward()
+    assert torch.equal(grad, x.grad)
+    torch.testing.assert_close(grad, sum(ws) * (x.detach().abs() < 2.5))  # zero outside the clip
+    assert not torch.equal(ActFakeQuant(ActQuantConfig(bits=4))(x), outs[0])
     with torch.no_grad():
         x.add_(1.0)  # same object, new values
-    fresh = qs[0](x)
-    assert fresh is not outs[0] and torch.equal(fresh, Q.symmetric_quant(x, 8, False, 2.5))
+    assert torch.equal(qs[0](x), sym.fake_quant(x)) and not torch.equal(qs[0](x), outs[0])
 
 
 def test_lsq_straight_through_passes_the_weight_gradient_outside_the_range():
     v = torch.tensor([-3.0, -0.4, 0.2, 0.9, 2.5], requires_grad=True)
     s = torch.tensor(0.5, requires_grad=True)
-    (g_clip,) = torch.autograd.grad(Q.lsq_quant(v, s, 2, narrow_range=True).sum(), v)
+    (g_clip,) = torch.autograd.grad(Q.LSQ(bits=2, narrow_range=True).fake_quant(v, s).sum(), v)
     v2 = v.detach().clone().requires_grad_(True)
     s2 = s.detach().clone().requires_grad_(True)
-    out = Q.lsq_quant(v2, s2, 2, narrow_range=True, straight_through=True)
+    out = Q.LSQ(bits=2, narrow_range=True, straight_through=True).fake_quant(v2, s2)
     g_v, g_s = torch.autograd.grad(out.sum(), (v2, s2))
     inside = (v.detach() / 0.5).abs() < 1  # Q_P = 1 at 2 bits, narrow range
     assert torch.equal(g_clip, inside.float())  # LSQ: zero outside [-Q_N s, Q_P s]
     assert torch.equal(g_v, torch.ones(5))  # KDLSQ: plain STE for weights
-    (g_s_clip,) = torch.autograd.grad(Q.lsq_quant(v.detach(), s, 2, narrow_range=True).sum(), s)
+    (g_s_clip,) = torch.autograd.grad(Q.LSQ(bits=2, narrow_range=True).fake_quant(v.detach(), s).sum(), s)
     assert float(g_s) == pytest.approx(float(g_s_clip))  # the step's gradient is LSQ's either way
 
 
@@ -233,3 +230,108 @@ def test_kdlsq_cdf_clip_matches_its_formula_and_clips_outliers(bits):
     assert 0 < got < float(v.abs().max())
     step = Q.lsq_init(v, bits, "kl_cdf")
     assert float(step) == pytest.approx(got / (2 ** (bits - 1) - 1), rel=1e-6)
+
+
+# ---- one class per method: codes, scale and fake quant from the same statistics
+
+
+def _formula_codes(method: str, w: torch.Tensor, bits: int, step: torch.Tensor | None) -> torch.Tensor:
+    """Each method's codes written out per row from ALGORITHMS.md, independently of the library."""
+    rows = []
+    for r in w:
+        x = r.clamp(-2.5, 2.5)
+        if method == "twn":
+            rows.append(torch.sign(x) * (x.abs() > 0.7 * x.abs().mean()))
+        elif method == "sym":
+            rows.append(torch.round(x * ((2 ** (bits - 1) - 1) / x.abs().max())))
+        elif method == "mean_clip":
+            c = x.abs()[x.abs() > x.abs().mean()].mean()
+            rows.append(torch.round(x.clamp(-c, c) / (2 * c / (2**bits - 1))))
+        else:  # lsq, narrow range, no clamp before the step
+            qp = 2 ** (bits - 1) - 1
+            rows.append(torch.clamp(torch.round(r / step.reshape(-1)[len(rows)]), -qp, qp))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("method,bits", [("twn", 2), ("sym", 8), ("sym", 3), ("mean_clip", 4), ("lsq", 2),
+                                         ("lsq", 4)])
+def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(method, bits):
+    from kdqat_dist.analysis.diagnostics import weight_codes as diag_codes
+    from kdqat_dist.config import WeightQuantConfig
+    from kdqat_dist.export.packing import weight_codes as export_codes
+    from kdqat_dist.quant.fake_quant import WeightFakeQuant
+
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(bits)) * 0.3
+    w[1, 3] = 3.0  # beyond the 2.5 clip
+    cfg = WeightQuantConfig(bits=bits, method=method, granularity="row")
+    wq = WeightFakeQuant(cfg, w)
+    q, step = wq.quantizer, getattr(wq, "step", None)
+    assert type(q) is Q.QUANTIZERS[method] and q.per_row
+    codes, scale = q.codes(w, step)
+    lo, hi = q.code_range()
+    assert torch.equal(codes, codes.round()) and lo <= int(codes.min()) and int(codes.max()) <= hi
+    torch.testing.assert_close(codes, _formula_codes(method, w, bits, step), rtol=0, atol=0)
+    w_hat = codes / scale if q.dequant == "div" else codes * scale
+    with torch.no_grad():
+        assert torch.equal(q.fake_quant(w, step), w_hat) and torch.equal(wq(w), w_hat)
+    # diagnostics and export read the same class: the same codes, no second formula
+    assert torch.equal(export_codes(w, cfg, step)[0], codes.long())
+    assert torch.equal(diag_codes(wq, w)[0], codes)
+
+
+def test_sym_and_mean_clip_per_tensor_scales_and_storage_bits():
+    x = torch.linspace(-3, 3, 61)
+    codes, s = Q.SymMaxAbs(bits=8).codes(x)
+    assert torch.equal(s, torch.tensor(127 / 2.5)) and int(codes.abs().max()) == 127
+    assert Q.MeanClip(bits=4).code_range() == (-8, 8) and Q.MeanClip(bits=4).storage_bits() == 5
+    assert Q.TWN(bits=2).storage_bits() == 2 and Q.SymMaxAbs(bits=8).storage_bits() == 8
+    assert Q.LSQ(bits=2, narrow_range=False).code_range() == (-2, 1)
+
+
+def test_unknown_method_is_a_value_error_naming_the_allowed_methods_at_prepare_time():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kdqat_dist.config import ActQuantConfig, QuantConfig, WeightQuantConfig
+    from kdqat_dist.quant.api import prepare
+    from kdqat_dist.quant.fake_quant import ActFakeQuant
+
+    assert set(Q.QUANTIZERS) == {"twn", "sym", "mean_clip", "lsq"}
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32)
+    with pytest.raises(ValueError, match=r"'ternary'; allowed: twn, sym, mean_clip, lsq"):
+        prepare(BertForSequenceClassification(cfg), QuantConfig(weight=WeightQuantConfig(method="ternary")))
+    with pytest.raises(ValueError, match=r"activation quantization method 'twn'; allowed: sym, lsq"):
+        ActFakeQuant(ActQuantConfig(method="twn"))
+
+
+def test_lsq_steps_have_shape_1_and_old_0d_steps_load():
+    from kdqat_dist.config import ActQuantConfig, WeightQuantConfig
+    from kdqat_dist.quant.fake_quant import ActFakeQuant, WeightFakeQuant
+
+    w = torch.randn(5, 8)
+    wq = WeightFakeQuant(WeightQuantConfig(method="lsq", bits=4), w)
+    aq = ActFakeQuant(ActQuantConfig(method="lsq"))
+    assert wq.step.shape == (1,) and aq.step.shape == (1,)
+    for q, value in ((wq, 0.125), (aq, 0.5)):
+        old = {k: v.clone() for k, v in q.state_dict().items()}
+        old["step"] = torch.tensor(value)  # as saved before steps had shape (1,)
+        q.load_state_dict(old)
+        assert q.step.shape == (1,) and float(q.step.detach()) == value
+        assert old["step"].dim() == 0  # the caller's dict is left alone
+    out = wq(w)
+    assert torch.equal(out, torch.clamp(torch.round(w / 0.125), -7, 7) * 0.125)
+
+
+def test_old_0d_optimizer_moments_are_reshaped_on_resume():
+    from kdqat_dist.engine.backend import _fit_moments_to_params
+
+    step = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.AdamW([step], lr=0.1)
+    step.grad = torch.ones(1)
+    opt.step()
+    old = opt.state_dict()
+    old["state"][0] = {k: (v.reshape(()) if k != "step" else v) for k, v in old["state"][0].items()}
+    opt.load_state_dict(old)
+    _fit_moments_to_params(opt)
+    assert opt.state[step]["exp_avg"].shape == (1,) and opt.state[step]["step"].dim() == 0
+    opt.step()  # 0-d moments would fail here (an in-place update of shape [] by [1])

@@ -45,7 +45,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
-from kdqat_dist.quant.quantizers import twn_codes
 
 __all__ = ["DESCRIPTION", "describe_diagnostics", "log_diagnostics", "log_flip_rate", "reset_diagnostics",
            "short_name", "weight_codes"]
@@ -95,35 +94,18 @@ def short_name(name: str, prefix: str = "") -> str:
 
 @torch.no_grad()
 def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer codes of the quantized weight, step broadcastable to it), both float32.
+    """(integer codes of the quantized weight, step broadcastable to them), both float32.
 
-    The step is TWN's α (codes in {-1, 0, 1}), the LSQ step, the max-abs step max|ŵ|/(2^(b-1)-1), or
-    for mean-clip the smallest non-zero |ŵ| (its levels are multiples of the step).
+    The quantizer's own codes (:meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`); the step is the
+    distance between its levels: TWN's α (codes in {-1, 0, 1}), the LSQ step, the max-abs step 1/s, the
+    mean-clip step. An all-zero row or tensor (α = 0) gets step 1, so that scales and drifts stay finite.
     """
-    cfg = wq.cfg
-    per_row = wq.per_row and weight.dim() > 1
-    dims = tuple(range(1, weight.dim())) if per_row else None
-    if cfg.method == "twn":  # the codes straight from the threshold: no ŵ, max and division (2.5x faster)
-        codes, alpha = twn_codes(weight, per_row, cfg.clip)
-        step = alpha.float()
-        return codes.float(), torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row: step 1
-    # .forward, not __call__: a ZeRO-3 engine hooks every submodule call to fetch its parameters (a
+    # The quantizer, not the module: a ZeRO-3 engine hooks every submodule call to fetch its parameters (a
     # collective the other ranks would not join); the caller has made them whole already.
-    q = wq.forward(weight).float()
-
-    def amax(x: torch.Tensor) -> torch.Tensor:
-        return x.amax() if dims is None else x.amax(dim=dims, keepdim=True)
-
-    if cfg.method == "lsq":
-        step = wq.step.detach().float()
-        step = step.reshape(-1, *([1] * (q.dim() - 1))) if step.dim() > 0 else step
-    elif cfg.method == "sym":
-        step = amax(q.abs()) / (2 ** (cfg.bits - 1) - 1)
-    else:
-        a = q.abs()
-        step = -amax(torch.where(a > 0, -a, torch.full_like(a, -float("inf"))))
-    step = torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
-    return q.div_(step).round_(), step
+    q = wq.quantizer
+    codes, scale = q.codes(weight, getattr(wq, "step", None))
+    step = scale.float() if q.dequant == "mul" else scale.float().reciprocal()
+    return codes.float(), torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
 
 
 def _quant_modules(model: nn.Module):
@@ -196,7 +178,7 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
     acts = [(name, q) for name, q in model.named_modules() if isinstance(q, ActFakeQuant) and q.enabled]
     for name, q in acts:
         tag = short_name(name, prefix).replace(".act_quant", ".input")
-        if q.cfg.method == "lsq":  # the step is a parameter: a partition under ZeRO-3 unless gathered
+        if q.quantizer.learned:  # the step is a parameter: a partition under ZeRO-3 unless gathered
             with _gathered(gather, q):
                 if writer is not None and q.step.numel() > 0:
                     writer.add_scalar(f"quant_act_step/{tag}", float(q.step.detach()), step)

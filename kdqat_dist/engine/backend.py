@@ -156,6 +156,7 @@ class LocalBackend:
             state = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=False)
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _fit_moments_to_params(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         return state["client"]
@@ -265,3 +266,12 @@ def memory_table(per_rank: list[dict]) -> str:
     lines = [head] + [f"  rank {i:<16d}" + " ".join(f"{r.get(c, 0.0):13.2f}" for c in cols)
                       for i, r in enumerate(per_rank)]
     return "\n".join(lines)
+
+
+def _fit_moments_to_params(optimizer: torch.optim.Optimizer) -> None:
+    """Checkpoints from before per-tensor LSQ steps had shape (1,) hold 0-d moments for them (the modules
+    reshape the steps themselves on load): give the moments the parameter's shape. Step counters stay."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if k != "step" and torch.is_tensor(v) and v.dim() == 0 and p.shape == (1,):
+                state[k] = v.reshape(1)

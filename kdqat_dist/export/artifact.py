@@ -200,7 +200,7 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
                 raise ConfigError(f"export: {name} uses {cfg.bits}-bit weights; allowed: 2, 3, 4, 8")
             target = wq(m.weight).detach()
             step = getattr(wq, "step", None)
-            codes, scale = weight_codes(m.weight, cfg, step, quantized=target)
+            codes, scale = weight_codes(m.weight, cfg, step)
             lo, hi = code_range(cfg.method, cfg.bits, cfg.narrow_range)
             op = dequant_op(cfg.method)
             if int(codes.min()) < lo or int(codes.max()) > hi or not torch.equal(
@@ -240,7 +240,7 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
                 if q.enabled != q.cfg.enabled:
                     raise ConfigError(f"export: activation quantizer {name} is switched off; the artifact "
                                       "always applies activation quantization as configured")
-                if q.enabled and q.cfg.method == "lsq" and not bool(q.initialized):
+                if q.enabled and q.quantizer.learned and not bool(q.initialized):
                     raise ConfigError(f"export: activation step {name} was never calibrated "
                                       "(run calibrate_activations or a training step first)")
     if not modules:

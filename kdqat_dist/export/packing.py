@@ -7,21 +7,12 @@ Two layers, both pure functions on tensors:
   significant bit of byte 0); the last byte is zero-padded. Base-3 packing stores trits ``{0, 1, 2}``
   five per byte (``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4``, at most 242), 1.6 bits per ternary value.
 - **codes**: a frozen quantized weight ``ŵ`` (what :class:`~kdqat_dist.quant.fake_quant.WeightFakeQuant`
-  returns) as signed integer codes and FP32 scales with ``dequantize(codes, scale) == ŵ`` exactly:
-
-  ===========  ==========================================  ===========================  =========
-  method       codes                                        scale                        ŵ
-  ===========  ==========================================  ===========================  =========
-  twn          sign(ŵ) in {-1, 0, 1}                        α = max|ŵ| (per tensor/row)  code * α
-  sym          round(v·s) in [-(2^(b-1)-1), 2^(b-1)-1]      s = (2^(b-1)-1)/max|v|       code / s
-  mean_clip    round(clamp(v, ±c)/step), |code| <= 2^(b-1)  step = 2c/(2^b-1)            code * step
-  lsq          clamp(round(w/s), -Q_N, Q_P)                 s (the learned step)          code * s
-  ===========  ==========================================  ===========================  =========
-
-  ``sym`` divides, exactly as :func:`~kdqat_dist.quant.quantizers.symmetric_quant` does, so the product
-  is the same float operation as in training (``code * (1/s)`` would differ by an ulp). ``mean_clip`` can
-  produce 2^b + 1 levels (round-half-even takes the clamped ``±c`` to ``±2^(b-1)``); when a tensor uses
-  them its codes are stored with one extra bit instead of being altered.
+  returns) as signed integer codes and FP32 scales with ``dequantize(codes, scale) == ŵ`` exactly. The
+  codes and scales are the quantizer classes' own (:mod:`kdqat_dist.quant.quantizers`: TWN b and α, sym
+  round(v·s) and s, mean-clip codes and step, LSQ codes and step), the same float operations as training.
+  ``sym`` divides (``code / s``) as training does (``code * (1/s)`` would differ by an ulp). ``mean_clip``
+  can produce 2^b + 1 levels (round-half-even takes the clamped ``±c`` to ``±2^(b-1)``); when a tensor
+  uses them its codes are stored with one extra bit instead of being altered.
 """
 
 from __future__ import annotations
@@ -32,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kdqat_dist.config import ALLOWED_BITS, ConfigError, WeightQuantConfig
+from kdqat_dist.quant.quantizers import Quantizer, make_quantizer
 
 MAX_STORAGE_BITS = 9  # 8-bit mean_clip with its 257th level
 _TRIT_POWERS = (1, 3, 9, 27, 81)
@@ -193,89 +185,40 @@ def decode(packed: torch.Tensor, enc: Encoding, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- quantizer -> codes
 
 
+def _quantizer(method: str, bits: int = 8, narrow_range: bool = True) -> Quantizer:
+    return make_quantizer(WeightQuantConfig(bits=bits, method=method, narrow_range=narrow_range))
+
+
 def dequant_op(method: str) -> str:
     """``"div"`` for sym (ŵ = code / s, as training computes it), ``"mul"`` for the others."""
-    return "div" if method == "sym" else "mul"
+    return _quantizer(method).dequant
 
 
 def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, int]:
-    """The codes a quantizer can produce (inclusive)."""
-    if method == "twn":
-        return -1, 1
-    half = 2 ** (bits - 1)
-    if method == "sym":
-        return -(half - 1), half - 1
-    if method == "mean_clip":
-        return -half, half
-    if method == "lsq":
-        return -((half - 1) if narrow_range else half), half - 1
-    raise ConfigError(f"export: unknown weight method {method!r}; allowed: twn, sym, mean_clip, lsq")
+    """The codes a quantizer can produce (inclusive). Raises ConfigError for an unknown method."""
+    return _quantizer(method, bits, narrow_range).code_range()
 
 
-def _group_amax(x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    if per_row and x.dim() > 1:
-        return x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)
-    return x.abs().amax()
-
-
-def _group_mean(x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    if per_row and x.dim() > 1:
-        return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-    return x.abs().mean()
-
-
-def _group_mean_above(x: torch.Tensor, thresh: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """As quantizers.mean_clip_quant: the mean of |x| over |x| > thresh, per tensor or row."""
-    big = (x.abs() > thresh).to(x.dtype)
-    if per_row and x.dim() > 1:
-        dims = tuple(range(1, x.dim()))
-        return (x.abs() * big).sum(dim=dims, keepdim=True) / big.sum(dim=dims, keepdim=True).clamp(min=1)
-    return (x.abs() * big).sum() / big.sum().clamp(min=1)
-
-
-def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig, step: torch.Tensor | None = None,
-                 quantized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (int64, the weight's shape) and FP32 scales of ``cfg``'s quantizer on ``latent``.
-
-    The scale has shape [rows, 1] (row granularity) or [] (tensor). Recomputes the quantizer's statistics
-    with the same float operations as :mod:`kdqat_dist.quant.quantizers`; callers check the result with
-    :func:`dequantize` against the fake-quant weight.
+def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
+                 step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int64, the weight's shape) and scales of ``cfg``'s quantizer on ``latent``: the
+    quantizer's own :meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`, so that :func:`dequantize` gives
+    the fake-quant weight bit for bit. The scale has shape [rows, 1] (row granularity) or [] / [1] (tensor).
 
     Args:
-        latent: the latent (unquantized) FP32 weight.
+        latent: the latent (unquantized) weight.
         cfg: the module's weight quantizer config.
         step: the learned LSQ step (``WeightFakeQuant.step``); required for ``lsq``.
-        quantized: the fake-quant weight, when the caller has it (saves recomputing TWN).
     """
     if cfg.bits not in ALLOWED_BITS:
         raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
     if cfg.method == "twn" and cfg.bits != 2:
         raise ConfigError(f"export: twn is ternary and needs bits=2, got {cfg.bits}")
-    per_row = cfg.granularity == "row"
-    w = latent.detach()
-    x = w.clamp(-cfg.clip, cfg.clip) if cfg.clip is not None else w
-    if cfg.method == "twn":
-        from kdqat_dist.quant.quantizers import twn_ternary
-
-        wq = twn_ternary(w, per_row, cfg.clip) if quantized is None else quantized.detach()
-        return torch.sign(wq).to(torch.int64), _group_amax(wq, per_row)
-    if cfg.method == "sym":
-        levels = 2 ** (cfg.bits - 1) - 1
-        s = levels / _group_amax(x, per_row).clamp(min=1e-8)
-        return torch.round(x * s).to(torch.int64), s
-    if cfg.method == "mean_clip":
-        t = _group_mean(x, per_row)
-        c = _group_mean_above(x, t, per_row).clamp(min=1e-8)
-        st = 2 * c / (2**cfg.bits - 1)
-        return torch.round(torch.maximum(torch.minimum(x, c), -c) / st).to(torch.int64), st
-    if cfg.method == "lsq":
-        if step is None:
-            raise ConfigError("export: an lsq weight quantizer needs its learned step")
-        s = step.detach().to(w.dtype)
-        qn = 2 ** (cfg.bits - 1) - (1 if cfg.narrow_range else 0)
-        qp = 2 ** (cfg.bits - 1) - 1
-        return torch.clamp(torch.round(w / s), -qn, qp).to(torch.int64), s
-    raise ConfigError(f"export: unknown weight method {cfg.method!r}; allowed: twn, sym, mean_clip, lsq")
+    q = make_quantizer(cfg)
+    if q.learned and step is None:
+        raise ConfigError(f"export: an {cfg.method} weight quantizer needs its learned step")
+    codes, scale = q.codes(latent, step)
+    return codes.to(torch.int64), scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str,

@@ -22,7 +22,6 @@ from kdqat_dist.config import ActQuantConfig, QuantConfig, QuantRule, WeightQuan
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import embeddings_module, encoder_layers
 from kdqat_dist.models.taps import self_attention_module
-from kdqat_dist.quant import quantizers as Q
 from kdqat_dist.quant.fake_quant import (
     ActFakeQuant,
     AttentionQuant,
@@ -80,6 +79,9 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     Weight statistics (TWN Δ/α, max-abs) are recomputed from the latent weights at every forward, so
     they are exact under ZeRO-3 too (the full weight is gathered for the forward). LSQ steps are
     initialised here from the whole weights, so call ``prepare`` before the model is partitioned.
+
+    Raises:
+        ConfigError (a ValueError): a quantization method that does not exist, naming the allowed ones.
     """
     if not cfg.enabled:
         return model
@@ -107,6 +109,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             attn.attn_quant = AttentionQuant(cfg.attention)
     use_kdqat_attention(model)
     return model
+
 
 
 def fake_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightFakeQuant | ActFakeQuant]]:
@@ -139,11 +142,8 @@ def quant_param_names(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]
     {activation step name: Q_P}), for their own learning rates."""
     w, a = {}, {}
     for name, q in fake_quantizers(model):
-        if hasattr(q, "step") and isinstance(q.step, nn.Parameter):
-            if isinstance(q, WeightFakeQuant):
-                w[f"{name}.step"] = Q.lsq_levels(q.cfg.bits, q.cfg.narrow_range)[1]
-            else:
-                a[f"{name}.step"] = 2 ** (q.cfg.bits - 1) - 1
+        if q.quantizer.learned:
+            (w if isinstance(q, WeightFakeQuant) else a)[f"{name}.step"] = q.quantizer.levels[1]
     return w, a
 
 
@@ -153,7 +153,7 @@ def calibrate_activations(model: nn.Module, batch: dict) -> int:
 
     Returns the number of quantizers initialised. Sym (dynamic) quantizers need no calibration.
     """
-    lsq = [q for _, q in fake_quantizers(model) if isinstance(q, ActFakeQuant) and q.cfg.method == "lsq"]
+    lsq = [q for _, q in fake_quantizers(model) if isinstance(q, ActFakeQuant) and q.quantizer.learned]
     for q in lsq:
         q.initialized.fill_(False)
     was_training = model.training

@@ -6,133 +6,91 @@ objects, so optimizer state, ZeRO partitioning and tied weights keep working.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdqat_dist.config import ActQuantConfig, WeightQuantConfig
-from kdqat_dist.quant import quantizers as Q
+from kdqat_dist.quant.quantizers import Quantizer, make_quantizer
 
 
-class WeightFakeQuant(nn.Module):
-    """Quantizes a weight tensor by ``cfg.method``; LSQ owns a learned ``step`` parameter."""
+def _load_0d_step(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Students and checkpoints saved before per-tensor steps had shape (1,) hold 0-d steps: load them."""
+    step = state_dict.get(prefix + "step")
+    if step is not None and step.dim() == 0:
+        state_dict[prefix + "step"] = step.reshape(1)
 
-    def __init__(self, cfg: WeightQuantConfig, weight: torch.Tensor | None = None):
+
+class _FakeQuant(nn.Module):
+    """A quantizer, chosen once from ``cfg`` (:func:`make_quantizer`), with an on/off switch and, for LSQ,
+    its learned ``step`` parameter."""
+
+    def __init__(self, cfg: WeightQuantConfig | ActQuantConfig, quantizer: Quantizer,
+                 step_shape: tuple[int, ...] = (1,)):
         super().__init__()
         self.cfg = cfg
         self.enabled = cfg.enabled
-        self.per_row = cfg.granularity == "row"
-        if cfg.method == "lsq":
-            rows = weight.shape[0] if self.per_row and weight is not None else 1
-            shape = (rows, 1) if self.per_row else ()
-            self.step = nn.Parameter(torch.ones(shape))
-            if weight is not None and weight.numel() > 0:  # ZeRO-3 partitions are empty: init later
-                self.init_step(weight)
+        self.quantizer = quantizer
+        if quantizer.learned:
+            # (1,), not 0-d: DeepSpeed moves parameters through byte views, which a 0-d tensor cannot give
+            self.step = nn.Parameter(torch.ones(step_shape))
+            self.register_load_state_dict_pre_hook(_load_0d_step)
 
     @torch.no_grad()
-    def init_step(self, weight: torch.Tensor) -> None:
-        """Initialise the LSQ step from the whole weight (call on gathered weights under ZeRO-3)."""
-        s = Q.lsq_init(weight, self.cfg.bits, self.cfg.init, self.per_row, self.cfg.percentile)
-        self.step.copy_(s.reshape(self.step.shape).to(self.step.dtype))
+    def init_step(self, x: torch.Tensor) -> None:
+        """Initialise the LSQ step from ``x``: the whole weight (gathered under ZeRO-3), or a calibration
+        batch of activations (KDLSQ-BERT's act_init on one batch)."""
+        self.step.copy_(self.quantizer.init_step(x).reshape(self.step.shape).to(self.step.dtype))
+
+
+class WeightFakeQuant(_FakeQuant):
+    """Fake-quantizes a weight: [out, in] (Linear) or [V, D] (embedding table), same shape out."""
+
+    def __init__(self, cfg: WeightQuantConfig, weight: torch.Tensor | None = None):
+        q = make_quantizer(cfg)
+        rows = weight.shape[0] if q.per_row and weight is not None else 1
+        super().__init__(cfg, q, (rows, 1) if q.per_row else (1,))
+        if q.learned and weight is not None and weight.numel() > 0:  # ZeRO-3 partitions are empty: init later
+            self.init_step(weight)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return w
-        c = self.cfg
-        if c.method == "twn":
-            return Q.twn_ternary(w, self.per_row, c.clip)
-        if c.method == "sym":
-            return Q.symmetric_quant(w, c.bits, self.per_row, c.clip)
-        if c.method == "mean_clip":
-            return Q.mean_clip_quant(w, c.bits, self.per_row, c.clip)
-        return Q.lsq_quant(w, self.step.to(w.dtype), c.bits, c.narrow_range, straight_through=c.straight_through)
+        return self.quantizer.fake_quant(w, getattr(self, "step", None)) if self.enabled else w
 
     def extra_repr(self) -> str:
         return f"{self.cfg.method}, bits={self.cfg.bits}, {self.cfg.granularity}, enabled={self.enabled}"
 
 
-class _LastSymQuant:
-    """The latest dynamic (``sym``) activation quantization: input, settings and output.
-
-    BERT's query, key and value projections read the same tensor, and dynamic max-abs quantization is
-    a pure function of it, so the second and third quantizers hand back the first one's output instead
-    of recomputing it (a third of the activation fake-quant work of an attention block). Weak
-    references, plus the tensors' version counters, make a hit mean: the very same, unmodified input
-    and output objects, quantized with equal settings, in the same grad mode. The gradient is the same
-    as with three copies: the three consumers' gradients add up before the (linear) straight-through
-    mask.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.out: weakref.ref | None = None
-        self.out_version = -1
-
-    def get(self, x: torch.Tensor, settings: tuple) -> torch.Tensor | None:
-        if self.key is None or self.out is None:
-            return None
-        ref, version, old_settings, grad = self.key
-        out = self.out()
-        if (out is None or ref() is not x or version != x._version or old_settings != settings
-                or grad != torch.is_grad_enabled() or out._version != self.out_version):
-            return None
-        return out
-
-    def put(self, x: torch.Tensor, settings: tuple, out: torch.Tensor) -> None:
-        self.key = (weakref.ref(x), x._version, settings, torch.is_grad_enabled())
-        self.out, self.out_version = weakref.ref(out), out._version
-
-
-_LAST_SYM = _LastSymQuant()
-
-
-class ActFakeQuant(nn.Module):
-    """Quantizes activations: dynamic max-abs (``sym``) or LSQ with a step initialised on first use."""
+class ActFakeQuant(_FakeQuant):
+    """Fake-quantizes activations (any shape): dynamic max-abs (``sym``) or LSQ with a step initialised
+    on first use."""
 
     def __init__(self, cfg: ActQuantConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.enabled = cfg.enabled
+        super().__init__(cfg, make_quantizer(cfg, activation=True))
         # Clip-rate statistics for diagnostics: counted only while `track_stats` is set.
         self.track_stats = False
         self.register_buffer("clipped", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.float64), persistent=False)
-        if cfg.method == "lsq":
-            self.step = nn.Parameter(torch.ones(()))
+        if self.quantizer.learned:
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def init_step(self, x: torch.Tensor) -> None:
-        """Calibrate the LSQ step on a batch of activations (KDLSQ-BERT's act_init on one batch)."""
-        s = Q.lsq_init(x, self.cfg.bits, self.cfg.init, False, self.cfg.percentile)
-        self.step.copy_(s.reshape(()).to(self.step.dtype))
+        super().init_step(x)
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        c = self.cfg
+        step = getattr(self, "step", None)
         if self.track_stats:
             with torch.no_grad():
-                limit = c.clip if c.method == "sym" else float(self.step) * (2 ** (c.bits - 1) - 1)
+                limit = self.quantizer.clip_limit(step)
                 if limit is not None:
                     self.clipped += (x.abs() > limit).sum().double()
                 self.seen += x.numel()
-        if c.method == "sym":
-            settings = (c.bits, c.clip)
-            out = None if self.track_stats else _LAST_SYM.get(x, settings)
-            if out is None:
-                out = Q.symmetric_quant(x, c.bits, False, c.clip)
-                _LAST_SYM.put(x, settings, out)
-            return out
-        if not bool(self.initialized):
+        if step is not None and not bool(self.initialized):
             self.init_step(x)
-        # N for the gradient scale is the number of features per example (Esser et al.).
-        n = max(x[0].numel(), 1) if x.dim() > 1 else x.numel()
-        g = 1.0 / (n * (2 ** (c.bits - 1) - 1)) ** 0.5
-        return Q.lsq_quant(x, self.step.to(x.dtype), c.bits, narrow_range=True, grad_scale=g)
+        return self.quantizer.fake_quant(x, step)
 
     def extra_repr(self) -> str:
         return f"{self.cfg.method}, bits={self.cfg.bits}, clip={self.cfg.clip}, enabled={self.enabled}"
@@ -197,7 +155,7 @@ class QuantEmbedding(nn.Embedding):
     def _row_local(self) -> bool:
         """Row-wise statistics depend on one row only, so quantizing just the looked-up rows is exact."""
         wq = self.weight_quant
-        return (wq is not None and wq.enabled and wq.per_row and wq.cfg.method != "lsq"
+        return (wq is not None and wq.enabled and wq.quantizer.per_row and not wq.quantizer.learned
                 and self.max_norm is None and self.weight.numel() > 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from kdqat_dist.config import QuantConfig, build_section, to_dict
 
 QUANT_METHOD = "kdqat"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor LSQ steps have shape (1,); 1: they were 0-d
 
 
 class KdqatQuantizationConfig(QuantizationConfigMixin):
@@ -53,11 +53,14 @@ class KdqatHfQuantizer(HfQuantizer):
         from kdqat_dist.quant.api import prepare
 
         prepare(model, self.quantization_config.quant_config())
+        if self.quantization_config.format_version < 2:  # 0-d steps in the file: load them as they are
+            _reshape_steps(model, (1,), ())
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from kdqat_dist.quant.api import mark_calibrated
 
+        _reshape_steps(model, (), (1,))
         mark_calibrated(model)
         return model
 
@@ -81,3 +84,12 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(KdqatQuantizationConfig)
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
         register_quantizer(QUANT_METHOD)(KdqatHfQuantizer)
+
+
+def _reshape_steps(model, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+    """Give the learned steps of shape ``old`` the shape ``new`` (same values)."""
+    from kdqat_dist.quant.api import fake_quantizers
+
+    for _, q in fake_quantizers(model):
+        if q.quantizer.learned and tuple(q.step.shape) == old:
+            q.step.data = q.step.data.reshape(new)

@@ -1,59 +1,65 @@
-"""Quantizer math: forward values and straight-through backward passes (ALGORITHMS.md A.2-A.6).
+"""Quantizers: one class per method (ALGORITHMS.md A.2-A.6), chosen once from the config by
+:func:`make_quantizer`.
 
-Every function returns the *dequantized* (fake-quant) tensor. Functions that take ``clip`` zero the
-gradient where ``|x| >= clip`` (the reference's clipped STE); everything else passes the gradient through
-unchanged.
+Each class is the single home of its method's statistics and gives:
+
+- ``codes(x, step) -> (codes, scale)``: integer-valued codes (in ``x``'s dtype, detached) and the scale
+  that gives ŵ back bit for bit as ``codes * scale`` (``dequant == "mul"``) or ``codes / scale``
+  (``"div"``: sym, which divides in training too);
+- ``fake_quant(x, step)``: that ŵ, with training's backward: the straight-through estimator, zeroed where
+  ``|x| >= clip`` (the reference's clipped STE), or LSQ's step-size gradient;
+
+so training (:mod:`~kdqat_dist.quant.fake_quant`), diagnostics and export compute the same numbers. ``step``
+is the learned LSQ step (a parameter of the owning module, shape (1,) or [rows, 1]); None otherwise.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import Tensor
 
-# --------------------------------------------------------------------------- helpers
+from kdqat_dist.config import ActQuantConfig, ConfigError, WeightQuantConfig
 
 
-def _reduce_dims(x: torch.Tensor, per_row: bool) -> tuple[int, ...] | None:
-    """Dimensions to reduce for one statistic per row (dim 0) or one per tensor."""
+def _reduce_dims(x: Tensor, per_row: bool) -> tuple[int, ...] | None:
+    """Dimensions to reduce for one statistic per row (dim 0) or one per tensor (None)."""
     return tuple(range(1, x.dim())) if per_row and x.dim() > 1 else None
 
 
-def _mean_abs(x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    dims = _reduce_dims(x, per_row)
-    return x.abs().mean() if dims is None else x.abs().mean(dim=dims, keepdim=True)
+def _mean(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    return x.mean() if dims is None else x.mean(dim=dims, keepdim=True)
 
 
-def _max_abs(x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    dims = _reduce_dims(x, per_row)
-    return x.abs().amax() if dims is None else x.abs().amax(dim=dims, keepdim=True)
+def _sum(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    return x.sum() if dims is None else x.sum(dim=dims, keepdim=True)
 
 
 class _ClippedSTE(torch.autograd.Function):
     """Forward: a precomputed quantized value. Backward: identity, zeroed where |x| >= clip."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, xq: torch.Tensor, clip: float | None) -> torch.Tensor:
+    def forward(ctx, x: Tensor, xq: Tensor, clip: float | None) -> Tensor:
         mask = None if clip is None else x.abs() < clip
         ctx.save_for_backward(mask if mask is not None else torch.empty(0))
         ctx.has_mask = mask is not None
         return xq
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: Tensor):
         (mask,) = ctx.saved_tensors
         g = torch.where(mask, grad, 0.0) if ctx.has_mask else grad  # one pass, no float copy of the mask
         return g, None, None
 
 
-def _ste(x: torch.Tensor, xq: torch.Tensor, clip: float | None) -> torch.Tensor:
+def _ste(x: Tensor, xq: Tensor, clip: float | None) -> Tensor:
     return _ClippedSTE.apply(x, xq.detach(), clip)
 
 
-# --------------------------------------------------------------------------- weight quantizers
-
-
-def _within_clip(x: torch.Tensor, clip: float | None) -> bool:
+def _within_clip(x: Tensor, clip: float | None) -> bool:
     """Whether ``|x| < clip`` everywhere, so that clamping is the identity and the STE mask all ones.
 
     Read on the CPU only (one pass that writes nothing); elsewhere it would stall the stream, so the
@@ -67,135 +73,157 @@ def _within_clip(x: torch.Tensor, clip: float | None) -> bool:
     return max(float(hi), -float(lo)) < clip  # False for NaN: the clamp path then runs as before
 
 
-def twn_ternary(w: torch.Tensor, per_row: bool = False, clip: float | None = 2.5) -> torch.Tensor:
+@dataclass(frozen=True)
+class Quantizer:
+    """What every method shares. Subclasses implement ``_quant`` (codes and scale) and ``code_range``.
+
+    Attributes:
+        bits: bit width (TWN is ternary whatever it says).
+        per_row: one statistic (or step) per row (dim 0) instead of one per tensor.
+        clip: clamp value and STE cut-off; None for neither.
+    """
+
+    bits: int = 8
+    per_row: bool = False
+    clip: float | None = 2.5
+
+    dequant: ClassVar[str] = "mul"  # ŵ = codes * scale ("div": codes / scale)
+    learned: ClassVar[bool] = False  # the owning module holds a learned step
+
+    @classmethod
+    def from_config(cls, cfg: WeightQuantConfig | ActQuantConfig, activation: bool) -> Quantizer:
+        return cls(bits=cfg.bits, per_row=getattr(cfg, "granularity", "tensor") == "row", clip=cfg.clip)
+
+    def code_range(self) -> tuple[int, int]:
+        """The smallest and largest code this quantizer can produce."""
+        raise NotImplementedError
+
+    def storage_bits(self) -> int:
+        """Bits per stored code: enough for :meth:`code_range` (mean-clip needs one more than ``bits``)."""
+        lo, hi = self.code_range()
+        return math.ceil(math.log2(hi - lo + 1))
+
+    def codes(self, x: Tensor, step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(codes, scale) of ``x``, detached: codes the shape of ``x``, scale a scalar, (1,) or [rows, 1, ...]."""
+        codes, scale, _ = self._quant(x.detach(), step)
+        return codes, scale
+
+    def fake_quant(self, x: Tensor, step: Tensor | None = None) -> Tensor:
+        """ŵ, the shape of ``x``; backward: straight through, zeroed where |x| >= clip."""
+        codes, scale, ste_clip = self._quant(x.detach(), step)
+        return _ste(x, codes.div_(scale) if self.dequant == "div" else codes.mul_(scale), ste_clip)
+
+    def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        """(codes in a fresh tensor, scale, the STE's clip) of the detached ``x``."""
+        raise NotImplementedError
+
+    def clip_limit(self, step: Tensor | None) -> float | None:
+        """|x| beyond which an input is clipped (the activation clip-rate diagnostic)."""
+        return self.clip
+
+
+@dataclass(frozen=True)
+class TWN(Quantizer):
     """TWN ternarisation (Li et al. 2016), as TernaryBERT's ``TwnQuantizer``.
 
-    Δ = 0.7·mean|w|; b = sign(w)·[|w| > Δ]; α = mean of |w| over |w| > Δ; ŵ = α·b.
-
-    Args:
-        w: weight, [out, in] for Linear or [V, D] for an embedding table.
-        per_row: one (Δ, α) per row (the reference's embedding setting) instead of one per tensor.
-        clip: STE clip value; the weight is also clamped to [-clip, clip] first (a no-op for BERT weights).
-
-    Returns:
-        ŵ with the shape of ``w``; it takes at most 3 distinct values per row/tensor.
+    Clamp to ±clip; Δ = 0.7·mean|w|; codes b = sign(w)·[|w| > Δ]; α = mean of |w| over |w| > Δ; ŵ = α·b.
+    Scale α: a scalar, or [rows, 1, ...] per row (the reference's embedding setting).
     """
-    codes, alpha, within = _twn(w, per_row, clip)
-    return _ste(w, codes.mul_(alpha), None if within else clip)
+
+    def code_range(self) -> tuple[int, int]:
+        return -1, 1
+
+    def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        """One buffer of x's size is made and reused for |x|, the kept magnitudes and the codes: on a CPU
+        each fresh buffer of a word-embedding table's size costs more in page faults than the arithmetic
+        (a whole 30k-row table: 160 -> 42 ms here; training quantizes only a batch's rows, see
+        QuantEmbedding). No STE clip when nothing reaches it."""
+        within = _within_clip(x, self.clip)
+        if not within:
+            x = x.clamp(-self.clip, self.clip)
+        dims = _reduce_dims(x, self.per_row)
+        buf = x.abs()
+        delta = 0.7 * _mean(buf, dims)
+        # [|x| > Δ] as a float 0/1 made by arithmetic: fl(a − b) > 0 exactly when a > b, and float ops here
+        # run several times faster than bool masks' conversions (mul by a bool mask, a bool sum)
+        keep = buf.sub(delta).relu_().sign_()
+        kept = buf.mul_(keep)  # |x| where kept, else 0
+        alpha = _sum(kept, dims) / _sum(keep, dims).clamp(min=1)
+        return torch.sign(x, out=buf).mul_(keep), alpha, None if within else self.clip
 
 
-def twn_codes(w: torch.Tensor, per_row: bool = False, clip: float | None = 2.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """TWN's integer codes b = sign(w)·[|w| > Δ] and scale α (per tensor, or [rows, 1, ...] per row), so that
-    :func:`twn_ternary` is α·b. Detached; same arguments as :func:`twn_ternary`."""
-    codes, alpha, _ = _twn(w, per_row, clip)
-    return codes, alpha
+@dataclass(frozen=True)
+class SymMaxAbs(Quantizer):
+    """Symmetric uniform max-abs quantisation (TernaryBERT ``SymQuantizer``), for 8-bit weights and every
+    dynamic activation: clamp to ±clip; m = max|x|; s = (2^(b-1) - 1)/m; codes round(x·s); ŵ = codes/s.
 
-
-def _twn(w: torch.Tensor, per_row: bool, clip: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(codes, α, whether |w| < clip everywhere). One buffer of w's size is made and reused for |w|, the
-    kept magnitudes and the codes: on a CPU each fresh buffer of a word-embedding table's size costs more
-    in page faults than the arithmetic (a whole 30k-row table: 160 -> 42 ms here; training quantizes only
-    a batch's rows, see QuantEmbedding)."""
-    x = w.detach()
-    within = _within_clip(x, clip)
-    if not within:
-        x = x.clamp(-clip, clip)
-    dims = _reduce_dims(x, per_row)
-    buf = x.abs()
-    delta = 0.7 * (buf.mean() if dims is None else buf.mean(dim=dims, keepdim=True))
-    # [|x| > Δ] as a float 0/1 made by arithmetic: fl(a − b) > 0 exactly when a > b, and float ops here
-    # run several times faster than bool masks' conversions (mul by a bool mask, a bool sum)
-    keep = buf.sub(delta).relu_().sign_()
-    kept = buf.mul_(keep)  # |x| where kept, else 0
-    if dims is None:
-        alpha = kept.sum() / keep.sum().clamp(min=1)
-    else:
-        alpha = kept.sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp(min=1)
-    codes = torch.sign(x, out=buf).mul_(keep)
-    return codes, alpha, within
-
-
-def symmetric_quant(
-    x: torch.Tensor, bits: int, per_row: bool = False, clip: float | None = 2.5
-) -> torch.Tensor:
-    """Symmetric uniform max-abs quantisation (TernaryBERT ``SymQuantizer``).
-
-    Clamp to [-clip, clip]; m = max|x| (detached); s = (2^(b-1) - 1)/m; x̂ = round(x·s)/s.
-    Used for 8-bit weights and for every activation (dynamic range, recomputed at every call).
-
-    Args:
-        x: any tensor.
-        bits: 2..8; 2^(b-1) - 1 levels per side (127 at 8 bits).
-        per_row: one range per row (dim 0) instead of one per tensor.
-        clip: clamp value and STE cut-off; None for no clamp.
+    The range is recomputed at every call (nothing learned); 2^(b-1) - 1 levels per side.
     """
-    v = x.detach()
-    levels = 2 ** (bits - 1) - 1
-    # max|clamp(v)| = min(max|v|, clip): one aminmax pass instead of a clamped copy, abs and amax.
-    if per_row and v.dim() > 1:
-        m = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True)
-    else:
-        lo, hi = torch.aminmax(v)
-        m = torch.maximum(hi, -lo)
-    ste_clip = clip
-    if clip is not None:
-        # Nothing reaches the clip (e.g. attention probabilities in [0, 1]): the STE mask would be all
-        # ones, so skip computing and storing it. Checked on the CPU only, where reading m costs nothing
-        # (on a GPU it would stall the stream at every activation).
-        if m.dim() == 0 and m.device.type == "cpu" and float(m) < clip:
-            ste_clip = None
-        m = m.clamp(max=clip)
-    scale = levels / m.clamp(min=1e-8)
-    # One new tensor, rounded in place (this is the hot path of every activation); no clamp pass when
-    # nothing reaches the clip (then the clamp is the identity).
-    xq = v.clamp(-clip, clip).mul_(scale) if ste_clip is not None else v * scale
-    return _ste(x, xq.round_().div_(scale), ste_clip)
+
+    dequant: ClassVar[str] = "div"
+
+    def code_range(self) -> tuple[int, int]:
+        levels = 2 ** (self.bits - 1) - 1
+        return -levels, levels
+
+    def _quant(self, v: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        clip = self.clip
+        # max|clamp(v)| = min(max|v|, clip): one aminmax pass instead of a clamped copy, abs and amax.
+        dims = _reduce_dims(v, self.per_row)
+        if dims is not None:
+            m = v.abs().amax(dim=dims, keepdim=True)
+        else:
+            lo, hi = torch.aminmax(v)
+            m = torch.maximum(hi, -lo)
+        ste_clip = clip
+        if clip is not None:
+            # Nothing reaches the clip (e.g. attention probabilities in [0, 1]): the STE mask would be all
+            # ones, so skip computing and storing it. Checked on the CPU only, where reading m costs nothing
+            # (on a GPU it would stall the stream at every activation).
+            if m.dim() == 0 and m.device.type == "cpu" and float(m) < clip:
+                ste_clip = None
+            m = m.clamp(max=clip)
+        scale = (2 ** (self.bits - 1) - 1) / m.clamp(min=1e-8)
+        # One new tensor, rounded in place (the hot path of every activation); no clamp pass when nothing
+        # reaches the clip (then the clamp is the identity).
+        codes = v.clamp(-clip, clip).mul_(scale) if ste_clip is not None else v * scale
+        return codes.round_(), scale, ste_clip
 
 
-def mean_clip_quant(w: torch.Tensor, bits: int, per_row: bool = False, clip: float | None = 2.5) -> torch.Tensor:
-    """The reference's n-bit weight quantiser ``TwnQuantizer_mx`` (used for 4-bit weights/embeddings).
+@dataclass(frozen=True)
+class MeanClip(Quantizer):
+    """The reference's n-bit weight quantiser ``TwnQuantizer_mx`` (4-bit weights/embeddings).
 
-    t = mean|w|; c' = mean of |w| over |w| > t; clamp to [-c', c']; step = 2c'/(2^b - 1);
-    ŵ = round(w/step)·step.
+    Clamp to ±clip; t = mean|w|; c = mean of |w| over |w| > t; step = 2c/(2^b - 1);
+    codes round(clamp(w, ±c)/step), which reach ±2^(b-1) (2^b + 1 levels); ŵ = codes·step.
     """
-    x = w.detach()
-    if clip is not None:
-        x = x.clamp(-clip, clip)
-    t = _mean_abs(x, per_row)
-    big = (x.abs() > t).to(x.dtype)
-    dims = _reduce_dims(x, per_row)
-    if dims is None:
-        c = (x.abs() * big).sum() / big.sum().clamp(min=1)
-    else:
-        c = (x.abs() * big).sum(dim=dims, keepdim=True) / big.sum(dim=dims, keepdim=True).clamp(min=1)
-    c = c.clamp(min=1e-8)
-    step = 2 * c / (2**bits - 1)
-    xq = torch.round(torch.maximum(torch.minimum(x, c), -c) / step) * step
-    return _ste(w, xq, clip)
+
+    def code_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1)
+
+    def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        if self.clip is not None:
+            x = x.clamp(-self.clip, self.clip)
+        dims = _reduce_dims(x, self.per_row)
+        t = _mean(x.abs(), dims)
+        big = (x.abs() > t).to(x.dtype)
+        c = (_sum(x.abs() * big, dims) / _sum(big, dims).clamp(min=1)).clamp(min=1e-8)
+        s = 2 * c / (2**self.bits - 1)
+        return torch.round(torch.maximum(torch.minimum(x, c), -c) / s), s, self.clip
 
 
-# --------------------------------------------------------------------------- LSQ
-
-
-def lsq_levels(bits: int, narrow_range: bool) -> tuple[int, int]:
-    """(Q_N, Q_P) for signed LSQ: (2^(b-1), 2^(b-1)-1), or symmetric (Q_P, Q_P) with ``narrow_range``."""
-    qp = 2 ** (bits - 1) - 1
-    return (qp if narrow_range else qp + 1), qp
-
-
-class _LSQ(torch.autograd.Function):
+class _LSQFunction(torch.autograd.Function):
     """LSQ (Esser et al. 2020): v̂ = clamp(round(v/s), -Q_N, Q_P)·s with the paper's step-size gradient."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float,
-                straight_through: bool = False) -> torch.Tensor:
+    def forward(ctx, v: Tensor, s: Tensor, qn: int, qp: int, g: float, straight_through: bool) -> Tensor:
         r = v / s
         ctx.save_for_backward(r)
         ctx.shape_s, ctx.qn, ctx.qp, ctx.g, ctx.straight = s.shape, qn, qp, g, straight_through
         return torch.clamp(torch.round(r), -qn, qp) * s
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: Tensor):
         (r,) = ctx.saved_tensors
         qn, qp = ctx.qn, ctx.qp
         lower, upper = r <= -qn, r >= qp
@@ -204,55 +232,95 @@ class _LSQ(torch.autograd.Function):
         # d v̂ / d s: round(r) - r inside, -Q_N below, +Q_P above; then scaled by g.
         ds = torch.where(inside, torch.round(r) - r, torch.where(lower, torch.full_like(r, -qn),
                                                                  torch.full_like(r, qp)))
-        grad_s = grad * ds * ctx.g
-        # Reduce to the step's shape (one per tensor or one per row).
-        if len(ctx.shape_s) == 0 or grad_s.shape != ctx.shape_s:
-            dims = [i for i in range(grad_s.dim()) if i >= len(ctx.shape_s) or ctx.shape_s[i] == 1]
-            grad_s = grad_s.sum(dim=dims, keepdim=True) if dims else grad_s
-            grad_s = grad_s.reshape(ctx.shape_s)
+        grad_s = (grad * ds * ctx.g).sum_to_size(ctx.shape_s)  # one per tensor or one per row
         return grad_v, grad_s, None, None, None, None
 
 
-def lsq_quant(v: torch.Tensor, step: torch.Tensor, bits: int, narrow_range: bool = False,
-              grad_scale: float | None = None, straight_through: bool = False) -> torch.Tensor:
-    """LSQ fake quantisation.
+@dataclass(frozen=True)
+class LSQ(Quantizer):
+    """LSQ with a learned step s (Esser et al.; KDLSQ-BERT's variants): codes clamp(round(v/s), -Q_N, Q_P),
+    ŵ = codes·s, scale s. The step is the caller's (``step``); :meth:`init_step` gives its first value.
 
-    Args:
-        v: the tensor to quantise (weight or activation).
-        step: learned step size s, a scalar tensor or [rows, 1, ...] for per-row steps.
-        bits: bit width.
-        narrow_range: Q_N = Q_P (symmetric; ternary at 2 bits, as KDLSQ-BERT).
-        grad_scale: g; default 1/sqrt(N·Q_P) with N = elements per step (Esser et al.).
+    Attributes:
+        narrow_range: Q_N = Q_P (symmetric; ternary at 2 bits, as KDLSQ-BERT); else Q_N = Q_P + 1.
         straight_through: pass v's gradient through everywhere (KDLSQ-BERT's weights) instead of zeroing
             it where v/s falls outside [-Q_N, Q_P] (LSQ).
+        activation: the gradient scale's N is the number of features per example (activations), not the
+            number of elements per step (weights).
+        init: the step's initialisation, see :func:`lsq_init`.
+        percentile: for ``init="percentile"``.
     """
-    qn, qp = lsq_levels(bits, narrow_range)
-    if grad_scale is None:
-        n = v.numel() // max(step.numel(), 1)
-        grad_scale = 1.0 / math.sqrt(n * qp)
-    return _LSQ.apply(v, step, qn, qp, grad_scale, straight_through)
+
+    narrow_range: bool = True
+    straight_through: bool = False
+    activation: bool = False
+    init: str = "mean"
+    percentile: float = 97.5
+
+    learned: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg: WeightQuantConfig | ActQuantConfig, activation: bool) -> LSQ:
+        # activations: symmetric levels and LSQ's clipped STE (KDLSQ-BERT); no clamp before the step
+        return cls(bits=cfg.bits, per_row=getattr(cfg, "granularity", "tensor") == "row", clip=None,
+                   narrow_range=activation or cfg.narrow_range,
+                   straight_through=not activation and cfg.straight_through, activation=activation,
+                   init=cfg.init, percentile=cfg.percentile)
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        """(Q_N, Q_P)."""
+        qp = 2 ** (self.bits - 1) - 1
+        return (qp if self.narrow_range else qp + 1), qp
+
+    def code_range(self) -> tuple[int, int]:
+        qn, qp = self.levels
+        return -qn, qp
+
+    def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        qn, qp = self.levels
+        s = step.detach().to(x.dtype)
+        return torch.clamp(torch.round(x / s), -qn, qp), s, None
+
+    def fake_quant(self, x: Tensor, step: Tensor | None = None) -> Tensor:
+        """ŵ with LSQ's gradients for ``x`` and the step."""
+        qn, qp = self.levels
+        if self.activation:
+            n = max(x[0].numel(), 1) if x.dim() > 1 else x.numel()
+            g = 1.0 / (n * qp) ** 0.5  # as before: math.sqrt differs from ** 0.5 by an ulp for some N
+        else:
+            g = 1.0 / math.sqrt(x.numel() // max(step.numel(), 1) * qp)
+        return _LSQFunction.apply(x, step.to(x.dtype), qn, qp, g, self.straight_through)
+
+    def clip_limit(self, step: Tensor | None) -> float | None:
+        return float(step) * self.levels[1]
+
+    def init_step(self, v: Tensor) -> Tensor:
+        """The initial step for ``v`` (a whole weight, or a calibration batch of activations)."""
+        return lsq_init(v, self.bits, self.init, self.per_row, self.percentile)
 
 
-def lsq_init_mean(v: torch.Tensor, bits: int, per_row: bool = False) -> torch.Tensor:
-    """s₀ = 2·mean|v|/sqrt(Q_P) (Esser et al.)."""
-    qp = 2 ** (bits - 1) - 1
-    return (2 * _mean_abs(v.detach().float(), per_row) / math.sqrt(qp)).clamp(min=1e-8)
+QUANTIZERS: dict[str, type[Quantizer]] = {"twn": TWN, "sym": SymMaxAbs, "mean_clip": MeanClip, "lsq": LSQ}
+ACT_METHODS = ("sym", "lsq")  # activations: dynamic max-abs or a learned step
 
 
-def lsq_init_percentile(v: torch.Tensor, bits: int, percentile: float = 97.5) -> torch.Tensor:
-    """KDLSQ-BERT ``reset_wgt_alpha``: clip at the larger |value| of the (100-p)th and pth percentiles.
+def make_quantizer(cfg: WeightQuantConfig | ActQuantConfig, activation: bool = False) -> Quantizer:
+    """The quantizer ``cfg.method`` names, with ``cfg``'s settings.
 
-    The clip value c becomes the step through s = c / Q_P (the top level lands on the clip value).
+    Raises:
+        ConfigError (a ValueError): an unknown method, naming the allowed ones.
     """
-    qp = 2 ** (bits - 1) - 1
-    flat = v.detach().float().flatten()
-    if flat.numel() > 2_000_000:  # quantile() has an input-size limit; a strided sample is enough
-        flat = flat[:: flat.numel() // 2_000_000 + 1]
-    q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], dtype=flat.dtype))
-    return (q.abs().max() / qp).clamp(min=1e-8)
+    allowed = ACT_METHODS if activation else tuple(QUANTIZERS)
+    if cfg.method not in allowed:
+        kind = "activation" if activation else "weight"
+        raise ConfigError(f"unknown {kind} quantization method {cfg.method!r}; allowed: {', '.join(allowed)}")
+    return QUANTIZERS[cfg.method].from_config(cfg, activation)
 
 
-def kl_calibrated_clip(v: torch.Tensor, bits: int, num_bins: int = 2048) -> torch.Tensor:
+# --------------------------------------------------------------------------- LSQ step initialisation
+
+
+def kl_calibrated_clip(v: Tensor, bits: int, num_bins: int = 2048) -> Tensor:
     """TensorRT-style KL-divergence calibration of a symmetric clip value on the histogram of |v|.
 
     For each candidate threshold i (in bins), the reference distribution P is the histogram truncated at
@@ -287,7 +355,7 @@ def kl_calibrated_clip(v: torch.Tensor, bits: int, num_bins: int = 2048) -> torc
     return torch.tensor((best_i + 0.5) * width)
 
 
-def kdlsq_cdf_clip(v: torch.Tensor, bits: int) -> torch.Tensor:
+def kdlsq_cdf_clip(v: Tensor, bits: int) -> Tensor:
     """KDLSQ-BERT's own KL calibration of a symmetric clip value (its ``kl_divergence_initilization``).
 
     On the histogram of |v| over [0, max|v|] with numpy's ``bins="sqrt"`` (width (max − min)/√N), normalised, with
@@ -329,21 +397,30 @@ def kdlsq_cdf_clip(v: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.tensor(best_t)
 
 
-def lsq_init(v: torch.Tensor, bits: int, method: str, per_row: bool = False,
-             percentile: float = 97.5) -> torch.Tensor:
-    """Initial LSQ step by ``method`` in {mean, percentile, kl, kl_cdf}; per-row only for ``mean``.
+def lsq_init(v: Tensor, bits: int, method: str, per_row: bool = False, percentile: float = 97.5) -> Tensor:
+    """Initial LSQ step for ``v`` by ``method``; a scalar, or [rows, 1, ...] with ``per_row``.
 
-    ``kl``: TensorRT-style KL on the histogram (:func:`kl_calibrated_clip`); ``kl_cdf``: KDLSQ-BERT's own
-    calibration (:func:`kdlsq_cdf_clip`)."""
+    ``mean``: s₀ = 2·mean|v|/sqrt(Q_P) (Esser et al.; per row when asked); ``percentile``: KDLSQ-BERT's
+    ``reset_wgt_alpha``, the larger |value| of the (100-p)th and pth percentiles over Q_P (the top level
+    lands on that clip value); ``kl``: TensorRT-style KL on the histogram (:func:`kl_calibrated_clip`);
+    ``kl_cdf``: KDLSQ-BERT's own calibration (:func:`kdlsq_cdf_clip`). The calibrated inits are per
+    tensor, broadcast to every row with ``per_row``.
+    """
+    qp = 2 ** (bits - 1) - 1
+    x = v.detach().float()
     if method == "mean":
-        return lsq_init_mean(v, bits, per_row)
-    if per_row:  # calibrated inits are per tensor; broadcast to one step per row
+        return (2 * _mean(x.abs(), _reduce_dims(x, per_row)) / math.sqrt(qp)).clamp(min=1e-8)
+    if per_row:
         s = lsq_init(v, bits, method, False, percentile)
         return s.expand(v.shape[0], *([1] * (v.dim() - 1))).clone()
     if method == "percentile":
-        return lsq_init_percentile(v, bits, percentile)
+        flat = x.flatten()
+        if flat.numel() > 2_000_000:  # quantile() has an input-size limit; a strided sample is enough
+            flat = flat[:: flat.numel() // 2_000_000 + 1]
+        q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], dtype=flat.dtype))
+        return (q.abs().max() / qp).clamp(min=1e-8)
     if method == "kl":
-        return (kl_calibrated_clip(v, bits) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
+        return (kl_calibrated_clip(v, bits) / qp).clamp(min=1e-8)
     if method == "kl_cdf":
-        return (kdlsq_cdf_clip(v, bits) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
-    raise ValueError(f"unknown LSQ init {method!r}; allowed: mean, percentile, kl, kl_cdf")
+        return (kdlsq_cdf_clip(v, bits) / qp).clamp(min=1e-8)
+    raise ConfigError(f"unknown LSQ init {method!r}; allowed: mean, percentile, kl, kl_cdf")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdqat_dist.quant.fake_quant import QuantEmbedding, QuantLinear
+from kdqat_dist.quant.quantizers import make_quantizer
 
 
 def _numel(p) -> int:
@@ -17,13 +18,6 @@ def fp32_bytes(model: nn.Module) -> int:
 
 def _is_step(p, model) -> bool:
     return any(p is getattr(m, "step", None) for m in model.modules())
-
-
-def storage_bits(method: str, bits: int) -> int:
-    """Bits per stored code: ``bits``, except mean-clip (the reference's n-bit quantizer), whose rounding
-    of the clip value gives 2^b + 1 levels (codes -2^(b-1) .. 2^(b-1)), one more bit as ``kdqat export``
-    stores it."""
-    return bits + 1 if method == "mean_clip" else bits
 
 
 def packed_bytes(model: nn.Module) -> int:
@@ -47,7 +41,8 @@ def _quantized_bytes(model: nn.Module) -> tuple[set[int], int]:
             n = _numel(m.weight)
             rows = m.weight.shape[0] if m.weight.dim() > 1 and m.weight.numel() else 1
             scales = rows if cfg.granularity == "row" else 1
-            total += (n * storage_bits(cfg.method, cfg.bits) + 7) // 8 + 4 * scales
+            # bits per stored code: ``bits``, but one more for mean-clip's 2^b + 1 levels, as export stores it
+            total += (n * make_quantizer(cfg).storage_bits() + 7) // 8 + 4 * scales
             quantized.add(id(m.weight))
     return quantized, total
 
