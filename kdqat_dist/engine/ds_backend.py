@@ -103,11 +103,9 @@ class DeepSpeedBackend:
         # sees ZeRO's flat partitions.
         optimizer = make_optimizer(model, t, clip_each=False) if e.optimizer == "torch" else None
         params = None if optimizer is not None else param_groups(model, t)
-        scalars = _lift_scalar_params(model)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, config=conf,
             lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t))
-        _restore_scalar_params(scalars)
         return self.engine
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
@@ -350,27 +348,6 @@ def _forget_deepspeed_groups() -> None:
 def _unwrap(m: nn.Module) -> nn.Module:
     inner = getattr(m, "module", None)
     return inner if isinstance(inner, nn.Module) else m
-
-
-def _lift_scalar_params(model: nn.Module) -> list[nn.Parameter]:
-    """Give 0-dim parameters (per-tensor LSQ steps) shape (1,) for :func:`deepspeed.initialize`.
-
-    DeepSpeed broadcasts and partitions parameters through byte views (``p.data.view(torch.uint8)``),
-    which a 0-dim float tensor cannot give. The values are unchanged; :func:`_restore_scalar_params`
-    puts the shape back so the module, its state dict and saved students look as in one process.
-    """
-    lifted = [p for p in model.parameters() if p.dim() == 0]
-    for p in lifted:
-        p.data = p.data.reshape(1)
-    return lifted
-
-
-def _restore_scalar_params(params: list[nn.Parameter]) -> None:
-    for p in params:
-        if hasattr(p, "ds_shape"):  # ZeRO-3: gathers reshape to ds_shape
-            p.ds_shape = torch.Size([])
-        if p.data.numel() == 1:  # whole on this rank (ZeRO 0-2, or a persistent ZeRO-3 parameter)
-            p.data = p.data.view(())
 
 
 def _param_bytes(module: nn.Module) -> int:

@@ -4,7 +4,7 @@ Each rank writes ``<out>/rank<r>.json`` with:
 
 - ``zero2`` / ``zero3`` / ``zero3_lsq``: the training log of a short KD-QAT run with a ZeRO-3 teacher and
   a ZeRO-2 or ZeRO-3 student (TWN weights, the default), and a ZeRO-3 student with LSQ weights and
-  activations (0-dim step parameters); ``zero0`` (ZeRO-3 teacher) and ``zero1_replicated`` (a replicated
+  activations (per-tensor steps of shape (1,)); ``zero0`` (ZeRO-3 teacher) and ``zero1_replicated`` (a replicated
   teacher); ``bertadam_zero{0,1,2,3}``: BertAdam under each stage; ``finetune_zero2``: `kdqat finetune`
   of the FP model under ZeRO-2;
 - ``taps``: max |ZeRO-3 teacher - unsharded teacher| for every tap, layer and the logits;
