@@ -18,7 +18,15 @@ from transformers import BertTokenizerFast
 
 from kdqat_dist.config import DataConfig
 from kdqat_dist.data import loaders
-from kdqat_dist.data.demo import bag_of_words_baseline, make_demo, rule_label, vocabulary
+from kdqat_dist.data.demo import (
+    FLIP_FRAMES,
+    HARD_LABEL_NOISE,
+    NEGATIONS,
+    bag_of_words_baseline,
+    make_demo,
+    rule_label,
+    vocabulary,
+)
 from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.loaders import (
     Collator,
@@ -399,6 +407,29 @@ def test_demo_is_learnable_but_not_trivial_for_bag_of_words():
     demo = make_demo(4000, seed=0)
     acc = bag_of_words_baseline(demo["train"], demo["dev"])
     assert 0.5 < acc < 0.9
+
+
+def test_demo_levels_easy_and_hard():
+    easy, hard = make_demo(2000, 0, "easy"), make_demo(4000, 0, "hard")
+    assert make_demo(300, 5, "hard") == make_demo(300, 5, "hard")
+    vocab = set(vocabulary())
+    # easy: one clause, no negation: the adjective decides, so a bag of words reads it off
+    for r in easy["train"] + easy["dev"]:
+        assert rule_label(r["text_a"]) == r["label"] and not set(r["text_a"].split()) & NEGATIONS
+    assert bag_of_words_baseline(easy["train"], easy["dev"]) > 0.97
+    # hard: frames reverse clauses (parity of the negation words), and HARD_LABEL_NOISE of labels flipped
+    rows = hard["train"] + hard["dev"]
+    assert all(set(r["text_a"].split()) <= vocab for r in rows)
+    flipped = sum(rule_label(r["text_a"]) != r["label"] for r in rows) / len(rows)
+    assert abs(flipped - HARD_LABEL_NOISE) < 0.015
+    assert sum(any(f in r["text_a"] for f in FLIP_FRAMES) for r in rows) > 0.2 * len(rows)
+    assert rule_label("nobody would say that the plot was not dull") == 0
+    assert rule_label("the acting was weak but it is not true that the plot was dull") == 1
+    assert bag_of_words_baseline(hard["train"], hard["dev"]) < 0.7
+    with pytest.raises(ValueError, match="easy, standard, hard"):
+        make_demo(10, 0, "medium")
+    with pytest.raises(DataError, match="data.demo_level: got 'medium'; allowed: easy, standard, hard"):
+        load_splits(DataConfig(task="demo", demo_level="medium"), get_task(DataConfig(task="demo")))
 
 
 def test_demo_through_load_splits():
