@@ -24,9 +24,11 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 # (so a saved config, loaded with build_section, is checked the same way as a recipe).
 
 Bits = Literal[2, 3, 4, 8]
-# The quantizers of quant/quantizers.py: twn_ternary, symmetric_quant, mean_clip_quant, lsq_quant.
-WeightMethod = Literal["twn", "sym", "mean_clip", "lsq"]
-ActMethod = Literal["sym", "lsq"]  # dynamic max-abs (symmetric_quant) or learned step size (lsq_quant)
+# The quantizers of quant/quantizers.py: twn_ternary, symmetric_quant, mean_clip_quant, lsq_quant, BitNet
+# b1.58's absmean ternary and ParetoQ's SEQ (learned clip, 1.58 or 2 bits).
+WeightMethod = Literal["twn", "sym", "mean_clip", "lsq", "absmean", "seq"]
+# dynamic max-abs per tensor (symmetric_quant), learned step size (lsq_quant), or BitNet's per-token absmax
+ActMethod = Literal["sym", "lsq", "absmax_token"]
 Granularity = Literal["tensor", "row"]
 LsqInit = Literal["mean", "percentile", "kl", "kl_cdf"]  # quant/quantizers.py lsq_init
 Device = Literal["auto", "cpu", "cuda"]
@@ -133,7 +135,9 @@ class WeightQuantConfig:
     enabled: bool = True
     bits: Bits = 2
     # twn: ternary, threshold 0.7*mean|w| (bits=2 only); sym: max-abs uniform; mean_clip: clip at the mean
-    # of |w| above mean|w| (the reference's 4-bit TwnQuantizer_mx); lsq: learned step size.
+    # of |w| above mean|w| (the reference's 4-bit TwnQuantizer_mx); lsq: learned step size; absmean: BitNet
+    # b1.58 ternary, scale mean|w| (bits=2 only); seq: ParetoQ's learned-clip SEQ (bits=2 only; narrow_range
+    # true: ternary, false: 4 levels).
     method: WeightMethod = "twn"
     granularity: Granularity = "tensor"
     clip: Positive | None = 2.5  # STE zeroes the gradient where |w| >= clip; null disables
@@ -141,7 +145,8 @@ class WeightQuantConfig:
     # KL) or kl_cdf (KDLSQ-BERT's own CDF-interpolated KL with sqrt bins).
     init: LsqInit = "mean"
     percentile: Percentile = 97.5
-    narrow_range: bool = True  # LSQ: symmetric levels (-Q_P..Q_P); at 2 bits this is ternary
+    # LSQ: symmetric levels (-Q_P..Q_P); at 2 bits this is ternary. SEQ: ternary (1.58 bits), else 4 levels
+    narrow_range: bool = True
     # LSQ: the weight gradient passes straight through outside the clip range (KDLSQ-BERT) instead of
     # being zeroed there (LSQ)
     straight_through: bool = False
@@ -153,7 +158,8 @@ class ActQuantConfig:
 
     enabled: bool = True
     bits: Bits = 8
-    method: ActMethod = "sym"  # sym: dynamic per-tensor max-abs; lsq: learned step size
+    # sym: dynamic per-tensor max-abs; lsq: learned step size; absmax_token: dynamic max-abs per token (last dim)
+    method: ActMethod = "sym"
     # The reference clamps every quantized activation to [-2.5, 2.5] before scaling; null disables.
     clip: Positive | None = 2.5
     init: LsqInit = "mean"  # LSQ: computed on the first calibration batch
@@ -369,6 +375,9 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def _check_twn_bits(q: WeightQuantConfig, key: str) -> None:
     _check(q.method != "twn" or q.bits == 2, f"{key}.method", "twn is ternary and needs bits=2")
+    _check(q.method != "absmean" or q.bits == 2, f"{key}.method", "absmean is ternary and needs bits=2")
+    _check(q.method != "seq" or q.bits == 2, f"{key}.method",
+           "seq is ParetoQ's 1.58-/2-bit quantizer and needs bits=2 (narrow_range: true for ternary)")
 
 
 def loss_terms(cfg: DistillConfig) -> dict[str, float]:

@@ -86,7 +86,7 @@ def test_dict_overrides_for_sweeps():
     ("quant.weight.clip=abc", "quant.weight.clip: expected a number or null, got 'abc'"),
     ("quant.act.clip=0", "quant.act.clip: got 0.0; must be > 0 or null"),
     ("quant.rules=[{pattern: x, weight_method: foo}]",
-     "quant.rules[0].weight_method: got 'foo'; allowed: twn, sym, mean_clip, lsq, null"),
+     "quant.rules[0].weight_method: got 'foo'; allowed: twn, sym, mean_clip, lsq, absmean, seq, null"),
     ("quant.rules=[{pattern: x, weight_bits: 5}]", "quant.rules[0].weight_bits: got 5; allowed: 2, 3, 4, 8, null"),
     ("quant.rules=[{pattern: x, weight_method: twn, weight_bits: 4}]",
      "quant.rules[0].method: twn is ternary and needs bits=2"),
@@ -183,7 +183,7 @@ def test_saved_sections_are_checked_too():
     from kdqat_dist.config import QuantConfig, build_section
 
     with pytest.raises(ConfigError, match=r"^quantization_config\.quant\.weight\.method: got 'foo'; allowed: "
-                                          r"twn, sym, mean_clip, lsq$"):
+                                          r"twn, sym, mean_clip, lsq, absmean, seq$"):
         build_section(QuantConfig, {"weight": {"method": "foo"}}, "quantization_config.quant")
     with pytest.raises(ConfigError, match=r"^quant\.act\.bits: got 16; allowed: 2, 3, 4, 8$"):
         build_section(QuantConfig, {"act": {"bits": 16}}, "quant")

@@ -118,6 +118,30 @@ def test_every_method_and_granularity_round_trips(tmp_path):
                                                          ).quantized_packed_bytes
 
 
+@pytest.mark.parametrize("method,narrow", [("absmean", True), ("seq", True), ("seq", False)])
+def test_bitnet_and_paretoq_weights_round_trip(tmp_path, method, narrow):
+    """absmean (per tensor) and SEQ (learned α, per row) weights, per-token A8, exported and reloaded."""
+    quant = QuantConfig()
+    quant.weight.method, quant.weight.bits, quant.weight.narrow_range = method, 2, narrow
+    quant.weight.granularity = "row" if method == "seq" else "tensor"
+    quant.act.method, quant.act.clip = "absmax_token", None
+    quant.embedding.method, quant.embedding.narrow_range = method, narrow
+    model = prepare(tiny_model(), quant)
+    with torch.no_grad():  # move the learned clips off their init, as training would
+        for m in model.modules():
+            if hasattr(m, "step") and m.step.dim() == 2:
+                m.step.mul_(0.7)
+    batch = probe_batch(model.config)
+    out = tmp_path / "e"
+    export_model(model, quant, out)
+    mods = read_meta(out)["modules"]
+    assert {i["method"] for i in mods.values()} == {method}
+    assert {i["storage_bits"] for i in mods.values()} == {2}
+    assert {i["dequant"] for i in mods.values()} == {"mul" if narrow else "mul_half"}
+    loaded = load(out)
+    assert torch.equal(logits_of(model, batch), logits_of(loaded, batch))
+
+
 def test_size_ratio_ternary_with_2bit_embeddings(tmp_path):
     model = prepare(tiny_model(vocab=3000, hidden=128, layers=2), QuantConfig())
     report = export_model(model, QuantConfig(), tmp_path / "e", verify=False)  # logits: tests above

@@ -63,7 +63,8 @@ def test_bad_packing_inputs_are_refused():
         P.weight_codes(torch.randn(3, 3), WeightQuantConfig(bits=6, method="sym"))
 
 
-QUANTIZERS = [("twn", 2)] + [(m, b) for m in ("sym", "mean_clip", "lsq") for b in (2, 3, 4, 8)]
+QUANTIZERS = ([("twn", 2), ("absmean", 2), ("seq", 2)]
+              + [(m, b) for m in ("sym", "mean_clip", "lsq") for b in (2, 3, 4, 8)])
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
@@ -80,7 +81,7 @@ def test_codes_reproduce_the_fake_quant_weight_bit_exactly(method, bits, granula
         codes, scale = P.weight_codes(w, cfg, getattr(wq, "step", None))
         lo, hi = P.code_range(method, bits, narrow)
         assert lo <= int(codes.min()) and int(codes.max()) <= hi
-        out = P.dequantize(codes, scale, P.dequant_op(method))
+        out = P.dequantize(codes, scale, P.dequant_op(method, narrow))
         assert torch.equal(out, target), (method, bits, granularity, shape)
         rows = shape[0] if granularity == "row" else 1
         assert scale.numel() == rows
@@ -115,3 +116,18 @@ def test_dequant_op_division_matches_symmetric_quantizer():
         target = WeightFakeQuant(cfg, w)(w)
     assert torch.equal(P.dequantize(codes, s, "div"), target)
     assert P.dequant_op("sym") == "div" and P.dequant_op("twn") == "mul"
+
+
+def test_two_bit_seq_half_integer_levels_pack_at_two_bits():
+    # SEQ's 2-bit levels are (k + 1/2)·α/2 with k in -2..1: four codes, two bits, dequantized with "mul_half"
+    w = torch.linspace(-0.2, 0.2, 40).reshape(4, 10)
+    cfg = WeightQuantConfig(bits=2, method="seq", narrow_range=False, granularity="row")
+    wq = WeightFakeQuant(cfg, w)
+    codes, scale = P.weight_codes(w, cfg, wq.step)
+    assert set(codes.unique().tolist()) == {-2, -1, 0, 1} and P.dequant_op("seq", False) == "mul_half"
+    enc = P.choose_encoding(codes, 2)
+    assert (enc.packing, enc.storage_bits) == ("bits", 2)
+    with torch.no_grad():
+        assert torch.equal(P.dequantize(P.decode(P.encode(codes, enc), enc, 40).view(4, 10), scale, "mul_half"),
+                           wq(w))
+    assert P.dequant_op("seq") == "mul" and P.code_range("seq", 2) == (-1, 1)  # ternary SEQ

@@ -247,6 +247,11 @@ def _formula_codes(method: str, w: torch.Tensor, bits: int, step: torch.Tensor |
         elif method == "mean_clip":
             c = x.abs()[x.abs() > x.abs().mean()].mean()
             rows.append(torch.round(x.clamp(-c, c) / (2 * c / (2**bits - 1))))
+        elif method == "absmean":
+            rows.append(torch.clamp(torch.round(x / (x.abs().mean() + 1e-5)), -1, 1))
+        elif method == "seq":  # ternary (narrow_range): n = 1.5, no shift; the learned clip α, no clamp before it
+            a = step.reshape(-1)[len(rows)]
+            rows.append(torch.round(torch.clamp(r / a, -0.99, 0.99) * 1.5))
         else:  # lsq, narrow range, no clamp before the step
             qp = 2 ** (bits - 1) - 1
             rows.append(torch.clamp(torch.round(r / step.reshape(-1)[len(rows)]), -qp, qp))
@@ -254,7 +259,7 @@ def _formula_codes(method: str, w: torch.Tensor, bits: int, step: torch.Tensor |
 
 
 @pytest.mark.parametrize("method,bits", [("twn", 2), ("sym", 8), ("sym", 3), ("mean_clip", 4), ("lsq", 2),
-                                         ("lsq", 4)])
+                                         ("lsq", 4), ("absmean", 2), ("seq", 2)])
 def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(method, bits):
     from kdqat_dist.analysis.diagnostics import weight_codes as diag_codes
     from kdqat_dist.config import WeightQuantConfig
@@ -271,7 +276,7 @@ def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(
     lo, hi = q.code_range()
     assert torch.equal(codes, codes.round()) and lo <= int(codes.min()) and int(codes.max()) <= hi
     torch.testing.assert_close(codes, _formula_codes(method, w, bits, step), rtol=0, atol=0)
-    w_hat = codes / scale if q.dequant == "div" else codes * scale
+    w_hat = codes / scale if q.dequant == "div" else codes * scale  # (seq's ternary grid: "mul")
     with torch.no_grad():
         assert torch.equal(q.fake_quant(w, step), w_hat) and torch.equal(wq(w), w_hat)
     # diagnostics and export read the same class: the same codes, no second formula
@@ -295,13 +300,15 @@ def test_unknown_method_is_a_value_error_naming_the_allowed_methods_at_prepare_t
     from kdqat_dist.quant.api import prepare
     from kdqat_dist.quant.fake_quant import ActFakeQuant
 
-    assert set(Q.QUANTIZERS) == {"twn", "sym", "mean_clip", "lsq"}
+    assert set(Q.QUANTIZERS) == {"twn", "sym", "mean_clip", "lsq", "absmean", "seq", "absmax_token"}
     cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=32)
-    with pytest.raises(ValueError, match=r"'ternary'; allowed: twn, sym, mean_clip, lsq"):
+    with pytest.raises(ValueError, match=r"'ternary'; allowed: twn, sym, mean_clip, lsq, absmean, seq$"):
         prepare(BertForSequenceClassification(cfg), QuantConfig(weight=WeightQuantConfig(method="ternary")))
-    with pytest.raises(ValueError, match=r"activation quantization method 'twn'; allowed: sym, lsq"):
+    with pytest.raises(ValueError, match=r"activation quantization method 'twn'; allowed: sym, lsq, absmax_token$"):
         ActFakeQuant(ActQuantConfig(method="twn"))
+    with pytest.raises(ValueError, match=r"weight quantization method 'absmax_token'"):
+        prepare(BertForSequenceClassification(cfg), QuantConfig(weight=WeightQuantConfig(method="absmax_token")))
 
 
 def test_lsq_steps_have_shape_1_and_old_0d_steps_load():
@@ -335,3 +342,124 @@ def test_old_0d_optimizer_moments_are_reshaped_on_resume():
     _fit_moments_to_params(opt)
     assert opt.state[step]["exp_avg"].shape == (1,) and opt.state[step]["step"].dim() == 0
     opt.step()  # 0-d moments would fail here (an in-place update of shape [] by [1])
+
+
+# ---- BitNet b1.58 absmean weights, per-token absmax activations, ParetoQ's SEQ
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_absmean_matches_bitnet_formula_and_passes_the_gradient_straight_through(per_row):
+    w = (torch.randn(5, 24, generator=torch.Generator().manual_seed(7)) * 0.05).requires_grad_()
+    out = Q.AbsMean(bits=2, per_row=per_row, clip=None).fake_quant(w)
+    x = w.detach()
+    gamma = (x.abs().mean(dim=1, keepdim=True) if per_row else x.abs().mean()) + 1e-5
+    assert torch.equal(out, torch.clamp(torch.round(x / gamma), -1, 1) * gamma)
+    assert set(torch.unique(torch.round(out / gamma)).tolist()) == {-1.0, 0.0, 1.0}
+    upstream = torch.randn(5, 24)
+    (out * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)  # clip null: BitNet's plain STE
+
+
+def test_absmean_clip_follows_the_twn_convention():
+    w = torch.tensor([[0.1, -0.2, 3.0, -2.6, 0.01, 2.4]], requires_grad=True)
+    out = Q.AbsMean(bits=2, clip=2.5).fake_quant(w)
+    xc = w.detach().clamp(-2.5, 2.5)
+    gamma = xc.abs().mean() + 1e-5
+    assert torch.equal(out, torch.clamp(torch.round(xc / gamma), -1, 1) * gamma)
+    out.sum().backward()
+    assert w.grad.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+
+
+def test_absmax_token_one_scale_per_token_and_straight_through():
+    x = (torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(8)) * 3).requires_grad_()
+    x.data[0, 1] = 0.0  # an all-zero token: scale 127/eps, codes 0, no NaN
+    q = Q.AbsMaxToken(bits=8, clip=None)
+    out = q.fake_quant(x)
+    xd = x.detach()
+    s = 127.0 / xd.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    assert torch.equal(out, torch.round(xd * s) / s)
+    assert torch.equal(out[0, 1], torch.zeros(16))
+    codes, scale = q.codes(xd)
+    assert scale.shape == (2, 3, 1) and int(codes.abs().amax()) == 127 and q.code_range() == (-127, 127)
+    # every token reaches ±127: its own max sets its scale
+    assert torch.equal(codes.abs().amax(dim=-1)[xd.abs().amax(dim=-1) > 0], torch.full((5,), 127.0))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_absmax_token_is_an_activation_method_only():
+    from kdqat_dist.config import ActQuantConfig
+    from kdqat_dist.quant.fake_quant import ActFakeQuant
+
+    aq = ActFakeQuant(ActQuantConfig(method="absmax_token", bits=8, clip=None))
+    x = torch.randn(4, 7, 12)
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True)
+    assert torch.equal(aq(x), torch.round(x * s) / s) and not hasattr(aq, "step")
+
+
+def _seq_reference(w: torch.Tensor, alpha: torch.Tensor, ternary: bool):
+    """ParetoQ's StretchedElasticQuant (models/utils_quant.py) written out elementwise: forward, and the
+    gradients for w and alpha of sum(upstream * forward)."""
+    n, shift = (1.5, 0.0) if ternary else (2.0, 0.5)
+    top = (n - shift) / n
+    a = alpha.clamp(min=1e-5)
+    r = w / a
+    q = (torch.round(torch.clamp(r, -0.99, 0.99) * n - shift) + shift) / n
+    small, big = r < -0.99, r > 0.99
+    mid = ~(small | big)
+    dalpha = torch.where(mid, q - r, torch.where(small, -top, top)) / math.sqrt(w.numel())
+    return q * a, mid.float(), dalpha
+
+
+@pytest.mark.parametrize("ternary", [True, False])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_seq_values_and_gradients_match_paretoq(ternary, per_row):
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(6, 20, generator=g) * 0.05).requires_grad_()
+    w.data[0, 0], w.data[1, 1] = 0.5, -0.5  # beyond the clip value: the ±top branch of α's gradient
+    alpha = (torch.full((6, 1), 0.08) if per_row else torch.tensor([0.08])) * (1 + torch.rand(6, 1, generator=g)
+                                                                            if per_row else 1.0)
+    alpha.requires_grad_()
+    q = Q.SEQ(bits=2, per_row=per_row, narrow_range=ternary)
+    out = q.fake_quant(w, alpha)
+    ref, gw, galpha = _seq_reference(w.detach(), alpha.detach(), ternary)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)  # (k + shift)·α/n vs ((k + shift)/n)·α
+    levels = torch.round(out.detach() / (alpha.detach() / (1.5 if ternary else 2.0)) * 2) / 2
+    assert set(levels.unique().tolist()) == ({-1.0, 0.0, 1.0} if ternary else {-1.5, -0.5, 0.5, 1.5})
+    upstream = torch.randn(6, 20, generator=g)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, upstream * gw)
+    torch.testing.assert_close(alpha.grad, (upstream * galpha).sum_to_size(alpha.shape), rtol=1e-5, atol=1e-7)
+    assert w.grad[0, 0] == 0 and w.grad[1, 1] == 0
+    # codes and scale give the fake-quant weight bit for bit, as export needs
+    codes, scale = q.codes(w, alpha)
+    lo, hi = q.code_range()
+    assert torch.equal(codes, codes.round()) and lo <= int(codes.min()) and int(codes.max()) <= hi
+    assert (lo, hi) == ((-1, 1) if ternary else (-2, 1)) and q.storage_bits() == 2
+    w_hat = codes * scale if q.dequant == "mul" else (codes + 0.5) * scale
+    assert q.dequant == ("mul" if ternary else "mul_half")
+    assert torch.equal(w_hat, out.detach())
+
+
+def test_seq_alpha_initialised_at_max_abs_and_in_its_own_lr_group():
+    from kdqat_dist.config import WeightQuantConfig
+    from kdqat_dist.quant.fake_quant import WeightFakeQuant
+
+    w = torch.randn(5, 9)
+    row = WeightFakeQuant(WeightQuantConfig(method="seq", bits=2, granularity="row"), w)
+    assert torch.equal(row.step.detach(), w.abs().amax(dim=1, keepdim=True))
+    whole = WeightFakeQuant(WeightQuantConfig(method="seq", bits=2, narrow_range=False), w)
+    assert whole.step.shape == (1,) and float(whole.step.detach()) == float(w.abs().max())
+    assert row.quantizer.levels == (1, 1)  # α is a clip value: its learning rate is not divided by Q_P
+
+
+@pytest.mark.parametrize("method", ["absmean", "seq"])
+def test_ternary_only_methods_refuse_other_bits(method):
+    from kdqat_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"quant.weight.method: {method}"):
+        load_config(None, [f"quant.weight.method={method}", "quant.weight.bits=4"])
+    cfg = load_config(None, [f"quant.weight.method={method}", "quant.rules=[{pattern: output, weight_bits: 8}]"])
+    from kdqat_dist.quant.api import _weight_cfg
+
+    assert _weight_cfg(cfg.quant.weight, cfg.quant.rules[0]).method == "sym"  # more bits: max-abs uniform

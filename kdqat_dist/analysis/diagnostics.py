@@ -104,7 +104,7 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
     # collective the other ranks would not join); the caller has made them whole already.
     q = wq.quantizer
     codes, scale = q.codes(weight, getattr(wq, "step", None))
-    step = scale.float() if q.dequant == "mul" else scale.float().reciprocal()
+    step = scale.float().reciprocal() if q.dequant == "div" else scale.float()
     return codes.float(), torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
 
 

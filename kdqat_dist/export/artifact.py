@@ -31,6 +31,7 @@ from torch import nn
 
 from kdqat_dist.config import ALLOWED_BITS, ConfigError, QuantConfig, build_section, to_dict
 from kdqat_dist.export.packing import (
+    TERNARY_ONLY,
     Encoding,
     choose_encoding,
     code_range,
@@ -202,7 +203,7 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
             step = getattr(wq, "step", None)
             codes, scale = weight_codes(m.weight, cfg, step)
             lo, hi = code_range(cfg.method, cfg.bits, cfg.narrow_range)
-            op = dequant_op(cfg.method)
+            op = dequant_op(cfg.method, cfg.narrow_range)
             if int(codes.min()) < lo or int(codes.max()) > hi or not torch.equal(
                     dequantize(codes, scale, op, target.dtype), target):
                 raise ConfigError(f"export: the codes of {name} do not reproduce its fake-quant weight "
@@ -407,14 +408,14 @@ def _module_encoding(name: str, info: dict) -> tuple[Encoding, list[int], str]:
                           "(corrupt export metadata)") from None
     if bits not in ALLOWED_BITS:
         raise ConfigError(f"{EXPORT_META}: module {name}: unsupported bits {bits}; allowed: 2, 3, 4, 8")
-    if method == "twn" and bits != 2:
-        raise ConfigError(f"{EXPORT_META}: module {name}: twn needs bits=2, got {bits}")
+    if method in TERNARY_ONLY and bits != 2:
+        raise ConfigError(f"{EXPORT_META}: module {name}: {method} needs bits=2, got {bits}")
     code_range(method, bits)  # raises on an unknown method
     if granularity not in ("tensor", "row"):
         raise ConfigError(f"{EXPORT_META}: module {name}: unknown granularity {granularity!r}")
     if packing not in ("bits", "base3"):
         raise ConfigError(f"{EXPORT_META}: module {name}: unknown packing {packing!r}; allowed: bits, base3")
-    if op != dequant_op(method):
+    if op != dequant_op(method, bool(info.get("narrow_range", True))):
         raise ConfigError(f"{EXPORT_META}: module {name}: dequantization {op!r} does not match {method}")
     return Encoding(packing, storage, zero), shape, granularity
 

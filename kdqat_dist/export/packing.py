@@ -9,8 +9,10 @@ Two layers, both pure functions on tensors:
 - **codes**: a frozen quantized weight ``ŵ`` (what :class:`~kdqat_dist.quant.fake_quant.WeightFakeQuant`
   returns) as signed integer codes and FP32 scales with ``dequantize(codes, scale) == ŵ`` exactly. The
   codes and scales are the quantizer classes' own (:mod:`kdqat_dist.quant.quantizers`: TWN b and α, sym
-  round(v·s) and s, mean-clip codes and step, LSQ codes and step), the same float operations as training.
-  ``sym`` divides (``code / s``) as training does (``code * (1/s)`` would differ by an ulp). ``mean_clip``
+  round(v·s) and s, mean-clip codes and step, LSQ codes and step, absmean codes and γ, SEQ codes and α/n),
+  the same float operations as training.
+  ``sym`` divides (``code / s``) as training does (``code * (1/s)`` would differ by an ulp); 2-bit SEQ's
+  half-integer levels are ``(code + ½)·s`` with codes -2..1 (2 bits). ``mean_clip``
   can produce 2^b + 1 levels (round-half-even takes the clamped ``±c`` to ``±2^(b-1)``); when a tensor
   uses them its codes are stored with one extra bit instead of being altered.
 """
@@ -26,6 +28,7 @@ from kdqat_dist.config import ALLOWED_BITS, ConfigError, WeightQuantConfig
 from kdqat_dist.quant.quantizers import Quantizer, make_quantizer
 
 MAX_STORAGE_BITS = 9  # 8-bit mean_clip with its 257th level
+TERNARY_ONLY = ("twn", "absmean", "seq")  # methods defined at bits=2 only (SEQ: 1.58 or 2 bits)
 _TRIT_POWERS = (1, 3, 9, 27, 81)
 
 
@@ -189,9 +192,10 @@ def _quantizer(method: str, bits: int = 8, narrow_range: bool = True) -> Quantiz
     return make_quantizer(WeightQuantConfig(bits=bits, method=method, narrow_range=narrow_range))
 
 
-def dequant_op(method: str) -> str:
-    """``"div"`` for sym (ŵ = code / s, as training computes it), ``"mul"`` for the others."""
-    return _quantizer(method).dequant
+def dequant_op(method: str, narrow_range: bool = True) -> str:
+    """``"div"`` for sym (ŵ = code / s, as training computes it), ``"mul_half"`` for 2-bit SEQ
+    (ŵ = (code + ½)·s: its levels are half-integers), ``"mul"`` for the others."""
+    return _quantizer(method, 2, narrow_range).dequant
 
 
 def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, int]:
@@ -212,8 +216,8 @@ def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
     """
     if cfg.bits not in ALLOWED_BITS:
         raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
-    if cfg.method == "twn" and cfg.bits != 2:
-        raise ConfigError(f"export: twn is ternary and needs bits=2, got {cfg.bits}")
+    if cfg.method in TERNARY_ONLY and cfg.bits != 2:
+        raise ConfigError(f"export: {cfg.method} needs bits=2, got {cfg.bits}")
     q = make_quantizer(cfg)
     if q.learned and step is None:
         raise ConfigError(f"export: an {cfg.method} weight quantizer needs its learned step")
@@ -230,4 +234,6 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str,
         return c * s
     if op == "div":
         return c / s
-    raise ConfigError(f"export: unknown dequantization {op!r}; allowed: mul, div")
+    if op == "mul_half":
+        return (c + 0.5) * s
+    raise ConfigError(f"export: unknown dequantization {op!r}; allowed: mul, div, mul_half")

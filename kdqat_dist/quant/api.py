@@ -46,8 +46,8 @@ def _weight_cfg(base: WeightQuantConfig, rule: QuantRule | None) -> WeightQuantC
     changes = {}
     if rule.weight_bits is not None:
         changes["bits"] = rule.weight_bits
-        # TWN is ternary only: asking for more bits on a TWN default means max-abs uniform.
-        if rule.weight_bits != 2 and base.method == "twn" and rule.weight_method is None:
+        # TWN, absmean and SEQ are 1.58/2-bit only: asking for more bits on such a default means max-abs uniform.
+        if rule.weight_bits != 2 and base.method in ("twn", "absmean", "seq") and rule.weight_method is None:
             changes["method"] = "sym"
     if rule.weight_method is not None:
         changes["method"] = rule.weight_method

@@ -73,6 +73,15 @@ def _within_clip(x: Tensor, clip: float | None) -> bool:
     return max(float(hi), -float(lo)) < clip  # False for NaN: the clamp path then runs as before
 
 
+def _dequant(codes: Tensor, scale: Tensor, op: str) -> Tensor:
+    """ŵ from ``codes`` (a fresh tensor, overwritten) and ``scale``, by the class's ``dequant`` op."""
+    if op == "div":
+        return codes.div_(scale)
+    if op == "mul_half":
+        return codes.add_(0.5).mul_(scale)
+    return codes.mul_(scale)
+
+
 @dataclass(frozen=True)
 class Quantizer:
     """What every method shares. Subclasses implement ``_quant`` (codes and scale) and ``code_range``.
@@ -87,7 +96,7 @@ class Quantizer:
     per_row: bool = False
     clip: float | None = 2.5
 
-    dequant: ClassVar[str] = "mul"  # ŵ = codes * scale ("div": codes / scale)
+    dequant: ClassVar[str] = "mul"  # ŵ = codes * scale ("div": codes / scale; "mul_half": (codes + ½) * scale)
     learned: ClassVar[bool] = False  # the owning module holds a learned step
 
     @classmethod
@@ -111,7 +120,7 @@ class Quantizer:
     def fake_quant(self, x: Tensor, step: Tensor | None = None) -> Tensor:
         """ŵ, the shape of ``x``; backward: straight through, zeroed where |x| >= clip."""
         codes, scale, ste_clip = self._quant(x.detach(), step)
-        return _ste(x, codes.div_(scale) if self.dequant == "div" else codes.mul_(scale), ste_clip)
+        return _ste(x, _dequant(codes, scale, self.dequant), ste_clip)
 
     def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
         """(codes in a fresh tensor, scale, the STE's clip) of the detached ``x``."""
@@ -300,8 +309,151 @@ class LSQ(Quantizer):
         return lsq_init(v, self.bits, self.init, self.per_row, self.percentile)
 
 
-QUANTIZERS: dict[str, type[Quantizer]] = {"twn": TWN, "sym": SymMaxAbs, "mean_clip": MeanClip, "lsq": LSQ}
-ACT_METHODS = ("sym", "lsq")  # activations: dynamic max-abs or a learned step
+@dataclass(frozen=True)
+class AbsMean(Quantizer):
+    """BitNet b1.58's absmean ternary weights (Ma et al. 2024): γ = mean|w| + ε (ε = 1e-5);
+    codes clamp(round(w/γ), -1, 1); ŵ = codes·γ. Scale γ: a scalar, or [rows, 1, ...] per row.
+
+    The clip follows TWN's convention: clamp to ±clip before the statistic, and the STE zeroed where
+    |w| >= clip; ``clip: null`` is BitNet's plain straight-through estimator.
+    """
+
+    eps: ClassVar[float] = 1e-5
+
+    def code_range(self) -> tuple[int, int]:
+        return -1, 1
+
+    def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        within = _within_clip(x, self.clip)
+        if not within:
+            x = x.clamp(-self.clip, self.clip)
+        gamma = _mean(x.abs(), _reduce_dims(x, self.per_row)) + self.eps
+        return torch.round(x / gamma).clamp_(-1, 1), gamma, None if within else self.clip
+
+
+@dataclass(frozen=True)
+class AbsMaxToken(Quantizer):
+    """BitNet's per-token absmax activations: for each vector along the last dim (a token's hidden
+    vector), s = Q_P / max(max|x|, ε) with Q_P = 2^(b-1) - 1 (127 at 8 bits) and ε = 1e-5; codes round(x·s);
+    x̂ = codes / s. Scale s: [..., 1].
+
+    As :class:`SymMaxAbs` (one scale per tensor), a ``clip`` clamps first and zeroes the STE beyond it;
+    ``clip: null`` is BitNet's plain STE.
+    """
+
+    dequant: ClassVar[str] = "div"
+    eps: ClassVar[float] = 1e-5
+
+    def code_range(self) -> tuple[int, int]:
+        levels = 2 ** (self.bits - 1) - 1
+        return -levels, levels
+
+    def _quant(self, v: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        within = _within_clip(v, self.clip)
+        if not within:
+            v = v.clamp(-self.clip, self.clip)
+        m = v.abs().amax(dim=-1, keepdim=True) if v.dim() else v.abs()
+        scale = (2 ** (self.bits - 1) - 1) / m.clamp(min=self.eps)
+        return (v * scale).round_(), scale, None if within else self.clip
+
+
+# ParetoQ's SEQ: |w/α| is clipped just inside 1, so that the top level's rounding bin is never hit on its edge.
+_SEQ_CLIP = 1 - 1e-2
+_SEQ_EPS = 1e-5  # α is clamped below at this value in the forward
+
+
+class _SEQFunction(torch.autograd.Function):
+    """SEQ's forward and ParetoQ's gradients (an LSQ-style gradient for α, see :class:`SEQ`)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, alpha: Tensor, n: float, shift: float, top: float, g: float) -> Tensor:
+        a = alpha.clamp_min(_SEQ_EPS)
+        r = w / a
+        ctx.save_for_backward(r)
+        ctx.shape_a, ctx.n, ctx.shift, ctx.top, ctx.g = alpha.shape, n, shift, top, g
+        codes = torch.round(torch.clamp(r, -_SEQ_CLIP, _SEQ_CLIP) * n - shift)
+        return _dequant(codes, a / n, "mul_half" if shift else "mul")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (r,) = ctx.saved_tensors
+        n, shift, top = ctx.n, ctx.shift, ctx.top
+        below, above = r < -_SEQ_CLIP, r > _SEQ_CLIP
+        inside = ~(below | above)
+        grad_w = grad * inside.to(grad.dtype)
+        q = (torch.round(torch.clamp(r, -_SEQ_CLIP, _SEQ_CLIP) * n - shift) + shift) / n
+        da = torch.where(inside, q - r, torch.where(below, torch.full_like(r, -top), torch.full_like(r, top)))
+        grad_a = (grad * da * ctx.g).sum_to_size(ctx.shape_a)
+        return grad_w, grad_a, None, None, None, None
+
+
+@dataclass(frozen=True)
+class SEQ(Quantizer):
+    """ParetoQ's stretched elastic quantization (Liu et al. 2025) for 1.58 and 2 bits, with a learned
+    clip value α (the owning module's ``step``; one per tensor or one per row):
+
+        r = w / max(α, 1e-5);   k = round(clamp(r, -0.99, 0.99)·n - shift);   ŵ = (k + shift)·α/n
+
+    ternary (``narrow_range``, 1.58 bits): n = 1.5, shift = 0, k ∈ {-1, 0, 1}, ŵ ∈ {0, ±⅔α};
+    2 bits: n = 2, shift = ½, k ∈ {-2, -1, 0, 1}, ŵ ∈ {±¼α, ±¾α}. The levels sit at the centres of equal
+    bins of [-α, α]. Codes k, scale α/n (dequantization ``mul``, or ``mul_half``: (k + ½)·α/n).
+
+    Gradients (ParetoQ's ``StretchedElasticQuant``): ∂ŵ/∂w = 1[|r| <= 0.99];
+    ∂ŵ/∂α = g·{q(r) - r inside, ∓top beyond ±0.99} with q(r) = (k + shift)/n, top = (n - shift)/n (1 for
+    ternary, ¾ for 2 bits) and g = 1/sqrt(numel(w)) (the whole tensor's, per row too).
+    """
+
+    narrow_range: bool = True
+
+    learned: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg: WeightQuantConfig | ActQuantConfig, activation: bool) -> SEQ:
+        return cls(bits=cfg.bits, per_row=getattr(cfg, "granularity", "tensor") == "row", clip=None,
+                   narrow_range=getattr(cfg, "narrow_range", True))
+
+    @property
+    def grid(self) -> tuple[float, float]:
+        """(n, shift): (1.5, 0) ternary, (2^(b-1), ½) otherwise."""
+        return (1.5, 0.0) if self.narrow_range else (float(2 ** (self.bits - 1)), 0.5)
+
+    @property
+    def dequant(self) -> str:  # type: ignore[override]  # depends on the grid, not only the class
+        return "mul" if self.narrow_range else "mul_half"
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        """(1, 1): the learned parameter is the clip value α itself, so its rate is not divided by a Q_P."""
+        return 1, 1
+
+    def code_range(self) -> tuple[int, int]:
+        return (-1, 1) if self.narrow_range else (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+
+    def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
+        n, shift = self.grid
+        a = step.detach().to(x.dtype).clamp_min(_SEQ_EPS)
+        return torch.round(torch.clamp(x / a, -_SEQ_CLIP, _SEQ_CLIP) * n - shift), a / n, None
+
+    def fake_quant(self, x: Tensor, step: Tensor | None = None) -> Tensor:
+        """ŵ with ParetoQ's gradients for ``x`` and α (``step``)."""
+        n, shift = self.grid
+        return _SEQFunction.apply(x, step.to(x.dtype), n, shift, (n - shift) / n, 1.0 / math.sqrt(x.numel()))
+
+    def clip_limit(self, step: Tensor | None) -> float | None:
+        return float(step.detach().max()) * _SEQ_CLIP
+
+    def init_step(self, v: Tensor) -> Tensor:
+        """α₀ = max|w| (per row or per tensor), as ParetoQ initialises its 1.58- and 2-bit clip values."""
+        x = v.detach().float().abs()
+        dims = _reduce_dims(x, self.per_row)
+        return (x.amax() if dims is None else x.amax(dim=dims, keepdim=True)).clamp(min=_SEQ_EPS)
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {"twn": TWN, "sym": SymMaxAbs, "mean_clip": MeanClip, "lsq": LSQ,
+                                          "absmean": AbsMean, "seq": SEQ, "absmax_token": AbsMaxToken}
+WEIGHT_METHODS = ("twn", "sym", "mean_clip", "lsq", "absmean", "seq")
+# activations: dynamic max-abs (per tensor or per token) or a learned step
+ACT_METHODS = ("sym", "lsq", "absmax_token")
 
 
 def make_quantizer(cfg: WeightQuantConfig | ActQuantConfig, activation: bool = False) -> Quantizer:
@@ -310,7 +462,7 @@ def make_quantizer(cfg: WeightQuantConfig | ActQuantConfig, activation: bool = F
     Raises:
         ConfigError (a ValueError): an unknown method, naming the allowed ones.
     """
-    allowed = ACT_METHODS if activation else tuple(QUANTIZERS)
+    allowed = ACT_METHODS if activation else WEIGHT_METHODS
     if cfg.method not in allowed:
         kind = "activation" if activation else "weight"
         raise ConfigError(f"unknown {kind} quantization method {cfg.method!r}; allowed: {', '.join(allowed)}")
