@@ -206,6 +206,22 @@ class LossTerm:
     weight: Annotated[float, Range(ge=0, note="(0 switches the term off)")] = 0.0
 
 
+Relation = Literal["qq", "kk", "vv"]  # distill.attn_relation.relations: Q-Q, K-K, V-V self-relations
+
+
+@dataclass
+class RelationTerm(LossTerm):
+    """Attention-relation KD (MiniLM-v2, as BitDistill uses it; docs/algorithms.md §2.10)."""
+
+    relations: list[Relation] = field(default_factory=lambda: ["qq", "kk", "vv"])
+    # heads the hidden size is split into for the relations, independent of the attention heads (must divide
+    # both models' hidden sizes); null: the student's attention heads
+    relation_heads: Annotated[int, Range(ge=1)] | None = None
+    # student layers that learn: last (BitDistill distills one layer), all, or a list of student layer indices;
+    # each pairs with its teacher layer by distill.layer_map
+    layers: Literal["last", "all"] | list[int] = "last"
+
+
 @dataclass
 class DistillConfig:
     """Loss weights (docs/algorithms.md, "Losses"). A weight of 0 switches a term off and nothing is tapped
@@ -218,6 +234,7 @@ class DistillConfig:
     attn_output: LossTerm = field(default_factory=lambda: LossTerm(1.0))  # MSE on attention block output
     context: LossTerm = field(default_factory=LossTerm)  # ablation: per-head softmax(A)V
     sa_output: LossTerm = field(default_factory=LossTerm)  # ablation: W_o ctx + b, no residual/LN
+    attn_relation: RelationTerm = field(default_factory=RelationTerm)  # KL on Q-Q/K-K/V-V relations
     ground_truth: LossTerm = field(default_factory=LossTerm)  # CE/MSE against the labels
     temperature: Positive = 1.0  # logit KD temperature
     # soft cross-entropy on logits: mean over the batch of the sum over classes (TernaryBERT), or the mean
@@ -402,6 +419,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.gamma is not None or any(w > 0 for w in weights.values()), "distill",
            f"every loss weight is 0 and distill.gamma is null, so there is nothing to train on; give one of "
            f"{', '.join(weights)} a weight > 0 (distill.<term>.weight) or set distill.gamma")
+
+    _check(not d.attn_relation.weight or bool(d.attn_relation.relations), "distill.attn_relation.relations",
+           "the relation term has a weight but no relations; give some of qq, kk, vv")
 
     _check(cfg.engine.optimizer == "torch" or cfg.train.optimizer == "adamw", "engine.optimizer",
            "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch")

@@ -407,3 +407,64 @@ def test_attention_map_kl_blocks_of_heads_and_recompute_give_the_same_loss_and_g
     assert calls == [1]
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
     assert torch.equal(g_blocked, g_whole)
+
+
+# ---- attention-relation KD (MiniLM-v2 / BitDistill)
+
+
+def _relation_kl_loop(xs: torch.Tensor, xt: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """The relation KL written out row by row in float64: for each relation head and each real query token,
+    softmax over the real keys of the scaled dot products, then KL(teacher || student); mean over heads and
+    real tokens."""
+    total = torch.zeros((), dtype=torch.float64)
+    n_rows = 0
+    for b in range(xs.shape[0]):
+        real = [j for j in range(xs.shape[1]) if mask[b, j]]
+        for r in range(heads):
+            ds, dt = xs.shape[-1] // heads, xt.shape[-1] // heads
+            hs = xs[b, :, r * ds:(r + 1) * ds].double()
+            ht = xt[b, :, r * dt:(r + 1) * dt].double()
+            for i in real:
+                ps = torch.softmax(torch.stack([hs[i] @ hs[j] / math.sqrt(ds) for j in real]), dim=0)
+                pt = torch.softmax(torch.stack([ht[i] @ ht[j] / math.sqrt(dt) for j in real]), dim=0)
+                total = total + (pt * (pt.log() - ps.log())).sum()
+        n_rows += len(real)
+    return total / max(n_rows, 1) / heads
+
+
+@pytest.mark.parametrize("d_s,d_t,heads", [(8, 8, 2), (8, 12, 4), (12, 6, 3)])
+def test_attention_relation_kl_matches_loop_values_and_gradients(d_s, d_t, heads):
+    from kdqat_dist.distill.losses import attention_relation_kl
+
+    g = torch.Generator().manual_seed(d_s + d_t)
+    xs = torch.randn(3, 5, d_s, generator=g, dtype=torch.float64, requires_grad=True)
+    xt = torch.randn(3, 5, d_t, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0]])  # right and left padding
+    got = attention_relation_kl(xs, xt, mask, heads)
+    xs_ref = xs.detach().clone().requires_grad_()
+    want = _relation_kl_loop(xs_ref, xt, mask, heads)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(xs.grad, xs_ref.grad, rtol=1e-9, atol=1e-12)
+    assert xs.grad[1, 3:].abs().max() == 0 and xs.grad[2, 0].abs().max() == 0  # padding learns nothing
+
+
+def test_attention_relation_kl_zero_for_identical_masked_and_checks_shapes():
+    from kdqat_dist.distill.losses import attention_relation_kl
+
+    x = torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert float(attention_relation_kl(x, x.clone(), mask, 2)) == pytest.approx(0.0, abs=1e-6)
+    y = x.clone()
+    y[0, 3] = 100.0  # a padded token changes nothing
+    assert float(attention_relation_kl(y, x, mask, 2)) == pytest.approx(0.0, abs=1e-6)
+    assert float(attention_relation_kl(x, torch.randn(2, 4, 8), mask, 4)) > 0
+    zero = attention_relation_kl(x.requires_grad_(), torch.randn(2, 4, 8), torch.zeros(2, 4), 2)
+    assert float(zero.detach()) == 0.0 and not torch.isnan(zero)
+    with pytest.raises(ValueError, match="3 relation heads do not divide the student's hidden size 8"):
+        attention_relation_kl(x, x, mask, 3)
+    with pytest.raises(ValueError, match="same B and S"):
+        attention_relation_kl(x, torch.randn(2, 5, 8), mask, 2)
+    half = attention_relation_kl(x.detach().bfloat16(), torch.randn(2, 4, 8).bfloat16(), mask, 2)
+    assert half.dtype == torch.float32

@@ -377,3 +377,85 @@ def test_what_the_backward_keeps_is_freed_by_it_even_while_the_loss_is_kept(monk
     gc.collect()
     assert all(r() is None for r in refs)
     assert out.total.grad_fn is not None  # the graph's root is still alive
+
+
+# ---- attention-relation KD (distill.attn_relation)
+
+
+def relation_cfg(layers="last", relations=("qq", "kk", "vv"), heads=None, **extra):
+    from kdqat_dist.config import RelationTerm
+
+    d = cfg_with(extra.pop("active", ()))
+    d.attn_relation = RelationTerm(1.0, relations=list(relations), relation_heads=heads, layers=layers)
+    return d
+
+
+@pytest.mark.parametrize("layers,expected", [("last", {2}), ("all", {0, 1, 2}), ([0, 2], {0, 2})])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_relation_term_streaming_equals_naive_values_and_gradients(layers, expected, recompute):
+    b = batch()
+    results = []
+    for path in ("stream", "naive"):
+        student, teacher = make_pair(layers=3, lsq=True)
+        d = relation_cfg(layers, heads=4, active=("logits", "attn_map", "attn_output"))
+        obj = DistillObjective.for_models(d, student, teacher, recompute_teacher=recompute)
+        assert obj.student_taps()["qkv"] == expected and obj.teacher_taps()["qkv"] == expected
+        out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
+        (out.total * 3.0).backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (s, gs), (n, gn) = results
+    assert set(s.per_layer["attn_relation"]) == expected and float(s.terms["attn_relation"].detach()) > 0
+    for k in s.terms:
+        torch.testing.assert_close(s.terms[k], n.terms[k], rtol=1e-6, atol=1e-7)
+    assert gs.keys() == gn.keys()
+    for name in gs:
+        scale = float(gn[name].abs().max())
+        torch.testing.assert_close(gs[name], gn[name], rtol=1e-5, atol=1e-6 * scale + 1e-9, msg=name)
+
+
+def test_relation_term_is_the_loss_of_the_projections_for_models_of_different_widths():
+    """Teacher 48 wide with 4 heads, student 32 wide with 2: the term equals attention_relation_kl on the
+    query/key/value Linear outputs of the last layers, summed over the relations."""
+    torch.manual_seed(1)
+    models = []
+    for hidden, heads in ((32, 2), (48, 4)):
+        cfg = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                         intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+        m = BertForSequenceClassification(cfg).eval()
+        use_kdqat_attention(m)
+        models.append(m)
+    student, teacher = models
+    teacher.requires_grad_(False)
+    b = batch()
+    for rel_heads, relations in ((4, ("qq", "kk", "vv")), (8, ("vv",)), (None, ("qq", "kk"))):
+        d = relation_cfg("last", relations, rel_heads, active=("logits",))
+        obj = DistillObjective.for_models(d, student, teacher)
+        got = obj(student, teacher, b).terms["attn_relation"]
+        proj = {}
+        for name, model in (("s", student), ("t", teacher)):
+            attn = model.bert.encoder.layer[-1].attention.self
+            hooks = [getattr(attn, p).register_forward_hook(
+                lambda _m, _i, o, key=(name, p[0] * 2), out=proj: out.__setitem__(key, o))
+                for p in ("query", "key", "value")]
+            with torch.no_grad():
+                model(**{k: v for k, v in b.items() if k != "labels"})
+            for h in hooks:
+                h.remove()
+        want = sum(L.attention_relation_kl(proj[("s", r)], proj[("t", r)], b["attention_mask"], rel_heads or 2)
+                   for r in relations)
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_relation_layers_are_checked_against_the_student():
+    student, teacher = make_pair(layers=2)
+    with pytest.raises(ValueError, match=r"distill.attn_relation.layers: student layers \[5\] do not exist"):
+        DistillObjective.for_models(relation_cfg([5]), student, teacher)
+    from kdqat_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="distill.attn_relation.relations"):
+        load_config(None, ["distill.attn_relation.weight=1", "distill.attn_relation.relations=[]"])
+    with pytest.raises(ConfigError, match=r"distill.attn_relation.relations\[0\]: got 'qk'"):
+        load_config(None, ["distill.attn_relation.relations=[qk]"])
+    cfg = load_config(None, ["distill.attn_relation.weight=2", "distill.attn_relation.layers=[0,1]"])
+    assert cfg.distill.attn_relation.layers == [0, 1] and effective_weights(cfg.distill)["attn_relation"] == 2

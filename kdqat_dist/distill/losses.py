@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention_map_kl",
+    "attention_relation_kl",
     "attention_score_mse",
     "ground_truth_loss",
     "hidden_mse",
@@ -352,6 +353,64 @@ class _AttentionMapKL(torch.autograd.Function):
             g_t.masked_fill_((pt >= eps).logical_and_(pair).logical_not_(), 0.0)
             g_t = g_t.to(pt.dtype)
         return g_s, g_t, None, None, None
+
+
+def attention_relation_kl(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
+                          heads: int) -> torch.Tensor:
+    """Attention-relation KD (MiniLM-v2, as BitDistill uses it) for one relation of one layer, e.g. Q-Q.
+
+    Both hidden vectors are split into ``heads`` relation heads (independent of the attention heads) of
+    sizes d_r = D/heads; per relation head r, over the real keys j of each sample::
+
+        R[b, r, i, :] = softmax_j( X_r[b, i] · X_r[b, j] / sqrt(d_r) )           [B, heads, S, S]
+        loss = 1 / (heads · n) · sum_{r} sum_{b, i: m_bi = 1} KL( R^t[b, r, i] || R^s[b, r, i] )
+
+    with n the number of real tokens in the batch (one mean over heads and valid query tokens). The
+    relation is S x S whatever the width, so teacher and student may differ in hidden size and head count;
+    ``heads`` must divide both. Padded keys get probability 0 on both sides (they are masked before the
+    softmax), padded query rows are left out, and a batch without real tokens gives 0.
+
+    Args:
+        student: [B, S, D_s] the student's Q, K or V, heads merged (the attention function's input).
+        teacher: [B, S, D_t] the teacher's same projection.
+        attention_mask: [B, S], 1 (or True) for real tokens and 0 for padding.
+        heads: number of relation heads; divides D_s and D_t.
+
+    Returns:
+        0-dim tensor (float32 for half-precision inputs).
+
+    Raises:
+        ValueError: if batch or sequence shapes differ, or ``heads`` does not divide a hidden size.
+    """
+    if student.dim() != 3 or teacher.dim() != 3 or student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"attention_relation_kl: expected [B, S, D] inputs with the same B and S, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    b, s, _ = student.shape
+    if tuple(attention_mask.shape) != (b, s):
+        raise ValueError(f"attention_relation_kl: attention_mask must be [B, S] = {(b, s)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if heads < 1 or x.shape[-1] % heads:
+            raise ValueError(f"attention_relation_kl: {heads} relation heads do not divide the {name}'s hidden "
+                             f"size {x.shape[-1]} (distill.attn_relation.relation_heads)")
+    dtype = _compute_dtype(student, teacher)
+    valid = (attention_mask != 0).to(student.device)  # [B, S]
+    keys = valid[:, None, None, :]  # [B, 1, 1, S]
+    log_s = _relation_log_probs(student.to(dtype), heads, keys)
+    log_t = _relation_log_probs(teacher.to(dtype), heads, keys)
+    # p_t (log p_t - log p_s) on real keys; where() also keeps masked entries' gradients exactly 0
+    kl = torch.where(keys, log_t.exp() * (log_t - log_s), torch.zeros((), dtype=dtype, device=student.device))
+    per_row = kl.sum(dim=-1)  # [B, heads, S]
+    rows = valid[:, None, :].to(dtype)
+    return (per_row * rows).sum() / (rows.sum().clamp(min=1) * heads)
+
+
+def _relation_log_probs(x: torch.Tensor, heads: int, keys: torch.Tensor) -> torch.Tensor:
+    """log softmax(X_r X_rᵀ / sqrt(d_r)) over the real keys: [B, S, D] -> [B, heads, S, S]."""
+    b, s, d = x.shape
+    xr = x.reshape(b, s, heads, d // heads).transpose(1, 2)  # [B, heads, S, d_r]
+    scores = torch.matmul(xr, xr.transpose(-1, -2)) * (d // heads) ** -0.5
+    return F.log_softmax(scores.masked_fill(~keys, torch.finfo(scores.dtype).min), dim=-1)
 
 
 def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:

@@ -52,7 +52,9 @@ TERM_TAPS = {
     "attn_output": "attn_output",
     "context": "context",
     "sa_output": "sa_output",
+    "attn_relation": "qkv",
 }
+RELATION_INDEX = {"qq": 0, "kk": 1, "vv": 2}  # position of Q, K, V in the qkv tap
 TERMS = ("logits", "ground_truth") + tuple(TERM_TAPS)
 
 
@@ -189,6 +191,12 @@ def effective_weights(cfg: DistillConfig) -> dict[str, float]:
     return w
 
 
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, d_h] -> [B, S, H·d_h]: the projection's output before the attention heads split it."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
 def _unwrap(m: nn.Module) -> nn.Module:
     """A DeepSpeed engine's model (``engine.module``), or the model itself."""
     inner = getattr(m, "module", None)
@@ -225,7 +233,7 @@ class DistillObjective:
         for term, tap in TERM_TAPS.items():
             if term not in self.active:
                 continue
-            pairs = self.hidden_pairs if tap == "hidden" else self.pairs
+            pairs = {"hidden": self.hidden_pairs, "qkv": self._relation_pairs(n_student)}.get(tap, self.pairs)
             for s, t in pairs:
                 self.t2s.setdefault(tap, {}).setdefault(t, []).append(s)
         self.tap_term = {tap: term for term, tap in TERM_TAPS.items()}
@@ -237,6 +245,19 @@ class DistillObjective:
         s, t = _unwrap(student), _unwrap(teacher)
         return cls(cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression, supports_norm_taps(s),
                    recompute_teacher)
+
+    def _relation_pairs(self, n_student: int) -> list[tuple[int, int]]:
+        """The (student, teacher) layers of the relation term: ``distill.attn_relation.layers`` of the
+        layer map's pairs."""
+        layers = self.cfg.attn_relation.layers
+        if layers == "all":
+            return list(self.pairs)
+        keep = {n_student - 1} if layers == "last" else set(layers)
+        bad = sorted(i for i in keep if not 0 <= i < n_student)
+        if bad:
+            raise ValueError(f"distill.attn_relation.layers: student layers {bad} do not exist "
+                             f"(the student has {n_student}: 0..{n_student - 1})")
+        return [(s, t) for s, t in self.pairs if s in keep]
 
     def _slotted(self, tap: str) -> bool:
         return self.norm_taps and tap in ("hidden", "attn_output")
@@ -308,7 +329,27 @@ class DistillObjective:
             return L.attention_score_mse(s, t)
         if term == "attn_map":
             return L.attention_map_kl(s, t, mask, recompute_teacher=recompute_teacher)
+        if term == "attn_relation":
+            return self.relation_loss(s, t, mask)
         return L.mse(s, t, self.mse_weight(mask, s))
+
+    def relation_loss(self, s_qkv: tuple[torch.Tensor, ...], t_qkv: tuple[torch.Tensor, ...],
+                      mask: torch.Tensor) -> torch.Tensor:
+        """One layer's relation term: the sum over ``distill.attn_relation.relations`` of
+        :func:`~kdqat_dist.distill.losses.attention_relation_kl` on the heads-merged [B, S, D] Q, K or V.
+
+        Args:
+            s_qkv, t_qkv: the ``qkv`` taps, (Q, K, V) each [B, H, S, d_h] (H and d_h may differ).
+            mask: [B, S].
+        """
+        rc = self.cfg.attn_relation
+        heads = rc.relation_heads or s_qkv[0].shape[1]  # null: the student's attention heads
+        total = None
+        for rel in rc.relations:
+            s, t = (_merge_heads(x[RELATION_INDEX[rel]]) for x in (s_qkv, t_qkv))
+            value = L.attention_relation_kl(s, t, mask, heads)
+            total = value if total is None else total + value
+        return total
 
     def logit_terms(self, out: LossOutput, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
                     labels: torch.Tensor | None) -> None:
@@ -395,7 +436,9 @@ class DistillObjective:
                     else:
                         s_tensor = store.data[tap].pop(s_layer)
                         recompute = map_recompute(t_layer, s_tensor.dtype) if term == "attn_map" else None
-                        value = self.term_loss(term, s_tensor, t_tensor.to(s_tensor.dtype), mask, recompute)
+                        # (the relation term takes Q, K, V tuples and computes in float32 from either dtype)
+                        t_in = t_tensor if tap == "qkv" else t_tensor.to(s_tensor.dtype)
+                        value = self.term_loss(term, s_tensor, t_in, mask, recompute)
                         if tap in ("probs", "scores"):
                             _run_backward_at(value, s_tensor)
                     sums[term] = value if term not in sums else sums[term] + value

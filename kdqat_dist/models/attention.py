@@ -5,7 +5,7 @@ Instead of a copied modeling file, every BERT-style self-attention module calls 
 
 - fake-quantizes Q, K, V and the attention probabilities when the module carries an ``attn_quant``
   (:class:`~kdqat_dist.quant.fake_quant.AttentionQuant`), as TernaryBERT's modeling file does;
-- emits the taps the KD losses need (``scores``, ``probs``, ``map_inputs``, ``context``) to the module's tap
+- emits the taps the KD losses need (``qkv``, ``scores``, ``probs``, ``map_inputs``, ``context``) to the module's tap
   sink, if one is attached by :mod:`kdqat_dist.models.taps`. Nothing is emitted, and nothing retained,
   otherwise.
 """
@@ -112,6 +112,8 @@ def kdqat_attention(
     q = getattr(module, "attn_quant", None)
     if q is not None:
         query, key, value = q.query(query), q.key(key), q.value(value)
+    if _wants(module, "qkv"):
+        _emit(module, "qkv", (query, key, value))  # as the matmuls see them (after fake quantization)
     scores = attention_scores(query, key, attention_mask, scaling)
     _emit(module, "scores", scores)
     # the KD tap is this float32 map (in float32 models: no casts); written over the scores unless they

@@ -6,6 +6,8 @@ Tap names and where they come from (ALGORITHMS.md A.7), for Transformer layer ``
 name           tensor                                                        shape
 =============  ============================================================  ==================
 hidden         index 0: embedding output; index l+1: output of layer l       [B, S, D]
+qkv            (Q, K, V) as the attention matmuls see them (after fake       3 x [B, H, S, d_h]
+               quantization in a prepared student)
 scores         QKᵀ/√d_h + additive mask (attention function)                 [B, H, S, S]
 probs          softmax probabilities (float32), before dropout/quantization  [B, H, S, S]
 map_inputs     ``MapInputs(Q, K, mask, scaling)``: what ``probs`` is made    2 x [B, H, S, d_h]
@@ -22,10 +24,10 @@ call           arguments it was called with; ``.run()`` calls it again
 =============  ============================================================  ==================
 
 A sink is any ``callable(layer: int, name: str, tensor) -> None`` (``map_inputs`` delivers a
-:class:`~kdqat_dist.models.attention.MapInputs` instead of a tensor, the ``*_norm`` taps a :class:`NormTap`
-and ``attention_call`` an :class:`AttentionCall`). Only the (name, layer) pairs asked for are tapped; the
-hooks are removed when the context manager exits. The same mechanism runs on a plain model, a DeepSpeed
-ZeRO-3 engine's module, and in the analysis tools.
+:class:`~kdqat_dist.models.attention.MapInputs` instead of a tensor, ``qkv`` a tuple of three, the ``*_norm``
+taps a :class:`NormTap` and ``attention_call`` an :class:`AttentionCall`). Only the (name, layer) pairs asked
+for are tapped; the hooks are removed when the context manager exits. The same mechanism runs on a plain model,
+a DeepSpeed ZeRO-3 engine's module, and in the analysis tools.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import embeddings_module, encoder_layers
 
 Sink = Callable[[int, str, torch.Tensor], None]
-FUNCTION_TAPS = ("scores", "probs", "map_inputs", "context")
+FUNCTION_TAPS = ("qkv", "scores", "probs", "map_inputs", "context")
 MODULE_TAPS = ("sa_output", "attn_output")
 NORM_TAPS = ("hidden_norm", "attn_output_norm")
 ALL_TAPS = ("hidden",) + FUNCTION_TAPS + MODULE_TAPS + NORM_TAPS + ("attention_call",)
