@@ -196,6 +196,9 @@ class QuantConfig:
     embedding: WeightQuantConfig = field(default_factory=_default_embedding)  # word embeddings
     attention: ActQuantConfig = field(default_factory=ActQuantConfig)  # Q, K, V and attention probs
     quantize_embedding: bool = True
+    # BitNet/BitDistill SubLN: a fresh LayerNorm in front of every attention output and FFN down projection
+    # (models/subln.py); changes the prepared model's outputs before training (docs/algorithms.md §1.10)
+    subln: bool = False
     rules: list[QuantRule] = field(default_factory=list)
     # Kept in full precision unless a rule says otherwise (classifier heads, as in the reference).
     skip: list[Annotated[str, Regex()]] = field(default_factory=lambda: [r"(^|\.)classifier(\.|$)"])

@@ -6,7 +6,9 @@ What is quantized (ALGORITHMS.md A.1), each choice overridable per module by ``q
   modules matching ``quant.skip`` (the classifier by default);
 - the word embedding table -> :class:`QuantEmbedding` (``quant.embedding``: row-wise ternary);
 - the attention matmuls: Q, K, V and the probabilities through ``quant.attention`` (8-bit), inside our
-  registered attention function.
+  registered attention function;
+- with ``quant.subln``, a fresh LayerNorm in front of each attention output and FFN down projection
+  (:mod:`kdqat_dist.models.subln`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from kdqat_dist.config import ActQuantConfig, QuantConfig, QuantRule, WeightQuantConfig
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import embeddings_module, encoder_layers
+from kdqat_dist.models.subln import insert_subln
 from kdqat_dist.models.taps import self_attention_module
 from kdqat_dist.quant.fake_quant import (
     ActFakeQuant,
@@ -107,6 +110,8 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         attn = self_attention_module(layer)
         if not isinstance(getattr(attn, "attn_quant", None), AttentionQuant):
             attn.attn_quant = AttentionQuant(cfg.attention)
+    if cfg.subln:  # after the swap, so quant.rules and quant.skip see the projections' usual names
+        insert_subln(model)
     use_kdqat_attention(model)
     return model
 
