@@ -197,7 +197,7 @@ class QuantConfig:
     attention: ActQuantConfig = field(default_factory=ActQuantConfig)  # Q, K, V and attention probs
     quantize_embedding: bool = True
     # BitNet/BitDistill SubLN: a fresh LayerNorm in front of every attention output and FFN down projection
-    # (models/subln.py); changes the prepared model's outputs before training (docs/algorithms.md §1.10)
+    # (models/subln.py); changes the prepared model's outputs before training (docs/algorithms.md §4.4)
     subln: bool = False
     rules: list[QuantRule] = field(default_factory=list)
     # Kept in full precision unless a rule says otherwise (classifier heads, as in the reference).
@@ -214,7 +214,7 @@ Relation = Literal["qq", "kk", "vv"]  # distill.attn_relation.relations: Q-Q, K-
 
 @dataclass
 class RelationTerm(LossTerm):
-    """Attention-relation KD (MiniLM-v2, as BitDistill uses it; docs/algorithms.md §2.10)."""
+    """Attention-relation KD (MiniLM-v2, as BitDistill uses it; docs/algorithms.md §4.5)."""
 
     relations: list[Relation] = field(default_factory=lambda: ["qq", "kk", "vv"])
     # heads the hidden size is split into for the relations, independent of the attention heads (must divide

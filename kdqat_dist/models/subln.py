@@ -6,7 +6,7 @@ the FFN down projection of every BERT-style layer, inserted by wrapping those Li
 
 The inserted LayerNorms start fresh (gain 1, bias 0). That is not the identity: each token's input to the
 projection is normalised to zero mean and unit variance, so the prepared model's outputs change before any
-training (docs/algorithms.md §1.10); BitDistill inserts them the same way and then trains (continual
+training (docs/algorithms.md §4.4); BitDistill inserts them the same way and then trains (continual
 pre-training, then distillation) to adapt the projections.
 """
 
