@@ -35,6 +35,12 @@ def _version() -> str:
         return "unknown"
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}; must be a positive integer")
+    return int(text)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="recipe YAML (a path or a shipped recipe name)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
@@ -69,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a fine-tuned model folder or a `kdqat train` student/")
     _add_config_args(p)
 
-    p = sub.add_parser("demo", help="finetune + KD-QAT + evaluation on the built-in synthetic task, offline")
+    p = sub.add_parser("demo", help="finetune, QAT without KD and KD-QAT on N DeepSpeed ranks, on the built-in "
+                       "task, offline")
     _add_config_args(p)
+    p.add_argument("--num-procs", type=_positive_int, default=None,
+                   help="DeepSpeed ranks of the KD-QAT stage (default: one per GPU, else 2 CPU ranks)")
 
     p = sub.add_parser("config", help="print the fully resolved config (YAML) of a recipe and overrides; runs nothing")
     p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (a path or a shipped recipe name)")
@@ -176,7 +185,7 @@ def _dispatch(args) -> int:
     from kdqat_dist import pipeline
 
     if args.command == "demo":
-        pipeline.demo(args.config, args.overrides)
+        pipeline.demo(args.config, args.overrides, args.num_procs)
         return 0
     cfg = _load(args)
     if args.command in ("train", "finetune"):

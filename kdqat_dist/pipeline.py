@@ -30,6 +30,7 @@ def _bits_label(cfg: RunConfig) -> str:
 def run_and_report(cfg: RunConfig, mode: str, resume: bool = False) -> dict:
     """Run ``kdqat train``/``finetune`` and print the summary table on the main rank."""
     from kdqat_dist.engine.loop import Trainer
+    from kdqat_dist.quant.size import size_report
 
     trainer = Trainer(cfg, mode, resume)
     try:
@@ -37,37 +38,42 @@ def run_and_report(cfg: RunConfig, mode: str, resume: bool = False) -> dict:
         t0 = time.perf_counter()
         result = trainer.train()
         result["wall_s"] = time.perf_counter() - t0
+        if mode == "train":
+            s = size_report(trainer.backend.student_module())
+            result["size"] = f"{s['packed_mb']:.2f} MB ({s['ratio']:.1f}x smaller than {s['fp32_mb']:.1f})"
         if trainer.backend.is_main:
-            print(summary(cfg, result, trainer))
+            print(summary(cfg, result, mode))
             (Path(cfg.train.output_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
         return result
     finally:
         trainer.cleanup()
 
 
-def summary(cfg: RunConfig, result: dict, trainer=None) -> str:
+def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
     metric = result["selection_metric"]
     best = result["best"] or {}
     rows = []
     if "teacher" in result:
         rows.append(["teacher (fp32)", f"{100 * result['teacher']['selection']:.2f}", "fp32", "-", "-"])
-    size = ""
-    if trainer is not None and trainer.mode == "train":
-        from kdqat_dist.quant.size import size_report
-
-        s = size_report(trainer.backend.student_module())
-        size = f"{s['packed_mb']:.2f} MB ({s['ratio']:.1f}x smaller than {s['fp32_mb']:.1f})"
-    label = "student" if trainer is None or trainer.mode == "train" else "fine-tuned model"
-    bits = _bits_label(cfg) if label == "student" else "fp32"
+    label, bits = ("student", _bits_label(cfg)) if mode == "train" else ("fine-tuned model", "fp32")
     rows.append([label, f"{100 * best.get('selection', float('nan')):.2f}", bits, str(best.get("step", "-")),
-                 size or "-"])
+                 result.get("size", "-")])
     head = f"{result['task']}: best {metric} (x100) after {result['total_steps']} steps, run dir {cfg.train.output_dir}"
     return head + "\n" + _table(rows, ["model", metric, "bits", "best step", "size"])
 
 
+# QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick)
+NO_KD = ["distill.logits.weight=0", "distill.hidden.weight=0", "distill.attn_map.weight=0",
+         "distill.attn_output.weight=0", "distill.attn_score.weight=0", "distill.gamma=null",
+         "distill.ground_truth.weight=1"]
+# the product's main shape: student ZeRO-2, teacher ZeRO-3-sharded over the ranks
+SHARDED = ["engine.zero_stage=2", "engine.teacher=zero3"]
+_STAGES = ("teacher", "qat_no_kd", "kd_qat")
+
+
 def _demo_dir_usable(root: Path) -> bool:
     """Nothing finished or half-written to lose: absent, or holding only a finished teacher to reuse."""
-    if (root / "summary.json").exists() or (root / "student_run").exists():
+    if (root / "summary.json").exists() or any((root / d).exists() for d in _STAGES[1:]):
         return False
     teacher = root / "teacher"
     return not teacher.exists() or _teacher_finished(teacher)
@@ -82,7 +88,7 @@ def pick_demo_dir(root: Path) -> Path:
     """``root``, or the first of ``root-2``, ``root-3``, ... that a new demo can use.
 
     So that running the demo again (or after an interruption) never fails and never overwrites a finished
-    or half-written run; a folder whose teacher finished but whose student never started is reused.
+    or half-written run; a folder whose teacher finished but whose students never started is reused.
     """
     n = 1
     cand = root
@@ -92,14 +98,21 @@ def pick_demo_dir(root: Path) -> Path:
     return cand
 
 
-def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Fine-tune MiniLM on the built-in synthetic task, KD-QAT it to W2(ternary) E2 A8, print both.
+def demo(config: str | None = None, overrides: list[str] | None = None, num_procs: int | None = None) -> dict:
+    """The offline pipeline on the built-in task: fine-tune the teacher, train the ternary student without
+    KD (labels only) and with KD-QAT on ``num_procs`` DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3;
+    default: one per GPU, else 2 CPU ranks), then print the three side by side and the per-rank memory.
 
-    Everything runs offline. ``config`` defaults to the shipped ``demo`` recipe.
+    ``config`` defaults to the shipped ``demo_finetune`` / ``demo`` recipes.
     """
+    from kdqat_dist.engine.backend import memory_table
+    from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
+
+    overrides = list(overrides or [])
+    num_procs = num_procs or default_num_procs()
     base = load_config(config or "demo", overrides)
     root = Path(base.train.output_dir)
-    if any(parse_override(o)[0] == "train.output_dir" for o in overrides or []):
+    if any(parse_override(o)[0] == "train.output_dir" for o in overrides):
         if not _demo_dir_usable(root):  # a folder the user named: never write into a used one
             raise ConfigError(f"train.output_dir: {root} already holds a demo run; pass "
                               f"train.output_dir=<new folder> or delete it")
@@ -113,17 +126,35 @@ def demo(config: str | None = None, overrides: list[str] | None = None) -> dict:
     if _teacher_finished(teacher_dir):
         print(f"[demo] reusing the fine-tuned teacher in {teacher_dir / 'model'}")
     else:
-        print("[demo] 1/2 fine-tuning the full-precision teacher")
-        ft = load_config(config or "demo_finetune", [*(overrides or []), f"train.output_dir={teacher_dir}"])
+        print("[demo] 1/3 fine-tuning the full-precision teacher")
+        ft = load_config(config or "demo_finetune", [*overrides, f"train.output_dir={teacher_dir}"])
         run_and_report(ft, "finetune")
-    print("[demo] 2/2 KD-QAT of the ternary student")
-    st = load_config(config or "demo", [*(overrides or []), f"train.output_dir={root / 'student_run'}",
-                                        f"teacher.path={teacher_dir / 'model'}"])
-    res = run_and_report(st, "train")
-    res["demo_wall_s"] = time.perf_counter() - t0
+    student = [*overrides, f"teacher.path={teacher_dir / 'model'}"]
+    print("[demo] 2/3 QAT without KD: the ternary student on the labels alone (one process)")
+    no_kd = run_and_report(load_config(config or "demo", [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}",
+                                                          "engine.backend=none"]), "train")
+    print(f"[demo] 3/3 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
+    kd_overrides = [*student, *SHARDED, f"train.output_dir={root / 'kd_qat'}"]
+    load_config(config or "demo", [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
+    run_deepspeed("train", config or "demo", kd_overrides, num_procs)
+    kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
+    res = {"teacher": kd["teacher"], "qat_no_kd": no_kd, "kd_qat": kd, "num_procs": num_procs,
+           "demo_wall_s": time.perf_counter() - t0}
     (root / "summary.json").write_text(json.dumps(res, indent=2))
+    print(demo_table(res, base))
+    print(memory_table(kd["memory_per_rank"]))
     print(f"[demo] done in {res['demo_wall_s'] / 60:.1f} min; results in {root}")
     return res
+
+
+def demo_table(res: dict, cfg: RunConfig) -> str:
+    """Teacher, QAT without KD and KD-QAT side by side (the selection metric x100, bits, size)."""
+    metric = res["kd_qat"]["selection_metric"]
+    bits = _bits_label(cfg)
+    rows = [["teacher (fp32)", f"{100 * res['teacher']['selection']:.2f}", "fp32", "-"]]
+    for name, r in (("QAT without KD", res["qat_no_kd"]), (f"KD-QAT ({res['num_procs']} ranks)", res["kd_qat"])):
+        rows.append([name, f"{100 * r['best']['selection']:.2f}", bits, r.get("size", "-")])
+    return f"{res['kd_qat']['task']}: best dev {metric} (x100)\n" + _table(rows, ["model", metric, "bits", "size"])
 
 
 def evaluate_folder(cfg: RunConfig, path: str) -> dict:

@@ -96,17 +96,20 @@ def test_demo_runs_again_into_a_new_folder_and_never_overwrites(tmp_path, monkey
     from kdqat_dist.pipeline import demo, pick_demo_dir
 
     monkeypatch.chdir(tmp_path)
-    first = demo("tiny_debug", ["train.max_steps=2"])
+    first = demo("tiny_debug", ["train.max_steps=2"], num_procs=1)
     summary = (tmp_path / "runs" / "tiny" / "summary.json").read_bytes()
-    second = demo("tiny_debug", ["train.max_steps=2"])
+    second = demo("tiny_debug", ["train.max_steps=2"], num_procs=1)
     assert "already holds a demo run; this one goes to runs/tiny-2" in capsys.readouterr().out
     assert (tmp_path / "runs" / "tiny" / "summary.json").read_bytes() == summary
     assert (tmp_path / "runs" / "tiny-2" / "summary.json").exists()
-    assert second["total_steps"] == first["total_steps"] == 2
+    assert second["kd_qat"]["total_steps"] == first["qat_no_kd"]["total_steps"] == 2
     with pytest.raises(ConfigError, match="already holds a demo run"):
         demo("tiny_debug", ["train.output_dir=runs/tiny"])
+    with pytest.raises(ConfigError, match="already holds a demo run"):  # a half-written student stage
+        (tmp_path / "runs" / "half" / "qat_no_kd").mkdir(parents=True)
+        demo("tiny_debug", ["train.output_dir=runs/half"])
     # interrupted during the student stage -> next folder; teacher done, student not started -> reused
-    (tmp_path / "runs" / "tiny-3" / "student_run").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny-3" / "kd_qat").mkdir(parents=True)
     assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-4")
     (tmp_path / "runs" / "tiny-4" / "teacher" / "model").mkdir(parents=True)
     (tmp_path / "runs" / "tiny-4" / "teacher" / "model" / "config.json").write_text("{}")
@@ -115,6 +118,18 @@ def test_demo_runs_again_into_a_new_folder_and_never_overwrites(tmp_path, monkey
     # a teacher run stopped after its first best checkpoint (model/ exists, no metrics.json) is unfinished
     (tmp_path / "runs" / "tiny-4" / "teacher" / "metrics.json").unlink()
     assert pick_demo_dir(Path("runs/tiny")) == Path("runs/tiny-5")
+
+
+def test_tiny_teacher_learns_its_task_and_the_student_keeps_it(tmp_path):
+    # The tiny recipes must teach something: a teacher at chance makes every smoke run and sweep trial
+    # report the same accuracy. tiny_finetune learns the easy demo rule in seconds; tiny_debug's 12
+    # KD-QAT steps keep most of it, and a student of the untrained checkpoint stays at chance.
+    teacher = run(load_config("tiny_finetune", [f"train.output_dir={tmp_path / 't'}"]), "finetune")
+    assert teacher["best"]["acc"] >= 0.85
+    student = run(load_config("tiny_debug", [f"teacher.path={tmp_path / 't' / 'model'}",
+                                             f"train.output_dir={tmp_path / 's'}"]), "train")
+    assert student["teacher"]["acc"] == teacher["best"]["acc"]
+    assert student["best"]["acc"] >= 0.75
 
 
 def test_teacher_stays_in_eval_mode_and_student_dropout_follows_train_dropout(tiny_teacher, tmp_path):
