@@ -16,6 +16,10 @@ from kdqat_dist.models.tiny import make_tiny_checkpoint
 STEPS = 3  # KD-QAT steps of every parity run
 LSQ = ("quant.weight.method=lsq", "quant.act.method=lsq")
 BERTADAM = ("train.optimizer=bertadam", "train.lr=1e-3", "train.max_grad_norm=0.05")  # a clip that acts
+# BitDistill's pieces: relation KD at every layer, SEQ weights (learned per-row clips), per-token A8, SubLN
+RELATION = ("distill.attn_relation.weight=1", "distill.attn_relation.layers=all",
+            "distill.attn_relation.relation_heads=4", "quant.weight.method=seq", "quant.weight.granularity=row",
+            "quant.act.method=absmax_token", "quant.subln=true")
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -65,11 +69,11 @@ def local_reference_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_reference(parity_teacher, local_reference_root) -> dict[str, list[dict]]:
-    """Single-process training logs with grad_accum=2 (the micro-batches two ranks see): TWN, LSQ, and
-    BertAdam with its per-tensor clipping."""
+    """Single-process training logs with grad_accum=2 (the micro-batches two ranks see): TWN, LSQ,
+    BertAdam with its per-tensor clipping, and the relation term with SEQ, per-token A8 and SubLN."""
     root = local_reference_root
     return {name: run(_parity_config(parity_teacher, root / name, "train.grad_accum=2", *extra), "train")["train_log"]
-            for name, extra in (("twn", ()), ("lsq", LSQ), ("bertadam", BERTADAM))}
+            for name, extra in (("twn", ()), ("lsq", LSQ), ("bertadam", BERTADAM), ("relation", RELATION))}
 
 
 def _run_job(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

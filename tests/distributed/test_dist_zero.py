@@ -49,6 +49,12 @@ def test_zero2_and_zero3_losses_match_one_process(two_ranks, local_reference):
     assert two_ranks[0]["zero2"] == two_ranks[1]["zero2"]  # reduced values: identical on every rank
 
 
+def test_relation_kd_with_seq_subln_and_a_zero3_teacher_matches_one_process(two_ranks, local_reference):
+    # relation KD at every layer from a ZeRO-3 teacher; ZeRO-3 student with SEQ's per-row clips and SubLN
+    assert all("loss/attn_relation" in r for r in local_reference["relation"])
+    _assert_same_losses(local_reference["relation"], two_ranks[0]["zero3_relation"])
+
+
 def test_zero0_zero1_and_a_replicated_teacher_match_one_process(two_ranks, local_reference):
     _assert_same_losses(local_reference["twn"], two_ranks[0]["zero0"])
     _assert_same_losses(local_reference["twn"], two_ranks[0]["zero1_replicated"])
@@ -71,7 +77,7 @@ def test_finetune_under_deepspeed_matches_one_process(two_ranks, parity_teacher,
 
 def test_zero3_teacher_taps_equal_unsharded_and_memory_halves(two_ranks):
     for r in two_ranks:
-        assert set(r["taps"]) >= {"hidden/2", "probs/1", "scores/0", "context/1", "attn_output/1", "logits"}
+        assert set(r["taps"]) >= {"hidden/2", "probs/1", "scores/0", "context/1", "attn_output/1", "qkv/1", "logits"}
         assert max(r["taps"].values()) == 0.0, r["taps"]
         # each rank holds about half of the teacher's parameter bytes (small tensors stay whole)
         ratio = r["teacher_param_bytes"] / r["teacher_full_bytes"]

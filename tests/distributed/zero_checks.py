@@ -35,6 +35,9 @@ from kdqat_dist.quant.api import calibrate_activations, prepare
 
 LSQ = ["quant.weight.method=lsq", "quant.act.method=lsq"]
 BERTADAM = ["train.optimizer=bertadam", "train.lr=1e-3", "train.max_grad_norm=0.05"]  # as conftest.BERTADAM
+RELATION = ["distill.attn_relation.weight=1", "distill.attn_relation.layers=all",  # as conftest.RELATION
+            "distill.attn_relation.relation_heads=4", "quant.weight.method=seq", "quant.weight.granularity=row",
+            "quant.act.method=absmax_token", "quant.subln=true"]
 TEXTS = ["the film was a delight from start to finish", "dull", "an uneven but moving story about two friends",
          "i would not watch it again", "bright and funny", "the plot makes no sense at all and drags",
          "great", "a slow, quiet and beautiful film"]
@@ -73,6 +76,8 @@ def check_teacher(args, batch) -> dict:
             return x.inputs.output()
         if isinstance(x, AttentionCall):  # the attention block called again (ZeRO-3 gathers again)
             return x.run()[0]
+        if isinstance(x, tuple):  # qkv: (Q, K, V), each [B, H, S, d_h]
+            return torch.stack(x)
         return x
 
     diffs = {f"{tap}/{layer}": float((value(sharded[tap][layer]) - value(t)).abs().max())
@@ -115,6 +120,8 @@ def main() -> None:
     result["zero2"] = run(_cfg(args, "zero2", "engine.zero_stage=2"), "train")["train_log"]
     result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3"), "train")["train_log"]
     result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.zero_stage=3", *LSQ), "train")["train_log"]
+    result["zero3_relation"] = run(_cfg(args, "zero3_relation", "engine.zero_stage=3", *RELATION),
+                                   "train")["train_log"]
     # the other stages and the replicated teacher, and `kdqat finetune` under DeepSpeed
     result["zero0"] = run(_cfg(args, "zero0", "engine.zero_stage=0"), "train")["train_log"]
     result["zero1_replicated"] = run(_cfg(args, "zero1_rep", "engine.zero_stage=1", "engine.teacher=replicated"),
