@@ -24,11 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer
 
 from kdqat_dist.analysis.collect import DISTANCES, collect
 from kdqat_dist.analysis.hessian import max_eigenvalue_spectrum
 from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
 from kdqat_dist.config import AnalysisConfig, ConfigError, RunConfig, load_config, parse_override
+from kdqat_dist.data.errors import DataError
+from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
+from kdqat_dist.data.tasks import get_task
+from kdqat_dist.engine.backend import pick_device
+from kdqat_dist.models.attention import use_kdqat_attention
+from kdqat_dist.models.encoders import load_classifier
+from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
 
 __all__ = ["FIGURES", "AnalyzeOptions", "analyze", "analyze_models", "load_models", "parse_student_spec",
            "run_config", "student_names", "write_report"]
@@ -138,8 +146,6 @@ def _resolve_teacher(path: Path) -> Path:
         return path / "model"  # a finetune run folder
     if not (path / "config.json").exists():
         raise ConfigError(f"--teacher: {path} has no config.json (not a Hugging Face model folder)")
-    from kdqat_dist.models.student import is_student_dir
-
     if is_student_dir(path):
         raise ConfigError(f"--teacher: {path} is a kdqat student folder; the teacher is the full-precision "
                           "model written by `kdqat finetune`")
@@ -147,8 +153,6 @@ def _resolve_teacher(path: Path) -> Path:
 
 
 def _resolve_student(path: Path) -> Path:
-    from kdqat_dist.models.student import STUDENT_META, is_student_dir
-
     if not path.exists():
         raise ConfigError(f"--student: {path} does not exist (expected the student/ folder of `kdqat train`)")
     if not is_student_dir(path) and is_student_dir(path / "student"):
@@ -195,12 +199,6 @@ def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
         ConfigError: a missing or wrong folder, a label count that differs from the task's, a student
             whose architecture or tokenizer differs from the teacher's, or two students with one name.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from kdqat_dist.models.attention import use_kdqat_attention
-    from kdqat_dist.models.encoders import load_classifier
-    from kdqat_dist.models.student import load_student
-
     t_dir = _resolve_teacher(Path(teacher).expanduser())
     t_cfg = AutoConfig.from_pretrained(t_dir)
     if t_cfg.num_labels != num_labels:
@@ -228,10 +226,6 @@ def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
 
 def _dev_sample(cfg, samples: int, seed: int):
     """(data config, task, the sampled dev rows as a Dataset, their row ids); checks the dev split first."""
-    from kdqat_dist.data.errors import DataError
-    from kdqat_dist.data.loaders import load_splits
-    from kdqat_dist.data.tasks import get_task
-
     task = get_task(cfg.data)
     try:
         splits = load_splits(cfg.data, task)
@@ -251,8 +245,6 @@ def _dev_sample(cfg, samples: int, seed: int):
 
 def _tokenize(data_cfg, task, rows, tokenizer) -> list[dict[str, torch.Tensor]]:
     """Each row as its own unpadded batch of 1 (``input_ids`` [1, S] ... ``labels`` [1])."""
-    from kdqat_dist.data.loaders import Collator, tokenize_splits
-
     max_len = data_cfg.max_seq_length or task.max_seq_length
     tok = tokenize_splits({"dev": rows}, tokenizer, max_len, data_cfg.cache_dir or None)["dev"]
     collate = Collator(tokenizer)
@@ -361,7 +353,7 @@ DIMS = {
 def write_report(results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[str, Any],
                  example_tokens: Sequence[str]) -> list[Path]:
     """Write ``analysis.json``, the PNG figures and ``summary.md`` into ``out_dir``; returns the paths."""
-    from kdqat_dist.analysis import plots as P
+    from kdqat_dist.analysis import plots as P  # lazy: matplotlib is slow to import
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -479,8 +471,6 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
 
 def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     """The whole ``kdqat analyze`` command; returns ``{"out": folder, "files": [...], "seconds": ...}``."""
-    from kdqat_dist.engine.backend import pick_device
-
     cfg = run_config(opts)  # every config problem fails before any data or model loads
     out = Path(opts.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

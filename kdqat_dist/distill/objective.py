@@ -40,9 +40,11 @@ from torch.autograd.function import once_differentiable
 from kdqat_dist.config import DistillConfig
 from kdqat_dist.distill import losses as L
 from kdqat_dist.models.attention import MapInputs
-from kdqat_dist.models.encoders import encoder_layers
+from kdqat_dist.models.encoders import encoder_layers, unwrap
 from kdqat_dist.models.layer_map import hidden_map, layer_map
 from kdqat_dist.models.taps import AttentionCall, NormInputs, NormTap, TapStore, supports_norm_taps, tapped
+
+_unwrap = unwrap  # the name bench/gpu_check.py imports from here; new code imports models.encoders.unwrap
 
 # term -> tap it reads
 TERM_TAPS = {
@@ -197,12 +199,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, h * d)
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    """A DeepSpeed engine's model (``engine.module``), or the model itself."""
-    inner = getattr(m, "module", None)
-    return inner if isinstance(inner, nn.Module) else m
-
-
 class DistillObjective:
     """Weights, layer map and loss functions, applied to a student and a teacher on one batch.
 
@@ -242,7 +238,7 @@ class DistillObjective:
     def for_models(cls, cfg: DistillConfig, student: nn.Module, teacher: nn.Module, regression: bool = False,
                    recompute_teacher: bool = True) -> DistillObjective:
         """The objective for these models; norm taps where the student's layers have the LayerNorms."""
-        s, t = _unwrap(student), _unwrap(teacher)
+        s, t = unwrap(student), unwrap(teacher)
         return cls(cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression, supports_norm_taps(s),
                    recompute_teacher)
 
@@ -394,7 +390,7 @@ class DistillObjective:
             last[:] = [node]
             slots[(name.removesuffix("_norm"), layer)] = (slot, node)
 
-        with tapped(_unwrap(student), self.student_taps(), student_sink):
+        with tapped(unwrap(student), self.student_taps(), student_sink):
             s_logits = student(**inputs).logits
         out = LossOutput(total=torch.zeros(()), student_logits=s_logits)
         sums: dict[str, torch.Tensor] = {}
@@ -444,7 +440,7 @@ class DistillObjective:
                     sums[term] = value if term not in sums else sums[term] + value
                     out.per_layer.setdefault(term, {})[s_layer] = value.detach()
 
-        with torch.no_grad(), tapped(_unwrap(teacher), self.teacher_taps(), sink):
+        with torch.no_grad(), tapped(unwrap(teacher), self.teacher_taps(), sink):
             t_logits = teacher(**inputs).logits if self._needs_teacher() else None
         out.teacher_logits = t_logits
         out.terms.update(sums)
@@ -462,9 +458,9 @@ class DistillObjective:
         mask = batch["attention_mask"]
         s_store, t_store = TapStore(), TapStore()
         everything = {tap: set(range(64)) for tap in TERM_TAPS.values()}
-        with tapped(_unwrap(student), everything, s_store):
+        with tapped(unwrap(student), everything, s_store):
             s_logits = student(**inputs).logits
-        with torch.no_grad(), tapped(_unwrap(teacher), everything, t_store):
+        with torch.no_grad(), tapped(unwrap(teacher), everything, t_store):
             t_logits = teacher(**inputs).logits
         out = LossOutput(total=torch.zeros(()), student_logits=s_logits, teacher_logits=t_logits)
         for tap, by_t in self.t2s.items():

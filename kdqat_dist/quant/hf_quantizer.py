@@ -19,9 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from kdqat_dist.config import QuantConfig, build_section, to_dict
+from kdqat_dist.quant.api import fake_quantizers, mark_calibrated, prepare
 
 QUANT_METHOD = "kdqat"
 FORMAT_VERSION = 2  # 2: per-tensor LSQ steps have shape (1,); 1: they were 0-d
@@ -50,16 +52,12 @@ class KdqatHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-quantized (trained) students load; nothing is quantized here
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from kdqat_dist.quant.api import prepare
-
         prepare(model, self.quantization_config.quant_config())
         if self.quantization_config.format_version < 2:  # 0-d steps in the file: load them as they are
             _reshape_steps(model, (1,), ())
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from kdqat_dist.quant.api import mark_calibrated
-
         _reshape_steps(model, (), (1,))
         mark_calibrated(model)
         return model
@@ -78,8 +76,6 @@ class KdqatHfQuantizer(HfQuantizer):
 
 def register() -> None:
     """Register the method with transformers (idempotent: a second import or a reload is a no-op)."""
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
         register_quantization_config(QUANT_METHOD)(KdqatQuantizationConfig)
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
@@ -88,8 +84,6 @@ def register() -> None:
 
 def _reshape_steps(model, old: tuple[int, ...], new: tuple[int, ...]) -> None:
     """Give the learned steps of shape ``old`` the shape ``new`` (same values)."""
-    from kdqat_dist.quant.api import fake_quantizers
-
     for _, q in fake_quantizers(model):
         if q.quantizer.learned and tuple(q.step.shape) == old:
             q.step.data = q.step.data.reshape(new)

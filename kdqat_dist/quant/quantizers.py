@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -523,8 +524,6 @@ def kdlsq_cdf_clip(v: Tensor, bits: int) -> Tensor:
     Returns:
         the clip value (a scalar tensor); divide by Q_P for an LSQ step.
     """
-    import numpy as np
-
     a = v.detach().float().abs().flatten().cpu().numpy().astype(np.float64)
     mx = float(a.max()) if a.size else 0.0
     if mx == 0.0:
