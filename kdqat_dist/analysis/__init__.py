@@ -5,7 +5,6 @@
 - :mod:`~kdqat_dist.analysis.hessian`: Hessian max-eigenvalues by power iteration (Exp2);
 - :mod:`~kdqat_dist.analysis.collect`: one pass over a dev sample through the training taps;
 - :mod:`~kdqat_dist.analysis.plots` / :mod:`~kdqat_dist.analysis.report`: figures, JSON, Markdown;
-- :mod:`~kdqat_dist.analysis.diagnostics`: TensorBoard scalars logged by ``kdqat train``.
-
-Nothing is imported here, so the training loop's import of the diagnostics stays light.
+- ``kdqat_dist.analysis.diagnostics``: the old name of :mod:`kdqat_dist.engine.diagnostics`, the
+  TensorBoard scalars logged by ``kdqat train`` (in ``engine/``, as the loop calls them).
 """

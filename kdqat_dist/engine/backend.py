@@ -1,7 +1,8 @@
 """Execution backends: how the student steps, how the teacher is held, and how ranks talk.
 
-The training loop (:mod:`kdqat_dist.engine.loop`) talks only to this interface, so the same loop runs
-in one process (:class:`LocalBackend`) or under DeepSpeed (:mod:`kdqat_dist.engine.ds_backend`).
+The training loop (:mod:`kdqat_dist.engine.loop`) talks only to the :class:`Backend` interface, so the
+same loop runs in one process (:class:`LocalBackend`) or under DeepSpeed
+(:class:`~kdqat_dist.engine.ds_backend.DeepSpeedBackend`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
+import resource
+import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +27,76 @@ from torch import nn
 from kdqat_dist.config import ConfigError, RunConfig
 from kdqat_dist.engine.optim import global_clip, make_optimizer, make_scheduler
 from kdqat_dist.models.encoders import load_classifier
+
+
+class Backend(Protocol):
+    """What the training loop needs of a backend: the student's stepping, the teacher, the ranks.
+
+    ``rank``/``world_size``/``is_main`` describe this process; ``device`` is where batches go.
+    """
+
+    rank: int
+    world_size: int
+    is_main: bool
+    device: torch.device
+
+    def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
+        """Take over the prepared student (optimizer, schedule); returns what the loop calls forward on."""
+        ...
+
+    def load_teacher(self, path: str, num_labels: int) -> nn.Module:
+        """The fine-tuned teacher at ``path``: frozen, in eval mode, in the backend's precision."""
+        ...
+
+    def student_module(self) -> nn.Module:
+        """The student's ``nn.Module`` (inside any engine wrapper)."""
+        ...
+
+    def partitioned_student(self) -> bool:
+        """True when the student's submodules must not be called outside its own forward (ZeRO-3)."""
+        ...
+
+    def partitioned_teacher(self) -> bool:
+        """True when the teacher's submodules must not be called outside its own forward (ZeRO-3)."""
+        ...
+
+    def gathered_student(self) -> AbstractContextManager[nn.Module]:
+        """The student with whole weights inside the block (a collective under ZeRO-3)."""
+        ...
+
+    def gathered_params(self, params: list[nn.Parameter]) -> AbstractContextManager:
+        """Whole ``params`` inside the block (a collective under ZeRO-3)."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> bool:
+        """Call after every micro-batch; True when the weights changed (an accumulation boundary)."""
+        ...
+
+    def lr(self) -> float: ...
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_objects(self, obj: Any) -> list[Any]: ...
+
+    def barrier(self) -> None: ...
+
+    def save_checkpoint(self, ckpt_dir: Path, client_state: dict) -> None: ...
+
+    def load_checkpoint(self, ckpt_dir: Path) -> dict:
+        """Restore the student, optimizer, schedule and RNG; returns the loop's ``client_state``."""
+        ...
+
+    def memory_report(self) -> dict[str, float]: ...
+
+    def teardown(self) -> None: ...
+
+
+def freeze_teacher(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """A teacher that is not partitioned: no gradients, eval mode, on ``device`` (in ``dtype``, if given)."""
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:
@@ -80,11 +155,7 @@ class LocalBackend:
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
         """Load the fine-tuned teacher from ``path``, frozen and in eval mode."""
-        return self.setup_teacher(load_classifier(path, num_labels, "eager"))
-
-    def setup_teacher(self, model: nn.Module) -> nn.Module:
-        model.requires_grad_(False)
-        self.teacher = model.to(self.device).eval()
+        self.teacher = freeze_teacher(load_classifier(path, num_labels, "eager"), self.device)
         return self.teacher
 
     def student_module(self) -> nn.Module:
@@ -139,9 +210,6 @@ class LocalBackend:
     def barrier(self) -> None:
         pass
 
-    def micro_batch_size(self) -> int:
-        return self.cfg.train.batch_size // self.cfg.train.grad_accum
-
     # -- checkpoints (for --resume)
     def save_checkpoint(self, ckpt_dir: Path, client_state: dict) -> None:
         tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
@@ -181,8 +249,6 @@ def _commit_checkpoint(tmp: Path, final: Path, keep: int | None = None) -> None:
     Older ``step*`` folders are deleted only after ``latest`` has moved, so a crash while pruning leaves
     extra checkpoints, never too few.
     """
-    import shutil
-
     if final.exists():  # complete but never published (a crash before `latest` moved): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -202,8 +268,6 @@ def _commit_checkpoint(tmp: Path, final: Path, keep: int | None = None) -> None:
 @contextlib.contextmanager
 def damaged_checkpoint(ckpt_dir: Path) -> Iterator[None]:
     """Turn a truncated or unreadable checkpoint file into one ConfigError line that says what to do."""
-    import pickle
-
     try:
         yield
     except ConfigError:
@@ -237,8 +301,6 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
     """Parameter, gradient and optimizer-state bytes held by this process (MiB), plus peak RSS/CUDA."""
-    import resource
-
     mib = 1 / 2**20
     out: dict[str, float] = {}
     if model is not None:

@@ -30,7 +30,8 @@ Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0`
 ``gather`` (the engine's per-module gather, a collective): then every rank calls these functions,
 every rank gathers one quantized module at a time (memory stays at one module's weights), and the rank
 with the writer computes and writes. Without ``gather`` empty partitions are skipped. This module does
-not import the distributed engine.
+not import DeepSpeed. It sits in ``engine/`` because the loop calls it; ``kdqat_dist.analysis.diagnostics``
+is the same module under its old name.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from kdqat_dist.models.encoders import unwrap
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
 
 __all__ = ["DESCRIPTION", "describe_diagnostics", "log_diagnostics", "log_flip_rate", "reset_diagnostics",
@@ -51,7 +53,7 @@ __all__ = ["DESCRIPTION", "describe_diagnostics", "log_diagnostics", "log_flip_r
 
 
 DESCRIPTION = """\
-Quantization diagnostics of `kdqat train` (kdqat_dist.analysis.diagnostics; `train.diagnostics=false` turns
+Quantization diagnostics of `kdqat train` (kdqat_dist.engine.diagnostics; `train.diagnostics=false` turns
 them off). `<module>` reads `03.attention.self.query`; `all` is the element-weighted mean over modules.
 
 | tag | when | meaning |
@@ -75,11 +77,6 @@ _FIRST_SCALE: weakref.WeakKeyDictionary[WeightFakeQuant, float] = weakref.WeakKe
 # int8 codes (CPU) at the previous evaluation, for the flip rate
 _EVAL_CODES: weakref.WeakKeyDictionary[WeightFakeQuant, torch.Tensor] = weakref.WeakKeyDictionary()
 _WINDOWS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "module", None)  # a DeepSpeed engine
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def short_name(name: str, prefix: str = "") -> str:
@@ -168,7 +165,7 @@ def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | No
     """
     if writer is None and gather is None:
         return
-    model = _unwrap(model)
+    model = unwrap(model)
     prefix = getattr(model, "base_model_prefix", "")
     totals = {"zero": 0.0, "n": 0, "clipped": 0.0, "seen": 0.0}
     for name, m in _quant_modules(model):
@@ -226,7 +223,7 @@ def log_flip_rate(writer, step: int | None, model: nn.Module,
     """
     if writer is None and gather is None:
         return
-    model = _unwrap(model)
+    model = unwrap(model)
     prefix = getattr(model, "base_model_prefix", "")
     flipped, total = 0, 0
     for name, m in _quant_modules(model):
@@ -249,7 +246,7 @@ def log_flip_rate(writer, step: int | None, model: nn.Module,
 
 def reset_diagnostics(model: nn.Module) -> None:
     """Forget the kept codes and scale baselines and stop the clip counters (e.g. between two runs)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     handle = _WINDOWS.pop(model, None)
     if handle is not None:
         handle.remove()

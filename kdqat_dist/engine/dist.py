@@ -11,8 +11,12 @@ import os
 import socket
 from datetime import timedelta
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from kdqat_dist.engine.ds_workarounds import skip_shm_comm_build
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -41,32 +45,11 @@ def ensure_launch_env() -> bool:
     return True
 
 
-def skip_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
-
-    DeepSpeed builds ``deepspeed_shm_comm`` (about 47 s on a 2-core machine) whenever its torch comm
-    backend starts on a CPU accelerator, but only ``inference_all_reduce`` (tensor-parallel inference)
-    uses it; training collectives go through gloo either way, and ``inference_all_reduce`` falls back to
-    gloo when the op is absent. DeepSpeed reads op compatibility from one cached dict, so marking the op
-    incompatible there skips the build. Set ``KDQAT_DS_SHM=1`` to keep DeepSpeed's default.
-    """
-    if os.environ.get("KDQAT_DS_SHM") == "1":
-        return
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def init_process_group(timeout_s: float | None = None) -> bool:
     """Bring up DeepSpeed's comm layer over the launcher's group; returns True if we created the group.
 
     A group that already exists (Ray Train's workers) is reused and left for its owner to destroy.
     """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     skip_shm_comm_build()
     if dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend())

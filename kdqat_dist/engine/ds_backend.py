@@ -13,7 +13,10 @@ unchanged. What happens where:
   partitions each parameter as it is created and fills the partitions from the checkpoint one module
   at a time (rank 0 reads the values); no rank ever holds the whole teacher. Then an optimizer-free
   DeepSpeed engine in eval mode. The KD objective's forward hooks and attention taps run
-  on its ``.module`` unchanged. ``engine.teacher=replicated``: a plain frozen copy per rank.
+  on its ``.module`` unchanged. ``engine.teacher=replicated``: a plain frozen copy per rank, cast to
+  ``engine.precision`` as DeepSpeed casts the ZeRO-3 one.
+- **DeepSpeed internals.** What this backend needs beyond DeepSpeed's public API is in
+  :mod:`kdqat_dist.engine.ds_workarounds`, with the version it was written for.
 - **Checkpoints.** ``engine.save_checkpoint`` into ``<tag>.tmp``, per-rank RNG and loop state beside it,
   then rank 0 renames the folder and atomically repoints ``latest``.
 """
@@ -22,37 +25,38 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_update_full_grad_vectorized
 from torch import nn
+from transformers import AutoConfig
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from kdqat_dist.config import ConfigError, RunConfig
-from kdqat_dist.engine import dist, ds_config
+from kdqat_dist.engine import dist, ds_config, ds_workarounds
 from kdqat_dist.engine.backend import (
     _commit_checkpoint,
     damaged_checkpoint,
+    freeze_teacher,
     memory_report,
     rng_state,
     set_rng_state,
     storage_bytes,
 )
 from kdqat_dist.engine.optim import clip_each_, make_optimizer, make_scheduler, param_groups
-from kdqat_dist.models.encoders import load_classifier, resolve_model_path
+from kdqat_dist.models.encoders import load_classifier, resolve_model_path, unwrap
 
 RANK_STATE = "rank{rank:05d}_state.pt"
-# DeepSpeed's ZeRO collectives call torch.distributed functions that torch 2.13 deprecates; the warning
-# fires on every call and says nothing a user can act on.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _device(cfg: RunConfig) -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     if acc.device_name() == "cpu":
         if cfg.engine.precision == "fp16":
@@ -109,13 +113,15 @@ class DeepSpeedBackend:
         return self.engine
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
-        """The frozen teacher: a ZeRO-3 engine built partitioned, or a replicated module."""
-        if self.cfg.engine.teacher == "replicated":
-            return self.setup_teacher(load_classifier(path, num_labels, "eager"))
-        from transformers import AutoConfig
-        from transformers.integrations import HfDeepSpeedConfig
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        """The frozen teacher: a ZeRO-3 engine built partitioned, or a replicated module.
 
+        Both run in ``engine.precision``: DeepSpeed casts a ZeRO-3 teacher itself, a replicated one is
+        cast here (left in its checkpoint's fp32, its forward would run in fp32 beside a bf16 student).
+        """
+        if self.cfg.engine.teacher == "replicated":
+            model = load_classifier(path, num_labels, "eager")
+            self.teacher = freeze_teacher(model, self.device, PRECISION_DTYPE[self.cfg.engine.precision])
+            return self.teacher
         hidden = getattr(AutoConfig.from_pretrained(resolve_model_path(path)), "hidden_size", None)
         conf = self.ds_config("teacher", hidden)
         # While this object lives, from_pretrained builds under zero.Init: each parameter is partitioned
@@ -134,12 +140,6 @@ class DeepSpeedBackend:
         nn.Module.train(self.teacher_engine, False)
         self.teacher = self.teacher_engine
         return self.teacher_engine
-
-    def setup_teacher(self, model: nn.Module) -> nn.Module:
-        """An already-built teacher: replicated (frozen copy on every rank)."""
-        model.requires_grad_(False)
-        self.teacher = model.to(self.device).eval()
-        return self.teacher
 
     def student_module(self) -> nn.Module:
         return self.engine.module
@@ -198,16 +198,11 @@ class DeepSpeedBackend:
         """BertAdam's per-tensor clipping on the reduced gradients, between the backward and the step,
         through DeepSpeed's public gradient API (``safe_update_full_grad_vectorized``): each parameter's
         whole gradient under every ZeRO stage, as one process clips it."""
-        from deepspeed.utils import safe_update_full_grad_vectorized
-
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         safe_update_full_grad_vectorized(params, lambda g, p: clip_each_(g, max_norm))
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
-
-    def micro_batch_size(self) -> int:
-        return self.cfg.train.batch_size // (self.world_size * self.cfg.train.grad_accum)
 
     # ------------------------------------------------------------------ collectives
 
@@ -255,16 +250,8 @@ class DeepSpeedBackend:
     # ------------------------------------------------------------------ memory
 
     def _grad_bytes(self) -> int:
-        module, opt = self.engine.module, self.engine.optimizer
-        tensors = [p.grad for p in module.parameters() if p.grad is not None]
-        for attr in ("averaged_gradients", "grad_partitions_flat_buffer"):
-            held = getattr(opt, attr, None)
-            if isinstance(held, dict):
-                for v in held.values():
-                    tensors += v if isinstance(v, list) else [v]
-            elif torch.is_tensor(held):
-                tensors.append(held)
-        return storage_bytes(t for t in tensors if torch.is_tensor(t))
+        tensors = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return storage_bytes(tensors + ds_workarounds.zero_grad_tensors(self.engine.optimizer))
 
     def memory_report(self) -> dict[str, float]:
         """This rank's bytes (MiB): student params (its partition under ZeRO-3), fp32 master copies,
@@ -274,11 +261,9 @@ class DeepSpeedBackend:
         inner = getattr(opt, "optimizer", opt)
         out = memory_report(None, inner)
         out["param_mib"] = _param_bytes(self.engine.module) * mib if self.engine is not None else 0.0
-        masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(
-            opt, "fp32_partitioned_groups_flat", None) or []
-        out["master_mib"] = storage_bytes(masters) * mib
+        out["master_mib"] = storage_bytes(ds_workarounds.fp32_master_tensors(opt)) * mib
         out["grad_mib"] = self._grad_peak * mib
-        teacher = _unwrap(self.teacher) if self.teacher is not None else None
+        teacher = unwrap(self.teacher) if self.teacher is not None else None
         out["teacher_param_mib"] = _param_bytes(teacher) * mib if teacher is not None else 0.0
         out["zero_stage"] = self.engine.zero_optimization_stage() if self.engine is not None else -1
         out["teacher_zero3"] = self.teacher_engine is not None
@@ -307,47 +292,10 @@ class DeepSpeedBackend:
             with contextlib.suppress(Exception):
                 eng.destroy()
         self.engine = self.teacher_engine = None
-        _restore_torch_linear()
+        ds_workarounds.restore_torch_linear()
         if self._owns_group:
             dist.destroy_process_group()
-            _forget_deepspeed_groups()
-
-
-def _restore_torch_linear() -> None:
-    """Undo ZeRO-3's process-wide ``torch.nn.functional.linear`` replacement once its engines are gone.
-
-    ZeRO-3 swaps in its memory-efficient linear for every module in the process and leaves it there
-    ("this will persist unless manually reset"); a later single-process run in the same process (a notebook,
-    the test suite) then trains through it and is no longer bit-reproducible against itself across a resume.
-    The next ZeRO-3 engine installs it again.
-    """
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
-
-    original = getattr(patcher, "linear_bk", None)
-    if original is not None and torch.nn.functional.linear is not original:
-        torch.nn.functional.linear = original
-
-
-def _forget_deepspeed_groups() -> None:
-    """Drop the process groups DeepSpeed caches in module globals (``deepspeed.utils.groups``).
-
-    They belong to the process group just destroyed; a second run in the same process (a notebook, two
-    ``run()`` calls in one test process) would otherwise hand a stale group to its first broadcast
-    ("Group ... is not registered"). Reset to the values the module starts with, so DeepSpeed makes new
-    ones from the new group.
-    """
-    from deepspeed.utils import groups
-
-    for name, value in list(vars(groups).items()):
-        if name.startswith("_") and name.isupper() and ("GROUP" in name or name.startswith("_MPU_")):
-            setattr(groups, name, {} if isinstance(value, dict) else None)
-    if hasattr(groups, "mesh_device"):
-        groups.mesh_device = None
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    inner = getattr(m, "module", None)
-    return inner if isinstance(inner, nn.Module) else m
+            ds_workarounds.forget_deepspeed_groups()
 
 
 def _param_bytes(module: nn.Module) -> int:

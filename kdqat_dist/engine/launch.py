@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from kdqat_dist.engine.loop import TrainingError
+
 
 def free_port() -> int:
     """A TCP port free on this host now (the launcher's rendezvous; two demos at once must not clash)."""
@@ -36,8 +38,6 @@ def deepspeed_command(command: str, config: str, overrides: list[str], num_procs
 
 def run_deepspeed(command: str, config: str, overrides: list[str], num_procs: int) -> None:
     """Run the job to its end; raises :class:`TrainingError` (one line) when any rank fails."""
-    from kdqat_dist.engine.loop import TrainingError
-
     cmd = deepspeed_command(command, config, overrides, num_procs, free_port())
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     if not torch.cuda.is_available():  # CPU ranks share the cores: more threads each only oversubscribes

@@ -20,15 +20,18 @@ from kdqat_dist.config import RESUMABLE, ConfigError, RunConfig, load_config, re
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
 from kdqat_dist.data.tasks import TaskSpec, get_task
-from kdqat_dist.distill.objective import DistillObjective, LossOutput, _unwrap
-from kdqat_dist.engine.backend import LocalBackend, latest_checkpoint, memory_table, seed_everything
+from kdqat_dist.distill.objective import DistillObjective, LossOutput
+from kdqat_dist.engine import diagnostics
+from kdqat_dist.engine.backend import Backend, LocalBackend, latest_checkpoint, memory_table, seed_everything
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
 from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.attention import use_kdqat_attention
-from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout
+from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout, unwrap
 from kdqat_dist.models.sliced_ffn import slice_feed_forward
-from kdqat_dist.models.student import init_student, save_student
+from kdqat_dist.models.student import init_student
 from kdqat_dist.quant.api import calibrate_activations, prepare
+from kdqat_dist.quant.size import size_report
+from kdqat_dist.quant.student import save_student
 
 CONTRIB = "kd_contribution/"  # TensorBoard prefix of each term's (and layer's) weighted share of the loss
 
@@ -37,8 +40,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); printed as one line by the CLI."""
 
 
-def make_backend(cfg: RunConfig):
+def make_backend(cfg: RunConfig) -> Backend:
     if cfg.engine.backend == "deepspeed":
+        # lazy: DeepSpeed takes seconds to import and probes the accelerator; one process never needs it
         from kdqat_dist.engine.ds_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg)
@@ -46,21 +50,25 @@ def make_backend(cfg: RunConfig):
 
 
 class Trainer:
-    """``mode="finetune"`` trains the FP model on labels; ``mode="train"`` runs KD-QAT from a teacher."""
+    """``mode="finetune"`` trains the FP model on labels; ``mode="train"`` runs KD-QAT from a teacher.
 
-    def __init__(self, cfg: RunConfig, mode: str = "train", resume: bool = False, backend=None,
-                 on_eval: Callable[[dict], None] | None = None):
+    ``on_eval`` is called on the main rank with every evaluation record (Ray Tune reports), ``on_finish``
+    with the result once ``metrics.json`` is written (the CLI's summary table).
+    """
+
+    def __init__(self, cfg: RunConfig, mode: str = "train", resume: bool = False, backend: Backend | None = None,
+                 on_eval: Callable[[dict], None] | None = None, on_finish: Callable[[dict], None] | None = None):
         if mode not in ("train", "finetune"):
             raise ValueError(f"mode must be train or finetune, got {mode!r}")
         self.cfg, self.mode, self.resume = cfg, mode, resume
-        self.backend = backend
+        self.backend: Backend | None = backend
         self.run_dir = Path(cfg.train.output_dir)
         self.history: list[dict] = []
         self.train_log: list[dict] = []  # reduced training scalars at every log step
         self.best: dict | None = None
         self.writer = None
         self.teacher_metrics: dict | None = None
-        self.on_eval = on_eval  # called on the main rank with every evaluation record (Ray Tune reports)
+        self.on_eval, self.on_finish = on_eval, on_finish
 
     # ------------------------------------------------------------------ setup
 
@@ -96,6 +104,7 @@ class Trainer:
         if self.backend.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            # lazy: only the main rank writes events, and tensorboard's import costs seconds per rank
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run drops the events written after its checkpoint (they are logged again)
@@ -162,14 +171,14 @@ class Trainer:
             calibrate_activations(student, self._first_batch())
         # The backend may build the teacher partitioned (ZeRO-3); it comes back frozen and in eval mode.
         teacher = self.backend.load_teacher(cfg.teacher.path, task.num_labels)
-        _check_same_head(_unwrap(teacher), task)
+        _check_same_head(unwrap(teacher), task)
         # Both models run our attention function so the same taps exist on each.
         use_kdqat_attention(student)
-        use_kdqat_attention(_unwrap(teacher))
+        use_kdqat_attention(unwrap(teacher))
         # A ZeRO-3 teacher's modules are called only by its own forward, as DeepSpeed traces it.
         whole_teacher = not self.backend.partitioned_teacher()
         if whole_teacher:
-            slice_feed_forward(_unwrap(teacher))
+            slice_feed_forward(unwrap(teacher))
         self.teacher = teacher
         self.student = self.backend.setup_student(student, self.total_steps)
         self.objective = DistillObjective.for_models(cfg.distill, student, teacher, task.is_regression,
@@ -194,6 +203,7 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, be = self.cfg, self.backend
+        t_start = time.perf_counter()
         step, epoch, start, running = self._maybe_resume()
         if self.mode == "train" and self.teacher_metrics is None:
             self.teacher_metrics = self.evaluate(self.teacher)
@@ -232,7 +242,7 @@ class Trainer:
                     break
             epoch, start = epoch + 1, 0
         bar.close()
-        return self._finish()
+        return self._finish(time.perf_counter() - t_start)
 
     def _micro_scalars(self, out: LossOutput) -> dict[str, float]:
         """``loss``, ``loss/<term>`` and (with diagnostics) the ``kd_contribution/...`` values of one
@@ -291,18 +301,14 @@ class Trainer:
         """Explain the tags in TensorBoard and keep the weight codes the first flip rate compares with."""
         if not self._diagnostics_on():
             return
-        from kdqat_dist.analysis.diagnostics import describe_diagnostics, log_flip_rate
-
-        describe_diagnostics(self.writer)
-        log_flip_rate(self.writer, None, self.backend.student_module(), gather=self._gather())
+        diagnostics.describe_diagnostics(self.writer)
+        diagnostics.log_flip_rate(self.writer, None, self.backend.student_module(), gather=self._gather())
 
     def _diagnostics(self, step: int) -> None:
         """Log-step ultra-low-bit diagnostics: zero fraction, scale and its drift, clip rate."""
         if not self._diagnostics_on():
             return
-        from kdqat_dist.analysis.diagnostics import log_diagnostics
-
-        log_diagnostics(self.writer, step, self.backend.student_module(), gather=self._gather())
+        diagnostics.log_diagnostics(self.writer, step, self.backend.student_module(), gather=self._gather())
 
     def _contributions(self, out: LossOutput) -> tuple[list[str], list[torch.Tensor]]:
         """What each term adds to ``out.total`` (weight x value), per layer where the term has layers:
@@ -334,9 +340,7 @@ class Trainer:
 
     def _evaluate_and_select(self, step: int) -> None:
         if self._diagnostics_on():  # the flip rate is measured between evaluations
-            from kdqat_dist.analysis.diagnostics import log_flip_rate
-
-            log_flip_rate(self.writer, step, self.backend.student_module(), gather=self._gather())
+            diagnostics.log_flip_rate(self.writer, step, self.backend.student_module(), gather=self._gather())
         metrics = self.evaluate(self.student)
         record = {"step": step, **metrics}
         self.history.append(record)
@@ -403,7 +407,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ finish
 
-    def _finish(self) -> dict:
+    def _finish(self, wall_s: float) -> dict:
+        """The run's result: written to ``metrics.json`` (its one writer) and returned on every rank."""
         result = {"task": self.task.name, "selection_metric": self.task.selection_metric,
                   "best": self.best, "history": self.history, "total_steps": self.total_steps}
         if self.teacher_metrics is not None:
@@ -412,9 +417,15 @@ class Trainer:
         result["world_size"] = self.backend.world_size
         per_rank = self.backend.gather_objects(self.backend.memory_report())
         result["memory"], result["memory_per_rank"] = per_rank[self.backend.rank], per_rank
+        result["wall_s"] = wall_s  # train(): this process's share of the run (a resumed one: since the resume)
+        if self.mode == "train":
+            s = size_report(self.backend.student_module())
+            result["size"] = f"{s['packed_mb']:.2f} MB ({s['ratio']:.1f}x smaller than {s['fp32_mb']:.1f})"
         if self.backend.is_main:
             tqdm.write(memory_table(per_rank))
             (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+            if self.on_finish is not None:
+                self.on_finish(result)
         return result
 
     def cleanup(self) -> None:
@@ -425,7 +436,7 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _main_first(backend) -> Iterator[None]:
+def _main_first(backend: Backend) -> Iterator[None]:
     """Run the block on rank 0 first, then on the other ranks (one process: just run it)."""
     if not backend.is_main:
         backend.barrier()
@@ -448,10 +459,12 @@ def _check_same_head(teacher, task: TaskSpec) -> None:
                           f"has {task.num_labels}")
 
 
-def run(cfg: RunConfig, mode: str, resume: bool = False,
-        on_eval: Callable[[dict], None] | None = None) -> dict:
-    """Set up, train, clean up; returns the metrics dict (also written to ``<output_dir>/metrics.json``)."""
-    trainer = Trainer(cfg, mode, resume, on_eval=on_eval)
+def run(cfg: RunConfig, mode: str, resume: bool = False, on_eval: Callable[[dict], None] | None = None,
+        on_finish: Callable[[dict], None] | None = None) -> dict:
+    """Set up, train, clean up; returns the metrics dict (also written to ``<output_dir>/metrics.json``).
+
+    ``on_eval`` / ``on_finish``: see :class:`Trainer`."""
+    trainer = Trainer(cfg, mode, resume, on_eval=on_eval, on_finish=on_finish)
     try:
         trainer.setup()
         return trainer.train()

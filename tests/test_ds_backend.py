@@ -1,0 +1,64 @@
+"""The DeepSpeed backend at world size 1 in this process (CPU accelerator, gloo): what setup leaves behind."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdqat_dist.config import load_config
+from kdqat_dist.engine import loop
+from kdqat_dist.engine.backend import Backend, LocalBackend
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_replicated_teacher_runs_in_the_engine_precision(tiny_teacher, tmp_path, no_launcher, precision, dtype):
+    # DeepSpeed casts only a ZeRO-3 teacher; a replicated one must be cast by the backend, or its forward
+    # runs in fp32 beside a bf16 student.
+    from kdqat_dist.engine.ds_backend import DeepSpeedBackend
+
+    cfg = load_config("tiny_debug", [f"train.output_dir={tmp_path}", "engine.backend=deepspeed",
+                                     "engine.teacher=replicated", f"engine.precision={precision}"])
+    backend = DeepSpeedBackend(cfg)
+    try:
+        assert backend.world_size == 1
+        teacher = backend.load_teacher(str(tiny_teacher), 2)
+        assert {p.dtype for p in teacher.parameters()} == {dtype}
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert not backend.partitioned_teacher()
+        assert backend.memory_report()["teacher_param_mib"] > 0
+    finally:
+        backend.teardown()
+
+
+def _backend_uses_in_the_loop() -> set[str]:
+    """Attribute names the loop reads on a backend (``self.backend.x``, ``be.x``, ``backend.x``)."""
+    tree = ast.parse(Path(loop.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            v = node.value
+            if (isinstance(v, ast.Name) and v.id in ("be", "backend")) or (
+                    isinstance(v, ast.Attribute) and v.attr == "backend"):
+                names.add(node.attr)
+    return names
+
+
+def test_the_loop_uses_only_the_protocol_and_both_backends_implement_it():
+    from kdqat_dist.engine.ds_backend import DeepSpeedBackend
+
+    methods = {n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")}
+    fields = set(Backend.__annotations__)
+    assert _backend_uses_in_the_loop() <= methods | fields
+    for cls in (LocalBackend, DeepSpeedBackend):
+        assert all(callable(getattr(cls, n, None)) for n in methods), cls
+    local = LocalBackend(load_config("tiny_debug"))
+    assert all(hasattr(local, n) for n in fields)
