@@ -8,8 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
-from kdqat_dist.config import ConfigError
+import torch
+import yaml
+from transformers.utils import logging as hf_logging
+
+from kdqat_dist import pipeline
+from kdqat_dist.config import RECIPES_DIR, ConfigError, load_config, to_dict
+from kdqat_dist.engine.loop import TrainingError
 
 EPILOG = """examples:
   kdqat demo                                    # the whole pipeline on the built-in task (offline)
@@ -27,8 +34,6 @@ SECTIONS_HELP = """config sections: model teacher student data quant distill tra
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("kdqat-dist")
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -101,8 +106,6 @@ def _add_optional_commands(sub) -> None:
 
 
 def _load(args):
-    from kdqat_dist.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
@@ -119,28 +122,20 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            # What DeepSpeed falls back to anyway on a machine without CUDA, said up front: otherwise its
-            # "Setting accelerator to CPU ... unable to detect it" warning lands in the middle of a run
-            # (transformers imports DeepSpeed lazily). CUDA and CPU are the accelerators kdqat supports.
-            os.environ["DS_ACCELERATOR"] = "cpu"
-    from transformers.utils import logging as hf_logging
-
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # What DeepSpeed falls back to anyway on a machine without CUDA, said up front: otherwise its
+        # "Setting accelerator to CPU ... unable to detect it" warning lands in the middle of a run
+        # (transformers imports DeepSpeed lazily). CUDA and CPU are the accelerators kdqat supports.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown our own progress bar
     parser = build_parser()
     args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from kdqat_dist.data.errors import DataError  # noqa: F401  (a ConfigError subclass)
-    from kdqat_dist.engine.loop import TrainingError
-
     try:
         return _dispatch(args)
-    except (ConfigError, TrainingError, FileNotFoundError) as exc:
+    except (ConfigError, TrainingError, FileNotFoundError) as exc:  # DataError is a ConfigError
         print(f"kdqat: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -167,23 +162,17 @@ def _lost_peer(exc: RuntimeError) -> bool:
 
 def _dispatch(args) -> int:
     if args.command == "recipes":
-        from kdqat_dist.config import RECIPES_DIR
-
         for p in sorted(RECIPES_DIR.glob("*.yaml")):
             first = p.read_text().splitlines()[0].lstrip("# ").strip()
             print(f"{p.stem:28s} {first}")
         return 0
     if args.command == "config":
-        import yaml
-
-        from kdqat_dist.config import load_config, to_dict
-
         print(yaml.safe_dump(to_dict(load_config(args.recipe, args.overrides)), sort_keys=False), end="")
         return 0
+    if args.command == "export":  # its round trip evaluates through the pipeline, which sits above export/
+        return args.func(args, evaluate_folder=pipeline.evaluate_folder)
     if hasattr(args, "func"):
         return args.func(args)
-    from kdqat_dist import pipeline
-
     if args.command == "demo":
         pipeline.demo(args.config, args.overrides, args.num_procs)
         return 0

@@ -7,6 +7,15 @@ import time
 from pathlib import Path
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_override
+from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
+from kdqat_dist.data.tasks import get_task
+from kdqat_dist.engine.backend import memory_table, pick_device
+from kdqat_dist.engine.evaluate import evaluate
+from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
+from kdqat_dist.engine.loop import run
+from kdqat_dist.export import load
+from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.quant.student import is_student_dir, load_student
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -28,25 +37,9 @@ def _bits_label(cfg: RunConfig) -> str:
 
 
 def run_and_report(cfg: RunConfig, mode: str, resume: bool = False) -> dict:
-    """Run ``kdqat train``/``finetune`` and print the summary table on the main rank."""
-    from kdqat_dist.engine.loop import Trainer
-    from kdqat_dist.quant.size import size_report
-
-    trainer = Trainer(cfg, mode, resume)
-    try:
-        trainer.setup()
-        t0 = time.perf_counter()
-        result = trainer.train()
-        result["wall_s"] = time.perf_counter() - t0
-        if mode == "train":
-            s = size_report(trainer.backend.student_module())
-            result["size"] = f"{s['packed_mb']:.2f} MB ({s['ratio']:.1f}x smaller than {s['fp32_mb']:.1f})"
-        if trainer.backend.is_main:
-            print(summary(cfg, result, mode))
-            (Path(cfg.train.output_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
-        return result
-    finally:
-        trainer.cleanup()
+    """Run ``kdqat train``/``finetune`` (:func:`~kdqat_dist.engine.loop.run`) and print the summary table
+    on the main rank."""
+    return run(cfg, mode, resume, on_finish=lambda result: print(summary(cfg, result, mode)))
 
 
 def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
@@ -105,9 +98,6 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
 
     ``config`` defaults to the shipped ``demo_finetune`` / ``demo`` recipes.
     """
-    from kdqat_dist.engine.backend import memory_table
-    from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
-
     overrides = list(overrides or [])
     num_procs = num_procs or default_num_procs()
     base = load_config(config or "demo", overrides)
@@ -159,13 +149,6 @@ def demo_table(res: dict, cfg: RunConfig) -> str:
 
 def evaluate_folder(cfg: RunConfig, path: str) -> dict:
     """Evaluate a student folder, an export, or a fine-tuned FP model folder on the task's dev split(s)."""
-    from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
-    from kdqat_dist.data.tasks import get_task
-    from kdqat_dist.engine.backend import pick_device
-    from kdqat_dist.engine.evaluate import evaluate
-    from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-    from kdqat_dist.models.student import is_student_dir, load_student
-
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--model: {p} does not exist")
@@ -175,8 +158,6 @@ def evaluate_folder(cfg: RunConfig, path: str) -> dict:
     dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
     data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
     if (p / "kdqat_export.json").exists():  # a packed artifact from `kdqat export`
-        from kdqat_dist.export import load
-
         model = load(p)
     elif is_student_dir(p):
         model = load_student(p)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
-from kdqat_dist.config import ConfigError
+from kdqat_dist.config import ConfigError, RunConfig, load_config
+from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student
 
 
 def add_parser(subparsers) -> None:
@@ -34,8 +36,6 @@ def add_parser(subparsers) -> None:
 
 def run_config(student: Path, config: str | None, overrides: list[str]):
     """The config of the re-evaluation: ``config`` or the training run's ``config.yaml``, plus overrides."""
-    from kdqat_dist.config import load_config
-
     if config is not None:
         return load_config(config, overrides)
     run_yaml = student.parent / "config.yaml"
@@ -56,9 +56,9 @@ def _same(a: dict, b: dict) -> bool:
     return True
 
 
-def run(args) -> int:
-    from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student
-
+def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
+    """Export, then score the student and the artifact with ``evaluate_folder`` (the CLI passes
+    :func:`kdqat_dist.pipeline.evaluate_folder`, which sits above this package)."""
     student, out = Path(args.student), check_out_dir(args.out)
     cfg = None if args.skip_eval and args.config is None else run_config(student, args.config, args.overrides)
     created = not out.exists()
@@ -70,9 +70,6 @@ def run(args) -> int:
     if cfg is None:
         print("[export] dev-set check skipped (--skip-eval)")
         return 0
-
-    from kdqat_dist.pipeline import evaluate_folder
-
     try:
         print("[export] dev set, fake-quant student:")
         ms = evaluate_folder(copy.deepcopy(cfg), str(student))
