@@ -1,6 +1,7 @@
 """kdqat-dist: quantization-aware training of BERT-class encoders with knowledge distillation.
 
-Public API (imported lazily so ``import kdqat_dist`` stays cheap):
+Public API (resolved on first use, PEP 562: this file runs before any submodule is imported, so it imports
+only what the registration with transformers needs):
 
 - :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
 - :class:`DistillObjective`: the streaming KD objective;
@@ -9,18 +10,15 @@ Public API (imported lazily so ``import kdqat_dist`` stays cheap):
 
 from __future__ import annotations
 
+import importlib
+
+from kdqat_dist.quant.hf_quantizer import register
+
 __version__ = "0.1.0"
 
-
-def _register_with_transformers() -> None:
-    # `import kdqat_dist` makes transformers' from_pretrained understand a student folder's
-    # quantization_config (quant_method "kdqat"): see kdqat_dist.quant.hf_quantizer.
-    from kdqat_dist.quant.hf_quantizer import register
-
-    register()
-
-
-_register_with_transformers()
+# `import kdqat_dist` makes transformers' from_pretrained understand a student folder's
+# quantization_config (quant_method "kdqat"): see kdqat_dist.quant.hf_quantizer.
+register()
 
 _LAZY = {
     "prepare": "kdqat_dist.quant.api",
@@ -34,8 +32,6 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kdqat_dist' has no attribute {name!r}")
 

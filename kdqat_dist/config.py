@@ -317,7 +317,7 @@ class TrainConfig:
     keep_checkpoints: PositiveInt = 2  # the newest N checkpoints are kept; older ones are deleted after each save
     device: Device = "auto"
     progress: bool = True
-    # TensorBoard diagnostics of `kdqat train` (kdqat_dist.analysis.diagnostics): zero fraction, scale and
+    # TensorBoard diagnostics of `kdqat train` (kdqat_dist.engine.diagnostics): zero fraction, scale and
     # drift, clip rate at log steps; weight flip rate at evaluations; each layer's KD loss contribution.
     # bench/bench_diagnostics.py measures their cost; false skips all of them.
     diagnostics: bool = True

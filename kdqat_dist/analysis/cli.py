@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdqat_dist.analysis.report import AnalyzeOptions, analyze
+
 EXAMPLE = """examples:
   kdqat analyze --teacher runs/t/model --student map=runs/map/student --student out=runs/out/student \\
       --task rte data.source=glue/RTE --out analysis/rte
@@ -56,8 +58,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdqat_dist.analysis.report import AnalyzeOptions, analyze
-
     opts = AnalyzeOptions(
         teacher=args.teacher, students=list(args.students), out=args.out, task=args.task, config=args.config,
         overrides=list(args.overrides), samples=args.samples, seed=args.seed, top_k=args.top_k,

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
+
+from kdqat_dist.tune.results import collect_rows, format_console, write_report
+from kdqat_dist.tune.spec import load_spec
+from kdqat_dist.tune.trainable import SweepInterrupted, run_sweep
 
 EPILOG = """examples:
   kdqat sweep --config ray_tune/tiny_demo.yaml                 # local Ray sized to this machine
@@ -39,14 +44,10 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
-    from kdqat_dist.tune.spec import load_spec
-
     spec = load_spec(args.config, args.overrides, output_dir=args.output_dir)
     errors = 0
     if not args.report_only:
         _warn_missing_teachers(spec)
-        from kdqat_dist.tune.trainable import SweepInterrupted, run_sweep
-
         print(f"kdqat sweep: {spec.name}: {spec.num_grid_points} grid points x "
               f"{spec.base_config().tune.num_samples} samples -> {spec.output_dir}", flush=True)
         try:
@@ -71,8 +72,6 @@ def main(args) -> int:
 
 def _report(output_dir: Path) -> list[dict]:
     """Write the tables and the plot, print the trial table and where everything is; returns the rows."""
-    from kdqat_dist.tune.results import collect_rows, format_console, write_report
-
     paths = write_report(output_dir)
     rows, _ = collect_rows(output_dir)
     print(format_console(rows))
@@ -83,8 +82,6 @@ def _report(output_dir: Path) -> list[dict]:
 
 def _resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this sweep (same spec, overrides and output dir)."""
-    import shlex
-
     parts = ["kdqat", "sweep", "--config", args.config, *args.overrides]
     if args.output_dir:
         parts += ["--output-dir", args.output_dir]

@@ -236,7 +236,7 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
     grouped bars per variant when nothing numeric is swept."""
     if not summary:
         return None
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and only the sweep report draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -48,6 +48,7 @@ from kdqat_dist.config import (
     load_config,
     load_yaml,
     parse_override,
+    resolve_recipe,
     resolve_shipped,
 )
 
@@ -324,8 +325,6 @@ def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str]
         if cand.exists():
             base_path = cand
             break
-    from kdqat_dist.config import resolve_recipe
-
     base = str(resolve_recipe(base_path).resolve())
     load_yaml(base)
 

@@ -16,6 +16,9 @@ Interrupting the driver (Ctrl-C = SIGINT, or SIGTERM as Slurm sends on preemptio
 sweep gracefully: Tune saves its state, the running trials are stopped, and :func:`run_sweep` raises
 :class:`SweepInterrupted`; ``kdqat sweep --resume`` then reruns only the trials that had not finished. A
 second signal aborts at once (the state saved last is kept).
+
+Ray is imported inside the functions that use it: its import takes seconds and starts nothing we need
+until a sweep runs (``kdqat --help`` imports this package to register ``sweep``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, save_config
+from kdqat_dist.engine.loop import run
 from kdqat_dist.tune.results import _sweep_meta
 from kdqat_dist.tune.spec import SweepSpec, check_resources, spec_from_dict, trial_resources
 
@@ -93,8 +97,6 @@ def train_trial(config: dict, spec: dict | None = None) -> None:
     resume = _prepare_run_dir(run_dir, tdir)
     cfg = load_config(resolved)  # exactly what the workers read
     if cfg.tune.num_workers == 1:
-        from kdqat_dist.engine.loop import run
-
         progress = Progress(tdir / PROGRESS)
         run(cfg, "train", resume=resume, on_eval=lambda rec: tune.report(progress.add(rec)))
     else:
@@ -206,8 +208,6 @@ def _relay(events: Path, seen: int, report) -> int:
 
 def _worker_loop(conf: dict) -> None:
     """Runs on every Ray Train worker: load the trial's resolved config and train (DeepSpeed backend)."""
-    from kdqat_dist.engine.loop import run
-
     cfg = load_config(conf["config_path"])
     events = Path(conf["events"])
 
