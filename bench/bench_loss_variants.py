@@ -6,9 +6,17 @@ fine-tuned on 20k SST-2 rows; TWN W2, row-wise ternary E2, A8), with the optimiz
 writes ``<out>/results.jsonl`` (one line per run), ``<out>/loss_variants.md`` (mean ± std over seeds,
 holdout and sentence-level split) and ``<out>/loss_variants.png``.
 
+The 2025 methods (issue #18) join the same grid: ``--quantizers twn absmean seq`` runs every loss variant
+with each weight quantizer (TWN: the recipe's; absmean: BitNet b1.58; seq: ParetoQ's SEQ), and the loss
+variants ``relation`` (logits + hidden + MiniLM-v2 attention-relation KD at every layer) and
+``relation_unified`` (relation KD added to the unified map/output loss at γ = 0.5). Runs of a quantizer
+other than TWN are named ``<quantizer>_<variant>``.
+
 Usage:
     python bench/bench_loss_variants.py --seeds 42 43 44
     python bench/bench_loss_variants.py --variants map output --seeds 42 --gammas 0.25 0.75
+    python bench/bench_loss_variants.py --quantizers twn absmean seq --gammas 0.5 \
+        --variants ternarybert relation relation_unified --seeds 42 43 44      # the 2025 comparison
 """
 
 from __future__ import annotations
@@ -28,6 +36,16 @@ LOSSES: dict[str, list[str]] = {
     "ternarybert": [*OFF, "distill.attn_score.weight=1"],  # logits + hidden + attention scores
     "map": [*OFF, "distill.attn_map.weight=1"],
     "output": [*OFF, "distill.attn_output.weight=1"],
+    "relation": [*OFF, "distill.attn_relation.weight=1", "distill.attn_relation.layers=all"],
+    "relation_unified": [*OFF, "distill.gamma=0.5", "distill.attn_relation.weight=1",
+                         "distill.attn_relation.layers=all"],
+}
+DEFAULT_VARIANTS = ["ternarybert", "map", "output"]  # the 2022 paper's comparison
+# weight quantizers of the 2025 comparison (embeddings and activations stay the recipe's)
+QUANTIZERS: dict[str, list[str]] = {
+    "twn": [],
+    "absmean": ["quant.weight.method=absmean"],
+    "seq": ["quant.weight.method=seq"],
 }
 # the shipped SST-2 recipe's optimizer and MSE normalisation (the best row of the 300-step ablation)
 EXTRA = ["train.optimizer=bertadam", "distill.mse_tokens=valid"]
@@ -89,7 +107,8 @@ def plot(summary: list[dict], teacher: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=list(LOSSES), help=f"of {', '.join(LOSSES)}")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"of {', '.join(LOSSES)}")
+    ap.add_argument("--quantizers", nargs="+", default=["twn"], help=f"of {', '.join(QUANTIZERS)}")
     ap.add_argument("--gammas", nargs="*", type=float, default=[0.5], help="unified-loss γ values to run")
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     ap.add_argument("--extra", nargs="*", default=EXTRA, help="overrides added to every variant")
@@ -107,8 +126,13 @@ def main() -> None:
     bad = [v for v in args.variants if v not in LOSSES]
     if bad:
         sys.exit(f"unknown loss variant(s) {bad}; allowed: {', '.join(LOSSES)}")
+    bad = [q for q in args.quantizers if q not in QUANTIZERS]
+    if bad:
+        sys.exit(f"unknown quantizer(s) {bad}; allowed: {', '.join(QUANTIZERS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = [(v, LOSSES[v]) for v in args.variants] + [(f"unified_{g:g}", unified(g)) for g in args.gammas]
+    losses = [(v, LOSSES[v]) for v in args.variants] + [(f"unified_{g:g}", unified(g)) for g in args.gammas]
+    todo = [(name if q == "twn" else f"{q}_{name}", [*QUANTIZERS[q], *overrides])
+            for q in args.quantizers for name, overrides in losses]
     rows = []
     for seed in args.seeds:
         for name, overrides in todo:
