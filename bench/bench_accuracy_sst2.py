@@ -29,11 +29,22 @@ DATA = Path("bench/out/sst2")
 TEACHER = Path("bench/out/acc/teacher/model")
 
 BASE = [
-    "data.task=sst2", "data.max_seq_length=64", "train.max_steps=300", "train.batch_size=32", "train.lr=2e-5",
-    "train.warmup_ratio=0.1", "train.eval_every=100", "train.progress=false", "distill.attn_output.weight=0",
-    "engine.backend=none", "engine.precision=fp32",
+    "data.task=sst2",
+    "data.max_seq_length=64",
+    "train.max_steps=300",
+    "train.batch_size=32",
+    "train.lr=2e-5",
+    "train.warmup_ratio=0.1",
+    "train.eval_every=100",
+    "train.progress=false",
+    "distill.attn_output.weight=0",
+    "engine.backend=none",
+    "engine.precision=fp32",
     # explicit, so that a change of the recipe's defaults does not change what a variant measures
-    "train.optimizer=adamw", "data.padding=longest", "distill.mse_tokens=all", "train.eval_batch_size=64",
+    "train.optimizer=adamw",
+    "data.padding=longest",
+    "distill.mse_tokens=all",
+    "train.eval_batch_size=64",
 ]
 VARIANTS: dict[str, list[str]] = {
     "adamw": [],
@@ -73,8 +84,9 @@ def evaluate_on(model: Path, data: Path, overrides: list[str]) -> float:
 BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 10_000))  # words per row
 
 
-def accuracy_by_length(model, tokenizer, data: Path, overrides: list[str], batch: int | None = None
-                       ) -> tuple[float, dict[str, list]]:
+def accuracy_by_length(
+    model, tokenizer, data: Path, overrides: list[str], batch: int | None = None
+) -> tuple[float, dict[str, list]]:
     """(accuracy, {"1-5": [rows, accuracy], ...}) of ``model`` on ``data``'s dev rows, by length in words."""
     import numpy as np
 
@@ -115,19 +127,37 @@ def run_one(name: str, seed: int, out: Path, teacher: Path, overrides: list[str]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         wall = None
     else:
-        cmd = [str(BIN), "train", "--config", "bert_base_w2a8_kd", *BASE, f"data.source={DATA / 'teacher'}",
-               f"teacher.path={teacher}", f"train.output_dir={run_dir}", f"train.seed={seed}", *overrides]
+        cmd = [
+            str(BIN),
+            "train",
+            "--config",
+            "bert_base_w2a8_kd",
+            *BASE,
+            f"data.source={DATA / 'teacher'}",
+            f"teacher.path={teacher}",
+            f"train.output_dir={run_dir}",
+            f"train.seed={seed}",
+            *overrides,
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         metrics = json.loads((run_dir / "metrics.json").read_text())
     sentences = evaluate_on(run_dir / "student", DATA / "sentences", overrides)
-    row = {"variant": name, "seed": seed, "overrides": overrides, "holdout": metrics["best"]["acc"],
-           "best_step": metrics["best"]["step"],
-           "teacher_holdout": metrics["teacher"]["acc"], "sentences": sentences,
-           "s_per_step": median_step_time(run_dir), "peak_rss_mib": metrics["memory"]["peak_rss_mib"],
-           "wall_s": wall, "buckets": length_buckets(run_dir / "student", DATA / "teacher", overrides),
-           "history": [(h["step"], h["acc"]) for h in metrics["history"]]}
+    row = {
+        "variant": name,
+        "seed": seed,
+        "overrides": overrides,
+        "holdout": metrics["best"]["acc"],
+        "best_step": metrics["best"]["step"],
+        "teacher_holdout": metrics["teacher"]["acc"],
+        "sentences": sentences,
+        "s_per_step": median_step_time(run_dir),
+        "peak_rss_mib": metrics["memory"]["peak_rss_mib"],
+        "wall_s": wall,
+        "buckets": length_buckets(run_dir / "student", DATA / "teacher", overrides),
+        "history": [(h["step"], h["acc"]) for h in metrics["history"]],
+    }
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
@@ -145,16 +175,23 @@ def table(out: Path) -> str:
         return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}" if len(pct) > 1 else f"{pct[0]:.2f}"
 
     buckets = list(rows[0]["buckets"]) if rows and "buckets" in rows[0] else []
-    lines = ["| variant | seeds | holdout | sentence split | " + " | ".join(f"{b} words" for b in buckets)
-             + " | s/step (median) | peak RSS GiB |", "|---" * (6 + len(buckets)) + "|"]
+    lines = [
+        "| variant | seeds | holdout | sentence split | "
+        + " | ".join(f"{b} words" for b in buckets)
+        + " | s/step (median) | peak RSS GiB |",
+        "|---" * (6 + len(buckets)) + "|",
+    ]
     for name, rs in by.items():
         cells = [ms([r["buckets"][b][1] for r in rs]) for b in buckets] if buckets else []
         steps = [r["s_per_step"] for r in rs if r.get("s_per_step")]
         step = f"{statistics.median(steps):.2f}" if steps else "-"
         rss = max(r["peak_rss_mib"] for r in rs) / 1024
-        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {ms([r['holdout'] for r in rs])} | "
-                     f"{ms([r['sentences'] for r in rs])} | " + " | ".join(cells)
-                     + f" | {step} | {f'{rss:.2f}' if rss else '-'} |")
+        lines.append(
+            f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {ms([r['holdout'] for r in rs])} | "
+            f"{ms([r['sentences'] for r in rs])} | "
+            + " | ".join(cells)
+            + f" | {step} | {f'{rss:.2f}' if rss else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -166,8 +203,11 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=TEACHER)
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
     ap.add_argument("--table", action="store_true", help="print the markdown table of <out>/results.jsonl")
-    ap.add_argument("--score-teacher", action="store_true",
-                    help="add the FP teacher's row (holdout, sentence split, length buckets) to results.jsonl")
+    ap.add_argument(
+        "--score-teacher",
+        action="store_true",
+        help="add the FP teacher's row (holdout, sentence split, length buckets) to results.jsonl",
+    )
     args = ap.parse_args()
     if args.list:
         for k, v in VARIANTS.items():
@@ -179,9 +219,15 @@ def main() -> None:
     if args.score_teacher:
         args.out.mkdir(parents=True, exist_ok=True)
         buckets = length_buckets(args.teacher, DATA / "teacher", [])
-        row = {"variant": "teacher (FP)", "seed": 0, "holdout": evaluate_on(args.teacher, DATA / "teacher", []),
-               "sentences": evaluate_on(args.teacher, DATA / "sentences", []), "buckets": buckets,
-               "s_per_step": None, "peak_rss_mib": 0.0}
+        row = {
+            "variant": "teacher (FP)",
+            "seed": 0,
+            "holdout": evaluate_on(args.teacher, DATA / "teacher", []),
+            "sentences": evaluate_on(args.teacher, DATA / "sentences", []),
+            "buckets": buckets,
+            "s_per_step": None,
+            "peak_rss_mib": 0.0,
+        }
         with open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row))

@@ -49,10 +49,21 @@ def one(diagnostics: bool, teacher: str, out: str, args: argparse.Namespace) -> 
     D.log_diagnostics = _timed(spent, "log_diagnostics", D.log_diagnostics)
     D.log_flip_rate = _timed(spent, "log_flip_rate", D.log_flip_rate)
     Trainer._contributions = _timed(spent, "contributions", Trainer._contributions)
-    cfg = load_config("demo", [f"teacher.path={teacher}", f"train.output_dir={out}", f"train.max_steps={args.steps}",
-                               f"train.log_every={args.log_every}", f"train.eval_every={args.eval_every}",
-                               f"train.batch_size={args.batch}", "train.device=cpu", "train.progress=false",
-                               "data.max_eval_samples=64", f"train.diagnostics={str(diagnostics).lower()}"])
+    cfg = load_config(
+        "demo",
+        [
+            f"teacher.path={teacher}",
+            f"train.output_dir={out}",
+            f"train.max_steps={args.steps}",
+            f"train.log_every={args.log_every}",
+            f"train.eval_every={args.eval_every}",
+            f"train.batch_size={args.batch}",
+            "train.device=cpu",
+            "train.progress=false",
+            "data.max_eval_samples=64",
+            f"train.diagnostics={str(diagnostics).lower()}",
+        ],
+    )
     trainer = Trainer(cfg, "train").setup()
     try:
         t0 = time.perf_counter()
@@ -86,18 +97,41 @@ def main() -> None:
         load_tokenizer("minilm").save_pretrained(teacher)
         rows = {}
         for mode in ("off", "on"):
-            cmd = [sys.executable, __file__, "--one", mode, "--teacher", str(teacher), "--out", f"{tmp}/{mode}",
-                   "--steps", str(args.steps), "--log-every", str(args.log_every), "--eval-every",
-                   str(args.eval_every), "--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                mode,
+                "--teacher",
+                str(teacher),
+                "--out",
+                f"{tmp}/{mode}",
+                "--steps",
+                str(args.steps),
+                "--log-every",
+                str(args.log_every),
+                "--eval-every",
+                str(args.eval_every),
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows[mode] = json.loads(res.stdout.strip().splitlines()[-1])
     on, off = rows["on"], rows["off"]
-    print(f"MiniLM-L6 KD-QAT, demo task, batch {args.batch}, {args.steps} steps, log every {args.log_every}, "
-          f"evaluate every {args.eval_every} (64 dev examples), {args.threads} threads")
-    print(f"train() wall: diagnostics off {off['train_wall_s']:.1f} s, on {on['train_wall_s']:.1f} s "
-          f"({100 * (on['train_wall_s'] / off['train_wall_s'] - 1):+.1f}%)")
-    print(f"inside the diagnostics (run with them on): {on['inside_diagnostics_s']:.2f} s = "
-          f"{100 * on['inside_diagnostics_s'] / on['train_wall_s']:.1f}% of its train() wall")
+    print(
+        f"MiniLM-L6 KD-QAT, demo task, batch {args.batch}, {args.steps} steps, log every {args.log_every}, "
+        f"evaluate every {args.eval_every} (64 dev examples), {args.threads} threads"
+    )
+    print(
+        f"train() wall: diagnostics off {off['train_wall_s']:.1f} s, on {on['train_wall_s']:.1f} s "
+        f"({100 * (on['train_wall_s'] / off['train_wall_s'] - 1):+.1f}%)"
+    )
+    print(
+        f"inside the diagnostics (run with them on): {on['inside_diagnostics_s']:.2f} s = "
+        f"{100 * on['inside_diagnostics_s'] / on['train_wall_s']:.1f}% of its train() wall"
+    )
     for name in ("log_diagnostics", "log_flip_rate", "contributions"):
         n = int(on.get(name + "_calls", 0))
         if n:

@@ -19,8 +19,12 @@ from pathlib import Path
 
 import torch
 
-TEXTS = ["the movie was a delight from start to finish", "a dull, boring film with bad acting",
-         "an ok story.", "I would not watch it again, even for free; the plot makes no sense at all"]
+TEXTS = [
+    "the movie was a delight from start to finish",
+    "a dull, boring film with bad acting",
+    "an ok story.",
+    "I would not watch it again, even for free; the plot makes no sense at all",
+]
 
 
 def _machine() -> str:
@@ -75,8 +79,7 @@ def main() -> None:
         "",
         f"## kdqat export: packed artifact size, MiniLM-L6 ({date})",
         "",
-        f"Machine: {_machine()}. "
-        f"Command: `HF_HUB_OFFLINE=1 python bench/bench_export.py --model {args.model}`.",
+        f"Machine: {_machine()}. Command: `HF_HUB_OFFLINE=1 python bench/bench_export.py --model {args.model}`.",
         f"Model: `{args.model}` ({count_parameters(model) / 1e6:.2f} M parameters, {c.num_hidden_layers} "
         f"layers, hidden {c.hidden_size}, vocab {c.vocab_size}) prepared with the default "
         "QuantConfig (weights TWN ternary per tensor, word embeddings TWN ternary per row, classifier FP32, "
@@ -86,6 +89,7 @@ def main() -> None:
         "| ratio (weights) | logits identical | export s | load s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     def mb(n: int) -> str:
         return f"{n / 1e6:.3f} MB"
 
@@ -93,7 +97,8 @@ def main() -> None:
         lines.append(
             f"| {'base-3 (1.6 bit)' if base3 else '2 bit'} | {mb(rep.file_bytes)} | {mb(rep.fp32_bytes)} "
             f"| {rep.ratio:.2f}x | {mb(rep.quantized_packed_bytes)} | {mb(rep.quantized_fp32_bytes)} "
-            f"| {rep.weight_ratio:.2f}x | {'yes' if same else 'NO'} | {te:.1f} | {tl:.1f} |")
+            f"| {rep.weight_ratio:.2f}x | {'yes' if same else 'NO'} | {te:.1f} | {tl:.1f} |"
+        )
     lines += [
         "",
         f"- `quant.size.size_report` estimate for the same model: {estimate['packed_mb']:.3f} MB "

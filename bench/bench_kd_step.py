@@ -102,11 +102,13 @@ def setup(variant: str, batch: int, seq: int):
     dcfg = DistillConfig()  # logits + hidden + attention map + attention output
     obj = DistillObjective.for_models(dcfg, student, teacher, recompute_teacher=variant != "c2_kdqat_streaming_keep")
     g = torch.Generator().manual_seed(0)
-    b = {"input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
-         "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-         "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
-         "labels": torch.randint(0, 2, (batch,), generator=g)}
-    b["attention_mask"][: batch // 2, seq * 3 // 4:] = 0  # some padding, as real batches have
+    b = {
+        "input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+    b["attention_mask"][: batch // 2, seq * 3 // 4 :] = 0  # some padding, as real batches have
 
     def step() -> None:
         if variant in ("a_fp_finetune", "b_qat_no_kd"):
@@ -141,8 +143,11 @@ def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> d
             times.append(time.perf_counter() - t0)
     if tracker is not None:
         return {"variant": variant, "peak_live_tensor_mib": tracker.peak / 2**20}
-    return {"variant": variant, "s_per_step": statistics.median(times),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "variant": variant,
+        "s_per_step": statistics.median(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -159,28 +164,51 @@ def main() -> None:
         return
 
     def child(*extra: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch),
-                              "--seq", str(args.seq), *extra], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
         for v in VARIANTS:
             runs[v].append(child("--variant", v))
-    rows = {v: {"s_per_step": statistics.median(r["s_per_step"] for r in rs),
-                "s_per_step_runs": [round(r["s_per_step"], 3) for r in rs],
-                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
-                **child("--variant", v, "--live")} for v, rs in runs.items()}
+    rows = {
+        v: {
+            "s_per_step": statistics.median(r["s_per_step"] for r in rs),
+            "s_per_step_runs": [round(r["s_per_step"], 3) for r in rs],
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+            **child("--variant", v, "--live"),
+        }
+        for v, rs in runs.items()
+    }
     for v, r in rows.items():
-        print(f"{v:24s} {r['s_per_step']:.3f} s/step (runs {r['s_per_step_runs']})  "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB  peak live tensors {r['peak_live_tensor_mib']:.0f} MiB")
+        print(
+            f"{v:24s} {r['s_per_step']:.3f} s/step (runs {r['s_per_step_runs']})  "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB  peak live tensors {r['peak_live_tensor_mib']:.0f} MiB"
+        )
     a, b, c, c2, d = (rows[v] for v in VARIANTS)
     t, live, rss = "s_per_step", "peak_live_tensor_mib", "peak_rss_mib"
     print(f"time (c)/(a) = {c[t] / a[t]:.2f} (target <= 1.6); (d)/(c) = {d[t] / c[t]:.2f}")
     print(f"live tensors (c)/(b) = {c[live] / b[live]:.2f} (target <= 1.1), (c)/(d) = {c[live] / d[live]:.2f}")
     print(f"peak RSS (c)/(b) = {c[rss] / b[rss]:.2f} (target <= 1.1), (c)/(d) = {c[rss] / d[rss]:.2f} (target < 1)")
-    print(f"(c2), keeping the teacher blocks: time /(a) = {c2[t] / a[t]:.2f}, live /(b) = {c2[live] / b[live]:.2f}, "
-          f"RSS /(b) = {c2[rss] / b[rss]:.2f}")
+    print(
+        f"(c2), keeping the teacher blocks: time /(a) = {c2[t] / a[t]:.2f}, live /(b) = {c2[live] / b[live]:.2f}, "
+        f"RSS /(b) = {c2[rss] / b[rss]:.2f}"
+    )
 
 
 if __name__ == "__main__":

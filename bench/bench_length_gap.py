@@ -53,8 +53,11 @@ def main() -> None:
     print("| evaluation | sentence split | holdout | " + " | ".join(f"{b} words" for b in head) + " |")
     print("|---" * (3 + len(head)) + "|")
     for r in rows:
-        print(f"| {r['variant']} | {100 * r['sentences']:.2f} | {100 * r['holdout']:.2f} | "
-              + " | ".join(f"{100 * r['buckets'][b][1]:.2f}" for b in head) + " |")
+        print(
+            f"| {r['variant']} | {100 * r['sentences']:.2f} | {100 * r['holdout']:.2f} | "
+            + " | ".join(f"{100 * r['buckets'][b][1]:.2f}" for b in head)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

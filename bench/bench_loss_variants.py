@@ -37,8 +37,12 @@ LOSSES: dict[str, list[str]] = {
     "map": [*OFF, "distill.attn_map.weight=1"],
     "output": [*OFF, "distill.attn_output.weight=1"],
     "relation": [*OFF, "distill.attn_relation.weight=1", "distill.attn_relation.layers=all"],
-    "relation_unified": [*OFF, "distill.gamma=0.5", "distill.attn_relation.weight=1",
-                         "distill.attn_relation.layers=all"],
+    "relation_unified": [
+        *OFF,
+        "distill.gamma=0.5",
+        "distill.attn_relation.weight=1",
+        "distill.attn_relation.layers=all",
+    ],
 }
 DEFAULT_VARIANTS = ["ternarybert", "map", "output"]  # the 2022 paper's comparison
 # weight quantizers of the 2025 comparison (embeddings and activations stay the recipe's)
@@ -67,18 +71,29 @@ def summarise(rows: list[dict]) -> list[dict]:
     by: dict[str, list[dict]] = {}
     for r in last.values():
         by.setdefault(r["variant"], []).append(r)
-    return [{"variant": name, "seeds": sorted(r["seed"] for r in rs),
-             "holdout": mean_std([r["holdout"] for r in rs]), "sentences": mean_std([r["sentences"] for r in rs])}
-            for name, rs in by.items()]
+    return [
+        {
+            "variant": name,
+            "seeds": sorted(r["seed"] for r in rs),
+            "holdout": mean_std([r["holdout"] for r in rs]),
+            "sentences": mean_std([r["sentences"] for r in rs]),
+        }
+        for name, rs in by.items()
+    ]
 
 
 def write_table(summary: list[dict], teacher: dict, path: Path) -> None:
-    lines = ["| loss | seeds | holdout (mean ± std) | sentence split (mean ± std) |", "|---|---|---|---|",
-             f"| teacher (FP) | - | {100 * teacher['holdout']:.2f} | {100 * teacher['sentences']:.2f} |"]
+    lines = [
+        "| loss | seeds | holdout (mean ± std) | sentence split (mean ± std) |",
+        "|---|---|---|---|",
+        f"| teacher (FP) | - | {100 * teacher['holdout']:.2f} | {100 * teacher['sentences']:.2f} |",
+    ]
     for s in summary:
         h, t = s["holdout"], s["sentences"]
-        lines.append(f"| {s['variant']} | {', '.join(map(str, s['seeds']))} | {h[0]:.2f} ± {h[1]:.2f} | "
-                     f"{t[0]:.2f} ± {t[1]:.2f} |")
+        lines.append(
+            f"| {s['variant']} | {', '.join(map(str, s['seeds']))} | {h[0]:.2f} ± {h[1]:.2f} | "
+            f"{t[0]:.2f} ± {t[1]:.2f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -92,8 +107,14 @@ def plot(summary: list[dict], teacher: dict, path: Path) -> None:
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     for off, key, label in ((-0.18, "holdout", "2k holdout"), (0.18, "sentences", "sentence split")):
-        ax.bar([i + off for i in x], [s[key][0] for s in summary], 0.36, yerr=[s[key][1] for s in summary],
-               capsize=3, label=label)
+        ax.bar(
+            [i + off for i in x],
+            [s[key][0] for s in summary],
+            0.36,
+            yerr=[s[key][1] for s in summary],
+            capsize=3,
+            label=label,
+        )
         ax.axhline(100 * teacher[key], ls="--", lw=1, color="C0" if key == "holdout" else "C1")
     ax.set_xticks(list(x), names)
     lo = min(s[k][0] - s[k][1] for s in summary for k in ("holdout", "sentences"))
@@ -113,11 +134,16 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     ap.add_argument("--extra", nargs="*", default=EXTRA, help="overrides added to every variant")
     ap.add_argument("--teacher", type=Path, default=TEACHER)
-    ap.add_argument("--teacher-sentences", type=float, default=None,
-                    help="the teacher's sentence-split accuracy (0-1), for the table")
+    ap.add_argument(
+        "--teacher-sentences",
+        type=float,
+        default=None,
+        help="the teacher's sentence-split accuracy (0-1), for the table",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/out/loss_variants"))
-    ap.add_argument("--table", action="store_true",
-                    help="only write the table and plot of every run in <out>/results.jsonl")
+    ap.add_argument(
+        "--table", action="store_true", help="only write the table and plot of every run in <out>/results.jsonl"
+    )
     args = ap.parse_args()
     if args.table:
         rows = [json.loads(x) for x in (args.out / "results.jsonl").read_text().splitlines() if x.strip()]
@@ -131,8 +157,11 @@ def main() -> None:
         sys.exit(f"unknown quantizer(s) {bad}; allowed: {', '.join(QUANTIZERS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     losses = [(v, LOSSES[v]) for v in args.variants] + [(f"unified_{g:g}", unified(g)) for g in args.gammas]
-    todo = [(name if q == "twn" else f"{q}_{name}", [*QUANTIZERS[q], *overrides])
-            for q in args.quantizers for name, overrides in losses]
+    todo = [
+        (name if q == "twn" else f"{q}_{name}", [*QUANTIZERS[q], *overrides])
+        for q in args.quantizers
+        for name, overrides in losses
+    ]
     rows = []
     for seed in args.seeds:
         for name, overrides in todo:

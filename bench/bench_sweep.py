@@ -65,23 +65,46 @@ def main() -> int:
     work.mkdir(parents=True)
     teacher = Path(args.teacher) if args.teacher else work / "teacher" / "model"
     if not args.teacher:
-        _run([*KDQAT, "finetune", "--config", "tiny_debug", f"train.output_dir={work / 'teacher'}"],
-             work / "teacher.log")
-    common = {"train.max_steps": args.steps, "train.eval_every": max(1, args.steps // 4),
-              "train.log_every": max(1, args.steps // 10), "train.seed": 42}
+        _run(
+            [*KDQAT, "finetune", "--config", "tiny_debug", f"train.output_dir={work / 'teacher'}"], work / "teacher.log"
+        )
+    common = {
+        "train.max_steps": args.steps,
+        "train.eval_every": max(1, args.steps // 4),
+        "train.log_every": max(1, args.steps // 10),
+        "train.seed": 42,
+    }
 
     load0 = os.getloadavg()
     direct = []
     for i in range(args.k):
         ov = [f"{k}={v}" for k, v in common.items()]
-        direct.append(_run([*KDQAT, "train", "--config", "tiny_debug", f"teacher.path={teacher}",
-                            f"train.output_dir={work / 'direct' / str(i)}", *ov], work / f"direct{i}.log"))
+        direct.append(
+            _run(
+                [
+                    *KDQAT,
+                    "train",
+                    "--config",
+                    "tiny_debug",
+                    f"teacher.path={teacher}",
+                    f"train.output_dir={work / 'direct' / str(i)}",
+                    *ov,
+                ],
+                work / f"direct{i}.log",
+            )
+        )
         print(f"direct run {i}: {direct[-1]:.1f} s", flush=True)
 
-    spec = {"name": "bench", "base": "tiny_debug", "output_dir": str(work / "sweep"),
-            "teacher_path": str(teacher), "overrides": {k: v for k, v in common.items() if k != "train.seed"},
-            "search": {"train.seed": {"grid": [42] * args.k}},  # K identical trials
-            "tune": {"num_workers": 1, "cpus_per_worker": args.threads, "max_failures": 0}, "max_concurrent": 1}
+    spec = {
+        "name": "bench",
+        "base": "tiny_debug",
+        "output_dir": str(work / "sweep"),
+        "teacher_path": str(teacher),
+        "overrides": {k: v for k, v in common.items() if k != "train.seed"},
+        "search": {"train.seed": {"grid": [42] * args.k}},  # K identical trials
+        "tune": {"num_workers": 1, "cpus_per_worker": args.threads, "max_failures": 0},
+        "max_concurrent": 1,
+    }
     spec_path = work / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     ray_total = _run([*KDQAT, "sweep", "--config", str(spec_path), "--quiet"], work / "sweep.log")
@@ -108,10 +131,10 @@ def main() -> int:
         "",
         "| | wall (s) | per trial (s) |",
         "|---|---|---|",
-        f"| back to back, `kdqat train` x{args.k} | {d_total:.1f} | "
-        + ", ".join(f"{t:.1f}" for t in direct) + " |",
+        f"| back to back, `kdqat train` x{args.k} | {d_total:.1f} | " + ", ".join(f"{t:.1f}" for t in direct) + " |",
         f"| `kdqat sweep` (local Ray start + Tune, max_concurrent 1) | {ray_total:.1f} | "
-        + ", ".join(f"{t:.1f}" for t in trial_times) + " (trial start to metrics.json) |",
+        + ", ".join(f"{t:.1f}" for t in trial_times)
+        + " (trial start to metrics.json) |",
         "",
         f"Overhead: **{overhead * 100:+.1f}%** ({ray_total - d_total:+.1f} s over {args.k} trials; "
         f"target <= 15% for ~1-minute trials).",

@@ -57,8 +57,17 @@ BENCH = Path(__file__).resolve().parent
 
 # bf16 dense tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); first match wins,
 # so the longer names come before their prefixes (A100 before A10, L40S before L4).
-PEAK_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
-                    ("A800", 312.0), ("L40S", 362.0), ("A10", 125.0), ("L4", 121.0))
+PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+)
 TARGETS = {"mfu": 0.40, "kd_over_fp": 1.4, "streaming_over_qat": 1.1}
 
 
@@ -101,9 +110,15 @@ def save_random_bert(folder: Path, shape: Shape, seed: int = 0) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                     num_attention_heads=shape.heads, intermediate_size=shape.ffn,
-                     max_position_embeddings=max(512, shape.seq), num_labels=2)
+    cfg = BertConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=max(512, shape.seq),
+        num_labels=2,
+    )
     BertForSequenceClassification(cfg).save_pretrained(folder)
     return folder
 
@@ -116,22 +131,32 @@ def make_batches(shape: Shape, n: int, device, seed: int = 0) -> list[dict]:
     low = min(1000, shape.vocab // 2)  # clear of BERT's special and unused ids
     out = []
     for _ in range(n):
-        b = {"input_ids": torch.randint(low, shape.vocab, (shape.batch, shape.seq), generator=g),
-             "attention_mask": torch.ones(shape.batch, shape.seq, dtype=torch.long),
-             "token_type_ids": torch.zeros(shape.batch, shape.seq, dtype=torch.long),
-             "labels": torch.randint(0, 2, (shape.batch,), generator=g)}
+        b = {
+            "input_ids": torch.randint(low, shape.vocab, (shape.batch, shape.seq), generator=g),
+            "attention_mask": torch.ones(shape.batch, shape.seq, dtype=torch.long),
+            "token_type_ids": torch.zeros(shape.batch, shape.seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (shape.batch,), generator=g),
+        }
         out.append({k: v.to(device) for k, v in b.items()})
     return out
 
 
-def run_config(model_dir: Path, run_dir: Path, shape: Shape, args, precision: str, steps: int,
-               dropout: float | None):
+def run_config(model_dir: Path, run_dir: Path, shape: Shape, args, precision: str, steps: int, dropout: float | None):
     from kdqat_dist.config import load_config
 
-    over = [f"teacher.path={model_dir}", f"train.output_dir={run_dir}", "engine.backend=deepspeed",
-            f"engine.precision={precision}", f"engine.zero_stage={args.zero_stage}",
-            f"engine.teacher={args.teacher}", f"train.batch_size={shape.batch}", "train.grad_accum=1",
-            f"train.max_steps={steps}", "train.progress=false", "train.seed=0"]
+    over = [
+        f"teacher.path={model_dir}",
+        f"train.output_dir={run_dir}",
+        "engine.backend=deepspeed",
+        f"engine.precision={precision}",
+        f"engine.zero_stage={args.zero_stage}",
+        f"engine.teacher={args.teacher}",
+        f"train.batch_size={shape.batch}",
+        "train.grad_accum=1",
+        f"train.max_steps={steps}",
+        "train.progress=false",
+        "train.seed=0",
+    ]
     if dropout is not None:
         over.append(f"train.dropout={dropout}")
     return load_config(None, over)
@@ -168,8 +193,16 @@ def _persistent_tensors(engine, teacher) -> list:
     return out
 
 
-def run_variant(name: str, precision: str, model_dir: Path, shape: Shape, args, batches: list[dict],
-                measure_memory: bool, dropout: float | None = None) -> VariantResult:
+def run_variant(
+    name: str,
+    precision: str,
+    model_dir: Path,
+    shape: Shape,
+    args,
+    batches: list[dict],
+    measure_memory: bool,
+    dropout: float | None = None,
+) -> VariantResult:
     """Build one variant through the DeepSpeed backend, run ``len(batches)`` steps, tear it down."""
     import torch
 
@@ -181,8 +214,7 @@ def run_variant(name: str, precision: str, model_dir: Path, shape: Shape, args, 
     from kdqat_dist.models.student import init_student
     from kdqat_dist.quant.api import calibrate_activations, prepare
 
-    cfg = run_config(model_dir, Path(args.out) / "runs" / f"{name}", shape, args, precision, len(batches),
-                     dropout)
+    cfg = run_config(model_dir, Path(args.out) / "runs" / f"{name}", shape, args, precision, len(batches), dropout)
     torch.manual_seed(0)
     backend = DeepSpeedBackend(cfg)
     notes: list[str] = []
@@ -216,8 +248,9 @@ def run_variant(name: str, precision: str, model_dir: Path, shape: Shape, args, 
         engine = backend.setup_student(student, len(batches))
         obj = None
         if kd:
-            obj = DistillObjective.for_models(cfg.distill, student, teacher,
-                                              recompute_teacher=whole_teacher and cfg.distill.recompute_teacher)
+            obj = DistillObjective.for_models(
+                cfg.distill, student, teacher, recompute_teacher=whole_teacher and cfg.distill.recompute_teacher
+            )
 
         def step(batch: dict) -> float:
             engine.train()
@@ -249,12 +282,20 @@ def run_variant(name: str, precision: str, model_dir: Path, shape: Shape, args, 
             mem = [_cpu_live_peak(engine, teacher, lambda: step(batches[0]))]
         peak = max(p for p, _ in mem) / 2**20 if measure_memory else None
         working = max(p - s for p, s in mem) / 2**20 if measure_memory else None
-        timed = times[args.warmup:] or times
+        timed = times[args.warmup :] or times
         return VariantResult(
-            name=name, precision=precision, step_s=statistics.median(timed), step_s_all=times, losses=losses,
-            peak_mib=peak, working_mib=working, params_student=_n_params(engine.module),
+            name=name,
+            precision=precision,
+            step_s=statistics.median(timed),
+            step_s_all=times,
+            losses=losses,
+            peak_mib=peak,
+            working_mib=working,
+            params_student=_n_params(engine.module),
             params_teacher=_n_params(_unwrap(teacher)) if teacher is not None else 0,
-            teacher_dtype=str(next(teacher.parameters()).dtype) if teacher is not None else "", notes=notes)
+            teacher_dtype=str(next(teacher.parameters()).dtype) if teacher is not None else "",
+            notes=notes,
+        )
     finally:
         backend.teardown()  # the caller frees the memory once this frame (models, engine) is gone
 
@@ -314,17 +355,29 @@ def _measured_matmul_tflops(device, dtype) -> float:
 # --------------------------------------------------------------------------- report
 
 
-def summarise(results: dict[str, VariantResult], shape: Shape, peak: float, peak_source: str,
-              non_embedding: tuple[int, int], device_name: str, cuda: bool, tiny: bool, args,
-              wall_s: float) -> dict:
+def summarise(
+    results: dict[str, VariantResult],
+    shape: Shape,
+    peak: float,
+    peak_source: str,
+    non_embedding: tuple[int, int],
+    device_name: str,
+    cuda: bool,
+    tiny: bool,
+    args,
+    wall_s: float,
+) -> dict:
     kd, fp, qat, naive = (results[k] for k in ("kd_streaming", "fp_finetune", "qat_no_kd", "kd_naive"))
     tokens = shape.batch * shape.seq
     flops = tokens * (2 * kd.params_teacher + 6 * kd.params_student)
     flops_ne = tokens * (2 * non_embedding[0] + 6 * non_embedding[1])
     achieved = flops / kd.step_s / 1e12
     b16, f32 = results.get("curve_bf16"), results.get("curve_fp32")
-    curve: dict = {"steps": len(b16.losses) if b16 else 0, "bf16": b16.losses if b16 else None,
-                   "fp32": f32.losses if f32 else None}
+    curve: dict = {
+        "steps": len(b16.losses) if b16 else 0,
+        "bf16": b16.losses if b16 else None,
+        "fp32": f32.losses if f32 else None,
+    }
     if b16 and f32:
         curve["max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(b16.losses, f32.losses, strict=True))
     else:
@@ -332,43 +385,82 @@ def summarise(results: dict[str, VariantResult], shape: Shape, peak: float, peak
         curve["note"] = results.get("_bf16_skip_note", "bf16 not run")
     mfu = achieved / peak
     figures = {
-        "kd_step_s": kd.step_s, "fp_step_s": fp.step_s, "qat_step_s": qat.step_s, "naive_step_s": naive.step_s,
-        "tokens_per_step": tokens, "tokens_per_s": tokens / kd.step_s, "flops_per_step": flops,
-        "achieved_tflops": achieved, "peak_tflops": peak, "peak_source": peak_source, "mfu": mfu,
-        "mfu_non_embedding": flops_ne / kd.step_s / 1e12 / peak, "fp_mfu": tokens * 6 * fp.params_student
-        / fp.step_s / 1e12 / peak, "kd_over_fp": kd.step_s / fp.step_s,
+        "kd_step_s": kd.step_s,
+        "fp_step_s": fp.step_s,
+        "qat_step_s": qat.step_s,
+        "naive_step_s": naive.step_s,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / kd.step_s,
+        "flops_per_step": flops,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu": mfu,
+        "mfu_non_embedding": flops_ne / kd.step_s / 1e12 / peak,
+        "fp_mfu": tokens * 6 * fp.params_student / fp.step_s / 1e12 / peak,
+        "kd_over_fp": kd.step_s / fp.step_s,
     }
-    mem = {"method": "torch.cuda.max_memory_allocated" if cuda
-           else "peak live tensor storages over one step (TorchDispatchMode; not RSS)",
-           "kd_streaming_mib": kd.peak_mib, "qat_no_kd_mib": qat.peak_mib, "kd_naive_mib": naive.peak_mib,
-           "streaming_over_qat": kd.peak_mib / qat.peak_mib, "streaming_over_naive": kd.peak_mib / naive.peak_mib,
-           # the rise above what was allocated when a step began: the activations, without weights and state
-           "kd_streaming_working_mib": kd.working_mib, "qat_no_kd_working_mib": qat.working_mib,
-           "kd_naive_working_mib": naive.working_mib,
-           "working_streaming_over_qat": kd.working_mib / qat.working_mib,
-           "working_streaming_over_naive": kd.working_mib / naive.working_mib,
-           "zero2_grad_bucket_mib": _grad_bucket_mib(Path(args.out) / "runs" / "kd_streaming")}
+    mem = {
+        "method": "torch.cuda.max_memory_allocated"
+        if cuda
+        else "peak live tensor storages over one step (TorchDispatchMode; not RSS)",
+        "kd_streaming_mib": kd.peak_mib,
+        "qat_no_kd_mib": qat.peak_mib,
+        "kd_naive_mib": naive.peak_mib,
+        "streaming_over_qat": kd.peak_mib / qat.peak_mib,
+        "streaming_over_naive": kd.peak_mib / naive.peak_mib,
+        # the rise above what was allocated when a step began: the activations, without weights and state
+        "kd_streaming_working_mib": kd.working_mib,
+        "qat_no_kd_working_mib": qat.working_mib,
+        "kd_naive_working_mib": naive.working_mib,
+        "working_streaming_over_qat": kd.working_mib / qat.working_mib,
+        "working_streaming_over_naive": kd.working_mib / naive.working_mib,
+        "zero2_grad_bucket_mib": _grad_bucket_mib(Path(args.out) / "runs" / "kd_streaming"),
+    }
     targets = {
         "mfu": {"value": mfu, "target": f">= {TARGETS['mfu']:.2f}", "pass": mfu >= TARGETS["mfu"]},
-        "kd_over_fp": {"value": figures["kd_over_fp"], "target": f"<= {TARGETS['kd_over_fp']}",
-                       "pass": figures["kd_over_fp"] <= TARGETS["kd_over_fp"]},
-        "streaming_over_qat": {"value": mem["streaming_over_qat"], "target": f"<= {TARGETS['streaming_over_qat']}",
-                               "pass": mem["streaming_over_qat"] <= TARGETS["streaming_over_qat"]},
+        "kd_over_fp": {
+            "value": figures["kd_over_fp"],
+            "target": f"<= {TARGETS['kd_over_fp']}",
+            "pass": figures["kd_over_fp"] <= TARGETS["kd_over_fp"],
+        },
+        "streaming_over_qat": {
+            "value": mem["streaming_over_qat"],
+            "target": f"<= {TARGETS['streaming_over_qat']}",
+            "pass": mem["streaming_over_qat"] <= TARGETS["streaming_over_qat"],
+        },
     }
     import deepspeed
     import torch
     import transformers
 
     return {
-        "date": dt.date.today().isoformat(), "device": device_name, "tiny": tiny,
-        "host": platform.node(), "cpu_count": os.cpu_count(),
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "transformers": transformers.__version__},
-        "shape": asdict(shape), "steps": args.steps, "warmup": args.warmup, "zero_stage": args.zero_stage,
-        "teacher_mode": args.teacher, "precision": "bf16",
-        "params": {"teacher": kd.params_teacher, "student": kd.params_student,
-                   "teacher_non_embedding": non_embedding[0], "student_non_embedding": non_embedding[1]},
-        "figures": figures, "memory": mem, "loss_curves": curve, "targets": targets,
+        "date": dt.date.today().isoformat(),
+        "device": device_name,
+        "tiny": tiny,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "versions": {
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+        },
+        "shape": asdict(shape),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "zero_stage": args.zero_stage,
+        "teacher_mode": args.teacher,
+        "precision": "bf16",
+        "params": {
+            "teacher": kd.params_teacher,
+            "student": kd.params_student,
+            "teacher_non_embedding": non_embedding[0],
+            "student_non_embedding": non_embedding[1],
+        },
+        "figures": figures,
+        "memory": mem,
+        "loss_curves": curve,
+        "targets": targets,
         "variants": {k: asdict(v) for k, v in results.items() if isinstance(v, VariantResult)},
         "wall_s": wall_s,
     }
@@ -410,23 +502,34 @@ def render(r: dict) -> str:
         ("step working mem, streaming", f"{m['kd_streaming_working_mib']:.1f} MiB", "peak - allocated at step start"),
         ("step working mem, QAT-no-KD", f"{m['qat_no_kd_working_mib']:.1f} MiB", ""),
         ("step working mem, naive KD", f"{m['kd_naive_working_mib']:.1f} MiB", ""),
-        ("working: streaming / QAT, / naive", f"{m['working_streaming_over_qat']:.2f}x, "
-         f"{m['working_streaming_over_naive']:.2f}x", ""),
-        (f"bf16 vs fp32 loss, {c['steps']} steps", "skipped" if c["max_rel_diff"] is None
-         else f"{c['max_rel_diff']:.2e}", c.get("note", "max relative difference")),
+        (
+            "working: streaming / QAT, / naive",
+            f"{m['working_streaming_over_qat']:.2f}x, {m['working_streaming_over_naive']:.2f}x",
+            "",
+        ),
+        (
+            f"bf16 vs fp32 loss, {c['steps']} steps",
+            "skipped" if c["max_rel_diff"] is None else f"{c['max_rel_diff']:.2e}",
+            c.get("note", "max relative difference"),
+        ),
     ]
-    head = (f"GPU check: {r['device']}{' (tiny)' if r['tiny'] else ''}; BERT {s['layers']}L/{s['hidden']}H/"
-            f"{s['heads']}A/FFN {s['ffn']}, batch {s['batch']} x seq {s['seq']}, bf16, DeepSpeed ZeRO-"
-            f"{r['zero_stage']} student, {r['teacher_mode']} teacher, world size 1; N_t={r['params']['teacher']:,}"
-            f" N_s={r['params']['student']:,}; memory: {m['method']}; {r['date']}, {r['wall_s']:.0f} s")
+    head = (
+        f"GPU check: {r['device']}{' (tiny)' if r['tiny'] else ''}; BERT {s['layers']}L/{s['hidden']}H/"
+        f"{s['heads']}A/FFN {s['ffn']}, batch {s['batch']} x seq {s['seq']}, bf16, DeepSpeed ZeRO-"
+        f"{r['zero_stage']} student, {r['teacher_mode']} teacher, world size 1; N_t={r['params']['teacher']:,}"
+        f" N_s={r['params']['student']:,}; memory: {m['method']}; {r['date']}, {r['wall_s']:.0f} s"
+    )
     w0, w1 = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
     lines = [head, "", f"| {'figure':<{w0}} | {'value':>{w1}} | note |", f"|{'-' * (w0 + 2)}|{'-' * (w1 + 2)}|---|"]
     lines += [f"| {a:<{w0}} | {b:>{w1}} | {n} |" for a, b, n in rows]
     if r["tiny"]:
         lines += ["", "Tiny size: the targets are for the BERT-large run on a GPU; here they only show the code runs."]
     if m["zero2_grad_bucket_mib"]:
-        lines += ["", f"Every variant's peak includes the {m['zero2_grad_bucket_mib']:.0f} MiB gradient bucket ZeRO-2 "
-                  "allocates at each backward (reduce_bucket_size in ds_configs/zero2.json); --zero-stage 0 has none."]
+        lines += [
+            "",
+            f"Every variant's peak includes the {m['zero2_grad_bucket_mib']:.0f} MiB gradient bucket ZeRO-2 "
+            "allocates at each backward (reduce_bucket_size in ds_configs/zero2.json); --zero-stage 0 has none.",
+        ]
     notes = sorted({n for v in r["variants"].values() for n in v["notes"]})
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
@@ -497,8 +600,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     peak, source = peak_tflops(device, args.peak_tflops)
-    report = summarise(results, shape, peak, source, non_embedding, device_name, cuda, tiny, args,
-                       time.perf_counter() - t_start)
+    report = summarise(
+        results, shape, peak, source, non_embedding, device_name, cuda, tiny, args, time.perf_counter() - t_start
+    )
     text = render(report)
     print(text)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")

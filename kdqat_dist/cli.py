@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdqat",
         description="Quantization-aware training of BERT-class encoders (ternary/2-8-bit weights, 8-bit "
-                    "activations) with knowledge distillation from the full-precision teacher.",
+        "activations) with knowledge distillation from the full-precision teacher.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,13 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("finetune", help="fine-tune the full-precision teacher on a task (saves HF format)",
-                       epilog=SECTIONS_HELP, formatter_class=raw)
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the full-precision teacher on a task (saves HF format)",
+        epilog=SECTIONS_HELP,
+        formatter_class=raw,
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
-    p = sub.add_parser("train", help="KD-QAT: train the quantized student from the fine-tuned teacher",
-                       epilog=SECTIONS_HELP, formatter_class=raw)
+    p = sub.add_parser(
+        "train",
+        help="KD-QAT: train the quantized student from the fine-tuned teacher",
+        epilog=SECTIONS_HELP,
+        formatter_class=raw,
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
@@ -80,11 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a fine-tuned model folder or a `kdqat train` student/")
     _add_config_args(p)
 
-    p = sub.add_parser("demo", help="finetune, QAT without KD and KD-QAT on N DeepSpeed ranks, on the built-in "
-                       "task, offline")
+    p = sub.add_parser(
+        "demo", help="finetune, QAT without KD and KD-QAT on N DeepSpeed ranks, on the built-in task, offline"
+    )
     _add_config_args(p)
-    p.add_argument("--num-procs", type=_positive_int, default=None,
-                   help="DeepSpeed ranks of the KD-QAT stage (default: one per GPU, else 2 CPU ranks)")
+    p.add_argument(
+        "--num-procs",
+        type=_positive_int,
+        default=None,
+        help="DeepSpeed ranks of the KD-QAT stage (default: one per GPU, else 2 CPU ranks)",
+    )
 
     p = sub.add_parser("config", help="print the fully resolved config (YAML) of a recipe and overrides; runs nothing")
     p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (a path or a shipped recipe name)")
@@ -147,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         # another rank died (killed, out of memory, a node lost): the launcher reports which one; the
         # survivors' collective tracebacks would only bury that report
         rank = os.environ.get("RANK", "?")
-        print(f"kdqat: error: rank {rank} lost its connection to another rank, which probably died (see the "
-              f"launcher's report): {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        print(
+            f"kdqat: error: rank {rank} lost its connection to another rank, which probably died (see the "
+            f"launcher's report): {str(exc).splitlines()[0][:200]}",
+            file=sys.stderr,
+        )
         return 1
 
 

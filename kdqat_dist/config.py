@@ -69,8 +69,12 @@ class Range:
 
     def problem(self, value: Any, nullable: bool) -> str | None:
         """None if ``value`` is in range, else the message after ``key: ``."""
-        ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
-              and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+        ok = (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
         if ok:
             return None
         note = f" {self.note}" if self.note else ""
@@ -396,14 +400,20 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def _check_twn_bits(q: WeightQuantConfig, key: str) -> None:
     _check(q.method != "twn" or q.bits == 2, f"{key}.method", "twn is ternary and needs bits=2")
     _check(q.method != "absmean" or q.bits == 2, f"{key}.method", "absmean is ternary and needs bits=2")
-    _check(q.method != "seq" or q.bits == 2, f"{key}.method",
-           "seq is ParetoQ's 1.58-/2-bit quantizer and needs bits=2 (narrow_range: true for ternary)")
+    _check(
+        q.method != "seq" or q.bits == 2,
+        f"{key}.method",
+        "seq is ParetoQ's 1.58-/2-bit quantizer and needs bits=2 (narrow_range: true for ternary)",
+    )
 
 
 def loss_terms(cfg: DistillConfig) -> dict[str, float]:
     """Every loss term's configured weight, by name (the :class:`LossTerm` fields; gamma not applied)."""
-    return {f.name: getattr(cfg, f.name).weight for f in dataclasses.fields(cfg)
-            if isinstance(getattr(cfg, f.name), LossTerm)}
+    return {
+        f.name: getattr(cfg, f.name).weight
+        for f in dataclasses.fields(cfg)
+        if isinstance(getattr(cfg, f.name), LossTerm)
+    }
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -419,15 +429,24 @@ def validate(cfg: RunConfig) -> RunConfig:
     d = cfg.distill
     weights = loss_terms(d)
     # All weights 0 would make the loss a constant with no gradient; backward() would fail mid-run.
-    _check(d.gamma is not None or any(w > 0 for w in weights.values()), "distill",
-           f"every loss weight is 0 and distill.gamma is null, so there is nothing to train on; give one of "
-           f"{', '.join(weights)} a weight > 0 (distill.<term>.weight) or set distill.gamma")
+    _check(
+        d.gamma is not None or any(w > 0 for w in weights.values()),
+        "distill",
+        f"every loss weight is 0 and distill.gamma is null, so there is nothing to train on; give one of "
+        f"{', '.join(weights)} a weight > 0 (distill.<term>.weight) or set distill.gamma",
+    )
 
-    _check(not d.attn_relation.weight or bool(d.attn_relation.relations), "distill.attn_relation.relations",
-           "the relation term has a weight but no relations; give some of qq, kk, vv")
+    _check(
+        not d.attn_relation.weight or bool(d.attn_relation.relations),
+        "distill.attn_relation.relations",
+        "the relation term has a weight but no relations; give some of qq, kk, vv",
+    )
 
-    _check(cfg.engine.optimizer == "torch" or cfg.train.optimizer == "adamw", "engine.optimizer",
-           "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch")
+    _check(
+        cfg.engine.optimizer == "torch" or cfg.train.optimizer == "adamw",
+        "engine.optimizer",
+        "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch",
+    )
     return cfg
 
 
@@ -445,9 +464,11 @@ def _describe(tp: Any) -> str:
         return ", ".join(str(a) for a in args)
     if origin is list:
         return {int: "a list of integers", float: "a list of numbers", str: "a list of strings"}.get(
-            args[0] if args else None, "a list")
+            args[0] if args else None, "a list"
+        )
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _coerce(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
@@ -488,8 +509,9 @@ def _coerce(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
         raise ConfigError(f"{key}: got {value!r}; allowed: {allowed}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}"
+            )
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
@@ -646,8 +668,16 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 # Keys a resumed run may change: how long it runs, what it logs and how it checkpoints. Anything else
 # (quantizers, losses, optimizer, data, engine) would silently make the resumed steps another run.
-RESUMABLE = ("train.max_steps", "train.log_every", "train.progress", "train.diagnostics", "train.save_every",
-             "train.keep_checkpoints", "train.eval_every", "data.cache_dir")
+RESUMABLE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.progress",
+    "train.diagnostics",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "data.cache_dir",
+)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -663,8 +693,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 def resume_changes(saved: RunConfig, requested: RunConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, requested value) for every key that differs and may not change on resume."""
     a, b = _flat(to_dict(saved)), _flat(to_dict(requested))
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith("tune.")]
+    return [
+        (k, a.get(k), b.get(k))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith("tune.")
+    ]
 
 
 def flat_keys(cls: type = RunConfig, prefix: str = "") -> set[str]:

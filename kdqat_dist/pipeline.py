@@ -32,7 +32,7 @@ def _bits_label(cfg: RunConfig) -> str:
     if not q.enabled:
         return "fp32"
     w = "ternary" if q.weight.method == "twn" or (q.weight.bits == 2 and q.weight.narrow_range) else f"{q.weight.bits}"
-    e = (f"{q.embedding.bits}" if q.quantize_embedding else "32")
+    e = f"{q.embedding.bits}" if q.quantize_embedding else "32"
     return f"W{q.weight.bits}({w}) E{e} A{q.act.bits if q.act.enabled else 32}"
 
 
@@ -49,16 +49,29 @@ def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
     if "teacher" in result:
         rows.append(["teacher (fp32)", f"{100 * result['teacher']['selection']:.2f}", "fp32", "-", "-"])
     label, bits = ("student", _bits_label(cfg)) if mode == "train" else ("fine-tuned model", "fp32")
-    rows.append([label, f"{100 * best.get('selection', float('nan')):.2f}", bits, str(best.get("step", "-")),
-                 result.get("size", "-")])
+    rows.append(
+        [
+            label,
+            f"{100 * best.get('selection', float('nan')):.2f}",
+            bits,
+            str(best.get("step", "-")),
+            result.get("size", "-"),
+        ]
+    )
     head = f"{result['task']}: best {metric} (x100) after {result['total_steps']} steps, run dir {cfg.train.output_dir}"
     return head + "\n" + _table(rows, ["model", metric, "bits", "best step", "size"])
 
 
 # QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick)
-NO_KD = ["distill.logits.weight=0", "distill.hidden.weight=0", "distill.attn_map.weight=0",
-         "distill.attn_output.weight=0", "distill.attn_score.weight=0", "distill.gamma=null",
-         "distill.ground_truth.weight=1"]
+NO_KD = [
+    "distill.logits.weight=0",
+    "distill.hidden.weight=0",
+    "distill.attn_map.weight=0",
+    "distill.attn_output.weight=0",
+    "distill.attn_score.weight=0",
+    "distill.gamma=null",
+    "distill.ground_truth.weight=1",
+]
 # the product's main shape: student ZeRO-2, teacher ZeRO-3-sharded over the ranks
 SHARDED = ["engine.zero_stage=2", "engine.teacher=zero3"]
 _STAGES = ("teacher", "qat_no_kd", "kd_qat")
@@ -104,8 +117,9 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
     root = Path(base.train.output_dir)
     if any(parse_override(o)[0] == "train.output_dir" for o in overrides):
         if not _demo_dir_usable(root):  # a folder the user named: never write into a used one
-            raise ConfigError(f"train.output_dir: {root} already holds a demo run; pass "
-                              f"train.output_dir=<new folder> or delete it")
+            raise ConfigError(
+                f"train.output_dir: {root} already holds a demo run; pass train.output_dir=<new folder> or delete it"
+            )
     else:
         chosen = pick_demo_dir(root)
         if chosen != root:
@@ -121,15 +135,24 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
         run_and_report(ft, "finetune")
     student = [*overrides, f"teacher.path={teacher_dir / 'model'}"]
     print("[demo] 2/3 QAT without KD: the ternary student on the labels alone (one process)")
-    no_kd = run_and_report(load_config(config or "demo", [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}",
-                                                          "engine.backend=none"]), "train")
+    no_kd = run_and_report(
+        load_config(
+            config or "demo", [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
+        ),
+        "train",
+    )
     print(f"[demo] 3/3 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
     kd_overrides = [*student, *SHARDED, f"train.output_dir={root / 'kd_qat'}"]
     load_config(config or "demo", [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
     run_deepspeed("train", config or "demo", kd_overrides, num_procs)
     kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
-    res = {"teacher": kd["teacher"], "qat_no_kd": no_kd, "kd_qat": kd, "num_procs": num_procs,
-           "demo_wall_s": time.perf_counter() - t0}
+    res = {
+        "teacher": kd["teacher"],
+        "qat_no_kd": no_kd,
+        "kd_qat": kd,
+        "num_procs": num_procs,
+        "demo_wall_s": time.perf_counter() - t0,
+    }
     (root / "summary.json").write_text(json.dumps(res, indent=2))
     print(demo_table(res, base))
     print(memory_table(kd["memory_per_rank"]))

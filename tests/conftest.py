@@ -36,6 +36,8 @@ def shared_sst2() -> Path | None:
     env = os.environ.get("KDQAT_SHARED_DATA")
     cands = [Path(env)] if env else []
     here = Path(__file__).resolve()
-    cands += [here.parents[2] / "shared" / "data" / "sst2" / "train.tsv",
-              here.parents[1] / "shared" / "data" / "sst2" / "train.tsv"]
+    cands += [
+        here.parents[2] / "shared" / "data" / "sst2" / "train.tsv",
+        here.parents[1] / "shared" / "data" / "sst2" / "train.tsv",
+    ]
     return next((c for c in cands if c.is_file()), None)

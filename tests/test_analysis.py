@@ -53,8 +53,9 @@ def _make_student(teacher_dir: Path, out: Path, quant: QuantConfig, seed: int, n
         for p in model.parameters():
             p.add_(noise * torch.randn(p.shape, generator=g))
     prepare(model, quant)
-    calibrate_activations(model, dict(tok(["the plot was good , but slow .", "i found it dull"], padding=True,
-                                          return_tensors="pt")))
+    calibrate_activations(
+        model, dict(tok(["the plot was good , but slow .", "i found it dull"], padding=True, return_tensors="pt"))
+    )
     return save_student(model, out, quant, tok)
 
 
@@ -73,8 +74,9 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(models_dir):
-    teacher, students, tok = load_models(models_dir / "teacher", [str(models_dir / "map"), str(models_dir / "out")],
-                                         num_labels=2)
+    teacher, students, tok = load_models(
+        models_dir / "teacher", [str(models_dir / "map"), str(models_dir / "out")], num_labels=2
+    )
     return teacher, students, tok
 
 
@@ -160,9 +162,11 @@ def test_power_iteration_keeps_the_sign_of_a_dominant_negative_eigenvalue():
 
 def test_closed_form_norm_penalty_hvp_matches_autograd():
     g = torch.Generator().manual_seed(4)
-    params = [torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
-              torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True),
-              torch.zeros(2, dtype=torch.float64, requires_grad=True)]  # a zero tensor adds nothing
+    params = [
+        torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.zeros(2, dtype=torch.float64, requires_grad=True),
+    ]  # a zero tensor adds nothing
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
     loss = 0.01 * sum(p.norm() for p in params[:2])
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
@@ -197,8 +201,9 @@ def test_model_spectrum_equals_the_reference_loss_through_autograd(loaded):
     for p in params:
         p.requires_grad_(True)
     with torch.enable_grad():
-        ref = power_iteration(hessian_loss(model, ex, 0.01), params, max_iter=6, tol=1e-12,
-                              generator=torch.Generator().manual_seed(5))
+        ref = power_iteration(
+            hessian_loss(model, ex, 0.01), params, max_iter=6, tol=1e-12, generator=torch.Generator().manual_seed(5)
+        )
     for p, f in zip(params, flags, strict=True):
         p.requires_grad_(f)
     assert fast == pytest.approx(ref.eigenvalues[0], rel=1e-4)
@@ -256,13 +261,17 @@ def test_student_value_vectors_are_the_ones_its_attention_uses(loaded):
 @pytest.fixture(scope="session")
 def results(loaded):
     teacher, students, tok = loaded
-    texts = ["the plot was good .", "although the acting was dull , the music was great",
-             "i did not find the ending clever , though the cast was solid ."]
+    texts = [
+        "the plot was good .",
+        "although the acting was dull , the music was great",
+        "i did not find the ending clever , though the cast was solid .",
+    ]
     examples = [_example(tok, t) for t in texts]
     # "same" is a copy of the teacher: every distance and difference must vanish
     models = {"same": copy.deepcopy(teacher), **students}
-    return analyze_models(teacher, models, examples, tok, top_k=3, hessian_samples=2, hessian_iters=4,
-                          hessian_top_n=2), examples
+    return analyze_models(
+        teacher, models, examples, tok, top_k=3, hessian_samples=2, hessian_iters=4, hessian_top_n=2
+    ), examples
 
 
 def test_result_shapes(results):
@@ -295,8 +304,7 @@ def test_result_shapes(results):
     assert res["norms"]["teacher"]["tokens"].tolist()[:3] == [n, n, 4]
     # each query row of α sums to 1: over all (query, key) pairs of the sample, α sums to Σ S over Σ S² pairs
     lengths = res["lengths"].astype(float)
-    np.testing.assert_allclose(res["norms"]["teacher"]["alpha"][..., -1], lengths.sum() / (lengths**2).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(res["norms"]["teacher"]["alpha"][..., -1], lengths.sum() / (lengths**2).sum(), rtol=1e-5)
 
 
 def test_identical_models_give_zero_distance_and_difference(results):
@@ -310,8 +318,9 @@ def test_identical_models_give_zero_distance_and_difference(results):
             assert np.nan_to_num(v).max() == 0 and np.nan_to_num(v).min() == 0, q
     for k in ("min", "max", "example_min", "example_max"):
         assert np.array_equal(res["dynamic_range"]["same"][k], res["dynamic_range"]["teacher"][k])
-    np.testing.assert_allclose(res["hessian"]["same"]["eigenvalues"], res["hessian"]["teacher"]["eigenvalues"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        res["hessian"]["same"]["eigenvalues"], res["hessian"]["teacher"]["eigenvalues"], rtol=1e-5
+    )
     # the quantized students do differ
     assert res["distance"]["map"]["kl"]["mean"].min() > 0
     assert np.abs(res["norm_difference"]["out"]["f_norm"][..., -1]).max() > 0
@@ -339,10 +348,27 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_path, capsys):
     out = tmp_path / "an"
     # the sample size and iterations come from the config's analysis section; a flag overrides it
-    rc, err = _cli(["analyze", "--config", "tiny_debug", "--teacher", str(models_dir / "teacher"),
-                    "--student", str(models_dir / "map"), "--student", f"lsq={models_dir / 'out'}",
-                    "--out", str(out), "--hessian-samples", "2",
-                    "analysis.samples=4", "analysis.hessian_iters=3", "analysis.hessian_samples=6"], capsys)
+    rc, err = _cli(
+        [
+            "analyze",
+            "--config",
+            "tiny_debug",
+            "--teacher",
+            str(models_dir / "teacher"),
+            "--student",
+            str(models_dir / "map"),
+            "--student",
+            f"lsq={models_dir / 'out'}",
+            "--out",
+            str(out),
+            "--hessian-samples",
+            "2",
+            "analysis.samples=4",
+            "analysis.hessian_iters=3",
+            "analysis.hessian_samples=6",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     for name in FIGURES:
         assert (out / name).stat().st_size > 5000, name  # a real image, not an empty canvas
@@ -360,8 +386,21 @@ def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_pa
     assert all(f"({name})" in md for name in FIGURES)
     # a used --out is refused: nothing of the earlier analysis is replaced
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    rc, err = _cli(["analyze", "--config", "tiny_debug", "--teacher", str(models_dir / "teacher"),
-                    "--student", str(models_dir / "map"), "--out", str(out), "analysis.samples=2"], capsys)
+    rc, err = _cli(
+        [
+            "analyze",
+            "--config",
+            "tiny_debug",
+            "--teacher",
+            str(models_dir / "teacher"),
+            "--student",
+            str(models_dir / "map"),
+            "--out",
+            str(out),
+            "analysis.samples=2",
+        ],
+        capsys,
+    )
     assert rc == 2 and err == f"kdqat: error: --out: {out} already exists and is not empty; choose a new folder\n"
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -375,14 +414,29 @@ def test_bad_input_is_a_one_line_config_error(models_dir, tmp_path, capsys):
     teacher = models_dir / "teacher"
 
     def opts(student, *overrides) -> AnalyzeOptions:
-        return AnalyzeOptions(teacher=str(teacher), students=[str(student)], out=str(tmp_path / "x"),
-                              config="tiny_debug", overrides=list(overrides), samples=2, hessian_samples=0)
+        return AnalyzeOptions(
+            teacher=str(teacher),
+            students=[str(student)],
+            out=str(tmp_path / "x"),
+            config="tiny_debug",
+            overrides=list(overrides),
+            samples=2,
+            hessian_samples=0,
+        )
 
     with pytest.raises(ConfigError, match="not a kdqat student folder"):
         analyze(opts(teacher))
     with pytest.raises(ConfigError, match="--teacher: .* is a kdqat student folder"):
-        analyze(AnalyzeOptions(teacher=str(models_dir / "map"), students=[str(models_dir / "out")],
-                               out=str(tmp_path / "x"), config="tiny_debug", samples=2, hessian_samples=0))
+        analyze(
+            AnalyzeOptions(
+                teacher=str(models_dir / "map"),
+                students=[str(models_dir / "out")],
+                out=str(tmp_path / "x"),
+                config="tiny_debug",
+                samples=2,
+                hessian_samples=0,
+            )
+        )
     # deeper student
     deep = _tiny_checkpoint(tmp_path / "deep", num_layers=3)
     m = prepare(load_classifier(str(deep), 2), QuantConfig())
@@ -404,15 +458,35 @@ def test_bad_input_is_a_one_line_config_error(models_dir, tmp_path, capsys):
     train = tmp_path / "train.csv"
     train.write_text("sentence,label\nthe plot was good,1\nthe plot was bad,0\n")
     with pytest.raises(ConfigError, match="no dev split"):
-        analyze(opts(models_dir / "map", "data.task=custom", f"data.train_file={train}",
-                     "data.label_list=['0','1']"))
+        analyze(opts(models_dir / "map", "data.task=custom", f"data.train_file={train}", "data.label_list=['0','1']"))
     # the CLI prints one line and exits 2
-    rc, err = _cli(["analyze", "--teacher", str(teacher), "--student", str(teacher), "--out", str(tmp_path / "y"),
-                    "--config", "tiny_debug"], capsys)
+    rc, err = _cli(
+        [
+            "analyze",
+            "--teacher",
+            str(teacher),
+            "--student",
+            str(teacher),
+            "--out",
+            str(tmp_path / "y"),
+            "--config",
+            "tiny_debug",
+        ],
+        capsys,
+    )
     assert rc == 2 and err.count("\n") == 1 and err.startswith("kdqat: error: --student")
     # a bad analysis value, as a flag or as a key: one line naming what the user typed
-    base = ["analyze", "--teacher", str(teacher), "--student", str(models_dir / "map"), "--out", str(tmp_path / "y"),
-            "--config", "tiny_debug"]
+    base = [
+        "analyze",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(models_dir / "map"),
+        "--out",
+        str(tmp_path / "y"),
+        "--config",
+        "tiny_debug",
+    ]
     rc, err = _cli([*base, "--samples", "0"], capsys)
     assert rc == 2 and err == "kdqat: error: --samples (analysis.samples: got 0; must be >= 1)\n"
     rc, err = _cli([*base, "analysis.hessian_tol=0"], capsys)
@@ -425,8 +499,15 @@ def test_run_config_layers_recipe_overrides_and_options(tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data:\n  task: demo\nanalysis:\n  samples: 7\n  top_k: 4\n  hessian_iters: 9\n")
-    opts = AnalyzeOptions(teacher="t", students=["s"], out="o", config=str(recipe),
-                          overrides=["analysis.top_k=2", "analysis.hessian_tol=1e-2"], hessian_iters=11, task="rte")
+    opts = AnalyzeOptions(
+        teacher="t",
+        students=["s"],
+        out="o",
+        config=str(recipe),
+        overrides=["analysis.top_k=2", "analysis.hessian_tol=1e-2"],
+        hessian_iters=11,
+        task="rte",
+    )
     cfg = run_config(opts)
     a = cfg.analysis
     # recipe < key=value overrides < options (flags); the rest keeps the defaults

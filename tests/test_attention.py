@@ -56,8 +56,14 @@ def test_strided_scores_are_not_written_over():
 def test_a_tapped_teacher_forward_keeps_its_scores_intact():
     """Under no_grad the map overwrites the scores, unless the scores are tapped (the naive KD path keeps
     them all): the tapped scores must still be scores, not probabilities."""
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=16)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     model = BertModel(cfg).eval()
     use_kdqat_attention(model)
     store = TapStore()

@@ -9,8 +9,7 @@ from kdqat_dist.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "kdqat_dist.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "kdqat_dist.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_help_lists_subcommands():
@@ -27,13 +26,18 @@ def test_bad_config_is_one_line_no_traceback():
     assert r.stderr.strip().splitlines()[-1] == "kdqat: error: quant.weight.bits: got 5; allowed: 2, 3, 4, 8"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--config", "tiny_debug"], "teacher.path: required"),
-    (["train", "--config", "tiny_debug", "teacher.path=/does/not/exist"],
-     "teacher.path: /does/not/exist does not exist"),
-    (["train", "--config", "missing_recipe"], "config file not found"),
-    (["eval", "--model", "/does/not/exist", "--config", "tiny_debug"], "--model: /does/not/exist does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--config", "tiny_debug"], "teacher.path: required"),
+        (
+            ["train", "--config", "tiny_debug", "teacher.path=/does/not/exist"],
+            "teacher.path: /does/not/exist does not exist",
+        ),
+        (["train", "--config", "missing_recipe"], "config file not found"),
+        (["eval", "--model", "/does/not/exist", "--config", "tiny_debug"], "--model: /does/not/exist does not exist"),
+    ],
+)
 def test_user_errors_exit_2(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -48,8 +52,13 @@ def test_recipes_listing(capsys):
 def test_unreachable_hub_model_is_one_line(tmp_path):
     # A hub name with no network and no cached copy: transformers raises a multi-line OSError; the user
     # gets one line naming the model. (HF_HUB_OFFLINE=1 is set for the tests, so nothing is fetched.)
-    r = run_cli("finetune", "--config", "tiny_debug", "model.name_or_path=no-such-org/no-such-model",
-                f"train.output_dir={tmp_path / 'x'}")
+    r = run_cli(
+        "finetune",
+        "--config",
+        "tiny_debug",
+        "model.name_or_path=no-such-org/no-such-model",
+        f"train.output_dir={tmp_path / 'x'}",
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -95,13 +104,16 @@ def test_version_config_and_train_help():
     assert "config sections: model teacher student data quant distill" in r.stdout and "kdqat config" in r.stdout
 
 
-@pytest.mark.parametrize("script, env, message", [
-    ("deepspeed_single_node.sh", {"NUM_PROCS": "0"}, "NUM_PROCS=0: must be a positive integer"),
-    ("torchrun.sh", {"NUM_PROCS": "0"}, "NUM_PROCS=0: must be a positive integer"),
-    ("torchrun.sh", {"COMMAND": "eval"}, "COMMAND=eval: allowed: train, finetune"),
-    ("deepspeed_multi_node.sh", {"HOSTFILE": "/nonexistent"}, "HOSTFILE=/nonexistent: no such readable file"),
-    ("deepspeed_multi_node.sh", {"HOSTFILE": "GARBLED"}, ":2: 'node2 slots' is not '<host> slots=<N>'"),
-])
+@pytest.mark.parametrize(
+    "script, env, message",
+    [
+        ("deepspeed_single_node.sh", {"NUM_PROCS": "0"}, "NUM_PROCS=0: must be a positive integer"),
+        ("torchrun.sh", {"NUM_PROCS": "0"}, "NUM_PROCS=0: must be a positive integer"),
+        ("torchrun.sh", {"COMMAND": "eval"}, "COMMAND=eval: allowed: train, finetune"),
+        ("deepspeed_multi_node.sh", {"HOSTFILE": "/nonexistent"}, "HOSTFILE=/nonexistent: no such readable file"),
+        ("deepspeed_multi_node.sh", {"HOSTFILE": "GARBLED"}, ":2: 'node2 slots' is not '<host> slots=<N>'"),
+    ],
+)
 def test_launchers_refuse_bad_input_before_starting_ranks(tmp_path, script, env, message):
     from pathlib import Path
 
@@ -109,8 +121,13 @@ def test_launchers_refuse_bad_input_before_starting_ranks(tmp_path, script, env,
     garbled.write_text("node1 slots=2\nnode2 slots\n")
     env = {k: (str(garbled) if v == "GARBLED" else v) for k, v in env.items()}
     launch = Path(__file__).resolve().parents[1] / "launch" / script
-    r = subprocess.run(["bash", str(launch), "tiny_debug", f"train.output_dir={tmp_path / 'run'}"],
-                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+    r = subprocess.run(
+        ["bash", str(launch), "tiny_debug", f"train.output_dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"{script}: error: {r.stderr.split(': error: ', 1)[1].strip()}"]
     assert message in r.stderr and not (tmp_path / "run").exists()

@@ -27,8 +27,9 @@ def test_null_batch_size_takes_the_papers_per_task_batch(tiny_teacher, tmp_path)
     from kdqat_dist.engine.loop import Trainer
 
     assert TASKS["cola"].batch_size == 16 and {t.batch_size for n, t in TASKS.items() if n != "cola"} == {32}
-    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'b'}",
-                                     "train.batch_size=null"])
+    cfg = load_config(
+        "tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'b'}", "train.batch_size=null"]
+    )
     tr = Trainer(cfg, "train").setup()
     tr.cleanup()
     assert cfg.train.batch_size == 32  # the demo task's batch; written into config.yaml resolved
@@ -36,8 +37,17 @@ def test_null_batch_size_takes_the_papers_per_task_batch(tiny_teacher, tmp_path)
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("tiny_debug", ["train.lr=1e-5", "quant.weight.bits=4", "quant.weight.method=sym",
-                                     "distill.gamma=0.25", "train.max_steps=3", "distill.layer_map=[0, 1]"])
+    cfg = load_config(
+        "tiny_debug",
+        [
+            "train.lr=1e-5",
+            "quant.weight.bits=4",
+            "quant.weight.method=sym",
+            "distill.gamma=0.25",
+            "train.max_steps=3",
+            "distill.layer_map=[0, 1]",
+        ],
+    )
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
     assert cfg.quant.weight.bits == 4 and cfg.distill.gamma == 0.25 and cfg.distill.layer_map == [0, 1]
     # a partial section keeps the defaults of the fields it does not name
@@ -50,57 +60,67 @@ def test_dict_overrides_for_sweeps():
     assert cfg.distill.attn_map.weight == 0.3 and cfg.train.seed == 52
 
 
-@pytest.mark.parametrize("override, message", [
-    ("quant.bitz=4", "unknown key 'quant.bitz'"),
-    ("quant.weight.bits=5", "quant.weight.bits: got 5; allowed: 2, 3, 4, 8"),
-    ("quant.weight.bits=four", "quant.weight.bits: expected an integer"),
-    ("distill.attn_map.weight=-1", "distill.attn_map.weight: got -1.0; must be >= 0 (0 switches the term off)"),
-    ("quant.weight.method=twn2", "quant.weight.method: got 'twn2'"),
-    ("quant.embedding.bits=4", "quant.embedding.method: twn is ternary and needs bits=2"),
-    ("engine.zero_stage=4", "engine.zero_stage: got 4; allowed: 0, 1, 2, 3"),
-    ("distill.gamma=1.5", "distill.gamma: got 1.5; must be in [0, 1] or null"),
-    ("train.batch_size=0", "train.batch_size: got 0; must be > 0 or null"),
-    ("nonsense", "expected key=value"),
-    ("quant.rules=[{pattern: '('}]", "is not a valid regex"),
-    ("train.diagnostics=maybe", "train.diagnostics: expected true or false, got 'maybe'"),
-    ("analysis.samples=0", "analysis.samples: got 0; must be >= 1"),
-    ("analysis.top_k=-2", "analysis.top_k: got -2; must be >= 1"),
-    ("analysis.hessian_iters=0", "analysis.hessian_iters: got 0; must be >= 1"),
-    ("analysis.hessian_samples=-1", "analysis.hessian_samples: got -1; must be >= 0"),
-    ("analysis.hessian_tol=0", "analysis.hessian_tol: got 0.0; must be > 0"),
-    ("analysis.hessian_tol=-1e-3", "analysis.hessian_tol: got -0.001; must be > 0"),
-    ("analysis.samples=3.5", "analysis.samples: expected an integer, got 3.5"),
-    ("analysis.device=tpu", "analysis.device: got 'tpu'; allowed: auto, cpu, cuda"),
-    ("analysis.sample=3", "unknown key 'analysis.sample'"),
-    ("train.optimizer=sgd", "train.optimizer: got 'sgd'; allowed: adamw, bertadam"),
-    ("train.max_grad_norm=-1", "train.max_grad_norm: got -1.0; must be >= 0"),
-    ("data.padding=max", "data.padding: got 'max'; allowed: longest, max_length"),
-    ("train.dropout=1.0", "train.dropout: got 1.0; must be in [0, 1) or null"),
-    ("distill.mse_tokens=real", "distill.mse_tokens: got 'real'; allowed: all, valid"),
-    ("quant.act.method=twn", "quant.act.method: got 'twn'; allowed: sym, lsq"),
-    ("quant.attention.method=mean_clip", "quant.attention.method: got 'mean_clip'; allowed: sym, lsq"),
-    ("quant.embedding.method=ternary", "quant.embedding.method: got 'ternary'; allowed: twn, sym, mean_clip, lsq"),
-    ("quant.weight.init=max", "quant.weight.init: got 'max'; allowed: mean, percentile, kl, kl_cdf"),
-    ("quant.weight.granularity=col", "quant.weight.granularity: got 'col'; allowed: tensor, row"),
-    ("quant.weight.percentile=50", "quant.weight.percentile: got 50.0; must be in (50, 100]"),
-    ("quant.weight.clip=abc", "quant.weight.clip: expected a number or null, got 'abc'"),
-    ("quant.act.clip=0", "quant.act.clip: got 0.0; must be > 0 or null"),
-    ("quant.rules=[{pattern: x, weight_method: foo}]",
-     "quant.rules[0].weight_method: got 'foo'; allowed: twn, sym, mean_clip, lsq, absmean, seq, null"),
-    ("quant.rules=[{pattern: x, weight_bits: 5}]", "quant.rules[0].weight_bits: got 5; allowed: 2, 3, 4, 8, null"),
-    ("quant.rules=[{pattern: x, weight_method: twn, weight_bits: 4}]",
-     "quant.rules[0].method: twn is ternary and needs bits=2"),
-    ("quant.rules=[{pattern: ''}]", "quant.rules[0].pattern: must be a non-empty regex"),
-    ("quant.skip=['(']", "quant.skip[0]: '(' is not a valid regex"),
-    ("distill.layer_map=foo", "distill.layer_map: got 'foo'; allowed: identity, uniform or a list of integers"),
-    ("distill.layer_map=[0, x]", "distill.layer_map: got [0, 'x']; allowed: identity, uniform or a list of integers"),
-    ("distill.soft_ce_reduction=sum", "distill.soft_ce_reduction: got 'sum'; allowed: batch, batch_classes"),
-    ("distill.temperature=0", "distill.temperature: got 0.0; must be > 0"),
-    ("engine.precision=fp8", "engine.precision: got 'fp8'; allowed: fp32, bf16, fp16"),
-    ("engine.zero_stage=two", "engine.zero_stage: expected an integer, got 'two'"),
-    ("train.device=tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda"),
-    ("tune.scheduler=pbt", "tune.scheduler: got 'pbt'; allowed: none, asha"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.bitz=4", "unknown key 'quant.bitz'"),
+        ("quant.weight.bits=5", "quant.weight.bits: got 5; allowed: 2, 3, 4, 8"),
+        ("quant.weight.bits=four", "quant.weight.bits: expected an integer"),
+        ("distill.attn_map.weight=-1", "distill.attn_map.weight: got -1.0; must be >= 0 (0 switches the term off)"),
+        ("quant.weight.method=twn2", "quant.weight.method: got 'twn2'"),
+        ("quant.embedding.bits=4", "quant.embedding.method: twn is ternary and needs bits=2"),
+        ("engine.zero_stage=4", "engine.zero_stage: got 4; allowed: 0, 1, 2, 3"),
+        ("distill.gamma=1.5", "distill.gamma: got 1.5; must be in [0, 1] or null"),
+        ("train.batch_size=0", "train.batch_size: got 0; must be > 0 or null"),
+        ("nonsense", "expected key=value"),
+        ("quant.rules=[{pattern: '('}]", "is not a valid regex"),
+        ("train.diagnostics=maybe", "train.diagnostics: expected true or false, got 'maybe'"),
+        ("analysis.samples=0", "analysis.samples: got 0; must be >= 1"),
+        ("analysis.top_k=-2", "analysis.top_k: got -2; must be >= 1"),
+        ("analysis.hessian_iters=0", "analysis.hessian_iters: got 0; must be >= 1"),
+        ("analysis.hessian_samples=-1", "analysis.hessian_samples: got -1; must be >= 0"),
+        ("analysis.hessian_tol=0", "analysis.hessian_tol: got 0.0; must be > 0"),
+        ("analysis.hessian_tol=-1e-3", "analysis.hessian_tol: got -0.001; must be > 0"),
+        ("analysis.samples=3.5", "analysis.samples: expected an integer, got 3.5"),
+        ("analysis.device=tpu", "analysis.device: got 'tpu'; allowed: auto, cpu, cuda"),
+        ("analysis.sample=3", "unknown key 'analysis.sample'"),
+        ("train.optimizer=sgd", "train.optimizer: got 'sgd'; allowed: adamw, bertadam"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm: got -1.0; must be >= 0"),
+        ("data.padding=max", "data.padding: got 'max'; allowed: longest, max_length"),
+        ("train.dropout=1.0", "train.dropout: got 1.0; must be in [0, 1) or null"),
+        ("distill.mse_tokens=real", "distill.mse_tokens: got 'real'; allowed: all, valid"),
+        ("quant.act.method=twn", "quant.act.method: got 'twn'; allowed: sym, lsq"),
+        ("quant.attention.method=mean_clip", "quant.attention.method: got 'mean_clip'; allowed: sym, lsq"),
+        ("quant.embedding.method=ternary", "quant.embedding.method: got 'ternary'; allowed: twn, sym, mean_clip, lsq"),
+        ("quant.weight.init=max", "quant.weight.init: got 'max'; allowed: mean, percentile, kl, kl_cdf"),
+        ("quant.weight.granularity=col", "quant.weight.granularity: got 'col'; allowed: tensor, row"),
+        ("quant.weight.percentile=50", "quant.weight.percentile: got 50.0; must be in (50, 100]"),
+        ("quant.weight.clip=abc", "quant.weight.clip: expected a number or null, got 'abc'"),
+        ("quant.act.clip=0", "quant.act.clip: got 0.0; must be > 0 or null"),
+        (
+            "quant.rules=[{pattern: x, weight_method: foo}]",
+            "quant.rules[0].weight_method: got 'foo'; allowed: twn, sym, mean_clip, lsq, absmean, seq, null",
+        ),
+        ("quant.rules=[{pattern: x, weight_bits: 5}]", "quant.rules[0].weight_bits: got 5; allowed: 2, 3, 4, 8, null"),
+        (
+            "quant.rules=[{pattern: x, weight_method: twn, weight_bits: 4}]",
+            "quant.rules[0].method: twn is ternary and needs bits=2",
+        ),
+        ("quant.rules=[{pattern: ''}]", "quant.rules[0].pattern: must be a non-empty regex"),
+        ("quant.skip=['(']", "quant.skip[0]: '(' is not a valid regex"),
+        ("distill.layer_map=foo", "distill.layer_map: got 'foo'; allowed: identity, uniform or a list of integers"),
+        (
+            "distill.layer_map=[0, x]",
+            "distill.layer_map: got [0, 'x']; allowed: identity, uniform or a list of integers",
+        ),
+        ("distill.soft_ce_reduction=sum", "distill.soft_ce_reduction: got 'sum'; allowed: batch, batch_classes"),
+        ("distill.temperature=0", "distill.temperature: got 0.0; must be > 0"),
+        ("engine.precision=fp8", "engine.precision: got 'fp8'; allowed: fp32, bf16, fp16"),
+        ("engine.zero_stage=two", "engine.zero_stage: expected an integer, got 'two'"),
+        ("train.device=tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda"),
+        ("tune.scheduler=pbt", "tune.scheduler: got 'pbt'; allowed: none, asha"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("tiny_debug", [override])
@@ -152,8 +172,10 @@ def test_analysis_section_from_yaml_and_overrides(tmp_path):
     assert load_config(tmp_path / "round.yaml") == cfg
 
 
-ZERO_ALL = [f"distill.{t}.weight=0" for t in ("logits", "hidden", "attn_score", "attn_map", "attn_output",
-                                              "context", "sa_output", "ground_truth")]
+ZERO_ALL = [
+    f"distill.{t}.weight=0"
+    for t in ("logits", "hidden", "attn_score", "attn_map", "attn_output", "context", "sa_output", "ground_truth")
+]
 
 
 def test_all_zero_loss_weights_are_a_config_error():
@@ -182,8 +204,11 @@ def test_saved_sections_are_checked_too():
     # Student folders and exports rebuild their QuantConfig with build_section, without validate().
     from kdqat_dist.config import QuantConfig, build_section
 
-    with pytest.raises(ConfigError, match=r"^quantization_config\.quant\.weight\.method: got 'foo'; allowed: "
-                                          r"twn, sym, mean_clip, lsq, absmean, seq$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^quantization_config\.quant\.weight\.method: got 'foo'; allowed: "
+        r"twn, sym, mean_clip, lsq, absmean, seq$",
+    ):
         build_section(QuantConfig, {"weight": {"method": "foo"}}, "quantization_config.quant")
     with pytest.raises(ConfigError, match=r"^quant\.act\.bits: got 16; allowed: 2, 3, 4, 8$"):
         build_section(QuantConfig, {"act": {"bits": 16}}, "quant")

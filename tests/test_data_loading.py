@@ -93,13 +93,14 @@ def test_sst2_folder(tmp_path):
 
 
 def test_cola_has_no_header(tmp_path):
-    rows = [["gj04", "1", "", "Our friends won't buy this analysis."],
-            ["gj04", "0", "*", "They drank the pub."]]
+    rows = [["gj04", "1", "", "Our friends won't buy this analysis."], ["gj04", "0", "*", "They drank the pub."]]
     write_tsv(tmp_path / "train.tsv", rows)
     write_tsv(tmp_path / "dev.tsv", rows[:1])
     splits = load(tmp_path, "cola")
-    assert records(splits["train"]) == [("Our friends won't buy this analysis.", None, 1),
-                                        ("They drank the pub.", None, 0)]
+    assert records(splits["train"]) == [
+        ("Our friends won't buy this analysis.", None, 1),
+        ("They drank the pub.", None, 0),
+    ]
     # A header line is read as data, so its "label" is rejected on line 1.
     write_tsv(tmp_path / "train.tsv", [["source", "label", "orig", "sentence"], *rows])
     with pytest.raises(DataError, match=r"train\.tsv:1, column 1: label 'label' .*allowed: 0, 1"):
@@ -108,8 +109,10 @@ def test_cola_has_no_header(tmp_path):
 
 def test_rte_labels_are_mapped_through_the_label_list(tmp_path):
     header = ["index", "sentence1", "sentence2", "label"]
-    write_tsv(tmp_path / "train.tsv", [header, ["0", "A man.", "A person.", "entailment"],
-                                       ["1", "A dog.", "A cat.", "not_entailment"]])
+    write_tsv(
+        tmp_path / "train.tsv",
+        [header, ["0", "A man.", "A person.", "entailment"], ["1", "A dog.", "A cat.", "not_entailment"]],
+    )
     write_tsv(tmp_path / "dev.tsv", [header, ["0", "x", "y", "not_entailment"]])
     splits = load(tmp_path, "rte")
     assert records(splits["train"]) == [("A man.", "A person.", 0), ("A dog.", "A cat.", 1)]
@@ -118,12 +121,16 @@ def test_rte_labels_are_mapped_through_the_label_list(tmp_path):
 
 def test_mnli_two_dev_files(tmp_path):
     header12 = mnli_row(0, "sentence1", "sentence2", "gold_label", 12)
-    write_tsv(tmp_path / "train.tsv", [header12, mnli_row(1, "a", "b", "neutral", 12),
-                                       mnli_row(2, "c", "d", "contradiction", 12)])
+    write_tsv(
+        tmp_path / "train.tsv",
+        [header12, mnli_row(1, "a", "b", "neutral", 12), mnli_row(2, "c", "d", "contradiction", 12)],
+    )
     header16 = mnli_row(0, "sentence1", "sentence2", "gold_label", 16)
     write_tsv(tmp_path / "dev_matched.tsv", [header16, mnli_row(1, "m", "n", "entailment", 16)])
-    write_tsv(tmp_path / "dev_mismatched.tsv", [header16, mnli_row(1, "o", "p", "neutral", 16),
-                                                mnli_row(2, "q", "r", "contradiction", 16)])
+    write_tsv(
+        tmp_path / "dev_mismatched.tsv",
+        [header16, mnli_row(1, "o", "p", "neutral", 16), mnli_row(2, "q", "r", "contradiction", 16)],
+    )
     splits = load(tmp_path, "mnli")
     assert set(splits) == {"train", "dev", "dev_mm"}
     assert records(splits["train"]) == [("a", "b", 2), ("c", "d", 0)]
@@ -135,11 +142,23 @@ def test_mnli_two_dev_files(tmp_path):
 
 
 def test_stsb_float_label_in_last_column(tmp_path):
-    header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-              "sentence2", "score"]
+    header = [
+        "index",
+        "genre",
+        "filename",
+        "year",
+        "old_index",
+        "source1",
+        "source2",
+        "sentence1",
+        "sentence2",
+        "score",
+    ]
     meta = ["0", "main-captions", "MSRvid", "2012test", "0001", "none", "none"]
-    write_tsv(tmp_path / "train.tsv", [header, [*meta, "A plane.", "An air plane.", "5.000"],
-                                       [*meta, "A man.", "A cat.", "0.25"]])
+    write_tsv(
+        tmp_path / "train.tsv",
+        [header, [*meta, "A plane.", "An air plane.", "5.000"], [*meta, "A man.", "A cat.", "0.25"]],
+    )
     write_tsv(tmp_path / "dev.tsv", [header, [*meta, "x", "y", "3.8"]])
     splits = load(tmp_path, "sts-b")
     train = records(splits["train"])
@@ -152,8 +171,9 @@ def test_stsb_float_label_in_last_column(tmp_path):
 
 def test_qqp_malformed_row_is_an_error(tmp_path):
     header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-    write_tsv(tmp_path / "train.tsv", [header, ["0", "1", "2", "How?", "Why?", "0"],
-                                       ["1", "3", "4", "What?", "What!", "1"]])
+    write_tsv(
+        tmp_path / "train.tsv", [header, ["0", "1", "2", "How?", "Why?", "0"], ["1", "3", "4", "What?", "What!", "1"]]
+    )
     write_tsv(tmp_path / "dev.tsv", [header, ["0", "1", "2", "a", "b", "1"]])
     assert records(load(tmp_path, "qqp")["train"]) == [("How?", "Why?", 0), ("What?", "What!", 1)]
     short_row = ["1", "3", "4", "What?", "1"]  # question2 missing
@@ -195,8 +215,9 @@ def test_label_outside_label_space(tmp_path):
     write_tsv(tmp_path / "dev.tsv", [SST2_HEADER, ["fine", "1"], ["odd", "2"]])
     with pytest.raises(DataError) as exc:
         load(tmp_path, "sst2")
-    assert str(exc.value) == (f"{tmp_path / 'dev.tsv'}:3, column 1: label '2' is not in the label set of "
-                              "task sst2; allowed: 0, 1")
+    assert str(exc.value) == (
+        f"{tmp_path / 'dev.tsv'}:3, column 1: label '2' is not in the label set of task sst2; allowed: 0, 1"
+    )
 
 
 def test_missing_train_and_dev_files(tmp_path):
@@ -257,19 +278,38 @@ def test_hub_splits_and_classlabel_names_are_mapped(monkeypatch):
 
     # The hub's MNLI orders its labels entailment, neutral, contradiction; ours (the reference's) differ.
     names = datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])
-    feats = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
-                               "label": names, "idx": datasets.Value("int32")})
+    feats = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": names,
+            "idx": datasets.Value("int32"),
+        }
+    )
 
     def split(n: int) -> Dataset:
-        return Dataset.from_dict({"premise": [f"p{i}" for i in range(n)], "hypothesis": ["h"] * n,
-                                  "label": [i % 3 for i in range(n)], "idx": list(range(n))}, features=feats)
+        return Dataset.from_dict(
+            {
+                "premise": [f"p{i}" for i in range(n)],
+                "hypothesis": ["h"] * n,
+                "label": [i % 3 for i in range(n)],
+                "idx": list(range(n)),
+            },
+            features=feats,
+        )
 
     calls = []
 
     def fake_load_dataset(name, config=None, **kw):
         calls.append((name, config))
-        return datasets.DatasetDict({"train": split(3), "validation_matched": split(2),
-                                     "validation_mismatched": split(1), "test_matched": split(1)})
+        return datasets.DatasetDict(
+            {
+                "train": split(3),
+                "validation_matched": split(2),
+                "validation_mismatched": split(1),
+                "test_matched": split(1),
+            }
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = DataConfig(task="mnli")
@@ -283,8 +323,9 @@ def test_hub_splits_and_classlabel_names_are_mapped(monkeypatch):
 def test_binary_classlabel_ids_pass_through():
     import datasets
 
-    feats = datasets.Features({"sentence": datasets.Value("string"),
-                               "label": datasets.ClassLabel(names=["negative", "positive"])})
+    feats = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
     ds = Dataset.from_dict({"sentence": ["a", "b"], "label": [1, 0]}, features=feats)
     out = loaders.normalise(ds, get_task("sst2"), lambda i: f"row {i}", "hub")
     assert records(out) == [("a", None, 1), ("b", None, 0)]
@@ -293,8 +334,9 @@ def test_binary_classlabel_ids_pass_through():
 # --------------------------------------------------------------------------- custom files
 
 
-def custom(tmp_path: Path, train: Path, dev: Path | None = None, dev_fraction: float | None = None,
-           **kw) -> dict[str, Dataset]:
+def custom(
+    tmp_path: Path, train: Path, dev: Path | None = None, dev_fraction: float | None = None, **kw
+) -> dict[str, Dataset]:
     cfg = DataConfig(task=kw.pop("task", "custom"), train_file=str(train), dev_file=str(dev or ""), **kw)
     return load_splits(cfg, get_task(cfg), dev_fraction=dev_fraction)
 
@@ -302,9 +344,15 @@ def custom(tmp_path: Path, train: Path, dev: Path | None = None, dev_fraction: f
 def test_custom_csv_with_quotes_and_string_labels(tmp_path):
     csv_text = 'review,stars,extra\n"great, really",good,1\n"NA",bad,2\n007,good,3\n'
     (tmp_path / "train.csv").write_text(csv_text)
-    (tmp_path / "dev.csv").write_text('review,stars,extra\nmeh,bad,9\n')
-    splits = custom(tmp_path, tmp_path / "train.csv", tmp_path / "dev.csv", text_a="review", label="stars",
-                    label_list=["bad", "good"])
+    (tmp_path / "dev.csv").write_text("review,stars,extra\nmeh,bad,9\n")
+    splits = custom(
+        tmp_path,
+        tmp_path / "train.csv",
+        tmp_path / "dev.csv",
+        text_a="review",
+        label="stars",
+        label_list=["bad", "good"],
+    )
     # texts arrive exactly as written ("NA" is not a missing value, "007" is not the number 7)
     assert records(splits["train"]) == [("great, really", None, 1), ("NA", None, 0), ("007", None, 1)]
     assert records(splits["dev"]) == [("meh", None, 0)]
@@ -313,8 +361,9 @@ def test_custom_csv_with_quotes_and_string_labels(tmp_path):
 def test_custom_tsv_pair_regression(tmp_path):
     (tmp_path / "train.tsv").write_text('a\tb\tscore\n"q" one\ttwo\t0.5\nthree\tfour\t1\n')
     (tmp_path / "dev.tsv").write_text("a\tb\tscore\nx\ty\t2.25\n")
-    splits = custom(tmp_path, tmp_path / "train.tsv", tmp_path / "dev.tsv", text_a="a", text_b="b",
-                    label="score", num_labels=1)
+    splits = custom(
+        tmp_path, tmp_path / "train.tsv", tmp_path / "dev.tsv", text_a="a", text_b="b", label="score", num_labels=1
+    )
     assert records(splits["train"]) == [('"q" one', "two", 0.5), ("three", "four", 1.0)]
     assert splits["dev"][0]["label"] == pytest.approx(2.25)
 
@@ -343,16 +392,19 @@ def test_custom_missing_column_lists_present_columns(tmp_path):
     (tmp_path / "train.csv").write_text("review,stars\nok,good\n")
     with pytest.raises(DataError) as exc:
         custom(tmp_path, tmp_path / "train.csv", text_a="text", label="stars", label_list=["bad", "good"])
-    assert str(exc.value) == (f"{tmp_path / 'train.csv'}: column 'text' (data.text_a) not found; "
-                              "columns present: review, stars")
+    assert str(exc.value) == (
+        f"{tmp_path / 'train.csv'}: column 'text' (data.text_a) not found; columns present: review, stars"
+    )
 
 
 def test_custom_bad_label_names_file_line_and_allowed(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\nok,good\nhmm,great\n")
     with pytest.raises(DataError) as exc:
         custom(tmp_path, tmp_path / "train.csv", text_a="text", label_list=["bad", "good"])
-    assert str(exc.value) == (f"{tmp_path / 'train.csv'}:3, column 'label': label 'great' is not in the "
-                              "label set of task custom; allowed: bad, good")
+    assert str(exc.value) == (
+        f"{tmp_path / 'train.csv'}:3, column 'label': label 'great' is not in the "
+        "label set of task custom; allowed: bad, good"
+    )
     (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 1}\n{"text": null, "label": 0}\n')
     with pytest.raises(DataError, match=r"train\.jsonl:2: column 'text' has no value"):
         custom(tmp_path, tmp_path / "train.jsonl", text_a="text", num_labels=2)
@@ -464,8 +516,9 @@ def test_tokenize_no_padding_and_columns(tokenizer, tmp_path):
 
 def test_pairs_truncate_longest_first(tokenizer, tmp_path):
     spec = get_task("rte")
-    ds = Dataset.from_dict({"text_a": ["the plot " * 20], "text_b": ["good movie"], "label": [1]},
-                           features=loaders._features(spec))
+    ds = Dataset.from_dict(
+        {"text_a": ["the plot " * 20], "text_b": ["good movie"], "label": [1]}, features=loaders._features(spec)
+    )
     out = tokenize_splits({"dev": ds}, tokenizer, 12, cache_dir=tmp_path)["dev"][0]
     assert len(out["input_ids"]) == 12
     # longest-first keeps the short second sentence whole: [CLS] a*7 [SEP] good movie [SEP]
@@ -519,8 +572,10 @@ def test_collate_pads_to_the_longest_in_the_batch(tokenizer, tmp_path):
 
 def test_collate_regression_labels_are_float(tokenizer, tmp_path):
     spec = get_task("stsb")
-    ds = Dataset.from_dict({"text_a": ["good movie", "the plot"], "text_b": ["bad", "the plot was good"],
-                            "label": [4.5, 0.25]}, features=loaders._features(spec))
+    ds = Dataset.from_dict(
+        {"text_a": ["good movie", "the plot"], "text_b": ["bad", "the plot was good"], "label": [4.5, 0.25]},
+        features=loaders._features(spec),
+    )
     tok = tokenize_splits({"dev": ds}, tokenizer, 32, cache_dir=tmp_path)["dev"]
     batch = Collator(tokenizer)([tok[0], tok[1]])
     assert batch["labels"].dtype == torch.float32

@@ -45,8 +45,15 @@ def _one_thread():
 
 def tiny_student(quant: QuantConfig | None = None) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return prepare(BertForSequenceClassification(cfg), quant or QuantConfig())
 
 
@@ -135,8 +142,11 @@ def test_flip_rate_counts_codes_changed_since_the_previous_call():
     assert flips > 0
     assert w.scalars["quant_flip_rate/00.attention.self.query"] == [(3, pytest.approx(flips / codes.numel()))]
     assert w.last("quant_flip_rate/00.attention.self.key") == 0.0
-    n_all = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantLinear | QuantEmbedding)
-                and m.weight_quant is not None and m.weight_quant.enabled)
+    n_all = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, QuantLinear | QuantEmbedding) and m.weight_quant is not None and m.weight_quant.enabled
+    )
     assert w.last("quant_flip_rate/all") == pytest.approx(flips / n_all)
     log_flip_rate(w, 6, model)  # nothing changed since the previous call (not since the baseline)
     assert w.last("quant_flip_rate/00.attention.self.query") == 0.0
@@ -230,21 +240,33 @@ def _tiny_run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, object]
     if not teacher.exists():
         make_tiny_checkpoint(teacher)  # a random FP model is a valid teacher here
     out = tmp_path / name
-    cfg = load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "data.demo_size=120",
-                                     *overrides])
+    cfg = load_config(
+        "tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "data.demo_size=120", *overrides]
+    )
     return run(cfg, "train"), _events(out)
 
 
 def test_training_run_writes_the_diagnostics_to_tensorboard(tmp_path):
     # 7 steps, 2 micro-batches each; logs at 3, 6 and 7 (a one-step last window), evaluations at 4 and 7;
     # loss weights other than 1, so a weighted contribution differs from the raw term
-    metrics, acc = _tiny_run(tmp_path, "run", "train.max_steps=7", "train.log_every=3", "train.eval_every=4",
-                             "train.grad_accum=2", "distill.hidden.weight=0.5", "distill.attn_map.weight=2")
+    metrics, acc = _tiny_run(
+        tmp_path,
+        "run",
+        "train.max_steps=7",
+        "train.log_every=3",
+        "train.eval_every=4",
+        "train.grad_accum=2",
+        "distill.hidden.weight=0.5",
+        "distill.attn_map.weight=2",
+    )
     tags = set(acc.Tags()["scalars"])
     for group in ("quant_zero_frac", "quant_scale", "quant_scale_drift", "quant_flip_rate"):
         assert f"{group}/00.attention.self.query" in tags, group
-    for tag in ("quant_clip_rate/00.attention.self.query.input", "quant_clip_rate/01.output.dense.input",
-                "quant_clip_rate/01.attention.self.attn_quant.key"):
+    for tag in (
+        "quant_clip_rate/00.attention.self.query.input",
+        "quant_clip_rate/01.output.dense.input",
+        "quant_clip_rate/01.attention.self.attn_quant.key",
+    ):
         assert tag in tags, tag
     assert "quant_zero_frac/embeddings.word_embeddings" in tags
     assert "diagnostics/README/text_summary" in acc.Tags()["tensors"]  # the text entry explaining the tags
@@ -260,10 +282,16 @@ def test_training_run_writes_the_diagnostics_to_tensorboard(tmp_path):
     # each term's (and layer's) weighted contribution, averaged like the loss: they sum to train/loss
     contrib = sorted(t for t in tags if t.startswith("kd_contribution/"))
     # the default recipe distils logits, hidden states (3 with the embeddings), maps and outputs (2 layers)
-    assert contrib == ["kd_contribution/attn_map/00", "kd_contribution/attn_map/01",
-                       "kd_contribution/attn_output/00", "kd_contribution/attn_output/01",
-                       "kd_contribution/hidden/00", "kd_contribution/hidden/01", "kd_contribution/hidden/02",
-                       "kd_contribution/logits"]
+    assert contrib == [
+        "kd_contribution/attn_map/00",
+        "kd_contribution/attn_map/01",
+        "kd_contribution/attn_output/00",
+        "kd_contribution/attn_output/01",
+        "kd_contribution/hidden/00",
+        "kd_contribution/hidden/01",
+        "kd_contribution/hidden/02",
+        "kd_contribution/logits",
+    ]
     loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(loss) == [3, 6, 7]
     for step, total in loss.items():
@@ -278,8 +306,9 @@ def test_training_run_writes_the_diagnostics_to_tensorboard(tmp_path):
 
 def test_flip_rate_is_zero_when_the_weights_do_not_move(tmp_path):
     # train.lr must be > 0; 1e-12 moves no weight by a float32 ulp of its value, so no code can change
-    _, acc = _tiny_run(tmp_path, "still", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
-                       "train.lr=1e-12")
+    _, acc = _tiny_run(
+        tmp_path, "still", "train.max_steps=4", "train.log_every=2", "train.eval_every=2", "train.lr=1e-12"
+    )
     flips = acc.Scalars("quant_flip_rate/all")
     assert [e.step for e in flips] == [2, 4]
     assert all(e.value == 0.0 for e in flips)
@@ -287,8 +316,9 @@ def test_flip_rate_is_zero_when_the_weights_do_not_move(tmp_path):
 
 
 def test_diagnostics_switch_off(tmp_path):
-    metrics, acc = _tiny_run(tmp_path, "off", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
-                             "train.diagnostics=false")
+    metrics, acc = _tiny_run(
+        tmp_path, "off", "train.max_steps=4", "train.log_every=2", "train.eval_every=2", "train.diagnostics=false"
+    )
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "eval/selection" in tags  # the run logged
     assert not [t for t in tags if t.startswith(("quant_", "kd_contribution/"))]

@@ -25,8 +25,15 @@ def test_replicated_teacher_runs_in_the_engine_precision(tiny_teacher, tmp_path,
     # runs in fp32 beside a bf16 student.
     from kdqat_dist.engine.ds_backend import DeepSpeedBackend
 
-    cfg = load_config("tiny_debug", [f"train.output_dir={tmp_path}", "engine.backend=deepspeed",
-                                     "engine.teacher=replicated", f"engine.precision={precision}"])
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"train.output_dir={tmp_path}",
+            "engine.backend=deepspeed",
+            "engine.teacher=replicated",
+            f"engine.precision={precision}",
+        ],
+    )
     backend = DeepSpeedBackend(cfg)
     try:
         assert backend.world_size == 1
@@ -47,7 +54,8 @@ def _backend_uses_in_the_loop() -> set[str]:
         if isinstance(node, ast.Attribute):
             v = node.value
             if (isinstance(v, ast.Name) and v.id in ("be", "backend")) or (
-                    isinstance(v, ast.Attribute) and v.attr == "backend"):
+                isinstance(v, ast.Attribute) and v.attr == "backend"
+            ):
                 names.add(node.attr)
     return names
 

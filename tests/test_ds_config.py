@@ -14,8 +14,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdqat_dist"
 
 
 def _cfg(*overrides: str):
-    return load_config(None, ["train.batch_size=32", "train.grad_accum=2", "train.max_grad_norm=0.5",
-                              "train.lr=3e-5", "train.weight_decay=0.02", "train.adam_eps=1e-7", *overrides])
+    return load_config(
+        None,
+        [
+            "train.batch_size=32",
+            "train.grad_accum=2",
+            "train.max_grad_norm=0.5",
+            "train.lr=3e-5",
+            "train.weight_decay=0.02",
+            "train.adam_eps=1e-7",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -66,8 +76,12 @@ def test_explicit_value_contradicting_the_run_config_is_an_error():
 
 
 def test_explicit_values_that_agree_are_kept_and_owned_sections_are_rejected():
-    base = {"train_batch_size": 32, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
-            "bf16": {"enabled": False}}
+    base = {
+        "train_batch_size": 32,
+        "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": False},
+    }
     out = ds_config.resolve(base, _cfg(), world_size=2)
     assert out["train_micro_batch_size_per_gpu"] == 8
     with pytest.raises(ConfigError, match="remove the 'scheduler' section"):
@@ -98,8 +112,11 @@ def test_custom_base_file_and_missing_file(tmp_path):
         ds_config.build(_cfg(f"engine.ds_config={tmp_path / 'nope.json'}"), 1, "student")
 
 
-IMPORT = re.compile(r"^\s*(import|from)\s+(deepspeed|torch\.distributed)\b|"
-                    r"^\s*from\s+torch\s+import\s+.*\bdistributed\b", re.M)
+IMPORT = re.compile(
+    r"^\s*(import|from)\s+(deepspeed|torch\.distributed)\b|"
+    r"^\s*from\s+torch\s+import\s+.*\bdistributed\b",
+    re.M,
+)
 
 
 def test_only_engine_imports_deepspeed_or_torch_distributed():
@@ -124,7 +141,12 @@ def test_the_suite_collects_the_distributed_tests():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"], cwd=repo,
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     for name in ("test_dist_zero.py", "test_dist_launch.py", "test_dist_single_rank.py"):
         assert f"tests/distributed/{name}::" in out, name

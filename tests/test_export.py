@@ -26,8 +26,9 @@ def student_dir(tmp_path_factory):
     model = load_classifier(str(base), 2)
     quant = QuantConfig()
     prepare(model, quant)
-    save_student(model, root / "run" / "student", quant, load_tokenizer(str(base)),
-                 extra={"task": "demo", "metrics": {}})
+    save_student(
+        model, root / "run" / "student", quant, load_tokenizer(str(base)), extra={"task": "demo", "metrics": {}}
+    )
     cfg = load_config("tiny_debug", [f"data.cache_dir={root / 'tok'}", "data.demo_size=120"])
     save_config(cfg, root / "run" / "config.yaml")
     return root / "run" / "student"
@@ -42,8 +43,7 @@ def exported(student_dir, tmp_path_factory):
 
 def text_batch(folder):
     tok = load_tokenizer(str(folder))
-    return dict(tok(["the movie was great", "a dull , boring film and bad acting"], padding=True,
-                    return_tensors="pt"))
+    return dict(tok(["the movie was great", "a dull , boring film and bad acting"], padding=True, return_tensors="pt"))
 
 
 def test_exported_student_gives_identical_logits(student_dir, exported):
@@ -62,8 +62,12 @@ def test_exported_student_gives_identical_logits(student_dir, exported):
     assert n_packed == report.modules == len(read_meta(out)["modules"])
     acts = [n for n, m in model.named_modules() if isinstance(m, ActFakeQuant) and m.enabled]
     assert acts == [n for n, m in student.named_modules() if isinstance(m, ActFakeQuant) and m.enabled]
-    assert {p.name for p in out.iterdir()} >= {"config.json", "kdqat_export.json", "model.safetensors",
-                                               "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "kdqat_export.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
     assert report.file_bytes == (out / "model.safetensors").stat().st_size < report.fp32_bytes
 
 
@@ -78,8 +82,14 @@ def test_base3_is_smaller_and_identical(student_dir, exported, tmp_path):
 
 def tiny_model(vocab=60, hidden=32, layers=1, seed=0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -90,10 +100,8 @@ def test_every_method_and_granularity_round_trips(tmp_path):
     quant.act.method = "lsq"
     quant.rules = [
         QuantRule(pattern=r"attention\.output\.dense", weight_bits=4, weight_method="mean_clip"),
-        QuantRule(pattern=r"intermediate\.dense", weight_bits=8, weight_method="sym",
-                  weight_granularity="row"),
-        QuantRule(pattern=r"output\.dense", weight_bits=3, weight_method="mean_clip",
-                  weight_granularity="row"),
+        QuantRule(pattern=r"intermediate\.dense", weight_bits=8, weight_method="sym", weight_granularity="row"),
+        QuantRule(pattern=r"output\.dense", weight_bits=3, weight_method="mean_clip", weight_granularity="row"),
         QuantRule(pattern=r"pooler", quantize=False),
     ]
     model = prepare(tiny_model(), quant)
@@ -103,19 +111,25 @@ def test_every_method_and_granularity_round_trips(tmp_path):
     export_model(model, quant, out)
     mods = read_meta(out)["modules"]
     kinds = {(i["method"], i["bits"], i["granularity"]) for i in mods.values()}
-    assert {("lsq", 2, "tensor"), ("mean_clip", 4, "tensor"), ("sym", 8, "row"), ("mean_clip", 3, "row"),
-            ("twn", 2, "row")} <= kinds
+    assert {
+        ("lsq", 2, "tensor"),
+        ("mean_clip", 4, "tensor"),
+        ("sym", 8, "row"),
+        ("mean_clip", 3, "row"),
+        ("twn", 2, "row"),
+    } <= kinds
     assert not any("pooler" in n for n in mods)
     loaded = load(out)
     assert torch.equal(logits_of(model, batch), logits_of(loaded, batch))
-    steps = [float(m.step.detach()) for m in loaded.modules()
-             if isinstance(m, ActFakeQuant) and m.cfg.method == "lsq"]
+    steps = [float(m.step.detach()) for m in loaded.modules() if isinstance(m, ActFakeQuant) and m.cfg.method == "lsq"]
     assert steps and all(s != 1.0 for s in steps)  # the calibrated steps, not a fresh init
     # the size the training summary prints agrees with what export stores (mean_clip: 2^b + 1 levels)
     from kdqat_dist.quant.size import quantized_packed_bytes
 
-    assert quantized_packed_bytes(model) == export_model(model, quant, tmp_path / "e2", verify=False
-                                                         ).quantized_packed_bytes
+    assert (
+        quantized_packed_bytes(model)
+        == export_model(model, quant, tmp_path / "e2", verify=False).quantized_packed_bytes
+    )
 
 
 @pytest.mark.parametrize("method,narrow", [("absmean", True), ("seq", True), ("seq", False)])
@@ -267,8 +281,7 @@ def test_load_never_imports_deepspeed(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     assert isinstance(load(exported[0]), BertForSequenceClassification)
     src = Path(__file__).parents[1] / "kdqat_dist" / "export"
-    assert not any("import deepspeed" in p.read_text() or "from deepspeed" in p.read_text()
-                   for p in src.glob("*.py"))
+    assert not any("import deepspeed" in p.read_text() or "from deepspeed" in p.read_text() for p in src.glob("*.py"))
 
 
 def test_written_weight_files_get_ordinary_permissions(student_dir, exported, tiny_teacher):
@@ -278,6 +291,9 @@ def test_written_weight_files_get_ordinary_permissions(student_dir, exported, ti
     umask = os.umask(0)
     os.umask(umask)
     want = 0o666 & ~umask
-    for f in (exported[0] / "model.safetensors", student_dir / "model.safetensors",
-              tiny_teacher / "model.safetensors"):  # export, student, fine-tuned model
+    for f in (
+        exported[0] / "model.safetensors",
+        student_dir / "model.safetensors",
+        tiny_teacher / "model.safetensors",
+    ):  # export, student, fine-tuned model
         assert stat.S_IMODE(f.stat().st_mode) == want, f

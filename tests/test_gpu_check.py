@@ -12,11 +12,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
-FIGURES = ("kd_step_s", "fp_step_s", "qat_step_s", "naive_step_s", "tokens_per_step", "tokens_per_s",
-           "flops_per_step", "achieved_tflops", "peak_tflops", "mfu", "mfu_non_embedding", "fp_mfu", "kd_over_fp")
-MEMORY = ("kd_streaming_mib", "qat_no_kd_mib", "kd_naive_mib", "streaming_over_qat", "streaming_over_naive",
-          "kd_streaming_working_mib", "qat_no_kd_working_mib", "kd_naive_working_mib",
-          "working_streaming_over_qat", "working_streaming_over_naive")
+FIGURES = (
+    "kd_step_s",
+    "fp_step_s",
+    "qat_step_s",
+    "naive_step_s",
+    "tokens_per_step",
+    "tokens_per_s",
+    "flops_per_step",
+    "achieved_tflops",
+    "peak_tflops",
+    "mfu",
+    "mfu_non_embedding",
+    "fp_mfu",
+    "kd_over_fp",
+)
+MEMORY = (
+    "kd_streaming_mib",
+    "qat_no_kd_mib",
+    "kd_naive_mib",
+    "streaming_over_qat",
+    "streaming_over_naive",
+    "kd_streaming_working_mib",
+    "qat_no_kd_working_mib",
+    "kd_naive_working_mib",
+    "working_streaming_over_qat",
+    "working_streaming_over_naive",
+)
 VARIANTS = ("kd_streaming", "fp_finetune", "qat_no_kd", "kd_naive", "curve_bf16", "curve_fp32")
 
 
@@ -28,9 +50,24 @@ def _positive(x) -> bool:
 def report(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), "--tiny",
-                           "--steps", str(STEPS), "--warmup", "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check.py"),
+            "--out",
+            str(out),
+            "--tiny",
+            "--steps",
+            str(STEPS),
+            "--warmup",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| MFU " in proc.stdout and "KD step / FP step" in proc.stdout
     return json.loads((out / "gpu_check.json").read_text()), out

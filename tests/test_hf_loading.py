@@ -75,9 +75,11 @@ def test_a_folder_saved_before_quantization_config_still_loads_through_kdqat(tmp
 
 def test_without_kdqat_dist_transformers_says_it_skips_the_quantization(tmp_path):
     folder, _ = _student(tmp_path, QuantConfig())
-    code = ("import transformers, sys; transformers.logging.set_verbosity_warning(); "
-            "from transformers import AutoModelForSequenceClassification as A; "
-            f"A.from_pretrained({str(folder)!r}); assert 'kdqat_dist' not in sys.modules")
+    code = (
+        "import transformers, sys; transformers.logging.set_verbosity_warning(); "
+        "from transformers import AutoModelForSequenceClassification as A; "
+        f"A.from_pretrained({str(folder)!r}); assert 'kdqat_dist' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Unknown quantization type, got kdqat" in r.stderr and "skip the quantization" in r.stderr

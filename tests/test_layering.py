@@ -18,13 +18,16 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "kdqat_dist"
 
 LAYERS = {
-    "config": 0, "files": 0,
+    "config": 0,
+    "files": 0,
     "data": 1,
     "models": 2,
     "quant": 3,  # above models: prepare() walks the encoder's structure
     "distill": 4,
     "engine": 5,
-    "tune": 6, "analysis": 6, "export": 6,
+    "tune": 6,
+    "analysis": 6,
+    "export": 6,
     "pipeline": 7,
     "cli": 8,
     "__init__": 9,  # kdqat_dist/__init__.py: the public facade
@@ -71,9 +74,15 @@ def _imports(path: Path, pkg: Path = PKG) -> list[tuple[int, str, str | None]]:
                     is_module = file.with_suffix(".py").exists() or (file / "__init__.py").exists()
                     external = not base.startswith("kdqat_dist")  # `from torch import distributed`
                     out.append((child.lineno, sub if is_module or external else base, inner))
-            elif isinstance(child, ast.Call) and child.args and isinstance(child.args[0], ast.Constant) and (
+            elif (
+                isinstance(child, ast.Call)
+                and child.args
+                and isinstance(child.args[0], ast.Constant)
+                and (
                     (isinstance(child.func, ast.Name) and child.func.id == "__import__")
-                    or (isinstance(child.func, ast.Attribute) and child.func.attr == "import_module")):
+                    or (isinstance(child.func, ast.Attribute) and child.func.attr == "import_module")
+                )
+            ):
                 if isinstance(child.args[0].value, str):
                     out.append((child.lineno, child.args[0].value, inner))
             visit(child, inner)
@@ -100,8 +109,7 @@ def violations(pkg: Path = PKG) -> list[str]:
             if (me, target) in COMPAT_FORWARDS and func == "__getattr__":
                 continue
             if LAYERS[unit] >= LAYERS[my_unit]:
-                bad.append(f"{rel}:{line}: {my_unit} (layer {LAYERS[my_unit]}) imports {target} "
-                           f"(layer {LAYERS[unit]})")
+                bad.append(f"{rel}:{line}: {my_unit} (layer {LAYERS[my_unit]}) imports {target} (layer {LAYERS[unit]})")
     return bad
 
 
@@ -114,17 +122,28 @@ def test_no_module_imports_a_higher_layer():
     assert violations() == []
 
 
-@pytest.mark.parametrize("where,line,expected", [
-    ("engine/loop.py", "def h():\n    from kdqat_dist import pipeline\n", "engine (layer 5) imports kdqat_dist.pip"),
-    ("models/attention.py", "from kdqat_dist.quant import api\n", "models (layer 2) imports kdqat_dist.quant.api"),
-    ("export/cli.py", "from .. import pipeline\n", "export (layer 6) imports kdqat_dist.pipeline"),
-    ("analysis/norms.py", "from kdqat_dist.export import load\n", "analysis (layer 6) imports kdqat_dist.export"),
-    ("distill/losses.py", "import torch.distributed as dist\n", "imports torch.distributed (only engine/ may)"),
-    ("data/loaders.py", "from torch import distributed\n", "imports torch.distributed (only engine/ may)"),
-    ("quant/api.py", "def f():\n    import deepspeed\n", "imports deepspeed (only engine/ may)"),
-    ("engine/loop.py", "import ray\n", "imports ray (only tune/ may)"),
-    ("models/student.py", "def g():\n    from kdqat_dist.quant import student\n", "imports kdqat_dist.quant.student"),
-])
+@pytest.mark.parametrize(
+    "where,line,expected",
+    [
+        (
+            "engine/loop.py",
+            "def h():\n    from kdqat_dist import pipeline\n",
+            "engine (layer 5) imports kdqat_dist.pip",
+        ),
+        ("models/attention.py", "from kdqat_dist.quant import api\n", "models (layer 2) imports kdqat_dist.quant.api"),
+        ("export/cli.py", "from .. import pipeline\n", "export (layer 6) imports kdqat_dist.pipeline"),
+        ("analysis/norms.py", "from kdqat_dist.export import load\n", "analysis (layer 6) imports kdqat_dist.export"),
+        ("distill/losses.py", "import torch.distributed as dist\n", "imports torch.distributed (only engine/ may)"),
+        ("data/loaders.py", "from torch import distributed\n", "imports torch.distributed (only engine/ may)"),
+        ("quant/api.py", "def f():\n    import deepspeed\n", "imports deepspeed (only engine/ may)"),
+        ("engine/loop.py", "import ray\n", "imports ray (only tune/ may)"),
+        (
+            "models/student.py",
+            "def g():\n    from kdqat_dist.quant import student\n",
+            "imports kdqat_dist.quant.student",
+        ),
+    ],
+)
 def test_the_check_catches_a_bad_import(tmp_path, where, line, expected):
     copy = tmp_path / "kdqat_dist"
     shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -258,10 +258,17 @@ def _all_losses(dtype: torch.dtype, requires_grad: bool):
 
     zs = torch.randn(B, C, generator=_gen(20)).to(dtype)
     zt = torch.randn(B, C, generator=_gen(21)).to(dtype)
-    cases.append(("soft_ce", zs, lambda x: soft_cross_entropy(x, zt, 2.0),
-                  ref_soft_ce(zs.double().tolist(), zt.double().tolist(), 2.0)))
-    cases.append(("logits_mse", zs.clone(), lambda x: logits_mse(x, zt),
-                  ref_mse(zs.double().tolist(), zt.double().tolist())))
+    cases.append(
+        (
+            "soft_ce",
+            zs,
+            lambda x: soft_cross_entropy(x, zt, 2.0),
+            ref_soft_ce(zs.double().tolist(), zt.double().tolist(), 2.0),
+        )
+    )
+    cases.append(
+        ("logits_mse", zs.clone(), lambda x: logits_mse(x, zt), ref_mse(zs.double().tolist(), zt.double().tolist()))
+    )
 
     hs = torch.randn(B, S, D, generator=_gen(22)).to(dtype)
     ht = torch.randn(B, S, D, generator=_gen(23)).to(dtype)
@@ -271,16 +278,34 @@ def _all_losses(dtype: torch.dtype, requires_grad: bool):
 
     fill = torch.finfo(dtype).min
     ss, st = _scores(24, mask, fill, dtype), _scores(25, mask, fill, dtype)
-    cases.append(("score_mse", ss, lambda x: attention_score_mse(x, st),
-                  ref_score_mse(ss.double().tolist(), st.double().tolist(), -100.0)))
+    cases.append(
+        (
+            "score_mse",
+            ss,
+            lambda x: attention_score_mse(x, st),
+            ref_score_mse(ss.double().tolist(), st.double().tolist(), -100.0),
+        )
+    )
 
     ps, pt = _probs((B, H, S, S), 26, dtype), _probs((B, H, S, S), 27, dtype)
-    cases.append(("map_kl", ps, lambda x: attention_map_kl(x, pt, mask),
-                  ref_map_kl(ps.double().tolist(), pt.double().tolist(), mask.tolist(), 1e-8)))
+    cases.append(
+        (
+            "map_kl",
+            ps,
+            lambda x: attention_map_kl(x, pt, mask),
+            ref_map_kl(ps.double().tolist(), pt.double().tolist(), mask.tolist(), 1e-8),
+        )
+    )
 
     labels = torch.tensor([0, 4, 2, 1])
-    cases.append(("gt_ce", zs.clone(), lambda x: ground_truth_loss(x, labels, regression=False),
-                  ref_ce(zs.double().tolist(), labels.tolist())))
+    cases.append(
+        (
+            "gt_ce",
+            zs.clone(),
+            lambda x: ground_truth_loss(x, labels, regression=False),
+            ref_ce(zs.double().tolist(), labels.tolist()),
+        )
+    )
 
     if requires_grad:
         for _, x, _, _ in cases:
@@ -300,8 +325,12 @@ def test_gradients_flow_to_student(dtype):
 
 @pytest.mark.parametrize(
     "dtype, out_dtype, rel",
-    [(torch.float64, torch.float64, 1e-10), (torch.float32, torch.float32, 1e-5),
-     (torch.bfloat16, torch.float32, 2e-3), (torch.float16, torch.float32, 2e-3)],
+    [
+        (torch.float64, torch.float64, 1e-10),
+        (torch.float32, torch.float32, 1e-5),
+        (torch.bfloat16, torch.float32, 2e-3),
+        (torch.float16, torch.float32, 2e-3),
+    ],
 )
 def test_dtypes(dtype, out_dtype, rel):
     for name, x, fn, want in _all_losses(dtype, requires_grad=False):
@@ -348,8 +377,9 @@ def test_attention_map_kl_gradients_equal_autograd_of_the_formula(dtype):
     assert g_s.dtype == dtype and g_t.dtype == dtype
     assert torch.allclose(g_s.double(), w_s.double(), rtol=tol["rel"], atol=tol["abs"])
     assert torch.allclose(g_t.double(), w_t.double(), rtol=tol["rel"], atol=tol["abs"])
-    assert (g_s != 0).any() and (g_s[~(mask[:, None, :, None].bool() & mask[:, None, None, :].bool())
-                                    .expand(B, H, S, S)] == 0).all()
+    assert (g_s != 0).any() and (
+        g_s[~(mask[:, None, :, None].bool() & mask[:, None, None, :].bool()).expand(B, H, S, S)] == 0
+    ).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -422,8 +452,8 @@ def _relation_kl_loop(xs: torch.Tensor, xt: torch.Tensor, mask: torch.Tensor, he
         real = [j for j in range(xs.shape[1]) if mask[b, j]]
         for r in range(heads):
             ds, dt = xs.shape[-1] // heads, xt.shape[-1] // heads
-            hs = xs[b, :, r * ds:(r + 1) * ds].double()
-            ht = xt[b, :, r * dt:(r + 1) * dt].double()
+            hs = xs[b, :, r * ds : (r + 1) * ds].double()
+            ht = xt[b, :, r * dt : (r + 1) * dt].double()
             for i in real:
                 ps = torch.softmax(torch.stack([hs[i] @ hs[j] / math.sqrt(ds) for j in real]), dim=0)
                 pt = torch.softmax(torch.stack([ht[i] @ ht[j] / math.sqrt(dt) for j in real]), dim=0)

@@ -18,8 +18,15 @@ TERMS = ["logits", "hidden", "attn_score", "attn_map", "attn_output", "context",
 
 def make_pair(layers=2, student_layers=None, lsq=False):
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     teacher = BertForSequenceClassification(cfg).eval()
     student = copy.deepcopy(teacher)
     if student_layers is not None:
@@ -41,8 +48,12 @@ def batch():
     mask = torch.ones(4, 10, dtype=torch.long)
     mask[1, 7:] = 0
     mask[2, 2:] = 0
-    return {"input_ids": torch.randint(1, 50, (4, 10), generator=g), "attention_mask": mask,
-            "token_type_ids": torch.zeros(4, 10, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0])}
+    return {
+        "input_ids": torch.randint(1, 50, (4, 10), generator=g),
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros(4, 10, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
 
 
 def cfg_with(active):
@@ -52,12 +63,15 @@ def cfg_with(active):
     return d
 
 
-@pytest.mark.parametrize("active", [
-    *[(t,) for t in TERMS],
-    ("logits", "hidden", "attn_map", "attn_output"),
-    ("logits", "hidden", "attn_score"),
-    tuple(TERMS),
-])
+@pytest.mark.parametrize(
+    "active",
+    [
+        *[(t,) for t in TERMS],
+        ("logits", "hidden", "attn_map", "attn_output"),
+        ("logits", "hidden", "attn_score"),
+        tuple(TERMS),
+    ],
+)
 def test_streaming_equals_naive(active):
     student, teacher = make_pair()
     obj = DistillObjective.for_models(cfg_with(active), student, teacher)
@@ -77,8 +91,9 @@ def test_every_combination_of_tap_terms_matches_naive():
     for r in (2, 3):
         for combo in itertools.combinations(tap_terms, r):
             obj = DistillObjective.for_models(cfg_with(combo), student, teacher)
-            torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total,
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                obj(student, teacher, b).total, obj.naive(student, teacher, b).total, rtol=1e-6, atol=1e-6
+            )
 
 
 def test_naive_matches_hf_outputs_for_hidden_and_attention():
@@ -92,8 +107,7 @@ def test_naive_matches_hf_outputs_for_hidden_and_attention():
         to = teacher(**inputs, output_hidden_states=True, output_attentions=True)
     w = L.token_weights(b["attention_mask"], so.hidden_states[0])  # distill.mse_tokens=valid, the default
     hidden = sum(L.hidden_mse(a, c, w) for a, c in zip(so.hidden_states, to.hidden_states, strict=True))
-    amap = sum(L.attention_map_kl(a, c, b["attention_mask"]) for a, c in zip(so.attentions, to.attentions,
-                                                                             strict=True))
+    amap = sum(L.attention_map_kl(a, c, b["attention_mask"]) for a, c in zip(so.attentions, to.attentions, strict=True))
     out = obj(student, teacher, b)
     torch.testing.assert_close(out.terms["hidden"], hidden, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.terms["attn_map"], amap, rtol=1e-6, atol=1e-7)
@@ -114,11 +128,14 @@ def test_zero_weight_taps_nothing():
     assert obj.student_taps() == {"hidden": {0}, "hidden_norm": {1, 2}, "attn_output_norm": {0, 1}}
 
 
-@pytest.mark.parametrize("layer_map, calls", [
-    ([1, 0], {1}),  # the top student layer learns from teacher layer 0: that one is kept
-    ([1, 1], {1}),  # teacher layer 1 serves both student layers: kept, it would outlive the top layer's backward
-    ([0, 1], {0}),
-])
+@pytest.mark.parametrize(
+    "layer_map, calls",
+    [
+        ([1, 0], {1}),  # the top student layer learns from teacher layer 0: that one is kept
+        ([1, 1], {1}),  # teacher layer 1 serves both student layers: kept, it would outlive the top layer's backward
+        ([0, 1], {0}),
+    ],
+)
 def test_the_kept_teacher_layer_is_the_one_the_backward_reaches_first(layer_map, calls):
     student, teacher = make_pair()
     cfg = cfg_with(("attn_map", "attn_output"))
@@ -143,8 +160,17 @@ def test_teacher_taps_are_consumed_as_produced(monkeypatch):
         layer.register_forward_pre_hook(lambda *_a, _i=i: seen.append(f"teacher layer {_i}"))
     obj(student, teacher, batch())
     # embeddings, then per layer: probs -> attention output -> layer output
-    assert seen == ["mse", "teacher layer 0", "attention_map_kl", "mse", "mse",
-                    "teacher layer 1", "attention_map_kl", "mse", "mse"]
+    assert seen == [
+        "mse",
+        "teacher layer 0",
+        "attention_map_kl",
+        "mse",
+        "mse",
+        "teacher layer 1",
+        "attention_map_kl",
+        "mse",
+        "mse",
+    ]
 
 
 def test_gradients_reach_student_weights_and_steps_never_teacher():
@@ -183,8 +209,10 @@ def test_shallower_student_uniform_layer_map():
     torch.testing.assert_close(obj(student, teacher, b).total, obj.naive(student, teacher, b).total)
 
 
-@pytest.mark.parametrize("active", [("hidden",), ("attn_output",), ("context",), ("sa_output",),
-                                    ("logits", "hidden", "attn_map", "attn_output")])
+@pytest.mark.parametrize(
+    "active",
+    [("hidden",), ("attn_output",), ("context",), ("sa_output",), ("logits", "hidden", "attn_map", "attn_output")],
+)
 @pytest.mark.parametrize("recompute", [True, False])
 def test_valid_token_mse_streaming_equals_naive_and_its_formula(active, recompute):
     b = batch()
@@ -242,16 +270,19 @@ def test_token_weighted_mse_is_the_mean_over_real_tokens():
     torch.testing.assert_close(L.mse(c_s, c_t, L.token_weights(mask, c_s)), naive_c / (8 * 2 * 4))
 
 
-@pytest.mark.parametrize("active,layer_map,lsq,recompute", [
-    (("hidden",), "identity", False, True),  # nothing but the term reaches the top layer: its gradient must
-    (("attn_output",), "identity", False, True),
-    (("attn_map",), "identity", False, True),
-    (("logits", "hidden", "attn_map", "attn_output"), "identity", True, True),
-    (("logits", "hidden", "attn_map", "attn_output"), "identity", True, False),  # as for a ZeRO-3 teacher
-    (tuple(TERMS), "identity", False, True),
-    (tuple(TERMS), "identity", False, False),
-    (("hidden", "attn_map", "attn_output"), "uniform", False, True),
-])
+@pytest.mark.parametrize(
+    "active,layer_map,lsq,recompute",
+    [
+        (("hidden",), "identity", False, True),  # nothing but the term reaches the top layer: its gradient must
+        (("attn_output",), "identity", False, True),
+        (("attn_map",), "identity", False, True),
+        (("logits", "hidden", "attn_map", "attn_output"), "identity", True, True),
+        (("logits", "hidden", "attn_map", "attn_output"), "identity", True, False),  # as for a ZeRO-3 teacher
+        (tuple(TERMS), "identity", False, True),
+        (tuple(TERMS), "identity", False, False),
+        (("hidden", "attn_map", "attn_output"), "uniform", False, True),
+    ],
+)
 def test_streaming_gradients_equal_naive(active, layer_map, lsq, recompute):
     # Streaming recomputes the student's LayerNorm outputs and the teacher's attention blocks in the
     # backward; the naive path keeps every tensor. The student must get the same gradients.
@@ -276,8 +307,9 @@ def test_each_teacher_block_is_called_once_more_in_the_backward(monkeypatch):
 
     calls = []
     orig = AttentionCall.run
-    monkeypatch.setattr(AttentionCall, "run", lambda self, with_map=False: calls.append((self.layer, with_map))
-                        or orig(self, with_map))
+    monkeypatch.setattr(
+        AttentionCall, "run", lambda self, with_map=False: calls.append((self.layer, with_map)) or orig(self, with_map)
+    )
     student, teacher = make_pair()
     obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map", "attn_output")), student, teacher)
     out = obj(student, teacher, batch())
@@ -294,8 +326,7 @@ def test_recomputed_teacher_block_equals_its_taps_exactly():
     _, teacher = make_pair()
     store = TapStore()
     inputs = {k: v for k, v in batch().items() if k != "labels"}
-    with torch.no_grad(), tapped(teacher, {"probs": {0, 1}, "attn_output": {0, 1}, "attention_call": {0, 1}},
-                                 store):
+    with torch.no_grad(), tapped(teacher, {"probs": {0, 1}, "attn_output": {0, 1}, "attention_call": {0, 1}}, store):
         teacher(**inputs)
     for layer in (0, 1):
         out, map_inputs, probs = store["attention_call"][layer].run(with_map=True)
@@ -420,8 +451,15 @@ def test_relation_term_is_the_loss_of_the_projections_for_models_of_different_wi
     torch.manual_seed(1)
     models = []
     for hidden, heads in ((32, 2), (48, 4)):
-        cfg = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
-                         intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+        cfg = BertConfig(
+            vocab_size=50,
+            hidden_size=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            attn_implementation="eager",
+        )
         m = BertForSequenceClassification(cfg).eval()
         use_kdqat_attention(m)
         models.append(m)
@@ -435,15 +473,20 @@ def test_relation_term_is_the_loss_of_the_projections_for_models_of_different_wi
         proj = {}
         for name, model in (("s", student), ("t", teacher)):
             attn = model.bert.encoder.layer[-1].attention.self
-            hooks = [getattr(attn, p).register_forward_hook(
-                lambda _m, _i, o, key=(name, p[0] * 2), out=proj: out.__setitem__(key, o))
-                for p in ("query", "key", "value")]
+            hooks = [
+                getattr(attn, p).register_forward_hook(
+                    lambda _m, _i, o, key=(name, p[0] * 2), out=proj: out.__setitem__(key, o)
+                )
+                for p in ("query", "key", "value")
+            ]
             with torch.no_grad():
                 model(**{k: v for k, v in b.items() if k != "labels"})
             for h in hooks:
                 h.remove()
-        want = sum(L.attention_relation_kl(proj[("s", r)], proj[("t", r)], b["attention_mask"], rel_heads or 2)
-                   for r in relations)
+        want = sum(
+            L.attention_relation_kl(proj[("s", r)], proj[("t", r)], b["attention_mask"], rel_heads or 2)
+            for r in relations
+        )
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
 
 

@@ -89,9 +89,18 @@ def test_bertadam_run_takes_larger_early_steps_than_adamw(tiny_teacher, tmp_path
     from kdqat_dist.engine.loop import Trainer
 
     def moved(opt: str) -> float:
-        cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / opt}",
-                                         "train.max_steps=6", "train.eval_every=6", f"train.optimizer={opt}",
-                                         "train.lr=1e-4", "train.diagnostics=false"])
+        cfg = load_config(
+            "tiny_debug",
+            [
+                f"teacher.path={tiny_teacher}",
+                f"train.output_dir={tmp_path / opt}",
+                "train.max_steps=6",
+                "train.eval_every=6",
+                f"train.optimizer={opt}",
+                "train.lr=1e-4",
+                "train.diagnostics=false",
+            ],
+        )
         tr = Trainer(cfg, "train").setup()
         start = {k: v.detach().clone() for k, v in tr.student.named_parameters()}
         try:

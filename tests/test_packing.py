@@ -63,8 +63,9 @@ def test_bad_packing_inputs_are_refused():
         P.weight_codes(torch.randn(3, 3), WeightQuantConfig(bits=6, method="sym"))
 
 
-QUANTIZERS = ([("twn", 2), ("absmean", 2), ("seq", 2)]
-              + [(m, b) for m in ("sym", "mean_clip", "lsq") for b in (2, 3, 4, 8)])
+QUANTIZERS = [("twn", 2), ("absmean", 2), ("seq", 2)] + [
+    (m, b) for m in ("sym", "mean_clip", "lsq") for b in (2, 3, 4, 8)
+]
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
@@ -128,6 +129,5 @@ def test_two_bit_seq_half_integer_levels_pack_at_two_bits():
     enc = P.choose_encoding(codes, 2)
     assert (enc.packing, enc.storage_bits) == ("bits", 2)
     with torch.no_grad():
-        assert torch.equal(P.dequantize(P.decode(P.encode(codes, enc), enc, 40).view(4, 10), scale, "mul_half"),
-                           wq(w))
+        assert torch.equal(P.dequantize(P.decode(P.encode(codes, enc), enc, 40).view(4, 10), scale, "mul_half"), wq(w))
     assert P.dequant_op("seq") == "mul" and P.code_range("seq", 2) == (-1, 1)  # ternary SEQ

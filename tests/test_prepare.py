@@ -19,8 +19,15 @@ from kdqat_dist.quant.fake_quant import QuantEmbedding, QuantLinear
 
 def tiny_bert(layers=1, seed=0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -123,11 +130,15 @@ def test_prepare_reuses_parameters_and_skips_classifier():
 
 
 def test_mixed_bit_widths_land_on_named_modules():
-    cfg = load_config(None, [
-        "quant.embedding.bits=4", "quant.embedding.method=sym",
-        'quant.rules=[{pattern: "intermediate", weight_bits: 4}, {pattern: "pooler", quantize: false},'
-        ' {pattern: "attention.output", act_bits: 4}]',
-    ]).quant
+    cfg = load_config(
+        None,
+        [
+            "quant.embedding.bits=4",
+            "quant.embedding.method=sym",
+            'quant.rules=[{pattern: "intermediate", weight_bits: 4}, {pattern: "pooler", quantize: false},'
+            ' {pattern: "attention.output", act_bits: 4}]',
+        ],
+    ).quant
     m = prepare(tiny_bert(), cfg)
     rows = {r["module"]: r for r in quant_summary(m)}
     assert rows["bert.embeddings.word_embeddings"]["weight"] == "sym4/row"
@@ -168,8 +179,15 @@ def test_lsq_student_has_step_parameters_and_learns_them():
 
 def test_roberta_prepare():
     torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=40, attn_implementation="eager")
+    cfg = RobertaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        attn_implementation="eager",
+    )
     fp = RobertaForSequenceClassification(cfg).eval()
     student = prepare(copy.deepcopy(fp), QuantConfig())
     b = batch()
@@ -192,8 +210,10 @@ def test_minilm_prepare_if_installed():
     assert len(quant_summary(m)) == 6 * 6 + 2  # 6 linears per layer, pooler, word embeddings
     assert all(p is params[n] for n, p in m.named_parameters())
     g = torch.Generator().manual_seed(0)
-    b = {"input_ids": torch.randint(1000, 30000, (2, 12), generator=g),
-         "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    b = {
+        "input_ids": torch.randint(1000, 30000, (2, 12), generator=g),
+        "attention_mask": torch.ones(2, 12, dtype=torch.long),
+    }
     b["attention_mask"][1, 8:] = 0
     with torch.no_grad():
         want = fp(**b).logits

@@ -102,8 +102,9 @@ def test_lsq_step_gradient_equals_analytic_expression():
     out = Q.LSQ(bits=bits, narrow_range=False).fake_quant(v, s)
     (out * upstream).sum().backward()
     r = v / 0.4
-    ds = torch.where(r <= -qn, torch.tensor(-float(qn)),
-                     torch.where(r >= qp, torch.tensor(float(qp)), torch.round(r) - r))
+    ds = torch.where(
+        r <= -qn, torch.tensor(-float(qn)), torch.where(r >= qp, torch.tensor(float(qp)), torch.round(r) - r)
+    )
     g = 1 / math.sqrt(v.numel() * qp)
     torch.testing.assert_close(s.grad, (upstream * ds).sum() * g)
 
@@ -187,6 +188,7 @@ def test_lsq_straight_through_passes_the_weight_gradient_outside_the_range():
 
 def _naive_kdlsq_clip(values: list[float], bits: int) -> float:
     """KDLSQ's calibration written out with lists: sqrt bins, CDF, resample to n points and back."""
+
     def interp(x: float, xp: list[float], fp: list[float]) -> float:
         for k in range(len(xp) - 1):
             if xp[k] <= x <= xp[k + 1]:
@@ -258,8 +260,10 @@ def _formula_codes(method: str, w: torch.Tensor, bits: int, step: torch.Tensor |
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("method,bits", [("twn", 2), ("sym", 8), ("sym", 3), ("mean_clip", 4), ("lsq", 2),
-                                         ("lsq", 4), ("absmean", 2), ("seq", 2)])
+@pytest.mark.parametrize(
+    "method,bits",
+    [("twn", 2), ("sym", 8), ("sym", 3), ("mean_clip", 4), ("lsq", 2), ("lsq", 4), ("absmean", 2), ("seq", 2)],
+)
 def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(method, bits):
     from kdqat_dist.analysis.diagnostics import weight_codes as diag_codes
     from kdqat_dist.config import WeightQuantConfig
@@ -301,8 +305,14 @@ def test_unknown_method_is_a_value_error_naming_the_allowed_methods_at_prepare_t
     from kdqat_dist.quant.fake_quant import ActFakeQuant
 
     assert set(Q.QUANTIZERS) == {"twn", "sym", "mean_clip", "lsq", "absmean", "seq", "absmax_token"}
-    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     with pytest.raises(ValueError, match=r"'ternary'; allowed: twn, sym, mean_clip, lsq, absmean, seq$"):
         prepare(BertForSequenceClassification(cfg), QuantConfig(weight=WeightQuantConfig(method="ternary")))
     with pytest.raises(ValueError, match=r"activation quantization method 'twn'; allowed: sym, lsq, absmax_token$"):
@@ -417,8 +427,9 @@ def test_seq_values_and_gradients_match_paretoq(ternary, per_row):
     g = torch.Generator().manual_seed(9)
     w = (torch.randn(6, 20, generator=g) * 0.05).requires_grad_()
     w.data[0, 0], w.data[1, 1] = 0.5, -0.5  # beyond the clip value: the ±top branch of α's gradient
-    alpha = (torch.full((6, 1), 0.08) if per_row else torch.tensor([0.08])) * (1 + torch.rand(6, 1, generator=g)
-                                                                            if per_row else 1.0)
+    alpha = (torch.full((6, 1), 0.08) if per_row else torch.tensor([0.08])) * (
+        1 + torch.rand(6, 1, generator=g) if per_row else 1.0
+    )
     alpha.requires_grad_()
     q = Q.SEQ(bits=2, per_row=per_row, narrow_range=ternary)
     out = q.fake_quant(w, alpha)

@@ -11,9 +11,17 @@ from kdqat_dist.models.student import load_student
 from kdqat_dist.models.subln import SubLNLinear
 from kdqat_dist.pipeline import evaluate_folder
 
-TINY = ["model.name_or_path=tiny-bert", "data.task=demo", "data.demo_size=200", "data.max_seq_length=32",
-        "train.max_steps=2", "train.eval_every=2", "train.batch_size=16", "train.progress=false",
-        "engine.backend=none"]
+TINY = [
+    "model.name_or_path=tiny-bert",
+    "data.task=demo",
+    "data.demo_size=200",
+    "data.max_seq_length=32",
+    "train.max_steps=2",
+    "train.eval_every=2",
+    "train.batch_size=16",
+    "train.progress=false",
+    "engine.backend=none",
+]
 
 
 @pytest.mark.parametrize("recipe", ["bitdistill_w158a8", "unified_relation_w2a8"])

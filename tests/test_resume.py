@@ -40,9 +40,19 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def _cfg(teacher: Path, out: Path, *extra: str):
-    return load_config("tiny_debug", [f"teacher.path={teacher}", f"train.output_dir={out}", "train.max_steps=8",
-                                      "train.save_every=3", "train.log_every=1", "train.eval_every=4",
-                                      "train.grad_accum=2", *extra])
+    return load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={teacher}",
+            f"train.output_dir={out}",
+            "train.max_steps=8",
+            "train.save_every=3",
+            "train.log_every=1",
+            "train.eval_every=4",
+            "train.grad_accum=2",
+            *extra,
+        ],
+    )
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(teacher, tmp_path):
@@ -79,8 +89,9 @@ def test_resume_with_other_settings_is_refused_and_touches_nothing(teacher, tmp_
     run(cfg, "train")
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     tb_before = sorted((tmp_path / "run" / "tb").iterdir())
-    changed = _cfg(teacher, tmp_path / "run", "train.max_steps=5", "quant.weight.bits=4", "quant.weight.method=sym",
-                   "train.lr=0.5")
+    changed = _cfg(
+        teacher, tmp_path / "run", "train.max_steps=5", "quant.weight.bits=4", "quant.weight.method=sym", "train.lr=0.5"
+    )
     with pytest.raises(ConfigError) as e:
         run(changed, "train", resume=True)
     msg = str(e.value)
@@ -135,8 +146,14 @@ def test_latest_never_names_a_partial_checkpoint(tmp_path):
 
 
 def test_only_the_newest_checkpoints_are_kept(teacher, tmp_path):
-    cfg = _cfg(teacher, tmp_path / "keep", "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2",
-               "train.grad_accum=1")
+    cfg = _cfg(
+        teacher,
+        tmp_path / "keep",
+        "train.max_steps=5",
+        "train.save_every=1",
+        "train.keep_checkpoints=2",
+        "train.grad_accum=1",
+    )
     run(cfg, "train")
     root = tmp_path / "keep" / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step0000004", "step0000005"]

@@ -8,8 +8,14 @@ from kdqat_dist.models.sliced_ffn import slice_feed_forward
 
 def test_sliced_feed_forward_gives_the_same_outputs_with_a_bounded_intermediate():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     whole = BertForSequenceClassification(cfg).eval()
     sliced = BertForSequenceClassification(cfg).eval()
     sliced.load_state_dict(whole.state_dict())

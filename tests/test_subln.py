@@ -57,8 +57,9 @@ def test_prepare_wraps_the_two_projections_and_computes_linear_of_layernorm(base
     # the parameters of the original projections are the same objects; the new norms are not decayed
     assert model.bert.encoder.layer[0].output.dense.linear.weight is w_down
     names = {id(p): n for n, p in model.named_parameters()}
-    no_decay = {names[id(p)] for g in param_groups(model, TrainConfig()) if g["name"] == "no_decay"
-                for p in g["params"]}
+    no_decay = {
+        names[id(p)] for g in param_groups(model, TrainConfig()) if g["name"] == "no_decay" for p in g["params"]
+    }
     assert "bert.encoder.layer.0.output.dense.LayerNorm.weight" in no_decay
     # a fresh LayerNorm is not the identity: the prepared model's output changes before training
     unquantized = prepare(copy.deepcopy(plain), QuantConfig(enabled=True, subln=True))
@@ -69,8 +70,9 @@ def test_prepare_wraps_the_two_projections_and_computes_linear_of_layernorm(base
         assert not torch.allclose(unquantized(**batch).logits, plain(**batch).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("weight", [dict(method="absmean", clip=None),
-                                    dict(method="seq", bits=2, granularity="row")], ids=["absmean", "seq"])
+@pytest.mark.parametrize(
+    "weight", [dict(method="absmean", clip=None), dict(method="seq", bits=2, granularity="row")], ids=["absmean", "seq"]
+)
 def test_student_with_subln_saves_and_loads_on_both_paths(base, tmp_path, weight):
     path, batch, tok = base
     quant = _quant(**weight)

@@ -33,8 +33,17 @@ def test_every_glue_task_and_demo_is_registered():
 
 @pytest.mark.parametrize(
     "alias, name",
-    [("SST-2", "sst2"), ("sst-2", "sst2"), ("sts-b", "stsb"), ("STS-B", "stsb"), ("STS_B", "stsb"),
-     ("MNLI", "mnli"), ("Rte", "rte"), (" qqp ", "qqp"), ("CoLA", "cola")],
+    [
+        ("SST-2", "sst2"),
+        ("sst-2", "sst2"),
+        ("sts-b", "stsb"),
+        ("STS-B", "stsb"),
+        ("STS_B", "stsb"),
+        ("MNLI", "mnli"),
+        ("Rte", "rte"),
+        (" qqp ", "qqp"),
+        ("CoLA", "cola"),
+    ],
 )
 def test_aliases(alias, name):
     assert get_task(DataConfig(task=alias)).name == name
@@ -53,8 +62,17 @@ def test_unknown_task_lists_the_allowed_names():
 
 def test_recipe_table_defaults():
     # ALGORITHMS.md B.1: (max_seq_len, eval every)
-    table = {"cola": (64, 50), "sst2": (64, 100), "mrpc": (128, 50), "stsb": (128, 100), "rte": (128, 20),
-             "qnli": (128, 1000), "qqp": (128, 1000), "mnli": (128, 8000), "demo": (64, 50)}
+    table = {
+        "cola": (64, 50),
+        "sst2": (64, 100),
+        "mrpc": (128, 50),
+        "stsb": (128, 100),
+        "rte": (128, 20),
+        "qnli": (128, 1000),
+        "qqp": (128, 1000),
+        "mnli": (128, 8000),
+        "demo": (64, 50),
+    }
     for name, (max_len, every) in table.items():
         spec = get_task(name)
         assert (spec.max_seq_length, spec.eval_every) == (max_len, every), name
@@ -82,8 +100,17 @@ def test_labels_and_eval_splits():
 
 
 def test_selection_metrics():
-    expected = {"cola": "mcc", "sst2": "acc", "mrpc": "acc_and_f1", "stsb": "corr", "qqp": "acc_and_f1",
-                "mnli": "acc", "qnli": "acc", "rte": "acc", "demo": "acc"}
+    expected = {
+        "cola": "mcc",
+        "sst2": "acc",
+        "mrpc": "acc_and_f1",
+        "stsb": "corr",
+        "qqp": "acc_and_f1",
+        "mnli": "acc",
+        "qnli": "acc",
+        "rte": "acc",
+        "demo": "acc",
+    }
     assert {n: get_task(n).selection_metric for n in expected} == expected
 
 
@@ -91,8 +118,9 @@ def test_selection_metrics():
 
 
 def test_custom_classification():
-    spec = get_task(DataConfig(task="custom", text_a="review", text_b="title", label="stars",
-                               label_list=["bad", "good", "great"]))
+    spec = get_task(
+        DataConfig(task="custom", text_a="review", text_b="title", label="stars", label_list=["bad", "good", "great"])
+    )
     assert spec.name == "custom" and spec.label_list == ("bad", "good", "great") and spec.num_labels == 3
     assert (spec.text_a, spec.text_b, spec.label) == ("review", "title", "stars")
     assert spec.selection_metric == "acc" and spec.max_seq_length == 128
@@ -107,11 +135,13 @@ def test_custom_regression_and_numbered_classes():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({}, "data.label_list"),
-     ({"label_list": ["a", "b"], "num_labels": 3}, "data.num_labels"),
-     ({"label_list": ["a"]}, "data.label_list"),
-     ({"label_list": ["a", "a"]}, "data.label_list"),
-     ({"num_labels": 0}, "data.num_labels")],
+    [
+        ({}, "data.label_list"),
+        ({"label_list": ["a", "b"], "num_labels": 3}, "data.num_labels"),
+        ({"label_list": ["a"]}, "data.label_list"),
+        ({"label_list": ["a", "a"]}, "data.label_list"),
+        ({"num_labels": 0}, "data.num_labels"),
+    ],
 )
 def test_custom_errors(kwargs, match):
     with pytest.raises(DataError, match=match):
@@ -194,7 +224,10 @@ def test_regression_shapes_and_constant_prediction():
 def test_custom_task_metrics_need_the_spec():
     reg = get_task(DataConfig(task="custom", num_labels=1))
     assert set(compute_metrics(reg, np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 2.5]))) == {
-        "pearson", "spearman", "corr"}
+        "pearson",
+        "spearman",
+        "corr",
+    }
     cls = get_task(DataConfig(task="custom", label_list=["a", "b", "c"]))
     assert compute_metrics(cls, np.array([0, 2, 1]), np.array([0, 2, 2])) == {"acc": pytest.approx(2 / 3)}
     with pytest.raises(DataError, match="TaskSpec"):

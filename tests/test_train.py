@@ -21,8 +21,16 @@ def test_finetune_checkpoint_reloads_with_identical_metrics(tiny_teacher):
 
 
 def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
-    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'run'}",
-                                     "train.max_steps=16", "train.eval_every=8", "train.lr=2e-4"])
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={tiny_teacher}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=16",
+            "train.eval_every=8",
+            "train.lr=2e-4",
+        ],
+    )
     trainer = Trainer(cfg, "train").setup()
     batch = {k: v for k, v in trainer._first_batch().items()}
     trainer.student.eval()
@@ -47,13 +55,20 @@ def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
     assert student.bert.encoder.layer[0].attention.self.query.weight_quant is not None
 
 
-def test_keeping_the_teacher_blocks_instead_of_recomputing_them_trains_bit_for_bit_the_same(tiny_teacher,
-                                                                                          tmp_path):
+def test_keeping_the_teacher_blocks_instead_of_recomputing_them_trains_bit_for_bit_the_same(tiny_teacher, tmp_path):
     logs = []
     for keep in ("true", "false"):
-        cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / keep}",
-                                         "train.max_steps=4", "train.eval_every=4", "train.log_every=1",
-                                         f"distill.recompute_teacher={keep}"])
+        cfg = load_config(
+            "tiny_debug",
+            [
+                f"teacher.path={tiny_teacher}",
+                f"train.output_dir={tmp_path / keep}",
+                "train.max_steps=4",
+                "train.eval_every=4",
+                "train.log_every=1",
+                f"distill.recompute_teacher={keep}",
+            ],
+        )
         trainer = Trainer(cfg, "train").setup()
         # what the map term keeps for its backward: the block's call, or the teacher's Q and K
         assert ("attention_call" if keep == "true" else "map_inputs") in trainer.objective.teacher_taps()
@@ -62,7 +77,8 @@ def test_keeping_the_teacher_blocks_instead_of_recomputing_them_trains_bit_for_b
     assert [r["step"] for r in logs[0]] == [1, 2, 3, 4]
     for a, b in zip(*logs, strict=True):
         assert {k: v for k, v in a.items() if k.startswith("loss")} == {
-            k: v for k, v in b.items() if k.startswith("loss")}
+            k: v for k, v in b.items() if k.startswith("loss")
+        }
 
 
 def test_nan_loss_stops_with_step_and_term(tiny_teacher, tmp_path):
@@ -81,8 +97,15 @@ def test_nan_loss_stops_with_step_and_term(tiny_teacher, tmp_path):
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_teacher, tmp_path):
-    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'r'}",
-                                     "train.max_steps=2", "train.eval_every=2"])
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={tiny_teacher}",
+            f"train.output_dir={tmp_path / 'r'}",
+            "train.max_steps=2",
+            "train.eval_every=2",
+        ],
+    )
     run(cfg, "train")
     stamp = (tmp_path / "r" / "metrics.json").read_text()
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -126,15 +149,25 @@ def test_tiny_teacher_learns_its_task_and_the_student_keeps_it(tmp_path):
     # KD-QAT steps keep most of it, and a student of the untrained checkpoint stays at chance.
     teacher = run(load_config("tiny_finetune", [f"train.output_dir={tmp_path / 't'}"]), "finetune")
     assert teacher["best"]["acc"] >= 0.85
-    student = run(load_config("tiny_debug", [f"teacher.path={tmp_path / 't' / 'model'}",
-                                             f"train.output_dir={tmp_path / 's'}"]), "train")
+    student = run(
+        load_config("tiny_debug", [f"teacher.path={tmp_path / 't' / 'model'}", f"train.output_dir={tmp_path / 's'}"]),
+        "train",
+    )
     assert student["teacher"]["acc"] == teacher["best"]["acc"]
     assert student["best"]["acc"] >= 0.75
 
 
 def test_teacher_stays_in_eval_mode_and_student_dropout_follows_train_dropout(tiny_teacher, tmp_path):
-    cfg = load_config("tiny_debug", [f"teacher.path={tiny_teacher}", f"train.output_dir={tmp_path / 'm'}",
-                                     "train.max_steps=2", "train.eval_every=1", "train.dropout=0.25"])
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={tiny_teacher}",
+            f"train.output_dir={tmp_path / 'm'}",
+            "train.max_steps=2",
+            "train.eval_every=1",
+            "train.dropout=0.25",
+        ],
+    )
     tr = Trainer(cfg, "train").setup()
     try:
         assert tr.teacher.config.hidden_dropout_prob > 0  # a realistic teacher: dropout on when training

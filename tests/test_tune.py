@@ -21,8 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-for _k, _v in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("MPLBACKEND", "Agg"),
-               ("KDQAT_CACHE", "/tmp/kdq_tune_cache"), ("TOKENIZERS_PARALLELISM", "false")):
+for _k, _v in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("RAY_AUTH_MODE", "disabled"),
+    ("MPLBACKEND", "Agg"),
+    ("KDQAT_CACHE", "/tmp/kdq_tune_cache"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+):
     os.environ.setdefault(_k, _v)
 
 from kdqat_dist.config import ConfigError, flat_keys  # noqa: E402
@@ -65,8 +70,12 @@ def _spec(tmp_path: Path, **raw) -> Path:
 
 
 def _starts(out: Path) -> dict[str, int]:
-    return {json.loads((d / "point.json").read_text())["point"]["train.seed"]:
-            len((d / "starts.log").read_text().splitlines()) for d in (out / "trials").iterdir()}
+    return {
+        json.loads((d / "point.json").read_text())["point"]["train.seed"]: len(
+            (d / "starts.log").read_text().splitlines()
+        )
+        for d in (out / "trials").iterdir()
+    }
 
 
 def _attempts(tdir: Path) -> list[str]:
@@ -93,17 +102,25 @@ def _expand(spec, n: int = 1) -> list[dict]:
 # --------------------------------------------------------------------------- bad input (no trial starts)
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"distill.gama": {"grid": [0.1, 0.5]}}, "search: unknown config key 'distill.gama' (did you mean "
-                                             "distill.gamma?)"),
-    ({"distill.gamma": {"grid": []}}, "search.distill.gamma.grid: empty list"),
-    ({"distill.gamma": "grid[]"}, "search.distill.gamma.grid: empty list"),
-    ({"train.lr": {"loguniform": [0, 1e-4]}}, "search.train.lr.loguniform: bounds must be > 0"),
-    ({"quant.weight.bits": {"grid": [2, 5]}}, "sweep point (quant.weight.bits=5): quant.weight.bits: got 5"),
-    ({"distill.gamma": {"grid": [0.5, 1.5]}}, "sweep point (distill.gamma=1.5): distill.gamma: got 1.5; must be in"),
-    ({"tune.num_workers": {"grid": [1, 2]}}, "cannot vary per trial"),
-    ({}, "search: empty"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        (
+            {"distill.gama": {"grid": [0.1, 0.5]}},
+            "search: unknown config key 'distill.gama' (did you mean distill.gamma?)",
+        ),
+        ({"distill.gamma": {"grid": []}}, "search.distill.gamma.grid: empty list"),
+        ({"distill.gamma": "grid[]"}, "search.distill.gamma.grid: empty list"),
+        ({"train.lr": {"loguniform": [0, 1e-4]}}, "search.train.lr.loguniform: bounds must be > 0"),
+        ({"quant.weight.bits": {"grid": [2, 5]}}, "sweep point (quant.weight.bits=5): quant.weight.bits: got 5"),
+        (
+            {"distill.gamma": {"grid": [0.5, 1.5]}},
+            "sweep point (distill.gamma=1.5): distill.gamma: got 1.5; must be in",
+        ),
+        ({"tune.num_workers": {"grid": [1, 2]}}, "cannot vary per trial"),
+        ({}, "search: empty"),
+    ],
+)
 def test_bad_search_space_fails_fast(tmp_path, search, message):
     with pytest.raises(ConfigError) as exc:
         load_spec(_spec(tmp_path, search=search))
@@ -117,19 +134,27 @@ def test_cli_bad_key_is_one_line_and_starts_nothing(tmp_path, capsys):
     path = _spec(tmp_path, search={"distill.attn_mapp.weight": {"grid": [0.1]}})
     assert main(["sweep", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("kdqat: error: search: unknown config key 'distill.attn_mapp.weight' "
-                   "(did you mean distill.attn_map.weight?)")
+    assert err == (
+        "kdqat: error: search: unknown config key 'distill.attn_mapp.weight' (did you mean distill.attn_map.weight?)"
+    )
     assert not (tmp_path / "sweep").exists()
 
 
 def test_spec_syntax_and_resolution(tmp_path):
-    spec = parse_spec({
-        "base": "tiny_debug", "teacher_path": "models/{data.task}",
-        "overrides": {"train.lr": "1e-4"},
-        "search": {"train.seed": "grid[42, 52, 62]", "distill.attn_output.weight": [0.1, 0.9],
-                   "train.lr": {"loguniform": ["1e-5", "1e-4"]}},
-        "variants": {"map": {"distill.attn_map.weight": 1.0}, "unified": {"distill.gamma": 0.5}},
-    }, cwd=tmp_path)
+    spec = parse_spec(
+        {
+            "base": "tiny_debug",
+            "teacher_path": "models/{data.task}",
+            "overrides": {"train.lr": "1e-4"},
+            "search": {
+                "train.seed": "grid[42, 52, 62]",
+                "distill.attn_output.weight": [0.1, 0.9],
+                "train.lr": {"loguniform": ["1e-5", "1e-4"]},
+            },
+            "variants": {"map": {"distill.attn_map.weight": 1.0}, "unified": {"distill.gamma": 0.5}},
+        },
+        cwd=tmp_path,
+    )
     assert spec.num_grid_points == 3 * 2 * 2
     assert [d.kind for d in spec.search] == ["grid", "grid", "loguniform"]
     assert spec.search[2].values == [1e-5, 1e-4]
@@ -141,9 +166,12 @@ def test_spec_syntax_and_resolution(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPEC_DIR.glob("*.yaml")))
 def test_shipped_specs_parse_expand_and_name_only_config_keys(name, tmp_path):
     raw = yaml.safe_load((SPEC_DIR / f"{name}.yaml").read_text())
-    named = [*raw.get("search", {}), *raw.get("overrides", {}),
-             *(k if k.startswith("tune.") else f"tune.{k}" for k in raw.get("tune", {})),
-             *(k for bundle in raw.get("variants", {}).values() for k in bundle)]
+    named = [
+        *raw.get("search", {}),
+        *raw.get("overrides", {}),
+        *(k if k.startswith("tune.") else f"tune.{k}" for k in raw.get("tune", {})),
+        *(k for bundle in raw.get("variants", {}).values() for k in bundle),
+    ]
     unknown = [k for k in named if KEY_ALIASES.get(k, k) not in flat_keys()]
     assert not unknown, f"ray_tune/{name}.yaml names keys that are not config keys: {unknown}"
     spec = load_spec(name, cwd=tmp_path)  # validates every grid point's full config, starts nothing
@@ -168,18 +196,37 @@ def test_shipped_specs_parse_expand_and_name_only_config_keys(name, tmp_path):
     assert cfg.teacher.path == str(tmp_path / template)
 
 
-@pytest.mark.parametrize("search", [
-    {"train.lr": {"uniform": [1.0e-4, 1.0e-3]}, "quant.weight.bits": {"choice": [2, 4, 8]},
-     "distill.gamma": {"loguniform": [0.05, 0.5]}},
-    {"train.lr": "uniform[1.0e-4, 1.0e-3]", "quant.weight.bits": "choice[2, 4, 8]",
-     "distill.gamma": "loguniform[0.05, 0.5]"},
-], ids=["long", "short"])
+@pytest.mark.parametrize(
+    "search",
+    [
+        {
+            "train.lr": {"uniform": [1.0e-4, 1.0e-3]},
+            "quant.weight.bits": {"choice": [2, 4, 8]},
+            "distill.gamma": {"loguniform": [0.05, 0.5]},
+        },
+        {
+            "train.lr": "uniform[1.0e-4, 1.0e-3]",
+            "quant.weight.bits": "choice[2, 4, 8]",
+            "distill.gamma": "loguniform[0.05, 0.5]",
+        },
+    ],
+    ids=["long", "short"],
+)
 def test_sampled_domains_draw_within_their_range(search):
-    spec = parse_spec({"base": "tiny_debug", "overrides": {"quant.weight.method": "sym"}, "search": search,
-                       "tune": {"num_samples": 3}})
+    spec = parse_spec(
+        {
+            "base": "tiny_debug",
+            "overrides": {"quant.weight.method": "sym"},
+            "search": search,
+            "tune": {"num_samples": 3},
+        }
+    )
     kinds = {d.key: (d.kind, d.values) for d in spec.search}
-    assert kinds == {"train.lr": ("uniform", [1e-4, 1e-3]), "quant.weight.bits": ("choice", [2, 4, 8]),
-                     "distill.gamma": ("loguniform", [0.05, 0.5])}
+    assert kinds == {
+        "train.lr": ("uniform", [1e-4, 1e-3]),
+        "quant.weight.bits": ("choice", [2, 4, 8]),
+        "distill.gamma": ("loguniform", [0.05, 0.5]),
+    }
     assert spec.num_grid_points == 1 and spec.base_config().tune.num_samples == 3
     drawn = [v["point"] for v in _expand(spec, 300)]
     lrs, bits, gammas = ([p[k] for p in drawn] for k in ("train.lr", "quant.weight.bits", "distill.gamma"))
@@ -193,16 +240,19 @@ def test_sampled_domains_draw_within_their_range(search):
         assert cfg.train.lr == point["train.lr"] and cfg.quant.weight.bits == point["quant.weight.bits"]
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "search.train.lr.uniform: low must be < high"),
-    ({"train.lr": "uniform[1e-4]"}, "search.train.lr.uniform: expected [low, high]"),
-    ({"train.lr": {"uniform": ["a", 1]}}, "search.train.lr.uniform: expected a number, got 'a'"),
-    ({"train.seed": {"choice": []}}, "search.train.seed.choice: empty list"),
-    ({"train.seed": "choice[]"}, "search.train.seed.choice: empty list"),
-    ({"train.seed": "choice(1, 2)"}, "search.train.seed: expected {grid: [...]}"),
-    ({"quant.weight.bits": "choice[2, 3]"}, "sweep point (quant.weight.bits=3)"),
-    ({"train.seed": {"choice": [1], "grid": [2]}}, "search.train.seed: expected exactly one of"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "search.train.lr.uniform: low must be < high"),
+        ({"train.lr": "uniform[1e-4]"}, "search.train.lr.uniform: expected [low, high]"),
+        ({"train.lr": {"uniform": ["a", 1]}}, "search.train.lr.uniform: expected a number, got 'a'"),
+        ({"train.seed": {"choice": []}}, "search.train.seed.choice: empty list"),
+        ({"train.seed": "choice[]"}, "search.train.seed.choice: empty list"),
+        ({"train.seed": "choice(1, 2)"}, "search.train.seed: expected {grid: [...]}"),
+        ({"quant.weight.bits": "choice[2, 3]"}, "sweep point (quant.weight.bits=3)"),
+        ({"train.seed": {"choice": [1], "grid": [2]}}, "search.train.seed: expected exactly one of"),
+    ],
+)
 def test_bad_sampled_domains_fail_fast(search, message):
     with pytest.raises(ConfigError) as exc:
         parse_spec({"base": "tiny_debug", "search": search})
@@ -210,17 +260,25 @@ def test_bad_sampled_domains_fail_fast(search, message):
 
 
 def test_task_is_an_alias_of_data_task(tmp_path):
-    spec = parse_spec({"base": "tiny_debug", "teacher_path": "models/{task}",
-                       "search": {"task": "grid[rte, sst2, cola]", "train.seed": "grid[42, 52]"},
-                       "variants": {"a": {"train.lr": 1e-4}}}, cwd=tmp_path)
+    spec = parse_spec(
+        {
+            "base": "tiny_debug",
+            "teacher_path": "models/{task}",
+            "search": {"task": "grid[rte, sst2, cola]", "train.seed": "grid[42, 52]"},
+            "variants": {"a": {"train.lr": 1e-4}},
+        },
+        cwd=tmp_path,
+    )
     assert [(d.key, d.values) for d in spec.search][0] == ("data.task", ["rte", "sst2", "cola"])
     assert spec.num_grid_points == 6
     cfg = spec.resolve({"data.task": "cola", "train.seed": 52}, "a")
     assert cfg.data.task == "cola" and cfg.teacher.path == str(tmp_path / "models" / "cola")
     assert {v["point"]["data.task"] for v in _expand(spec)} == {"rte", "sst2", "cola"}
     # also in overrides, variants and on the command line
-    spec = parse_spec({"base": "tiny_debug", "overrides": {"task": "rte"},
-                       "variants": {"s": {"task": "sst2"}, "d": {}}}, base_overrides=["train.seed=1"])
+    spec = parse_spec(
+        {"base": "tiny_debug", "overrides": {"task": "rte"}, "variants": {"s": {"task": "sst2"}, "d": {}}},
+        base_overrides=["train.seed=1"],
+    )
     assert spec.resolve({}, "d").data.task == "rte" and spec.resolve({}, "s").data.task == "sst2"
     spec = parse_spec({"base": "tiny_debug", "search": {"train.seed": [1]}}, base_overrides=["task=mrpc"])
     assert spec.base_config().data.task == "mrpc"
@@ -267,8 +325,7 @@ def test_one_stop_delivered_twice_is_one_graceful_stop():
 def test_resources_the_cluster_cannot_provide(tmp_path, ray_session, teacher):
     from kdqat_dist.tune.trainable import run_sweep
 
-    spec = load_spec(_spec(tmp_path, teacher_path=str(teacher), search={"train.seed": [42]},
-                           tune={"num_workers": 4}))
+    spec = load_spec(_spec(tmp_path, teacher_path=str(teacher), search={"train.seed": [42]}, tune={"num_workers": 4}))
     msg = r"tune: a trial needs 5 CPUs \(1 trial driver \+ tune.num_workers 4 .* but the Ray cluster has 3"
     with pytest.raises(ConfigError, match=msg):
         run_sweep(spec)
@@ -281,9 +338,14 @@ def test_resources_the_cluster_cannot_provide(tmp_path, ray_session, teacher):
 def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
     from kdqat_dist.tune.trainable import run_sweep
 
-    spec = load_spec(_spec(tmp_path, teacher_path=str(teacher),
-                           search={"distill.gamma": {"grid": [0.2, 0.8]}, "train.seed": {"grid": [42, 52]}},
-                           tune={"num_workers": 1, "max_failures": 0}))
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            teacher_path=str(teacher),
+            search={"distill.gamma": {"grid": [0.2, 0.8]}, "train.seed": {"grid": [42, 52]}},
+            tune={"num_workers": 1, "max_failures": 0},
+        )
+    )
     grid = run_sweep(spec, verbose=0)
     assert len(grid) == 4 and grid.num_errors == 0
     paths = write_report(spec.output_dir)
@@ -313,8 +375,9 @@ def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
         assert res.config["point"] == {"distill.gamma": row["gamma"], "train.seed": row["seed"]}
         tune_seen = _tune_records(res)
         history = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["history"]
-        assert [(t["step"], t["acc"], t["selection"]) for t in tune_seen] == \
-            [(h["step"], h["acc"], h["selection"]) for h in history]
+        assert [(t["step"], t["acc"], t["selection"]) for t in tune_seen] == [
+            (h["step"], h["acc"], h["selection"]) for h in history
+        ]
         assert row["selection"] == max(t["selection"] for t in tune_seen)
         assert row["best_step"] == tune_seen[-1]["best_step"]
         assert row["teacher_selection"] == tune_seen[-1]["teacher_selection"]
@@ -333,8 +396,13 @@ def test_resume_reruns_only_the_failed_trial(tmp_path, ray_session, teacher):
     teachers = tmp_path / "teachers"
     teachers.mkdir()
     (teachers / "42").symlink_to(teacher)
-    path = _spec(tmp_path, teacher_path=str(teachers / "{train.seed}"), search={"train.seed": [42, 52]},
-                 tune={"max_failures": 0}, max_concurrent=1)
+    path = _spec(
+        tmp_path,
+        teacher_path=str(teachers / "{train.seed}"),
+        search={"train.seed": [42, 52]},
+        tune={"max_failures": 0},
+        max_concurrent=1,
+    )
     out = tmp_path / "sweep"
     assert main(["sweep", "--config", str(path), "--quiet"]) == 1
     assert _starts(out) == {42: 1, 52: 1}
@@ -359,17 +427,24 @@ def test_ctrl_c_stops_the_driver_and_resume_skips_finished_trials(tmp_path, ray_
     train.lr (uniform) and train.seed (choice) with num_samples 2 and names the task by its alias."""
     from kdqat_dist.cli import main
 
-    path = _spec(tmp_path, teacher_path=str(teacher), max_concurrent=1,
-                 search={"task": "grid[demo]", "train.lr": "uniform[1.0e-4, 1.0e-3]",
-                         "train.seed": {"choice": [42, 52]}},
-                 tune={"num_samples": 2, "max_failures": 0})
+    path = _spec(
+        tmp_path,
+        teacher_path=str(teacher),
+        max_concurrent=1,
+        search={"task": "grid[demo]", "train.lr": "uniform[1.0e-4, 1.0e-3]", "train.seed": {"choice": [42, 52]}},
+        tune={"num_samples": 2, "max_failures": 0},
+    )
     out = tmp_path / "sweep"
     address = ray_session.get_runtime_context().gcs_address
     log = tmp_path / "driver.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "kdqat_dist.cli", "sweep", "--config", str(path),
-                                 "--quiet", "--address", address], stdout=f, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, env=dict(os.environ))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdqat_dist.cli", "sweep", "--config", str(path), "--quiet", "--address", address],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=dict(os.environ),
+        )
     try:
         deadline = time.monotonic() + 240
         while True:  # until one trial has finished training and the second has started
@@ -391,9 +466,10 @@ def test_ctrl_c_stops_the_driver_and_resume_skips_finished_trials(tmp_path, ray_
     text = log.read_text()
     assert rc == 130, text[-4000:]
     assert took < 45, f"exit took {took:.0f} s after SIGINT"
-    assert "kdqat sweep: interrupted by SIGINT with 1 of 2 trials finished training; the sweep state is " \
-           f"saved in {out / 'tune'}. Continue with: kdqat sweep --config {path} --address {address} --resume" \
-           in text, text[-4000:]
+    assert (
+        "kdqat sweep: interrupted by SIGINT with 1 of 2 trials finished training; the sweep state is "
+        f"saved in {out / 'tune'}. Continue with: kdqat sweep --config {path} --address {address} --resume" in text
+    ), text[-4000:]
     assert (out / "results.md").exists()  # the tables were written for the trials so far
     (first,) = done
     rest = next(d for d in (out / "trials").iterdir() if d != first)
@@ -426,13 +502,14 @@ def _custom_task(tmp_path: Path) -> dict:
 
     names = ("negative", "positive")
     demo = make_demo(200, 0)
-    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(
-        f"{r['text_a']}\t{names[r['label']]}\n" for r in demo["train"]))
+    (tmp_path / "train.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{r['text_a']}\t{names[r['label']]}\n" for r in demo["train"])
+    )
     for label in names:
-        (tmp_path / f"dev_{label}.tsv").write_text("sentence\tlabel\n" + "".join(
-            f"{r['text_a']}\t{label}\n" for r in demo["dev"][:29]))
-    return {"data.task": "custom", "data.train_file": str(tmp_path / "train.tsv"),
-            "data.label_list": list(names)}
+        (tmp_path / f"dev_{label}.tsv").write_text(
+            "sentence\tlabel\n" + "".join(f"{r['text_a']}\t{label}\n" for r in demo["dev"][:29])
+        )
+    return {"data.task": "custom", "data.train_file": str(tmp_path / "train.tsv"), "data.label_list": list(names)}
 
 
 def _asha_decisions(histories: list[list[float]]) -> list[bool]:
@@ -466,10 +543,14 @@ def test_asha_stops_trials_early_and_a_crashed_trial_is_retried(tmp_path, ray_se
     from kdqat_dist.tune.trainable import run_sweep
 
     dev = [str(tmp_path / f"dev_{x}.tsv") for x in ("negative", "positive", "negative")]
-    path = _spec(tmp_path, teacher_path=str(teacher), max_concurrent=1,
-                 overrides={**_custom_task(tmp_path), "train.max_steps": 4, "train.eval_every": 2},
-                 search={"data.dev_file": {"grid": dev}},
-                 tune={"scheduler": "asha", "grace_period": 1, "max_failures": 1})
+    path = _spec(
+        tmp_path,
+        teacher_path=str(teacher),
+        max_concurrent=1,
+        overrides={**_custom_task(tmp_path), "train.max_steps": 4, "train.eval_every": 2},
+        search={"data.dev_file": {"grid": dev}},
+        tune={"scheduler": "asha", "grace_period": 1, "max_failures": 1},
+    )
     spec = load_spec(path)
     trials = spec.output_dir / "trials"
     killed: list[str] = []
@@ -520,9 +601,15 @@ def test_asha_stops_trials_early_and_a_crashed_trial_is_retried(tmp_path, ray_se
 def test_two_deepspeed_workers_per_trial(tmp_path, ray_session, teacher):
     from kdqat_dist.tune.trainable import run_sweep
 
-    spec = load_spec(_spec(tmp_path, teacher_path=str(teacher), search={"train.seed": [42]},
-                           overrides={"engine.zero_stage": 2},
-                           tune={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0}))
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            teacher_path=str(teacher),
+            search={"train.seed": [42]},
+            overrides={"engine.zero_stage": 2},
+            tune={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
+        )
+    )
     grid = run_sweep(spec, verbose=0)
     assert grid.num_errors == 0, [r.error for r in grid]
     rows, _ = collect_rows(spec.output_dir)
@@ -539,6 +626,9 @@ def test_two_deepspeed_workers_per_trial(tmp_path, ray_session, teacher):
 def test_csv_numbers_are_rounded_for_reading(tmp_path):
     from kdqat_dist.tune.results import _write_csv
 
-    _write_csv(tmp_path / "r.csv", [{"gamma": 0.09999999999999998, "acc": 0.8765432109876, "seed": 42,
-                                     "run_dir": "x"}], ["gamma", "acc", "seed", "run_dir"])
+    _write_csv(
+        tmp_path / "r.csv",
+        [{"gamma": 0.09999999999999998, "acc": 0.8765432109876, "seed": 42, "run_dir": "x"}],
+        ["gamma", "acc", "seed", "run_dir"],
+    )
     assert (tmp_path / "r.csv").read_text().splitlines()[1] == "0.1,0.876543,42,x"

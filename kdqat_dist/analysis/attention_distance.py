@@ -23,8 +23,10 @@ __all__ = ["cover_length_ratio", "head_kl", "ranking_loss"]
 
 def _check(p_s: torch.Tensor, p_t: torch.Tensor, name: str) -> None:
     if p_s.shape != p_t.shape or p_s.dim() != 3 or p_s.shape[-1] != p_s.shape[-2]:
-        raise ValueError(f"{name}: expected two [H, S, S] probability tensors of one sample, "
-                         f"got {tuple(p_s.shape)} and {tuple(p_t.shape)}")
+        raise ValueError(
+            f"{name}: expected two [H, S, S] probability tensors of one sample, "
+            f"got {tuple(p_s.shape)} and {tuple(p_t.shape)}"
+        )
 
 
 def head_kl(p_s: torch.Tensor, p_t: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -44,8 +46,7 @@ def head_kl(p_s: torch.Tensor, p_t: torch.Tensor, eps: float = 1e-8) -> torch.Te
     _check(p_s, p_t, "head_kl")
     mask = torch.ones(1, p_s.shape[-1], dtype=torch.long, device=p_s.device)
     s, t = p_s.double(), p_t.double()
-    return torch.stack([attention_map_kl(s[h][None, None], t[h][None, None], mask, eps)
-                        for h in range(p_s.shape[0])])
+    return torch.stack([attention_map_kl(s[h][None, None], t[h][None, None], mask, eps) for h in range(p_s.shape[0])])
 
 
 def ranking_loss(p_s: torch.Tensor, p_t: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -70,7 +71,7 @@ def ranking_loss(p_s: torch.Tensor, p_t: torch.Tensor, chunk_elems: int = 1 << 2
     rows = max(1, chunk_elems // max(1, h * s * s))
     total = torch.zeros(h, dtype=torch.float64, device=p_s.device)
     for i in range(0, s, rows):
-        ps, pt = p_s[:, i:i + rows].double(), p_t[:, i:i + rows].double()
+        ps, pt = p_s[:, i : i + rows].double(), p_t[:, i : i + rows].double()
         ds = ps[..., :, None] - ps[..., None, :]  # [H, r, S, S]
         st = torch.sign(pt[..., :, None] - pt[..., None, :])
         # Ordered pairs (j, k) and (k, j) give the same term and the diagonal gives 0: halve the sum.

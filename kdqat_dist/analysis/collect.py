@@ -74,13 +74,13 @@ def collect(
     n_heads = _heads(layers["teacher"][0])
     for name, ls in layers.items():
         if len(ls) != n_layers or _heads(ls[0]) != n_heads:
-            raise ValueError(f"collect: {name} has {len(ls)} layers x {_heads(ls[0])} heads, the teacher "
-                             f"{n_layers} x {n_heads}")
+            raise ValueError(
+                f"collect: {name} has {len(ls)} layers x {_heads(ls[0])} heads, the teacher {n_layers} x {n_heads}"
+            )
     for m in models.values():
         m.eval()
     dist = {s: {k: np.zeros((len(examples), n_layers, n_heads)) for k in DISTANCES} for s in students}
-    rng = {m: {"min": np.zeros((len(examples), n_layers)), "max": np.zeros((len(examples), n_layers))}
-           for m in models}
+    rng = {m: {"min": np.zeros((len(examples), n_layers)), "max": np.zeros((len(examples), n_layers))} for m in models}
     acc = {m: NormAccumulator(n_layers, n_heads) for m in models}
     lengths = []
     for n, ex in enumerate(tqdm(examples, desc="attention and norms", disable=not progress, leave=False)):
@@ -98,8 +98,7 @@ def collect(
                 out = taps["attn_output"][l]  # [S, D]
                 rng[name]["min"][n, l] = float(out.min())
                 rng[name]["max"][n, l] = float(out.max())
-                acc[name].add(l, norm_decomposition(layers[name][l], taps["hidden"][l], taps["probs"][l]),
-                              classes)
+                acc[name].add(l, norm_decomposition(layers[name][l], taps["hidden"][l], taps["probs"][l]), classes)
             acc[name].count(classes)
             if n == 0:
                 att = torch.stack([taps["attn_output"][l] for l in range(n_layers)])  # [L, S, D]
@@ -113,8 +112,12 @@ def collect(
                 dist[name]["kl"][n, l] = head_kl(ps, pt).cpu().numpy()
                 dist[name]["ranking_loss"][n, l] = ranking_loss(ps, pt).cpu().numpy()
                 dist[name]["cover_length_ratio"][n, l] = cover_length_ratio(ps, pt, top_k).cpu().numpy()
-    return {"distance": dist, "dynamic_range": rng, "norms": {m: a.result() for m, a in acc.items()},
-            "lengths": np.asarray(lengths)}
+    return {
+        "distance": dist,
+        "dynamic_range": rng,
+        "norms": {m: a.result() for m, a in acc.items()},
+        "lengths": np.asarray(lengths),
+    }
 
 
 def _heads(layer: nn.Module) -> int:

@@ -19,8 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["EigenResult", "hessian_loss", "max_eigenvalue_spectrum", "norm_penalty_hvp", "norm_penalty_max_eigenvalue",
-           "power_iteration"]
+__all__ = [
+    "EigenResult",
+    "hessian_loss",
+    "max_eigenvalue_spectrum",
+    "norm_penalty_hvp",
+    "norm_penalty_max_eigenvalue",
+    "power_iteration",
+]
 
 
 @dataclass
@@ -78,8 +84,7 @@ def power_iteration(
         :class:`EigenResult` with ``top_n`` entries, in order of discovery (by decreasing magnitude).
     """
     if top_n < 1 or max_iter < 1 or tol <= 0:
-        raise ValueError(f"power_iteration: need top_n >= 1, max_iter >= 1 and tol > 0, "
-                         f"got {top_n}, {max_iter}, {tol}")
+        raise ValueError(f"power_iteration: need top_n >= 1, max_iter >= 1 and tol > 0, got {top_n}, {max_iter}, {tol}")
     params = [p for p in params if p.requires_grad]
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     # Only gradients that still depend on the parameters have a Hessian block autograd can give.
@@ -93,9 +98,14 @@ def power_iteration(
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(params)
         if active:
-            hv = torch.autograd.grad([grads[i] for i in active], [params[i] for i in active],
-                                     grad_outputs=[v[i] for i in active], retain_graph=True, allow_unused=True,
-                                     materialize_grads=True)
+            hv = torch.autograd.grad(
+                [grads[i] for i in active],
+                [params[i] for i in active],
+                grad_outputs=[v[i] for i in active],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
             for i, h in zip(active, hv, strict=True):
                 out[i] = h.detach()
         if extra_hvp is not None:
@@ -155,8 +165,9 @@ def norm_penalty_hvp(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], 
     return out
 
 
-def hessian_loss(model: nn.Module, example: dict[str, torch.Tensor], norm_weight: float = 0.01,
-                 regression: bool = False) -> torch.Tensor:
+def hessian_loss(
+    model: nn.Module, example: dict[str, torch.Tensor], norm_weight: float = 0.01, regression: bool = False
+) -> torch.Tensor:
     """The reference's loss for one example: CE (MSE for regression) + ``norm_weight``·Σ_p ‖p‖₂.
 
     A parameter tensor that is exactly zero adds nothing: ‖p‖ is not differentiable at 0 (its Hessian
@@ -211,8 +222,15 @@ def max_eigenvalue_spectrum(
         for ex in tqdm(examples, desc=progress, disable=progress is None, leave=False):
             with torch.enable_grad():
                 # The norm term's Hessian is added in closed form: same result, several times faster.
-                r = power_iteration(hessian_loss(model, ex, 0.0, regression), params, top_n, max_iter, tol, gen,
-                                    extra_hvp=penalty if norm_weight else None)
+                r = power_iteration(
+                    hessian_loss(model, ex, 0.0, regression),
+                    params,
+                    top_n,
+                    max_iter,
+                    tol,
+                    gen,
+                    extra_hvp=penalty if norm_weight else None,
+                )
             eig.append(r.eigenvalues)
             its.append(r.iterations)
             conv.append(r.converged)
@@ -221,7 +239,9 @@ def max_eigenvalue_spectrum(
             p.requires_grad_(f)
         model.train(was_training)
     shape = (len(examples), top_n)
-    return {"norm_term_eigenvalue": np.float64(norm_penalty_max_eigenvalue(list(model.parameters()), norm_weight)),
-            "eigenvalues": np.asarray(eig, dtype=np.float64).reshape(shape),
-            "iterations": np.asarray(its, dtype=np.int64).reshape(shape),
-            "converged": np.asarray(conv, dtype=bool).reshape(shape)}
+    return {
+        "norm_term_eigenvalue": np.float64(norm_penalty_max_eigenvalue(list(model.parameters()), norm_weight)),
+        "eigenvalues": np.asarray(eig, dtype=np.float64).reshape(shape),
+        "iterations": np.asarray(its, dtype=np.int64).reshape(shape),
+        "converged": np.asarray(conv, dtype=bool).reshape(shape),
+    }

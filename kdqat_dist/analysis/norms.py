@@ -42,8 +42,7 @@ __all__ = [
 ]
 
 TOKEN_CLASSES = ("cls", "sep", "punct", "other", "all")
-CLASS_LABELS = {"cls": "[CLS]", "sep": "[SEP]", "punct": "punctuation", "other": "other tokens",
-                "all": "all tokens"}
+CLASS_LABELS = {"cls": "[CLS]", "sep": "[SEP]", "punct": "punctuation", "other": "other tokens", "all": "all tokens"}
 
 
 def _is_punctuation(token: str) -> bool:
@@ -190,5 +189,8 @@ class NormAccumulator:
 
 def layer_summary(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-layer curves [L, C]: α and ‖f(x)‖ averaged over heads, and ‖Σ_h αf(x)‖."""
-    return {"alpha": result["alpha"].mean(axis=1), "f_norm": result["f_norm"].mean(axis=1),
-            "sum_af_norm": result["sum_af_norm"]}
+    return {
+        "alpha": result["alpha"].mean(axis=1),
+        "f_norm": result["f_norm"].mean(axis=1),
+        "sum_af_norm": result["sum_af_norm"],
+    }

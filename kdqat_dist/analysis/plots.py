@@ -118,8 +118,14 @@ def plot_distance_heatmaps(dist: Mapping[str, Mapping[str, np.ndarray]], path: P
     return _save(fig, path)
 
 
-def plot_distance_layers(mean: Mapping[str, Mapping[str, np.ndarray]], std: Mapping[str, Mapping[str, np.ndarray]],
-                         n_samples: int, path: Path, top_k: int = 5, identical_cover: float | None = None) -> Path:
+def plot_distance_layers(
+    mean: Mapping[str, Mapping[str, np.ndarray]],
+    std: Mapping[str, Mapping[str, np.ndarray]],
+    n_samples: int,
+    path: Path,
+    top_k: int = 5,
+    identical_cover: float | None = None,
+) -> Path:
     """Per-layer curves (mean over heads) of the three distances, one line per student.
 
     Args:
@@ -174,8 +180,7 @@ def plot_dynamic_range_layers(rng: Mapping[str, Mapping[str, np.ndarray]], path:
         for key, ls in (("max", "-"), ("min", "--")):
             v = np.asarray(r[key])
             x = np.arange(v.shape[1])
-            ax.plot(x, v.mean(0), ls=ls, marker="o", ms=3, color=col[name],
-                    label=f"{name} {key}")
+            ax.plot(x, v.mean(0), ls=ls, marker="o", ms=3, color=col[name], label=f"{name} {key}")
             ax.fill_between(x, v.min(0), v.max(0), color=col[name], alpha=0.1, lw=0)
     ax.axhline(0, color="gray", lw=0.6)
     ax.set_xlabel("layer")
@@ -184,13 +189,15 @@ def plot_dynamic_range_layers(rng: Mapping[str, Mapping[str, np.ndarray]], path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     n = next(iter(rng.values()))["min"].shape[0]
-    ax.set_title(f"Attention-output dynamic range per layer\n(min/max over tokens and hidden units; "
-                 f"line: mean, band: range over {n} samples)", fontsize=10)
+    ax.set_title(
+        f"Attention-output dynamic range per layer\n(min/max over tokens and hidden units; "
+        f"line: mean, band: range over {n} samples)",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
-def plot_dynamic_range_tokens(rng: Mapping[str, Mapping[str, np.ndarray]], tokens: Sequence[str],
-                              path: Path) -> Path:
+def plot_dynamic_range_tokens(rng: Mapping[str, Mapping[str, np.ndarray]], tokens: Sequence[str], path: Path) -> Path:
     """One panel per layer: per-token max (solid) and min (dashed) over the hidden units, first sample.
 
     Args:
@@ -279,8 +286,16 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
                 empty &= not np.isfinite(y).any()
                 ax.plot(np.arange(len(y)), y, marker="o", ms=3, color=col[name], label=name)
             if empty:
-                ax.text(0.5, 0.5, "no such tokens\nin the sample", ha="center", va="center",
-                        transform=ax.transAxes, color="gray", fontsize=8)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no such tokens\nin the sample",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="gray",
+                    fontsize=8,
+                )
             if i == 0:
                 ax.set_title(CLASS_LABELS[cls], fontsize=10)
             if j == 0:
@@ -300,8 +315,9 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
 # --------------------------------------------------------------------------- Exp2
 
 
-def gaussian_density(values: np.ndarray, grid: np.ndarray | None = None, points: int = 400,
-                     min_bandwidth: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
+def gaussian_density(
+    values: np.ndarray, grid: np.ndarray | None = None, points: int = 400, min_bandwidth: float = 0.0
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Gaussian KDE (Scott's bandwidth) of ``values``: (grid, density), None for < 2 distinct values.
 
     Without ``grid`` the density is evaluated on ``points`` points spanning the values ± 3 bandwidths, so
@@ -323,8 +339,9 @@ def gaussian_density(values: np.ndarray, grid: np.ndarray | None = None, points:
     return grid, kde(grid)
 
 
-def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path,
-                          norm_term: Mapping[str, float] | None = None) -> Path:
+def plot_hessian_spectrum(
+    eigs: Mapping[str, np.ndarray], path: Path, norm_term: Mapping[str, float] | None = None
+) -> Path:
     """Densities of the per-example dominant Hessian eigenvalues, positive and negative ones apart.
 
     When the eigenvalues of a panel span more than two decades (models of very different curvature),
@@ -352,8 +369,7 @@ def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path,
         else:
             ax.set_xlabel("dominant Hessian eigenvalue λ_max")
         if pooled.size == 0:
-            ax.text(0.5, 0.5, "none in this sample", ha="center", va="center", transform=ax.transAxes,
-                    color="gray")
+            ax.text(0.5, 0.5, "none in this sample", ha="center", va="center", transform=ax.transAxes, color="gray")
             ax.set_xticks([])
             ax.set_yticks([])
         span = float(np.ptp(np.concatenate([*sets.values(), np.zeros(0)]))) if pooled.size else 0.0
@@ -376,8 +392,7 @@ def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path,
             else:
                 ax.axvline(float(e[0]), color=col[m], ls=":", label=label + ", one value")
             # rug: one tick per example, just above the x axis
-            ax.plot(e, np.full(e.shape, 0.02), "|", color=col[m], ms=12, mew=1.2,
-                    transform=ax.get_xaxis_transform())
+            ax.plot(e, np.full(e.shape, 0.02), "|", color=col[m], ms=12, mew=1.2, transform=ax.get_xaxis_transform())
         if pooled.size:
             ax.set_ylim(bottom=0)
             ax.set_ylabel("density")
@@ -385,6 +400,9 @@ def plot_hessian_spectrum(eigs: Mapping[str, np.ndarray], path: Path,
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     dashed = "; dashed: the norm term's own λ_max" if norm_term and any(v > 0 for v in norm_term.values()) else ""
-    fig.suptitle("Hessian max-eigenvalue spectrum over dev examples (power iteration per example; "
-                 f"Gaussian KDE; ticks: examples{dashed})", fontsize=10)
+    fig.suptitle(
+        "Hessian max-eigenvalue spectrum over dev examples (power iteration per example; "
+        f"Gaussian KDE; ticks: examples{dashed})",
+        fontsize=10,
+    )
     return _save(fig, path)

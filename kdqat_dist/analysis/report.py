@@ -38,8 +38,17 @@ from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier
 from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
 
-__all__ = ["FIGURES", "AnalyzeOptions", "analyze", "analyze_models", "load_models", "parse_student_spec",
-           "run_config", "student_names", "write_report"]
+__all__ = [
+    "FIGURES",
+    "AnalyzeOptions",
+    "analyze",
+    "analyze_models",
+    "load_models",
+    "parse_student_spec",
+    "run_config",
+    "student_names",
+    "write_report",
+]
 
 FIGURES = (
     "attention_distance_heatmaps.png",
@@ -51,8 +60,14 @@ FIGURES = (
     "norms_layers_difference.png",
     "hessian_spectrum.png",
 )
-ARCH_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
-               "vocab_size")
+ARCH_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 @dataclass
@@ -126,8 +141,10 @@ def student_names(specs: Sequence[str]) -> dict[str, Path]:
         name, path = parse_student_spec(spec)
         if name is not None:
             if name == "teacher" or name in out:
-                raise ConfigError(f"--student {spec}: the name {name!r} is "
-                                  f"{'reserved' if name == 'teacher' else 'used twice'}; choose another NAME")
+                raise ConfigError(
+                    f"--student {spec}: the name {name!r} is "
+                    f"{'reserved' if name == 'teacher' else 'used twice'}; choose another NAME"
+                )
             out[name] = path
             continue
         p = path.resolve()
@@ -147,8 +164,10 @@ def _resolve_teacher(path: Path) -> Path:
     if not (path / "config.json").exists():
         raise ConfigError(f"--teacher: {path} has no config.json (not a Hugging Face model folder)")
     if is_student_dir(path):
-        raise ConfigError(f"--teacher: {path} is a kdqat student folder; the teacher is the full-precision "
-                          "model written by `kdqat finetune`")
+        raise ConfigError(
+            f"--teacher: {path} is a kdqat student folder; the teacher is the full-precision "
+            "model written by `kdqat finetune`"
+        )
     return path
 
 
@@ -158,8 +177,10 @@ def _resolve_student(path: Path) -> Path:
     if not is_student_dir(path) and is_student_dir(path / "student"):
         return path / "student"  # a train run folder
     if not is_student_dir(path):
-        raise ConfigError(f"--student: {path} is not a kdqat student folder (no {STUDENT_META}); give the "
-                          "student/ folder written by `kdqat train`")
+        raise ConfigError(
+            f"--student: {path} is not a kdqat student folder (no {STUDENT_META}); give the "
+            "student/ folder written by `kdqat train`"
+        )
     return path
 
 
@@ -167,13 +188,19 @@ def _check_architecture(name: str, t_cfg, s_cfg) -> None:
     for f in ARCH_FIELDS:
         tv, sv = getattr(t_cfg, f, None), getattr(s_cfg, f, None)
         if tv != sv:
-            raise ConfigError(f"--student {name}: architecture differs from the teacher ({f}: teacher {tv}, "
-                              f"student {sv}); the analysis compares layer by layer and head by head")
+            raise ConfigError(
+                f"--student {name}: architecture differs from the teacher ({f}: teacher {tv}, "
+                f"student {sv}); the analysis compares layer by layer and head by head"
+            )
 
 
 def _tokenizer_spec(tok) -> dict:
-    spec: dict[str, Any] = {"vocab": tok.get_vocab(), "cls": tok.cls_token_id, "sep": tok.sep_token_id,
-                            "pad": tok.pad_token_id}
+    spec: dict[str, Any] = {
+        "vocab": tok.get_vocab(),
+        "cls": tok.cls_token_id,
+        "sep": tok.sep_token_id,
+        "pad": tok.pad_token_id,
+    }
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
         full = json.loads(backend.to_str())
@@ -185,14 +212,20 @@ def _check_tokenizer(name: str, t_tok, s_tok) -> None:
     a, b = _tokenizer_spec(t_tok), _tokenizer_spec(s_tok)
     for key in ("vocab", "cls", "sep", "pad", "normalizer", "pre_tokenizer", "model"):
         if a.get(key) != b.get(key):
-            what = (f"vocabularies differ ({len(a['vocab'])} vs {len(b['vocab'])} tokens)" if key == "vocab"
-                    else f"{key} differs")
-            raise ConfigError(f"--student {name}: its tokenizer does not match the teacher's ({what}); "
-                              "both must tokenize the dev set identically")
+            what = (
+                f"vocabularies differ ({len(a['vocab'])} vs {len(b['vocab'])} tokens)"
+                if key == "vocab"
+                else f"{key} differs"
+            )
+            raise ConfigError(
+                f"--student {name}: its tokenizer does not match the teacher's ({what}); "
+                "both must tokenize the dev set identically"
+            )
 
 
-def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
-                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, nn.Module], Any]:
+def load_models(
+    teacher: str | Path, students: Sequence[str], num_labels: int, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, nn.Module], Any]:
     """Load and check the teacher (FP, ``kdqat`` attention) and the students; returns them and the tokenizer.
 
     Raises:
@@ -212,8 +245,7 @@ def load_models(teacher: str | Path, students: Sequence[str], num_labels: int,
         s_cfg = AutoConfig.from_pretrained(path)
         _check_architecture(name, t_cfg, s_cfg)
         if s_cfg.num_labels != num_labels:
-            raise ConfigError(f"--student {name}: {path} has {s_cfg.num_labels} labels but the task has "
-                              f"{num_labels}")
+            raise ConfigError(f"--student {name}: {path} has {s_cfg.num_labels} labels but the task has {num_labels}")
         if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
             _check_tokenizer(name, t_tok, AutoTokenizer.from_pretrained(path))
     t_model = load_classifier(str(t_dir), num_labels, "eager")
@@ -233,9 +265,11 @@ def _dev_sample(cfg, samples: int, seed: int):
         if "no dev split" in str(exc):
             where = str(exc).split(": no dev split")[0]
             where = f"{where} is not set" if where.startswith("data.") else f"{where} not found"
-            raise ConfigError(f"data: task {task.name} has no dev split ({where}); `kdqat analyze` "
-                              "runs on dev examples: add the dev file (a GLUE folder's dev.tsv, or "
-                              "data.dev_file beside data.train_file)") from None
+            raise ConfigError(
+                f"data: task {task.name} has no dev split ({where}); `kdqat analyze` "
+                "runs on dev examples: add the dev file (a GLUE folder's dev.tsv, or "
+                "data.dev_file beside data.train_file)"
+            ) from None
         raise
     dev = splits["dev"]
     n = min(samples, len(dev))
@@ -291,8 +325,13 @@ def analyze_models(
         out["distance"][s] = {}
         for m, v in metrics.items():  # v: [N, L, H]
             head_mean = v.mean(axis=2)  # [N, L]
-            out["distance"][s][m] = {"mean": v.mean(0), "std": v.std(0), "layer_mean": head_mean.mean(0),
-                                     "layer_std": head_mean.std(0), "per_sample": v}
+            out["distance"][s][m] = {
+                "mean": v.mean(0),
+                "std": v.std(0),
+                "layer_mean": head_mean.mean(0),
+                "layer_std": head_mean.std(0),
+                "per_sample": v,
+            }
     out["norms"] = {}
     for name, r in raw["norms"].items():
         out["norms"][name] = {**r, "layer": layer_summary(r)}
@@ -306,9 +345,17 @@ def analyze_models(
     if hessian_samples > 0:
         hx = list(examples)[:hessian_samples]
         out["hessian"] = {
-            name: max_eigenvalue_spectrum(m, hx, hessian_top_n, hessian_iters, hessian_tol,
-                                          hessian_norm_weight, regression, seed,
-                                          f"Hessian {name}" if progress else None)
+            name: max_eigenvalue_spectrum(
+                m,
+                hx,
+                hessian_top_n,
+                hessian_iters,
+                hessian_tol,
+                hessian_norm_weight,
+                regression,
+                seed,
+                f"Hessian {name}" if progress else None,
+            )
             for name, m in {"teacher": teacher, **students}.items()
         }
     return out
@@ -350,8 +397,9 @@ DIMS = {
 }
 
 
-def write_report(results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[str, Any],
-                 example_tokens: Sequence[str]) -> list[Path]:
+def write_report(
+    results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[str, Any], example_tokens: Sequence[str]
+) -> list[Path]:
     """Write ``analysis.json``, the PNG figures and ``summary.md`` into ``out_dir``; returns the paths."""
     from kdqat_dist.analysis import plots as P  # lazy: matplotlib is slow to import
 
@@ -361,27 +409,47 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[
     n = len(results["lengths"])
     dist = results["distance"]
     written = [
-        P.plot_distance_heatmaps({s: {m: d[m]["mean"] for m in DISTANCES} for s, d in dist.items()},
-                                 out / "attention_distance_heatmaps.png", top_k),
-        P.plot_distance_layers({s: {m: d[m]["layer_mean"] for m in DISTANCES} for s, d in dist.items()},
-                               {s: {m: d[m]["layer_std"] for m in DISTANCES} for s, d in dist.items()},
-                               n, out / "attention_distance_layers.png", top_k, results["identical_cover"]),
+        P.plot_distance_heatmaps(
+            {s: {m: d[m]["mean"] for m in DISTANCES} for s, d in dist.items()},
+            out / "attention_distance_heatmaps.png",
+            top_k,
+        ),
+        P.plot_distance_layers(
+            {s: {m: d[m]["layer_mean"] for m in DISTANCES} for s, d in dist.items()},
+            {s: {m: d[m]["layer_std"] for m in DISTANCES} for s, d in dist.items()},
+            n,
+            out / "attention_distance_layers.png",
+            top_k,
+            results["identical_cover"],
+        ),
         P.plot_dynamic_range_layers(results["dynamic_range"], out / "dynamic_range_layers.png"),
         P.plot_dynamic_range_tokens(results["dynamic_range"], example_tokens, out / "dynamic_range_tokens.png"),
     ]
     norms = results["norms"]
     written += [P.plot_norm_heads(norms, c, out / f"norms_heads_{c}.png") for c in TOKEN_CLASSES]
-    written.append(P.plot_norm_layers({m: r["layer"] for m, r in norms.items()},
-                                      out / "norms_layers_values.png", difference=False))
-    written.append(P.plot_norm_layers({s: d["layer_abs"] for s, d in results["norm_difference"].items()},
-                                      out / "norms_layers_difference.png", difference=True))
+    written.append(
+        P.plot_norm_layers({m: r["layer"] for m, r in norms.items()}, out / "norms_layers_values.png", difference=False)
+    )
+    written.append(
+        P.plot_norm_layers(
+            {s: d["layer_abs"] for s, d in results["norm_difference"].items()},
+            out / "norms_layers_difference.png",
+            difference=True,
+        )
+    )
     if "hessian" in results:
-        written.append(P.plot_hessian_spectrum(
-            {m: h["eigenvalues"][:, 0] for m, h in results["hessian"].items()}, out / "hessian_spectrum.png",
-            {m: float(h["norm_term_eigenvalue"]) for m, h in results["hessian"].items()}))
-    doc = {"meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS,
-                    "figures": [p.name for p in written]},
-           "example_tokens": list(example_tokens), **results}
+        written.append(
+            P.plot_hessian_spectrum(
+                {m: h["eigenvalues"][:, 0] for m, h in results["hessian"].items()},
+                out / "hessian_spectrum.png",
+                {m: float(h["norm_term_eigenvalue"]) for m, h in results["hessian"].items()},
+            )
+        )
+    doc = {
+        "meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS, "figures": [p.name for p in written]},
+        "example_tokens": list(example_tokens),
+        **results,
+    }
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
     md_path = out / "summary.md"
@@ -415,52 +483,90 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
     ]
     for s, d in results["distance"].items():
         lines.append(f"| {s} | " + " | ".join(_fmt(float(d[m]["mean"].mean())) for m in DISTANCES) + " |")
-    lines += ["", "![attention distance heat maps](attention_distance_heatmaps.png)", "",
-              "![attention distance per layer](attention_distance_layers.png)", "",
-              "## Attention-output dynamic range (Exp3)", "",
-              "Min and max of the attention-block output (after the residual and LayerNorm) over all tokens, "
-              "hidden units, layers and samples.", "", "| model | min | max |", "|---|---|---|"]
+    lines += [
+        "",
+        "![attention distance heat maps](attention_distance_heatmaps.png)",
+        "",
+        "![attention distance per layer](attention_distance_layers.png)",
+        "",
+        "## Attention-output dynamic range (Exp3)",
+        "",
+        "Min and max of the attention-block output (after the residual and LayerNorm) over all tokens, "
+        "hidden units, layers and samples.",
+        "",
+        "| model | min | max |",
+        "|---|---|---|",
+    ]
     for m, r in results["dynamic_range"].items():
         lines.append(f"| {m} | {_fmt(float(np.min(r['min'])))} | {_fmt(float(np.max(r['max'])))} |")
-    lines += ["", "![dynamic range per layer](dynamic_range_layers.png)", "",
-              "![dynamic range per token](dynamic_range_tokens.png)", "",
-              "## Norm-based analysis (Kobayashi et al.; Exp3)", "",
-              "Mean |teacher − student| over layers of the per-layer curves (α and ‖f(x)‖ averaged over heads).",
-              "", "| student | key tokens | Δα | Δ‖f(x)‖ | Δ‖Σ_h αf(x)‖ |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "![dynamic range per layer](dynamic_range_layers.png)",
+        "",
+        "![dynamic range per token](dynamic_range_tokens.png)",
+        "",
+        "## Norm-based analysis (Kobayashi et al.; Exp3)",
+        "",
+        "Mean |teacher − student| over layers of the per-layer curves (α and ‖f(x)‖ averaged over heads).",
+        "",
+        "| student | key tokens | Δα | Δ‖f(x)‖ | Δ‖Σ_h αf(x)‖ |",
+        "|---|---|---|---|---|",
+    ]
     for s, d in results["norm_difference"].items():
         for c, cls in enumerate(TOKEN_CLASSES):
-            vals = [float(np.nanmean(d["layer_abs"][q][:, c])) if np.isfinite(d["layer_abs"][q][:, c]).any()
-                    else float("nan") for q in ("alpha", "f_norm", "sum_af_norm")]
+            vals = [
+                float(np.nanmean(d["layer_abs"][q][:, c]))
+                if np.isfinite(d["layer_abs"][q][:, c]).any()
+                else float("nan")
+                for q in ("alpha", "f_norm", "sum_af_norm")
+            ]
             lines.append(f"| {s} | {CLASS_LABELS[cls]} | " + " | ".join(_fmt(v) for v in vals) + " |")
     tokens = results["norms"]["teacher"]["tokens"]
-    lines += ["", "Key tokens seen: " + ", ".join(f"{CLASS_LABELS[c]} {int(tokens[i])}"
-                                                   for i, c in enumerate(TOKEN_CLASSES)) + ". Over all "
-              "tokens α averages 1/S for every model (each query row sums to 1), so its Δ is rounding.", ""]
-    lines += ["![norms per layer: values](norms_layers_values.png)", "",
-              "![norms per layer: differences](norms_layers_difference.png)", ""]
+    lines += [
+        "",
+        "Key tokens seen: "
+        + ", ".join(f"{CLASS_LABELS[c]} {int(tokens[i])}" for i, c in enumerate(TOKEN_CLASSES))
+        + ". Over all "
+        "tokens α averages 1/S for every model (each query row sums to 1), so its Δ is rounding.",
+        "",
+    ]
+    lines += [
+        "![norms per layer: values](norms_layers_values.png)",
+        "",
+        "![norms per layer: differences](norms_layers_difference.png)",
+        "",
+    ]
     for c in TOKEN_CLASSES:
         lines += [f"![norms per head: {CLASS_LABELS[c]}](norms_heads_{c}.png)", ""]
     lines += ["", "## Hessian max-eigenvalue spectrum (Exp2)", ""]
     if "hessian" in results:
         h0 = next(iter(results["hessian"].values()))
-        lines += [f"Power iteration per example (batch 1, eval mode) on CE + {meta.get('hessian_norm_weight')}"
-                  f"·Σ‖p‖₂, at most {meta.get('hessian_iters')} iterations, relative tolerance "
-                  f"{meta.get('hessian_tol')}, {h0['eigenvalues'].shape[0]} examples.", "",
-                  "| model | median λ_max | norm term alone | positive | negative | converged |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"Power iteration per example (batch 1, eval mode) on CE + {meta.get('hessian_norm_weight')}"
+            f"·Σ‖p‖₂, at most {meta.get('hessian_iters')} iterations, relative tolerance "
+            f"{meta.get('hessian_tol')}, {h0['eigenvalues'].shape[0]} examples.",
+            "",
+            "| model | median λ_max | norm term alone | positive | negative | converged |",
+            "|---|---|---|---|---|---|",
+        ]
         floor_bound = []
         for m, h in results["hessian"].items():
             e = h["eigenvalues"][:, 0]
             lam = float(h["norm_term_eigenvalue"])
-            lines.append(f"| {m} | {_fmt(float(np.median(e)))} | {_fmt(lam)} | {int((e > 0).sum())} | "
-                         f"{int((e < 0).sum())} | {int(h['converged'][:, 0].sum())}/{len(e)} |")
+            lines.append(
+                f"| {m} | {_fmt(float(np.median(e)))} | {_fmt(lam)} | {int((e > 0).sum())} | "
+                f"{int((e < 0).sum())} | {int(h['converged'][:, 0].sum())}/{len(e)} |"
+            )
             if lam > 0 and np.allclose(e, lam, rtol=1e-3):
                 floor_bound.append(m)
         if floor_bound:
-            lines += ["", f"For {', '.join(floor_bound)} every example's λ_max equals the norm term's own "
-                      "(weight / smallest parameter-tensor norm, independent of the data): the loss adds less "
-                      "curvature than that term, as for a confident model whose CE Hessian nearly vanishes. "
-                      "Rerun with `--hessian-norm-weight 0` to see the loss term's own spectrum."]
+            lines += [
+                "",
+                f"For {', '.join(floor_bound)} every example's λ_max equals the norm term's own "
+                "(weight / smallest parameter-tensor norm, independent of the data): the loss adds less "
+                "curvature than that term, as for a confident model whose CE Hessian nearly vanishes. "
+                "Rerun with `--hessian-norm-weight 0` to see the loss term's own spectrum.",
+            ]
         lines += ["", "![Hessian spectrum](hessian_spectrum.png)"]
     else:
         lines.append("Skipped (`--hessian-samples 0`).")
@@ -482,12 +588,29 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     data_cfg, task, dev_rows, row_ids = _dev_sample(cfg, a.samples, a.seed)  # before any model loads
     teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
     examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
-    results = analyze_models(teacher, students, examples, tokenizer, a.top_k, a.hessian_samples,
-                             a.hessian_iters, a.hessian_tol, a.hessian_top_n,
-                             a.hessian_norm_weight, task.is_regression, a.seed, opts.progress)
+    results = analyze_models(
+        teacher,
+        students,
+        examples,
+        tokenizer,
+        a.top_k,
+        a.hessian_samples,
+        a.hessian_iters,
+        a.hessian_tol,
+        a.hessian_top_n,
+        a.hessian_norm_weight,
+        task.is_regression,
+        a.seed,
+        opts.progress,
+    )
     # the resolved values, not the options (None where the config decided)
-    meta = {**asdict(opts), **asdict(a), "task": task.name, "dev_rows": row_ids,
-            "students": {k: str(v) for k, v in student_names(opts.students).items()}}
+    meta = {
+        **asdict(opts),
+        **asdict(a),
+        "task": task.name,
+        "dev_rows": row_ids,
+        "students": {k: str(v) for k, v in student_names(opts.students).items()},
+    }
     tokens = tokenizer.convert_ids_to_tokens(examples[0]["input_ids"][0].tolist())
     files = write_report(results, opts.out, meta, tokens)
     return {"out": str(Path(opts.out)), "files": [str(f) for f in files], "seconds": time.perf_counter() - t0}

@@ -58,29 +58,74 @@ DETERMINERS = ("the", "its", "this", "that")
 VERBS = ("was", "is", "felt", "seemed", "looked", "sounded", "remained")
 # Negated predicates: "the plot was not dull", "the plot never felt dull", "the plot was hardly dull".
 NEG_VERBS = (
-    "was not", "is not", "was never", "is never", "was hardly", "never felt", "hardly felt",
-    "never seemed", "hardly seemed", "did not feel", "did not seem",
+    "was not",
+    "is not",
+    "was never",
+    "is never",
+    "was hardly",
+    "never felt",
+    "hardly felt",
+    "never seemed",
+    "hardly seemed",
+    "did not feel",
+    "did not seem",
 )
 PRONOUNS = ("i", "we", "critics", "my friends", "most viewers", "the audience")
 FIND_POS = ("found",)
 FIND_NEG = ("did not find", "never found", "hardly found")
 INTENSIFIERS = (
-    "very", "really", "truly", "quite", "extremely", "remarkably", "so", "rather", "fairly", "pretty",
-    "incredibly", "deeply", "strangely", "surprisingly",
+    "very",
+    "really",
+    "truly",
+    "quite",
+    "extremely",
+    "remarkably",
+    "so",
+    "rather",
+    "fairly",
+    "pretty",
+    "incredibly",
+    "deeply",
+    "strangely",
+    "surprisingly",
 )
 OPENERS = (
-    "honestly ,", "frankly ,", "overall ,", "in the end ,", "to be fair ,", "i think", "we thought",
-    "for me ,", "at times ,", "as expected ,", "in my opinion ,", "to my surprise ,", "after all ,",
+    "honestly ,",
+    "frankly ,",
+    "overall ,",
+    "in the end ,",
+    "to be fair ,",
+    "i think",
+    "we thought",
+    "for me ,",
+    "at times ,",
+    "as expected ,",
+    "in my opinion ,",
+    "to my surprise ,",
+    "after all ,",
 )
 CLOSERS = (
-    "this year", "at the festival", "last night", "on the big screen", "for a sequel", "by the end",
-    "in my opinion", "on a second viewing", "for its genre", "from start to finish", "at the cinema",
+    "this year",
+    "at the festival",
+    "last night",
+    "on the big screen",
+    "for a sequel",
+    "by the end",
+    "in my opinion",
+    "on a second viewing",
+    "for its genre",
+    "from start to finish",
+    "at the cinema",
 )
 # hard level: frames around a clause; the reversing ones hold exactly one negation word each
-KEEP_FRAMES = ("critics agree that", "it is true that", "everyone says that", "i would say that",
-               "we all felt that")
-FLIP_FRAMES = ("nobody would say that", "it is not true that", "i would never say that",
-               "it is hardly fair to say that", "no one felt that")
+KEEP_FRAMES = ("critics agree that", "it is true that", "everyone says that", "i would say that", "we all felt that")
+FLIP_FRAMES = (
+    "nobody would say that",
+    "it is not true that",
+    "i would never say that",
+    "it is hardly fair to say that",
+    "no one felt that",
+)
 NEGATIONS = frozenset({"not", "never", "hardly", "nobody", "no"})
 HARD_LABEL_NOISE = 0.05
 _P_FRAME = 0.4
@@ -99,8 +144,22 @@ _P_CLOSER = 0.3
 def vocabulary() -> list[str]:
     """Every token the generator can produce (lowercase words and ","), sorted."""
     phrases = [
-        *POSITIVE, *NEGATIVE, *ASPECTS, *DETERMINERS, *VERBS, *NEG_VERBS, *PRONOUNS, *FIND_POS, *FIND_NEG,
-        *INTENSIFIERS, *OPENERS, *CLOSERS, *CONNECTORS, *KEEP_FRAMES, *FLIP_FRAMES, ",",
+        *POSITIVE,
+        *NEGATIVE,
+        *ASPECTS,
+        *DETERMINERS,
+        *VERBS,
+        *NEG_VERBS,
+        *PRONOUNS,
+        *FIND_POS,
+        *FIND_NEG,
+        *INTENSIFIERS,
+        *OPENERS,
+        *CLOSERS,
+        *CONNECTORS,
+        *KEEP_FRAMES,
+        *FLIP_FRAMES,
+        ",",
     ]
     return sorted({tok for p in phrases for tok in p.split()})
 
@@ -175,7 +234,7 @@ def make_demo(n: int, seed: int, level: str = "standard") -> dict[str, list[dict
                 label = 1 - label
             records.append({"text_a": text, "text_b": None, "label": label})
     n_dev = min(max(1, round(0.15 * n)), n - 1)
-    return {"train": records[: n - n_dev], "dev": records[n - n_dev:]}
+    return {"train": records[: n - n_dev], "dev": records[n - n_dev :]}
 
 
 def _clause_polarity(tokens: list[str]) -> int:
@@ -194,11 +253,11 @@ def rule_label(text: str) -> int:
     """The label the grammar assigns to ``text``, recomputed from the word order alone."""
     toks = text.split()
     if "but" in toks:
-        return _clause_polarity(toks[toks.index("but") + 1:])
+        return _clause_polarity(toks[toks.index("but") + 1 :])
     if "although" in toks:
-        rest = toks[toks.index("although") + 1:]
+        rest = toks[toks.index("although") + 1 :]
         first_adj = next(i for i, t in enumerate(rest) if t in _POS_SET or t in _NEG_SET)
-        return _clause_polarity(rest[first_adj + 1:])
+        return _clause_polarity(rest[first_adj + 1 :])
     if "though" in toks:
         return _clause_polarity(toks[: toks.index("though")])
     if "and" in toks:

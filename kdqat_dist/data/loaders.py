@@ -76,16 +76,17 @@ def _parse_label(value: Any, task: TaskSpec, where: str, names: list[str] | None
         except (TypeError, ValueError):
             out = float("nan")
         if not np.isfinite(out):
-            raise DataError(f"{where}: label {value!r} is not a finite number "
-                            f"(task {task.name} is a regression)")
+            raise DataError(f"{where}: label {value!r} is not a finite number (task {task.name} is a regression)")
         return out
     assert task.label_list is not None
     key = _label_key(value, names, task.label_list)
     try:
         return task.label_list.index(key)
     except ValueError:
-        raise DataError(f"{where}: label {value!r} is not in the label set of task {task.name}; "
-                        f"allowed: {', '.join(task.label_list)}") from None
+        raise DataError(
+            f"{where}: label {value!r} is not in the label set of task {task.name}; "
+            f"allowed: {', '.join(task.label_list)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- GLUE folders
@@ -134,16 +135,20 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> Dataset:
                     n_cols = len(row)
                     need = max(i + 1 if i >= 0 else -i for i in (fmt.a, fmt.b, fmt.label) if i is not None)
                     if n_cols < need:
-                        raise DataError(f"{path}:1: the header has {n_cols} column(s) ({', '.join(row)}); "
-                                        f"{task.name} files need at least {need} (the text and label columns "
-                                        "of GLUE's format)")
+                        raise DataError(
+                            f"{path}:1: the header has {n_cols} column(s) ({', '.join(row)}); "
+                            f"{task.name} files need at least {need} (the text and label columns "
+                            "of GLUE's format)"
+                        )
                     continue
                 if not row:  # a blank line holds no record (typically the file's last line)
                     continue
                 if len(row) != n_cols:
                     what = "as in the header" if fmt.header else f"{task.name} files have no header"
-                    raise DataError(f"{path}:{line_no}: malformed row: expected {n_cols} tab-separated "
-                                    f"columns ({what}), got {len(row)}")
+                    raise DataError(
+                        f"{path}:{line_no}: malformed row: expected {n_cols} tab-separated "
+                        f"columns ({what}), got {len(row)}"
+                    )
                 for col in (fmt.a, fmt.b):
                     if col is not None and not row[col].strip():
                         raise DataError(f"{path}:{line_no}: column {col % n_cols} is empty (a text is required)")
@@ -160,19 +165,23 @@ def read_glue_tsv(path: Path, task: TaskSpec) -> Dataset:
 
 def _load_glue_dir(root: Path, task: TaskSpec) -> dict[str, Dataset]:
     if task.name not in _GLUE_TSV:
-        raise DataError(f"data.source: {root} is a folder, which is read as GLUE TSVs; task {task.name} "
-                        "has no GLUE format (use data.train_file / data.dev_file)")
+        raise DataError(
+            f"data.source: {root} is a folder, which is read as GLUE TSVs; task {task.name} "
+            "has no GLUE format (use data.train_file / data.dev_file)"
+        )
     files = glue_files(task)
     if not (root / files["train"]).is_file():
-        raise DataError(f"data.source: {root / files['train']} not found (a GLUE folder holds "
-                        f"{', '.join(files.values())})")
+        raise DataError(
+            f"data.source: {root / files['train']} not found (a GLUE folder holds {', '.join(files.values())})"
+        )
     out = {"train": read_glue_tsv(root / files["train"], task)}
     present = {s: root / f for s, f in files.items() if s != "train" and (root / f).is_file()}
     # Only "no dev file at all" can be completed by split_off_dev; half of MNLI's pair is an error.
     if present and len(present) != len(files) - 1:
         missing = [str(root / f) for s, f in files.items() if s != "train" and s not in present]
-        raise DataError(f"data.source: {', '.join(missing)} not found (task {task.name} needs "
-                        f"{', '.join(files.values())})")
+        raise DataError(
+            f"data.source: {', '.join(missing)} not found (task {task.name} needs {', '.join(files.values())})"
+        )
     for split, path in present.items():
         out[split] = read_glue_tsv(path, task)
     return out
@@ -223,8 +232,9 @@ def read_table(path: Path, key: str = "data.train_file") -> tuple[Dataset, Calla
         raise
     except Exception as exc:  # datasets wraps parser errors in several exception types
         raise DataError(f"{path}: could not be read as {suffix[1:].upper()} ({_first_line(exc)})") from None
-    raise DataError(f"{key}: unsupported file type {suffix or '(none)'!r} for {path}; "
-                    "allowed: .csv, .tsv, .json, .jsonl, .parquet")
+    raise DataError(
+        f"{key}: unsupported file type {suffix or '(none)'!r} for {path}; allowed: .csv, .tsv, .json, .jsonl, .parquet"
+    )
 
 
 def _column_keys(task: TaskSpec) -> tuple[tuple[str, str | None], ...]:
@@ -236,8 +246,7 @@ def normalise(ds: Dataset, task: TaskSpec, where: Callable[[int], str], source: 
     present = list(ds.column_names)
     for key, col in _column_keys(task):
         if col is not None and col not in present:
-            raise DataError(f"{source}: column {col!r} ({key}) not found; "
-                            f"columns present: {', '.join(present)}")
+            raise DataError(f"{source}: column {col!r} ({key}) not found; columns present: {', '.join(present)}")
     feat = ds.features[task.label]
     names = list(feat.names) if isinstance(feat, ClassLabel) else None
     # ds[c][:] reads a whole column at once; iterating a Column goes row by row (~50x slower).
@@ -285,8 +294,13 @@ def _load_files(cfg: DataConfig, task: TaskSpec) -> dict[str, Dataset]:
     return out
 
 
-_HUB_SPLITS = {"train": "train", "validation": "dev", "validation_matched": "dev",
-               "validation_mismatched": "dev_mm", "dev": "dev"}
+_HUB_SPLITS = {
+    "train": "train",
+    "validation": "dev",
+    "validation_matched": "dev",
+    "validation_mismatched": "dev_mm",
+    "dev": "dev",
+}
 
 
 def _load_hub(name: str, config: str | None, task: TaskSpec) -> dict[str, Dataset]:
@@ -294,10 +308,12 @@ def _load_hub(name: str, config: str | None, task: TaskSpec) -> dict[str, Datase
     try:
         dd = datasets.load_dataset(name, config)
     except Exception as exc:
-        raise DataError(f"data.source: could not load {label!r} from the Hugging Face hub "
-                        f"({_first_line(exc)}); the hub is unreachable or has no such dataset: "
-                        "set data.source to a local GLUE folder (train.tsv, dev.tsv) "
-                        "or use data.train_file / data.dev_file") from None
+        raise DataError(
+            f"data.source: could not load {label!r} from the Hugging Face hub "
+            f"({_first_line(exc)}); the hub is unreachable or has no such dataset: "
+            "set data.source to a local GLUE folder (train.tsv, dev.tsv) "
+            "or use data.train_file / data.dev_file"
+        ) from None
     out = {}
     for hub_split, split in _HUB_SPLITS.items():
         if hub_split in dd and split not in out:
@@ -325,8 +341,10 @@ def split_off_dev(train_ds: Dataset, fraction: float, seed: int) -> tuple[Datase
 
 def _load_demo(cfg: DataConfig, task: TaskSpec) -> dict[str, Dataset]:
     if cfg.source or cfg.train_file or cfg.dev_file:
-        raise DataError("data.task: demo is built in; leave data.source, data.train_file and data.dev_file "
-                        "empty (use task: custom for your own files)")
+        raise DataError(
+            "data.task: demo is built in; leave data.source, data.train_file and data.dev_file "
+            "empty (use task: custom for your own files)"
+        )
     if cfg.demo_size < 2:
         raise DataError(f"data.demo_size: got {cfg.demo_size}; must be >= 2")
     if cfg.demo_level not in LEVELS:
@@ -344,14 +362,15 @@ def _load_raw(cfg: DataConfig, task: TaskSpec) -> tuple[dict[str, Dataset], str]
     if cfg.dev_file:
         raise DataError("data.train_file: data.dev_file is set but data.train_file is not")
     if task.name == "custom" and not cfg.source:
-        raise DataError("data.train_file: a custom task needs data.train_file (and data.dev_file), "
-                        "or data.source naming a hub dataset")
+        raise DataError(
+            "data.train_file: a custom task needs data.train_file (and data.dev_file), "
+            "or data.source naming a hub dataset"
+        )
     source = Path(cfg.source).expanduser() if cfg.source else None
     if source is not None and source.is_dir():
         return _load_glue_dir(source, task), str(source / glue_files(task)["dev"])
     if source is not None and (source.exists() or cfg.source.startswith((".", "/", "~"))):
-        raise DataError(f"data.source: {cfg.source} is not a folder "
-                        "(a GLUE folder holds train.tsv and dev.tsv)")
+        raise DataError(f"data.source: {cfg.source} is not a folder (a GLUE folder holds train.tsv and dev.tsv)")
     if task.name == "custom":
         return _load_hub(cfg.source, None, task), f"a validation split of {cfg.source}"
     hub = _load_hub(cfg.source or "nyu-mll/glue", None if cfg.source else task.name, task)
@@ -377,15 +396,19 @@ def load_splits(
     An MNLI dev split made with ``dev_fraction`` has no ``dev_mm``: evaluate the splits of
     ``task.eval_splits`` that are present.
     """
-    for key, n in (("data.max_train_samples", data_cfg.max_train_samples),
-                   ("data.max_eval_samples", data_cfg.max_eval_samples)):
+    for key, n in (
+        ("data.max_train_samples", data_cfg.max_train_samples),
+        ("data.max_eval_samples", data_cfg.max_eval_samples),
+    ):
         if n is not None and n < 1:
             raise DataError(f"{key}: got {n}; must be >= 1 or null (all rows)")
     splits, dev_source = _load_raw(data_cfg, task)
     if "dev" not in splits:
         if dev_fraction is None:
-            raise DataError(f"{dev_source or 'dev split'}: no dev split found; provide one, "
-                            "or pass dev_fraction to hold out part of train")
+            raise DataError(
+                f"{dev_source or 'dev split'}: no dev split found; provide one, "
+                "or pass dev_fraction to hold out part of train"
+            )
         splits["train"], splits["dev"] = split_off_dev(splits["train"], dev_fraction, split_seed)
     splits = {
         name: _truncate(ds, data_cfg.max_train_samples if name == "train" else data_cfg.max_eval_samples)
@@ -393,8 +416,10 @@ def load_splits(
     }
     for name, ds in splits.items():
         if len(ds) == 0:
-            raise DataError(f"data: the {name} split of task {task.name} is empty "
-                            f"({data_cfg.source or data_cfg.train_file or 'built-in'})")
+            raise DataError(
+                f"data: the {name} split of task {task.name} is empty "
+                f"({data_cfg.source or data_cfg.train_file or 'built-in'})"
+            )
     return splits
 
 
@@ -452,8 +477,9 @@ def _encode_batch(batch: dict[str, list], tokenizer: Any, max_length: int) -> di
     has_b = [b is not None for b in batch["text_b"]]
     if any(has_b) and not all(has_b):
         raise DataError("text_b: a split mixes sentence pairs and single sentences")
-    enc = tokenizer(batch["text_a"], batch["text_b"] if all(has_b) else None, truncation="longest_first",
-                    max_length=max_length)
+    enc = tokenizer(
+        batch["text_a"], batch["text_b"] if all(has_b) else None, truncation="longest_first", max_length=max_length
+    )
     out = {k: enc[k] for k in _TEXT_COLUMNS if k in enc}
     out["labels"] = batch["label"]
     return out
@@ -462,8 +488,13 @@ def _encode_batch(batch: dict[str, list], tokenizer: Any, max_length: int) -> di
 def _tokenize_to(ds: Dataset, tokenizer: Any, max_length: int, target: Path, desc: str) -> None:
     """Tokenize into a temporary folder, then rename it into place (atomic; concurrent ranks are safe)."""
     tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tok = ds.map(_encode_batch, batched=True, remove_columns=ds.column_names, desc=desc,
-                 fn_kwargs={"tokenizer": tokenizer, "max_length": max_length})
+    tok = ds.map(
+        _encode_batch,
+        batched=True,
+        remove_columns=ds.column_names,
+        desc=desc,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+    )
     tok.save_to_disk(str(tmp))
     try:
         os.replace(tmp, target)
@@ -520,13 +551,21 @@ class Collator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         inputs = [{k: r[k] for k in _TEXT_COLUMNS if k in r} for r in rows]
         padding = "longest" if self.max_length is None else "max_length"
-        batch = dict(self.tokenizer.pad(inputs, padding=padding, max_length=self.max_length,
-                                        pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"))
+        batch = dict(
+            self.tokenizer.pad(
+                inputs,
+                padding=padding,
+                max_length=self.max_length,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                return_tensors="pt",
+            )
+        )
         if rows and "labels" in rows[0]:
             labels = [r["labels"] for r in rows]
             dtype = torch.float32 if _is_float(labels[0]) else torch.long
-            batch["labels"] = torch.tensor([float(x) if dtype == torch.float32 else int(x) for x in labels],
-                                           dtype=dtype)
+            batch["labels"] = torch.tensor(
+                [float(x) if dtype == torch.float32 else int(x) for x in labels], dtype=dtype
+            )
         return batch
 
 
@@ -546,5 +585,13 @@ def make_loader(
     """
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      collate_fn=collate, drop_last=drop_last, num_workers=0, generator=gen)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=drop_last,
+        num_workers=0,
+        generator=gen,
+    )

@@ -21,14 +21,18 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_batches(n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int,
-                  epoch: int, start_step: int = 0):
+def micro_batches(
+    n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int, epoch: int, start_step: int = 0
+):
     """Yield ``(step_in_epoch, [index lists for each accumulation step])`` for this rank."""
     per_micro = global_batch // (grad_accum * world)
     perm = epoch_permutation(n, seed, epoch)
     for step in range(start_step, steps_per_epoch(n, global_batch)):
         base = step * global_batch
-        yield step, [
-            perm[base + (a * world + rank) * per_micro: base + (a * world + rank + 1) * per_micro]
-            for a in range(grad_accum)
-        ]
+        yield (
+            step,
+            [
+                perm[base + (a * world + rank) * per_micro : base + (a * world + rank + 1) * per_micro]
+                for a in range(grad_accum)
+            ],
+        )

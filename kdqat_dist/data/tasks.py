@@ -82,16 +82,20 @@ def _custom_task(cfg: DataConfig) -> TaskSpec:
     n = cfg.num_labels
     if labels is None:
         if n is None:
-            raise DataError("data.label_list: a custom task needs data.label_list (classification) "
-                            "or data.num_labels: 1 (regression)")
+            raise DataError(
+                "data.label_list: a custom task needs data.label_list (classification) "
+                "or data.num_labels: 1 (regression)"
+            )
         if n < 1:
             raise DataError(f"data.num_labels: got {n}; allowed: 1 (regression) or >= 2 (classes '0'..'n-1')")
         # num_labels >= 2 without names: the labels in the files are the class ids 0..n-1.
         labels = None if n == 1 else tuple(str(i) for i in range(n))
     else:
         if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise DataError(f"data.label_list: got {list(labels)}; need >= 2 distinct labels "
-                            "(use num_labels: 1 with no label_list for regression)")
+            raise DataError(
+                f"data.label_list: got {list(labels)}; need >= 2 distinct labels "
+                "(use num_labels: 1 with no label_list for regression)"
+            )
         if n is not None and n != len(labels):
             raise DataError(f"data.num_labels: got {n} but data.label_list has {len(labels)} labels")
     if not cfg.text_a:
@@ -132,8 +136,7 @@ def _resolve(task: TaskSpec | str) -> TaskSpec:
         return task
     key = _canonical(task)
     if key not in TASKS:
-        raise DataError(f"unknown task {task!r} (pass the TaskSpec for custom tasks); "
-                        f"allowed: {', '.join(TASKS)}")
+        raise DataError(f"unknown task {task!r} (pass the TaskSpec for custom tasks); allowed: {', '.join(TASKS)}")
     return TASKS[key]
 
 
@@ -216,6 +219,5 @@ def selection_value(task: TaskSpec | str, metrics: dict[str, float]) -> float:
     """The number model selection maximises (the same number that is reported)."""
     spec = _resolve(task)
     if spec.selection_metric not in metrics:
-        raise KeyError(f"task {spec.name} selects on {spec.selection_metric!r}, missing from "
-                       f"metrics {sorted(metrics)}")
+        raise KeyError(f"task {spec.name} selects on {spec.selection_metric!r}, missing from metrics {sorted(metrics)}")
     return float(metrics[spec.selection_metric])

@@ -45,9 +45,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, name: str) -> None:
     # F.mse_loss would silently broadcast e.g. [B, 1] against [B] into [B, B]; refuse instead.
     if student.shape != teacher.shape:
-        raise ValueError(
-            f"{name}: student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}"
-        )
+        raise ValueError(f"{name}: student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}")
 
 
 def soft_cross_entropy(
@@ -153,8 +151,9 @@ class _MeanSquaredError(torch.autograd.Function):
         return g_s, g_t, None
 
 
-def mse_grad(diff: torch.Tensor, grad: torch.Tensor, overwrite: bool = False,
-             weight: torch.Tensor | None = None) -> torch.Tensor:
+def mse_grad(
+    diff: torch.Tensor, grad: torch.Tensor, overwrite: bool = False, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """d(grad · mean(w·diff²))/d(diff) = grad · 2/N · w · diff: the gradient of :func:`mse` for its first
     input (w = 1 when ``weight`` is None).
 
@@ -205,9 +204,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tenso
     return mse(student, teacher, weight)
 
 
-def attention_score_mse(
-    student: torch.Tensor, teacher: torch.Tensor, threshold: float = -100.0
-) -> torch.Tensor:
+def attention_score_mse(student: torch.Tensor, teacher: torch.Tensor, threshold: float = -100.0) -> torch.Tensor:
     """TernaryBERT's attention-score KD: MSE of ``QK^T/sqrt(d_h) + mask`` with masked entries zeroed.
 
     Each tensor is masked by its own values (``torch.where(x <= threshold, 0, x)``, as the reference
@@ -275,9 +272,7 @@ def attention_map_kl(
     """
     _check_same_shape(student_probs, teacher_probs, "attention_map_kl")
     if student_probs.dim() != 4 or student_probs.shape[-1] != student_probs.shape[-2]:
-        raise ValueError(
-            f"attention_map_kl: expected [B, H, S, S] probabilities, got {tuple(student_probs.shape)}"
-        )
+        raise ValueError(f"attention_map_kl: expected [B, H, S, S] probabilities, got {tuple(student_probs.shape)}")
     b, _, s, _ = student_probs.shape
     if tuple(attention_mask.shape) != (b, s):
         raise ValueError(
@@ -304,9 +299,14 @@ class _AttentionMapKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, eps: float,
-                recompute: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]] | None,
-                ) -> torch.Tensor:
+    def forward(
+        ctx,
+        ps: torch.Tensor,
+        pt: torch.Tensor,
+        valid: torch.Tensor,
+        eps: float,
+        recompute: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]] | None,
+    ) -> torch.Tensor:
         dtype = _compute_dtype(ps, pt)
         b, h, s = ps.shape[:3]
         pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
@@ -315,7 +315,7 @@ class _AttentionMapKL(torch.autograd.Function):
         step = max(1, _KL_BLOCK_ELEMENTS // max(1, b * s * s))
         with torch.no_grad():
             for h0 in range(0, h, step):
-                ps_blk, pt_blk = ps[:, h0:h0 + step], pt[:, h0:h0 + step]
+                ps_blk, pt_blk = ps[:, h0 : h0 + step], pt[:, h0 : h0 + step]
                 pt_c = pt_blk.to(dtype).clamp_min(eps)
                 # p_t·log(p_t / p_s): one log instead of two (a third less time than log p_t − log p_s)
                 kl = ps_blk.to(dtype).clamp_min(eps)
@@ -355,8 +355,9 @@ class _AttentionMapKL(torch.autograd.Function):
         return g_s, g_t, None, None, None
 
 
-def attention_relation_kl(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
-                          heads: int) -> torch.Tensor:
+def attention_relation_kl(
+    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor, heads: int
+) -> torch.Tensor:
     """Attention-relation KD (MiniLM-v2, as BitDistill uses it) for one relation of one layer, e.g. Q-Q.
 
     Both hidden vectors are split into ``heads`` relation heads (independent of the attention heads) of
@@ -383,16 +384,21 @@ def attention_relation_kl(student: torch.Tensor, teacher: torch.Tensor, attentio
         ValueError: if batch or sequence shapes differ, or ``heads`` does not divide a hidden size.
     """
     if student.dim() != 3 or teacher.dim() != 3 or student.shape[:2] != teacher.shape[:2]:
-        raise ValueError(f"attention_relation_kl: expected [B, S, D] inputs with the same B and S, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(
+            f"attention_relation_kl: expected [B, S, D] inputs with the same B and S, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     b, s, _ = student.shape
     if tuple(attention_mask.shape) != (b, s):
-        raise ValueError(f"attention_relation_kl: attention_mask must be [B, S] = {(b, s)}, got "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_relation_kl: attention_mask must be [B, S] = {(b, s)}, got {tuple(attention_mask.shape)}"
+        )
     for name, x in (("student", student), ("teacher", teacher)):
         if heads < 1 or x.shape[-1] % heads:
-            raise ValueError(f"attention_relation_kl: {heads} relation heads do not divide the {name}'s hidden "
-                             f"size {x.shape[-1]} (distill.attn_relation.relation_heads)")
+            raise ValueError(
+                f"attention_relation_kl: {heads} relation heads do not divide the {name}'s hidden "
+                f"size {x.shape[-1]} (distill.attn_relation.relation_heads)"
+            )
     dtype = _compute_dtype(student, teacher)
     valid = (attention_mask != 0).to(student.device)  # [B, S]
     keys = valid[:, None, None, :]  # [B, 1, 1, S]
@@ -435,14 +441,10 @@ def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bo
     """
     if regression:
         if logits.dim() == 2 and logits.shape[-1] != 1:
-            raise ValueError(
-                f"ground_truth_loss: regression needs [B, 1] or [B] logits, got {tuple(logits.shape)}"
-            )
+            raise ValueError(f"ground_truth_loss: regression needs [B, 1] or [B] logits, got {tuple(logits.shape)}")
         pred = logits.reshape(-1)
         if labels.dim() != 1 or pred.shape != labels.shape:
-            raise ValueError(
-                f"ground_truth_loss: logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}"
-            )
+            raise ValueError(f"ground_truth_loss: logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}")
         dtype = _compute_dtype(pred, labels)
         return F.mse_loss(pred.to(dtype), labels.to(dtype), reduction="mean")
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:

@@ -184,7 +184,6 @@ class LossOutput:
     teacher_logits: torch.Tensor | None = None
 
 
-
 def effective_weights(cfg: DistillConfig) -> dict[str, float]:
     """Weights of every term; the unified form sets map = γ and output = 1 − γ."""
     w = {t: float(getattr(cfg, t).weight) for t in TERMS}
@@ -209,8 +208,15 @@ class DistillObjective:
         regression: MSE instead of soft cross-entropy on logits / ground truth.
     """
 
-    def __init__(self, cfg: DistillConfig, n_student: int, n_teacher: int, regression: bool = False,
-                 norm_taps: bool = False, recompute_teacher: bool = True):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        n_student: int,
+        n_teacher: int,
+        regression: bool = False,
+        norm_taps: bool = False,
+        recompute_teacher: bool = True,
+    ):
         self.cfg = cfg
         self.weights = effective_weights(cfg)
         self.regression = regression
@@ -235,12 +241,19 @@ class DistillObjective:
         self.tap_term = {tap: term for term, tap in TERM_TAPS.items()}
 
     @classmethod
-    def for_models(cls, cfg: DistillConfig, student: nn.Module, teacher: nn.Module, regression: bool = False,
-                   recompute_teacher: bool = True) -> DistillObjective:
+    def for_models(
+        cls,
+        cfg: DistillConfig,
+        student: nn.Module,
+        teacher: nn.Module,
+        regression: bool = False,
+        recompute_teacher: bool = True,
+    ) -> DistillObjective:
         """The objective for these models; norm taps where the student's layers have the LayerNorms."""
         s, t = unwrap(student), unwrap(teacher)
-        return cls(cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression, supports_norm_taps(s),
-                   recompute_teacher)
+        return cls(
+            cfg, len(encoder_layers(s)), len(encoder_layers(t)), regression, supports_norm_taps(s), recompute_teacher
+        )
 
     def _relation_pairs(self, n_student: int) -> list[tuple[int, int]]:
         """The (student, teacher) layers of the relation term: ``distill.attn_relation.layers`` of the
@@ -251,8 +264,10 @@ class DistillObjective:
         keep = {n_student - 1} if layers == "last" else set(layers)
         bad = sorted(i for i in keep if not 0 <= i < n_student)
         if bad:
-            raise ValueError(f"distill.attn_relation.layers: student layers {bad} do not exist "
-                             f"(the student has {n_student}: 0..{n_student - 1})")
+            raise ValueError(
+                f"distill.attn_relation.layers: student layers {bad} do not exist "
+                f"(the student has {n_student}: 0..{n_student - 1})"
+            )
         return [(s, t) for s, t in self.pairs if s in keep]
 
     def _slotted(self, tap: str) -> bool:
@@ -317,8 +332,9 @@ class DistillObjective:
         """Per-token weights of the MSE terms: None (every position, the reference) or real tokens only."""
         return L.token_weights(mask, like) if self.cfg.mse_tokens == "valid" else None
 
-    def term_loss(self, term: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
-                  recompute_teacher=None) -> torch.Tensor:
+    def term_loss(
+        self, term: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, recompute_teacher=None
+    ) -> torch.Tensor:
         if term == "hidden":
             return L.hidden_mse(s, t, self.mse_weight(mask, s))
         if term == "attn_score":
@@ -329,8 +345,9 @@ class DistillObjective:
             return self.relation_loss(s, t, mask)
         return L.mse(s, t, self.mse_weight(mask, s))
 
-    def relation_loss(self, s_qkv: tuple[torch.Tensor, ...], t_qkv: tuple[torch.Tensor, ...],
-                      mask: torch.Tensor) -> torch.Tensor:
+    def relation_loss(
+        self, s_qkv: tuple[torch.Tensor, ...], t_qkv: tuple[torch.Tensor, ...], mask: torch.Tensor
+    ) -> torch.Tensor:
         """One layer's relation term: the sum over ``distill.attn_relation.relations`` of
         :func:`~kdqat_dist.distill.losses.attention_relation_kl` on the heads-merged [B, S, D] Q, K or V.
 
@@ -347,8 +364,9 @@ class DistillObjective:
             total = value if total is None else total + value
         return total
 
-    def logit_terms(self, out: LossOutput, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
-                    labels: torch.Tensor | None) -> None:
+    def logit_terms(
+        self, out: LossOutput, s_logits: torch.Tensor, t_logits: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> None:
         if "logits" in self.active and t_logits is not None:
             if self.regression:
                 out.terms["logits"] = L.logits_mse(s_logits, t_logits)

@@ -188,8 +188,9 @@ class LocalBackend:
         self.micro += 1
         if self.micro % self.cfg.train.grad_accum:
             return False
-        self._grad_peak = max(self._grad_peak, storage_bytes(p.grad for p in self.student.parameters()
-                                                             if p.grad is not None))
+        self._grad_peak = max(
+            self._grad_peak, storage_bytes(p.grad for p in self.student.parameters() if p.grad is not None)
+        )
         if global_clip(self.cfg.train) > 0:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), global_clip(self.cfg.train))
         self.optimizer.step()
@@ -214,9 +215,16 @@ class LocalBackend:
     def save_checkpoint(self, ckpt_dir: Path, client_state: dict) -> None:
         tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "client": client_state,
-                    "rng": rng_state()}, tmp / "state.pt")
+        torch.save(
+            {
+                "model": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "client": client_state,
+                "rng": rng_state(),
+            },
+            tmp / "state.pt",
+        )
         _commit_checkpoint(tmp, ckpt_dir, keep=self.cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict:
@@ -274,9 +282,11 @@ def damaged_checkpoint(ckpt_dir: Path) -> Iterator[None]:
         raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"--resume: the checkpoint {ckpt_dir} is damaged or incomplete ({first}); to resume "
-                          f"from an older one, write its folder name (e.g. step0000100) into "
-                          f"{ckpt_dir.parent / 'latest'}") from None
+        raise ConfigError(
+            f"--resume: the checkpoint {ckpt_dir} is damaged or incomplete ({first}); to resume "
+            f"from an older one, write its folder name (e.g. step0000100) into "
+            f"{ckpt_dir.parent / 'latest'}"
+        ) from None
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -308,8 +318,7 @@ def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | No
         out["param_mib"] = storage_bytes(p.data for p in params) * mib
         out["grad_mib"] = storage_bytes(p.grad for p in params if p.grad is not None) * mib
     if optimizer is not None:
-        states = [v for s in optimizer.state.values() for v in s.values()
-                  if torch.is_tensor(v) and v.dim() > 0]
+        states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
         out["optim_mib"] = storage_bytes(states) * mib
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
@@ -317,16 +326,24 @@ def memory_report(model: nn.Module | None, optimizer: torch.optim.Optimizer | No
     return out
 
 
-MEMORY_COLUMNS = ("param_mib", "master_mib", "grad_mib", "optim_mib", "teacher_param_mib", "peak_rss_mib",
-                  "peak_cuda_mib")
+MEMORY_COLUMNS = (
+    "param_mib",
+    "master_mib",
+    "grad_mib",
+    "optim_mib",
+    "teacher_param_mib",
+    "peak_rss_mib",
+    "peak_cuda_mib",
+)
 
 
 def memory_table(per_rank: list[dict]) -> str:
     """One line per rank: where the bytes are, so sharding is visible in the log."""
     cols = [c for c in MEMORY_COLUMNS if any(c in r for r in per_rank)]
     head = "memory (MiB) per rank: " + " ".join(f"{c.removesuffix('_mib'):>13s}" for c in cols)
-    lines = [head] + [f"  rank {i:<16d}" + " ".join(f"{r.get(c, 0.0):13.2f}" for c in cols)
-                      for i, r in enumerate(per_rank)]
+    lines = [head] + [
+        f"  rank {i:<16d}" + " ".join(f"{r.get(c, 0.0):13.2f}" for c in cols) for i, r in enumerate(per_rank)
+    ]
     return "\n".join(lines)
 
 

@@ -48,8 +48,15 @@ from torch.utils.hooks import RemovableHandle
 from kdqat_dist.models.encoders import unwrap
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
 
-__all__ = ["DESCRIPTION", "describe_diagnostics", "log_diagnostics", "log_flip_rate", "reset_diagnostics",
-           "short_name", "weight_codes"]
+__all__ = [
+    "DESCRIPTION",
+    "describe_diagnostics",
+    "log_diagnostics",
+    "log_flip_rate",
+    "reset_diagnostics",
+    "short_name",
+    "weight_codes",
+]
 
 
 DESCRIPTION = """\
@@ -85,7 +92,7 @@ def short_name(name: str, prefix: str = "") -> str:
     if m:
         return f"{int(m.group(1)):02d}.{m.group(2)}"
     if prefix and name.startswith(prefix + "."):
-        return name[len(prefix) + 1:]
+        return name[len(prefix) + 1 :]
     return name
 
 
@@ -151,8 +158,13 @@ def _usable(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def log_diagnostics(writer, step: int, model: nn.Module, clip_forwards: int | None = 1,
-                    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
+def log_diagnostics(
+    writer,
+    step: int,
+    model: nn.Module,
+    clip_forwards: int | None = 1,
+    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+) -> None:
     """Write the log-step quantization diagnostics of ``model`` at ``step`` to a TensorBoard ``SummaryWriter``.
 
     Cheap enough for every log step: one re-quantization of each weight on its device (as a forward does;
@@ -211,8 +223,12 @@ def _log_weight(writer, step: int, tag: str, m: nn.Module, totals: dict) -> None
 
 
 @torch.no_grad()
-def log_flip_rate(writer, step: int | None, model: nn.Module,
-                  gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
+def log_flip_rate(
+    writer,
+    step: int | None,
+    model: nn.Module,
+    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+) -> None:
     """Write ``quant_flip_rate``: per quantized weight, the fraction of its integer codes that changed since
     the previous call, and keep the current codes for the next one.
 

@@ -37,8 +37,13 @@ def ensure_launch_env() -> bool:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         return False
-    added = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(free_port())}
+    added = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     added = {k: v for k, v in added.items() if k not in os.environ}
     os.environ.update(added)
     _ADDED_ENV.extend(added)
@@ -56,8 +61,9 @@ def init_process_group(timeout_s: float | None = None) -> bool:
         return False
     ensure_launch_env()
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("KDQAT_DIST_TIMEOUT_S", 1800)))
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout,
-                               verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), timeout=timeout, verbose=False
+    )
     return True
 
 

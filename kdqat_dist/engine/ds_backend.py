@@ -63,8 +63,10 @@ def _device(cfg: RunConfig) -> torch.device:
             raise ConfigError("engine.precision: fp16 needs a GPU; on CPU use fp32 (or bf16)")
         return torch.device("cpu")
     if cfg.train.device == "cpu":
-        raise ConfigError("train.device: cpu, but DeepSpeed picked accelerator "
-                          f"{acc.device_name()!r}; set DS_ACCELERATOR=cpu to train on the CPU")
+        raise ConfigError(
+            "train.device: cpu, but DeepSpeed picked accelerator "
+            f"{acc.device_name()!r}; set DS_ACCELERATOR=cpu to train on the CPU"
+        )
     acc.set_device(dist.local_rank())
     return torch.device(acc.device_name(dist.local_rank()))
 
@@ -108,8 +110,12 @@ class DeepSpeedBackend:
         optimizer = make_optimizer(model, t, clip_each=False) if e.optimizer == "torch" else None
         params = None if optimizer is not None else param_groups(model, t)
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=params, config=conf,
-            lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t))
+            model=model,
+            optimizer=optimizer,
+            model_parameters=params,
+            config=conf,
+            lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t),
+        )
         return self.engine
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
@@ -225,8 +231,10 @@ class DeepSpeedBackend:
         dist.barrier()
         meta = {"step": client_state.get("step"), "world_size": self.world_size}
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False, client_state=meta)
-        torch.save({"client": client_state, "rng": rng_state(), "world_size": self.world_size},
-                   tmp / RANK_STATE.format(rank=self.rank))
+        torch.save(
+            {"client": client_state, "rng": rng_state(), "world_size": self.world_size},
+            tmp / RANK_STATE.format(rank=self.rank),
+        )
         dist.barrier()
         if self.is_main:
             _commit_checkpoint(tmp, ckpt_dir, keep=self.cfg.train.keep_checkpoints)
@@ -236,11 +244,14 @@ class DeepSpeedBackend:
         own = ckpt_dir / RANK_STATE.format(rank=self.rank)
         saved = len(list(ckpt_dir.glob("rank*_state.pt")))
         if saved != self.world_size:  # every rank checks the same folder, so all refuse together
-            raise ConfigError(f"--resume: {ckpt_dir} was written by {saved} rank(s); resume it with the same "
-                              f"number of ranks (now {self.world_size})")
+            raise ConfigError(
+                f"--resume: {ckpt_dir} was written by {saved} rank(s); resume it with the same "
+                f"number of ranks (now {self.world_size})"
+            )
         with damaged_checkpoint(ckpt_dir):
-            path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            path, _ = self.engine.load_checkpoint(
+                str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if path is None:
                 raise ConfigError(f"--resume: DeepSpeed could not load {ckpt_dir}")
             state = torch.load(own, map_location="cpu", weights_only=False)

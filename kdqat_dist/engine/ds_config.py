@@ -54,8 +54,9 @@ def base_config_path(cfg: RunConfig, kind: str) -> Path:
     for d in config_dirs():
         if (d / name).is_file():
             return d / name
-    raise ConfigError(f"{key}: no {name} in {' or '.join(str(d) for d in config_dirs())}; "
-                      f"set {key} to a DeepSpeed JSON file")
+    raise ConfigError(
+        f"{key}: no {name} in {' or '.join(str(d) for d in config_dirs())}; set {key} to a DeepSpeed JSON file"
+    )
 
 
 def load_base(path: Path) -> dict:
@@ -71,8 +72,7 @@ def load_base(path: Path) -> dict:
 def _adam_defaults(cfg: RunConfig) -> dict[str, Any]:
     """betas/eps/weight decay exactly as ``engine.optim.make_optimizer`` builds them (one source)."""
     d = make_optimizer(nn.Linear(1, 1), cfg.train).defaults
-    return {"lr": cfg.train.lr, "betas": list(d["betas"]), "eps": d["eps"],
-            "weight_decay": cfg.train.weight_decay}
+    return {"lr": cfg.train.lr, "betas": list(d["betas"]), "eps": d["eps"], "weight_decay": cfg.train.weight_decay}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -113,12 +113,20 @@ class _Filler:
         if current == AUTO:
             node[leaf] = value
         elif run_key is not None and not _same(current, value):
-            raise ConfigError(f"{self.source}: {path} is {current!r} but {run_key} gives {value!r}; "
-                              f'set {path} to "auto" (recommended) or change {run_key}')
+            raise ConfigError(
+                f"{self.source}: {path} is {current!r} but {run_key} gives {value!r}; "
+                f'set {path} to "auto" (recommended) or change {run_key}'
+            )
 
 
-def resolve(base: dict, cfg: RunConfig, world_size: int, kind: str = "student",
-            hidden_size: int | None = None, source: str = "ds_config") -> dict:
+def resolve(
+    base: dict,
+    cfg: RunConfig,
+    world_size: int,
+    kind: str = "student",
+    hidden_size: int | None = None,
+    source: str = "ds_config",
+) -> dict:
     """Fill the ``"auto"`` fields of a base DeepSpeed config from the run config.
 
     Args:
@@ -141,14 +149,21 @@ def resolve(base: dict, cfg: RunConfig, world_size: int, kind: str = "student",
     out = copy.deepcopy(base)
     f = _Filler(out, source)
     if t.batch_size % (world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by world size {world_size} x "
-                          f"train.grad_accum {t.grad_accum}")
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is not divisible by world size {world_size} x "
+            f"train.grad_accum {t.grad_accum}"
+        )
     if "scheduler" in out:
-        raise ConfigError(f"{source}: remove the 'scheduler' section; the learning-rate schedule comes from "
-                          "train.lr / train.warmup_ratio (linear warmup and decay, as in one process)")
+        raise ConfigError(
+            f"{source}: remove the 'scheduler' section; the learning-rate schedule comes from "
+            "train.lr / train.warmup_ratio (linear warmup and decay, as in one process)"
+        )
     f.fill("train_batch_size", t.batch_size, "train.batch_size")
-    f.fill("train_micro_batch_size_per_gpu", t.batch_size // (world_size * t.grad_accum),
-           "train.batch_size / (world size x train.grad_accum)")
+    f.fill(
+        "train_micro_batch_size_per_gpu",
+        t.batch_size // (world_size * t.grad_accum),
+        "train.batch_size / (world size x train.grad_accum)",
+    )
     f.fill("gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
     f.fill("bf16.enabled", e.precision == "bf16", "engine.precision")
     f.fill("fp16.enabled", e.precision == "fp16", "engine.precision")
@@ -169,9 +184,11 @@ def _fill_zero_sizes(f: _Filler, out: dict, hidden_size: int | None) -> None:
     z = out.get("zero_optimization", {})
     derived = {}
     if hidden_size:
-        derived = {"reduce_bucket_size": hidden_size * hidden_size,
-                   "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-                   "stage3_param_persistence_threshold": 10 * hidden_size}
+        derived = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         if z.get(key) != AUTO:
             continue
@@ -183,8 +200,12 @@ def _fill_zero_sizes(f: _Filler, out: dict, hidden_size: int | None) -> None:
 
 def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
     adam = _adam_defaults(cfg)
-    keys = {"lr": "train.lr", "betas": "engine.optim (betas)", "eps": "train.adam_eps",
-            "weight_decay": "train.weight_decay"}
+    keys = {
+        "lr": "train.lr",
+        "betas": "engine.optim (betas)",
+        "eps": "train.adam_eps",
+        "weight_decay": "train.weight_decay",
+    }
     if "optimizer" in out:
         for name, value in adam.items():
             f.fill(f"optimizer.params.{name}", value, keys[name])
@@ -197,8 +218,10 @@ def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
         return
     opt = out.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
-        raise ConfigError(f"{source}: optimizer.type {opt.get('type')!r} is not supported; use AdamW "
-                          "(the run's parameter groups and learning rates assume it)")
+        raise ConfigError(
+            f"{source}: optimizer.type {opt.get('type')!r} is not supported; use AdamW "
+            "(the run's parameter groups and learning rates assume it)"
+        )
     for name, value in adam.items():
         f.fill(f"optimizer.params.{name}", value, keys[name])
 
@@ -207,8 +230,7 @@ def _no_auto_left(tree: dict, source: str, prefix: str = "") -> dict:
     for k, v in tree.items():
         path = f"{prefix}{k}"
         if v == AUTO:
-            raise ConfigError(f'{source}: {path} is "auto" but nothing in the run config fills it; '
-                              "give it a value")
+            raise ConfigError(f'{source}: {path} is "auto" but nothing in the run config fills it; give it a value')
         if isinstance(v, dict):
             _no_auto_left(v, source, path + ".")
     return tree
@@ -231,8 +253,10 @@ def write_resolved(resolved: dict, run_dir: str | Path, kind: str) -> Path:
 def read_resolved(run_dir: str | Path, kind: str) -> dict:
     path = resolved_path(run_dir, kind)
     if not path.is_file():
-        raise ConfigError(f"train.output_dir: {path} (written by rank 0) is not visible on this rank; "
-                          "the run directory must be on a filesystem shared by all nodes")
+        raise ConfigError(
+            f"train.output_dir: {path} (written by rank 0) is not visible on this rank; "
+            "the run directory must be on a filesystem shared by all nodes"
+        )
     return json.loads(path.read_text())
 
 

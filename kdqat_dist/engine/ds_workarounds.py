@@ -39,7 +39,8 @@ def _require(obj: Any, name: str, workaround: str) -> Any:
         raise DeepSpeedChanged(
             f"{workaround}: DeepSpeed {deepspeed.__version__} has no {owner}.{name} (kdqat's workaround was "
             f"written for DeepSpeed {WRITTEN_FOR}); install deepspeed=={WRITTEN_FOR}.* or update "
-            "kdqat_dist/engine/ds_workarounds.py")
+            "kdqat_dist/engine/ds_workarounds.py"
+        )
     return getattr(obj, name)
 
 
@@ -56,8 +57,10 @@ def skip_shm_comm_build() -> None:
         return
     ops = _require(deepspeed.ops, "__compatible_ops__", "skip_shm_comm_build")
     if "deepspeed_shm_comm" not in ops:
-        raise DeepSpeedChanged(f"skip_shm_comm_build: DeepSpeed {deepspeed.__version__} has no op "
-                               f"'deepspeed_shm_comm' (written for DeepSpeed {WRITTEN_FOR})")
+        raise DeepSpeedChanged(
+            f"skip_shm_comm_build: DeepSpeed {deepspeed.__version__} has no op "
+            f"'deepspeed_shm_comm' (written for DeepSpeed {WRITTEN_FOR})"
+        )
     ops["deepspeed_shm_comm"] = False
 
 

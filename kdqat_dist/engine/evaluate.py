@@ -12,8 +12,9 @@ from kdqat_dist.data.tasks import TaskSpec, compute_metrics, selection_value
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Sequence, collate: Callable, task: TaskSpec, batch_size: int,
-            device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, dataset: Sequence, collate: Callable, task: TaskSpec, batch_size: int, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, labels) over ``dataset``: argmax classes, or the scalar output for regression.
 
     Every rank of a distributed run calls this on every batch (ZeRO-3 forwards are collective).
@@ -38,8 +39,14 @@ def predict(model: nn.Module, dataset: Sequence, collate: Callable, task: TaskSp
     return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
-def evaluate(model: nn.Module, task: TaskSpec, data: Mapping[str, Sequence], collate: Callable, batch_size: int,
-             device: torch.device | str) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    task: TaskSpec,
+    data: Mapping[str, Sequence],
+    collate: Callable,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, float]:
     """The task's metrics on each of its evaluation splits present in ``data`` (MNLI's mismatched split
     with an ``mm_`` prefix), plus ``selection``: the value model selection maximises."""
     metrics: dict[str, float] = {}

@@ -31,9 +31,22 @@ def default_num_procs() -> int:
 
 def deepspeed_command(command: str, config: str, overrides: list[str], num_procs: int, port: int) -> list[str]:
     """The launcher command line: ``deepspeed --num_accelerators N --module kdqat_dist.cli <command> ...``."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(num_procs),
-            "--master_port", str(port), "--module", "kdqat_dist.cli", command, "--config", config,
-            "engine.backend=deepspeed", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_accelerators",
+        str(num_procs),
+        "--master_port",
+        str(port),
+        "--module",
+        "kdqat_dist.cli",
+        command,
+        "--config",
+        config,
+        "engine.backend=deepspeed",
+        *overrides,
+    ]
 
 
 def run_deepspeed(command: str, config: str, overrides: list[str], num_procs: int) -> None:
@@ -44,7 +57,7 @@ def run_deepspeed(command: str, config: str, overrides: list[str], num_procs: in
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_procs)))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # we are not a rank
         env.pop(var, None)
-    print("$ deepspeed " + shlex.join(cmd[cmd.index("--num_accelerators"):]), flush=True)
+    print("$ deepspeed " + shlex.join(cmd[cmd.index("--num_accelerators") :]), flush=True)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise TrainingError(f"the {num_procs}-rank DeepSpeed job exited with code {rc} (its log is above)")

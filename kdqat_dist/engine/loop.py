@@ -56,8 +56,15 @@ class Trainer:
     with the result once ``metrics.json`` is written (the CLI's summary table).
     """
 
-    def __init__(self, cfg: RunConfig, mode: str = "train", resume: bool = False, backend: Backend | None = None,
-                 on_eval: Callable[[dict], None] | None = None, on_finish: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        mode: str = "train",
+        resume: bool = False,
+        backend: Backend | None = None,
+        on_eval: Callable[[dict], None] | None = None,
+        on_finish: Callable[[dict], None] | None = None,
+    ):
         if mode not in ("train", "finetune"):
             raise ValueError(f"mode must be train or finetune, got {mode!r}")
         self.cfg, self.mode, self.resume = cfg, mode, resume
@@ -92,12 +99,16 @@ class Trainer:
         self.train_set = self.data["train"]
         world, accum = self.backend.world_size, cfg.train.grad_accum
         if cfg.train.batch_size % (world * accum):
-            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
-                              f"world size {world} x train.grad_accum {accum}")
+            raise ConfigError(
+                f"train.batch_size: {cfg.train.batch_size} is not divisible by "
+                f"world size {world} x train.grad_accum {accum}"
+            )
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.train.batch_size)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
-                              f"({len(self.train_set)} examples)")
+            raise ConfigError(
+                f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
+                f"({len(self.train_set)} examples)"
+            )
         self.total_steps = cfg.train.max_steps or math.ceil(self.steps_per_epoch * cfg.train.epochs)
         self.eval_every = cfg.train.eval_every or self.task.eval_every
         self._build_models(src)
@@ -115,8 +126,10 @@ class Trainer:
     def _check_run_dir(self) -> None:
         # Never overwrite a finished or running run by accident.
         if not self.resume and (self.run_dir / "config.yaml").exists():
-            raise ConfigError(f"train.output_dir: {self.run_dir} already holds a run; choose another "
-                              "output_dir or pass --resume to continue it")
+            raise ConfigError(
+                f"train.output_dir: {self.run_dir} already holds a run; choose another "
+                "output_dir or pass --resume to continue it"
+            )
 
     def _check_resume(self) -> int | None:
         """Before anything is written: refuse a --resume that cannot continue this run as it was, or that
@@ -125,8 +138,10 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             if (self.run_dir / "metrics.json").exists():  # finished: starting over would overwrite it
-                raise ConfigError(f"--resume: {self.run_dir} holds a finished run and no checkpoint under "
-                                  f"{self.run_dir / 'checkpoints'} (set train.save_every to write them)")
+                raise ConfigError(
+                    f"--resume: {self.run_dir} holds a finished run and no checkpoint under "
+                    f"{self.run_dir / 'checkpoints'} (set train.save_every to write them)"
+                )
             return None
         saved_path = self.run_dir / "config.yaml"
         if saved_path.exists():
@@ -134,9 +149,11 @@ class Trainer:
             if changed:
                 what = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changed[:6])
                 more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-                raise ConfigError(f"--resume: {self.run_dir} was trained with other settings: {what}{more}; "
-                                  f"resume with the run's own config.yaml (only {', '.join(RESUMABLE)} may "
-                                  "change), or start a new run in another output_dir")
+                raise ConfigError(
+                    f"--resume: {self.run_dir} was trained with other settings: {what}{more}; "
+                    f"resume with the run's own config.yaml (only {', '.join(RESUMABLE)} may "
+                    "change), or start a new run in another output_dir"
+                )
         return int(ckpt.name.removeprefix("step"))
 
     def _source_model(self) -> str:
@@ -181,8 +198,13 @@ class Trainer:
             slice_feed_forward(unwrap(teacher))
         self.teacher = teacher
         self.student = self.backend.setup_student(student, self.total_steps)
-        self.objective = DistillObjective.for_models(cfg.distill, student, teacher, task.is_regression,
-                                                     recompute_teacher=whole_teacher and cfg.distill.recompute_teacher)
+        self.objective = DistillObjective.for_models(
+            cfg.distill,
+            student,
+            teacher,
+            task.is_regression,
+            recompute_teacher=whole_teacher and cfg.distill.recompute_teacher,
+        )
 
     def _first_batch(self) -> dict:
         n = min(len(self.train_set), self.cfg.train.batch_size)
@@ -197,8 +219,7 @@ class Trainer:
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         if self.objective is None:  # finetune: labels only
             out = self.student(**batch)
-            return LossOutput(total=out.loss, terms={"ground_truth": out.loss.detach()},
-                              student_logits=out.logits)
+            return LossOutput(total=out.loss, terms={"ground_truth": out.loss.detach()}, student_logits=out.logits)
         return self.objective(self.student, self.teacher, batch)
 
     def train(self) -> dict:
@@ -207,16 +228,29 @@ class Trainer:
         step, epoch, start, running = self._maybe_resume()
         if self.mode == "train" and self.teacher_metrics is None:
             self.teacher_metrics = self.evaluate(self.teacher)
-        bar = tqdm(total=self.total_steps, initial=step, desc=self.mode,
-                   disable=not (be.is_main and cfg.train.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc=self.mode,
+            disable=not (be.is_main and cfg.train.progress),
+            dynamic_ncols=True,
+        )
         self._start_diagnostics()
         # `running` sums since the last log step (a resumed run restores it), so a window's mean divides by
         # the steps since then: log_every, or fewer in the last window.
         last_log = step - step % cfg.train.log_every
         t_last, t_step = time.perf_counter(), step
         while step < self.total_steps:
-            for _, micro in micro_batches(len(self.train_set), cfg.train.batch_size, cfg.train.grad_accum,
-                                          be.rank, be.world_size, cfg.train.seed, epoch, start):
+            for _, micro in micro_batches(
+                len(self.train_set),
+                cfg.train.batch_size,
+                cfg.train.grad_accum,
+                be.rank,
+                be.world_size,
+                cfg.train.seed,
+                epoch,
+                start,
+            ):
                 self.student.train()
                 for idx in micro:
                     out = self.loss(self._batch(idx))
@@ -269,8 +303,7 @@ class Trainer:
         where = f"term '{bad[0]}'" if bad else "the total"
         what = f"is {values['loss']}" if not math.isfinite(values["loss"]) else "is not finite"
         on = f" on {int(flags[0])} of {world} ranks" if world > 1 else ""
-        raise TrainingError(f"non-finite loss at step {step + 1}: {where} {what}{on}; "
-                            "lower train.lr or check the data")
+        raise TrainingError(f"non-finite loss at step {step + 1}: {where} {what}{on}; lower train.lr or check the data")
 
     def _log_train(self, step: int, running: dict, dt: float, n: int) -> None:
         """Means over the ``n`` steps of the window and over ranks (one all-reduce), then TensorBoard."""
@@ -335,8 +368,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        return evaluate_model(model, self.task, self.data, self.collate, self.cfg.train.eval_batch_size,
-                              self.backend.device)
+        return evaluate_model(
+            model, self.task, self.data, self.collate, self.cfg.train.eval_batch_size, self.backend.device
+        )
 
     def _evaluate_and_select(self, step: int) -> None:
         if self._diagnostics_on():  # the flip rate is measured between evaluations
@@ -349,17 +383,24 @@ class Trainer:
             self.best = record
             self._save_best()
         if self.on_eval is not None and self.backend.is_main:
-            self.on_eval({**record, "best_selection": self.best["selection"], "best_step": self.best["step"],
-                          **({"teacher_selection": self.teacher_metrics["selection"]}
-                             if self.teacher_metrics else {})})
+            self.on_eval(
+                {
+                    **record,
+                    "best_selection": self.best["selection"],
+                    "best_step": self.best["step"],
+                    **({"teacher_selection": self.teacher_metrics["selection"]} if self.teacher_metrics else {}),
+                }
+            )
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)
             if self.teacher_metrics:
                 self.writer.add_scalar("eval/teacher_selection", self.teacher_metrics["selection"], step)
             teacher = f" (teacher {self.teacher_metrics['selection']:.4f})" if self.teacher_metrics else ""
-            tqdm.write(f"step {step}: {self.task.selection_metric}={metrics['selection']:.4f}{teacher}"
-                       + (" *best*" if improved else ""))
+            tqdm.write(
+                f"step {step}: {self.task.selection_metric}={metrics['selection']:.4f}{teacher}"
+                + (" *best*" if improved else "")
+            )
 
     def _save_best(self) -> None:
         # Under ZeRO-3 the whole weights exist only inside this block, on every rank; rank 0 writes them.
@@ -374,16 +415,24 @@ class Trainer:
                     ordinary_permissions(f)
                 (out / "metrics.json").write_text(json.dumps(self.best, indent=2))
             else:
-                save_student(model, out, self.cfg.quant, self.tokenizer,
-                             extra={"task": self.task.name, "metrics": self.best})
+                save_student(
+                    model, out, self.cfg.quant, self.tokenizer, extra={"task": self.task.name, "metrics": self.best}
+                )
 
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, step: int, epoch: int, start_next: tuple[int, int], running: dict) -> None:
         ep, st = start_next
-        client = {"step": step, "epoch": epoch + ep, "start": st, "best": self.best, "history": self.history,
-                  "teacher_metrics": self.teacher_metrics, "running": dict(running),
-                  "train_log": self.train_log}
+        client = {
+            "step": step,
+            "epoch": epoch + ep,
+            "start": st,
+            "best": self.best,
+            "history": self.history,
+            "teacher_metrics": self.teacher_metrics,
+            "running": dict(running),
+            "train_log": self.train_log,
+        }
         self.backend.save_checkpoint(self.run_dir / "checkpoints" / f"step{step:07d}", client)
 
     def _maybe_resume(self) -> tuple[int, int, int, dict]:
@@ -409,8 +458,13 @@ class Trainer:
 
     def _finish(self, wall_s: float) -> dict:
         """The run's result: written to ``metrics.json`` (its one writer) and returned on every rank."""
-        result = {"task": self.task.name, "selection_metric": self.task.selection_metric,
-                  "best": self.best, "history": self.history, "total_steps": self.total_steps}
+        result = {
+            "task": self.task.name,
+            "selection_metric": self.task.selection_metric,
+            "best": self.best,
+            "history": self.history,
+            "total_steps": self.total_steps,
+        }
         if self.teacher_metrics is not None:
             result["teacher"] = self.teacher_metrics
         result["train_log"] = self.train_log
@@ -455,12 +509,16 @@ def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
 def _check_same_head(teacher, task: TaskSpec) -> None:
     n = teacher.config.num_labels
     if n != task.num_labels:
-        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} "
-                          f"has {task.num_labels}")
+        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
 
 
-def run(cfg: RunConfig, mode: str, resume: bool = False, on_eval: Callable[[dict], None] | None = None,
-        on_finish: Callable[[dict], None] | None = None) -> dict:
+def run(
+    cfg: RunConfig,
+    mode: str,
+    resume: bool = False,
+    on_eval: Callable[[dict], None] | None = None,
+    on_finish: Callable[[dict], None] | None = None,
+) -> dict:
     """Set up, train, clean up; returns the metrics dict (also written to ``<output_dir>/metrics.json``).
 
     ``on_eval`` / ``on_finish``: see :class:`Trainer`."""

@@ -34,8 +34,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         "decay": {"params": [], "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
         "no_decay": {"params": [], "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
     }
-    for kind, levels, lr, wd in (("quant_weight", w_levels, cfg.quant_weight_lr, QUANT_WEIGHT_WD),
-                                 ("quant_act", a_levels, cfg.quant_act_lr, QUANT_ACT_WD)):
+    for kind, levels, lr, wd in (
+        ("quant_weight", w_levels, cfg.quant_weight_lr, QUANT_WEIGHT_WD),
+        ("quant_act", a_levels, cfg.quant_act_lr, QUANT_ACT_WD),
+    ):
         for qp in sorted(set(levels.values())):
             groups[f"{kind}_q{qp}"] = {"params": [], "weight_decay": wd, "lr": lr / qp, "name": f"{kind}_q{qp}"}
     for name, p in model.named_parameters():
@@ -71,10 +73,18 @@ class BertAdam(torch.optim.Optimizer):
     tensors, so the DeepSpeed backend clips each whole gradient before the step.
     """
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = BETAS, eps: float = 1e-6,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      max_grad_norm=max_grad_norm))
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float] = BETAS,
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+    ):
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,8 +125,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, clip_each: bool = True) -
     per-tensor clipping to the caller (ZeRO partitions)."""
     groups = param_groups(model, cfg)
     if cfg.optimizer == "bertadam":
-        return BertAdam(groups, lr=cfg.lr, eps=cfg.adam_eps, betas=BETAS,
-                        max_grad_norm=cfg.max_grad_norm if clip_each else 0.0)
+        return BertAdam(
+            groups, lr=cfg.lr, eps=cfg.adam_eps, betas=BETAS, max_grad_norm=cfg.max_grad_norm if clip_each else 0.0
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps, betas=BETAS)
 
 

@@ -19,5 +19,13 @@ from kdqat_dist.export.artifact import (
     verify_file,
 )
 
-__all__ = ["EXPORT_META", "WEIGHTS_FILE", "ExportReport", "export_model", "export_student", "load", "read_meta",
-           "verify_file"]
+__all__ = [
+    "EXPORT_META",
+    "WEIGHTS_FILE",
+    "ExportReport",
+    "export_model",
+    "export_student",
+    "load",
+    "read_meta",
+    "verify_file",
+]

@@ -54,8 +54,7 @@ EXPORT_META = "kdqat_export.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "kdqat-packed"
 FORMAT_VERSION = 1
-_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece",
-                       "sentencepiece")
+_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece")
 
 
 # --------------------------------------------------------------------------- report
@@ -84,17 +83,21 @@ class ExportReport:
     def lines(self) -> list[str]:
         return [
             f"packed file  {self.out_dir / WEIGHTS_FILE}: {self.file_bytes / 1e6:.3f} MB",
-            f"FP32 model   {self.fp32_bytes / 1e6:.3f} MB (4 bytes x parameters); "
-            f"{self.ratio:.2f}x smaller on disk",
+            f"FP32 model   {self.fp32_bytes / 1e6:.3f} MB (4 bytes x parameters); {self.ratio:.2f}x smaller on disk",
             f"packed weights ({self.modules} tensors): {self.quantized_packed_bytes / 1e6:.3f} MB vs "
             f"{self.quantized_fp32_bytes / 1e6:.3f} MB FP32, {self.weight_ratio:.2f}x smaller",
         ]
 
     def as_dict(self) -> dict:
-        return {"file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes,
-                "quantized_fp32_bytes": self.quantized_fp32_bytes,
-                "quantized_packed_bytes": self.quantized_packed_bytes, "modules": self.modules,
-                "ratio": self.ratio, "weight_ratio": self.weight_ratio}
+        return {
+            "file_bytes": self.file_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "quantized_fp32_bytes": self.quantized_fp32_bytes,
+            "quantized_packed_bytes": self.quantized_packed_bytes,
+            "modules": self.modules,
+            "ratio": self.ratio,
+            "weight_ratio": self.weight_ratio,
+        }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -132,7 +135,7 @@ def probe_batch(config, n: int = 4, seq: int = 16, seed: int = 0) -> dict[str, t
     ids = torch.randint(0, config.vocab_size, (n, seq), generator=g)
     mask = torch.ones_like(ids)
     for i in range(1, n):
-        mask[i, max(1, seq - 3 * i):] = 0
+        mask[i, max(1, seq - 3 * i) :] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -162,9 +165,17 @@ def _act_settings(m: nn.Module) -> dict | None:
 # --------------------------------------------------------------------------- writer
 
 
-def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, tokenizer=None,
-                 files_from: str | Path | None = None, base3: bool = False, extra: dict | None = None,
-                 verify: bool = True) -> ExportReport:
+def export_model(
+    model: nn.Module,
+    quant: QuantConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    files_from: str | Path | None = None,
+    base3: bool = False,
+    extra: dict | None = None,
+    verify: bool = True,
+) -> ExportReport:
     """Pack a fake-quant (prepared, not converted) model into ``out_dir``.
 
     Args:
@@ -183,8 +194,10 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
     """
     out = check_out_dir(out_dir)
     if not quant.enabled or not is_prepared(model):
-        raise ConfigError("export: the model was never quantized (quant.enabled is false or `prepare` was "
-                          "not applied); export needs a `kdqat train` student")
+        raise ConfigError(
+            "export: the model was never quantized (quant.enabled is false or `prepare` was "
+            "not applied); export needs a `kdqat train` student"
+        )
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     skip_keys: set[str] = set()
@@ -194,13 +207,17 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
             wq = m.weight_quant
             if wq is None:
                 if hasattr(m, "frozen_weight_cfg"):
-                    raise ConfigError(f"export: {name} is already converted (weights frozen); export the "
-                                      "fake-quant student, e.g. the student/ folder written by `kdqat train`")
+                    raise ConfigError(
+                        f"export: {name} is already converted (weights frozen); export the "
+                        "fake-quant student, e.g. the student/ folder written by `kdqat train`"
+                    )
                 continue  # weight quantization disabled for this module by a rule: stays FP
             cfg = wq.cfg
             if not wq.enabled:
-                raise ConfigError(f"export: weight quantization of {name} is switched off; switch it back on "
-                                  "(set_quant_enabled) before exporting")
+                raise ConfigError(
+                    f"export: weight quantization of {name} is switched off; switch it back on "
+                    "(set_quant_enabled) before exporting"
+                )
             if cfg.bits not in ALLOWED_BITS:
                 raise ConfigError(f"export: {name} uses {cfg.bits}-bit weights; allowed: 2, 3, 4, 8")
             target = wq(m.weight).detach()
@@ -208,10 +225,15 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
             codes, scale = weight_codes(m.weight, cfg, step)
             lo, hi = code_range(cfg.method, cfg.bits, cfg.narrow_range)
             op = dequant_op(cfg.method, cfg.narrow_range)
-            if int(codes.min()) < lo or int(codes.max()) > hi or not torch.equal(
-                    dequantize(codes, scale, op, target.dtype), target):
-                raise ConfigError(f"export: the codes of {name} do not reproduce its fake-quant weight "
-                                  f"({cfg.method}{cfg.bits}); not exporting a wrong model")
+            if (
+                int(codes.min()) < lo
+                or int(codes.max()) > hi
+                or not torch.equal(dequantize(codes, scale, op, target.dtype), target)
+            ):
+                raise ConfigError(
+                    f"export: the codes of {name} do not reproduce its fake-quant weight "
+                    f"({cfg.method}{cfg.bits}); not exporting a wrong model"
+                )
             enc = choose_encoding(codes, cfg.bits, base3 and cfg.bits == 2)
             packed = encode(codes, enc)
             scale32 = scale.reshape(-1).to(torch.float32).contiguous()
@@ -235,22 +257,29 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
             }
             if enc.packing == "bits" and enc.storage_bits != cfg.bits:
                 used = int(codes.max()) - int(codes.min()) + 1
-                modules[name]["note"] = (f"{cfg.method}{cfg.bits} produced codes spanning {used} levels "
-                                         f"(> 2^{cfg.bits}); stored at {enc.storage_bits} bits, unaltered")
+                modules[name]["note"] = (
+                    f"{cfg.method}{cfg.bits} produced codes spanning {used} levels "
+                    f"(> 2^{cfg.bits}); stored at {enc.storage_bits} bits, unaltered"
+                )
             q_fp32 += 4 * m.weight.numel()
             q_packed += packed.numel() + 4 * scale32.numel()
         for name, q in model.named_modules():
             if isinstance(q, ActFakeQuant):
                 skip_keys.add(f"{name}.initialized")
                 if q.enabled != q.cfg.enabled:
-                    raise ConfigError(f"export: activation quantizer {name} is switched off; the artifact "
-                                      "always applies activation quantization as configured")
+                    raise ConfigError(
+                        f"export: activation quantizer {name} is switched off; the artifact "
+                        "always applies activation quantization as configured"
+                    )
                 if q.enabled and q.quantizer.learned and not bool(q.initialized):
-                    raise ConfigError(f"export: activation step {name} was never calibrated "
-                                      "(run calibrate_activations or a training step first)")
+                    raise ConfigError(
+                        f"export: activation step {name} was never calibrated "
+                        "(run calibrate_activations or a training step first)"
+                    )
     if not modules:
-        raise ConfigError("export: the model has no quantized weights (every weight quantizer is disabled); "
-                          "nothing to pack")
+        raise ConfigError(
+            "export: the model has no quantized weights (every weight quantizer is disabled); nothing to pack"
+        )
     seen: set[int] = set()
     for k, v in model.state_dict().items():
         if k in skip_keys:
@@ -289,8 +318,10 @@ def export_model(model: nn.Module, quant: QuantConfig, out_dir: str | Path, *, t
             a, b = logits_of(model, batch), logits_of(loaded, batch)
             if not torch.equal(a, b):
                 diff = float((a - b).abs().max())
-                raise ConfigError(f"export: the reloaded artifact's logits differ from the fake-quant "
-                                  f"model's (max |diff| {diff:.3g}); not keeping a wrong model")
+                raise ConfigError(
+                    f"export: the reloaded artifact's logits differ from the fake-quant "
+                    f"model's (max |diff| {diff:.3g}); not keeping a wrong model"
+                )
     except BaseException:
         _remove_written(out, created)
         raise
@@ -317,30 +348,34 @@ def _versions() -> dict:
     return {"kdqat_dist": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def export_student(student_dir: str | Path, out_dir: str | Path, base3: bool = False,
-                   verify: bool = True) -> ExportReport:
+def export_student(
+    student_dir: str | Path, out_dir: str | Path, base3: bool = False, verify: bool = True
+) -> ExportReport:
     """Pack the ``student/`` folder written by ``kdqat train`` into ``out_dir`` (see :func:`export_model`)."""
     src = Path(student_dir)
     check_out_dir(out_dir)
     if not src.exists():
         raise ConfigError(f"--student: {src} does not exist")
     if not is_student_dir(src):
-        raise ConfigError(f"--student: {src} is not a quantized student folder (no {STUDENT_META}); the "
-                          "model was never quantized: export the student/ folder written by `kdqat train`")
+        raise ConfigError(
+            f"--student: {src} is not a quantized student folder (no {STUDENT_META}); the "
+            "model was never quantized: export the student/ folder written by `kdqat train`"
+        )
     try:
         meta = json.loads((src / STUDENT_META).read_text())
         quant = build_section(QuantConfig, meta["quant"], "quant")
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"--student: {src / STUDENT_META} is unreadable ({type(exc).__name__})") from None
     if not quant.enabled:
-        raise ConfigError(f"--student: {src} was trained with quant.enabled=false; the model was never "
-                          "quantized, there is nothing to pack")
+        raise ConfigError(
+            f"--student: {src} was trained with quant.enabled=false; the model was never "
+            "quantized, there is nothing to pack"
+        )
     for key, wcfg in (("quant.weight", quant.weight), ("quant.embedding", quant.embedding)):
         if wcfg.bits not in ALLOWED_BITS:
             raise ConfigError(f"{key}.bits: {wcfg.bits} is not supported by export; allowed: 2, 3, 4, 8")
     model = load_student(src)
-    extra = {"source": {"student": str(src.resolve()), "task": meta.get("task"),
-                        "metrics": meta.get("metrics")}}
+    extra = {"source": {"student": str(src.resolve()), "task": meta.get("task"), "metrics": meta.get("metrics")}}
     return export_model(model, quant, out_dir, files_from=src, base3=base3, extra=extra, verify=verify)
 
 
@@ -361,8 +396,7 @@ def read_meta(path: str | Path) -> dict:
     p = Path(path)
     mpath = p / EXPORT_META
     if not mpath.exists():
-        raise ConfigError(f"{p} is not a kdqat export folder (no {EXPORT_META}); "
-                          "create one with `kdqat export`")
+        raise ConfigError(f"{p} is not a kdqat export folder (no {EXPORT_META}); create one with `kdqat export`")
     try:
         meta = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -371,8 +405,10 @@ def read_meta(path: str | Path) -> dict:
         raise ConfigError(f"{mpath}: not a {FORMAT} metadata file")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ConfigError(f"{mpath}: format_version {version!r} is not supported (this kdqat_dist reads "
-                          f"1..{FORMAT_VERSION}); upgrade kdqat_dist")
+        raise ConfigError(
+            f"{mpath}: format_version {version!r} is not supported (this kdqat_dist reads "
+            f"1..{FORMAT_VERSION}); upgrade kdqat_dist"
+        )
     for key in ("weights_file", "weights_bytes", "weights_sha256", "quant", "modules"):
         if key not in meta:
             raise ConfigError(f"{mpath}: missing key {key!r} (corrupt export metadata)")
@@ -402,8 +438,7 @@ def _module_encoding(name: str, info: dict) -> tuple[Encoding, list[int], str]:
         storage = 0 if packing == "base3" else int(info["storage_bits"])
         granularity = str(info["granularity"])
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{EXPORT_META}: module {name}: incomplete entry "
-                          "(corrupt export metadata)") from None
+        raise ConfigError(f"{EXPORT_META}: module {name}: incomplete entry (corrupt export metadata)") from None
     if bits not in ALLOWED_BITS:
         raise ConfigError(f"{EXPORT_META}: module {name}: unsupported bits {bits}; allowed: 2, 3, 4, 8")
     if method in TERNARY_ONLY and bits != 2:
@@ -456,20 +491,22 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     listed = set(meta["modules"])
     if frozen != listed:
         diff = sorted(frozen ^ listed)[:3]
-        raise ConfigError(f"{p / EXPORT_META}: its modules do not match the quant config on this "
-                          f"architecture (e.g. {diff})")
+        raise ConfigError(
+            f"{p / EXPORT_META}: its modules do not match the quant config on this architecture (e.g. {diff})"
+        )
     with torch.no_grad():
         for name, info in meta["modules"].items():
             enc, shape, granularity = _module_encoding(name, info)
             m = model.get_submodule(name)
             cfg = m.frozen_weight_cfg
             if (cfg.method, cfg.bits, cfg.granularity) != (info["method"], info["bits"], granularity):
-                raise ConfigError(f"{p / EXPORT_META}: module {name} is {info['method']}{info['bits']}/"
-                                  f"{granularity} but the quant config says {cfg.method}{cfg.bits}/"
-                                  f"{cfg.granularity}")
+                raise ConfigError(
+                    f"{p / EXPORT_META}: module {name} is {info['method']}{info['bits']}/"
+                    f"{granularity} but the quant config says {cfg.method}{cfg.bits}/"
+                    f"{cfg.granularity}"
+                )
             if list(m.weight.shape) != shape:
-                raise ConfigError(f"{name}: packed shape {shape} does not match the model's "
-                                  f"{list(m.weight.shape)}")
+                raise ConfigError(f"{name}: packed shape {shape} does not match the model's {list(m.weight.shape)}")
             codes_t = state.pop(f"{name}.weight.codes", None)
             scale = state.pop(f"{name}.weight.scale", None)
             if codes_t is None or scale is None:
@@ -491,14 +528,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ConfigError(f"{wfile}: tensors do not fit {p / 'config.json'} "
-                          f"({str(exc).strip().splitlines()[-1].strip()})") from None
+        raise ConfigError(
+            f"{wfile}: tensors do not fit {p / 'config.json'} ({str(exc).strip().splitlines()[-1].strip()})"
+        ) from None
     allowed_missing = {f"{n}.weight" for n in listed}
     allowed_missing |= {f"{n}.initialized" for n, q in model.named_modules() if isinstance(q, ActFakeQuant)}
     bad_missing = [k for k in missing if k not in allowed_missing]
     if bad_missing or unexpected:
-        raise ConfigError(f"{wfile}: tensors do not match {p / 'config.json'} (missing {bad_missing[:3]}, "
-                          f"unexpected {list(unexpected)[:3]})")
+        raise ConfigError(
+            f"{wfile}: tensors do not match {p / 'config.json'} (missing {bad_missing[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
+        )
     for m in model.modules():  # learned activation steps were calibrated in training: never recalibrate
         if isinstance(m, ActFakeQuant) and hasattr(m, "initialized"):
             m.initialized.fill_(True)

@@ -20,17 +20,25 @@ from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_d
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="pack a trained student into a low-bit artifact (2-bit/base-3 ternary, n-bit) and "
-                       "check that it scores exactly what the student scored")
+        "export",
+        help="pack a trained student into a low-bit artifact (2-bit/base-3 ternary, n-bit) and "
+        "check that it scores exactly what the student scored",
+    )
     p.add_argument("--student", required=True, help="the student/ folder written by `kdqat train`")
     p.add_argument("--out", required=True, help="a new or empty folder for the artifact")
-    p.add_argument("--config", "-c", default=None,
-                   help="recipe for the dev-set check (default: the run's config.yaml next to the student)")
+    p.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="recipe for the dev-set check (default: the run's config.yaml next to the student)",
+    )
     p.add_argument("--base3", action="store_true", help="pack ternary weights five per byte (1.6 bits)")
-    p.add_argument("--skip-eval", action="store_true",
-                   help="skip the dev-set check (the reloaded artifact is still compared on a probe batch)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. data.cache_dir=x")
+    p.add_argument(
+        "--skip-eval",
+        action="store_true",
+        help="skip the dev-set check (the reloaded artifact is still compared on a probe batch)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=x")
     p.set_defaults(func=run)
 
 
@@ -40,8 +48,10 @@ def run_config(student: Path, config: str | None, overrides: list[str]):
         return load_config(config, overrides)
     run_yaml = student.parent / "config.yaml"
     if not run_yaml.exists():
-        raise ConfigError(f"--config: no config.yaml next to {student} (in {student.parent}); pass "
-                          "--config RECIPE to say which task to re-evaluate on, or --skip-eval")
+        raise ConfigError(
+            f"--config: no config.yaml next to {student} (in {student.parent}); pass "
+            "--config RECIPE to say which task to re-evaluate on, or --skip-eval"
+        )
     return load_config(run_yaml, overrides)
 
 
@@ -63,8 +73,10 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     cfg = None if args.skip_eval and args.config is None else run_config(student, args.config, args.overrides)
     created = not out.exists()
     report = export_student(student, out, base3=args.base3)
-    print(f"[export] wrote {out} ({report.modules} packed weights"
-          f"{', ternary base-3 packed' if args.base3 else ''}); reloaded logits identical on a probe batch")
+    print(
+        f"[export] wrote {out} ({report.modules} packed weights"
+        f"{', ternary base-3 packed' if args.base3 else ''}); reloaded logits identical on a probe batch"
+    )
     for line in report.lines():
         print(f"[export] {line}")
     if cfg is None:
@@ -76,9 +88,11 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
         print("[export] dev set, exported artifact:")
         me = evaluate_folder(copy.deepcopy(cfg), str(out))
         if not _same(ms, me):
-            raise ConfigError(f"export: the exported model scores {me.get('selection')} on the dev set but "
-                              f"the fake-quant student scores {ms.get('selection')} ({ms} vs {me}); "
-                              "artifact removed")
+            raise ConfigError(
+                f"export: the exported model scores {me.get('selection')} on the dev set but "
+                f"the fake-quant student scores {ms.get('selection')} ({ms} vs {me}); "
+                "artifact removed"
+            )
     except BaseException:
         _remove_written(out, created)
         raise
@@ -86,6 +100,8 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     meta = json.loads(meta_path.read_text())
     meta["round_trip"] = {"task": cfg.data.task, "student": ms, "export": me}
     meta_path.write_text(json.dumps(meta, indent=2))  # the checksum covers the weights file only
-    print(f"[export] round trip OK: dev selection {ms['selection']:.4f} (student) == {me['selection']:.4f} "
-          f"(export), all metrics identical")
+    print(
+        f"[export] round trip OK: dev selection {ms['selection']:.4f} (student) == {me['selection']:.4f} "
+        f"(export), all metrics identical"
+    )
     return 0

@@ -91,8 +91,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _check_bits(bits)
     expected = packed_nbytes(n, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
-        raise ConfigError(f"packing: expected {expected} uint8 bytes for {n} values at {bits} bits, got "
-                          f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}")
+        raise ConfigError(
+            f"packing: expected {expected} uint8 bytes for {n} values at {bits} bits, got "
+            f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}"
+        )
     b = packed.to(torch.int64)
     if bits == 8:
         return b.clone()
@@ -111,8 +113,7 @@ def pack_base3(trits: torch.Tensor) -> torch.Tensor:
     """Pack values in {0, 1, 2} five per byte (1.6 bits each) into a flat uint8 tensor."""
     t = trits.reshape(-1).to(torch.int64)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
-        raise ConfigError(f"packing: base-3 needs values in {{0, 1, 2}}, "
-                          f"got [{int(t.min())}, {int(t.max())}]")
+        raise ConfigError(f"packing: base-3 needs values in {{0, 1, 2}}, got [{int(t.min())}, {int(t.max())}]")
     n = t.numel()
     nbytes = base3_nbytes(n)
     padded = torch.zeros(nbytes * 5, dtype=torch.int64)
@@ -128,8 +129,10 @@ def unpack_base3(packed: torch.Tensor, n: int) -> torch.Tensor:
     """
     expected = base3_nbytes(n)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
-        raise ConfigError(f"packing: expected {expected} uint8 bytes for {n} base-3 values, got "
-                          f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}")
+        raise ConfigError(
+            f"packing: expected {expected} uint8 bytes for {n} base-3 values, got "
+            f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}"
+        )
     b = packed.to(torch.int64)
     if b.numel() and int(b.max()) > 242:
         raise ConfigError("packing: a base-3 byte is above 242 (3^5 - 1); the packed data is corrupt")
@@ -203,8 +206,9 @@ def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, 
     return _quantizer(method, bits, narrow_range).code_range()
 
 
-def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
-                 step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(
+    latent: torch.Tensor, cfg: WeightQuantConfig, step: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int64, the weight's shape) and scales of ``cfg``'s quantizer on ``latent``: the
     quantizer's own :meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`, so that :func:`dequantize` gives
     the fake-quant weight bit for bit. The scale has shape [rows, 1] (row granularity) or [] / [1] (tensor).
@@ -225,8 +229,7 @@ def weight_codes(latent: torch.Tensor, cfg: WeightQuantConfig,
     return codes.to(torch.int64), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ŵ from integer codes and scales (``scale`` broadcasts: [] or [rows, 1])."""
     c = codes.to(dtype)
     s = scale.to(dtype)

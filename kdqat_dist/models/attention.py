@@ -66,8 +66,9 @@ class MapInputs:
     scaling: float
 
     def probs(self) -> torch.Tensor:
-        return attention_probs(attention_scores(self.query, self.key, self.attention_mask, self.scaling),
-                               overwrite=True)
+        return attention_probs(
+            attention_scores(self.query, self.key, self.attention_mask, self.scaling), overwrite=True
+        )
 
 
 def attention_probs(scores: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
@@ -79,8 +80,13 @@ def attention_probs(scores: torch.Tensor, overwrite: bool = False) -> torch.Tens
     two. Only there: the CPU kernel is tested to give the same bits in place; other kernels are not.
     """
     # contiguous only: the kernel reads and writes each row in place, which a strided alias would break
-    if (overwrite and scores.dtype == torch.float32 and scores.device.type == "cpu" and scores.is_contiguous()
-            and not (torch.is_grad_enabled() and scores.requires_grad)):
+    if (
+        overwrite
+        and scores.dtype == torch.float32
+        and scores.device.type == "cpu"
+        and scores.is_contiguous()
+        and not (torch.is_grad_enabled() and scores.requires_grad)
+    ):
         return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
     return F.softmax(scores, dim=-1, dtype=torch.float32)
 

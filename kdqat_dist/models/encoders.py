@@ -110,8 +110,11 @@ def load_classifier(
     bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if strict and bad:
         export = (Path(path) / "model.safetensors").exists() and not (Path(path) / "kdqat_export.json").exists()
-        hint = (" (a `kdqat export` folder needs its kdqat_export.json, and a student its kdqat_student.json)"
-                if export else "")
+        hint = (
+            " (a `kdqat export` folder needs its kdqat_export.json, and a student its kdqat_student.json)"
+            if export
+            else ""
+        )
         first = "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in bad.items())
         raise ConfigError(f"model path {path}: its weights do not match the model ({first}){hint}")
     return model

@@ -65,14 +65,10 @@ def layer_map(n_teacher: int, n_student: int, strategy: str | list[int]) -> list
     if not isinstance(strategy, (list, tuple)):
         raise ConfigError(f"{_KEY}: got {strategy!r}; {_ALLOWED}")
     if len(strategy) != n_student:
-        raise ConfigError(
-            f"{_KEY}: the list has {len(strategy)} entries but the student has {n_student} layers"
-        )
+        raise ConfigError(f"{_KEY}: the list has {len(strategy)} entries but the student has {n_student} layers")
     for i, t in enumerate(strategy):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_teacher:
-            raise ConfigError(
-                f"{_KEY}[{i}]: got {t!r}; teacher layer indices must be integers in [0, {n_teacher - 1}]"
-            )
+            raise ConfigError(f"{_KEY}[{i}]: got {t!r}; teacher layer indices must be integers in [0, {n_teacher - 1}]")
     return [(i, t) for i, t in enumerate(strategy)]
 
 

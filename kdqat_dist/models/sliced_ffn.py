@@ -40,13 +40,14 @@ def slice_feed_forward(model: nn.Module, max_elements: int = SLICE_ELEMENTS) -> 
     return changed
 
 
-def _sliced(block: Callable[[torch.Tensor], torch.Tensor], width: int, max_elements: int,
-            x: torch.Tensor) -> torch.Tensor:
+def _sliced(
+    block: Callable[[torch.Tensor], torch.Tensor], width: int, max_elements: int, x: torch.Tensor
+) -> torch.Tensor:
     # Slices of the flattened tokens, not of the sequence axis: a token slice is contiguous, so each
     # Linear is one matrix product (a strided sequence slice went through a batched product, ~15% slower).
     rows = max(1, max_elements // max(1, width))
     tokens = x.reshape(-1, x.shape[-1])
     if rows >= tokens.shape[0]:
         return block(x)
-    out = torch.cat([block(tokens[i:i + rows]) for i in range(0, tokens.shape[0], rows)])
+    out = torch.cat([block(tokens[i : i + rows]) for i in range(0, tokens.shape[0], rows)])
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -18,8 +18,10 @@ from torch import nn
 from kdqat_dist.models.encoders import encoder_layers
 
 # (path from a layer to the Linear, path to the LayerNorm whose eps the SubLN reuses)
-SUBLN_SITES = ((("attention", "output", "dense"), ("attention", "output", "LayerNorm")),
-               (("output", "dense"), ("output", "LayerNorm")))
+SUBLN_SITES = (
+    (("attention", "output", "dense"), ("attention", "output", "LayerNorm")),
+    (("output", "dense"), ("output", "LayerNorm")),
+)
 
 
 class SubLNLinear(nn.Module):
@@ -67,8 +69,9 @@ def insert_subln(model: nn.Module) -> int:
             if isinstance(dense, SubLNLinear):
                 continue
             if not isinstance(dense, nn.Linear):
-                raise ValueError(f"quant.subln: layer {i} has no Linear at {'.'.join(path)} (a BERT-style "
-                                 "layer is needed)")
+                raise ValueError(
+                    f"quant.subln: layer {i} has no Linear at {'.'.join(path)} (a BERT-style layer is needed)"
+                )
             ln = _get(layer, ln_path)
             setattr(_get(layer, path[:-1]), path[-1], SubLNLinear(dense, getattr(ln, "eps", 1e-12)))
             added += 1

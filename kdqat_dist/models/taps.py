@@ -99,8 +99,9 @@ class AttentionCall:
         got: dict = {}
         previous = getattr(attn, "_kdqat_tap", None)
         if with_map:
-            attn._kdqat_tap = _AttnTap(self.layer, frozenset({"map_inputs", "probs"}),
-                                       lambda _l, n, t: got.__setitem__(n, t))
+            attn._kdqat_tap = _AttnTap(
+                self.layer, frozenset({"map_inputs", "probs"}), lambda _l, n, t: got.__setitem__(n, t)
+            )
         try:
             with torch.no_grad():
                 out = _out(self.module(*self.args, **self.kwargs))
@@ -180,8 +181,11 @@ def tapped(model: nn.Module, wanted: dict[str, set[int]], sink: Sink) -> Iterato
             params[:] = [None if p is None else p.detach().clone() for p in (mod.weight, mod.bias)]
 
         def post(mod, inp, output):
-            sink(layer_idx, name, NormTap(output, NormInputs(inp[0], params[0], params[1], mod.eps,
-                                                              tuple(mod.normalized_shape))))
+            sink(
+                layer_idx,
+                name,
+                NormTap(output, NormInputs(inp[0], params[0], params[1], mod.eps, tuple(mod.normalized_shape))),
+            )
 
         return norm.register_forward_pre_hook(pre), norm.register_forward_hook(post)
 

@@ -116,7 +116,6 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     return model
 
 
-
 def fake_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightFakeQuant | ActFakeQuant]]:
     for name, m in model.named_modules():
         if isinstance(m, (WeightFakeQuant, ActFakeQuant)):
@@ -193,10 +192,12 @@ def quant_summary(model: nn.Module) -> list[dict]:
         if isinstance(m, (QuantLinear, QuantEmbedding)):
             wq = m.weight_quant
             aq = getattr(m, "act_quant", None)
-            rows.append({
-                "module": name,
-                "kind": "embedding" if isinstance(m, QuantEmbedding) else "linear",
-                "weight": f"{wq.cfg.method}{wq.cfg.bits}/{wq.cfg.granularity}" if wq is not None else "frozen",
-                "act_bits": aq.cfg.bits if aq is not None else None,
-            })
+            rows.append(
+                {
+                    "module": name,
+                    "kind": "embedding" if isinstance(m, QuantEmbedding) else "linear",
+                    "weight": f"{wq.cfg.method}{wq.cfg.bits}/{wq.cfg.granularity}" if wq is not None else "frozen",
+                    "act_bits": aq.cfg.bits if aq is not None else None,
+                }
+            )
     return rows

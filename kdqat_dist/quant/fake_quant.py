@@ -25,8 +25,9 @@ class _FakeQuant(nn.Module):
     """A quantizer, chosen once from ``cfg`` (:func:`make_quantizer`), with an on/off switch and, for LSQ,
     its learned ``step`` parameter."""
 
-    def __init__(self, cfg: WeightQuantConfig | ActQuantConfig, quantizer: Quantizer,
-                 step_shape: tuple[int, ...] = (1,)):
+    def __init__(
+        self, cfg: WeightQuantConfig | ActQuantConfig, quantizer: Quantizer, step_shape: tuple[int, ...] = (1,)
+    ):
         super().__init__()
         self.cfg = cfg
         self.enabled = cfg.enabled
@@ -133,8 +134,15 @@ class QuantEmbedding(nn.Embedding):
     def from_embedding(cls, emb: nn.Embedding, wq: WeightFakeQuant) -> QuantEmbedding:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
+        for attr in (
+            "num_embeddings",
+            "embedding_dim",
+            "padding_idx",
+            "max_norm",
+            "norm_type",
+            "scale_grad_by_freq",
+            "sparse",
+        ):
             setattr(new, attr, getattr(emb, attr))
         new.weight = emb.weight
         new.weight_quant = wq
@@ -143,8 +151,15 @@ class QuantEmbedding(nn.Embedding):
     def to_embedding(self) -> nn.Embedding:
         emb = nn.Embedding.__new__(nn.Embedding)
         nn.Module.__init__(emb)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
+        for attr in (
+            "num_embeddings",
+            "embedding_dim",
+            "padding_idx",
+            "max_norm",
+            "norm_type",
+            "scale_grad_by_freq",
+            "sparse",
+        ):
             setattr(emb, attr, getattr(self, attr))
         emb.weight = self.weight
         return emb
@@ -155,8 +170,14 @@ class QuantEmbedding(nn.Embedding):
     def _row_local(self) -> bool:
         """Row-wise statistics depend on one row only, so quantizing just the looked-up rows is exact."""
         wq = self.weight_quant
-        return (wq is not None and wq.enabled and wq.quantizer.per_row and not wq.quantizer.learned
-                and self.max_norm is None and self.weight.numel() > 0)
+        return (
+            wq is not None
+            and wq.enabled
+            and wq.quantizer.per_row
+            and not wq.quantizer.learned
+            and self.max_norm is None
+            and self.weight.numel() > 0
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._row_local():
@@ -169,8 +190,15 @@ class QuantEmbedding(nn.Embedding):
                 hit = (uniq == self.padding_idx).nonzero()
                 pad = int(hit[0]) if len(hit) else None
             return F.embedding(inverse, rows, pad)
-        return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm,
-                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return F.embedding(
+            ids,
+            self.quantized_weight(),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
 
 
 class AttentionQuant(nn.Module):

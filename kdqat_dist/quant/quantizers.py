@@ -240,8 +240,9 @@ class _LSQFunction(torch.autograd.Function):
         inside = ~(lower | upper)
         grad_v = grad if ctx.straight else grad * inside.to(grad.dtype)
         # d v̂ / d s: round(r) - r inside, -Q_N below, +Q_P above; then scaled by g.
-        ds = torch.where(inside, torch.round(r) - r, torch.where(lower, torch.full_like(r, -qn),
-                                                                 torch.full_like(r, qp)))
+        ds = torch.where(
+            inside, torch.round(r) - r, torch.where(lower, torch.full_like(r, -qn), torch.full_like(r, qp))
+        )
         grad_s = (grad * ds * ctx.g).sum_to_size(ctx.shape_s)  # one per tensor or one per row
         return grad_v, grad_s, None, None, None, None
 
@@ -272,10 +273,16 @@ class LSQ(Quantizer):
     @classmethod
     def from_config(cls, cfg: WeightQuantConfig | ActQuantConfig, activation: bool) -> LSQ:
         # activations: symmetric levels and LSQ's clipped STE (KDLSQ-BERT); no clamp before the step
-        return cls(bits=cfg.bits, per_row=getattr(cfg, "granularity", "tensor") == "row", clip=None,
-                   narrow_range=activation or cfg.narrow_range,
-                   straight_through=not activation and cfg.straight_through, activation=activation,
-                   init=cfg.init, percentile=cfg.percentile)
+        return cls(
+            bits=cfg.bits,
+            per_row=getattr(cfg, "granularity", "tensor") == "row",
+            clip=None,
+            narrow_range=activation or cfg.narrow_range,
+            straight_through=not activation and cfg.straight_through,
+            activation=activation,
+            init=cfg.init,
+            percentile=cfg.percentile,
+        )
 
     @property
     def levels(self) -> tuple[int, int]:
@@ -410,8 +417,12 @@ class SEQ(Quantizer):
 
     @classmethod
     def from_config(cls, cfg: WeightQuantConfig | ActQuantConfig, activation: bool) -> SEQ:
-        return cls(bits=cfg.bits, per_row=getattr(cfg, "granularity", "tensor") == "row", clip=None,
-                   narrow_range=getattr(cfg, "narrow_range", True))
+        return cls(
+            bits=cfg.bits,
+            per_row=getattr(cfg, "granularity", "tensor") == "row",
+            clip=None,
+            narrow_range=getattr(cfg, "narrow_range", True),
+        )
 
     @property
     def grid(self) -> tuple[float, float]:
@@ -450,8 +461,15 @@ class SEQ(Quantizer):
         return (x.amax() if dims is None else x.amax(dim=dims, keepdim=True)).clamp(min=_SEQ_EPS)
 
 
-QUANTIZERS: dict[str, type[Quantizer]] = {"twn": TWN, "sym": SymMaxAbs, "mean_clip": MeanClip, "lsq": LSQ,
-                                          "absmean": AbsMean, "seq": SEQ, "absmax_token": AbsMaxToken}
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "twn": TWN,
+    "sym": SymMaxAbs,
+    "mean_clip": MeanClip,
+    "lsq": LSQ,
+    "absmean": AbsMean,
+    "seq": SEQ,
+    "absmax_token": AbsMaxToken,
+}
 WEIGHT_METHODS = ("twn", "sym", "mean_clip", "lsq", "absmean", "seq")
 # activations: dynamic max-abs (per tensor or per token) or a learned step
 ACT_METHODS = ("sym", "lsq", "absmax_token")
@@ -536,7 +554,7 @@ def kdlsq_cdf_clip(v: Tensor, bits: int) -> Tensor:
     best_d, best_t = math.inf, mx
     for i in range(n + 1, nbins + 1):
         p = cdf.copy()
-        p[i - 1:] = 1.0
+        p[i - 1 :] = 1.0
         coarse = np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, i), p[:i])
         q = p.copy()
         q[:i] = np.interp(np.linspace(0.0, 1.0, i), np.linspace(0.0, 1.0, n), coarse)

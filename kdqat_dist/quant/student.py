@@ -28,8 +28,9 @@ STUDENT_META = "kdqat_student.json"
 FORMAT_VERSION = 1
 
 
-def save_student(model: nn.Module, out_dir: str | Path, quant: QuantConfig, tokenizer=None,
-                 extra: dict | None = None) -> Path:
+def save_student(
+    model: nn.Module, out_dir: str | Path, quant: QuantConfig, tokenizer=None, extra: dict | None = None
+) -> Path:
     """Write a student folder that :func:`load_student` rebuilds exactly."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,8 +64,10 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     """Rebuild a saved fake-quant student (architecture + quantizers + weights + steps)."""
     p = Path(path)
     if not is_student_dir(p):
-        raise ConfigError(f"{p} is not a kdqat student folder (no {STUDENT_META}); "
-                          "it must be the student/ folder written by `kdqat train`")
+        raise ConfigError(
+            f"{p} is not a kdqat student folder (no {STUDENT_META}); "
+            "it must be the student/ folder written by `kdqat train`"
+        )
     meta = json.loads((p / STUDENT_META).read_text())
     quant = build_section(QuantConfig, meta["quant"], "quant")
     try:
@@ -79,7 +82,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         raise ConfigError(f"{p / 'model.safetensors'} is not a readable safetensors file ({exc})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{p}: checkpoint does not match its config "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"{p}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     mark_calibrated(model)  # LSQ activation steps were calibrated before saving: no recalibration on first use
     return model.to(device).eval()

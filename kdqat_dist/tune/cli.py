@@ -27,16 +27,29 @@ then --resume), 2 bad input, 130/143 interrupted."""
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="Ray Tune sweep of KD-QAT runs (spec in ray_tune/*.yaml)",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "sweep",
+        help="Ray Tune sweep of KD-QAT runs (spec in ray_tune/*.yaml)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", "-c", required=True, help="sweep spec YAML (a path or a name in ray_tune/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides for every trial")
-    p.add_argument("--resume", action="store_true", help="continue the sweep in output_dir; finished trials "
-                   "are kept, errored and unfinished ones run again")
-    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto); default: start "
-                   "a local one")
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance "
-                   "(default: this machine's cores, +1 for the trial driver when tune.num_workers > 1)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep in output_dir; finished trials are kept, errored and unfinished ones run again",
+    )
+    p.add_argument(
+        "--address", default=None, help="join an existing Ray cluster (e.g. auto); default: start a local one"
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray instance "
+        "(default: this machine's cores, +1 for the trial driver when tune.num_workers > 1)",
+    )
     p.add_argument("--output-dir", default=None, help="override the spec's output_dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.{csv,md} and sweep.png")
     p.add_argument("--quiet", action="store_true", help="less Ray Tune progress output")
@@ -48,15 +61,23 @@ def main(args) -> int:
     errors = 0
     if not args.report_only:
         _warn_missing_teachers(spec)
-        print(f"kdqat sweep: {spec.name}: {spec.num_grid_points} grid points x "
-              f"{spec.base_config().tune.num_samples} samples -> {spec.output_dir}", flush=True)
+        print(
+            f"kdqat sweep: {spec.name}: {spec.num_grid_points} grid points x "
+            f"{spec.base_config().tune.num_samples} samples -> {spec.output_dir}",
+            flush=True,
+        )
         try:
-            grid = run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                             verbose=0 if args.quiet else 1)
+            grid = run_sweep(
+                spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus, verbose=0 if args.quiet else 1
+            )
         except SweepInterrupted as exc:
             _report(spec.output_dir)  # the finished trials' rows are final; worth having now
-            print(f"kdqat sweep: {exc}; the sweep state is saved in {spec.output_dir / 'tune'}. "
-                  f"Continue with: {_resume_command(args)}", file=sys.stderr, flush=True)
+            print(
+                f"kdqat sweep: {exc}; the sweep state is saved in {spec.output_dir / 'tune'}. "
+                f"Continue with: {_resume_command(args)}",
+                file=sys.stderr,
+                flush=True,
+            )
             return exc.exit_code
         errors = grid.num_errors
     rows = _report(spec.output_dir)
@@ -64,8 +85,11 @@ def main(args) -> int:
     # or failed ones after some evaluations, which Tune counts in num_errors.
     bad = [r for r in rows if r.get("status") == "incomplete"]
     if errors or bad:
-        print(f"kdqat sweep: {max(errors, len(bad))} trial(s) did not finish; fix the cause and rerun with "
-              "--resume (finished trials are kept)", file=sys.stderr)
+        print(
+            f"kdqat sweep: {max(errors, len(bad))} trial(s) did not finish; fix the cause and rerun with "
+            "--resume (finished trials are kept)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -92,8 +116,16 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _warn_missing_teachers(spec) -> None:
     """Trials whose teacher does not exist (on this machine) will fail; say so before starting."""
-    missing = sorted({cfg.teacher.path for cfg in (spec.resolve(p, v) for p, v in spec.grid_points()[:2000])
-                      if cfg.teacher.path and not Path(cfg.teacher.path).exists()})
+    missing = sorted(
+        {
+            cfg.teacher.path
+            for cfg in (spec.resolve(p, v) for p, v in spec.grid_points()[:2000])
+            if cfg.teacher.path and not Path(cfg.teacher.path).exists()
+        }
+    )
     if missing:
-        print(f"kdqat sweep: warning: {len(missing)} teacher path(s) do not exist here (e.g. {missing[0]}); "
-              "their trials will fail until the teachers exist (then rerun with --resume)", file=sys.stderr)
+        print(
+            f"kdqat sweep: warning: {len(missing)} teacher path(s) do not exist here (e.g. {missing[0]}); "
+            "their trials will fail until the teachers exist (then rerun with --resume)",
+            file=sys.stderr,
+        )

@@ -98,8 +98,12 @@ def collect_rows(output_dir: str | Path) -> tuple[list[dict], list[str]]:
         row["status"] = t["status"]
         row["run_dir"] = str(tdir / "run")
         rows.append(row)
-    rows.sort(key=lambda r: tuple(str(r.get(c)) for c in ("task", "variant", "map_w", "output_w", "gamma",
-                                                            "w_bits", "a_bits", "lr", *extra_keys, "seed")))
+    rows.sort(
+        key=lambda r: tuple(
+            str(r.get(c))
+            for c in ("task", "variant", "map_w", "output_w", "gamma", "w_bits", "a_bits", "lr", *extra_keys, "seed")
+        )
+    )
     return rows, metric_cols
 
 
@@ -109,8 +113,17 @@ def _sweep_meta(out: Path) -> dict:
 
 
 def _setting_keys(rows: list[dict]) -> list[str]:
-    skip = {"trial", "seed", "status", "selection_metric", "selection", "teacher_selection", "best_step",
-            "total_steps", "run_dir"}
+    skip = {
+        "trial",
+        "seed",
+        "status",
+        "selection_metric",
+        "selection",
+        "teacher_selection",
+        "best_step",
+        "total_steps",
+        "run_dir",
+    }
     keys: list[str] = []
     for r in rows:
         for k in r:
@@ -182,8 +195,16 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
 
 
 TRIAL_FIRST = ["task", "variant", "map_w", "output_w", "gamma", "score_w", "seed", "w_bits", "a_bits", "lr"]
-TRIAL_LAST = ["selection_metric", "selection", "teacher_selection", "best_step", "total_steps", "status",
-              "trial", "run_dir"]
+TRIAL_LAST = [
+    "selection_metric",
+    "selection",
+    "teacher_selection",
+    "best_step",
+    "total_steps",
+    "status",
+    "trial",
+    "run_dir",
+]
 
 
 def write_report(output_dir: str | Path) -> dict[str, Path]:
@@ -193,8 +214,7 @@ def write_report(output_dir: str | Path) -> dict[str, Path]:
     rows, metric_cols = collect_rows(out)
     summary = summarize(rows, metric_cols)
     trial_cols = _columns(rows, TRIAL_FIRST + metric_cols)
-    trial_cols = [c for c in trial_cols if c not in TRIAL_LAST] + [c for c in TRIAL_LAST
-                                                                     if any(c in r for r in rows)]
+    trial_cols = [c for c in trial_cols if c not in TRIAL_LAST] + [c for c in TRIAL_LAST if any(c in r for r in rows)]
     sum_cols = _columns(summary, [c for c in TRIAL_FIRST if c != "seed"])
     paths = {"csv": out / "results.csv", "md": out / "results.md", "summary_csv": out / "summary.csv"}
     _write_csv(paths["csv"], rows, trial_cols)
@@ -202,13 +222,24 @@ def write_report(output_dir: str | Path) -> dict[str, Path]:
     sum_rows = [{**r, "mean ± std": f"{r['mean']:.4f} ± {r['std']:.4f}"} for r in summary]
     sum_md_cols = [c for c in sum_cols if c not in ("mean", "std")]
     sum_md_cols.insert(sum_md_cols.index("n_seeds"), "mean ± std") if "n_seeds" in sum_md_cols else None
-    md = [f"# Sweep results: {out.name}", "",
-          f"{len(rows)} trials ({sum(r.get('status') == 'ok' for r in rows)} finished). Values come from "
-          "each trial's run/metrics.json; `selection` is the task's selection metric at the best step, "
-          "`teacher_selection` the full-precision teacher's.", "",
-          "## Trials", "", markdown_table(rows, [c for c in trial_cols if c != "run_dir"]), "",
-          "## Mean ± std over seeds", "", markdown_table(sum_rows, sum_md_cols), "",
-          f"TensorBoard (every trial): `tensorboard --logdir {out / 'trials'}`", ""]
+    md = [
+        f"# Sweep results: {out.name}",
+        "",
+        f"{len(rows)} trials ({sum(r.get('status') == 'ok' for r in rows)} finished). Values come from "
+        "each trial's run/metrics.json; `selection` is the task's selection metric at the best step, "
+        "`teacher_selection` the full-precision teacher's.",
+        "",
+        "## Trials",
+        "",
+        markdown_table(rows, [c for c in trial_cols if c != "run_dir"]),
+        "",
+        "## Mean ± std over seeds",
+        "",
+        markdown_table(sum_rows, sum_md_cols),
+        "",
+        f"TensorBoard (every trial): `tensorboard --logdir {out / 'trials'}`",
+        "",
+    ]
     plot = plot_sweep(summary, out / "sweep.png", _sweep_meta(out))
     if plot is not None:
         paths["png"] = plot
@@ -253,8 +284,14 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
         col, key = xk
         for label, grp in series.items():
             grp = sorted(grp, key=lambda r: r[col])
-            ax.errorbar([r[col] for r in grp], [r["mean"] for r in grp], yerr=[r["std"] for r in grp],
-                        marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [r[col] for r in grp],
+                [r["mean"] for r in grp],
+                yerr=[r["std"] for r in grp],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
             teacher = [r["teacher_mean"] for r in grp if r.get("teacher_mean") is not None]
             if teacher:
                 ax.axhline(statistics.fmean(teacher), ls=":", lw=1, color=ax.lines[-1].get_color())
@@ -279,8 +316,24 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
 
 
 def format_console(rows: list[dict], limit: int = 40) -> str:
-    cols = [c for c in ("task", "variant", "map_w", "output_w", "gamma", "seed", "lr", "w_bits", "selection",
-                        "teacher_selection", "best_step", "status") if any(c in r for r in rows)]
+    cols = [
+        c
+        for c in (
+            "task",
+            "variant",
+            "map_w",
+            "output_w",
+            "gamma",
+            "seed",
+            "lr",
+            "w_bits",
+            "selection",
+            "teacher_selection",
+            "best_step",
+            "status",
+        )
+        if any(c in r for r in rows)
+    ]
     cols = [c for c in cols if c not in ("lr", "w_bits") or len({r.get(c) for r in rows}) > 1]
     text = markdown_table(rows[:limit], cols)
     if len(rows) > limit:

@@ -54,12 +54,31 @@ from kdqat_dist.config import (
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "ray_tune"
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
-SPEC_KEYS = ("name", "base", "output_dir", "teacher_path", "overrides", "search", "variants", "tune",
-             "max_concurrent", "metric")
+SPEC_KEYS = (
+    "name",
+    "base",
+    "output_dir",
+    "teacher_path",
+    "overrides",
+    "search",
+    "variants",
+    "tune",
+    "max_concurrent",
+    "metric",
+)
 # Keys whose relative values are paths, made absolute against the directory `kdqat sweep` runs in
 # (Ray changes each trial's working directory).
-PATH_KEYS = ("teacher.path", "student.init_from", "data.source", "data.train_file", "data.dev_file",
-             "data.cache_dir", "engine.ds_config", "engine.teacher_ds_config", "model.name_or_path")
+PATH_KEYS = (
+    "teacher.path",
+    "student.init_from",
+    "data.source",
+    "data.train_file",
+    "data.dev_file",
+    "data.cache_dir",
+    "engine.ds_config",
+    "engine.teacher_ds_config",
+    "model.name_or_path",
+)
 MAX_GRID_CHECK = 2000
 # Short names the issue's examples use (``task: grid[rte, sst2, cola]``) -> the dotted config key.
 KEY_ALIASES = {"task": "data.task"}
@@ -117,14 +136,12 @@ class SweepSpec:
                 out.append(({**fixed, **dict(zip(keys, combo, strict=True))}, v))
         return out
 
-    def resolve(self, point: dict[str, Any], variant: str | None,
-                output_dir: str | Path | None = None) -> RunConfig:
+    def resolve(self, point: dict[str, Any], variant: str | None, output_dir: str | Path | None = None) -> RunConfig:
         """The full config of one trial: base recipe + overrides + variant + point (+ teacher template)."""
         ov = dict(self.overrides)
         if variant is not None:
             if variant not in self.variants:
-                raise ConfigError(f"variants: unknown variant {variant!r}; "
-                                  f"defined: {', '.join(self.variants)}")
+                raise ConfigError(f"variants: unknown variant {variant!r}; defined: {', '.join(self.variants)}")
             ov.update(self.variants[variant])
         ov.update(point)
         if output_dir is not None:
@@ -150,17 +167,33 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         """Plain data for shipping to Ray trials (re-read with :func:`spec_from_dict`)."""
-        return {"name": self.name, "base": self.base, "output_dir": str(self.output_dir),
-                "overrides": self.overrides, "variants": self.variants, "teacher_path": self.teacher_path,
-                "max_concurrent": self.max_concurrent, "cwd": self.cwd, "path": self.path,
-                "search": [[d.key, d.kind, d.values] for d in self.search]}
+        return {
+            "name": self.name,
+            "base": self.base,
+            "output_dir": str(self.output_dir),
+            "overrides": self.overrides,
+            "variants": self.variants,
+            "teacher_path": self.teacher_path,
+            "max_concurrent": self.max_concurrent,
+            "cwd": self.cwd,
+            "path": self.path,
+            "search": [[d.key, d.kind, d.values] for d in self.search],
+        }
 
 
 def spec_from_dict(d: dict) -> SweepSpec:
-    return SweepSpec(name=d["name"], base=d["base"], output_dir=Path(d["output_dir"]),
-                     overrides=d["overrides"], variants=d["variants"], teacher_path=d["teacher_path"],
-                     max_concurrent=d["max_concurrent"], cwd=d["cwd"], path=d["path"],
-                     search=[Dim(k, kind, v) for k, kind, v in d["search"]])
+    return SweepSpec(
+        name=d["name"],
+        base=d["base"],
+        output_dir=Path(d["output_dir"]),
+        overrides=d["overrides"],
+        variants=d["variants"],
+        teacher_path=d["teacher_path"],
+        max_concurrent=d["max_concurrent"],
+        cwd=d["cwd"],
+        path=d["path"],
+        search=[Dim(k, kind, v) for k, kind, v in d["search"]],
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -175,6 +208,7 @@ def get_dotted(cfg: Any, key: str) -> Any:
 
 def fill_template(template: str, cfg: RunConfig) -> str:
     """``"models/{data.task}"`` -> ``"models/rte"`` using the trial's config values."""
+
     def sub(m: re.Match) -> str:
         key = canonical_key(m.group(1))
         if key not in flat_keys():
@@ -216,11 +250,11 @@ def _check_key(key: Any, where: str, allow_tune: bool = False) -> str:
     if key not in flat_keys():
         raise ConfigError(f"{where}: unknown config key '{key}'{_suggest(key)}")
     if key.startswith("tune.") and not allow_tune:
-        raise ConfigError(f"{where}: '{key}' sets trial resources and cannot vary per trial; "
-                          "set it under the spec's tune: section")
+        raise ConfigError(
+            f"{where}: '{key}' sets trial resources and cannot vary per trial; set it under the spec's tune: section"
+        )
     if key == "train.output_dir":
-        raise ConfigError(f"{where}: train.output_dir is set per trial by the sweep "
-                          "(use output_dir: instead)")
+        raise ConfigError(f"{where}: train.output_dir is set per trial by the sweep (use output_dir: instead)")
     return key
 
 
@@ -242,8 +276,10 @@ def parse_domain(key: str, raw: Any) -> Dim:
     if isinstance(raw, str):
         m = _SHORT.match(raw)
         if not m:
-            raise ConfigError(f"{where}: expected {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
-                              f"{{loguniform: [lo, hi]}} or 'grid[a, b]', got {raw!r}")
+            raise ConfigError(
+                f"{where}: expected {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
+                f"{{loguniform: [lo, hi]}} or 'grid[a, b]', got {raw!r}"
+            )
         try:
             raw = {m.group(1): yaml.safe_load(m.group(2))}
         except yaml.YAMLError:
@@ -294,8 +330,12 @@ def _mapping(raw: Any, where: str) -> dict:
 # --------------------------------------------------------------------------- loading
 
 
-def load_spec(path: str | Path, base_overrides: list[str] | dict | None = None,
-              output_dir: str | None = None, cwd: str | Path | None = None) -> SweepSpec:
+def load_spec(
+    path: str | Path,
+    base_overrides: list[str] | dict | None = None,
+    output_dir: str | None = None,
+    cwd: str | Path | None = None,
+) -> SweepSpec:
     """Parse and validate a sweep spec (see the module docstring). ``base_overrides`` (CLI ``key=value``)
     are applied on top of the spec's ``overrides``. Raises :class:`ConfigError` (one line)."""
     p = resolve_spec_path(path)
@@ -309,13 +349,17 @@ def load_spec(path: str | Path, base_overrides: list[str] | dict | None = None,
     return parse_spec(raw, path=p, base_overrides=base_overrides, output_dir=output_dir, cwd=cwd)
 
 
-def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str] | dict | None = None,
-               output_dir: str | None = None, cwd: str | Path | None = None) -> SweepSpec:
+def parse_spec(
+    raw: dict,
+    path: str | Path = "<spec>",
+    base_overrides: list[str] | dict | None = None,
+    output_dir: str | None = None,
+    cwd: str | Path | None = None,
+) -> SweepSpec:
     raw = copy.deepcopy(raw)
     unknown = [k for k in raw if k not in SPEC_KEYS]
     if unknown:
-        raise ConfigError(f"sweep spec: unknown top-level key '{unknown[0]}'; "
-                          f"allowed: {', '.join(SPEC_KEYS)}")
+        raise ConfigError(f"sweep spec: unknown top-level key '{unknown[0]}'; allowed: {', '.join(SPEC_KEYS)}")
     if not raw.get("base"):
         raise ConfigError("base: required (a recipe path or a shipped recipe name, e.g. tiny_debug)")
     cwd = Path(cwd or Path.cwd()).resolve()
@@ -331,8 +375,7 @@ def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str]
     overrides = _mapping(raw.get("overrides"), "overrides")
     for k, v in _mapping(raw.get("tune"), "tune").items():
         overrides[k if k.startswith("tune.") else f"tune.{k}"] = v
-    cli = base_overrides if isinstance(base_overrides, dict) else dict(parse_override(o)
-                                                                        for o in base_overrides or [])
+    cli = base_overrides if isinstance(base_overrides, dict) else dict(parse_override(o) for o in base_overrides or [])
     cli = _canonical_keys(cli, "overrides (command line)")
     overrides.update(cli)
     for k in overrides:
@@ -353,8 +396,7 @@ def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str]
         for k in ov:
             _check_key(k, f"variants.{name}")
             if k in search_raw:
-                raise ConfigError(f"variants.{name}: '{k}' is also in search; "
-                                  "a key can vary in one place only")
+                raise ConfigError(f"variants.{name}: '{k}' is also in search; a key can vary in one place only")
         variants[str(name)] = ov
     if not search and not variants:
         raise ConfigError("search: empty; give at least one key to sweep (or variants)")
@@ -369,10 +411,18 @@ def parse_spec(raw: dict, path: str | Path = "<spec>", base_overrides: list[str]
     if "teacher.path" in cli:
         teacher = ""  # an explicit teacher.path on the command line wins over the template
     out = output_dir or raw.get("output_dir") or f"runs/sweeps/{raw.get('name') or Path(path).stem}"
-    spec = SweepSpec(name=str(raw.get("name") or Path(path).stem), base=base,
-                     output_dir=(cwd / Path(out).expanduser()).resolve(), overrides=overrides, search=search,
-                     variants=variants, teacher_path=teacher, max_concurrent=max_conc, cwd=str(cwd),
-                     path=str(Path(path).resolve()) if path != "<spec>" else "")
+    spec = SweepSpec(
+        name=str(raw.get("name") or Path(path).stem),
+        base=base,
+        output_dir=(cwd / Path(out).expanduser()).resolve(),
+        overrides=overrides,
+        search=search,
+        variants=variants,
+        teacher_path=teacher,
+        max_concurrent=max_conc,
+        cwd=str(cwd),
+        path=str(Path(path).resolve()) if path != "<spec>" else "",
+    )
     validate_points(spec)
     return spec
 
@@ -404,26 +454,33 @@ def trial_resources(cfg: RunConfig) -> dict[str, float]:
     return {"CPU": float(cpus), "GPU": float(t.gpus_per_worker * t.num_workers)}
 
 
-def check_resources(cfg: RunConfig, cluster: dict[str, float],
-                    largest_node: dict[str, float] | None = None) -> None:
+def check_resources(cfg: RunConfig, cluster: dict[str, float], largest_node: dict[str, float] | None = None) -> None:
     """Raise a ConfigError when a trial can never be scheduled on ``cluster`` (total resources)."""
     t = cfg.tune
     need = trial_resources(cfg)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if need["CPU"] > have_cpu:
         driver = "1 trial driver + " if t.num_workers > 1 else ""
-        raise ConfigError(f"tune: a trial needs {need['CPU']:g} CPUs ({driver}tune.num_workers "
-                          f"{t.num_workers} x tune.cpus_per_worker {t.cpus_per_worker}) "
-                          f"but the Ray cluster has {have_cpu:g}; "
-                          "lower them or add nodes / --num-cpus")
+        raise ConfigError(
+            f"tune: a trial needs {need['CPU']:g} CPUs ({driver}tune.num_workers "
+            f"{t.num_workers} x tune.cpus_per_worker {t.cpus_per_worker}) "
+            f"but the Ray cluster has {have_cpu:g}; "
+            "lower them or add nodes / --num-cpus"
+        )
     if need["GPU"] > have_gpu:
-        raise ConfigError(f"tune: a trial needs {need['GPU']:g} GPUs = tune.num_workers {t.num_workers} x "
-                          f"tune.gpus_per_worker {t.gpus_per_worker:g}, but the Ray cluster has {have_gpu:g}")
+        raise ConfigError(
+            f"tune: a trial needs {need['GPU']:g} GPUs = tune.num_workers {t.num_workers} x "
+            f"tune.gpus_per_worker {t.gpus_per_worker:g}, but the Ray cluster has {have_gpu:g}"
+        )
     if largest_node:
         if t.cpus_per_worker > largest_node.get("CPU", 0.0):
-            raise ConfigError(f"tune.cpus_per_worker: {t.cpus_per_worker} is more than the largest node has "
-                              f"({largest_node.get('CPU', 0.0):g} CPUs)")
+            raise ConfigError(
+                f"tune.cpus_per_worker: {t.cpus_per_worker} is more than the largest node has "
+                f"({largest_node.get('CPU', 0.0):g} CPUs)"
+            )
         if t.gpus_per_worker > largest_node.get("GPU", 0.0):
-            raise ConfigError(f"tune.gpus_per_worker: {t.gpus_per_worker:g} is more than the largest node "
-                              "has "
-                              f"({largest_node.get('GPU', 0.0):g} GPUs)")
+            raise ConfigError(
+                f"tune.gpus_per_worker: {t.gpus_per_worker:g} is more than the largest node "
+                "has "
+                f"({largest_node.get('GPU', 0.0):g} GPUs)"
+            )

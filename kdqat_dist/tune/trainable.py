@@ -88,8 +88,9 @@ def train_trial(config: dict, spec: dict | None = None) -> None:
         cfg.engine.backend = "deepspeed"  # every worker is a DeepSpeed rank
     resolved = tdir / "resolved.yaml"
     save_config(cfg, resolved)
-    (tdir / "point.json").write_text(json.dumps({"trial_id": trial_id, "point": point, "variant": variant,
-                                                 "sweep": sweep.name}, indent=2))
+    (tdir / "point.json").write_text(
+        json.dumps({"trial_id": trial_id, "point": point, "variant": variant, "sweep": sweep.name}, indent=2)
+    )
     finished = run_dir / "metrics.json"
     if finished.exists():  # trained before the sweep state was saved: replay, do not retrain
         _replay(json.loads(finished.read_text()))
@@ -164,11 +165,11 @@ def _run_distributed(cfg: RunConfig, resolved: Path, tdir: Path, resume: bool) -
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config_path": str(resolved), "resume": resume, "events": str(events)},
-        scaling_config=train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                           resources_per_worker=per_worker),
+        scaling_config=train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=train.RunConfig(name="train", storage_path=str(tdir / "ray_train"),
-                                   failure_config=train.FailureConfig(max_failures=0)),
+        run_config=train.RunConfig(
+            name="train", storage_path=str(tdir / "ray_train"), failure_config=train.FailureConfig(max_failures=0)
+        ),
     )
     box: dict[str, Any] = {}
 
@@ -257,8 +258,12 @@ def _cluster() -> tuple[dict[str, float], dict[str, float]]:
 def _param_space(spec: SweepSpec) -> dict:
     from ray import tune
 
-    make = {"grid": tune.grid_search, "choice": tune.choice,
-            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
     space: dict[str, Any] = {"point": {d.key: make[d.kind](d.values) for d in spec.search}}
     space["variant"] = tune.grid_search(list(spec.variants)) if spec.variants else None
     return space
@@ -357,8 +362,9 @@ def _expected_trials(spec: SweepSpec) -> int:
     return spec.num_grid_points * spec.base_config().tune.num_samples
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
-              num_cpus: int | None = None, verbose: int = 1) -> ResultGrid:
+def run_sweep(
+    spec: SweepSpec, resume: bool = False, address: str | None = None, num_cpus: int | None = None, verbose: int = 1
+) -> ResultGrid:
     """Run (or ``resume``) the sweep; returns the Tune ``ResultGrid``. Tables are written by the caller
     (:func:`kdqat_dist.tune.results.write_report`). Raises :class:`SweepInterrupted` when SIGINT/SIGTERM
     stopped it before every trial finished (the state is saved: continue with ``resume=True``)."""
@@ -370,8 +376,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep state under {exp} (run the sweep without --resume first)")
     if not resume and exists:
-        raise ConfigError(f"output_dir: {spec.output_dir} already holds this sweep; pass --resume to "
-                          "continue it or choose another output_dir")
+        raise ConfigError(
+            f"output_dir: {spec.output_dir} already holds this sweep; pass --resume to "
+            "continue it or choose another output_dir"
+        )
     _init_ray(address, num_cpus, base)
     # From here on Ctrl-C and SIGTERM stop the sweep gracefully (see _graceful_signals).
     n_trials: int | None = None
@@ -413,17 +421,25 @@ def _make_tuner(spec: SweepSpec, base: RunConfig, resume: bool, exp: Path, verbo
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
     scheduler = None
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
-                                  grace_period=t.grace_period, reduction_factor=2)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=10_000, grace_period=t.grace_period, reduction_factor=2
+        )
     return tune.Tuner(
         trainable,
         param_space=_param_space(spec),
-        tune_config=tune.TuneConfig(metric="selection", mode="max", scheduler=scheduler,
-                                    num_samples=t.num_samples,
-                                    max_concurrent_trials=max_concurrent(spec, base, cluster.get("CPU", 1))),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(spec.output_dir),
-                                  verbose=verbose,
-                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)),
+        tune_config=tune.TuneConfig(
+            metric="selection",
+            mode="max",
+            scheduler=scheduler,
+            num_samples=t.num_samples,
+            max_concurrent_trials=max_concurrent(spec, base, cluster.get("CPU", 1)),
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(spec.output_dir),
+            verbose=verbose,
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
+        ),
     )
 
 
@@ -433,7 +449,9 @@ def _record_spec(spec: SweepSpec, resume: bool) -> None:
     if resume and path.exists():
         before = json.loads(path.read_text())
         if before != json.loads(json.dumps(now)):
-            print(f"kdqat sweep: warning: the spec differs from the one this sweep started with ({path}); "
-                  "--resume continues the original trials")
+            print(
+                f"kdqat sweep: warning: the spec differs from the one this sweep started with ({path}); "
+                "--resume continues the original trials"
+            )
         return
     path.write_text(json.dumps(now, indent=2))

@@ -20,8 +20,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config("tiny_debug", [f"teacher.path={args.teacher}", f"train.output_dir={args.out / 'run'}",
-                                     "engine.backend=deepspeed", "engine.zero_stage=2", "train.max_steps=3"])
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={args.teacher}",
+            f"train.output_dir={args.out / 'run'}",
+            "engine.backend=deepspeed",
+            "engine.zero_stage=2",
+            "train.max_steps=3",
+        ],
+    )
     trainer = Trainer(cfg, "train").setup()
     real = trainer.objective.term_loss
 

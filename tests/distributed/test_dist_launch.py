@@ -14,8 +14,14 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = ["train.max_steps=12", "train.save_every=3", "train.log_every=1", "train.eval_every=6",
-       "engine.zero_stage=2", "engine.teacher=zero3"]
+RUN = [
+    "train.max_steps=12",
+    "train.save_every=3",
+    "train.log_every=1",
+    "train.eval_every=6",
+    "engine.zero_stage=2",
+    "engine.teacher=zero3",
+]
 
 
 def _free_port() -> int:
@@ -73,8 +79,9 @@ def _launch_and_kill_rank_1(cmd: list[str], env: dict[str, str], out: Path) -> t
 
 
 @pytest.mark.dist
-def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parity_teacher, launch_env, run_job,
-                                                                          tmp_path):
+def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(
+    parity_teacher, launch_env, run_job, tmp_path
+):
     # 1. the DeepSpeed launcher, uninterrupted
     env = dict(launch_env, NUM_PROCS="2", MASTER_PORT=str(_free_port()))
     full = run_job(_script("deepspeed_single_node.sh", parity_teacher, tmp_path / "full"), env, REPO)
@@ -82,8 +89,7 @@ def test_launchers_run_2_ranks_and_a_killed_run_resumes_to_the_same_result(parit
     ref = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert ref["world_size"] == 2 and len(ref["memory_per_rank"]) == 2
     assert "memory (MiB) per rank" in full.stdout + full.stderr
-    assert json.loads((tmp_path / "full" / "ds_config_student.json").read_text())[
-        "train_micro_batch_size_per_gpu"] == 8
+    assert json.loads((tmp_path / "full" / "ds_config_student.json").read_text())["train_micro_batch_size_per_gpu"] == 8
 
     # 2. torchrun, with rank 1 killed after the first checkpoint: the job ends, it does not hang
     out = tmp_path / "killed"
@@ -118,8 +124,9 @@ def test_deepspeed_launcher_ends_the_job_when_a_rank_is_killed(parity_teacher, l
     # launcher's last line names the dead rank's command and its signal.
     out = tmp_path / "ds_killed"
     env = dict(launch_env, NUM_PROCS="2", MASTER_PORT=str(_free_port()))
-    returncode, log, seconds = _launch_and_kill_rank_1(_script("deepspeed_single_node.sh", parity_teacher, out),
-                                                       env, out)
+    returncode, log, seconds = _launch_and_kill_rank_1(
+        _script("deepspeed_single_node.sh", parity_teacher, out), env, out
+    )
     assert returncode != 0
     assert seconds < 60
     assert "--local_rank=1" in log and "exits with return code = -9" in log, log[-2000:]
@@ -140,8 +147,14 @@ def _fake_slurm_bin(tmp_path: Path) -> Path:
 
 
 def _dry_run(script: str, env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env=dict(env, KDQAT_DRY_RUN="1"),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", f"launch/{script}", *args],
+        cwd=REPO,
+        env=dict(env, KDQAT_DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -151,13 +164,15 @@ def test_launch_scripts_dry_run_print_the_exact_commands(tmp_path):
     env["PATH"] = f"{_fake_slurm_bin(tmp_path)}{os.pathsep}{env['PATH']}"
     tail = "--module kdqat_dist.cli train --config tiny_debug engine.backend=deepspeed a.b=1"
 
-    slurm = dict(env, SLURM_JOB_NODELIST="node[017-018]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-                 SLURM_GPUS_ON_NODE="4")
+    slurm = dict(env, SLURM_JOB_NODELIST="node[017-018]", SLURM_NNODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4")
     line = _dry_run("slurm_multi_node.sbatch", slurm, "tiny_debug", "a.b=1")
-    assert line == ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 4 "
-                    "--rdzv_id 4242 --rdzv_backend c10d --rdzv_endpoint node017:29500 " + tail)
-    requeued = _dry_run("slurm_multi_node.sbatch", dict(slurm, SLURM_RESTART_COUNT="1", MASTER_PORT="29600"),
-                        "tiny_debug", "a.b=1")
+    assert line == (
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 4 "
+        "--rdzv_id 4242 --rdzv_backend c10d --rdzv_endpoint node017:29500 " + tail
+    )
+    requeued = _dry_run(
+        "slurm_multi_node.sbatch", dict(slurm, SLURM_RESTART_COUNT="1", MASTER_PORT="29600"), "tiny_debug", "a.b=1"
+    )
     assert "--rdzv_endpoint node017:29600" in requeued and "cli train --resume --config" in requeued
 
     line = _dry_run("slurm_single_node.sbatch", dict(env, SLURM_GPUS_ON_NODE="8"), "tiny_debug", "a.b=1")
@@ -166,8 +181,10 @@ def test_launch_scripts_dry_run_print_the_exact_commands(tmp_path):
     line = _dry_run("deepspeed_multi_node.sh", dict(env, HOSTFILE="launch/hostfile.example"), "tiny_debug", "a.b=1")
     assert line == ("deepspeed --hostfile launch/hostfile.example --master_port 29500 --launcher pdsh " + tail)
     line = _dry_run("deepspeed_single_node.sh", dict(env, RESUME="1", COMMAND="finetune"), "tiny_debug", "a.b=1")
-    assert line == ("deepspeed --num_accelerators 2 --master_port 29500 --module kdqat_dist.cli finetune --resume "
-                    "--config tiny_debug engine.backend=deepspeed a.b=1")
+    assert line == (
+        "deepspeed --num_accelerators 2 --master_port 29500 --module kdqat_dist.cli finetune --resume "
+        "--config tiny_debug engine.backend=deepspeed a.b=1"
+    )
     line = _dry_run("torchrun.sh", dict(env, NUM_PROCS="3"), "tiny_debug", "a.b=1")
     assert line == "torchrun --standalone --nproc_per_node 3 " + tail
 
@@ -177,8 +194,17 @@ def test_launch_scripts_dry_run_print_the_exact_commands(tmp_path):
 
 
 def test_nan_on_one_rank_stops_every_rank_with_the_same_line(parity_teacher, launch_env, run_job, tmp_path):
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "tests/distributed/nan_check.py",
-           "--teacher", str(parity_teacher), "--out", str(tmp_path)]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/distributed/nan_check.py",
+        "--teacher",
+        str(parity_teacher),
+        "--out",
+        str(tmp_path),
+    ]
     proc = run_job(cmd, launch_env, REPO, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]

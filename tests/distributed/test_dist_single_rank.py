@@ -13,11 +13,19 @@ pytestmark = pytest.mark.dist
 
 
 def test_deepspeed_without_launcher_and_with_activation_checkpointing_matches_one_process(
-        parity_teacher, parity_config, local_reference, tmp_path, monkeypatch):
+    parity_teacher, parity_config, local_reference, tmp_path, monkeypatch
+):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    cfg = parity_config(parity_teacher, tmp_path / "ds", "train.grad_accum=2", "engine.backend=deepspeed",
-                        "engine.zero_stage=2", "engine.teacher=zero3", "engine.activation_checkpointing=true")
+    cfg = parity_config(
+        parity_teacher,
+        tmp_path / "ds",
+        "train.grad_accum=2",
+        "engine.backend=deepspeed",
+        "engine.zero_stage=2",
+        "engine.teacher=zero3",
+        "engine.activation_checkpointing=true",
+    )
     ds = run(cfg, "train")
     assert ds["world_size"] == 1
     for a, b in zip(local_reference["twn"], ds["train_log"], strict=True):
@@ -32,16 +40,22 @@ def test_deepspeed_without_launcher_and_with_activation_checkpointing_matches_on
     assert torch.nn.functional.linear is TORCH_LINEAR
 
 
-def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, local_reference, tmp_path,
-                                                monkeypatch):
+def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, local_reference, tmp_path, monkeypatch):
     # No GPU here, but DeepSpeed's bf16 path runs on the CPU accelerator: bf16 student and ZeRO-3 teacher
     # weights with fp32 master weights, every loss fed bf16 taps. The losses must stay near the fp32 run
     # of the same steps (bf16 keeps 8 mantissa bits: a few 1e-3 relative), and be finite. It is also the
     # second DeepSpeed run in this process: teardown must reset DeepSpeed's cached process groups.
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    cfg = parity_config(parity_teacher, tmp_path / "bf16", "train.grad_accum=2", "engine.backend=deepspeed",
-                        "engine.zero_stage=2", "engine.teacher=zero3", "engine.precision=bf16")
+    cfg = parity_config(
+        parity_teacher,
+        tmp_path / "bf16",
+        "train.grad_accum=2",
+        "engine.backend=deepspeed",
+        "engine.zero_stage=2",
+        "engine.teacher=zero3",
+        "engine.precision=bf16",
+    )
     out = run(cfg, "train")
     mem = out["memory"]
     assert mem["param_mib"] == pytest.approx(mem["master_mib"] / 2, rel=1e-3)  # bf16 weights, fp32 master
@@ -71,25 +85,34 @@ def _train_and_check_teacher_mode(cfg, resume: bool = False) -> None:
 
 
 def test_zero3_teacher_stays_in_eval_mode_after_evaluations_checkpoints_and_resume(
-        parity_teacher, parity_config, tmp_path, monkeypatch):
+    parity_teacher, parity_config, tmp_path, monkeypatch
+):
     # DeepSpeedEngine.eval() leaves the engine's `training` flag set; restoring that flag after an
     # evaluation used to turn the teacher's dropout on for the rest of the run.
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    cfg = parity_config(parity_teacher, tmp_path / "mode", "engine.backend=deepspeed", "engine.zero_stage=2",
-                        "engine.teacher=zero3", "train.save_every=2")
+    cfg = parity_config(
+        parity_teacher,
+        tmp_path / "mode",
+        "engine.backend=deepspeed",
+        "engine.zero_stage=2",
+        "engine.teacher=zero3",
+        "train.save_every=2",
+    )
     _train_and_check_teacher_mode(cfg)
     _train_and_check_teacher_mode(cfg, resume=True)
 
 
 def test_truncated_deepspeed_checkpoint_and_another_rank_count_are_one_line(
-        parity_teacher, parity_config, tmp_path, monkeypatch):
+    parity_teacher, parity_config, tmp_path, monkeypatch
+):
     from kdqat_dist.config import ConfigError
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    cfg = parity_config(parity_teacher, tmp_path / "ds", "engine.backend=deepspeed", "engine.zero_stage=2",
-                        "train.save_every=3")
+    cfg = parity_config(
+        parity_teacher, tmp_path / "ds", "engine.backend=deepspeed", "engine.zero_stage=2", "train.save_every=3"
+    )
     run(cfg, "train")
     ckpt = tmp_path / "ds" / "checkpoints" / "step0000003"
     # written by "2 ranks": refused before DeepSpeed reads anything

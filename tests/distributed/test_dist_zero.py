@@ -34,8 +34,19 @@ def zero_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(parity_teacher, launch_env, run_job, zero_out):
     out = zero_out
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "tests/distributed/zero_checks.py",
-           "--teacher", str(parity_teacher), "--out", str(out), "--steps", str(STEPS)]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/distributed/zero_checks.py",
+        "--teacher",
+        str(parity_teacher),
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+    ]
     proc = run_job(cmd, launch_env, REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -101,8 +112,9 @@ def _quant_scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("quant_")}
 
 
-def test_zero3_student_logs_the_same_quant_diagnostics_as_one_process(two_ranks, zero_out, local_reference,
-                                                                      local_reference_root):
+def test_zero3_student_logs_the_same_quant_diagnostics_as_one_process(
+    two_ranks, zero_out, local_reference, local_reference_root
+):
     # Under ZeRO-3 every rank gathers one quantized module at a time for the diagnostics; a rank-0-only
     # gather would hang the job (the fixture would have failed), a skipped one would log nothing.
     ref = _quant_scalars(local_reference_root / "lsq")

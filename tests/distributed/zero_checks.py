@@ -35,19 +35,42 @@ from kdqat_dist.quant.api import calibrate_activations, prepare
 
 LSQ = ["quant.weight.method=lsq", "quant.act.method=lsq"]
 BERTADAM = ["train.optimizer=bertadam", "train.lr=1e-3", "train.max_grad_norm=0.05"]  # as conftest.BERTADAM
-RELATION = ["distill.attn_relation.weight=1", "distill.attn_relation.layers=all",  # as conftest.RELATION
-            "distill.attn_relation.relation_heads=4", "quant.weight.method=seq", "quant.weight.granularity=row",
-            "quant.act.method=absmax_token", "quant.subln=true"]
-TEXTS = ["the film was a delight from start to finish", "dull", "an uneven but moving story about two friends",
-         "i would not watch it again", "bright and funny", "the plot makes no sense at all and drags",
-         "great", "a slow, quiet and beautiful film"]
+RELATION = [
+    "distill.attn_relation.weight=1",
+    "distill.attn_relation.layers=all",  # as conftest.RELATION
+    "distill.attn_relation.relation_heads=4",
+    "quant.weight.method=seq",
+    "quant.weight.granularity=row",
+    "quant.act.method=absmax_token",
+    "quant.subln=true",
+]
+TEXTS = [
+    "the film was a delight from start to finish",
+    "dull",
+    "an uneven but moving story about two friends",
+    "i would not watch it again",
+    "bright and funny",
+    "the plot makes no sense at all and drags",
+    "great",
+    "a slow, quiet and beautiful film",
+]
 
 
 def _cfg(args, name: str, *extra: str):
-    return load_config("tiny_debug", [f"teacher.path={args.teacher}", f"train.output_dir={args.out / name}",
-                                      "engine.backend=deepspeed", "engine.teacher=zero3", "train.log_every=1",
-                                      "train.dropout=0",
-                                      f"train.max_steps={args.steps}", "train.eval_every=1", *extra])
+    return load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={args.teacher}",
+            f"train.output_dir={args.out / name}",
+            "engine.backend=deepspeed",
+            "engine.teacher=zero3",
+            "train.log_every=1",
+            "train.dropout=0",
+            f"train.max_steps={args.steps}",
+            "train.eval_every=1",
+            *extra,
+        ],
+    )
 
 
 def _batch(path: str) -> dict[str, torch.Tensor]:
@@ -69,6 +92,7 @@ def check_teacher(args, batch) -> dict:
         logits = teacher(**batch).logits
     with torch.no_grad(), tapped(ref, wanted, whole):
         ref_logits = ref(**batch).logits
+
     def value(x):
         if isinstance(x, MapInputs):  # the probabilities recomputed from the tapped Q, K and mask
             return x.probs()
@@ -80,11 +104,17 @@ def check_teacher(args, batch) -> dict:
             return torch.stack(x)
         return x
 
-    diffs = {f"{tap}/{layer}": float((value(sharded[tap][layer]) - value(t)).abs().max())
-             for tap in ALL_TAPS for layer, t in whole[tap].items()}
+    diffs = {
+        f"{tap}/{layer}": float((value(sharded[tap][layer]) - value(t)).abs().max())
+        for tap in ALL_TAPS
+        for layer, t in whole[tap].items()
+    }
     diffs["logits"] = float((logits - ref_logits).abs().max())
-    out = {"taps": diffs, "teacher_param_bytes": _param_bytes(teacher.module),
-           "teacher_full_bytes": storage_bytes(p.data for p in ref.parameters())}
+    out = {
+        "taps": diffs,
+        "teacher_param_bytes": _param_bytes(teacher.module),
+        "teacher_full_bytes": storage_bytes(p.data for p in ref.parameters()),
+    }
     be.teardown()
     return out
 
@@ -120,17 +150,19 @@ def main() -> None:
     result["zero2"] = run(_cfg(args, "zero2", "engine.zero_stage=2"), "train")["train_log"]
     result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3"), "train")["train_log"]
     result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.zero_stage=3", *LSQ), "train")["train_log"]
-    result["zero3_relation"] = run(_cfg(args, "zero3_relation", "engine.zero_stage=3", *RELATION),
-                                   "train")["train_log"]
+    result["zero3_relation"] = run(_cfg(args, "zero3_relation", "engine.zero_stage=3", *RELATION), "train")["train_log"]
     # the other stages and the replicated teacher, and `kdqat finetune` under DeepSpeed
     result["zero0"] = run(_cfg(args, "zero0", "engine.zero_stage=0"), "train")["train_log"]
-    result["zero1_replicated"] = run(_cfg(args, "zero1_rep", "engine.zero_stage=1", "engine.teacher=replicated"),
-                                     "train")["train_log"]
+    result["zero1_replicated"] = run(
+        _cfg(args, "zero1_rep", "engine.zero_stage=1", "engine.teacher=replicated"), "train"
+    )["train_log"]
     for stage in (0, 1, 2, 3):  # BertAdam: per-tensor clipping of whole gradients under every stage
-        result[f"bertadam_zero{stage}"] = run(_cfg(args, f"bertadam{stage}", f"engine.zero_stage={stage}", *BERTADAM),
-                                              "train")["train_log"]
-    result["finetune_zero2"] = run(_cfg(args, "finetune_zero2", "engine.zero_stage=2",
-                                        f"model.name_or_path={args.teacher}"), "finetune")["train_log"]
+        result[f"bertadam_zero{stage}"] = run(
+            _cfg(args, f"bertadam{stage}", f"engine.zero_stage={stage}", *BERTADAM), "train"
+        )["train_log"]
+    result["finetune_zero2"] = run(
+        _cfg(args, "finetune_zero2", "engine.zero_stage=2", f"model.name_or_path={args.teacher}"), "finetune"
+    )["train_log"]
     batch = _batch(args.teacher)
     result.update(check_teacher(args, batch))
     result.update(check_fake_quant(args, batch))
