@@ -100,7 +100,8 @@ def setup(variant: str, batch: int, seq: int):
     student.train()
     opt = make_optimizer(student, TrainConfig(lr=2e-5))
     dcfg = DistillConfig()  # logits + hidden + attention map + attention output
-    obj = DistillObjective.for_models(dcfg, student, teacher, recompute_teacher=variant != "c2_kdqat_streaming_keep")
+    dcfg.recompute_teacher = variant != "c2_kdqat_streaming_keep"
+    obj = DistillObjective.for_models(dcfg, student, teacher)
     g = torch.Generator().manual_seed(0)
     b = {
         "input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),

@@ -248,9 +248,7 @@ def run_variant(
         engine = backend.setup_student(student, len(batches))
         obj = None
         if kd:
-            obj = DistillObjective.for_models(
-                cfg.distill, student, teacher, recompute_teacher=whole_teacher and cfg.distill.recompute_teacher
-            )
+            obj = DistillObjective.for_models(cfg.distill, student, teacher, teacher_sharded=not whole_teacher)
 
         def step(batch: dict) -> float:
             engine.train()

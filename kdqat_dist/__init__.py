@@ -4,7 +4,7 @@ Public API (resolved on first use, PEP 562: this file runs before any submodule 
 only what the registration with transformers needs):
 
 - :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
-- :class:`DistillObjective`: the streaming KD objective;
+- :class:`DistillObjective`: the KD objective (``for_models`` builds its streaming form);
 - :func:`load_config`: the typed run configuration.
 """
 

@@ -423,6 +423,7 @@ def test_hand_written_backwards_refuse_double_backward():
 
 def test_attention_map_kl_blocks_of_heads_and_recompute_give_the_same_loss_and_gradients(monkeypatch):
     import kdqat_dist.distill.losses as losses_mod
+    from kdqat_dist.distill.streaming import attention_map_kl_recomputed
 
     mask = _mask()
     ps0, pt = _probs((B, H, S, S), 41), _probs((B, H, S, S), 42)
@@ -432,7 +433,7 @@ def test_attention_map_kl_blocks_of_heads_and_recompute_give_the_same_loss_and_g
     monkeypatch.setattr(losses_mod, "_KL_BLOCK_ELEMENTS", 1)  # one head per block
     ps = ps0.clone().requires_grad_(True)
     calls = []
-    blocked = attention_map_kl(ps, pt, mask, recompute_teacher=(lambda x: calls.append(1) or x * 1.0, (pt,)))
+    blocked = attention_map_kl_recomputed(ps, pt, mask, (lambda x: calls.append(1) or x * 1.0, (pt,)))
     (g_blocked,) = torch.autograd.grad(blocked, ps)
     assert calls == [1]
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)

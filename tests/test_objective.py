@@ -121,7 +121,9 @@ def test_zero_weight_taps_nothing():
     # the map term also keeps the teacher's attention-block calls, to recompute its map in the backward,
     # except in the last layer (its map is kept: that layer's backward runs at the step's memory peak)
     assert obj.teacher_taps() == {"probs": {0, 1}, "attention_call": {0}}
-    obj = DistillObjective.for_models(cfg_with(("attn_map",)), student, teacher, recompute_teacher=False)
+    keep = cfg_with(("attn_map",))
+    keep.recompute_teacher = False
+    obj = DistillObjective.for_models(keep, student, teacher)
     assert obj.teacher_taps() == {"probs": {0, 1}, "map_inputs": {0, 1}}  # or its Q and K
     obj = DistillObjective.for_models(cfg_with(("hidden", "attn_output")), student, teacher)
     # student: the embedding output as a tensor, the LayerNorm outputs as recomputable NormTaps
@@ -149,13 +151,18 @@ def test_the_kept_teacher_layer_is_the_one_the_backward_reaches_first(layer_map,
 def test_teacher_taps_are_consumed_as_produced(monkeypatch):
     """Streaming: each layer's terms are computed while the teacher runs that layer, before the next."""
     import kdqat_dist.distill.losses as losses_mod
+    import kdqat_dist.distill.streaming as streaming_mod
 
     student, teacher = make_pair()
     obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map", "attn_output")), student, teacher)
     seen = []
-    for name in ("mse", "attention_map_kl"):
-        orig = getattr(losses_mod, name)
-        monkeypatch.setattr(losses_mod, name, lambda *a, _o=orig, _n=name, **k: seen.append(_n) or _o(*a, **k))
+    for mod, name, label in (
+        (losses_mod, "mse", "mse"),
+        (losses_mod, "attention_map_kl", "attention_map_kl"),
+        (streaming_mod, "attention_map_kl_recomputed", "attention_map_kl"),  # the map term with its recompute
+    ):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=label, **k: seen.append(_n) or _o(*a, **k))
     for i, layer in enumerate(teacher.bert.encoder.layer):
         layer.register_forward_pre_hook(lambda *_a, _i=i: seen.append(f"teacher layer {_i}"))
     obj(student, teacher, batch())
@@ -221,7 +228,8 @@ def test_valid_token_mse_streaming_equals_naive_and_its_formula(active, recomput
         student, teacher = make_pair(layers=3)
         d = cfg_with(active)
         d.mse_tokens = "valid"
-        obj = DistillObjective.for_models(d, student, teacher, recompute_teacher=recompute)
+        d.recompute_teacher = recompute
+        obj = DistillObjective.for_models(d, student, teacher)
         out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
         (out.total * 3.0).backward()
         totals.append({k: v.detach() for k, v in out.terms.items()})
@@ -292,7 +300,8 @@ def test_streaming_gradients_equal_naive(active, layer_map, lsq, recompute):
         student, teacher = make_pair(layers=4, student_layers=2 if layer_map == "uniform" else None, lsq=lsq)
         d = cfg_with(active)
         d.layer_map = layer_map
-        obj = DistillObjective.for_models(d, student, teacher, recompute_teacher=recompute)
+        d.recompute_teacher = recompute
+        obj = DistillObjective.for_models(d, student, teacher)
         out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
         (out.total * 3.0).backward()  # a scale that is not 1, as loss scaling or accumulation gives
         grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
@@ -378,7 +387,7 @@ def test_what_the_backward_keeps_is_freed_by_it_even_while_the_loss_is_kept(monk
     import gc
     import weakref
 
-    import kdqat_dist.distill.objective as objective_mod
+    import kdqat_dist.distill.streaming as objective_mod
 
     refs = []
     orig = objective_mod._TeacherBlock.__init__
@@ -410,6 +419,16 @@ def test_what_the_backward_keeps_is_freed_by_it_even_while_the_loss_is_kept(monk
     assert out.total.grad_fn is not None  # the graph's root is still alive
 
 
+def test_streaming_fails_loudly_on_a_torch_without_the_private_sequence_setter():
+    from types import SimpleNamespace
+
+    from kdqat_dist.distill.streaming import _run_backward_at
+
+    node = SimpleNamespace(grad_fn=object())  # a grad_fn without Node._set_sequence_nr
+    with pytest.raises(RuntimeError, match=r"Node._set_sequence_nr \(written for torch 2.13\)"):
+        _run_backward_at(node, node)
+
+
 # ---- attention-relation KD (distill.attn_relation)
 
 
@@ -429,7 +448,8 @@ def test_relation_term_streaming_equals_naive_values_and_gradients(layers, expec
     for path in ("stream", "naive"):
         student, teacher = make_pair(layers=3, lsq=True)
         d = relation_cfg(layers, heads=4, active=("logits", "attn_map", "attn_output"))
-        obj = DistillObjective.for_models(d, student, teacher, recompute_teacher=recompute)
+        d.recompute_teacher = recompute
+        obj = DistillObjective.for_models(d, student, teacher)
         assert obj.student_taps()["qkv"] == expected and obj.teacher_taps()["qkv"] == expected
         out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
         (out.total * 3.0).backward()

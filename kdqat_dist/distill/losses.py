@@ -14,8 +14,6 @@ Per-layer sums (``sum_l``) from the reference are left to the caller, which owns
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -234,11 +232,7 @@ def attention_score_mse(student: torch.Tensor, teacher: torch.Tensor, threshold:
 
 
 def attention_map_kl(
-    student_probs: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    attention_mask: torch.Tensor,
-    eps: float = 1e-8,
-    recompute_teacher: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]] | None = None,
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, attention_mask: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
     """Attention-map KD: KL(teacher || student) of each valid query row, over valid keys (A.7).
 
@@ -258,11 +252,6 @@ def attention_map_kl(
         teacher_probs: [B, H, S, S] teacher attention probabilities.
         attention_mask: [B, S], 1 (or True) for real tokens and 0 for padding.
         eps: lower clamp of the probabilities before the log.
-        recompute_teacher: optional ``(fn, tensors)`` with ``fn(*tensors)`` equal to ``teacher_probs``.
-            When given, the teacher map is not kept for the backward but recomputed there from
-            ``tensors``, which are saved instead (and freed by the backward, like any saved tensor). A
-            caller that can rebuild the map from smaller tensors (the teacher's Q and K: 2·B·S·D numbers
-            instead of B·H·S·S) saves the difference until the backward.
 
     Returns:
         0-dim tensor: the loss for one layer.
@@ -270,21 +259,76 @@ def attention_map_kl(
     Raises:
         ValueError: if the shapes are inconsistent.
     """
-    _check_same_shape(student_probs, teacher_probs, "attention_map_kl")
-    if student_probs.dim() != 4 or student_probs.shape[-1] != student_probs.shape[-2]:
-        raise ValueError(f"attention_map_kl: expected [B, H, S, S] probabilities, got {tuple(student_probs.shape)}")
-    b, _, s, _ = student_probs.shape
+    return _AttentionMapKL.apply(student_probs, teacher_probs, attention_mask, eps)
+
+
+# Elements per block of heads in the KL's forward: bounds its two temporaries whatever B and S are, while
+# each block stays one vectorised op over the whole batch.
+_KL_BLOCK_ELEMENTS = 1 << 20
+
+
+def attention_map_kl_value(
+    ps: torch.Tensor, pt: torch.Tensor, attention_mask: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention_map_kl`'s value and checks, without a graph, and what its gradient needs besides the
+    maps. Runs over blocks of heads with two reused buffers: its working memory does not grow with B·H·S·S.
+
+    Returns:
+        (loss, pair, scale): the 0-dim loss, the [B, 1, S, S] valid (query, key) pairs and the [B] weights.
+    """
+    _check_same_shape(ps, pt, "attention_map_kl")
+    if ps.dim() != 4 or ps.shape[-1] != ps.shape[-2]:
+        raise ValueError(f"attention_map_kl: expected [B, H, S, S] probabilities, got {tuple(ps.shape)}")
+    b, h, s = ps.shape[:3]
     if tuple(attention_mask.shape) != (b, s):
         raise ValueError(
             f"attention_map_kl: attention_mask must be [B, S] = {(b, s)}, got {tuple(attention_mask.shape)}"
         )
-    valid = attention_mask.to(device=student_probs.device) != 0  # [B, S]
-    return _AttentionMapKL.apply(student_probs, teacher_probs, valid, eps, recompute_teacher)
+    valid = attention_mask.to(device=ps.device) != 0  # [B, S]
+    dtype = _compute_dtype(ps, pt)
+    pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
+    scale = 1.0 / (valid.sum(dim=-1).clamp_min(1).to(dtype) * (b * h))  # [B]: mean over (b, h) of 1/s_b
+    per_sample = torch.zeros(b, dtype=dtype, device=ps.device)
+    step = max(1, _KL_BLOCK_ELEMENTS // max(1, b * s * s))
+    with torch.no_grad():
+        for h0 in range(0, h, step):
+            ps_blk, pt_blk = ps[:, h0 : h0 + step], pt[:, h0 : h0 + step]
+            pt_c = pt_blk.to(dtype).clamp_min(eps)
+            kl = ps_blk.to(dtype).clamp_min(eps)
+            torch.div(pt_c, kl, out=kl).log_().mul_(pt_c)  # p_t·log(p_t / p_s): one log instead of two
+            del pt_c
+            # masked_fill, not multiply: padded entries may hold NaN (softmax over an all -inf row)
+            kl.masked_fill_(~pair, 0.0)
+            per_sample += kl.sum(dim=(1, 2, 3))
+            del kl
+        return (per_sample * scale).sum(), pair, scale
 
 
-# Elements per block of heads in the KL's forward: bounds its two temporaries (4 MiB each in float32)
-# whatever B and S are, while each block stays one vectorised op over the whole batch.
-_KL_BLOCK_ELEMENTS = 1 << 20
+def attention_map_kl_grads(
+    grad: torch.Tensor,
+    ps: torch.Tensor,
+    pt: torch.Tensor,
+    pair: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``grad`` · :func:`attention_map_kl` for the student's and the teacher's map (each
+    only where ``needs`` asks), from :func:`attention_map_kl_value`'s ``pair`` and ``scale``."""
+    dtype = scale.dtype
+    w = (grad * scale)[:, None, None, None]  # [B, 1, 1, 1]
+    g_s = g_t = None
+    if needs[0]:
+        # d/dps of -p_t log max(p_s, eps): -p_t / p_s where p_s >= eps (clamp_min passes ties), else 0
+        g_s = pt.to(dtype).clamp_min(eps).div_(ps.to(dtype).clamp_min(eps)).mul_(-w)
+        g_s.masked_fill_((ps >= eps).logical_and_(pair).logical_not_(), 0.0)
+        g_s = g_s.to(ps.dtype)
+    if needs[1]:
+        # d/dpt of p_t (log p_t - log p_s): log p_t - log p_s + 1 where p_t >= eps
+        g_t = pt.to(dtype).clamp_min(eps).log_().sub_(ps.to(dtype).clamp_min(eps).log_()).add_(1.0).mul_(w)
+        g_t.masked_fill_((pt >= eps).logical_and_(pair).logical_not_(), 0.0)
+        g_t = g_t.to(pt.dtype)
+    return g_s, g_t
 
 
 class _AttentionMapKL(torch.autograd.Function):
@@ -294,65 +338,21 @@ class _AttentionMapKL(torch.autograd.Function):
     backward (the clamped student probabilities for ``log`` and the teacher's for ``mul``) and makes five
     more at its peak. Here it saves only its inputs: the student's probabilities are the softmax output
     that autograd keeps anyway, so the one extra tensor per layer is the teacher's map, the least the
-    gradient ``-p_t / p_s`` needs (or nothing, when the caller can recompute it). The forward runs over
-    blocks of heads with two reused buffers, so its working memory does not grow with B·H·S·S.
+    gradient ``-p_t / p_s`` needs.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        ps: torch.Tensor,
-        pt: torch.Tensor,
-        valid: torch.Tensor,
-        eps: float,
-        recompute: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]] | None,
-    ) -> torch.Tensor:
-        dtype = _compute_dtype(ps, pt)
-        b, h, s = ps.shape[:3]
-        pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
-        scale = 1.0 / (valid.sum(dim=-1).clamp_min(1).to(dtype) * (b * h))  # [B]: mean over (b, h) of 1/s_b
-        per_sample = torch.zeros(b, dtype=dtype, device=ps.device)
-        step = max(1, _KL_BLOCK_ELEMENTS // max(1, b * s * s))
-        with torch.no_grad():
-            for h0 in range(0, h, step):
-                ps_blk, pt_blk = ps[:, h0 : h0 + step], pt[:, h0 : h0 + step]
-                pt_c = pt_blk.to(dtype).clamp_min(eps)
-                # p_t·log(p_t / p_s): one log instead of two (a third less time than log p_t − log p_s)
-                kl = ps_blk.to(dtype).clamp_min(eps)
-                torch.div(pt_c, kl, out=kl).log_().mul_(pt_c)
-                del pt_c
-                # masked_fill, not multiply: padded entries may hold NaN (softmax over an all -inf row)
-                kl.masked_fill_(~pair, 0.0)
-                per_sample += kl.sum(dim=(1, 2, 3))
-                del kl
-            loss = (per_sample * scale).sum()
-        # Only tensors saved through save_for_backward are freed by the backward; anything else on ctx
-        # lives as long as the graph's root (often a whole extra step), so the recompute inputs go there.
-        ctx.recompute_fn = None if recompute is None else recompute[0]
-        ctx.save_for_backward(ps, pair, scale, *((pt,) if recompute is None else recompute[1]))
+    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, attention_mask: torch.Tensor, eps: float) -> torch.Tensor:
+        loss, pair, scale = attention_map_kl_value(ps, pt, attention_mask, eps)
+        ctx.save_for_backward(ps, pair, scale, pt)
         ctx.eps = eps
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        ps, pair, scale, *rest = ctx.saved_tensors
-        pt = rest[0] if ctx.recompute_fn is None else ctx.recompute_fn(*rest)
-        eps = ctx.eps
-        dtype = scale.dtype
-        w = (grad * scale)[:, None, None, None]  # [B, 1, 1, 1]
-        g_s = g_t = None
-        if ctx.needs_input_grad[0]:
-            # d/dps of -p_t log max(p_s, eps): -p_t / p_s where p_s >= eps (clamp_min passes ties), else 0
-            g_s = pt.to(dtype).clamp_min(eps).div_(ps.to(dtype).clamp_min(eps)).mul_(-w)
-            g_s.masked_fill_((ps >= eps).logical_and_(pair).logical_not_(), 0.0)
-            g_s = g_s.to(ps.dtype)
-        if ctx.needs_input_grad[1]:
-            # d/dpt of p_t (log p_t - log p_s): log p_t - log p_s + 1 where p_t >= eps
-            g_t = pt.to(dtype).clamp_min(eps).log_().sub_(ps.to(dtype).clamp_min(eps).log_()).add_(1.0).mul_(w)
-            g_t.masked_fill_((pt >= eps).logical_and_(pair).logical_not_(), 0.0)
-            g_t = g_t.to(pt.dtype)
-        return g_s, g_t, None, None, None
+        ps, pair, scale, pt = ctx.saved_tensors
+        return *attention_map_kl_grads(grad, ps, pt, pair, scale, ctx.eps, ctx.needs_input_grad[:2]), None, None
 
 
 def attention_relation_kl(

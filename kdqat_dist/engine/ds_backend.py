@@ -151,7 +151,7 @@ class DeepSpeedBackend:
         return self.engine.module
 
     def partitioned_teacher(self) -> bool:
-        """True for a ZeRO-3 teacher: its modules are called only by its own forward (see DistillObjective)."""
+        """True for a ZeRO-3 teacher: its modules are called only by its own forward (see distill/streaming.py)."""
         return self.teacher_engine is not None
 
     def zero3_student(self) -> bool:

@@ -199,11 +199,7 @@ class Trainer:
         self.teacher = teacher
         self.student = self.backend.setup_student(student, self.total_steps)
         self.objective = DistillObjective.for_models(
-            cfg.distill,
-            student,
-            teacher,
-            task.is_regression,
-            recompute_teacher=whole_teacher and cfg.distill.recompute_teacher,
+            cfg.distill, student, teacher, task.is_regression, teacher_sharded=not whole_teacher
         )
 
     def _first_batch(self) -> dict:
