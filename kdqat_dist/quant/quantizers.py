@@ -146,8 +146,7 @@ class TWN(Quantizer):
     def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
         """One buffer of x's size is made and reused for |x|, the kept magnitudes and the codes: on a CPU
         each fresh buffer of a word-embedding table's size costs more in page faults than the arithmetic
-        (a whole 30k-row table: 160 -> 42 ms here; training quantizes only a batch's rows, see
-        QuantEmbedding). No STE clip when nothing reaches it."""
+        (training quantizes only a batch's rows, see QuantEmbedding). No STE clip when nothing reaches it."""
         within = _within_clip(x, self.clip)
         if not within:
             x = x.clamp(-self.clip, self.clip)
