@@ -32,7 +32,6 @@ from kdqat_dist.data.loaders import (
     Collator,
     default_cache_dir,
     load_splits,
-    make_loader,
     split_off_dev,
     tokenize_splits,
 )
@@ -580,20 +579,6 @@ def test_collate_regression_labels_are_float(tokenizer, tmp_path):
     batch = Collator(tokenizer)([tok[0], tok[1]])
     assert batch["labels"].dtype == torch.float32
     assert batch["labels"].tolist() == pytest.approx([4.5, 0.25])
-
-
-def test_make_loader_is_seeded(tokenizer, tmp_path):
-    train = tokenize_splits(demo_splits(), tokenizer, 64, cache_dir=tmp_path)["train"]
-    collate = Collator(tokenizer)
-
-    def order(seed: int) -> list[int]:
-        loader = make_loader(train, collate, batch_size=16, shuffle=True, seed=seed)
-        return [int(x) for b in loader for x in b["input_ids"][:, 1]]
-
-    assert order(0) == order(0) and order(0) != order(1)
-    plain = make_loader(train, collate, batch_size=16, shuffle=False, seed=0, drop_last=True)
-    assert len(plain) == len(train) // 16
-    assert all(b["input_ids"].shape[0] == 16 for b in plain)
 
 
 def test_no_distributed_code_in_data():

@@ -13,8 +13,20 @@ from transformers import (
 )
 
 from kdqat_dist.config import QuantConfig, QuantRule, load_config
-from kdqat_dist.quant.api import convert, prepare, quant_summary, set_quant_enabled
+from kdqat_dist.quant.api import convert, prepare, set_quant_enabled
 from kdqat_dist.quant.fake_quant import QuantEmbedding, QuantLinear
+
+
+def quant_summary(model: torch.nn.Module) -> list[dict]:
+    """One row per quantized module: name, kind, weight method/bits/granularity, activation bits."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            wq, aq = m.weight_quant, getattr(m, "act_quant", None)
+            weight = f"{wq.cfg.method}{wq.cfg.bits}/{wq.cfg.granularity}" if wq is not None else "frozen"
+            kind = "embedding" if isinstance(m, QuantEmbedding) else "linear"
+            rows.append({"module": name, "kind": kind, "weight": weight, "act_bits": aq.cfg.bits if aq else None})
+    return rows
 
 
 def tiny_bert(layers=1, seed=0):

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets.utils import logging as ds_logging
-from torch.utils.data import DataLoader, Sampler
 
 from kdqat_dist.config import DataConfig
 from kdqat_dist.data.demo import LEVELS, make_demo
@@ -567,31 +566,3 @@ class Collator:
                 [float(x) if dtype == torch.float32 else int(x) for x in labels], dtype=dtype
             )
         return batch
-
-
-def make_loader(
-    ds: Dataset,
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool = False,
-    sampler: Sampler | None = None,
-) -> DataLoader:
-    """A single-process DataLoader; shuffling draws from a generator seeded with ``seed``.
-
-    A ``sampler`` (e.g. a DistributedSampler built by the engine) decides the order, and ``shuffle`` is
-    then ignored.
-    """
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        collate_fn=collate,
-        drop_last=drop_last,
-        num_workers=0,
-        generator=gen,
-    )

@@ -183,21 +183,3 @@ def convert(model: nn.Module) -> nn.Module:
                 m.frozen_step = wq.step.detach().clone()
             m.weight_quant = None
     return model
-
-
-def quant_summary(model: nn.Module) -> list[dict]:
-    """One row per quantized module: name, kind, weight method/bits/granularity, activation bits."""
-    rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)):
-            wq = m.weight_quant
-            aq = getattr(m, "act_quant", None)
-            rows.append(
-                {
-                    "module": name,
-                    "kind": "embedding" if isinstance(m, QuantEmbedding) else "linear",
-                    "weight": f"{wq.cfg.method}{wq.cfg.bits}/{wq.cfg.granularity}" if wq is not None else "frozen",
-                    "act_bits": aq.cfg.bits if aq is not None else None,
-                }
-            )
-    return rows
