@@ -32,6 +32,7 @@ ActMethod = Literal["sym", "lsq", "absmax_token"]
 Granularity = Literal["tensor", "row"]
 LsqInit = Literal["mean", "percentile", "kl", "kl_cdf"]  # quant/quantizers.py lsq_init
 Device = Literal["auto", "cpu", "cuda"]
+DemoLevel = Literal["easy", "standard", "hard"]  # data.demo_level (kdqat_dist/data/demo.py)
 
 ALLOWED_BITS: tuple[int, ...] = typing.get_args(Bits)
 INITS: tuple[str, ...] = typing.get_args(LsqInit)
@@ -287,7 +288,7 @@ class DataConfig:
     demo_seed: int = 0
     # easy (the adjective decides: a tiny random model learns it in seconds), standard, or hard (frames that
     # reverse a clause, 5 % label noise); see kdqat_dist/data/demo.py
-    demo_level: str = "standard"
+    demo_level: DemoLevel = "standard"
     cache_dir: str = ""  # tokenisation cache; "" = ~/.cache/kdqat_dist/tokenized
 
 

@@ -38,8 +38,11 @@ word counts cannot represent. :func:`rule_label` recomputes the label from the t
 from __future__ import annotations
 
 import random
+import typing
 
 import numpy as np
+
+from kdqat_dist.config import DemoLevel
 
 POSITIVE = (
     "good great wonderful excellent brilliant superb delightful charming moving engaging funny clever "
@@ -129,7 +132,7 @@ FLIP_FRAMES = (
 NEGATIONS = frozenset({"not", "never", "hardly", "nobody", "no"})
 HARD_LABEL_NOISE = 0.05
 _P_FRAME = 0.4
-LEVELS = ("easy", "standard", "hard")
+LEVELS: tuple[str, ...] = typing.get_args(DemoLevel)
 CONNECTORS = ("and", "but", "although", "though")
 
 # Mixture of sentence shapes and rates, tuned so that a bag-of-words logistic regression reaches about
