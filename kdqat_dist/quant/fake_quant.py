@@ -127,6 +127,18 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
+# what an nn.Embedding holds besides its weight (copied both ways by QuantEmbedding)
+_EMBEDDING_ATTRS = (
+    "num_embeddings",
+    "embedding_dim",
+    "padding_idx",
+    "max_norm",
+    "norm_type",
+    "scale_grad_by_freq",
+    "sparse",
+)
+
+
 class QuantEmbedding(nn.Embedding):
     """nn.Embedding whose table passes through a weight fake quantizer (row-wise ternary by default)."""
 
@@ -134,15 +146,7 @@ class QuantEmbedding(nn.Embedding):
     def from_embedding(cls, emb: nn.Embedding, wq: WeightFakeQuant) -> QuantEmbedding:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for attr in (
-            "num_embeddings",
-            "embedding_dim",
-            "padding_idx",
-            "max_norm",
-            "norm_type",
-            "scale_grad_by_freq",
-            "sparse",
-        ):
+        for attr in _EMBEDDING_ATTRS:
             setattr(new, attr, getattr(emb, attr))
         new.weight = emb.weight
         new.weight_quant = wq
@@ -151,15 +155,7 @@ class QuantEmbedding(nn.Embedding):
     def to_embedding(self) -> nn.Embedding:
         emb = nn.Embedding.__new__(nn.Embedding)
         nn.Module.__init__(emb)
-        for attr in (
-            "num_embeddings",
-            "embedding_dim",
-            "padding_idx",
-            "max_norm",
-            "norm_type",
-            "scale_grad_by_freq",
-            "sparse",
-        ):
+        for attr in _EMBEDDING_ATTRS:
             setattr(emb, attr, getattr(self, attr))
         emb.weight = self.weight
         return emb
