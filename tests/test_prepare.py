@@ -52,7 +52,7 @@ def batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-# ---- naive reference quantizers, written from ALGORITHMS.md independently of the library
+# ---- naive reference quantizers, written from docs/algorithms.md independently of the library
 
 
 def ref_twn(w, per_row=False):

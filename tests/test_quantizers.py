@@ -1,4 +1,4 @@
-"""Quantizer values and gradients against the formulas of ALGORITHMS.md A.2-A.6."""
+"""Quantizer values and gradients against the formulas of docs/algorithms.md §1 and §4."""
 
 import math
 
@@ -238,7 +238,7 @@ def test_kdlsq_cdf_clip_matches_its_formula_and_clips_outliers(bits):
 
 
 def _formula_codes(method: str, w: torch.Tensor, bits: int, step: torch.Tensor | None) -> torch.Tensor:
-    """Each method's codes written out per row from ALGORITHMS.md, independently of the library."""
+    """Each method's codes written out per row from docs/algorithms.md, independently of the library."""
     rows = []
     for r in w:
         x = r.clamp(-2.5, 2.5)

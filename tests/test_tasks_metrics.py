@@ -61,7 +61,7 @@ def test_unknown_task_lists_the_allowed_names():
 
 
 def test_recipe_table_defaults():
-    # ALGORITHMS.md B.1: (max_seq_len, eval every)
+    # the reference code's recipe: (max_seq_len, eval every)
     table = {
         "cola": (64, 50),
         "sst2": (64, 100),

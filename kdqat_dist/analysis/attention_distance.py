@@ -1,4 +1,4 @@
-"""Attention-map distances between a teacher and a student, per head (ALGORITHMS.md D, Exp1).
+"""Attention-map distances between a teacher and a student, per head (Kim et al. 2022, Exp. 1).
 
 Every function takes the attention probabilities of **one sample already sliced to its true length**
 (``[H, S, S]``: head, query, key) and returns one number per head (``[H]``). Batching over samples is

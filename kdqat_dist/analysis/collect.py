@@ -2,7 +2,7 @@
 
 Each example is run on its own (batch 1, no padding), so every statistic sees exactly the sample's true
 length; nothing is carried over from one sample to the next (the reference notebook reused the first
-sample's length, ALGORITHMS.md E.2 item 6). The tensors come from the same tap machinery as training
+sample's length). The tensors come from the same tap machinery as training
 (:func:`kdqat_dist.models.taps.tapped`): ``hidden`` (layer inputs), ``probs`` and ``attn_output``.
 """
 

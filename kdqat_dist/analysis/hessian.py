@@ -1,4 +1,4 @@
-"""Hessian maximum eigenvalues by power iteration on Hessian-vector products (ALGORITHMS.md D, Exp2).
+"""Hessian maximum eigenvalues by power iteration on Hessian-vector products (Kim et al. 2022, Exp. 2).
 
 The reference (PyHessian plus the how-do-vits-work recipe) takes, for each dev example on its own (batch
 1, model in eval mode), the loss ``CE(logits, label) + 0.01·Σ_p ‖p‖₂`` (a non-squared L2 norm per

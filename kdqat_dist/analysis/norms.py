@@ -1,4 +1,4 @@
-"""Norm-based analysis of self-attention (Kobayashi et al. 2020; ALGORITHMS.md A.8 and D, Exp3).
+"""Norm-based analysis of self-attention (Kobayashi et al. 2020; Kim et al. 2022, Exp. 3).
 
 Self-attention output of token i, before the residual and LayerNorm, decomposes over heads h and keys j:
 

@@ -93,7 +93,7 @@ def _parse_label(value: Any, task: TaskSpec, where: str, names: list[str] | None
 
 @dataclass(frozen=True)
 class _TsvFormat:
-    """Column indices of a GLUE TSV (ALGORITHMS.md E.3). label -1 = the last column."""
+    """Column indices of a GLUE TSV (GLUE's layouts). label -1 = the last column."""
 
     header: bool
     a: int

@@ -1,8 +1,8 @@
 """Task registry (GLUE, the built-in demo, custom tasks) and exact evaluation metrics.
 
-Per-task defaults follow ALGORITHMS.md B.1 (max_seq_len, eval every) and E.3 (labels, metrics). One
+Per-task defaults follow the reference code's recipe (max_seq_len, eval every) and GLUE (labels, metrics). One
 deliberate change: MRPC and QQP are selected on (acc + F1) / 2, the number that is reported, where the
-reference selected on accuracy (E.2 hazard 10).
+reference selected on accuracy.
 """
 
 from __future__ import annotations

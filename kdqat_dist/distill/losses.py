@@ -1,4 +1,4 @@
-"""Knowledge-distillation loss terms (ALGORITHMS.md A.6 and A.7) as pure tensor functions.
+"""Knowledge-distillation loss terms (docs/algorithms.md §2 and §4.5) as pure tensor functions.
 
 Every function takes tensors and returns a 0-dim tensor. Nothing here knows about models, hooks or
 devices: the result lives on the inputs' device. Half-precision inputs (float16/bfloat16) are upcast to
@@ -422,9 +422,9 @@ def _relation_log_probs(x: torch.Tensor, heads: int, keys: torch.Tensor) -> torc
 def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
     """Hard-label loss: cross-entropy for classification, MSE to the float labels for regression.
 
-    Differences from the reference (A.7 ``gt_loss``): it summed over the batch (``reduction='sum'``);
+    Differences from the reference code's ``gt_loss``: it summed over the batch (``reduction='sum'``);
     we take the mean so that the loss weight does not depend on the batch size. For regression it
-    compared against the *teacher's* logits, which looks like a bug (ALGORITHMS.md E.2 item 7); we use
+    compared against the *teacher's* logits, which looks like a bug; we use
     the labels, as KDLSQ-BERT does.
 
     Args:

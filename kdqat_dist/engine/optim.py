@@ -1,4 +1,4 @@
-"""Optimizers, their parameter groups and the learning-rate schedules (ALGORITHMS.md B.1, A.6).
+"""Optimizers, their parameter groups and the learning-rate schedules (docs/algorithms.md §3).
 
 ``train.optimizer``: ``adamw`` (torch AdamW, one global gradient-norm clip, linear warmup/decay) or
 ``bertadam`` (the reference code's BertAdam: no bias correction, each parameter tensor's gradient

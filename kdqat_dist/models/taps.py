@@ -1,6 +1,6 @@
 """Per-layer taps: where each KD tensor is read, delivered to a sink as soon as it is produced.
 
-Tap names and where they come from (ALGORITHMS.md A.7), for Transformer layer ``l`` (0-based):
+Tap names and where they come from (the terms they feed: docs/algorithms.md §2), for Transformer layer ``l`` (0-based):
 
 =============  ============================================================  ==================
 name           tensor                                                        shape

@@ -1,6 +1,6 @@
 """``prepare`` turns a Hugging Face encoder into the fake-quant student in place; ``convert`` freezes it.
 
-What is quantized (ALGORITHMS.md A.1), each choice overridable per module by ``quant.rules``:
+What is quantized (docs/algorithms.md §1.1), each choice overridable per module by ``quant.rules``:
 
 - every ``nn.Linear`` -> :class:`QuantLinear` (weight: ``quant.weight``, input: ``quant.act``), except
   modules matching ``quant.skip`` (the classifier by default);

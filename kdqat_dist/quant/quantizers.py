@@ -1,4 +1,4 @@
-"""Quantizers: one class per method (ALGORITHMS.md A.2-A.6), chosen once from the config by
+"""Quantizers: one class per method (docs/algorithms.md §1 and §4), chosen once from the config by
 :func:`make_quantizer`.
 
 Each class is the single home of its method's statistics and gives:
