@@ -128,7 +128,7 @@ def plot(summary: list[dict], teacher: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"of {', '.join(LOSSES)}")
+    ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help=f"of {', '.join(LOSSES)}")
     ap.add_argument("--quantizers", nargs="+", default=["twn"], help=f"of {', '.join(QUANTIZERS)}")
     ap.add_argument("--gammas", nargs="*", type=float, default=[0.5], help="unified-loss γ values to run")
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
