@@ -66,23 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune the full-precision teacher on a task (saves HF format)",
-        epilog=SECTIONS_HELP,
-        formatter_class=raw,
-    )
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-
-    p = sub.add_parser(
-        "train",
-        help="KD-QAT: train the quantized student from the fine-tuned teacher",
-        epilog=SECTIONS_HELP,
-        formatter_class=raw,
-    )
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    for name, help_ in (
+        ("finetune", "fine-tune the full-precision teacher on a task (saves HF format)"),
+        ("train", "KD-QAT: train the quantized student from the fine-tuned teacher"),
+    ):
+        p = sub.add_parser(name, help=help_, epilog=SECTIONS_HELP, formatter_class=raw)
+        _add_config_args(p)
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
     p = sub.add_parser("eval", help="evaluate a model folder (FP model or kdqat student) on the task's dev set")
     p.add_argument("--model", required=True, help="a fine-tuned model folder or a `kdqat train` student/")
