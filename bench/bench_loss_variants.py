@@ -4,7 +4,8 @@ Same teacher, data and budget as ``bench/bench_accuracy_sst2.py`` (300 KD-QAT st
 fine-tuned on 20k SST-2 rows; TWN W2, row-wise ternary E2, A8), with the optimizer and padding given by
 ``--extra`` (the shipped SST-2 recipe's by default). Each loss variant runs for every seed; the script
 writes ``<out>/results.jsonl`` (one line per run), ``<out>/loss_variants.md`` (mean ± std over seeds,
-holdout and sentence-level split) and ``<out>/loss_variants.png``.
+holdout and sentence-level split) and ``<out>/loss_variants.png``; with more than one weight quantizer also
+``<out>/quantizer_grid.md`` and ``.png`` (loss x quantizer).
 
 The 2025 methods (issue #18) join the same grid: ``--quantizers twn absmean seq`` runs every loss variant
 with each weight quantizer (TWN: the recipe's; absmean: BitNet b1.58; seq: ParetoQ's SEQ), and the loss
@@ -126,6 +127,72 @@ def plot(summary: list[dict], teacher: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def split_name(variant: str) -> tuple[str, str]:
+    """(quantizer, loss) of a run name: ``absmean_relation`` -> ("absmean", "relation"); TWN runs are unprefixed."""
+    q, _, rest = variant.partition("_")
+    return (q, rest) if q in QUANTIZERS and q != "twn" and rest else ("twn", variant)
+
+
+def grid(summary: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    """(losses, quantizers, {(loss, quantizer): summary row}) in first-seen / QUANTIZERS order."""
+    cells = {split_name(s["variant"])[::-1]: s for s in summary}
+    losses = list(dict.fromkeys(loss for loss, _ in cells))
+    quants = [q for q in QUANTIZERS if any(q == qq for _, qq in cells)]
+    return losses, quants, cells
+
+
+def write_grid(summary: list[dict], teacher: dict, path: Path) -> None:
+    """Markdown: one row per loss, holdout and sentence split (mean ± std, seeds) per weight quantizer."""
+    losses, quants, cells = grid(summary)
+    head = " | ".join(f"{q} holdout | {q} sentences" for q in quants)
+    lines = [f"| loss | {head} |", "|---" * (1 + 2 * len(quants)) + "|"]
+    t = f"{100 * teacher['holdout']:.2f} | {100 * teacher['sentences']:.2f}"
+    lines.append(f"| teacher (FP) | {' | '.join([t] * len(quants))} |")
+    for loss in losses:
+        row = []
+        for q in quants:
+            s = cells.get((loss, q))
+            if s is None:
+                row += ["-", "-"]
+                continue
+            n = f" (n={len(s['seeds'])})"
+            row += [f"{s[k][0]:.2f} ± {s[k][1]:.2f}{n}" for k in ("holdout", "sentences")]
+        lines.append(f"| {loss} | {' | '.join(row)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_grid(summary: list[dict], teacher: dict, path: Path) -> None:
+    """Two panels (holdout, sentence split): bars per loss, one colour per weight quantizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses, quants, cells = grid(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 * len(losses) + 3, 4), sharey=True)
+    width = 0.8 / len(quants)
+    for ax, key, title in zip(axes, ("holdout", "sentences"), ("2k holdout", "sentence split"), strict=True):
+        for j, q in enumerate(quants):
+            xs = [i for i, loss in enumerate(losses) if (loss, q) in cells]
+            ax.bar(
+                [x - 0.4 + width * (j + 0.5) for x in xs],
+                [cells[(losses[x], q)][key][0] for x in xs],
+                width,
+                yerr=[cells[(losses[x], q)][key][1] for x in xs],
+                capsize=3,
+                label=q,
+            )
+        ax.axhline(100 * teacher[key], ls="--", lw=1, color="k")
+        ax.set_xticks(range(len(losses)), losses, rotation=15)
+        ax.set_title(f"{title} (dashed: FP teacher)")
+    lo = min(s[k][0] - s[k][1] for s in summary for k in ("holdout", "sentences"))
+    axes[0].set_ylim(lo - 2, 100 * max(teacher.values()) + 1)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(loc="lower center", ncol=len(quants), title="weights", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help=f"of {', '.join(LOSSES)}")
@@ -182,6 +249,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     write_table(summary, teacher, args.out / "loss_variants.md")
     plot(summary, teacher, args.out / "loss_variants.png")
     print((args.out / "loss_variants.md").read_text())
+    if len(grid(summary)[1]) > 1:  # the 2025 comparison: quantizer x loss
+        write_grid(summary, teacher, args.out / "quantizer_grid.md")
+        plot_grid(summary, teacher, args.out / "quantizer_grid.png")
+        print((args.out / "quantizer_grid.md").read_text())
 
 
 if __name__ == "__main__":
