@@ -388,6 +388,47 @@ def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
     assert md.count("| demo |") == 6 and "± " in md
 
 
+def test_bitdistill_recipe_as_a_sweep_base(tmp_path, ray_session, teacher):
+    """The 2025 recipe runs as a sweep's base: absmean and SEQ weights, each trial's student saved with its
+    SubLN LayerNorms and the quantizer the trial asked for."""
+    from kdqat_dist.models.student import load_student
+    from kdqat_dist.models.subln import SubLNLinear
+    from kdqat_dist.tune.trainable import run_sweep
+
+    tiny = {  # bitdistill_w158a8 is a BERT-base recipe: the tiny model and task of tiny_debug instead
+        "model.name_or_path": "tiny-bert",
+        "data.task": "demo",
+        "data.demo_level": "easy",
+        "data.max_seq_length": 32,
+        "train.batch_size": 16,
+        "train.lr": 1e-3,
+        "train.epochs": 1,
+        "train.progress": False,
+    }
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            base="bitdistill_w158a8",
+            teacher_path=str(teacher),
+            overrides=tiny,
+            search={"quant.weight.method": {"grid": ["absmean", "seq"]}},
+            tune={"num_workers": 1, "max_failures": 0},
+        )
+    )
+    grid = run_sweep(spec, verbose=0)
+    assert len(grid) == 2 and grid.num_errors == 0
+    rows, _ = collect_rows(spec.output_dir)
+    assert {r["status"] for r in rows} == {"ok"}
+    methods = set()
+    for r in rows:
+        layer = load_student(Path(r["run_dir"]) / "student").bert.encoder.layer[0]
+        assert isinstance(layer.output.dense, SubLNLinear)
+        methods.add(layer.output.dense.linear.weight_quant.cfg.method)
+        history = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["history"]
+        assert [h["step"] for h in history] == [3, 6]
+    assert methods == {"absmean", "seq"}
+
+
 def test_resume_reruns_only_the_failed_trial(tmp_path, ray_session, teacher):
     """Seed 52's teacher is missing: its trial fails (the sweep ends with one finished and one errored
     trial, exit status 1); after the teacher appears, --resume reruns only that trial."""
