@@ -18,8 +18,6 @@ from deepspeed.accelerator import get_accelerator
 
 from kdqat_dist.engine.ds_workarounds import skip_shm_comm_build
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

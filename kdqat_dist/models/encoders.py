@@ -156,7 +156,3 @@ def embeddings_module(model: torch.nn.Module) -> torch.nn.Module:
         if name.endswith("embeddings") and hasattr(module, "word_embeddings"):
             return module
     raise ConfigError(f"{type(model).__name__} has no BERT-style embeddings module")
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

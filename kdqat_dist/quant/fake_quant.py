@@ -111,13 +111,6 @@ class QuantLinear(nn.Linear):
         new.act_quant = aq
         return new
 
-    def to_linear(self) -> nn.Linear:
-        lin = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        lin.weight, lin.bias = self.weight, self.bias
-        return lin
-
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
 
@@ -127,7 +120,7 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
-# what an nn.Embedding holds besides its weight (copied both ways by QuantEmbedding)
+# what an nn.Embedding holds besides its weight (copied by QuantEmbedding)
 _EMBEDDING_ATTRS = (
     "num_embeddings",
     "embedding_dim",
@@ -151,14 +144,6 @@ class QuantEmbedding(nn.Embedding):
         new.weight = emb.weight
         new.weight_quant = wq
         return new
-
-    def to_embedding(self) -> nn.Embedding:
-        emb = nn.Embedding.__new__(nn.Embedding)
-        nn.Module.__init__(emb)
-        for attr in _EMBEDDING_ATTRS:
-            setattr(emb, attr, getattr(self, attr))
-        emb.weight = self.weight
-        return emb
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
