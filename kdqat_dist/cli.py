@@ -108,10 +108,6 @@ def _add_optional_commands(sub) -> None:
         module.add_parser(sub)
 
 
-def _load(args):
-    return load_config(args.config, args.overrides)
-
-
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """argparse, except that key=value overrides may stand anywhere, also after an option
     (``train --config X --resume a=b``): argparse alone stops the positional list at the first option."""
@@ -182,7 +178,7 @@ def _dispatch(args) -> int:
     if args.command == "demo":
         pipeline.demo(args.config, args.overrides, args.num_procs)
         return 0
-    cfg = _load(args)
+    cfg = load_config(args.config, args.overrides)
     if args.command in ("train", "finetune"):
         result = pipeline.run_and_report(cfg, args.command, resume=args.resume)
         return 0 if result else 1

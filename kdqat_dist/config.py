@@ -658,10 +658,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict) -> RunConfig:
-    return validate(_build(RunConfig, data))
-
-
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the fully resolved config (every field, defaults included) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from kdqat_dist.analysis.report import AnalyzeOptions, analyze
 
@@ -15,6 +16,27 @@ A run folder stands for its model/ (finetune) or student/ (train) folder. A stud
 or after its run folder. Extra key=value arguments override the recipe: its data section (data.source, ...)
 and its analysis section (analysis.samples=64, analysis.hessian_iters=50, ...); the flags below, when
 given, override the analysis section in turn."""
+
+# the flags that override the analysis section: (flag, type, help)
+KNOBS = (
+    ("--samples", int, "dev examples analysed (analysis.samples, 32)"),
+    ("--seed", int, "picks the dev examples and power-iteration starts (analysis.seed, 0)"),
+    ("--top-k", int, "teacher keys the cover length must reach (analysis.top_k, 5)"),
+    (
+        "--hessian-samples",
+        int,
+        "examples for the Hessian spectrum, the first of the sample; 0 skips it (analysis.hessian_samples, 8)",
+    ),
+    ("--hessian-iters", int, "power iterations at most (analysis.hessian_iters, 100)"),
+    ("--hessian-tol", float, "relative tolerance (analysis.hessian_tol, 1e-3)"),
+    ("--hessian-top-n", int, "eigenvalues per example (analysis.hessian_top_n, 1)"),
+    (
+        "--hessian-norm-weight",
+        float,
+        "weight of the Σ‖p‖₂ term of the Hessian loss (analysis.hessian_norm_weight, 0; the reference used 0.01)",
+    ),
+    ("--device", str, "cpu | cuda | auto (analysis.device, cpu)"),
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,33 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--config", "-c", default=None, help="recipe whose data and analysis sections are used (default: built-in)"
     )
     # None: the config's analysis.<name> decides (see kdqat_dist.config.AnalysisConfig for the defaults).
-    p.add_argument("--samples", type=int, default=None, help="dev examples analysed (analysis.samples, 32)")
-    p.add_argument(
-        "--seed", type=int, default=None, help="picks the dev examples and power-iteration starts (analysis.seed, 0)"
-    )
-    p.add_argument(
-        "--top-k", type=int, default=None, help="teacher keys the cover length must reach (analysis.top_k, 5)"
-    )
-    p.add_argument(
-        "--hessian-samples",
-        type=int,
-        default=None,
-        help="examples for the Hessian spectrum, the first of the sample; 0 skips it (analysis.hessian_samples, 8)",
-    )
-    p.add_argument(
-        "--hessian-iters", type=int, default=None, help="power iterations at most (analysis.hessian_iters, 100)"
-    )
-    p.add_argument("--hessian-tol", type=float, default=None, help="relative tolerance (analysis.hessian_tol, 1e-3)")
-    p.add_argument(
-        "--hessian-top-n", type=int, default=None, help="eigenvalues per example (analysis.hessian_top_n, 1)"
-    )
-    p.add_argument(
-        "--hessian-norm-weight",
-        type=float,
-        default=None,
-        help="weight of the Σ‖p‖₂ term of the Hessian loss (analysis.hessian_norm_weight, 0; the reference used 0.01)",
-    )
-    p.add_argument("--device", default=None, help="cpu | cuda | auto (analysis.device, cpu)")
+    for flag, kind, text in KNOBS:
+        p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -78,24 +75,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = AnalyzeOptions(
-        teacher=args.teacher,
-        students=list(args.students),
-        out=args.out,
-        task=args.task,
-        config=args.config,
-        overrides=list(args.overrides),
-        samples=args.samples,
-        seed=args.seed,
-        top_k=args.top_k,
-        hessian_samples=args.hessian_samples,
-        hessian_iters=args.hessian_iters,
-        hessian_tol=args.hessian_tol,
-        hessian_top_n=args.hessian_top_n,
-        hessian_norm_weight=args.hessian_norm_weight,
-        device=args.device,
-        progress=True,
-    )
+    # every option is a flag of the same name; the CLI shows progress bars
+    names = [f.name for f in fields(AnalyzeOptions) if f.name != "progress"]
+    opts = AnalyzeOptions(**{n: getattr(args, n) for n in names}, progress=True)
     result = analyze(opts)
     print(
         f"kdqat analyze: wrote {len(result['files'])} files to {result['out']} in {result['seconds']:.1f} s "

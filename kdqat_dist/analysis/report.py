@@ -588,20 +588,9 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     data_cfg, task, dev_rows, row_ids = _dev_sample(cfg, a.samples, a.seed)  # before any model loads
     teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
     examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
+    knobs = {k: v for k, v in asdict(a).items() if k not in ("samples", "device")}  # analyze_models' keywords
     results = analyze_models(
-        teacher,
-        students,
-        examples,
-        tokenizer,
-        a.top_k,
-        a.hessian_samples,
-        a.hessian_iters,
-        a.hessian_tol,
-        a.hessian_top_n,
-        a.hessian_norm_weight,
-        task.is_regression,
-        a.seed,
-        opts.progress,
+        teacher, students, examples, tokenizer, regression=task.is_regression, progress=opts.progress, **knobs
     )
     # the resolved values, not the options (None where the config decided)
     meta = {

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -70,7 +70,6 @@ class ExportReport:
     quantized_fp32_bytes: int  # 4 bytes x the elements of the weights that were packed
     quantized_packed_bytes: int  # their packed codes plus their FP32 scales
     modules: int  # number of packed weights
-    metrics: dict = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -89,15 +88,8 @@ class ExportReport:
         ]
 
     def as_dict(self) -> dict:
-        return {
-            "file_bytes": self.file_bytes,
-            "fp32_bytes": self.fp32_bytes,
-            "quantized_fp32_bytes": self.quantized_fp32_bytes,
-            "quantized_packed_bytes": self.quantized_packed_bytes,
-            "modules": self.modules,
-            "ratio": self.ratio,
-            "weight_ratio": self.weight_ratio,
-        }
+        sizes = {k: v for k, v in asdict(self).items() if k != "out_dir"}
+        return {**sizes, "ratio": self.ratio, "weight_ratio": self.weight_ratio}
 
 
 # --------------------------------------------------------------------------- helpers

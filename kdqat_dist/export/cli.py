@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,14 +55,8 @@ def run_config(student: Path, config: str | None, overrides: list[str]):
 
 
 def _same(a: dict, b: dict) -> bool:
-    if set(a) != set(b):
-        return False
-    for k in a:
-        x, y = a[k], b[k]
-        both_nan = isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)
-        if not (x == y or both_nan):
-            return False
-    return True
+    """Equal metric dicts, NaN equal to NaN (x != x only for NaN)."""
+    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
 
 
 def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
