@@ -158,8 +158,11 @@ def write_grid(summary: list[dict], teacher: dict, path: Path) -> None:
             if s is None:
                 row += ["-", "-"]
                 continue
-            n = f" (n={len(s['seeds'])})"
-            row += [f"{s[k][0]:.2f} ± {s[k][1]:.2f}{n}" for k in ("holdout", "sentences")]
+            n = len(s["seeds"])  # one seed: no spread to show
+            row += [
+                f"{s[k][0]:.2f} ± {s[k][1]:.2f} (n={n})" if n > 1 else f"{s[k][0]:.2f} (n=1)"
+                for k in ("holdout", "sentences")
+            ]
         lines.append(f"| {loss} | {' | '.join(row)} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -191,7 +194,7 @@ def plot_grid(summary: list[dict], teacher: dict, path: Path) -> None:
     lo = min(s[k][0] - s[k][1] for s in summary for k in ("holdout", "sentences"))
     axes[0].set_ylim(lo - 2, 100 * max(teacher.values()) + 1)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(loc="lower center", ncol=len(quants), title="weights", fontsize=8)
+    axes[0].legend(loc="upper center", ncol=len(quants), title="weights", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
