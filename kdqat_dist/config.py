@@ -624,7 +624,8 @@ def resolve_recipe(path: str | Path) -> Path:
     return resolve_shipped(path, RECIPES_DIR, "recipe")
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, top_level: str = "a mapping of sections") -> dict:
+    """A recipe's YAML as a dict; ``top_level`` names what the file must hold in the error message."""
     p = resolve_recipe(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
@@ -633,7 +634,7 @@ def load_yaml(path: str | Path) -> dict:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}:{where} is not valid YAML") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raise ConfigError(f"{p}: the top level must be {top_level}")
     return data
 
 

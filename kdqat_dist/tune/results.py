@@ -71,12 +71,10 @@ def collect_rows(output_dir: str | Path) -> tuple[list[dict], list[str]]:
             continue
         cfg, m = t["cfg"], t["metrics"]
         row: dict[str, Any] = {"trial": tdir.name, "variant": t["meta"].get("variant") or ""}
-        for col, key in CONFIG_COLUMNS.items():
+        for col, key in [*CONFIG_COLUMNS.items(), *((k, k) for k in extra_keys)]:
             row[col] = get_dotted(cfg, key) if cfg else None
         if cfg:
             row["map_w"], row["output_w"] = _effective_mix(cfg)
-        for key in extra_keys:
-            row[key] = get_dotted(cfg, key) if cfg else None
         if m is None:
             row["status"] = "incomplete"
             rows.append(row)
@@ -113,23 +111,7 @@ def _sweep_meta(out: Path) -> dict:
 
 
 def _setting_keys(rows: list[dict]) -> list[str]:
-    skip = {
-        "trial",
-        "seed",
-        "status",
-        "selection_metric",
-        "selection",
-        "teacher_selection",
-        "best_step",
-        "total_steps",
-        "run_dir",
-    }
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in skip and k not in keys:
-                keys.append(k)
-    return keys
+    return [k for k in _columns(rows, []) if k not in TRIAL_LAST and k != "seed"]
 
 
 def summarize(rows: list[dict], metric_cols: list[str]) -> list[dict]:
@@ -195,16 +177,7 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
 
 
 TRIAL_FIRST = ["task", "variant", "map_w", "output_w", "gamma", "score_w", "seed", "w_bits", "a_bits", "lr"]
-TRIAL_LAST = [
-    "selection_metric",
-    "selection",
-    "teacher_selection",
-    "best_step",
-    "total_steps",
-    "status",
-    "trial",
-    "run_dir",
-]
+TRIAL_LAST = "selection_metric selection teacher_selection best_step total_steps status trial run_dir".split()
 
 
 def write_report(output_dir: str | Path) -> dict[str, Path]:
@@ -315,26 +288,15 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
     return path
 
 
+CONSOLE_COLS = "task variant map_w output_w gamma seed lr w_bits selection teacher_selection best_step status".split()
+
+
 def format_console(rows: list[dict], limit: int = 40) -> str:
     cols = [
         c
-        for c in (
-            "task",
-            "variant",
-            "map_w",
-            "output_w",
-            "gamma",
-            "seed",
-            "lr",
-            "w_bits",
-            "selection",
-            "teacher_selection",
-            "best_step",
-            "status",
-        )
-        if any(c in r for r in rows)
+        for c in CONSOLE_COLS
+        if any(c in r for r in rows) and (c not in ("lr", "w_bits") or len({r.get(c) for r in rows}) > 1)
     ]
-    cols = [c for c in cols if c not in ("lr", "w_bits") or len({r.get(c) for r in rows}) > 1]
     text = markdown_table(rows[:limit], cols)
     if len(rows) > limit:
         text += f"\n... {len(rows) - limit} more rows in results.md"

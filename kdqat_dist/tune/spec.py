@@ -35,7 +35,7 @@ import difflib
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,33 +167,12 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         """Plain data for shipping to Ray trials (re-read with :func:`spec_from_dict`)."""
-        return {
-            "name": self.name,
-            "base": self.base,
-            "output_dir": str(self.output_dir),
-            "overrides": self.overrides,
-            "variants": self.variants,
-            "teacher_path": self.teacher_path,
-            "max_concurrent": self.max_concurrent,
-            "cwd": self.cwd,
-            "path": self.path,
-            "search": [[d.key, d.kind, d.values] for d in self.search],
-        }
+        search = [[d.key, d.kind, d.values] for d in self.search]
+        return {**asdict(self), "output_dir": str(self.output_dir), "search": search}
 
 
 def spec_from_dict(d: dict) -> SweepSpec:
-    return SweepSpec(
-        name=d["name"],
-        base=d["base"],
-        output_dir=Path(d["output_dir"]),
-        overrides=d["overrides"],
-        variants=d["variants"],
-        teacher_path=d["teacher_path"],
-        max_concurrent=d["max_concurrent"],
-        cwd=d["cwd"],
-        path=d["path"],
-        search=[Dim(k, kind, v) for k, kind, v in d["search"]],
-    )
+    return SweepSpec(**{**d, "output_dir": Path(d["output_dir"]), "search": [Dim(*x) for x in d["search"]]})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -339,13 +318,7 @@ def load_spec(
     """Parse and validate a sweep spec (see the module docstring). ``base_overrides`` (CLI ``key=value``)
     are applied on top of the spec's ``overrides``. Raises :class:`ConfigError` (one line)."""
     p = resolve_spec_path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{p}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping (base, search, ...)")
+    raw = load_yaml(p, top_level="a mapping (base, search, ...)")
     return parse_spec(raw, path=p, base_overrides=base_overrides, output_dir=output_dir, cwd=cwd)
 
 
