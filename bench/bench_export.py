@@ -48,7 +48,7 @@ def main() -> None:
     from kdqat_dist.config import QuantConfig
     from kdqat_dist.export import export_model, load
     from kdqat_dist.export.artifact import logits_of, probe_batch
-    from kdqat_dist.models.encoders import count_parameters, load_classifier, load_tokenizer
+    from kdqat_dist.models.encoders import load_classifier, load_tokenizer
     from kdqat_dist.quant.api import prepare
     from kdqat_dist.quant.size import size_report
 
@@ -80,8 +80,8 @@ def main() -> None:
         f"## kdqat export: packed artifact size, MiniLM-L6 ({date})",
         "",
         f"Machine: {_machine()}. Command: `HF_HUB_OFFLINE=1 python bench/bench_export.py --model {args.model}`.",
-        f"Model: `{args.model}` ({count_parameters(model) / 1e6:.2f} M parameters, {c.num_hidden_layers} "
-        f"layers, hidden {c.hidden_size}, vocab {c.vocab_size}) prepared with the default "
+        f"Model: `{args.model}` ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}) prepared with the default "
         "QuantConfig (weights TWN ternary per tensor, word embeddings TWN ternary per row, classifier FP32, "
         "8-bit activations), untrained classifier; no training is needed for sizes.",
         "",

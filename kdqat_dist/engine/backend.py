@@ -176,6 +176,9 @@ class LocalBackend:
         """Whole ``params`` inside the block (always so in one process)."""
         return contextlib.nullcontext()
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.student.state_dict()
+
     # -- stepping
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()

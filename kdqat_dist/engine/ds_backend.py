@@ -179,6 +179,11 @@ class DeepSpeedBackend:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole student state dict on CPU, on every rank (gathered under ZeRO-3)."""
+        with self.gathered_student() as module:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
     # ------------------------------------------------------------------ stepping
 
     def backward(self, loss: torch.Tensor) -> None:
