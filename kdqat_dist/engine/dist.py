@@ -8,6 +8,7 @@ and with none: with ``RANK``/``WORLD_SIZE`` unset the process is world size 1 on
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import deepspeed
@@ -16,7 +17,15 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from kdqat_dist.engine.ds_workarounds import skip_shm_comm_build
-from kdqat_dist.engine.launch import free_port
+
+
+def free_port() -> int:
+    # launch.py has its own: importing it here would pull the training loop into this plumbing module,
+    # and launch.py importing this one would load DeepSpeed on every `kdqat` command
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 _ADDED_ENV: list[str] = []  # variables we set for a launcher-less run; removed again at teardown
 
