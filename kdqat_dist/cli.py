@@ -64,13 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"kdqat {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="command")
-    raw = argparse.RawDescriptionHelpFormatter
-
     for name, help_ in (
         ("finetune", "fine-tune the full-precision teacher on a task (saves HF format)"),
         ("train", "KD-QAT: train the quantized student from the fine-tuned teacher"),
     ):
-        p = sub.add_parser(name, help=help_, epilog=SECTIONS_HELP, formatter_class=raw)
+        p = sub.add_parser(name, help=help_, epilog=SECTIONS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(p)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
@@ -119,6 +117,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+# What gloo and NCCL say when the other side of a collective is gone.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "ncclRemoteError", "Broken pipe")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print("kdqat: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        if not _lost_peer(exc):
+        if not any(s in str(exc) for s in _PEER_LOST):
             raise
         # another rank died (killed, out of memory, a node lost): the launcher reports which one; the
         # survivors' collective tracebacks would only bury that report
@@ -152,14 +154,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-# What gloo and NCCL say when the other side of a collective is gone.
-_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "ncclRemoteError", "Broken pipe")
-
-
-def _lost_peer(exc: RuntimeError) -> bool:
-    return any(s in str(exc) for s in _PEER_LOST)
 
 
 def _dispatch(args) -> int:

@@ -49,15 +49,8 @@ def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
     if "teacher" in result:
         rows.append(["teacher (fp32)", f"{100 * result['teacher']['selection']:.2f}", "fp32", "-", "-"])
     label, bits = ("student", _bits_label(cfg)) if mode == "train" else ("fine-tuned model", "fp32")
-    rows.append(
-        [
-            label,
-            f"{100 * best.get('selection', float('nan')):.2f}",
-            bits,
-            str(best.get("step", "-")),
-            result.get("size", "-"),
-        ]
-    )
+    score = f"{100 * best.get('selection', float('nan')):.2f}"
+    rows.append([label, score, bits, str(best.get("step", "-")), result.get("size", "-")])
     head = f"{result['task']}: best {metric} (x100) after {result['total_steps']} steps, run dir {cfg.train.output_dir}"
     return head + "\n" + _table(rows, ["model", metric, "bits", "best step", "size"])
 
@@ -91,13 +84,10 @@ def _teacher_finished(teacher: Path) -> bool:
 
 
 def pick_demo_dir(root: Path) -> Path:
-    """``root``, or the first of ``root-2``, ``root-3``, ... that a new demo can use.
-
-    So that running the demo again (or after an interruption) never fails and never overwrites a finished
-    or half-written run; a folder whose teacher finished but whose students never started is reused.
-    """
-    n = 1
-    cand = root
+    """``root``, or the first of ``root-2``, ``root-3``, ... that a new demo can use, so that running the demo
+    again (or after an interruption) never fails and never overwrites a finished or half-written run; a
+    folder whose teacher finished but whose students never started is reused."""
+    n, cand = 1, root
     while not _demo_dir_usable(cand):
         n += 1
         cand = root.with_name(f"{root.name}-{n}")
@@ -113,7 +103,8 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
     """
     overrides = list(overrides or [])
     num_procs = num_procs or default_num_procs()
-    base = load_config(config or "demo", overrides)
+    recipe = config or "demo"
+    base = load_config(recipe, overrides)
     root = Path(base.train.output_dir)
     if any(parse_override(o)[0] == "train.output_dir" for o in overrides):
         if not _demo_dir_usable(root):  # a folder the user named: never write into a used one
@@ -135,24 +126,15 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
         run_and_report(ft, "finetune")
     student = [*overrides, f"teacher.path={teacher_dir / 'model'}"]
     print("[demo] 2/3 QAT without KD: the ternary student on the labels alone (one process)")
-    no_kd = run_and_report(
-        load_config(
-            config or "demo", [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
-        ),
-        "train",
-    )
+    no_kd_overrides = [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
+    no_kd = run_and_report(load_config(recipe, no_kd_overrides), "train")
     print(f"[demo] 3/3 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
     kd_overrides = [*student, *SHARDED, f"train.output_dir={root / 'kd_qat'}"]
-    load_config(config or "demo", [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
-    run_deepspeed("train", config or "demo", kd_overrides, num_procs)
+    load_config(recipe, [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
+    run_deepspeed("train", recipe, kd_overrides, num_procs)
     kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
-    res = {
-        "teacher": kd["teacher"],
-        "qat_no_kd": no_kd,
-        "kd_qat": kd,
-        "num_procs": num_procs,
-        "demo_wall_s": time.perf_counter() - t0,
-    }
+    wall = time.perf_counter() - t0
+    res = {"teacher": kd["teacher"], "qat_no_kd": no_kd, "kd_qat": kd, "num_procs": num_procs, "demo_wall_s": wall}
     (root / "summary.json").write_text(json.dumps(res, indent=2))
     print(demo_table(res, base))
     print(memory_table(kd["memory_per_rank"]))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from kdqat_dist.tune.results import collect_rows, format_console, write_report
-from kdqat_dist.tune.spec import load_spec
+from kdqat_dist.tune.spec import MAX_GRID_CHECK, SweepSpec, load_spec
 from kdqat_dist.tune.trainable import SweepInterrupted, run_sweep
 
 EPILOG = """examples:
@@ -40,13 +40,10 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="continue the sweep in output_dir; finished trials are kept, errored and unfinished ones run again",
     )
-    p.add_argument(
-        "--address", default=None, help="join an existing Ray cluster (e.g. auto); default: start a local one"
-    )
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto); default: start a local one")
     p.add_argument(
         "--num-cpus",
         type=int,
-        default=None,
         help="logical CPUs of the local Ray instance "
         "(default: this machine's cores, +1 for the trial driver when tune.num_workers > 1)",
     )
@@ -114,15 +111,10 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join([*parts, "--resume"])
 
 
-def _warn_missing_teachers(spec) -> None:
+def _warn_missing_teachers(spec: SweepSpec) -> None:
     """Trials whose teacher does not exist (on this machine) will fail; say so before starting."""
-    missing = sorted(
-        {
-            cfg.teacher.path
-            for cfg in (spec.resolve(p, v) for p, v in spec.grid_points()[:2000])
-            if cfg.teacher.path and not Path(cfg.teacher.path).exists()
-        }
-    )
+    cfgs = (spec.resolve(p, v) for p, v in spec.grid_points()[:MAX_GRID_CHECK])
+    missing = sorted({c.teacher.path for c in cfgs if c.teacher.path and not Path(c.teacher.path).exists()})
     if missing:
         print(
             f"kdqat sweep: warning: {len(missing)} teacher path(s) do not exist here (e.g. {missing[0]}); "

@@ -75,26 +75,21 @@ def collect_rows(output_dir: str | Path) -> tuple[list[dict], list[str]]:
             row[col] = get_dotted(cfg, key) if cfg else None
         if cfg:
             row["map_w"], row["output_w"] = _effective_mix(cfg)
-        if m is None:
-            row["status"] = "incomplete"
-            rows.append(row)
-            continue
-        best = m.get("best") or {}
-        sel_name = m.get("selection_metric", "selection")
-        for k, v in best.items():
-            if k in ("step", "selection", "best_selection", "best_step", "teacher_selection"):
-                continue
-            row[k] = v
-            if k not in metric_cols:
-                metric_cols.append(k)
-        row["selection_metric"] = sel_name
-        row["selection"] = best.get("selection")
-        teacher = m.get("teacher") or {}
-        row["teacher_selection"] = teacher.get("selection")
-        row["best_step"] = best.get("step")
-        row["total_steps"] = m.get("total_steps")
-        row["status"] = t["status"]
-        row["run_dir"] = str(tdir / "run")
+        if m is not None:
+            best = m.get("best") or {}
+            for k, v in best.items():
+                if k in ("step", "selection", "best_selection", "best_step", "teacher_selection"):
+                    continue
+                row[k] = v
+                if k not in metric_cols:
+                    metric_cols.append(k)
+            row["selection_metric"] = m.get("selection_metric", "selection")
+            row["selection"] = best.get("selection")
+            row["teacher_selection"] = (m.get("teacher") or {}).get("selection")
+            row["best_step"] = best.get("step")
+            row["total_steps"] = m.get("total_steps")
+            row["run_dir"] = str(tdir / "run")
+        row["status"] = t["status"]  # "incomplete" when the trial has no metrics
         rows.append(row)
     rows.sort(
         key=lambda r: tuple(
@@ -110,14 +105,10 @@ def _sweep_meta(out: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def _setting_keys(rows: list[dict]) -> list[str]:
-    return [k for k in _columns(rows, []) if k not in TRIAL_LAST and k != "seed"]
-
-
 def summarize(rows: list[dict], metric_cols: list[str]) -> list[dict]:
     """Mean ± std (sample std; 0 for one seed) of the selection metric over seeds, per setting."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    keys = [k for k in _setting_keys(ok) if k not in metric_cols]
+    keys = [k for k in _columns(ok, []) if k not in TRIAL_LAST and k not in metric_cols and k != "seed"]
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
@@ -140,20 +131,15 @@ def summarize(rows: list[dict], metric_cols: list[str]) -> list[dict]:
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return "" if v is None else str(v)
 
 
 def _columns(rows: list[dict], first: list[str]) -> list[str]:
-    cols = [c for c in first if any(c in r for r in rows)]
-    for r in rows:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
-    return cols
+    """The keys of ``first`` that some row has, then every other key in the order the rows have them."""
+    present = [c for c in first if any(c in r for r in rows)]
+    return list(dict.fromkeys([*present, *(k for r in rows for k in r)]))
 
 
 def _csv_value(v):
@@ -257,14 +243,8 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
         col, key = xk
         for label, grp in series.items():
             grp = sorted(grp, key=lambda r: r[col])
-            ax.errorbar(
-                [r[col] for r in grp],
-                [r["mean"] for r in grp],
-                yerr=[r["std"] for r in grp],
-                marker="o",
-                capsize=3,
-                label=label,
-            )
+            xs, means, stds = ([r[k] for r in grp] for k in (col, "mean", "std"))
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
             teacher = [r["teacher_mean"] for r in grp if r.get("teacher_mean") is not None]
             if teacher:
                 ax.axhline(statistics.fmean(teacher), ls=":", lw=1, color=ax.lines[-1].get_color())
@@ -275,10 +255,10 @@ def plot_sweep(summary: list[dict], path: Path, sweep: dict) -> Path | None:
         for i, (_label, grp) in enumerate(series.items()):
             for j, r in enumerate(grp):
                 ax.bar(i + j * width, r["mean"], width, yerr=r["std"], capsize=3)
-        ax.set_xticks([i for i in range(len(labels))], labels, rotation=20, ha="right")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     metric = summary[0].get("selection_metric") or "selection"
     ax.set_ylabel(f"{metric} (mean ± std over seeds; dotted: teacher)")
-    ax.set_title(f"{path.parent.name}")
+    ax.set_title(path.parent.name)
     if len(series) > 1 or xk is not None:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

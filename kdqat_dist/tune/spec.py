@@ -54,31 +54,13 @@ from kdqat_dist.config import (
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "ray_tune"
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
-SPEC_KEYS = (
-    "name",
-    "base",
-    "output_dir",
-    "teacher_path",
-    "overrides",
-    "search",
-    "variants",
-    "tune",
-    "max_concurrent",
-    "metric",
-)
+SPEC_KEYS = "name base output_dir teacher_path overrides search variants tune max_concurrent metric".split()
 # Keys whose relative values are paths, made absolute against the directory `kdqat sweep` runs in
 # (Ray changes each trial's working directory).
 PATH_KEYS = (
-    "teacher.path",
-    "student.init_from",
-    "data.source",
-    "data.train_file",
-    "data.dev_file",
-    "data.cache_dir",
-    "engine.ds_config",
-    "engine.teacher_ds_config",
-    "model.name_or_path",
-)
+    "teacher.path student.init_from data.source data.train_file data.dev_file data.cache_dir engine.ds_config "
+    "engine.teacher_ds_config model.name_or_path"
+).split()
 MAX_GRID_CHECK = 2000
 # Short names the issue's examples use (``task: grid[rte, sst2, cola]``) -> the dotted config key.
 KEY_ALIASES = {"task": "data.task"}
@@ -93,9 +75,6 @@ class Dim:
     key: str
     kind: str
     values: list
-
-    def first(self) -> Any:
-        return self.values[0]
 
 
 @dataclass
@@ -128,7 +107,7 @@ class SweepSpec:
     def grid_points(self) -> list[tuple[dict[str, Any], str | None]]:
         """Every grid combination (sampled dimensions at their first value), with its variant."""
         keys = [d.key for d in self.grid_dims]
-        fixed = {d.key: d.first() for d in self.search if d.kind != "grid"}
+        fixed = {d.key: d.values[0] for d in self.search if d.kind != "grid"}
         variants: list[str | None] = list(self.variants) or [None]
         out = []
         for combo in itertools.product(*(d.values for d in self.grid_dims)):
@@ -217,10 +196,6 @@ def _canonical_keys(raw: dict, where: str) -> dict:
 def _suggest(key: str) -> str:
     near = difflib.get_close_matches(key, sorted(flat_keys()), n=1, cutoff=0.6)
     return f" (did you mean {near[0]}?)" if near else ""
-
-
-def resolve_spec_path(path: str | Path) -> Path:
-    return resolve_shipped(path, SPEC_DIR, "sweep spec")
 
 
 def _check_key(key: Any, where: str, allow_tune: bool = False) -> str:
@@ -317,7 +292,7 @@ def load_spec(
 ) -> SweepSpec:
     """Parse and validate a sweep spec (see the module docstring). ``base_overrides`` (CLI ``key=value``)
     are applied on top of the spec's ``overrides``. Raises :class:`ConfigError` (one line)."""
-    p = resolve_spec_path(path)
+    p = resolve_shipped(path, SPEC_DIR, "sweep spec")
     raw = load_yaml(p, top_level="a mapping (base, search, ...)")
     return parse_spec(raw, path=p, base_overrides=base_overrides, output_dir=output_dir, cwd=cwd)
 
@@ -338,10 +313,7 @@ def parse_spec(
     cwd = Path(cwd or Path.cwd()).resolve()
     base_path = Path(raw["base"])
     spec_dir = Path(path).parent if path != "<spec>" else cwd
-    for cand in (cwd / base_path, spec_dir / base_path):
-        if cand.exists():
-            base_path = cand
-            break
+    base_path = next((c for c in (cwd / base_path, spec_dir / base_path) if c.exists()), base_path)
     base = str(resolve_recipe(base_path).resolve())
     load_yaml(base)
 
@@ -414,10 +386,8 @@ def validate_points(spec: SweepSpec) -> None:
         try:
             spec.resolve(point, variant)
         except ConfigError as exc:
-            where = ", ".join(f"{k}={v}" for k, v in point.items())
-            if variant:
-                where = f"variant={variant}, {where}" if where else f"variant={variant}"
-            raise ConfigError(f"sweep point ({where}): {exc}") from None
+            where = ([f"variant={variant}"] if variant else []) + [f"{k}={v}" for k, v in point.items()]
+            raise ConfigError(f"sweep point ({', '.join(where)}): {exc}") from None
 
 
 def trial_resources(cfg: RunConfig) -> dict[str, float]:
@@ -435,9 +405,8 @@ def check_resources(cfg: RunConfig, cluster: dict[str, float], largest_node: dic
     if need["CPU"] > have_cpu:
         driver = "1 trial driver + " if t.num_workers > 1 else ""
         raise ConfigError(
-            f"tune: a trial needs {need['CPU']:g} CPUs ({driver}tune.num_workers "
-            f"{t.num_workers} x tune.cpus_per_worker {t.cpus_per_worker}) "
-            f"but the Ray cluster has {have_cpu:g}; "
+            f"tune: a trial needs {need['CPU']:g} CPUs ({driver}tune.num_workers {t.num_workers} x "
+            f"tune.cpus_per_worker {t.cpus_per_worker}) but the Ray cluster has {have_cpu:g}; "
             "lower them or add nodes / --num-cpus"
         )
     if need["GPU"] > have_gpu:
@@ -445,15 +414,11 @@ def check_resources(cfg: RunConfig, cluster: dict[str, float], largest_node: dic
             f"tune: a trial needs {need['GPU']:g} GPUs = tune.num_workers {t.num_workers} x "
             f"tune.gpus_per_worker {t.gpus_per_worker:g}, but the Ray cluster has {have_gpu:g}"
         )
-    if largest_node:
-        if t.cpus_per_worker > largest_node.get("CPU", 0.0):
+    if not largest_node:
+        return
+    for res, per_worker in (("CPU", t.cpus_per_worker), ("GPU", t.gpus_per_worker)):
+        if per_worker > (node_has := largest_node.get(res, 0.0)):
             raise ConfigError(
-                f"tune.cpus_per_worker: {t.cpus_per_worker} is more than the largest node has "
-                f"({largest_node.get('CPU', 0.0):g} CPUs)"
-            )
-        if t.gpus_per_worker > largest_node.get("GPU", 0.0):
-            raise ConfigError(
-                f"tune.gpus_per_worker: {t.gpus_per_worker:g} is more than the largest node "
-                "has "
-                f"({largest_node.get('GPU', 0.0):g} GPUs)"
+                f"tune.{res.lower()}s_per_worker: {per_worker:g} is more than the largest node has "
+                f"({node_has:g} {res}s)"
             )

@@ -188,9 +188,7 @@ def _run_distributed(cfg: RunConfig, resolved: Path, tdir: Path, resume: bool) -
         if not alive:
             break
         th.join(timeout=1.0)
-    if "error" in box:
-        raise box["error"]
-    err = getattr(box.get("result"), "error", None)
+    err = box.get("error") or getattr(box.get("result"), "error", None)
     if err is not None:
         raise err
     if not (cfg_run := Path(cfg.train.output_dir) / "metrics.json").exists():
@@ -229,29 +227,23 @@ def default_num_cpus(base: RunConfig) -> int:
     return n + (1 if base.tune.num_workers > 1 else 0)
 
 
-def _init_ray(address: str | None, num_cpus: int | None, base: RunConfig) -> bool:
+def _init_ray(address: str | None, num_cpus: int | None, base: RunConfig) -> None:
     import ray
 
     if ray.is_initialized():
-        return False
+        return
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or default_num_cpus(base), include_dashboard=False)
-    return True
 
 
 def _cluster() -> tuple[dict[str, float], dict[str, float]]:
     import ray
 
     total = {k: float(v) for k, v in ray.cluster_resources().items()}
-    largest: dict[str, float] = {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        for k in ("CPU", "GPU"):
-            largest[k] = max(largest.get(k, 0.0), float(res.get(k, 0.0)))
+    alive = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    largest = {k: max(float(res.get(k, 0.0)) for res in alive) for k in ("CPU", "GPU")} if alive else {}
     return total, largest
 
 
@@ -285,10 +277,9 @@ class SweepInterrupted(Exception):
 
     def __init__(self, signum: int, finished: int, total: int | None, grid: ResultGrid | None):
         self.signum, self.finished, self.total, self.grid = signum, finished, total, grid
-        self.signame = signal.Signals(signum).name
         self.exit_code = 128 + signum
         of = "" if total is None else f" of {total}"
-        super().__init__(f"interrupted by {self.signame} with {finished}{of} trials finished training")
+        super().__init__(f"interrupted by {signal.Signals(signum).name} with {finished}{of} trials finished training")
 
 
 _SAME_STOP_S = 2.0  # the same signal again within this long is the same stop, not "abort now"
@@ -306,8 +297,8 @@ def _graceful_signals() -> Iterator[dict[str, int]]:
     ``TUNE_DISABLE_SIGINT_HANDLER``) and our handler, for both signals, records the signal and calls Tune's
     SIGUSR1 handler. Before Tune has installed that handler, or on a second signal (not the same one
     again within 2 s: Slurm can deliver one stop twice), it raises KeyboardInterrupt: stop now, the state
-    saved last is kept. Handlers can only be set from the main
-    thread; elsewhere this does nothing (Tune's defaults apply)."""
+    saved last is kept. Handlers can only be set from the main thread; elsewhere this does nothing (Tune's
+    defaults apply)."""
     got: dict[str, int] = {}
     if threading.current_thread() is not threading.main_thread():
         yield got
@@ -410,10 +401,8 @@ def _make_tuner(spec: SweepSpec, base: RunConfig, resume: bool, exp: Path, verbo
     cluster, largest = _cluster()
     check_resources(base, cluster, largest)
     t = base.tune
-    if t.num_workers > 1:
-        res: dict[str, float] = {"cpu": 1}  # the trial driver; the workers are Ray Train's actors
-    else:
-        res = {"cpu": t.cpus_per_worker, "gpu": t.gpus_per_worker}
+    # N>1 workers: the trial holds 1 CPU for its driver; the workers are Ray Train's actors
+    res: dict[str, float] = {"cpu": 1} if t.num_workers > 1 else {"cpu": t.cpus_per_worker, "gpu": t.gpus_per_worker}
     trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), res)
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     _record_spec(spec, resume)
@@ -447,8 +436,7 @@ def _record_spec(spec: SweepSpec, resume: bool) -> None:
     path = spec.output_dir / "sweep.json"
     now = spec.to_dict()
     if resume and path.exists():
-        before = json.loads(path.read_text())
-        if before != json.loads(json.dumps(now)):
+        if json.loads(path.read_text()) != json.loads(json.dumps(now)):
             print(
                 f"kdqat sweep: warning: the spec differs from the one this sweep started with ({path}); "
                 "--resume continues the original trials"
