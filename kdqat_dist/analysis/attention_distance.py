@@ -1,8 +1,8 @@
 """Attention-map distances between a teacher and a student, per head (Kim et al. 2022, Exp. 1).
 
 Every function takes the attention probabilities of **one sample already sliced to its true length**
-(``[H, S, S]``: head, query, key) and returns one number per head (``[H]``). Batching over samples is
-the caller's business, so padding can never leak into a statistic.
+(student ``p_s`` and teacher ``p_t``, each ``[H, S, S]``: head, query, key) and returns one number per
+head (``[H]``). Batching over samples is the caller's business, so padding can never leak into a statistic.
 
 - :func:`head_kl`: KL(teacher ‖ student) of each query row, averaged over rows: the attention-map KD
   loss of training (:func:`kdqat_dist.distill.losses.attention_map_kl`), here kept per head.
@@ -36,8 +36,6 @@ def head_kl(p_s: torch.Tensor, p_t: torch.Tensor, eps: float = 1e-8) -> torch.Te
     exactly the training loss of one layer (A.7) before its mean over heads.
 
     Args:
-        p_s: [H, S, S] student attention probabilities of one sample (true length S).
-        p_t: [H, S, S] teacher attention probabilities.
         eps: lower clamp before the log.
 
     Returns:
@@ -59,8 +57,6 @@ def ranking_loss(p_s: torch.Tensor, p_t: torch.Tensor, chunk_elems: int = 1 << 2
     read, is exactly twice this.)
 
     Args:
-        p_s: [H, S, S] student attention probabilities of one sample.
-        p_t: [H, S, S] teacher attention probabilities.
         chunk_elems: bound on the size of the [H, rows, S, S] intermediate (memory is O(H·S³) otherwise).
 
     Returns:
@@ -88,8 +84,6 @@ def cover_length_ratio(p_s: torch.Tensor, p_t: torch.Tensor, k: int = 5) -> torc
     possible; 1 means the student ranks one of the teacher's top keys last.
 
     Args:
-        p_s: [H, S, S] student attention probabilities of one sample.
-        p_t: [H, S, S] teacher attention probabilities.
         k: how many of the teacher's top keys must be covered (clamped to S).
 
     Returns:

@@ -36,9 +36,8 @@ def forward_taps(model: nn.Module, example: Mapping[str, torch.Tensor]) -> TapSt
     def sink(layer: int, name: str, t: torch.Tensor) -> None:
         store(layer, name, t[0].detach())
 
-    inputs = {k: v for k, v in example.items() if k != "labels"}
     with tapped(model, wanted, sink):
-        model(**inputs)
+        model(**{k: v for k, v in example.items() if k != "labels"})
     return store
 
 
@@ -58,7 +57,6 @@ def collect(
         examples: batch-1 inputs (``input_ids`` [1, S], ``attention_mask``, ...), unpadded.
         tokenizer: classifies key tokens for the norm analysis.
         top_k: the teacher's top keys the cover length must reach.
-        progress: show a progress bar (stderr).
 
     Returns:
         ``distance[student][metric]`` [N, L, H] for metric in :data:`DISTANCES`;
@@ -91,17 +89,15 @@ def collect(
             raise ValueError(f"collect: example {n} is padded; slice it to its true length first")
         lengths.append(ids.shape[1])
         classes = token_classes(ids[0], tokenizer)
-        t_taps = None
-        for name, model in models.items():
+        for name, model in models.items():  # the teacher first
             taps = forward_taps(model, ex)
             for l in range(n_layers):
-                out = taps["attn_output"][l]  # [S, D]
-                rng[name]["min"][n, l] = float(out.min())
-                rng[name]["max"][n, l] = float(out.max())
                 acc[name].add(l, norm_decomposition(layers[name][l], taps["hidden"][l], taps["probs"][l]), classes)
             acc[name].count(classes)
+            att = torch.stack([taps["attn_output"][l] for l in range(n_layers)])  # [L, S, D]
+            rng[name]["min"][n] = att.amin(dim=(1, 2)).cpu().numpy()
+            rng[name]["max"][n] = att.amax(dim=(1, 2)).cpu().numpy()
             if n == 0:
-                att = torch.stack([taps["attn_output"][l] for l in range(n_layers)])  # [L, S, D]
                 rng[name]["example_min"] = att.amin(-1).cpu().numpy()
                 rng[name]["example_max"] = att.amax(-1).cpu().numpy()
             if name == "teacher":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -75,7 +76,6 @@ def power_iteration(
             no second-order dependence are dropped.
         top_n: how many eigenvalues to find.
         max_iter: iterations per eigenvalue.
-        tol: relative tolerance.
         generator: seeds the random start vectors (CPU generator).
         extra_hvp: the Hessian-vector product of a term left out of ``loss`` and known in closed form,
             ``(params, v) -> H_extra·v`` (lists aligned with the parameters kept), added to autograd's.
@@ -173,8 +173,7 @@ def hessian_loss(
     A parameter tensor that is exactly zero adds nothing: ‖p‖ is not differentiable at 0 (its Hessian
     would be NaN there), which happens with untrained zero-initialised biases.
     """
-    inputs = {k: v for k, v in example.items() if k != "labels"}
-    logits = model(**inputs).logits
+    logits = model(**{k: v for k, v in example.items() if k != "labels"}).logits
     labels = example["labels"]
     if regression:
         loss = F.mse_loss(logits.reshape(-1).float(), labels.reshape(-1).float())
@@ -208,40 +207,27 @@ def max_eigenvalue_spectrum(
     """
     was_training = model.training
     model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
         p.requires_grad_(True)  # a frozen teacher still has a Hessian
     gen = torch.Generator().manual_seed(seed)
-    eig, its, conv = [], [], []
+    # The norm term's Hessian is added in closed form: same result, several times faster.
+    penalty = partial(norm_penalty_hvp, weight=norm_weight) if norm_weight else None
+    runs: list[EigenResult] = []
     try:
-        params = list(model.parameters())
-
-        def penalty(ps: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
-            return norm_penalty_hvp(ps, v, norm_weight)
-
         for ex in tqdm(examples, desc=progress, disable=progress is None, leave=False):
             with torch.enable_grad():
-                # The norm term's Hessian is added in closed form: same result, several times faster.
-                r = power_iteration(
-                    hessian_loss(model, ex, 0.0, regression),
-                    params,
-                    top_n,
-                    max_iter,
-                    tol,
-                    gen,
-                    extra_hvp=penalty if norm_weight else None,
-                )
-            eig.append(r.eigenvalues)
-            its.append(r.iterations)
-            conv.append(r.converged)
+                loss = hessian_loss(model, ex, 0.0, regression)
+                runs.append(power_iteration(loss, params, top_n, max_iter, tol, gen, extra_hvp=penalty))
     finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
+        for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
     shape = (len(examples), top_n)
     return {
-        "norm_term_eigenvalue": np.float64(norm_penalty_max_eigenvalue(list(model.parameters()), norm_weight)),
-        "eigenvalues": np.asarray(eig, dtype=np.float64).reshape(shape),
-        "iterations": np.asarray(its, dtype=np.int64).reshape(shape),
-        "converged": np.asarray(conv, dtype=bool).reshape(shape),
+        "norm_term_eigenvalue": np.float64(norm_penalty_max_eigenvalue(params, norm_weight)),
+        "eigenvalues": np.asarray([r.eigenvalues for r in runs], dtype=np.float64).reshape(shape),
+        "iterations": np.asarray([r.iterations for r in runs], dtype=np.int64).reshape(shape),
+        "converged": np.asarray([r.converged for r in runs], dtype=bool).reshape(shape),
     }

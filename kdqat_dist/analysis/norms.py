@@ -74,11 +74,6 @@ def token_classes(input_ids: Sequence[int] | torch.Tensor, tokenizer) -> torch.T
     return out
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    fn = getattr(module, "quantized_weight", None)
-    return fn() if callable(fn) else module.weight
-
-
 @torch.no_grad()
 def value_vectors(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Per-head value vectors of one sample: [H, S, d_h], as the layer's attention function sees them.
@@ -100,7 +95,9 @@ def value_vectors(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def output_weight(layer: nn.Module) -> torch.Tensor:
     """W_o of the attention output projection, [D, H·d_h] (quantized for a fake-quant student)."""
-    return _weight(layer.attention.output.dense)
+    dense = layer.attention.output.dense
+    quantized = getattr(dense, "quantized_weight", None)
+    return quantized() if callable(quantized) else dense.weight
 
 
 @torch.no_grad()
@@ -175,16 +172,11 @@ class NormAccumulator:
     def result(self) -> dict[str, np.ndarray]:
         """Means: ``alpha``, ``f_norm``, ``af_norm`` [L, H, C]; ``sum_af_norm`` [L, C]; NaN for an absent
         class. Also ``tokens`` [C], the number of key tokens of each class seen."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pairs = np.where(self.pairs > 0, self.pairs, np.nan)
-            toks = np.where(self.tokens > 0, self.tokens, np.nan)
-            return {
-                "alpha": self.sums["alpha"] / pairs,
-                "f_norm": self.sums["f_norm"] / toks,
-                "af_norm": self.sums["af_norm"] / pairs,
-                "sum_af_norm": self.sums["sum_af_norm"] / pairs,
-                "tokens": self.tokens.copy(),
-            }
+        pairs = np.where(self.pairs > 0, self.pairs, np.nan)  # NaN: a class never seen
+        toks = np.where(self.tokens > 0, self.tokens, np.nan)
+        # ‖f‖ is averaged over the keys of a class, the other quantities over (query, key) pairs
+        means = {k: total / (toks if k == "f_norm" else pairs) for k, total in self.sums.items()}
+        return {**means, "tokens": self.tokens.copy()}
 
 
 def layer_summary(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ heads are 0-based as in the JSON and in TensorBoard.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,14 +47,8 @@ NORM_LABELS = {
 
 def colors(names: Sequence[str]) -> dict[str, str]:
     """Teacher black, students C0, C1, ... (the order given)."""
-    out, i = {}, 0
-    for n in names:
-        if n == "teacher":
-            out[n] = "black"
-        else:
-            out[n] = f"C{i % 10}"
-            i += 1
-    return out
+    student_colors = (f"C{i % 10}" for i in itertools.count())
+    return {n: "black" if n == "teacher" else next(student_colors) for n in names}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -67,6 +62,11 @@ def _int_axis(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
+def _note(ax, text: str, **kw) -> None:
+    """Grey text in the middle of a panel with nothing to draw."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray", **kw)
+
+
 def _heatmap(ax, data: np.ndarray, title: str, vmin=None, vmax=None, diverging: bool = False):
     """A layer × head image (layer 0 at the bottom); returns the image for a colour bar."""
     kw = {"cmap": "viridis", "vmin": vmin, "vmax": vmax}
@@ -76,8 +76,7 @@ def _heatmap(ax, data: np.ndarray, title: str, vmin=None, vmax=None, diverging: 
         kw = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(0.0, -lim, lim)}
     im = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest", **kw)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
+    ax.set(xlabel="head", ylabel="layer")
     _int_axis(ax, "x")
     _int_axis(ax, "y")
     return im
@@ -149,13 +148,9 @@ def plot_distance_layers(
         if m == "cover_length_ratio" and identical_cover is not None:
             ax.axhline(identical_cover, color="gray", ls="--", lw=1, label="identical maps (minimum)")
             ax.legend(handles=ax.get_lines()[-1:], fontsize=8, loc="best")
-        if m == "cover_length_ratio":
-            ax.set_ylim(0, 1.02)
-        else:
-            ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.02 if m == "cover_length_ratio" else None)  # None: the top stays automatic
         ax.set_title(title.format(k=top_k), fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel(unit)
+        ax.set(xlabel="layer", ylabel=unit)
         _int_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title=f"mean ± s.d. over {n_samples} samples", title_fontsize=7)
@@ -183,8 +178,7 @@ def plot_dynamic_range_layers(rng: Mapping[str, Mapping[str, np.ndarray]], path:
             ax.plot(x, v.mean(0), ls=ls, marker="o", ms=3, color=col[name], label=f"{name} {key}")
             ax.fill_between(x, v.min(0), v.max(0), color=col[name], alpha=0.1, lw=0)
     ax.axhline(0, color="gray", lw=0.6)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("attention output value (after LayerNorm)")
+    ax.set(xlabel="layer", ylabel="attention output value (after LayerNorm)")
     _int_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -209,21 +203,19 @@ def plot_dynamic_range_tokens(rng: Mapping[str, Mapping[str, np.ndarray]], token
     ncols = min(4, n_layers)
     nrows = -(-n_layers // ncols)
     s = len(tokens)
+    x = np.arange(s)
     fig = Figure(figsize=(max(4.0, 0.16 * s + 1.5) * ncols, 3.0 * nrows + 0.5), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-    for l in range(nrows * ncols):
-        ax = axes.flat[l]
-        if l >= n_layers:
-            ax.set_visible(False)
-            continue
+    for ax in axes.flat[n_layers:]:
+        ax.set_visible(False)
+    for l, ax in enumerate(axes.flat[:n_layers]):
         for name, r in rng.items():
-            x = np.arange(s)
             ax.plot(x, np.asarray(r["example_max"])[l], color=col[name], lw=1.2, label=f"{name} max")
             ax.plot(x, np.asarray(r["example_min"])[l], color=col[name], lw=1.2, ls="--", label=f"{name} min")
         ax.axhline(0, color="gray", lw=0.6)
         ax.set_title(f"layer {l}", fontsize=9)
         if s <= 40:
-            ax.set_xticks(np.arange(s))
+            ax.set_xticks(x)
             ax.set_xticklabels(tokens, rotation=90, fontsize=6)
         else:
             ax.set_xlabel("token index")
@@ -286,16 +278,7 @@ def plot_norm_layers(values: Mapping[str, Mapping[str, np.ndarray]], path: Path,
                 empty &= not np.isfinite(y).any()
                 ax.plot(np.arange(len(y)), y, marker="o", ms=3, color=col[name], label=name)
             if empty:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "no such tokens\nin the sample",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    color="gray",
-                    fontsize=8,
-                )
+                _note(ax, "no such tokens\nin the sample", fontsize=8)
             if i == 0:
                 ax.set_title(CLASS_LABELS[cls], fontsize=10)
             if j == 0:
@@ -369,9 +352,8 @@ def plot_hessian_spectrum(
         else:
             ax.set_xlabel("dominant Hessian eigenvalue λ_max")
         if pooled.size == 0:
-            ax.text(0.5, 0.5, "none in this sample", ha="center", va="center", transform=ax.transAxes, color="gray")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _note(ax, "none in this sample")
+            ax.set(xticks=[], yticks=[])
         span = float(np.ptp(np.concatenate([*sets.values(), np.zeros(0)]))) if pooled.size else 0.0
         if sign > 0 and norm_term:
             for m, lam in norm_term.items():

@@ -195,12 +195,8 @@ def _check_architecture(name: str, t_cfg, s_cfg) -> None:
 
 
 def _tokenizer_spec(tok) -> dict:
-    spec: dict[str, Any] = {
-        "vocab": tok.get_vocab(),
-        "cls": tok.cls_token_id,
-        "sep": tok.sep_token_id,
-        "pad": tok.pad_token_id,
-    }
+    ids = {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id}
+    spec: dict[str, Any] = {"vocab": tok.get_vocab(), **ids}
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
         full = json.loads(backend.to_str())
@@ -212,11 +208,9 @@ def _check_tokenizer(name: str, t_tok, s_tok) -> None:
     a, b = _tokenizer_spec(t_tok), _tokenizer_spec(s_tok)
     for key in ("vocab", "cls", "sep", "pad", "normalizer", "pre_tokenizer", "model"):
         if a.get(key) != b.get(key):
-            what = (
-                f"vocabularies differ ({len(a['vocab'])} vs {len(b['vocab'])} tokens)"
-                if key == "vocab"
-                else f"{key} differs"
-            )
+            what = f"{key} differs"
+            if key == "vocab":
+                what = f"vocabularies differ ({len(a['vocab'])} vs {len(b['vocab'])} tokens)"
             raise ConfigError(
                 f"--student {name}: its tokenizer does not match the teacher's ({what}); "
                 "both must tokenize the dev set identically"
@@ -249,9 +243,8 @@ def load_models(
         if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
             _check_tokenizer(name, t_tok, AutoTokenizer.from_pretrained(path))
     t_model = load_classifier(str(t_dir), num_labels, "eager")
-    use_kdqat_attention(t_model)
     loaded = {name: load_student(path, device) for name, path in specs.items()}
-    for m in loaded.values():
+    for m in (t_model, *loaded.values()):
         use_kdqat_attention(m)
     return t_model.to(device).eval(), loaded, t_tok
 
@@ -303,7 +296,7 @@ def analyze_models(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every analysis on in-memory models; returns the results as numpy arrays (see :func:`to_json`).
+    """Every analysis on in-memory models; returns the results as numpy arrays (see :func:`write_report`).
 
     Returns:
         ``distance``: per student, per metric: ``mean``/``std`` [L, H] over samples, ``layer_mean``/
@@ -320,21 +313,8 @@ def analyze_models(
     out: dict[str, Any] = {"lengths": raw["lengths"], "dynamic_range": raw["dynamic_range"]}
     lengths = raw["lengths"].astype(np.float64)
     out["identical_cover"] = float(np.mean(np.minimum(top_k, lengths) / lengths))
-    out["distance"] = {}
-    for s, metrics in raw["distance"].items():
-        out["distance"][s] = {}
-        for m, v in metrics.items():  # v: [N, L, H]
-            head_mean = v.mean(axis=2)  # [N, L]
-            out["distance"][s][m] = {
-                "mean": v.mean(0),
-                "std": v.std(0),
-                "layer_mean": head_mean.mean(0),
-                "layer_std": head_mean.std(0),
-                "per_sample": v,
-            }
-    out["norms"] = {}
-    for name, r in raw["norms"].items():
-        out["norms"][name] = {**r, "layer": layer_summary(r)}
+    out["distance"] = {s: {m: _distance_stats(v) for m, v in metrics.items()} for s, metrics in raw["distance"].items()}
+    out["norms"] = {name: {**r, "layer": layer_summary(r)} for name, r in raw["norms"].items()}
     t = out["norms"]["teacher"]
     out["norm_difference"] = {}
     for s in students:
@@ -344,39 +324,32 @@ def analyze_models(
         out["norm_difference"][s] = diff
     if hessian_samples > 0:
         hx = list(examples)[:hessian_samples]
+        knobs = (hessian_top_n, hessian_iters, hessian_tol, hessian_norm_weight, regression, seed)
         out["hessian"] = {
-            name: max_eigenvalue_spectrum(
-                m,
-                hx,
-                hessian_top_n,
-                hessian_iters,
-                hessian_tol,
-                hessian_norm_weight,
-                regression,
-                seed,
-                f"Hessian {name}" if progress else None,
-            )
+            name: max_eigenvalue_spectrum(m, hx, *knobs, f"Hessian {name}" if progress else None)
             for name, m in {"teacher": teacher, **students}.items()
         }
     return out
+
+
+def _distance_stats(v: np.ndarray) -> dict[str, np.ndarray]:
+    """One metric's per-sample values [N, L, H] with their means and s.d. over samples."""
+    h = v.mean(axis=2)  # the head mean [N, L]
+    return {"mean": v.mean(0), "std": v.std(0), "layer_mean": h.mean(0), "layer_std": h.std(0), "per_sample": v}
 
 
 # --------------------------------------------------------------------------- output
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+    if isinstance(x, (np.ndarray, np.generic)):
+        x = x.tolist()  # nested lists of Python scalars
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
     return x
 
 
@@ -406,58 +379,52 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     top_k = int(meta.get("top_k", 5))
-    n = len(results["lengths"])
-    dist = results["distance"]
+
+    def dist(key: str) -> dict[str, dict[str, np.ndarray]]:  # student -> metric -> one statistic
+        return {s: {m: d[m][key] for m in DISTANCES} for s, d in results["distance"].items()}
+
+    rng, norms = results["dynamic_range"], results["norms"]
     written = [
-        P.plot_distance_heatmaps(
-            {s: {m: d[m]["mean"] for m in DISTANCES} for s, d in dist.items()},
-            out / "attention_distance_heatmaps.png",
-            top_k,
-        ),
+        P.plot_distance_heatmaps(dist("mean"), out / "attention_distance_heatmaps.png", top_k),
         P.plot_distance_layers(
-            {s: {m: d[m]["layer_mean"] for m in DISTANCES} for s, d in dist.items()},
-            {s: {m: d[m]["layer_std"] for m in DISTANCES} for s, d in dist.items()},
-            n,
+            dist("layer_mean"),
+            dist("layer_std"),
+            len(results["lengths"]),
             out / "attention_distance_layers.png",
             top_k,
             results["identical_cover"],
         ),
-        P.plot_dynamic_range_layers(results["dynamic_range"], out / "dynamic_range_layers.png"),
-        P.plot_dynamic_range_tokens(results["dynamic_range"], example_tokens, out / "dynamic_range_tokens.png"),
-    ]
-    norms = results["norms"]
-    written += [P.plot_norm_heads(norms, c, out / f"norms_heads_{c}.png") for c in TOKEN_CLASSES]
-    written.append(
-        P.plot_norm_layers({m: r["layer"] for m, r in norms.items()}, out / "norms_layers_values.png", difference=False)
-    )
-    written.append(
+        P.plot_dynamic_range_layers(rng, out / "dynamic_range_layers.png"),
+        P.plot_dynamic_range_tokens(rng, example_tokens, out / "dynamic_range_tokens.png"),
+        *(P.plot_norm_heads(norms, c, out / f"norms_heads_{c}.png") for c in TOKEN_CLASSES),
+        P.plot_norm_layers(
+            {m: r["layer"] for m, r in norms.items()}, out / "norms_layers_values.png", difference=False
+        ),
         P.plot_norm_layers(
             {s: d["layer_abs"] for s, d in results["norm_difference"].items()},
             out / "norms_layers_difference.png",
             difference=True,
-        )
-    )
+        ),
+    ]
     if "hessian" in results:
-        written.append(
-            P.plot_hessian_spectrum(
-                {m: h["eigenvalues"][:, 0] for m, h in results["hessian"].items()},
-                out / "hessian_spectrum.png",
-                {m: float(h["norm_term_eigenvalue"]) for m, h in results["hessian"].items()},
-            )
-        )
+        hess = results["hessian"]
+        eigs = {m: h["eigenvalues"][:, 0] for m, h in hess.items()}
+        norm_term = {m: float(h["norm_term_eigenvalue"]) for m, h in hess.items()}
+        written.append(P.plot_hessian_spectrum(eigs, out / "hessian_spectrum.png", norm_term))
+    figures = [p.name for p in written]
     doc = {
-        "meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS, "figures": [p.name for p in written]},
+        "meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS, "figures": figures},
         "example_tokens": list(example_tokens),
         **results,
     }
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
     md_path = out / "summary.md"
-    md_path.write_text(_markdown(results, meta, [p.name for p in written]))
+    md_path.write_text(_markdown(results, meta, figures))
     return [json_path, md_path, *written]
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.4g}"
 
 
@@ -514,13 +481,10 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
     ]
     for s, d in results["norm_difference"].items():
         for c, cls in enumerate(TOKEN_CLASSES):
-            vals = [
-                float(np.nanmean(d["layer_abs"][q][:, c]))
-                if np.isfinite(d["layer_abs"][q][:, c]).any()
-                else float("nan")
-                for q in ("alpha", "f_norm", "sum_af_norm")
-            ]
-            lines.append(f"| {s} | {CLASS_LABELS[cls]} | " + " | ".join(_fmt(v) for v in vals) + " |")
+            cols = [d["layer_abs"][q][:, c] for q in ("alpha", "f_norm", "sum_af_norm")]
+            # a class absent from the sample is all NaN: "–", without nanmean's empty-slice warning
+            cells = [_fmt(float(np.nanmean(x)) if np.isfinite(x).any() else None) for x in cols]
+            lines.append(f"| {s} | {CLASS_LABELS[cls]} | " + " | ".join(cells) + " |")
     tokens = results["norms"]["teacher"]["tokens"]
     lines += [
         "",
@@ -529,8 +493,6 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
         + ". Over all "
         "tokens α averages 1/S for every model (each query row sums to 1), so its Δ is rounding.",
         "",
-    ]
-    lines += [
         "![norms per layer: values](norms_layers_values.png)",
         "",
         "![norms per layer: differences](norms_layers_difference.png)",
