@@ -1,4 +1,4 @@
-"""Small file helpers shared by the writers of model folders."""
+"""Small file helpers shared by the writers of model folders and the caches."""
 
 from __future__ import annotations
 
@@ -15,3 +15,9 @@ def ordinary_permissions(path: str | Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def cache_root() -> Path:
+    """``$KDQAT_CACHE`` if set, else ``~/.cache/kdqat_dist``: where tokenized data and tiny models are cached."""
+    root = os.environ.get("KDQAT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "kdqat_dist"

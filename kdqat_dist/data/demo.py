@@ -43,6 +43,7 @@ import typing
 import numpy as np
 
 from kdqat_dist.config import DemoLevel
+from kdqat_dist.data.errors import DataError
 
 POSITIVE = (
     "good great wonderful excellent brilliant superb delightful charming moving engaging funny clever "
@@ -76,21 +77,9 @@ NEG_VERBS = (
 PRONOUNS = ("i", "we", "critics", "my friends", "most viewers", "the audience")
 FIND_POS = ("found",)
 FIND_NEG = ("did not find", "never found", "hardly found")
-INTENSIFIERS = (
-    "very",
-    "really",
-    "truly",
-    "quite",
-    "extremely",
-    "remarkably",
-    "so",
-    "rather",
-    "fairly",
-    "pretty",
-    "incredibly",
-    "deeply",
-    "strangely",
-    "surprisingly",
+INTENSIFIERS = tuple(
+    "very really truly quite extremely remarkably so rather fairly pretty incredibly deeply strangely "
+    "surprisingly".split()
 )
 OPENERS = (
     "honestly ,",
@@ -146,25 +135,9 @@ _P_CLOSER = 0.3
 
 def vocabulary() -> list[str]:
     """Every token the generator can produce (lowercase words and ","), sorted."""
-    phrases = [
-        *POSITIVE,
-        *NEGATIVE,
-        *ASPECTS,
-        *DETERMINERS,
-        *VERBS,
-        *NEG_VERBS,
-        *PRONOUNS,
-        *FIND_POS,
-        *FIND_NEG,
-        *INTENSIFIERS,
-        *OPENERS,
-        *CLOSERS,
-        *CONNECTORS,
-        *KEEP_FRAMES,
-        *FLIP_FRAMES,
-        ",",
-    ]
-    return sorted({tok for p in phrases for tok in p.split()})
+    clause = (*POSITIVE, *NEGATIVE, *ASPECTS, *DETERMINERS, *VERBS, *NEG_VERBS, *PRONOUNS, *FIND_POS, *FIND_NEG)
+    other = (*INTENSIFIERS, *OPENERS, *CLOSERS, *CONNECTORS, *KEEP_FRAMES, *FLIP_FRAMES, ",")
+    return sorted({tok for phrase in (*clause, *other) for tok in phrase.split()})
 
 
 def _clause(rng: random.Random, polarity: int, level: str = "standard") -> str:
@@ -220,9 +193,9 @@ def make_demo(n: int, seed: int, level: str = "standard") -> dict[str, list[dict
     share of the labels is flipped (so ``rule_label`` disagrees with exactly those rows).
     """
     if n < 2:
-        raise ValueError(f"demo size must be >= 2, got {n}")
+        raise DataError(f"data.demo_size: got {n}; must be >= 2")
     if level not in LEVELS:
-        raise ValueError(f"demo level must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise DataError(f"data.demo_level: got {level!r}; allowed: {', '.join(LEVELS)}")
     rng = random.Random(seed)
     noise = random.Random(f"{seed}-noise")  # its own stream: the texts do not depend on the noise
     seen: set[str] = set()

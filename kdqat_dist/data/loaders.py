@@ -32,9 +32,10 @@ from datasets import ClassLabel, Dataset, Features, Value
 from datasets.utils import logging as ds_logging
 
 from kdqat_dist.config import DataConfig
-from kdqat_dist.data.demo import LEVELS, make_demo
+from kdqat_dist.data.demo import make_demo
 from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.tasks import TaskSpec
+from kdqat_dist.files import cache_root
 
 PROGRESS_MIN_ROWS = 5000  # splits larger than this show a progress bar while tokenizing
 _CACHE_FORMAT = "kdqat-tokenized-v1"  # bump when the tokenized layout changes, to invalidate old caches
@@ -60,9 +61,7 @@ def _label_key(value: Any, names: list[str] | None, label_list: tuple[str, ...])
             return names[value]
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
         return str(int(value))
     return str(value).strip()
 
@@ -195,12 +194,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
-def _csv_header(path: Path, sep: str) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-        return next(csv.reader(f, delimiter=sep, quoting=quoting), [])
-
-
 def read_table(path: Path, key: str = "data.train_file") -> tuple[Dataset, Callable[[int], str]]:
     """Load a CSV/TSV/JSON/JSONL/Parquet file with ``datasets``; returns it and row index -> "file:line"."""
     if not path.is_file():
@@ -209,20 +202,21 @@ def read_table(path: Path, key: str = "data.train_file") -> tuple[Dataset, Calla
     try:
         if suffix in (".csv", ".tsv"):
             sep = "\t" if suffix == ".tsv" else ","
-            header = _csv_header(path, sep)
+            quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f, delimiter=sep, quoting=quoting), [])
             # Every column as a string, so labels like "01" or texts like "1.50" arrive exactly as written.
             features = Features({c: Value("string") for c in header})
             kwargs: dict[str, Any] = {"sep": sep, "keep_default_na": False, "features": features}
             if sep == "\t":
-                kwargs["quoting"] = csv.QUOTE_NONE
+                kwargs["quoting"] = quoting
             ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
             return ds, lambda i: f"{path}:{i + 2}"
         if suffix in (".json", ".jsonl"):
             ds = datasets.load_dataset("json", data_files=str(path), split="train")
             with open(path, encoding="utf-8") as f:
-                is_array = f.read(4096).lstrip().startswith("[")
-            if is_array:
-                return ds, lambda i: f"{path}: record {i}"
+                if f.read(4096).lstrip().startswith("["):
+                    return ds, lambda i: f"{path}: record {i}"
             return ds, lambda i: f"{path}:{i + 1}"
         if suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -236,14 +230,10 @@ def read_table(path: Path, key: str = "data.train_file") -> tuple[Dataset, Calla
     )
 
 
-def _column_keys(task: TaskSpec) -> tuple[tuple[str, str | None], ...]:
-    return (("data.text_a", task.text_a), ("data.text_b", task.text_b), ("data.label", task.label))
-
-
 def normalise(ds: Dataset, task: TaskSpec, where: Callable[[int], str], source: str) -> Dataset:
     """Pick ``task``'s text/label columns from ``ds`` and check every row (missing text, bad labels)."""
     present = list(ds.column_names)
-    for key, col in _column_keys(task):
+    for key, col in (("data.text_a", task.text_a), ("data.text_b", task.text_b), ("data.label", task.label)):
         if col is not None and col not in present:
             raise DataError(f"{source}: column {col!r} ({key}) not found; columns present: {', '.join(present)}")
     feat = ds.features[task.label]
@@ -272,12 +262,8 @@ def _file_task(cfg: DataConfig, task: TaskSpec) -> TaskSpec:
     if task.name == "custom":
         return task
     default = DataConfig()
-    return replace(
-        task,
-        text_a=cfg.text_a if cfg.text_a != default.text_a else task.text_a,
-        text_b=cfg.text_b if cfg.text_b != default.text_b else task.text_b,
-        label=cfg.label if cfg.label != default.label else task.label,
-    )
+    changed = {k: getattr(cfg, k) for k in ("text_a", "text_b", "label") if getattr(cfg, k) != getattr(default, k)}
+    return replace(task, **changed)
 
 
 def _load_files(cfg: DataConfig, task: TaskSpec) -> dict[str, Dataset]:
@@ -344,10 +330,6 @@ def _load_demo(cfg: DataConfig, task: TaskSpec) -> dict[str, Dataset]:
             "data.task: demo is built in; leave data.source, data.train_file and data.dev_file "
             "empty (use task: custom for your own files)"
         )
-    if cfg.demo_size < 2:
-        raise DataError(f"data.demo_size: got {cfg.demo_size}; must be >= 2")
-    if cfg.demo_level not in LEVELS:
-        raise DataError(f"data.demo_level: got {cfg.demo_level!r}; allowed: {', '.join(LEVELS)}")
     demo = make_demo(cfg.demo_size, cfg.demo_seed, cfg.demo_level)
     return {split: Dataset.from_list(recs, features=_features(task)) for split, recs in demo.items()}
 
@@ -385,22 +367,15 @@ def load_splits(
 ) -> dict[str, Dataset]:
     """The task's splits (``train``, ``dev``, and ``dev_mm`` for MNLI) with normalised columns.
 
-    Args:
-        data_cfg: the ``data`` section of the run config.
-        task: from :func:`kdqat_dist.data.tasks.get_task`.
-        dev_fraction: when the source has no dev split (e.g. a GLUE folder with only train.tsv), hold out
-            this fraction of train as ``dev`` (seeded by ``split_seed``); without it that is an error.
-
-    ``max_train_samples`` / ``max_eval_samples`` keep the first N rows of train / every eval split.
-    An MNLI dev split made with ``dev_fraction`` has no ``dev_mm``: evaluate the splits of
-    ``task.eval_splits`` that are present.
+    When the source has no dev split (e.g. a GLUE folder with only train.tsv), ``dev_fraction`` of train is
+    held out as ``dev`` (seeded by ``split_seed``); without it that is an error. ``max_train_samples`` /
+    ``max_eval_samples`` keep the first N rows of train / every eval split. An MNLI dev split made with
+    ``dev_fraction`` has no ``dev_mm``: evaluate the splits of ``task.eval_splits`` that are present.
     """
-    for key, n in (
-        ("data.max_train_samples", data_cfg.max_train_samples),
-        ("data.max_eval_samples", data_cfg.max_eval_samples),
-    ):
+    for key in ("max_train_samples", "max_eval_samples"):
+        n = getattr(data_cfg, key)
         if n is not None and n < 1:
-            raise DataError(f"{key}: got {n}; must be >= 1 or null (all rows)")
+            raise DataError(f"data.{key}: got {n}; must be >= 1 or null (all rows)")
     splits, dev_source = _load_raw(data_cfg, task)
     if "dev" not in splits:
         if dev_fraction is None:
@@ -426,11 +401,7 @@ def load_splits(
 
 
 def default_cache_dir() -> Path:
-    """``$KDQAT_CACHE/tokenized`` if KDQAT_CACHE is set, else ``~/.cache/kdqat_dist/tokenized``."""
-    root = os.environ.get("KDQAT_CACHE")
-    if root:
-        return Path(root).expanduser() / "tokenized"
-    return Path.home() / ".cache" / "kdqat_dist" / "tokenized"
+    return cache_root() / "tokenized"
 
 
 @contextmanager
@@ -528,12 +499,6 @@ def tokenize_splits(
 # --------------------------------------------------------------------------- batching
 
 
-def _is_float(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.is_floating_point()
-    return isinstance(x, (float, np.floating))
-
-
 class Collator:
     """List of tokenized rows -> dict of tensors, padded to the longest row of the batch, or to
     ``max_length`` (``data.padding=max_length``: every batch the same width, as the reference code pads;
@@ -561,8 +526,8 @@ class Collator:
         )
         if rows and "labels" in rows[0]:
             labels = [r["labels"] for r in rows]
-            dtype = torch.float32 if _is_float(labels[0]) else torch.long
-            batch["labels"] = torch.tensor(
-                [float(x) if dtype == torch.float32 else int(x) for x in labels], dtype=dtype
-            )
+            if torch.as_tensor(labels[0]).is_floating_point():  # regression
+                batch["labels"] = torch.tensor([float(x) for x in labels], dtype=torch.float32)
+            else:
+                batch["labels"] = torch.tensor([int(x) for x in labels], dtype=torch.long)
         return batch

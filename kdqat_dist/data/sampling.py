@@ -28,11 +28,5 @@ def micro_batches(
     per_micro = global_batch // (grad_accum * world)
     perm = epoch_permutation(n, seed, epoch)
     for step in range(start_step, steps_per_epoch(n, global_batch)):
-        base = step * global_batch
-        yield (
-            step,
-            [
-                perm[base + (a * world + rank) * per_micro : base + (a * world + rank + 1) * per_micro]
-                for a in range(grad_accum)
-            ],
-        )
+        starts = [step * global_batch + (a * world + rank) * per_micro for a in range(grad_accum)]
+        yield step, [perm[s : s + per_micro] for s in starts]

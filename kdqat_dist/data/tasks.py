@@ -73,10 +73,6 @@ def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
 
-def allowed_task_names() -> list[str]:
-    return [*TASKS, "custom"]
-
-
 def _custom_task(cfg: DataConfig) -> TaskSpec:
     labels = tuple(str(x) for x in cfg.label_list) if cfg.label_list is not None else None
     n = cfg.num_labels
@@ -124,7 +120,7 @@ def get_task(data_cfg: DataConfig | str) -> TaskSpec:
     if key == "custom":
         return _custom_task(cfg)
     if key not in TASKS:
-        raise DataError(f"data.task: unknown task {cfg.task!r}; allowed: {', '.join(allowed_task_names())}")
+        raise DataError(f"data.task: unknown task {cfg.task!r}; allowed: {', '.join([*TASKS, 'custom'])}")
     spec = TASKS[key]
     if cfg.max_seq_length is not None:
         spec = replace(spec, max_seq_length=cfg.max_seq_length)
@@ -166,11 +162,8 @@ def matthews_corrcoef(preds: np.ndarray, labels: np.ndarray) -> float:
     np.add.at(conf, (idx_l, idx_p), 1.0)
     t, p = conf.sum(axis=1), conf.sum(axis=0)  # true / predicted counts per class
     n, c = conf.sum(), np.trace(conf)
-    cov_tp = c * n - t @ p
-    cov_pp = n * n - p @ p
-    cov_tt = n * n - t @ t
-    denom = cov_pp * cov_tt
-    return 0.0 if denom == 0 else float(cov_tp / np.sqrt(denom))
+    denom = (n * n - p @ p) * (n * n - t @ t)
+    return 0.0 if denom == 0 else float((c * n - t @ p) / np.sqrt(denom))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:

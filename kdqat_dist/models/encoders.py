@@ -11,7 +11,6 @@ Names understood by :func:`resolve_model_path`:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -20,13 +19,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from kdqat_dist.config import ConfigError
+from kdqat_dist.files import cache_root
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 
 TINY_NAMES = ("tiny-bert", "tiny-roberta")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KDQAT_CACHE", Path.home() / ".cache" / "kdqat_dist"))
 
 
 def minilm_path() -> Path:
@@ -109,12 +105,9 @@ def load_classifier(
         hf_logging.set_verbosity(verbosity)
     bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if strict and bad:
-        export = (Path(path) / "model.safetensors").exists() and not (Path(path) / "kdqat_export.json").exists()
-        hint = (
-            " (a `kdqat export` folder needs its kdqat_export.json, and a student its kdqat_student.json)"
-            if export
-            else ""
-        )
+        hint = ""
+        if (Path(path) / "model.safetensors").exists() and not (Path(path) / "kdqat_export.json").exists():
+            hint = " (a `kdqat export` folder needs its kdqat_export.json, and a student its kdqat_student.json)"
         first = "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in bad.items())
         raise ConfigError(f"model path {path}: its weights do not match the model ({first}){hint}")
     return model

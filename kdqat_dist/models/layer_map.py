@@ -33,16 +33,8 @@ def layer_map(n_teacher: int, n_student: int, strategy: str | list[int]) -> list
         a list of ``n_student`` ints: student layer i <- teacher layer ``strategy[i]``; each index must
             be in ``[0, n_teacher)``. Order and repeats are not restricted.
 
-    Args:
-        n_teacher: number of teacher Transformer layers.
-        n_student: number of student Transformer layers.
-        strategy: ``"identity"``, ``"uniform"`` or an explicit list of teacher layer indices.
-
-    Returns:
-        ``n_student`` pairs ``(student_layer, teacher_layer)``, ordered by student layer.
-
-    Raises:
-        ConfigError: (a ValueError) one line naming ``distill.layer_map`` for any invalid input.
+    Returns ``n_student`` pairs ordered by student layer; any invalid input raises a one-line
+    ConfigError (a ValueError) naming ``distill.layer_map``.
     """
     _check_counts(n_teacher, n_student)
     if isinstance(strategy, str):
@@ -76,17 +68,7 @@ def hidden_map(n_teacher: int, n_student: int, strategy: str | list[int]) -> lis
     """(student_index, teacher_index) pairs into hidden-state lists that start with the embedding output.
 
     Hidden states are ``L + 1`` tensors: index 0 is the embedding output and index ``l + 1`` is the
-    output of Transformer layer ``l``. The embeddings always pair with each other.
-
-    Args:
-        n_teacher: number of teacher Transformer layers.
-        n_student: number of student Transformer layers.
-        strategy: as for :func:`layer_map`.
-
-    Returns:
-        ``n_student + 1`` pairs: ``[(0, 0)] + [(s + 1, t + 1) for (s, t) in layer_map(...)]``.
-
-    Raises:
-        ConfigError: as for :func:`layer_map`.
+    output of Transformer layer ``l``. The embeddings always pair with each other; errors as for
+    :func:`layer_map`.
     """
     return [(0, 0)] + [(s + 1, t + 1) for s, t in layer_map(n_teacher, n_student, strategy)]

@@ -24,17 +24,11 @@ def init_student(path: str, num_labels: int, num_layers: int | None, strategy) -
     if num_layers is None:
         return model
     layers = encoder_layers(model)
-    keep = [t for _, t in layer_map(len(layers), num_layers, strategy)]
-    kept = nn.ModuleList([layers[t] for t in keep])
-    parent = model.get_submodule(_layers_name(model).rpartition(".")[0])
-    parent.layer = kept
+    name = next(n for n, m in model.named_modules() if m is layers)  # "<prefix>.encoder.layer"
+    parent = model.get_submodule(name.rpartition(".")[0])
+    parent.layer = nn.ModuleList([layers[t] for _, t in layer_map(len(layers), num_layers, strategy)])
     model.config.num_hidden_layers = num_layers
     return model
-
-
-def _layers_name(model: nn.Module) -> str:
-    layers = encoder_layers(model)
-    return next(n for n, m in model.named_modules() if m is layers)
 
 
 def __getattr__(name: str):

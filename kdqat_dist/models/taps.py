@@ -95,7 +95,7 @@ class AttentionCall:
         """(block output [B, S, D], and if ``with_map`` its MapInputs and float32 map [B, H, S, S])."""
         if self.args is None:
             raise RuntimeError(f"the attention call of layer {self.layer} was released")
-        attn = self_attention_module_of_block(self.module)
+        attn = self.module.self
         got: dict = {}
         previous = getattr(attn, "_kdqat_tap", None)
         if with_map:
@@ -132,10 +132,6 @@ def supports_norm_taps(model: nn.Module) -> bool:
     return bool(layers) and all(m is not None for layer in layers for m in norm_modules(layer).values())
 
 
-def self_attention_module_of_block(block: nn.Module) -> nn.Module:
-    return block.self
-
-
 @dataclass
 class _AttnTap:
     layer: int
@@ -144,7 +140,7 @@ class _AttnTap:
 
 
 def self_attention_module(layer: nn.Module) -> nn.Module:
-    return self_attention_module_of_block(layer.attention)
+    return layer.attention.self
 
 
 def _out(output):
@@ -246,6 +242,3 @@ class TapStore:
 
     def __getitem__(self, name: str) -> dict[int, torch.Tensor]:
         return self.data[name]
-
-    def clear(self) -> None:
-        self.data.clear()
