@@ -26,10 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdqat_dist import __version__
 from kdqat_dist.config import ALLOWED_BITS, ConfigError, QuantConfig, build_section, to_dict
@@ -44,14 +41,20 @@ from kdqat_dist.export.packing import (
     encode,
     weight_codes,
 )
-from kdqat_dist.files import ordinary_permissions
-from kdqat_dist.quant.api import is_prepared, prepare
+from kdqat_dist.quant.api import is_prepared, mark_calibrated
 from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
 from kdqat_dist.quant.size import fp32_bytes
-from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
+from kdqat_dist.quant.student import (
+    STUDENT_META,
+    WEIGHTS_FILE,
+    is_student_dir,
+    load_student,
+    load_weights,
+    prepared_from_config,
+    save_weights,
+)
 
 EXPORT_META = "kdqat_export.json"
-WEIGHTS_FILE = "model.safetensors"
 FORMAT = "kdqat-packed"
 FORMAT_VERSION = 1
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece")
@@ -146,14 +149,6 @@ def _quantized_modules(model: nn.Module):
             yield name, m
 
 
-def _act_settings(m: nn.Module) -> dict | None:
-    aq = getattr(m, "act_quant", None)
-    if aq is None:
-        return None
-    c = aq.cfg
-    return {"method": c.method, "bits": c.bits, "clip": c.clip}
-
-
 # --------------------------------------------------------------------------- writer
 
 
@@ -168,14 +163,13 @@ def export_model(
     extra: dict | None = None,
     verify: bool = True,
 ) -> ExportReport:
-    """Pack a fake-quant (prepared, not converted) model into ``out_dir``.
+    """Pack a fake-quant (prepared, not converted) model into ``out_dir``, a new or empty folder.
 
     Args:
         model: the student as evaluated in training: ``prepare``-d with ``quant``, weight quantizers on.
         quant: its quant config (stored; :func:`load` prepares the rebuilt model with it).
-        out_dir: a new or empty folder.
         tokenizer: saved next to the weights (or give ``files_from``).
-        files_from: a model folder whose ``config.json`` and tokenizer files are copied.
+        files_from: a model folder whose tokenizer files are copied.
         base3: store ternary tensors five trits per byte (1.6 bits) instead of 2 bits.
         extra: more keys for ``kdqat_export.json`` (source, task, metrics...).
         verify: reload the artifact and require identical logits on a fixed probe batch.
@@ -217,23 +211,19 @@ def export_model(
             codes, scale = weight_codes(m.weight, cfg, step)
             lo, hi = code_range(cfg.method, cfg.bits, cfg.narrow_range)
             op = dequant_op(cfg.method, cfg.narrow_range)
-            if (
-                int(codes.min()) < lo
-                or int(codes.max()) > hi
-                or not torch.equal(dequantize(codes, scale, op, target.dtype), target)
-            ):
+            exact = torch.equal(dequantize(codes, scale, op, target.dtype), target)
+            if not exact or int(codes.min()) < lo or int(codes.max()) > hi:
                 raise ConfigError(
                     f"export: the codes of {name} do not reproduce its fake-quant weight "
                     f"({cfg.method}{cfg.bits}); not exporting a wrong model"
                 )
             enc = choose_encoding(codes, cfg.bits, base3 and cfg.bits == 2)
-            packed = encode(codes, enc)
-            scale32 = scale.reshape(-1).to(torch.float32).contiguous()
-            tensors[f"{name}.weight.codes"] = packed
-            tensors[f"{name}.weight.scale"] = scale32
+            packed = tensors[f"{name}.weight.codes"] = encode(codes, enc)
+            scale32 = tensors[f"{name}.weight.scale"] = scale.reshape(-1).to(torch.float32).contiguous()
             skip_keys.add(f"{name}.weight")
             if step is not None:
                 skip_keys.add(f"{name}.weight_quant.step")
+            aq = getattr(m, "act_quant", None)
             modules[name] = {
                 "kind": "embedding" if isinstance(m, QuantEmbedding) else "linear",
                 "shape": list(m.weight.shape),
@@ -245,7 +235,7 @@ def export_model(
                 "storage_bits": 1.6 if enc.packing == "base3" else enc.storage_bits,
                 "zero": enc.zero,
                 "dequant": op,
-                "act": _act_settings(m),
+                "act": None if aq is None else {"method": aq.cfg.method, "bits": aq.cfg.bits, "clip": aq.cfg.clip},
             }
             if enc.packing == "bits" and enc.storage_bits != cfg.bits:
                 used = int(codes.max()) - int(codes.min()) + 1
@@ -272,23 +262,14 @@ def export_model(
         raise ConfigError(
             "export: the model has no quantized weights (every weight quantizer is disabled); nothing to pack"
         )
-    seen: set[int] = set()
-    for k, v in model.state_dict().items():
-        if k in skip_keys:
-            continue
-        t = v.detach().cpu().contiguous()
-        if t.data_ptr() in seen and t.numel():  # tied tensors: safetensors refuses shared storage
-            t = t.clone()
-        seen.add(t.data_ptr())
-        tensors[k] = t
+    tensors.update((k, v) for k, v in model.state_dict().items() if k not in skip_keys)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         _write_side_files(model, out, tokenizer, files_from)
         wpath = out / WEIGHTS_FILE
-        save_file(tensors, str(wpath), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        ordinary_permissions(wpath)
+        save_weights(tensors, wpath, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         report = ExportReport(out, wpath.stat().st_size, fp32_bytes(model), q_fp32, q_packed, len(modules))
         meta = {
             "format": FORMAT,
@@ -305,14 +286,12 @@ def export_model(
         }
         (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
         if verify:
-            loaded = load(out)
-            batch = probe_batch(model.config)
+            loaded, batch = load(out), probe_batch(model.config)
             a, b = logits_of(model, batch), logits_of(loaded, batch)
             if not torch.equal(a, b):
-                diff = float((a - b).abs().max())
                 raise ConfigError(
                     f"export: the reloaded artifact's logits differ from the fake-quant "
-                    f"model's (max |diff| {diff:.3g}); not keeping a wrong model"
+                    f"model's (max |diff| {float((a - b).abs().max()):.3g}); not keeping a wrong model"
                 )
     except BaseException:
         _remove_written(out, created)
@@ -322,8 +301,7 @@ def export_model(
 
 def _write_side_files(model: nn.Module, out: Path, tokenizer, files_from) -> None:
     if files_from is not None:
-        src = Path(files_from)
-        for p in src.iterdir():
+        for p in Path(files_from).iterdir():
             if p.is_file() and p.name.startswith(_TOKENIZER_PREFIXES):
                 shutil.copy2(p, out / p.name)
     # The student's quantization_config (quant_method "kdqat") describes latent weights and steps, not the
@@ -435,22 +413,17 @@ def _module_encoding(name: str, info: dict) -> tuple[Encoding, list[int], str]:
         raise ConfigError(f"{EXPORT_META}: module {name}: unsupported bits {bits}; allowed: 2, 3, 4, 8")
     if method in TERNARY_ONLY and bits != 2:
         raise ConfigError(f"{EXPORT_META}: module {name}: {method} needs bits=2, got {bits}")
-    code_range(method, bits)  # raises on an unknown method
     if granularity not in ("tensor", "row"):
         raise ConfigError(f"{EXPORT_META}: module {name}: unknown granularity {granularity!r}")
     if packing not in ("bits", "base3"):
         raise ConfigError(f"{EXPORT_META}: module {name}: unknown packing {packing!r}; allowed: bits, base3")
-    if op != dequant_op(method, bool(info.get("narrow_range", True))):
+    if op != dequant_op(method, bool(info.get("narrow_range", True))):  # raises on an unknown method
         raise ConfigError(f"{EXPORT_META}: module {name}: dequantization {op!r} does not match {method}")
     return Encoding(packing, storage, zero), shape, granularity
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the runnable quantized model from an export folder alone.
-
-    The architecture comes from ``config.json``; ``prepare`` + ``convert`` with the stored quant config put
-    the activation and attention quantizers exactly where training had them, and the weights are the
-    dequantized packed codes (bit-identical to the fake-quant weights training evaluated).
+    """Rebuild the runnable quantized model from an export folder alone (see the module docstring).
 
     Raises:
         ConfigError: not an export folder, unsupported format/bits, a truncated or corrupt weights file
@@ -465,18 +438,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         raise ConfigError(f"{p / EXPORT_META}: bad quant config ({exc})") from None
     if not (p / "config.json").exists():
         raise ConfigError(f"{p} has no config.json (the export folder is incomplete)")
-    try:
-        state = load_file(str(wfile))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{wfile} is not a readable safetensors file ({exc})") from None
-
-    try:
-        config = AutoConfig.from_pretrained(p)
-    except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{p / 'config.json'} is not a readable model config ({first})") from None
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    prepare(model, quant)
+    state = load_weights(wfile)
+    model = prepared_from_config(p, quant)
     _freeze(model)  # as `convert`: weight quantizers off, activation quantizers on; weights filled in below
 
     frozen = {n for n, m in _quantized_modules(model) if hasattr(m, "frozen_weight_cfg")}
@@ -493,9 +456,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             cfg = m.frozen_weight_cfg
             if (cfg.method, cfg.bits, cfg.granularity) != (info["method"], info["bits"], granularity):
                 raise ConfigError(
-                    f"{p / EXPORT_META}: module {name} is {info['method']}{info['bits']}/"
-                    f"{granularity} but the quant config says {cfg.method}{cfg.bits}/"
-                    f"{cfg.granularity}"
+                    f"{p / EXPORT_META}: module {name} is {info['method']}{info['bits']}/{granularity} but the "
+                    f"quant config says {cfg.method}{cfg.bits}/{cfg.granularity}"
                 )
             if list(m.weight.shape) != shape:
                 raise ConfigError(f"{name}: packed shape {shape} does not match the model's {list(m.weight.shape)}")
@@ -512,8 +474,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             if n and (int(codes.min()) < lo or int(codes.max()) > hi):
                 raise ConfigError(f"{wfile}: codes of {name} fall outside [{lo}, {hi}] (corrupt data)")
             s = scale.reshape(rows, *([1] * (len(shape) - 1))) if granularity == "row" else scale.reshape(())
-            w = dequantize(codes.view(shape), s, info["dequant"], m.weight.dtype)
-            m.weight.data.copy_(w)
+            m.weight.data.copy_(dequantize(codes.view(shape), s, info["dequant"], m.weight.dtype))
             if info["method"] == "lsq":
                 m.frozen_step = s.clone()
 
@@ -531,7 +492,5 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             f"{wfile}: tensors do not match {p / 'config.json'} (missing {bad_missing[:3]}, "
             f"unexpected {list(unexpected)[:3]})"
         )
-    for m in model.modules():  # learned activation steps were calibrated in training: never recalibrate
-        if isinstance(m, ActFakeQuant) and hasattr(m, "initialized"):
-            m.initialized.fill_(True)
+    mark_calibrated(model)  # learned activation steps were calibrated in training: never recalibrate
     return model.to(device).eval()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config
-from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student
+from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student, read_meta
 
 
 def add_parser(subparsers) -> None:
@@ -70,8 +70,7 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
         f"[export] wrote {out} ({report.modules} packed weights"
         f"{', ternary base-3 packed' if args.base3 else ''}); reloaded logits identical on a probe batch"
     )
-    for line in report.lines():
-        print(f"[export] {line}")
+    print("\n".join(f"[export] {line}" for line in report.lines()))
     if cfg is None:
         print("[export] dev-set check skipped (--skip-eval)")
         return 0
@@ -89,10 +88,9 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     except BaseException:
         _remove_written(out, created)
         raise
-    meta_path = out / EXPORT_META
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(out)
     meta["round_trip"] = {"task": cfg.data.task, "student": ms, "export": me}
-    meta_path.write_text(json.dumps(meta, indent=2))  # the checksum covers the weights file only
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))  # the checksum covers the weights file only
     print(
         f"[export] round trip OK: dev selection {ms['selection']:.4f} (student) == {me['selection']:.4f} "
         f"(export), all metrics identical"

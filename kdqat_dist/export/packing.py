@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kdqat_dist.config import ALLOWED_BITS, ConfigError, WeightQuantConfig
 from kdqat_dist.quant.quantizers import Quantizer, make_quantizer
@@ -53,6 +54,16 @@ def _check_bits(bits: int) -> None:
         raise ConfigError(f"packing: unsupported storage width {bits!r} bits; allowed: 1..{MAX_STORAGE_BITS}")
 
 
+def _check_packed(packed: torch.Tensor, expected: int, what: str) -> torch.Tensor:
+    """``packed`` as int64 once it is the flat uint8 tensor of ``expected`` bytes that ``what`` take."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ConfigError(
+            f"packing: expected {expected} uint8 bytes for {what}, got "
+            f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}"
+        )
+    return packed.to(torch.int64)
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integers (any shape, each in ``[0, 2^bits)``) into a flat uint8 tensor.
 
@@ -65,21 +76,15 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ConfigError(f"packing: values in [{int(u.min())}, {int(u.max())}] do not fit in {bits} bits")
     n = u.numel()
     nbytes = packed_nbytes(n, bits)
-    if bits == 8:
-        return u.to(torch.uint8)
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole values per byte, no value straddles two bytes
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole values per byte, no value straddles two bytes
         per = 8 // bits
-        padded = torch.zeros(nbytes * per, dtype=torch.int64)
-        padded[:n] = u
         shifts = torch.arange(per, dtype=torch.int64) * bits
-        return (padded.view(nbytes, per) << shifts).sum(dim=1).to(torch.uint8)
+        return (F.pad(u, (0, nbytes * per - n)).view(nbytes, per) << shifts).sum(dim=1).to(torch.uint8)
     # 3, 5, 6, 7, 9 bits: expand to a bit stream, regroup by 8.
     shifts = torch.arange(bits, dtype=torch.int64)
-    stream = ((u.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
-    padded = torch.zeros(nbytes * 8, dtype=torch.uint8)
-    padded[: stream.numel()] = stream
+    stream = F.pad(((u.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1), (0, nbytes * 8 - n * bits))
     weights = (1 << torch.arange(8, dtype=torch.int64)).to(torch.uint8)
-    return (padded.view(nbytes, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+    return (stream.view(nbytes, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -89,18 +94,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         ConfigError: ``packed`` is not the uint8 length that ``n`` values at ``bits`` bits need.
     """
     _check_bits(bits)
-    expected = packed_nbytes(n, bits)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
-        raise ConfigError(
-            f"packing: expected {expected} uint8 bytes for {n} values at {bits} bits, got "
-            f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}"
-        )
-    b = packed.to(torch.int64)
-    if bits == 8:
-        return b.clone()
+    b = _check_packed(packed, packed_nbytes(n, bits), f"{n} values at {bits} bits")
     if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int64) * bits
+        shifts = torch.arange(8 // bits, dtype=torch.int64) * bits
         return ((b.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
     stream = ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)[: n * bits]
     return (stream.view(n, bits) << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
@@ -116,9 +112,7 @@ def pack_base3(trits: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"packing: base-3 needs values in {{0, 1, 2}}, got [{int(t.min())}, {int(t.max())}]")
     n = t.numel()
     nbytes = base3_nbytes(n)
-    padded = torch.zeros(nbytes * 5, dtype=torch.int64)
-    padded[:n] = t
-    return (padded.view(nbytes, 5) * torch.tensor(_TRIT_POWERS)).sum(dim=1).to(torch.uint8)
+    return (F.pad(t, (0, nbytes * 5 - n)).view(nbytes, 5) * torch.tensor(_TRIT_POWERS)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_base3(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -127,13 +121,7 @@ def unpack_base3(packed: torch.Tensor, n: int) -> torch.Tensor:
     Raises:
         ConfigError: wrong length or dtype, or a byte above 242 (not five trits: a corrupt file).
     """
-    expected = base3_nbytes(n)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
-        raise ConfigError(
-            f"packing: expected {expected} uint8 bytes for {n} base-3 values, got "
-            f"{packed.numel()} {str(packed.dtype).replace('torch.', '')}"
-        )
-    b = packed.to(torch.int64)
+    b = _check_packed(packed, base3_nbytes(n), f"{n} base-3 values")
     if b.numel() and int(b.max()) > 242:
         raise ConfigError("packing: a base-3 byte is above 242 (3^5 - 1); the packed data is corrupt")
     return ((b.unsqueeze(1) // torch.tensor(_TRIT_POWERS)) % 3).reshape(-1)[:n]
@@ -196,8 +184,7 @@ def _quantizer(method: str, bits: int = 8, narrow_range: bool = True) -> Quantiz
 
 
 def dequant_op(method: str, narrow_range: bool = True) -> str:
-    """``"div"`` for sym (ŵ = code / s, as training computes it), ``"mul_half"`` for 2-bit SEQ
-    (ŵ = (code + ½)·s: its levels are half-integers), ``"mul"`` for the others."""
+    """``"div"`` for sym, ``"mul_half"`` for 2-bit SEQ, ``"mul"`` for the others (see the module docstring)."""
     return _quantizer(method, 2, narrow_range).dequant
 
 
@@ -209,14 +196,10 @@ def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, 
 def weight_codes(
     latent: torch.Tensor, cfg: WeightQuantConfig, step: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (int64, the weight's shape) and scales of ``cfg``'s quantizer on ``latent``: the
-    quantizer's own :meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`, so that :func:`dequantize` gives
+    """Integer codes (int64, the weight's shape) and scales of ``cfg``'s quantizer on the ``latent`` weight:
+    the quantizer's own :meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`, so that :func:`dequantize` gives
     the fake-quant weight bit for bit. The scale has shape [rows, 1] (row granularity) or [] / [1] (tensor).
-
-    Args:
-        latent: the latent (unquantized) weight.
-        cfg: the module's weight quantizer config.
-        step: the learned LSQ step (``WeightFakeQuant.step``); required for ``lsq``.
+    A learned quantizer (``lsq``, ``seq``) needs its ``step`` (``WeightFakeQuant.step``).
     """
     if cfg.bits not in ALLOWED_BITS:
         raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
@@ -231,8 +214,7 @@ def weight_codes(
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ŵ from integer codes and scales (``scale`` broadcasts: [] or [rows, 1])."""
-    c = codes.to(dtype)
-    s = scale.to(dtype)
+    c, s = codes.to(dtype), scale.to(dtype)
     if op == "mul":
         return c * s
     if op == "div":

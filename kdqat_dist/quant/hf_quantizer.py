@@ -22,7 +22,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from kdqat_dist.config import QuantConfig, build_section, to_dict
+from kdqat_dist.config import QuantConfig, build_section
 from kdqat_dist.quant.api import fake_quantizers, mark_calibrated, prepare
 
 QUANT_METHOD = "kdqat"
@@ -38,10 +38,6 @@ class KdqatQuantizationConfig(QuantizationConfigMixin):
         self.quant = quant or {}
         self.format_version = format_version
 
-    @classmethod
-    def from_quant(cls, quant: QuantConfig) -> KdqatQuantizationConfig:
-        return cls(quant=to_dict(quant))
-
     def quant_config(self) -> QuantConfig:
         return build_section(QuantConfig, self.quant, "quantization_config.quant")
 
@@ -50,6 +46,8 @@ class KdqatHfQuantizer(HfQuantizer):
     """Loads a saved kdqat student: fake-quant modules first, then the weights and learned steps."""
 
     requires_calibration = True  # only pre-quantized (trained) students load; nothing is quantized here
+    is_trainable: bool = True
+    is_qat_trainable: bool = True  # a loaded student can go on with quantization-aware training
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         prepare(model, self.quantization_config.quant_config())
@@ -63,14 +61,6 @@ class KdqatHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, **kwargs) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
-    @property
-    def is_qat_trainable(self) -> bool:
         return True
 
 

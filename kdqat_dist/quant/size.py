@@ -12,22 +12,17 @@ def _numel(p) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-def fp32_bytes(model: nn.Module) -> int:
-    return 4 * sum(_numel(p) for p in model.parameters() if not _is_step(p, model))
-
-
-def _is_step(p, model) -> bool:
-    return any(p is getattr(m, "step", None) for m in model.modules())
+def fp32_bytes(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> int:
+    """4 bytes x every parameter but the learned quantizer steps and those whose id is in ``skip``."""
+    steps = {id(s) for m in model.modules() if (s := getattr(m, "step", None)) is not None}
+    return 4 * sum(_numel(p) for p in model.parameters() if id(p) not in steps and id(p) not in skip)
 
 
 def packed_bytes(model: nn.Module) -> int:
     """Bytes with every quantized weight stored at its storage width (ternary at 2 bits) plus one FP32 scale
     per tensor or row; all other parameters (LayerNorm, biases, position embeddings, FP heads) in FP32."""
     quantized, total = _quantized_bytes(model)
-    for p in model.parameters():
-        if id(p) not in quantized and not _is_step(p, model):
-            total += 4 * _numel(p)
-    return total
+    return total + fp32_bytes(model, quantized)
 
 
 def _quantized_bytes(model: nn.Module) -> tuple[set[int], int]:
@@ -38,11 +33,10 @@ def _quantized_bytes(model: nn.Module) -> tuple[set[int], int]:
             cfg = m.weight_quant.cfg if m.weight_quant is not None else getattr(m, "frozen_weight_cfg", None)
             if cfg is None or not cfg.enabled:
                 continue
-            n = _numel(m.weight)
-            rows = m.weight.shape[0] if m.weight.dim() > 1 and m.weight.numel() else 1
-            scales = rows if cfg.granularity == "row" else 1
+            per_row = cfg.granularity == "row" and m.weight.dim() > 1 and m.weight.numel() > 0
+            scales = m.weight.shape[0] if per_row else 1
             # bits per stored code: ``bits``, but one more for mean-clip's 2^b + 1 levels, as export stores it
-            total += (n * make_quantizer(cfg).storage_bits() + 7) // 8 + 4 * scales
+            total += (_numel(m.weight) * make_quantizer(cfg).storage_bits() + 7) // 8 + 4 * scales
             quantized.add(id(m.weight))
     return quantized, total
 

@@ -25,7 +25,39 @@ from kdqat_dist.quant.api import mark_calibrated, prepare
 from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig
 
 STUDENT_META = "kdqat_student.json"
+WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (a student's or an export's) as a safetensors file with ordinary permissions."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().cpu().contiguous()
+        if t.data_ptr() in seen and t.numel():  # tied tensors: safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        state[k] = t
+    save_file(state, str(path), metadata=metadata)
+    ordinary_permissions(path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def prepared_from_config(folder: Path, quant: QuantConfig) -> nn.Module:
+    """The architecture of ``folder/config.json`` (weights not loaded), prepared with ``quant``."""
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{folder / 'config.json'} is not a readable model config ({first})") from None
+    return prepare(AutoModelForSequenceClassification.from_config(config, attn_implementation="eager"), quant)
 
 
 def save_student(
@@ -37,20 +69,11 @@ def save_student(
     # config.json says the folder is a kdqat-quantized model (transformers' quantization_config), so
     # AutoModelForSequenceClassification.from_pretrained rebuilds the student with kdqat_dist imported
     config = copy.deepcopy(model.config)
-    config.quantization_config = KdqatQuantizationConfig.from_quant(quant).to_dict()
+    config.quantization_config = KdqatQuantizationConfig(to_dict(quant)).to_dict()
     config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # Tied weights (e.g. decoder heads) share storage; safetensors refuses shared tensors.
-    seen: dict[int, str] = {}
-    for k in list(state):
-        ptr = state[k].data_ptr()
-        if ptr in seen and state[k].numel() > 0:
-            state[k] = state[k].clone()
-        seen[ptr] = k
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    ordinary_permissions(out / "model.safetensors")
+    save_weights(model.state_dict(), out / WEIGHTS_FILE, {"format": "pt"})
     meta = {"format_version": FORMAT_VERSION, "quant": to_dict(quant), **(extra or {})}
     (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
     return out
@@ -69,18 +92,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
             "it must be the student/ folder written by `kdqat train`"
         )
     meta = json.loads((p / STUDENT_META).read_text())
-    quant = build_section(QuantConfig, meta["quant"], "quant")
-    try:
-        config = AutoConfig.from_pretrained(p)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p / 'config.json'} is not a readable model config ({str(exc).splitlines()[0]})") from None
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    prepare(model, quant)
-    try:
-        state = load_file(str(p / "model.safetensors"))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{p / 'model.safetensors'} is not a readable safetensors file ({exc})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = prepared_from_config(p, build_section(QuantConfig, meta["quant"], "quant"))
+    missing, unexpected = model.load_state_dict(load_weights(p / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ConfigError(
             f"{p}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
