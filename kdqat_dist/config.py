@@ -398,14 +398,16 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+# the ternary-only weight methods and why they need bits=2
+_TERNARY_ONLY = {
+    "twn": "twn is ternary and needs bits=2",
+    "absmean": "absmean is ternary and needs bits=2",
+    "seq": "seq is ParetoQ's 1.58-/2-bit quantizer and needs bits=2 (narrow_range: true for ternary)",
+}
+
+
 def _check_twn_bits(q: WeightQuantConfig, key: str) -> None:
-    _check(q.method != "twn" or q.bits == 2, f"{key}.method", "twn is ternary and needs bits=2")
-    _check(q.method != "absmean" or q.bits == 2, f"{key}.method", "absmean is ternary and needs bits=2")
-    _check(
-        q.method != "seq" or q.bits == 2,
-        f"{key}.method",
-        "seq is ParetoQ's 1.58-/2-bit quantizer and needs bits=2 (narrow_range: true for ternary)",
-    )
+    _check(q.method not in _TERNARY_ONLY or q.bits == 2, f"{key}.method", _TERNARY_ONLY.get(q.method, ""))
 
 
 def loss_terms(cfg: DistillConfig) -> dict[str, float]:
@@ -569,15 +571,12 @@ def build_section(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[p] = nxt
-        node = nxt
-    node[parts[-1]] = value
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(tree.get(p), dict):
+            tree[p] = {}
+        tree = tree[p]
+    tree[leaf] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
