@@ -154,7 +154,6 @@ class LocalBackend:
         return self.student
 
     def load_teacher(self, path: str, num_labels: int) -> nn.Module:
-        """Load the fine-tuned teacher from ``path``, frozen and in eval mode."""
         self.teacher = freeze_teacher(load_classifier(path, num_labels, "eager"), self.device)
         return self.teacher
 
@@ -168,12 +167,10 @@ class LocalBackend:
         return False
 
     @contextlib.contextmanager
-    def gathered_student(self) -> Iterator[nn.Module]:
-        """The student with whole weights inside the block (always so in one process)."""
+    def gathered_student(self) -> Iterator[nn.Module]:  # weights are always whole in one process
         yield self.student
 
     def gathered_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
-        """Whole ``params`` inside the block (always so in one process)."""
         return contextlib.nullcontext()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -184,15 +181,13 @@ class LocalBackend:
         (loss / self.cfg.train.grad_accum).backward()
 
     def step(self) -> bool:
-        """Optimizer step at the accumulation boundary; returns True when the weights changed."""
         self.micro += 1
         if self.micro % self.cfg.train.grad_accum:
             return False
-        self._grad_peak = max(
-            self._grad_peak, storage_bytes(p.grad for p in self.student.parameters() if p.grad is not None)
-        )
-        if global_clip(self.cfg.train) > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), global_clip(self.cfg.train))
+        grads = storage_bytes(p.grad for p in self.student.parameters() if p.grad is not None)
+        self._grad_peak = max(self._grad_peak, grads)
+        if (clip := global_clip(self.cfg.train)) > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,30 +1,15 @@
 """Training-time quantization diagnostics for TensorBoard, written during ``kdqat train``.
 
 The training loop (``Trainer``, switched off by ``train.diagnostics=false``) calls :func:`log_diagnostics`
-at every log step and :func:`log_flip_rate` at every evaluation. Per fake-quantized weight (every
-``QuantLinear`` / ``QuantEmbedding``), tags ``<group>/<module>``:
-
-- ``quant_zero_frac`` (log steps): fraction of weights whose code is 0 (for ternary weights: the zeros of
-  {-α, 0, α});
-- ``quant_scale`` (log steps): the quantization step: TWN α, LSQ step, max-abs step, mean-clip step (mean
-  over rows for row-wise quantizers);
-- ``quant_scale_drift`` (log steps): that scale relative to its value at the first call, minus 1;
-- ``quant_flip_rate`` (evaluations): fraction of weight codes that changed since the previous evaluation
-  (the first evaluation compares with the codes at the start of training, or of the resumed process: the
-  codes are kept as int8 on the CPU, one byte per weight, not in checkpoints);
-
-per activation quantizer (log steps):
-
-- ``quant_clip_rate``: fraction of its inputs beyond the clip value (sym: ``clip``; LSQ: Q_P·step),
-  counted by the quantizer itself (``ActFakeQuant.track_stats``) during the first forward pass after
-  the previous call (a one-batch sample: counting at every step would add a pass over every activation
-  to every step); the first rates appear at the second log step;
-- ``quant_act_step`` (LSQ activations only): the learned step;
-
-and ``.../all`` summaries (weighted by element counts). Module names drop the model prefix; Transformer
-layers read ``03.attention.self.query``. Each layer's KD loss contribution is logged by the loop itself
-(``kd_contribution/<term>/<layer>``, see :data:`DESCRIPTION`). :func:`describe_diagnostics` writes
-:data:`DESCRIPTION` as a TensorBoard text entry, so the tags are explained where they are read.
+at every log step and :func:`log_flip_rate` at every evaluation: per fake-quantized weight (every
+``QuantLinear`` / ``QuantEmbedding``) its zero fraction, scale, scale drift and code flip rate, per
+activation quantizer its clip rate (and learned LSQ step), and ``.../all`` summaries weighted by element
+counts. :data:`DESCRIPTION` explains every tag; :func:`describe_diagnostics` writes it as a TensorBoard
+text entry, so the tags are explained where they are read. Module names drop the model prefix;
+Transformer layers read ``03.attention.self.query``. The clip value is ``clip`` (sym) or Q_P·step (LSQ);
+the quantizer counts clipping itself (``ActFakeQuant.track_stats``) in the first forward after each call,
+so the first rates appear at the second log step. The codes the flip rate compares with are kept as int8
+on the CPU, not in checkpoints: after --resume the first rate compares with the codes at the resume.
 
 Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0``). The caller passes
 ``gather`` (the engine's per-module gather, a collective): then every rank calls these functions,
@@ -118,11 +103,15 @@ def _quant_modules(model: nn.Module):
             yield name, m
 
 
+def _close_clip_window(model: nn.Module) -> None:
+    handle = _WINDOWS.pop(model, None)
+    if handle is not None:
+        handle.remove()
+
+
 def _open_clip_window(model: nn.Module, acts: list[ActFakeQuant], forwards: int | None) -> None:
     """Count clipping during the next ``forwards`` forward passes of ``model`` (None: until the next call)."""
-    old = _WINDOWS.pop(model, None)
-    if old is not None:
-        old.remove()
+    _close_clip_window(model)
     for q in acts:
         q.track_stats = True
     if forwards is None or not acts:
@@ -134,9 +123,7 @@ def _open_clip_window(model: nn.Module, acts: list[ActFakeQuant], forwards: int 
         if left[0] <= 0:
             for q in acts:
                 q.track_stats = False
-            handle = _WINDOWS.pop(model, None)
-            if handle is not None:
-                handle.remove()
+            _close_clip_window(model)
 
     _WINDOWS[model] = model.register_forward_hook(close)
 
@@ -263,9 +250,7 @@ def log_flip_rate(
 def reset_diagnostics(model: nn.Module) -> None:
     """Forget the kept codes and scale baselines and stop the clip counters (e.g. between two runs)."""
     model = unwrap(model)
-    handle = _WINDOWS.pop(model, None)
-    if handle is not None:
-        handle.remove()
+    _close_clip_window(model)
     for m in model.modules():
         if isinstance(m, WeightFakeQuant):
             _FIRST_SCALE.pop(m, None)

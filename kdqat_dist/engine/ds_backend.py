@@ -154,28 +154,22 @@ class DeepSpeedBackend:
         """True for a ZeRO-3 teacher: its modules are called only by its own forward (see distill/streaming.py)."""
         return self.teacher_engine is not None
 
-    def zero3_student(self) -> bool:
-        return self.engine is not None and self.engine.zero_optimization_stage() == 3
-
     def partitioned_student(self) -> bool:
         """True when submodules must not be called outside the engine's forward (ZeRO-3 hooks would
         fetch and release their parameters)."""
-        return self.zero3_student()
+        return self.engine is not None and self.engine.zero_optimization_stage() == 3
 
     @contextlib.contextmanager
     def gathered_student(self) -> Iterator[nn.Module]:
         """Whole student weights on every rank inside the block (a collective under ZeRO-3)."""
         module = self.student_module()
-        if not self.zero3_student():
-            yield module
-            return
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with self.gathered_params(list(module.parameters())):
             yield module
 
     def gathered_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
         """Whole ``params`` on every rank inside the block: a collective under a ZeRO-3 student, so every
         rank must enter it with the same list."""
-        if not self.zero3_student():
+        if not self.partitioned_student():
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -269,13 +263,11 @@ class DeepSpeedBackend:
         gradients (peak, at an accumulation boundary), optimizer state, teacher params, peak RSS."""
         mib = 1 / 2**20
         opt = self.engine.optimizer if self.engine is not None else None
-        inner = getattr(opt, "optimizer", opt)
-        out = memory_report(None, inner)
+        out = memory_report(None, getattr(opt, "optimizer", opt))
         out["param_mib"] = _param_bytes(self.engine.module) * mib if self.engine is not None else 0.0
         out["master_mib"] = storage_bytes(ds_workarounds.fp32_master_tensors(opt)) * mib
         out["grad_mib"] = self._grad_peak * mib
-        teacher = unwrap(self.teacher) if self.teacher is not None else None
-        out["teacher_param_mib"] = _param_bytes(teacher) * mib if teacher is not None else 0.0
+        out["teacher_param_mib"] = _param_bytes(unwrap(self.teacher)) * mib if self.teacher is not None else 0.0
         out["zero_stage"] = self.engine.zero_optimization_stage() if self.engine is not None else -1
         out["teacher_zero3"] = self.teacher_engine is not None
         out["rank"] = self.rank

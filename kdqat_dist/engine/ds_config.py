@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from kdqat_dist.config import ConfigError, RunConfig
+from kdqat_dist.config import ConfigError, RunConfig, TrainConfig
 from kdqat_dist.engine.optim import global_clip, make_optimizer
 
 AUTO = "auto"
@@ -69,6 +69,17 @@ def load_base(path: Path) -> dict:
     return data
 
 
+def micro_batch_size(train: TrainConfig, world_size: int) -> int:
+    """Examples per rank and micro-batch (``train_micro_batch_size_per_gpu``); ConfigError unless
+    ``train.batch_size`` splits evenly over the ranks and accumulation steps."""
+    if train.batch_size % (world_size * train.grad_accum):
+        raise ConfigError(
+            f"train.batch_size: {train.batch_size} is not divisible by world size {world_size} x "
+            f"train.grad_accum {train.grad_accum}"
+        )
+    return train.batch_size // (world_size * train.grad_accum)
+
+
 def _adam_defaults(cfg: RunConfig) -> dict[str, Any]:
     """betas/eps/weight decay exactly as ``engine.optim.make_optimizer`` builds them (one source)."""
     d = make_optimizer(nn.Linear(1, 1), cfg.train).defaults
@@ -91,28 +102,20 @@ class _Filler:
     def __init__(self, tree: dict, source: str):
         self.tree, self.source = tree, source
 
-    def fill(self, path: str, value: Any, run_key: str | None, add_missing: bool = True) -> None:
+    def fill(self, path: str, value: Any, run_key: str) -> None:
         """Set ``path`` (dotted) to ``value`` if it is "auto" or missing; else require equality.
 
-        ``run_key`` names the run-config key the value comes from (None: derived from the model), so
-        the error tells the user which of the two places to change.
+        ``run_key`` names the run-config key the value comes from, so the error tells the user which of
+        the two places to change.
         """
         *parents, leaf = path.split(".")
         node = self.tree
         for p in parents:
-            if p not in node:
-                if not add_missing:
-                    return
-                node[p] = {}
-            node = node[p]
-        if leaf not in node:
-            if add_missing:
-                node[leaf] = value
-            return
-        current = node[leaf]
+            node = node.setdefault(p, {})
+        current = node.get(leaf, AUTO)  # missing counts as "auto"
         if current == AUTO:
             node[leaf] = value
-        elif run_key is not None and not _same(current, value):
+        elif not _same(current, value):
             raise ConfigError(
                 f"{self.source}: {path} is {current!r} but {run_key} gives {value!r}; "
                 f'set {path} to "auto" (recommended) or change {run_key}'
@@ -127,49 +130,30 @@ def resolve(
     hidden_size: int | None = None,
     source: str = "ds_config",
 ) -> dict:
-    """Fill the ``"auto"`` fields of a base DeepSpeed config from the run config.
+    """A copy of ``base`` with its ``"auto"`` fields filled from the run config: none is left.
 
-    Args:
-        base: the base JSON (left unchanged).
-        cfg: the run config (``train`` and ``engine`` sections are read).
-        world_size: number of data-parallel ranks.
-        kind: ``student`` (a training engine) or ``teacher`` (an optimizer-free ZeRO-3 engine).
-        hidden_size: the model's hidden size, for the ZeRO-3 buffer sizes (None leaves DeepSpeed's
-            defaults where the JSON says "auto").
-        source: the JSON's file name, for error messages.
-
-    Returns:
-        A new dict that DeepSpeed accepts, with no ``"auto"`` left.
-
-    Raises:
-        ConfigError: an explicit JSON value contradicts the run config, or a section the run config owns
-            (``scheduler``) is present.
+    ``kind``: ``student`` (a training engine) or ``teacher`` (an optimizer-free ZeRO-3 engine).
+    ``hidden_size`` sizes the ZeRO-3 buffers (None: DeepSpeed's defaults where the JSON says "auto").
+    ``source`` (the JSON's file name) names it in errors. ConfigError: an explicit JSON value contradicts
+    the run config, or a section the run config owns (``scheduler``) is present.
     """
     t, e = cfg.train, cfg.engine
     out = copy.deepcopy(base)
     f = _Filler(out, source)
-    if t.batch_size % (world_size * t.grad_accum):
-        raise ConfigError(
-            f"train.batch_size: {t.batch_size} is not divisible by world size {world_size} x "
-            f"train.grad_accum {t.grad_accum}"
-        )
+    micro = micro_batch_size(t, world_size)
     if "scheduler" in out:
         raise ConfigError(
             f"{source}: remove the 'scheduler' section; the learning-rate schedule comes from "
             "train.lr / train.warmup_ratio (linear warmup and decay, as in one process)"
         )
     f.fill("train_batch_size", t.batch_size, "train.batch_size")
-    f.fill(
-        "train_micro_batch_size_per_gpu",
-        t.batch_size // (world_size * t.grad_accum),
-        "train.batch_size / (world size x train.grad_accum)",
-    )
+    f.fill("train_micro_batch_size_per_gpu", micro, "train.batch_size / (world size x train.grad_accum)")
     f.fill("gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
     f.fill("bf16.enabled", e.precision == "bf16", "engine.precision")
     f.fill("fp16.enabled", e.precision == "fp16", "engine.precision")
     stage = e.zero_stage if kind == "student" else 3
     f.fill("zero_optimization.stage", stage, "engine.zero_stage" if kind == "student" else "engine.teacher")
-    _fill_zero_sizes(f, out, hidden_size)
+    _fill_zero_sizes(out, hidden_size)
     if kind == "teacher":
         out.pop("optimizer", None)
         out.pop("gradient_clipping", None)
@@ -180,20 +164,17 @@ def resolve(
     return _no_auto_left(out, source)
 
 
-def _fill_zero_sizes(f: _Filler, out: dict, hidden_size: int | None) -> None:
+def _fill_zero_sizes(out: dict, hidden_size: int | None) -> None:
     z = out.get("zero_optimization", {})
-    derived = {}
-    if hidden_size:
-        derived = {
-            "reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size,
-        }
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
-        if z.get(key) != AUTO:
-            continue
-        if key in derived and z.get("stage") == 3:
-            f.fill(f"zero_optimization.{key}", derived[key], None, add_missing=False)
+    h = hidden_size or 0
+    derived = {
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+    }
+    for key in [k for k in derived if z.get(k) == AUTO]:
+        if hidden_size and z.get("stage") == 3:
+            z[key] = derived[key]
         else:  # no model at hand, or not ZeRO-3: DeepSpeed's own default
             del z[key]
 
@@ -206,6 +187,8 @@ def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
         "eps": "train.adam_eps",
         "weight_decay": "train.weight_decay",
     }
+    if cfg.engine.optimizer != "torch":
+        out.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if "optimizer" in out:
         for name, value in adam.items():
             f.fill(f"optimizer.params.{name}", value, keys[name])
@@ -216,14 +199,12 @@ def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
         # build); the section has been checked against the run config above, so dropping it loses nothing.
         out.pop("optimizer", None)
         return
-    opt = out.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt = out["optimizer"]
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(
             f"{source}: optimizer.type {opt.get('type')!r} is not supported; use AdamW "
             "(the run's parameter groups and learning rates assume it)"
         )
-    for name, value in adam.items():
-        f.fill(f"optimizer.params.{name}", value, keys[name])
 
 
 def _no_auto_left(tree: dict, source: str, prefix: str = "") -> dict:

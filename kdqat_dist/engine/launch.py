@@ -31,22 +31,9 @@ def default_num_procs() -> int:
 
 def deepspeed_command(command: str, config: str, overrides: list[str], num_procs: int, port: int) -> list[str]:
     """The launcher command line: ``deepspeed --num_accelerators N --module kdqat_dist.cli <command> ...``."""
-    return [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_accelerators",
-        str(num_procs),
-        "--master_port",
-        str(port),
-        "--module",
-        "kdqat_dist.cli",
-        command,
-        "--config",
-        config,
-        "engine.backend=deepspeed",
-        *overrides,
-    ]
+    runner = ["-m", "deepspeed.launcher.runner", "--num_accelerators", str(num_procs), "--master_port", str(port)]
+    job = ["--module", "kdqat_dist.cli", command, "--config", config, "engine.backend=deepspeed", *overrides]
+    return [sys.executable, *runner, *job]
 
 
 def run_deepspeed(command: str, config: str, overrides: list[str], num_procs: int) -> None:

@@ -23,6 +23,7 @@ from kdqat_dist.data.tasks import TaskSpec, get_task
 from kdqat_dist.distill.objective import DistillObjective, LossOutput
 from kdqat_dist.engine import diagnostics
 from kdqat_dist.engine.backend import Backend, LocalBackend, latest_checkpoint, memory_table, seed_everything
+from kdqat_dist.engine.ds_config import micro_batch_size
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
 from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.attention import use_kdqat_attention
@@ -97,12 +98,7 @@ class Trainer:
             self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
         self.collate = Collator(self.tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
         self.train_set = self.data["train"]
-        world, accum = self.backend.world_size, cfg.train.grad_accum
-        if cfg.train.batch_size % (world * accum):
-            raise ConfigError(
-                f"train.batch_size: {cfg.train.batch_size} is not divisible by "
-                f"world size {world} x train.grad_accum {accum}"
-            )
+        micro_batch_size(cfg.train, self.backend.world_size)  # ConfigError unless the batch splits evenly
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.train.batch_size)
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -175,8 +171,7 @@ class Trainer:
             if cfg.train.dropout is not None:
                 set_dropout(model, cfg.train.dropout)
             self.student = self.backend.setup_student(model, self.total_steps)
-            self.teacher = None
-            self.objective = None
+            self.teacher = self.objective = None
             return
         # The student is built and prepared whole on every rank (LSQ steps from whole weights, activation
         # steps calibrated) before the backend may partition it.
@@ -188,7 +183,8 @@ class Trainer:
             calibrate_activations(student, self._first_batch())
         # The backend may build the teacher partitioned (ZeRO-3); it comes back frozen and in eval mode.
         teacher = self.backend.load_teacher(cfg.teacher.path, task.num_labels)
-        _check_same_head(unwrap(teacher), task)
+        if (n := unwrap(teacher).config.num_labels) != task.num_labels:
+            raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
         # Both models run our attention function so the same taps exist on each.
         use_kdqat_attention(student)
         use_kdqat_attention(unwrap(teacher))
@@ -219,7 +215,7 @@ class Trainer:
         return self.objective(self.student, self.teacher, batch)
 
     def train(self) -> dict:
-        cfg, be = self.cfg, self.backend
+        t, be = self.cfg.train, self.backend
         t_start = time.perf_counter()
         step, epoch, start, running = self._maybe_resume()
         if self.mode == "train" and self.teacher_metrics is None:
@@ -228,25 +224,21 @@ class Trainer:
             total=self.total_steps,
             initial=step,
             desc=self.mode,
-            disable=not (be.is_main and cfg.train.progress),
+            disable=not (be.is_main and t.progress),
             dynamic_ncols=True,
         )
-        self._start_diagnostics()
+        if self._diagnostics_on():  # explain the tags, keep the weight codes the first flip rate compares with
+            diagnostics.describe_diagnostics(self.writer)
+            diagnostics.log_flip_rate(self.writer, None, be.student_module(), gather=self._gather())
         # `running` sums since the last log step (a resumed run restores it), so a window's mean divides by
         # the steps since then: log_every, or fewer in the last window.
-        last_log = step - step % cfg.train.log_every
+        last_log = step - step % t.log_every
         t_last, t_step = time.perf_counter(), step
         while step < self.total_steps:
-            for _, micro in micro_batches(
-                len(self.train_set),
-                cfg.train.batch_size,
-                cfg.train.grad_accum,
-                be.rank,
-                be.world_size,
-                cfg.train.seed,
-                epoch,
-                start,
-            ):
+            batches = micro_batches(
+                len(self.train_set), t.batch_size, t.grad_accum, be.rank, be.world_size, t.seed, epoch, start
+            )
+            for _, micro in batches:
                 self.student.train()
                 for idx in micro:
                     out = self.loss(self._batch(idx))
@@ -258,7 +250,7 @@ class Trainer:
                         running[k] = running.get(k, 0.0) + v / len(micro)
                 step += 1
                 bar.update(1)
-                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                if step % t.log_every == 0 or step == self.total_steps:
                     n = step - last_log
                     dt = (time.perf_counter() - t_last) / (step - t_step)
                     self._log_train(step, running, dt, n)
@@ -266,7 +258,7 @@ class Trainer:
                     running, t_last, t_step, last_log = {}, time.perf_counter(), step, step
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(step)
-                if cfg.train.save_every and step % cfg.train.save_every == 0:
+                if t.save_every and step % t.save_every == 0:
                     self._save_checkpoint(step, epoch, _next_start(step, self.steps_per_epoch), running)
                 if step >= self.total_steps:
                     break
@@ -315,7 +307,8 @@ class Trainer:
                 self.writer.add_scalar(k, v, step)
             self.writer.add_scalar("train/lr", self.backend.lr(), step)
             self.writer.add_scalar("train/step_time_s", dt, step)
-        self._diagnostics(step)
+        if self._diagnostics_on():  # zero fraction, scale and its drift, clip rate
+            diagnostics.log_diagnostics(self.writer, step, self.backend.student_module(), gather=self._gather())
 
     def _diagnostics_on(self) -> bool:
         # the FP fine-tune has no quantizers and no KD terms to look at
@@ -325,19 +318,6 @@ class Trainer:
         # ZeRO-3: the weights are partitions outside the forward. Every rank walks the quantized modules
         # and gathers one module at a time (collectives: all must join); rank 0 writes.
         return self.backend.gathered_params if self.backend.partitioned_student() else None
-
-    def _start_diagnostics(self) -> None:
-        """Explain the tags in TensorBoard and keep the weight codes the first flip rate compares with."""
-        if not self._diagnostics_on():
-            return
-        diagnostics.describe_diagnostics(self.writer)
-        diagnostics.log_flip_rate(self.writer, None, self.backend.student_module(), gather=self._gather())
-
-    def _diagnostics(self, step: int) -> None:
-        """Log-step ultra-low-bit diagnostics: zero fraction, scale and its drift, clip rate."""
-        if not self._diagnostics_on():
-            return
-        diagnostics.log_diagnostics(self.writer, step, self.backend.student_module(), gather=self._gather())
 
     def _contributions(self, out: LossOutput) -> tuple[list[str], list[torch.Tensor]]:
         """What each term adds to ``out.total`` (weight x value), per layer where the term has layers:
@@ -379,13 +359,9 @@ class Trainer:
             self.best = record
             self._save_best()
         if self.on_eval is not None and self.backend.is_main:
+            teacher = {"teacher_selection": self.teacher_metrics["selection"]} if self.teacher_metrics else {}
             self.on_eval(
-                {
-                    **record,
-                    "best_selection": self.best["selection"],
-                    "best_step": self.best["step"],
-                    **({"teacher_selection": self.teacher_metrics["selection"]} if self.teacher_metrics else {}),
-                }
+                {**record, "best_selection": self.best["selection"], "best_step": self.best["step"], **teacher}
             )
         if self.writer is not None:
             for k, v in metrics.items():
@@ -500,12 +476,6 @@ def _main_first(backend: Backend) -> Iterator[None]:
 def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
     """(epochs to add, start step within that epoch) for the step after ``step`` (1-based count)."""
     return (1, 0) if step % per_epoch == 0 else (0, step % per_epoch)
-
-
-def _check_same_head(teacher, task: TaskSpec) -> None:
-    n = teacher.config.num_labels
-    if n != task.num_labels:
-        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
 
 
 def run(
