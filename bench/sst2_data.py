@@ -7,7 +7,13 @@ the rest is the training pool. Folders written (GLUE format, ``train.tsv`` + ``d
   teacher recipe) and the holdout as dev;
 - ``full/``: the whole pool (65,349 rows) and the holdout as dev;
 - ``sentences/``: a dev set of the holdout rows that read like whole sentences (see
-  :func:`is_sentence`), for scoring a student on sentence-level data.
+  :func:`is_sentence`), for scoring a student on sentence-level data (311 rows: about ±1.8 points of
+  sampling noise, too coarse to see a 0.5-point gap);
+- ``full_sent/`` and ``sentence_test/``: 5,000 whole sentences drawn from the pool rows the teacher never saw
+  (texts that occur once in the file), split into a 1,000-row **sentence dev** set for model selection
+  (``full_sent/dev.tsv``) and a 4,000-row **sentence test** set for reporting (``sentence_test/dev.tsv``);
+  ``full_sent/train.tsv`` is the pool without those 5,000 rows (60,349 rows). The other folders are
+  unchanged by this split.
 
 Usage: ``python bench/sst2_data.py --out bench/out/sst2`` (idempotent).
 """
@@ -17,12 +23,15 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 HOLDOUT = 2000
 TEACHER_ROWS = 20000
 SENTENCE_MIN_WORDS = 8
+SENTENCE_DEV = 1000
+SENTENCE_TEST = 4000
 
 
 def is_sentence(text: str) -> bool:
@@ -42,12 +51,32 @@ def make(out: Path, src: Path = SHARED) -> dict[str, int]:
     lines = src.read_text().splitlines()
     header, body = lines[0].split("\t"), [ln.split("\t") for ln in lines[1:] if ln]
     pool, holdout = body[:-HOLDOUT], body[-HOLDOUT:]
-    teacher = random.Random(0).sample(pool, TEACHER_ROWS)
+    # indices, so that the held-out sentences can avoid the teacher's rows (same draw as sample(pool, n))
+    taught = random.Random(0).sample(range(len(pool)), TEACHER_ROWS)
+    teacher = [pool[i] for i in taught]
     sentences = [r for r in holdout if is_sentence(r[0])]
+    # sentence dev/test: rows neither model trains on; a text that occurs twice could sit on both sides
+    counts = Counter(r[0] for r in body)
+    seen = set(taught)
+    candidates = [i for i, r in enumerate(pool) if i not in seen and is_sentence(r[0]) and counts[r[0]] == 1]
+    held = random.Random(1).sample(candidates, SENTENCE_DEV + SENTENCE_TEST)
+    held_set = set(held)
     _write(out / "teacher", header, teacher, holdout)
     _write(out / "full", header, pool, holdout)
     _write(out / "sentences", header, teacher[:64], sentences)
-    return {"pool": len(pool), "holdout": len(holdout), "teacher_train": len(teacher), "sentences": len(sentences)}
+    rest = [r for i, r in enumerate(pool) if i not in held_set]
+    _write(out / "full_sent", header, rest, [pool[i] for i in held[:SENTENCE_DEV]])
+    _write(out / "sentence_test", header, teacher[:64], [pool[i] for i in held[SENTENCE_DEV:]])
+    return {
+        "pool": len(pool),
+        "holdout": len(holdout),
+        "teacher_train": len(teacher),
+        "sentences": len(sentences),
+        "sentence_candidates": len(candidates),
+        "full_sent_train": len(rest),
+        "sentence_dev": SENTENCE_DEV,
+        "sentence_test": SENTENCE_TEST,
+    }
 
 
 def main() -> None:
