@@ -371,6 +371,8 @@ class AnalysisConfig:
     # (weight / smallest parameter-tensor norm) exceeds a fine-tuned model's CE curvature, so with it every
     # example's λ_max is the regulariser's, not the loss's. Set 0.01 to reproduce the reference's figure.
     hessian_norm_weight: NonNegative = 0.0
+    # the attention-map KL is also reported by input length, in this many quantile buckets of the sample
+    length_buckets: PositiveInt = 4
     device: Device = "cpu"
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kdqat_dist.analysis.attention_distance import cover_length_ratio, head_kl, ranking_loss
+from kdqat_dist.analysis.by_length import by_length, length_edges
 from kdqat_dist.analysis.collect import forward_taps
 from kdqat_dist.analysis.hessian import hessian_loss, norm_penalty_hvp, norm_penalty_max_eigenvalue, power_iteration
 from kdqat_dist.analysis.norms import TOKEN_CLASSES, norm_decomposition, token_classes, value_vectors
@@ -116,6 +117,29 @@ def test_distances_known_values():
     s2 = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64).expand(1, 3, 3)
     torch.testing.assert_close(cover_length_ratio(s2, t, k=1), torch.tensor([1 / 3], dtype=torch.float64))
     torch.testing.assert_close(ranking_loss(s2, t), torch.tensor([0.1], dtype=torch.float64))
+
+
+def test_length_buckets_are_quantiles_and_group_the_sample_means():
+    lengths = np.array([5, 9, 6, 12, 30, 7, 9, 20])
+    # empirical quartiles are lengths that occur: no bucket is empty, the last bound is the longest
+    assert length_edges(lengths, 4) == [6, 9, 12, 30]
+    assert length_edges(np.array([8, 8, 8]), 4) == [8]  # equal quantiles merge
+    assert length_edges(lengths, 1) == [30]
+    # per sample: layer 0 holds the sample's index, layer 1 zero -> sample mean = index / 2
+    v = np.zeros((8, 2, 3))
+    v[:, 0, :] = np.arange(8)[:, None]
+    r = by_length(v, lengths, [6, 9, 12, 30])
+    np.testing.assert_allclose(r["sample_mean"], np.arange(8) / 2)
+    assert r["labels"] == ["5–6", "7–9", "10–12", "13–30"]
+    assert r["count"].tolist() == [2, 3, 1, 2]  # {5, 6}, {9, 7, 9}, {12}, {30, 20}
+    np.testing.assert_allclose(r["mean"], [(0 + 2) / 4, (1 + 5 + 6) / 6, 3 / 2, (4 + 7) / 4])
+    np.testing.assert_allclose(r["std"][[0, 2]], [np.std([0, 1], ddof=1), 0.0])
+    # Spearman = Pearson of the ranks (ties share their mean rank: the two 9s are 4.5)
+    rho = np.corrcoef([1, 4.5, 2, 6, 8, 3, 4.5, 7], np.arange(1, 9))[0, 1]
+    np.testing.assert_allclose(r["spearman"], rho)
+    assert np.isnan(by_length(np.ones((3, 1, 1)), np.array([4, 5, 6]), [6])["spearman"])  # constant: no trend
+    with pytest.raises(ValueError, match="reach the longest sample"):
+        by_length(v, lengths, [6, 9, 12])  # the 30-token sample would be dropped
 
 
 def test_ranking_loss_chunking_matches_reference():
@@ -323,6 +347,11 @@ def test_identical_models_give_zero_distance_and_difference(results):
     )
     # the quantized students do differ
     assert res["distance"]["map"]["kl"]["mean"].min() > 0
+    # by length: a copy of the teacher is 0 in every bucket; a student's buckets hold its per-sample KL
+    assert res["distance_by_length"]["same"]["mean"].tolist() == [0.0] * len(res["distance_by_length"]["same"]["edges"])
+    b = res["distance_by_length"]["map"]
+    np.testing.assert_allclose(b["sample_mean"], res["distance"]["map"]["kl"]["per_sample"].mean(axis=(1, 2)))
+    assert b["count"].sum() == len(res["lengths"]) and (b["mean"] > 0).all()
     assert np.abs(res["norm_difference"]["out"]["f_norm"][..., -1]).max() > 0
 
 
@@ -384,6 +413,10 @@ def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_pa
     assert doc["meta"]["hessian_norm_weight"] == 0.0 and hs["norm_term_eigenvalue"] == 0.0
     md = (out / "summary.md").read_text()
     assert all(f"({name})" in md for name in FIGURES)
+    # the KL by input length: 4 samples in at most analysis.length_buckets (4) quantile buckets
+    by_len = doc["distance_by_length"]["lsq"]
+    assert sum(by_len["count"]) == 4 and len(by_len["edges"]) <= 4 and by_len["edges"][-1] == max(doc["lengths"])
+    assert "### By input length" in md and "| lsq | " in md.split("### By input length")[1]
     # a used --out is refused: nothing of the earlier analysis is replaced
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     rc, err = _cli(

@@ -22,6 +22,7 @@ from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES
 __all__ = [
     "colors",
     "gaussian_density",
+    "plot_distance_by_length",
     "plot_distance_heatmaps",
     "plot_distance_layers",
     "plot_dynamic_range_layers",
@@ -155,6 +156,35 @@ def plot_distance_layers(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title=f"mean ± s.d. over {n_samples} samples", title_fontsize=7)
     fig.suptitle("Attention-map distance to the teacher per layer (mean over heads)")
+    return _save(fig, path)
+
+
+def plot_distance_by_length(by_len: Mapping[str, Mapping[str, np.ndarray]], lengths: np.ndarray, path: Path) -> Path:
+    """KL(teacher ‖ student) against input length: one dot per sample (mean over layers and heads) and the
+    mean ± s.d. of each length bucket at its samples' mean length, one colour per student.
+
+    Args:
+        by_len: ``by_len[student]`` from :func:`kdqat_dist.analysis.by_length.by_length`.
+        lengths: [N] token counts of the samples, in the order of ``sample_mean``.
+    """
+    students = list(by_len)
+    col = colors(students)
+    lengths = np.asarray(lengths)
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for s in students:
+        d = by_len[s]
+        ax.scatter(lengths, np.asarray(d["sample_mean"]), s=10, alpha=0.35, color=col[s], lw=0)
+        bucket = np.searchsorted(np.asarray(d["edges"]), lengths, side="left")
+        x = [lengths[bucket == b].mean() for b in range(len(d["edges"]))]
+        rho = float(d["spearman"])
+        label = s if not np.isfinite(rho) else f"{s} (Spearman ρ {rho:+.2f})"
+        ax.errorbar(x, d["mean"], yerr=d["std"], color=col[s], marker="o", ms=5, capsize=3, label=label)
+    ax.set(xlabel="input length (tokens, [CLS] and [SEP] included)", ylabel="nats per query row")
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="dots: samples; line: length-bucket mean ± s.d.", title_fontsize=7)
+    ax.set_title("Attention-map KL(teacher ‖ student) by input length (mean over layers and heads)", fontsize=10)
     return _save(fig, path)
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from kdqat_dist.analysis.by_length import by_length, length_edges
 from kdqat_dist.analysis.collect import DISTANCES, collect
 from kdqat_dist.analysis.hessian import max_eigenvalue_spectrum
 from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
@@ -53,6 +54,7 @@ __all__ = [
 FIGURES = (
     "attention_distance_heatmaps.png",
     "attention_distance_layers.png",
+    "attention_distance_by_length.png",
     "dynamic_range_layers.png",
     "dynamic_range_tokens.png",
     *(f"norms_heads_{c}.png" for c in TOKEN_CLASSES),
@@ -292,6 +294,7 @@ def analyze_models(
     hessian_tol: float = 1e-3,
     hessian_top_n: int = 1,
     hessian_norm_weight: float = 0.0,
+    length_buckets: int = 4,
     regression: bool = False,
     seed: int = 0,
     progress: bool = False,
@@ -301,6 +304,8 @@ def analyze_models(
     Returns:
         ``distance``: per student, per metric: ``mean``/``std`` [L, H] over samples, ``layer_mean``/
         ``layer_std`` [L] (head mean, its s.d. over samples) and ``per_sample`` [N, L, H];
+        ``distance_by_length``: per student, the KL by length bucket (:func:`~kdqat_dist.analysis.by_length.
+        by_length`: ``labels``/``edges``/``count``/``mean``/``std`` [B], ``sample_mean`` [N], ``spearman``);
         ``dynamic_range``: per model ``min``/``max`` [N, L], ``example_min``/``example_max`` [L, S_0];
         ``norms``: per model ``alpha``/``f_norm``/``af_norm`` [L, H, C], ``sum_af_norm`` [L, C],
         ``layer`` (per-layer [L, C] curves), ``tokens`` [C];
@@ -314,6 +319,8 @@ def analyze_models(
     lengths = raw["lengths"].astype(np.float64)
     out["identical_cover"] = float(np.mean(np.minimum(top_k, lengths) / lengths))
     out["distance"] = {s: {m: _distance_stats(v) for m, v in metrics.items()} for s, metrics in raw["distance"].items()}
+    edges = length_edges(raw["lengths"], length_buckets)
+    out["distance_by_length"] = {s: by_length(d["kl"], raw["lengths"], edges) for s, d in raw["distance"].items()}
     out["norms"] = {name: {**r, "layer": layer_summary(r)} for name, r in raw["norms"].items()}
     t = out["norms"]["teacher"]
     out["norm_difference"] = {}
@@ -357,6 +364,8 @@ DIMS = {
     "distance.<student>.<metric>.mean/std": ["layer", "head"],
     "distance.<student>.<metric>.layer_mean/layer_std": ["layer"],
     "distance.<student>.<metric>.per_sample": ["sample", "layer", "head"],
+    "distance_by_length.<student>.labels/edges/count/mean/std": ["length bucket"],
+    "distance_by_length.<student>.sample_mean": ["sample"],
     "dynamic_range.<model>.min/max": ["sample", "layer"],
     "dynamic_range.<model>.example_min/example_max": ["layer", "token of the first sample"],
     "norms.<model>.alpha/f_norm/af_norm": ["layer", "head", "key-token class"],
@@ -394,6 +403,9 @@ def write_report(
             top_k,
             results["identical_cover"],
         ),
+        P.plot_distance_by_length(
+            results["distance_by_length"], results["lengths"], out / "attention_distance_by_length.png"
+        ),
         P.plot_dynamic_range_layers(rng, out / "dynamic_range_layers.png"),
         P.plot_dynamic_range_tokens(rng, example_tokens, out / "dynamic_range_tokens.png"),
         *(P.plot_norm_heads(norms, c, out / f"norms_heads_{c}.png") for c in TOKEN_CLASSES),
@@ -428,6 +440,27 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.4g}"
 
 
+def _by_length_markdown(by_len: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The KL table by length bucket: one row per student, mean ± s.d. over the bucket's samples."""
+    first = next(iter(by_len.values()))
+    heads = [f"{lab} tokens ({int(n)})" for lab, n in zip(first["labels"], first["count"], strict=True)]
+    lines = [
+        "### By input length",
+        "",
+        "KL(teacher ‖ student) averaged over layers and heads per sample, then over the samples of each "
+        "length bucket (quantiles of this sample's lengths; count in brackets): mean ± s.d. Spearman ρ: "
+        "rank correlation of a sample's KL with its length over all samples (> 0: long inputs drift more).",
+        "",
+        "| student | " + " | ".join(heads) + " | Spearman ρ |",
+        "|---" * (len(heads) + 2) + "|",
+    ]
+    for s, d in by_len.items():
+        cells = [f"{_fmt(float(m))} ± {_fmt(float(e))}" for m, e in zip(d["mean"], d["std"], strict=True)]
+        rho = float(d["spearman"])
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {'–' if not np.isfinite(rho) else f'{rho:+.2f}'} |")
+    return [*lines, "", "![attention distance by input length](attention_distance_by_length.png)", ""]
+
+
 def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequence[str]) -> str:
     top_k = int(meta.get("top_k", 5))
     lengths = np.asarray(results["lengths"])
@@ -456,6 +489,7 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
         "",
         "![attention distance per layer](attention_distance_layers.png)",
         "",
+        *_by_length_markdown(results["distance_by_length"]),
         "## Attention-output dynamic range (Exp3)",
         "",
         "Min and max of the attention-block output (after the residual and LayerNorm) over all tokens, "
