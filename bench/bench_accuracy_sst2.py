@@ -65,6 +65,10 @@ for _name in ("adamw", "bertadam", "bertadam_valid"):
 # The same budget on the pool without the 5,000 held-out sentences (60,349 rows, 1,886 steps), selecting on
 # the 1,000-row sentence dev set: model selection on the kind of text the student is scored on.
 VARIANTS["fullsent_bertadam_valid"] = [*VARIANTS["bertadam_valid"], f"data.source={DATA / 'full_sent'}", *FULL_BUDGET]
+# The reference's budget (TernaryBERT's scripts: 3 epochs, 5,658 steps here) with the same selection.
+VARIANTS["fullsent3_bertadam_valid"] = [
+    "train.epochs=3" if o == "train.epochs=1" else o for o in VARIANTS["fullsent_bertadam_valid"]
+]
 
 
 def median_step_time(run_dir: Path) -> float | None:
