@@ -43,9 +43,10 @@ def by_length(per_sample: np.ndarray, lengths: np.ndarray, edges: list[int]) -> 
             one are an error, so that no sample is silently dropped.
 
     Returns:
-        ``labels`` [B] ("lo–hi" in tokens), ``edges`` [B], ``count`` [B], ``mean`` [B], ``std`` [B] (sample
-        s.d., 0 for a bucket of one), ``sample_mean`` [N] (the per-sample values grouped) and ``spearman``
-        (rank correlation of ``sample_mean`` with length; NaN when either is constant).
+        ``labels`` [B] ("lo–hi" in tokens), ``edges`` [B], ``count`` [B], ``mean_length`` [B] (of the
+        bucket's samples), ``mean`` [B], ``std`` [B] (sample s.d., 0 for a bucket of one), ``sample_mean``
+        [N] (the per-sample values grouped) and ``spearman`` (rank correlation of ``sample_mean`` with
+        length; NaN when either is constant).
     """
     v = np.asarray(per_sample, dtype=np.float64)
     lengths = np.asarray(lengths)
@@ -55,13 +56,14 @@ def by_length(per_sample: np.ndarray, lengths: np.ndarray, edges: list[int]) -> 
         raise ValueError(f"by_length: edges must increase and reach the longest sample ({lengths.max()}), got {edges}")
     sample_mean = v.mean(axis=(1, 2))
     bucket = np.searchsorted(np.asarray(edges), lengths, side="left")  # first edge >= length
-    labels, count, mean, std = [], [], [], []
+    labels, count, mean_length, mean, std = [], [], [], [], []
     lo = int(lengths.min())
     for b, hi in enumerate(edges):
         x = sample_mean[bucket == b]
         labels.append(f"{lo}–{hi}" if lo < hi else f"{hi}")
         lo = hi + 1
         count.append(len(x))
+        mean_length.append(float(lengths[bucket == b].mean()) if len(x) else float("nan"))
         mean.append(float(x.mean()) if len(x) else float("nan"))
         std.append(float(x.std(ddof=1)) if len(x) > 1 else 0.0)
     constant = np.ptp(sample_mean) == 0 or np.ptp(lengths) == 0
@@ -70,6 +72,7 @@ def by_length(per_sample: np.ndarray, lengths: np.ndarray, edges: list[int]) -> 
         "labels": labels,
         "edges": [int(e) for e in edges],
         "count": np.asarray(count),
+        "mean_length": np.asarray(mean_length),
         "mean": np.asarray(mean),
         "std": np.asarray(std),
         "sample_mean": sample_mean,

@@ -175,11 +175,9 @@ def plot_distance_by_length(by_len: Mapping[str, Mapping[str, np.ndarray]], leng
     for s in students:
         d = by_len[s]
         ax.scatter(lengths, np.asarray(d["sample_mean"]), s=10, alpha=0.35, color=col[s], lw=0)
-        bucket = np.searchsorted(np.asarray(d["edges"]), lengths, side="left")
-        x = [lengths[bucket == b].mean() for b in range(len(d["edges"]))]
         rho = float(d["spearman"])
         label = s if not np.isfinite(rho) else f"{s} (Spearman ρ {rho:+.2f})"
-        ax.errorbar(x, d["mean"], yerr=d["std"], color=col[s], marker="o", ms=5, capsize=3, label=label)
+        ax.errorbar(d["mean_length"], d["mean"], yerr=d["std"], color=col[s], marker="o", ms=5, capsize=3, label=label)
     ax.set(xlabel="input length (tokens, [CLS] and [SEP] included)", ylabel="nats per query row")
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)

@@ -305,7 +305,8 @@ def analyze_models(
         ``distance``: per student, per metric: ``mean``/``std`` [L, H] over samples, ``layer_mean``/
         ``layer_std`` [L] (head mean, its s.d. over samples) and ``per_sample`` [N, L, H];
         ``distance_by_length``: per student, the KL by length bucket (:func:`~kdqat_dist.analysis.by_length.
-        by_length`: ``labels``/``edges``/``count``/``mean``/``std`` [B], ``sample_mean`` [N], ``spearman``);
+        by_length`: ``labels``/``edges``/``count``/``mean_length``/``mean``/``std`` [B], ``sample_mean`` [N],
+        ``spearman``);
         ``dynamic_range``: per model ``min``/``max`` [N, L], ``example_min``/``example_max`` [L, S_0];
         ``norms``: per model ``alpha``/``f_norm``/``af_norm`` [L, H, C], ``sum_af_norm`` [L, C],
         ``layer`` (per-layer [L, C] curves), ``tokens`` [C];
@@ -364,7 +365,7 @@ DIMS = {
     "distance.<student>.<metric>.mean/std": ["layer", "head"],
     "distance.<student>.<metric>.layer_mean/layer_std": ["layer"],
     "distance.<student>.<metric>.per_sample": ["sample", "layer", "head"],
-    "distance_by_length.<student>.labels/edges/count/mean/std": ["length bucket"],
+    "distance_by_length.<student>.labels/edges/count/mean_length/mean/std": ["length bucket"],
     "distance_by_length.<student>.sample_mean": ["sample"],
     "dynamic_range.<model>.min/max": ["sample", "layer"],
     "dynamic_range.<model>.example_min/example_max": ["layer", "token of the first sample"],
