@@ -77,6 +77,15 @@ VARIANTS["fullsent_noclamp"] = [
     "quant.act.clip=null",
     "quant.attention.clip=null",
 ]
+# Which quantizer the sentence gap comes from (issue #20): the same run with full-precision activations
+# (the 8-bit inputs of every linear layer and of both attention matmuls off), or full-precision word
+# embeddings; ternary weights everywhere else.
+VARIANTS["fullsent_a32"] = [
+    *VARIANTS["fullsent_bertadam_valid"],
+    "quant.act.enabled=false",
+    "quant.attention.enabled=false",
+]
+VARIANTS["fullsent_e32"] = [*VARIANTS["fullsent_bertadam_valid"], "quant.embedding.enabled=false"]
 # More long text for the student at the same budget (1,886 steps, issue #20): the long rows twice, or 20,000
 # joined pairs of phrases added to the pool (bench/sst2_data.py), still selected on the sentence dev set.
 for _name, _folder in (("long2x", "full_sent_long"), ("concat", "full_sent_concat")):
