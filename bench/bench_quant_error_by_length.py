@@ -48,9 +48,11 @@ def role(name: str) -> str:
 
 
 def main() -> None:
+    from kdqat_dist.config import ActQuantConfig
     from kdqat_dist.models.encoders import load_tokenizer
     from kdqat_dist.models.student import load_student
     from kdqat_dist.quant.fake_quant import ActFakeQuant
+    from kdqat_dist.quant.quantizers import make_quantizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", type=Path, required=True)
@@ -62,6 +64,7 @@ def main() -> None:
     lines = (DATA / "sentence_test" / "dev.tsv").read_text().splitlines()[1:]
     texts = [ln.split("\t")[0] for ln in lines if ln]
     state: dict = {}
+    unclamped = make_quantizer(ActQuantConfig(clip=None), activation=True)  # the same 8-bit grid, no ±2.5
 
     def hook(name: str):
         def fn(mod, inp, out):
@@ -82,12 +85,11 @@ def main() -> None:
                 m = mask[:, :, None].expand_as(x)
             err = ((q - x) * m).norm() / (x * m).norm()
             state["acc"][r].append(float(err))
-            # the same 8-bit grid without the reference's ±2.5 clamp: max-abs of the whole tensor
-            s = x.abs().amax().clamp_min(1e-12) / 127
-            alt = torch.round(x / s) * s
+            alt = unclamped.fake_quant(x)
             state["acc"][r + " (no clamp)"].append(float(((alt - x) * m).norm() / (x * m).norm()))
-            if r == "probs":  # unsigned: [0, max] on 255 steps
-                u = torch.round(x / (s * 127 / 255)) * (s * 127 / 255)
+            if r == "probs":  # unsigned: [0, max] on 255 steps (not a project quantizer)
+                s = x.abs().amax().clamp_min(1e-12) / 255
+                u = torch.round(x / s) * s
                 l1 = ((u - x).abs() * m).sum(-1)
                 state["acc"]["probs L1 (unsigned)"].append(float(l1[mask[:, None, :].expand_as(l1)].mean()))
 
