@@ -86,6 +86,15 @@ VARIANTS["fullsent_a32"] = [
     "quant.attention.enabled=false",
 ]
 VARIANTS["fullsent_e32"] = [*VARIANTS["fullsent_bertadam_valid"], "quant.embedding.enabled=false"]
+# The word-embedding table at 8 or 4 bits (max-abs per row) instead of ternary or full precision: the size
+# and accuracy trade between the two (issue #20).
+for _bits in (8, 4):
+    VARIANTS[f"fullsent_e{_bits}"] = [
+        *VARIANTS["fullsent_bertadam_valid"],
+        "quant.embedding.method=sym",
+        f"quant.embedding.bits={_bits}",
+    ]
+VARIANTS["fullsent_e32a32"] = [*VARIANTS["fullsent_e32"], "quant.act.enabled=false", "quant.attention.enabled=false"]
 # More long text for the student at the same budget (1,886 steps, issue #20): the long rows twice, or 20,000
 # joined pairs of phrases added to the pool (bench/sst2_data.py), still selected on the sentence dev set.
 for _name, _folder in (("long2x", "full_sent_long"), ("concat", "full_sent_concat")):
@@ -266,6 +275,49 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def plot_gap(out: Path, variants: list[str], png: Path) -> None:
+    """Bars: student minus teacher on the 4,000-row sentence test set and its length buckets, one group per
+    split and one bar per variant (mean over its seeds, whiskers one sample s.d.)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("sentence_test") is not None]
+    teacher = next(r for r in rows if r["variant"] == "teacher (FP)")
+    sizes = teacher["sentence_test_buckets"]
+    splits = [("sentence test", None)] + [(f"{b} words ({n})", b) for b, (n, _) in sizes.items() if n]
+
+    def acc(r: dict, bucket: str | None) -> float:
+        return 100 * (r["sentence_test"] if bucket is None else r["sentence_test_buckets"][bucket][1])
+
+    fig, ax = plt.subplots(figsize=(2.4 * len(splits) + 4, 4))
+    width = 0.8 / len(variants)
+    for i, name in enumerate(variants):
+        rs = [r for r in rows if r["variant"] == name]
+        if not rs:
+            sys.exit(f"no sentence-test rows for variant {name!r} in {out / 'results.jsonl'}")
+        gaps = [[acc(r, b) - acc(teacher, b) for r in rs] for _, b in splits]
+        ax.bar(
+            [j + (i - (len(variants) - 1) / 2) * width for j in range(len(splits))],
+            [statistics.mean(g) for g in gaps],
+            width,
+            yerr=[statistics.stdev(g) for g in gaps] if len(rs) > 1 else None,
+            capsize=3,
+            label=f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
+        )
+    ax.axhline(-0.5, color="grey", linestyle="--", linewidth=1, label="target: -0.5")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(splits)), [s for s, _ in splits])
+    ax.set_ylabel("student - teacher (accuracy points)")
+    ax.set_title("SST-2 whole sentences: gap to the FP teacher by length")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["adamw", "bertadam"])
@@ -274,6 +326,12 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=TEACHER)
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
     ap.add_argument("--table", action="store_true", help="print the markdown table of <out>/results.jsonl")
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="draw the gap to the teacher on the sentence test set, by length, for --variants, and exit",
+    )
     ap.add_argument(
         "--score-teacher",
         action="store_true",
@@ -286,6 +344,9 @@ def main() -> None:
         return
     if args.table:
         print(table(args.out))
+        return
+    if args.plot:
+        plot_gap(args.out, args.variants, args.plot)
         return
     if args.score_teacher:
         args.out.mkdir(parents=True, exist_ok=True)
