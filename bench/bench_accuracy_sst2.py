@@ -223,9 +223,14 @@ def run_one(name: str, seed: int, out: Path, teacher: Path, overrides: list[str]
     return row
 
 
+def load_rows(out: Path) -> list[dict]:
+    """The runs recorded in ``<out>/results.jsonl``, in file order."""
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
 def table(out: Path) -> str:
     """Markdown: one row per variant (mean ± sample std over its seeds) from ``<out>/results.jsonl``."""
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = load_rows(out)
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
@@ -283,7 +288,7 @@ def plot_gap(out: Path, variants: list[str], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = load_rows(out)
     rows = [r for r in rows if r.get("sentence_test") is not None]
     teacher = next(r for r in rows if r["variant"] == "teacher (FP)")
     sizes = teacher["sentence_test_buckets"]
