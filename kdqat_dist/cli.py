@@ -15,8 +15,8 @@ import yaml
 from transformers.utils import logging as hf_logging
 
 from kdqat_dist import pipeline
-from kdqat_dist.config import RECIPES_DIR, ConfigError, load_config, to_dict
-from kdqat_dist.engine.loop import TrainingError
+from kdqat_dist.config import RECIPES_DIR, load_config, to_dict
+from kdqat_dist.errors import ConfigError, TrainingError
 
 EPILOG = """examples:
   kdqat demo                                    # the whole pipeline on the built-in task (offline)

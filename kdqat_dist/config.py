@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from kdqat_dist.errors import ConfigError
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 # --------------------------------------------------------------------------- value sets and constraints
@@ -36,10 +38,6 @@ DemoLevel = Literal["easy", "standard", "hard"]  # data.demo_level (kdqat_dist/d
 
 ALLOWED_BITS: tuple[int, ...] = typing.get_args(Bits)
 INITS: tuple[str, ...] = typing.get_args(LsqInit)
-
-
-class ConfigError(ValueError):
-    """A user error in a config file, an override or a CLI argument (printed as one line)."""
 
 
 def _num(x: float) -> str:

@@ -1,8 +1,8 @@
 """The package's dependency order, checked on the source: no module imports a layer above its own.
 
-Bottom-up: config and files (leaf utilities), data, models, quant, distill, engine, then the tools
-(tune, analysis, export), pipeline, cli, and the package root. A module may import its own package
-and any lower layer; the tools do not import one another. Every import statement counts, also one inside
+Bottom-up: errors (the exception types), config and files (leaf utilities), data, models, quant, distill,
+engine, then the tools (tune, analysis, export), pipeline, cli, and the package root. A module may import
+its own package and any lower layer; the tools do not import one another. Every import statement counts, also one inside
 a function, and ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name.
 Only ``engine/`` imports DeepSpeed or ``torch.distributed``, and only ``tune/`` imports Ray.
 """
@@ -20,6 +20,7 @@ PKG = Path(__file__).resolve().parents[1] / "kdqat_dist"
 LAYERS = {
     "config": 0,
     "files": 0,
+    "errors": -1,  # the exception types: a leaf that imports nothing of ours
     "data": 1,
     "models": 2,
     "quant": 3,  # above models: prepare() walks the encoder's structure

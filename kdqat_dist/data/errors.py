@@ -1,12 +1,7 @@
-"""The one error type of the data layer."""
+"""The data layer's error type; it lives in :mod:`kdqat_dist.errors` with the others."""
 
 from __future__ import annotations
 
-from kdqat_dist.config import ConfigError
+from kdqat_dist.errors import DataError
 
-
-class DataError(ConfigError):
-    """Bad input data or a data setting: one line naming the file/line/column and what is allowed.
-
-    A subclass of :class:`ConfigError` so the CLI prints it as one line and exits non-zero.
-    """
+__all__ = ["DataError"]

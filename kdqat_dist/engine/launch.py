@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from kdqat_dist.engine.loop import TrainingError
+from kdqat_dist.errors import TrainingError
 
 
 def free_port() -> int:

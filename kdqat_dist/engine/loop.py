@@ -25,6 +25,7 @@ from kdqat_dist.engine import diagnostics
 from kdqat_dist.engine.backend import Backend, LocalBackend, latest_checkpoint, memory_table, seed_everything
 from kdqat_dist.engine.ds_config import micro_batch_size
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
+from kdqat_dist.errors import TrainingError
 from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout, unwrap
@@ -35,10 +36,6 @@ from kdqat_dist.quant.size import size_report
 from kdqat_dist.quant.student import save_student
 
 CONTRIB = "kd_contribution/"  # TensorBoard prefix of each term's (and layer's) weighted share of the loss
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); printed as one line by the CLI."""
 
 
 def make_backend(cfg: RunConfig) -> Backend:
