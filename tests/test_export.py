@@ -1,4 +1,5 @@
-"""``kdqat export``: the packed artifact reloads into exactly the fake-quant student; bad input is refused."""
+"""``kdqat export``: the packed artifact reloads into the integer form of the fake-quant student, with its logits;
+bad input is refused."""
 
 import json
 import sys
@@ -10,12 +11,13 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from kdqat_dist.config import ConfigError, QuantConfig, QuantRule, load_config, save_config
 from kdqat_dist.export import export_model, export_student, load, read_meta
-from kdqat_dist.export.artifact import logits_of, probe_batch
+from kdqat_dist.export.artifact import WEIGHTS_FILE, logits_of, probe_batch
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
 from kdqat_dist.models.student import load_student, save_student
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant.api import calibrate_activations, prepare
-from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
+from kdqat_dist.quant.fake_quant import ActFakeQuant
+from kdqat_dist.quant.integer import QuantizedAct, QuantizedEmbedding, QuantizedLinear
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +53,23 @@ def test_exported_student_gives_identical_logits(student_dir, exported):
     student, model = load_student(student_dir), load(out)
     for batch in (probe_batch(model.config), text_batch(out)):
         assert torch.equal(logits_of(student, batch), logits_of(model, batch))
-    # weights bit-identical to the fake-quant weights, activation quantizers as in training
+    # the integer form: int8 codes whose codes · scale are the fake-quant weights bit for bit (TWN),
+    # activation quantizers as in training
     sm = dict(student.named_modules())
     n_packed = 0
     for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)) and hasattr(m, "frozen_weight_cfg"):
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+            assert m.weight_codes.dtype == torch.int8
             with torch.no_grad():
-                assert torch.equal(m.weight, sm[name].weight_quant(sm[name].weight))
+                assert torch.equal(m.dequantized_weight(), sm[name].weight_quant(sm[name].weight))
             n_packed += 1
     assert n_packed == report.modules == len(read_meta(out)["modules"])
-    acts = [n for n, m in model.named_modules() if isinstance(m, ActFakeQuant) and m.enabled]
+    assert not any(isinstance(m, ActFakeQuant) for m in model.modules())
+    acts = [n for n, m in model.named_modules() if isinstance(m, QuantizedAct)]
     assert acts == [n for n, m in student.named_modules() if isinstance(m, ActFakeQuant) and m.enabled]
-    assert {p.name for p in out.iterdir()} >= {
-        "config.json",
-        "kdqat_export.json",
-        "model.safetensors",
-        "tokenizer.json",
-    }
-    assert report.file_bytes == (out / "model.safetensors").stat().st_size < report.fp32_bytes
+    assert {p.name for p in out.iterdir()} >= {"config.json", "kdqat_export.json", WEIGHTS_FILE, "tokenizer.json"}
+    assert report.file_bytes == (out / WEIGHTS_FILE).stat().st_size < report.fp32_bytes
+    assert read_meta(out)["probe"]["max_abs_logit_diff"] == 0.0
 
 
 def test_base3_is_smaller_and_identical(student_dir, exported, tmp_path):
@@ -121,7 +122,7 @@ def test_every_method_and_granularity_round_trips(tmp_path):
     assert not any("pooler" in n for n in mods)
     loaded = load(out)
     assert torch.equal(logits_of(model, batch), logits_of(loaded, batch))
-    steps = [float(m.step.detach()) for m in loaded.modules() if isinstance(m, ActFakeQuant) and m.cfg.method == "lsq"]
+    steps = [float(m.step) for m in loaded.modules() if isinstance(m, QuantizedAct) and m.cfg.method == "lsq"]
     assert steps and all(s != 1.0 for s in steps)  # the calibrated steps, not a fresh init
     # the size the training summary prints agrees with what export stores (mean_clip: 2^b + 1 levels)
     from kdqat_dist.quant.size import quantized_packed_bytes
@@ -151,7 +152,7 @@ def test_bitnet_and_paretoq_weights_round_trip(tmp_path, method, narrow):
     mods = read_meta(out)["modules"]
     assert {i["method"] for i in mods.values()} == {method}
     assert {i["storage_bits"] for i in mods.values()} == {2}
-    assert {i["dequant"] for i in mods.values()} == {"mul" if narrow else "mul_half"}
+    assert {i["stride"] for i in mods.values()} == {1 if narrow else 2}  # 2-bit SEQ: odd codes
     loaded = load(out)
     assert torch.equal(logits_of(model, batch), logits_of(loaded, batch))
 
@@ -177,7 +178,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_truncated_or_corrupt_file_is_refused(exported, tmp_path):
     out = _copy(exported[0], tmp_path / "t")
-    w = out / "model.safetensors"
+    w = out / WEIGHTS_FILE
     data = w.read_bytes()
     w.write_bytes(data[:-100])
     with pytest.raises(ConfigError, match="truncated"):
@@ -251,7 +252,7 @@ def test_cli_export_round_trip_and_eval(student_dir, tmp_path, capsys):
     (out / "kdqat_export.json").unlink()
     assert main(["eval", "--model", str(out), "--config", cfg_yaml]) == 2
     err = capsys.readouterr().err
-    assert "weights do not match the model" in err and "needs its kdqat_export.json" in err
+    assert err.count("\n") == 1 and "packed kdqat export" in err and "kdqat_dist.export.load" in err
 
 
 def test_cli_fails_when_metrics_differ(student_dir, tmp_path, capsys, monkeypatch):
@@ -292,7 +293,7 @@ def test_written_weight_files_get_ordinary_permissions(student_dir, exported, ti
     os.umask(umask)
     want = 0o666 & ~umask
     for f in (
-        exported[0] / "model.safetensors",
+        exported[0] / WEIGHTS_FILE,
         student_dir / "model.safetensors",
         tiny_teacher / "model.safetensors",
     ):  # export, student, fine-tuned model
