@@ -298,3 +298,54 @@ def test_written_weight_files_get_ordinary_permissions(student_dir, exported, ti
         tiny_teacher / "model.safetensors",
     ):  # export, student, fine-tuned model
         assert stat.S_IMODE(f.stat().st_mode) == want, f
+
+
+def _as_format_1(src: Path, dst: Path) -> Path:
+    """A format-1 folder made from a format-2 one: model.safetensors, sym scales s with codes / s, 2-bit SEQ
+    codes k with (k + ½)·s, a "dequant" op per module (what kdqat_dist wrote before format 2)."""
+    from safetensors.torch import load_file, save_file
+
+    from kdqat_dist.export import packing as P
+    from kdqat_dist.export.artifact import _sha256
+
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name not in (WEIGHTS_FILE, "kdqat_export.json"):
+            (dst / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((src / "kdqat_export.json").read_text())
+    state = load_file(str(src / WEIGHTS_FILE))
+    for name, info in meta["modules"].items():
+        op = P.legacy_dequant_op(info["method"], info["narrow_range"])
+        enc = P.Encoding(info["packing"], 0 if info["packing"] == "base3" else info["storage_bits"], info["zero"], 2)
+        if op == "div":
+            state[f"{name}.weight.scale"] = state[f"{name}.weight.scale"].reciprocal()
+        if op == "mul_half":
+            n = int(torch.tensor(info["shape"]).prod())
+            k = (P.decode(state[f"{name}.weight.codes"], enc, n) - 1) // 2
+            enc1 = P.choose_encoding(k, info["bits"])
+            state[f"{name}.weight.codes"] = P.encode(k, enc1)
+            state[f"{name}.weight.scale"] = state[f"{name}.weight.scale"] * 2
+            info["zero"] = enc1.zero
+        info["dequant"] = op
+        info.pop("stride")
+    save_file(state, str(dst / "model.safetensors"))
+    meta.update(format_version=1, weights_file="model.safetensors")
+    meta["weights_bytes"] = (dst / "model.safetensors").stat().st_size
+    meta["weights_sha256"] = _sha256(dst / "model.safetensors")
+    (dst / "kdqat_export.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.mark.parametrize("method", ["sym", "seq"])
+def test_format_1_exports_still_load(tmp_path, method):
+    quant = QuantConfig()
+    quant.embedding.method, quant.embedding.bits = "sym", 8  # scales stored as s, codes / s
+    if method == "seq":
+        quant.weight.method, quant.weight.narrow_range = "seq", False  # (k + ½)·s
+    model = prepare(tiny_model(), quant)
+    export_model(model, quant, tmp_path / "v2")
+    v1 = _as_format_1(tmp_path / "v2", tmp_path / "v1")
+    assert read_meta(v1)["format_version"] == 1
+    for batch in (probe_batch(model.config), probe_batch(model.config, 3, 9, 1)):
+        torch.testing.assert_close(logits_of(load(v1), batch), logits_of(model, batch), rtol=0, atol=1e-5)
+        assert torch.equal(logits_of(load(v1), batch), logits_of(load(tmp_path / "v2"), batch))
