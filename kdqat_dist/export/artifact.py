@@ -68,9 +68,10 @@ WEIGHTS_FILE = "kdqat_packed.safetensors"  # not model.safetensors: from_pretrai
 LEGACY_WEIGHTS_FILE = "model.safetensors"  # format 1
 FORMAT = "kdqat-packed"
 FORMAT_VERSION = 2  # 2: the quantized form (ŵ = codes · scale for every method), kdqat_packed.safetensors
-# logits of the reloaded artifact vs the fake-quant student: equal but for float rounding (max-abs weights
-# are codes · (1/s) instead of codes / s); well above that rounding, far below any real defect
-PROBE_ATOL = 1e-4
+# logits of the reloaded artifact vs the fake-quant student, relative to the largest |logit|: equal but for
+# float rounding (max-abs weights are codes · (1/s) instead of codes / s); well above that rounding, far
+# below any real defect
+PROBE_RTOL = 1e-5
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece")
 
 
@@ -153,16 +154,22 @@ def probe_batches(config, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return [probe_batch(config, n, seq, seed + i) for i, (n, seq) in enumerate(((4, 16), (3, 9), (6, 24)))]
 
 
-def compare_logits(a: torch.Tensor, b: torch.Tensor, atol: float) -> str | None:
-    """None when ``b`` reproduces ``a``: |a − b| <= atol everywhere and the same argmax in every row whose
-    top-two margin in ``a`` exceeds 2·atol (a closer race may go either way within the tolerance);
-    otherwise what differs, in words."""
+def compare_logits(a: torch.Tensor, b: torch.Tensor, rel: float, floor: float = 1e-6) -> str | None:
+    """None when ``b`` reproduces ``a``, else what differs, in words.
+
+    Reproduces: |a − b| <= tol = floor + rel · max|a| everywhere (a tolerance relative to the batch's largest
+    logit, so that a model with small logits is held to the same standard), and the same argmax in every
+    row whose top-two margin in ``a`` exceeds 2·tol (a closer race may go either way within the tolerance).
+    """
+    if a.shape != b.shape:
+        return f"logits of shape {tuple(b.shape)}, expected {tuple(a.shape)}"
+    tol = floor + rel * (float(a.abs().max()) if a.numel() else 0.0)
     diff = float((a - b).abs().max()) if a.numel() else 0.0
-    if a.shape != b.shape or not diff <= atol:  # NaN fails too
-        return f"max |logit difference| {diff:.3g} > {atol:g}" if a.shape == b.shape else f"shapes {a.shape}, {b.shape}"
+    if not diff <= tol:  # NaN fails too
+        return f"max |logit difference| {diff:.3g} > tolerance {tol:.3g}"
     if a.shape[-1] > 1:
         top2 = a.topk(2, dim=-1).values
-        clear = (top2[..., 0] - top2[..., 1]) > 2 * atol
+        clear = (top2[..., 0] - top2[..., 1]) > 2 * tol
         if bool((a.argmax(-1) != b.argmax(-1))[clear].any()):
             return "a different predicted class on a row with a clear margin"
     return None
@@ -207,7 +214,7 @@ def export_model(
         base3: store ternary tensors five trits per byte (1.6 bits) instead of 2 bits.
         extra: more keys for ``kdqat_export.json`` (source, task, metrics...).
         verify: reload the artifact and require the fake-quant logits on fixed probe batches with padding
-            (within :data:`PROBE_ATOL`, the same predicted class).
+            (within :data:`PROBE_RTOL` of the largest logit, the same predicted class).
 
     Raises:
         ConfigError: the model was never quantized, is already converted, uses unsupported bits, or an
@@ -327,14 +334,14 @@ def export_model(
             diffs = []
             for batch in probe_batches(model.config):
                 a, b = logits_of(model, batch), logits_of(loaded, batch)
-                problem = compare_logits(a, b, PROBE_ATOL)
+                problem = compare_logits(a, b, PROBE_RTOL)
                 if problem is not None:
                     raise InternalError(
                         f"export: the reloaded artifact does not reproduce the fake-quant model ({problem}); "
                         "not keeping a wrong model"
                     )
                 diffs.append(float((a - b).abs().max()))
-            meta["probe"] = {"batches": len(diffs), "max_abs_logit_diff": max(diffs), "atol": PROBE_ATOL}
+            meta["probe"] = {"batches": len(diffs), "max_abs_logit_diff": max(diffs), "rtol": PROBE_RTOL}
             (out / EXPORT_META).write_text(json.dumps(meta, indent=2))  # the checksum covers the weights only
     except BaseException:
         _remove_written(out, created)
