@@ -3,6 +3,7 @@ each model kind, with bad input refused in one line."""
 
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -140,9 +141,11 @@ def test_a_graph_that_does_not_reproduce_the_student_is_not_kept(student_dir, ro
 
     monkeypatch.setattr(onnx_form, "_weight_dq", wrong_scale)
     out = root / "wrong"
-    with pytest.raises(InternalError, match="does not reproduce the fake-quant student"):
+    with pytest.raises(InternalError, match="does not reproduce the fake-quant student") as err:
         export_onnx(student_dir, out)
     assert not out.exists()
+    diff, tol = (float(x) for x in re.search(r"difference\| (\S+) > tolerance (\S+)\)", str(err.value)).groups())
+    assert diff > 5 * tol  # far outside the tolerance, not a borderline catch
 
 
 # --------------------------------------------------------------------------- kdqat predict

@@ -57,12 +57,13 @@ MODEL_FILE = "model.onnx"
 FORMAT = "kdqat-onnx"
 FORMAT_VERSION = 1
 WEIGHT_LAYOUTS = ("int8", "2bit")
-# ONNX Runtime vs the fake-quant student, logits, relative to the batch's largest |logit|: int32 sums instead
-# of float ones, and an activation code that rounds the other way where x / scale sits within float rounding
-# of a half-integer (the graph divides by m/Q_P where training multiplies by Q_P/m). Measured below 0.1 %
-# on MiniLM students (bench/results/runtime.md); 1 % has room and still catches a wrong scale, layout or
-# operator (errors of tens of percent)
-ONNX_RTOL = 0.01
+# ONNX Runtime vs the fake-quant student, logits, relative to the batch's largest |logit|. The graph is not
+# bit-exact and cannot be: ONNX Runtime's LayerNorm, GELU, softmax and int32 sums round differently from
+# torch's in the last bit, and where an activation sits within that rounding of a code boundary its 8-bit
+# code comes out one step apart; the next layers carry that on. Measured: 1.7 % on an untrained MiniLM
+# student's probe batches (its largest logit 0.48), far less on trained ones (bench/results/runtime.md).
+# A real defect (a wrong scale, zero point, layout or operator) moves logits by tens of percent or more.
+ONNX_RTOL = 0.05
 INTEGER_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits")
 
 

@@ -45,20 +45,27 @@ class QuantizedAct(nn.Module):
     Holds the quantizer (method, bits, clip) and, for LSQ, its learned step as the buffer ``step`` (1,).
     """
 
-    def __init__(self, cfg: ActQuantConfig, quantizer: Quantizer | None = None, step: Tensor | None = None):
+    def __init__(
+        self,
+        cfg: ActQuantConfig,
+        quantizer: Quantizer | None = None,
+        step: Tensor | None = None,
+        nonnegative: bool = False,
+    ):
         super().__init__()
         self.cfg = cfg
+        self.nonnegative = nonnegative  # inputs known to be >= 0 (attention probabilities): a cheaper ONNX form
         self.quantizer = quantizer if quantizer is not None else make_quantizer(cfg, activation=True)
         self.method = onnx_form.act_method(self.quantizer)
         if self.quantizer.learned:
             self.register_buffer("step", torch.ones(1) if step is None else step.detach().clone().reshape(1))
 
     @classmethod
-    def from_fake_quant(cls, aq: ActFakeQuant | None) -> QuantizedAct | None:
+    def from_fake_quant(cls, aq: ActFakeQuant | None, nonnegative: bool = False) -> QuantizedAct | None:
         """The inference form of ``aq``; None when ``aq`` is absent or switched off (the identity)."""
         if aq is None or not aq.enabled:
             return None
-        return cls(aq.cfg, aq.quantizer, getattr(aq, "step", None))
+        return cls(aq.cfg, aq.quantizer, getattr(aq, "step", None), nonnegative)
 
     @property
     def per_token(self) -> bool:
@@ -67,7 +74,8 @@ class QuantizedAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         step = getattr(self, "step", None)
         if _in_onnx_export():
-            return onnx_form.ActQDQ.apply(x, step, self.method, self.quantizer.bits, self.quantizer.clip)
+            q = self.quantizer
+            return onnx_form.ActQDQ.apply(x, step, self.method, q.bits, q.clip, self.nonnegative)
         return self.quantizer.dequantized(x, step)
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,5 +235,5 @@ class QuantizedAttention(nn.Module):
 
     @classmethod
     def from_fake_quant(cls, aq: AttentionQuant) -> QuantizedAttention:
-        parts = [QuantizedAct.from_fake_quant(q) or nn.Identity() for q in (aq.query, aq.key, aq.value, aq.probs)]
-        return cls(*parts)
+        parts = [QuantizedAct.from_fake_quant(q) or nn.Identity() for q in (aq.query, aq.key, aq.value)]
+        return cls(*parts, QuantizedAct.from_fake_quant(aq.probs, nonnegative=True) or nn.Identity())

@@ -7,9 +7,10 @@ its integer kernels:
 - **activations, one scale per tensor** (``sym``: dynamic max-abs clamped at ``clip``; ``lsq``: the learned
   static step): ``QuantizeLinear`` to uint8 with zero point 128 (the int8 code + 128: ONNX Runtime's x86
   integer kernels take unsigned activations) and ``DequantizeLinear`` back. ``sym``'s scale is computed in
-  the graph exactly as training computes it: m = min(max(ReduceMax(x), −ReduceMin(x)), clip), scale = m/Q_P
-  (Q_P = 2^(b−1) − 1); a constant ``Clip(x, ±clip)`` in front keeps clamped values at ±Q_P (QuantizeLinear
-  would saturate them at −128). ``lsq``: ``Clip(x, −Q_N·s, Q_P·s)``, then the same pair with the constant s;
+  the graph as training computes it: m = min(max(ReduceMax(x), −ReduceMin(x)), clip), scale = m/Q_P
+  (Q_P = 2^(b−1) − 1; attention probabilities: ReduceMax alone); a ``Clip`` of the uint8 codes at
+  128 − Q_P is training's clamp at −clip (QuantizeLinear would saturate at code −128, not −Q_P). ``lsq``:
+  ``Clip(x, −Q_N·s, Q_P·s)``, then the pair with the constant step s;
 - **weights**: ``DequantizeLinear`` of an int8 initializer holding the transposed codes, with one scale per
   tensor or one per output column (``axis=1``), feeding ``MatMul`` (+ ``Add`` for the bias). ONNX Runtime
   fuses "DQ(activation) -> MatMul <- DQ(weight)" into ``MatMulIntegerToFloat`` (8-bit × 8-bit -> int32,
@@ -44,16 +45,24 @@ def _qp(q: Quantizer) -> int:
     return 2 ** (q.bits - 1) - 1
 
 
-def _act_scale_sym(g, x, q: SymMaxAbs):
-    """(x clamped when q clips, the graph's dynamic per-tensor scale m / Q_P)."""
+def _act_qdq_sym(g, x, q: SymMaxAbs, nonnegative: bool):
+    """QuantizeLinear/DequantizeLinear of ``x`` with training's dynamic per-tensor scale m / Q_P,
+    m = min(max|x|, clip) (module docstring). ``nonnegative``: x >= 0 is known (attention probabilities), so
+    max|x| is one ReduceMax."""
     hi = g.op("ReduceMax", x, keepdims_i=0)
-    lo = g.op("ReduceMin", x, keepdims_i=0)
-    m = g.op("Max", hi, g.op("Neg", lo))
+    m = hi if nonnegative else g.op("Max", hi, g.op("Neg", g.op("ReduceMin", x, keepdims_i=0)))
     if q.clip is not None:
         m = g.op("Min", m, _const(g, q.clip))
-        x = g.op("Clip", x, _const(g, -q.clip), _const(g, q.clip))
     m = g.op("Max", m, _const(g, 1e-8))  # training's clamp(min=1e-8) on m
-    return x, g.op("Div", m, _const(g, float(_qp(q))))
+    scale = g.op("Div", m, _const(g, float(_qp(q))))
+    zp = _const(g, ACT_ZERO_POINT, torch.uint8)
+    u = g.op("QuantizeLinear", x, scale, zp)
+    if q.clip is not None and not nonnegative:
+        # Training clamps x to ±clip, so codes stay in ±Q_P; QuantizeLinear saturates at 0..255, i.e. codes
+        # -128..127: -128 only for x < -clip·(Q_P + ½)/Q_P, which the clamp would have made -Q_P. Raising
+        # those bytes to 1 (code -127) is that clamp, on the uint8 codes (a quarter of the float traffic).
+        u = g.op("Clip", u, _const(g, ACT_ZERO_POINT - _qp(q), torch.uint8))
+    return g.op("DequantizeLinear", u, scale, zp)
 
 
 def _qdq(g, x, scale):
@@ -74,15 +83,17 @@ class ActQDQ(torch.autograd.Function):
     """x̂ = the activation quantizer's value; ONNX: its QDQ pair (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, step: Tensor | None, quantizer: str, bits: int, clip: float | None) -> Tensor:
+    def forward(
+        ctx, x: Tensor, step: Tensor | None, quantizer: str, bits: int, clip: float | None, nonnegative: bool
+    ) -> Tensor:
         return _QUANTIZERS[quantizer](bits, clip).dequantized(x, step)
 
     @staticmethod
-    def symbolic(g, x, step, quantizer: str, bits: int, clip: float | None):
+    def symbolic(g, x, step, quantizer: str, bits: int, clip: float | None, nonnegative: bool):
         q = _QUANTIZERS[quantizer](bits, clip)
         if isinstance(q, SymMaxAbs):
-            x, scale = _act_scale_sym(g, x, q)
-            return _qdq(g, x, scale)
+            # probabilities are <= 1: a clip of at least 1 never bites (below 1 it does: the general path)
+            return _act_qdq_sym(g, x, q, nonnegative and (q.clip is None or q.clip >= 1))
         if isinstance(q, LSQ):
             qn, qp = q.levels
             s = g.op("Reshape", step, _const(g, torch.tensor([], dtype=torch.int64)))  # (1,) -> scalar
