@@ -14,6 +14,7 @@ from kdqat_dist.engine.evaluate import evaluate
 from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
 from kdqat_dist.engine.loop import run
 from kdqat_dist.export import load
+from kdqat_dist.export.deploy import deploy_student
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
 from kdqat_dist.quant.student import is_student_dir, load_student
 
@@ -97,7 +98,8 @@ def pick_demo_dir(root: Path) -> Path:
 def demo(config: str | None = None, overrides: list[str] | None = None, num_procs: int | None = None) -> dict:
     """The offline pipeline on the built-in task: fine-tune the teacher, train the ternary student without
     KD (labels only) and with KD-QAT on ``num_procs`` DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3;
-    default: one per GPU, else 2 CPU ranks), then print the three side by side and the per-rank memory.
+    default: one per GPU, else 2 CPU ranks), deploy the KD-QAT student (ONNX, int8 kernels: its dev score
+    and its speed over the teacher), then print them side by side and the per-rank memory.
 
     ``config`` defaults to the shipped ``demo_finetune`` / ``demo`` recipes.
     """
@@ -121,20 +123,29 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
     if _teacher_finished(teacher_dir):
         print(f"[demo] reusing the fine-tuned teacher in {teacher_dir / 'model'}")
     else:
-        print("[demo] 1/3 fine-tuning the full-precision teacher")
+        print("[demo] 1/4 fine-tuning the full-precision teacher")
         ft = load_config(config or "demo_finetune", [*overrides, f"train.output_dir={teacher_dir}"])
         run_and_report(ft, "finetune")
     student = [*overrides, f"teacher.path={teacher_dir / 'model'}"]
-    print("[demo] 2/3 QAT without KD: the ternary student on the labels alone (one process)")
+    print("[demo] 2/4 QAT without KD: the ternary student on the labels alone (one process)")
     no_kd_overrides = [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
     no_kd = run_and_report(load_config(recipe, no_kd_overrides), "train")
-    print(f"[demo] 3/3 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
+    print(f"[demo] 3/4 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
     kd_overrides = [*student, *SHARDED, f"train.output_dir={root / 'kd_qat'}"]
     load_config(recipe, [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
     run_deepspeed("train", recipe, kd_overrides, num_procs)
     kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
+    print("[demo] 4/4 deploying the KD-QAT student: ONNX with int8 kernels, checked on the dev set")
+    deployed = deploy_student(base, root / "kd_qat" / "student", root / "deployed", teacher_dir / "model")
     wall = time.perf_counter() - t0
-    res = {"teacher": kd["teacher"], "qat_no_kd": no_kd, "kd_qat": kd, "num_procs": num_procs, "demo_wall_s": wall}
+    res = {
+        "teacher": kd["teacher"],
+        "qat_no_kd": no_kd,
+        "kd_qat": kd,
+        "deployed": deployed,
+        "num_procs": num_procs,
+        "demo_wall_s": wall,
+    }
     (root / "summary.json").write_text(json.dumps(res, indent=2))
     print(demo_table(res, base))
     print(memory_table(kd["memory_per_rank"]))
@@ -146,10 +157,30 @@ def demo_table(res: dict, cfg: RunConfig) -> str:
     """Teacher, QAT without KD and KD-QAT side by side (the selection metric x100, bits, size)."""
     metric = res["kd_qat"]["selection_metric"]
     bits = _bits_label(cfg)
-    rows = [["teacher (fp32)", f"{100 * res['teacher']['selection']:.2f}", "fp32", "-"]]
+    rows = [["teacher (fp32)", f"{100 * res['teacher']['selection']:.2f}", "fp32", "-", "1.00x"]]
     for name, r in (("QAT without KD", res["qat_no_kd"]), (f"KD-QAT ({res['num_procs']} ranks)", res["kd_qat"])):
-        rows.append([name, f"{100 * r['best']['selection']:.2f}", bits, r.get("size", "-")])
-    return f"{res['kd_qat']['task']}: best dev {metric} (x100)\n" + _table(rows, ["model", metric, "bits", "size"])
+        rows.append([name, f"{100 * r['best']['selection']:.2f}", bits, r.get("size", "-"), "-"])
+    dep = res.get("deployed")
+    if dep:  # the KD-QAT student as ONNX Runtime runs it, on the same dev set
+        speed = dep["speed"]
+        rows.append(
+            [
+                "KD-QAT, deployed (ONNX int8)",
+                f"{100 * dep['dev']['onnx']['selection']:.2f}",
+                bits,
+                f"{dep['file_mb']:.1f} MB",
+                f"{speed['speedup']:.2f}x",
+            ]
+        )
+    head = f"{res['kd_qat']['task']}: best dev {metric} (x100)"
+    if dep:
+        d, sp = dep["dev"], dep["speed"]
+        agree = f"; deployed = trained on {d['agree']}/{d['rows']} dev rows" if "agree" in d else ""
+        head += (
+            f"{agree}; speed: throughput over the torch FP32 teacher, a {sp['batch'][0]} x {sp['batch'][1]} "
+            f"batch, {sp['threads']} threads"
+        )
+    return head + "\n" + _table(rows, ["model", metric, "bits", "size", "speed"])
 
 
 def evaluate_folder(cfg: RunConfig, path: str) -> dict:
