@@ -349,3 +349,22 @@ def test_format_1_exports_still_load(tmp_path, method):
     for batch in (probe_batch(model.config), probe_batch(model.config, 3, 9, 1)):
         torch.testing.assert_close(logits_of(load(v1), batch), logits_of(model, batch), rtol=0, atol=1e-5)
         assert torch.equal(logits_of(load(v1), batch), logits_of(load(tmp_path / "v2"), batch))
+
+
+def test_from_pretrained_refuses_an_export_folder_instead_of_random_weights(exported):
+    """Issue #34 item 6: with kdqat imported, the registered quantizer names the loader; without it,
+    transformers finds no weights file it knows. Never a randomly initialised model with a warning."""
+    import subprocess
+
+    from transformers import AutoModelForSequenceClassification
+
+    out = exported[0]
+    with pytest.raises(ConfigError, match=r"packed kdqat export .*kdqat_dist\.export\.load"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    code = (
+        "import sys; from transformers import AutoModelForSequenceClassification as A\n"
+        f"A.from_pretrained({str(out)!r})\n"
+        "assert 'kdqat_dist' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no file named model.safetensors" in proc.stderr.splitlines()[-1]

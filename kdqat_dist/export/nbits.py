@@ -52,6 +52,37 @@ def _zero_points(n: int, blocks: int) -> np.ndarray:
     return out
 
 
+def has_2bit_kernel() -> bool:
+    """Whether the installed ONNX Runtime runs a 2-bit MatMulNBits on the CPU (a 16 x 16 probe, exact)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = n = 16
+    codes = (np.arange(k * n).reshape(k, n) % 3 - 1).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(pack_2bit(codes, k), "B"),
+        numpy_helper.from_array(np.ones(n, np.float32), "S"),
+        numpy_helper.from_array(_zero_points(n, 1).reshape(-1), "Z"),
+    ]
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain=MS_DOMAIN, K=k, N=n, bits=BITS, block_size=k
+    )
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        a = np.arange(k, dtype=np.float32).reshape(1, k)
+        return bool(np.allclose(sess.run(None, {"A": a})[0], a @ codes.astype(np.float32)))
+    except Exception:  # any failure to build or run the kernel means "not available"
+        return False
+
+
 def to_matmul_nbits(path: str | Path) -> int:
     """Rewrite the ONNX file at ``path`` in place (see the module docstring); returns the MatMuls rewritten."""
     import onnx

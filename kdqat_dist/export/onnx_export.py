@@ -180,6 +180,16 @@ def export_onnx(
     out = check_out_dir(out_dir)
     if weights not in WEIGHT_LAYOUTS:
         raise ConfigError(f"--weights: {weights!r} is not a weight layout; allowed: {', '.join(WEIGHT_LAYOUTS)}")
+    if weights == "2bit":
+        from kdqat_dist.export.nbits import has_2bit_kernel  # only this layout needs the probe
+
+        if not has_2bit_kernel():
+            import onnxruntime
+
+            raise ConfigError(
+                f"--weights 2bit: the installed onnxruntime {onnxruntime.__version__} has no 2-bit MatMulNBits "
+                "CPU kernel; use --weights int8"
+            )
     quant, smeta = read_student_quant(src, "--student")
     student = load_student(src)
     integer = convert(copy.deepcopy(student))
