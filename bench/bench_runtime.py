@@ -67,6 +67,7 @@ def _runner(kind: str, path: str, threads: int):
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # as kdqat's own sessions
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         return lambda batch: sess.run(None, {n: batch[n] for n in names})[0]

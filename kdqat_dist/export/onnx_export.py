@@ -102,6 +102,10 @@ def session(path: str | Path, threads: int | None = None, optimized_to: str | Pa
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # the CPU provider's "hardware specific optimizations" note on saving
+    # Where a weight's DequantizeLinear feeds a MatMul with a float input (a Linear whose input the student
+    # keeps in full precision), ONNX Runtime turns it into MatMulNBits, which by default re-quantizes that
+    # input to int8 (accuracy level 4): not the student's arithmetic. Level 1 computes in float32.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
