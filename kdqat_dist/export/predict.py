@@ -28,7 +28,7 @@ import yaml
 
 from kdqat_dist.data.tasks import TASKS
 from kdqat_dist.errors import ConfigError
-from kdqat_dist.export.artifact import EXPORT_META, load, read_meta
+from kdqat_dist.export.artifact import EXPORT_META, load
 from kdqat_dist.export.onnx_export import ONNX_META, read_onnx_meta, run_session, session
 from kdqat_dist.quant.api import convert
 from kdqat_dist.quant.student import STUDENT_META, load_student
@@ -135,7 +135,6 @@ class Predictor:
             if threads:
                 torch.set_num_threads(threads)
             if self.kind == "packed":
-                read_meta(self.folder)
                 self._model = load(self.folder)
             else:
                 self._model = convert(load_student(self.folder))

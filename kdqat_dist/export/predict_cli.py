@@ -205,6 +205,8 @@ def run(args) -> int:
         if out.exists():  # appeared while we predicted
             raise ConfigError(f"--output: {out} already exists; refusing to overwrite it")
         tmp.replace(out)
+    except OSError as exc:  # a read-only folder, a full disk
+        raise ConfigError(f"--output: cannot write {out} ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
     print(f"[predict] {len(preds)} rows -> {out} ({predictor.kind} model {predictor.folder})", file=sys.stderr)
