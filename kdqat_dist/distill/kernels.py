@@ -1,11 +1,7 @@
-"""Hand-written autograd kernels of the KD losses: forwards that keep little for the backward, and the
-backwards that go with them.
-
-:mod:`~kdqat_dist.distill.losses` builds its MSE and attention-map KL on them; the streaming objective
-(:mod:`~kdqat_dist.distill.objective`) builds its memory-lean forms of the terms on them too: an MSE gradient
-written over its own input, and a map KL that keeps for its backward what rebuilds the teacher's map instead
-of the map (:func:`attention_map_kl_recomputed`). The backwards use tensors saved without a graph
-(``once_differentiable``): a second derivative raises instead of being silently wrong.
+"""Hand-written autograd kernels of the KD losses, which keep little for the backward: the MSE and map KL of
+:mod:`~kdqat_dist.distill.losses`, and the streaming objective's lean forms (an MSE gradient written over its
+input, a map KL that keeps what rebuilds the teacher's map: :func:`attention_map_kl_recomputed`). Their
+backwards use tensors saved without a graph: a second derivative raises instead of being silently wrong.
 """
 
 from __future__ import annotations

@@ -1,28 +1,14 @@
-"""The KD-QAT objective computed with a streaming teacher, :class:`DistillObjective`: the memory-saving form
-of :class:`~kdqat_dist.distill.naive.NaiveObjective`, with the same values and gradients. It composes the term
-declarations (:mod:`~kdqat_dist.distill.terms`): a term with a :class:`~kdqat_dist.distill.terms.Lean` form
-takes it here.
+"""The KD-QAT objective computed with a streaming teacher, :class:`DistillObjective`: the memory-saving form of
+:class:`~kdqat_dist.distill.naive.NaiveObjective`, with the same values and gradients, composed from the term
+declarations (:mod:`~kdqat_dist.distill.terms`; a term's :class:`~kdqat_dist.distill.terms.Lean` form is taken here).
 
-Order of work per batch:
-
-1. the student's forward, keeping only the taps the active terms need (autograd keeps them anyway);
-2. the teacher's forward under ``no_grad``; each teacher tap goes straight into its loss term against the
-   mapped student tap as soon as its layer produces it, and is then dropped. The teacher never holds
-   all layers' hidden states or attention maps at once, which is what lets a ZeRO-3-sharded teacher
-   stream its activations layer by layer.
-
-What the backward needs is kept in its smallest form, and recomputed there with the same operations, so
-values and gradients are those of the plain formulas:
-
-- with ``recompute_teacher``, the teacher keeps, per layer, only its attention block's input (the hidden
-  state the hidden term needs anyway); the map and attention-output terms call the block again in their
-  backward (:class:`_TeacherBlock`) instead of keeping the teacher's Q, K and block output. The last layer
-  the teacher taps is the exception (:meth:`DistillObjective._kept_layer`). Without it (a ZeRO-3
-  teacher), the map term keeps the teacher's Q and K and rebuilds the map from them;
-- the hidden (after the embeddings) and attention-output terms keep nothing of the student's: their tap
-  is a LayerNorm output, which is recomputed from the LayerNorm's input, which autograd keeps for the
-  LayerNorm's own backward (:class:`_MseSlot`, :class:`_MseAtNorm`);
-- the other MSE terms keep ``s - t``; the map term's student side is the softmax output autograd keeps.
+Per batch, the student's forward keeps only the taps the active terms need (autograd keeps them anyway); then
+the teacher's runs under ``no_grad`` and each of its taps goes into its terms as soon as its layer makes it,
+and is dropped: the teacher never holds all layers' taps at once, so a ZeRO-3 teacher streams them layer by
+layer. What the backward needs is kept in its smallest form and recomputed there with the same operations
+(docs/design.md, "The streaming teacher"): the teacher's attention blocks are called again
+(:class:`_TeacherBlock`, but in :meth:`DistillObjective._kept_layer`) or its map is rebuilt from its Q and K;
+the student's LayerNorm outputs are recomputed from their inputs (:class:`_MseSlot`, :class:`_MseAtNorm`).
 """
 
 from __future__ import annotations
@@ -173,11 +159,17 @@ class DistillObjective:
     def __init__(self, plan: Plan, norm_taps: bool = False, recompute_teacher: bool = True):
         self.plan, self.weights, self.naive = plan, plan.weights, NaiveObjective(plan)
         self.norm_taps, self.recompute_teacher = norm_taps, recompute_teacher
-        # per layer term: the student layers it reads at its LayerNorm tap, and the others
-        self.norm = {t.name: self._norm_layers(t) for t in plan.layer_terms}
-        self.plain = {t.name: set(plan.student_layers(t.name)) - self.norm[t.name] for t in plan.layer_terms}
+        # per layer term: the student layers it reads at its LayerNorm tap (from Lean.norm_from on), and the others
+        self.norm = {
+            t.name: {s for s in plan.student_layers(t.name) if s >= t.lean.norm_from}
+            for t in plan.layer_terms
+            if norm_taps and t.lean and t.lean.norm_tap
+        }
+        self.plain = {t.name: plan.student_layers(t.name) - self.norm.get(t.name, set()) for t in plan.layer_terms}
         # the terms whose backward takes their teacher tap rebuilt by a call of the teacher's attention block
-        self.fed = [t for t in plan.layer_terms if t.lean and t.lean.rebuild and (t.lean.map_loss or self.norm[t.name])]
+        self.fed = [
+            t for t in plan.layer_terms if t.lean and t.lean.rebuild and (t.lean.map_loss or t.name in self.norm)
+        ]
 
     @classmethod
     def for_models(
@@ -197,7 +189,7 @@ class DistillObjective:
         its modules outside its forward re-gathers their parameters and upsets DeepSpeed's prefetch trace (a
         resumed run then differed in the last bit). ``terms`` and ``head``: see :class:`Plan`.
         """
-        plan = Plan(cfg, *depths(student, teacher), regression, terms, head)
+        plan = Plan(cfg, *depths(student, teacher), regression, tuple(terms), head)
         recompute = cfg.recompute_teacher and not teacher_sharded
         return cls(plan, norm_taps=supports_norm_taps(unwrap(student)), recompute_teacher=recompute)
 
@@ -208,15 +200,10 @@ class DistillObjective:
             term.loss(self.plan, s, t, mask) if rebuild is None else term.lean.map_loss(self.plan, s, t, mask, rebuild)
         )
 
-    def _norm_layers(self, term: Term) -> set[int]:
-        if not (self.norm_taps and term.lean and term.lean.norm_tap):
-            return set()
-        return {s for s in self.plan.student_layers(term.name) if s >= term.lean.norm_from}
-
     def student_taps(self) -> dict[str, set[int]]:
         out: dict[str, set[int]] = {}
         for t in self.plan.layer_terms:
-            for tap, layers in ((t.lean and t.lean.norm_tap, self.norm[t.name]), (t.tap, self.plain[t.name])):
+            for tap, layers in ((t.lean and t.lean.norm_tap, self.norm.get(t.name)), (t.tap, self.plain[t.name])):
                 if layers:
                     out.setdefault(tap, set()).update(layers)
         return out
@@ -287,7 +274,7 @@ class _Pass:
         terms = [t for t in self.plan.layer_terms if t.lean and t.lean.norm_tap == name]
         if not terms:
             self.store(layer, name, tap)
-        for term in (t for t in terms if layer in self.obj.norm[t.name]):
+        for term in (t for t in terms if layer in self.obj.norm.get(t.name, ())):
             slot = _MseSlot(tap.inputs)
             node = _MseAtNorm.apply(tap.output, slot)
             if self.last is not None and node.grad_fn is not None and tap.output.grad_fn is not None:

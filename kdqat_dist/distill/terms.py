@@ -1,11 +1,10 @@
 """The KD terms, one declaration each (:data:`TERMS`), and the :class:`Plan` of a run's active terms.
 
 A :class:`Term` gives the tap it reads from both models (models/taps.py; none for the terms on the task
-head's outputs), which student layer learns from which teacher layer, its loss for one pair, and the
-memory-lean form the streaming executor takes where it has one (:class:`Lean`). The rest is derived: the
-no-KD set (:data:`KD_TERMS`), the taps to install, and both executors, which compose a :class:`Plan`:
-:class:`~kdqat_dist.distill.naive.NaiveObjective` (the reference) and the streaming
-:class:`~kdqat_dist.distill.objective.DistillObjective`.
+head's outputs), which student layer learns from which teacher layer, its loss for one pair, and its
+memory-lean form (:class:`Lean`). Derived from them: the no-KD set (:data:`KD_TERMS`), the taps to install,
+and both executors, :class:`~kdqat_dist.distill.naive.NaiveObjective` (the reference) and the streaming
+:class:`~kdqat_dist.distill.objective.DistillObjective`, which compose a :class:`Plan`.
 
 A new term is a loss function and a declaration, switched on by its ``distill.<name>`` weight (a
 :class:`~kdqat_dist.config.LossTerm` field of DistillConfig, which ``config.loss_terms`` and the config checks go
@@ -64,19 +63,15 @@ def classifier_head(output: Any, batch: dict[str, torch.Tensor]) -> HeadOutput:
 
 @dataclass(frozen=True)
 class Lean:
-    """A term's memory-lean form in the streaming executor (distill/objective.py): the same values and
-    gradients as its loss, keeping less for the backward.
+    """A term's memory-lean form, taken by the streaming executor: same values and gradients, less kept.
 
-    Attributes:
-        norm_tap: for an MSE at a student LayerNorm output: the student is read at this ``*_norm`` tap and its
-            side recomputed in the backward from the LayerNorm's input (kept by autograd anyway), from student
-            layer ``norm_from`` on (the hidden tap's 0 is the embedding output).
-        map_loss: for a loss on the teacher's attention map, ``map_loss(plan, s, t, mask, rebuild)``: it keeps
-            what rebuilds the map for its backward (:data:`~kdqat_dist.distill.kernels.Recompute`), not the map.
-        rebuild: the backward rebuilds the teacher's tap (the map, or at a LayerNorm the block output) by calling
-            its attention block again (``distill.recompute_teacher``); else a map_loss rebuilds it from Q and K.
-        ordered: the loss's backward runs when the backward reaches the student's tap, not at its start
-            (where every layer's [B, H, S, S] gradient would wait at once).
+    ``norm_tap``: an MSE at a student LayerNorm output reads the student at this ``*_norm`` tap, from student
+    layer ``norm_from`` on, and recomputes it in the backward from the LayerNorm's input (kept by autograd
+    anyway). ``map_loss(plan, s, t, mask, rebuild)``: a loss on the teacher's attention map that keeps what
+    rebuilds the map (:data:`~kdqat_dist.distill.kernels.Recompute`), not the map. ``rebuild``: the teacher's
+    tap (the map, or at a LayerNorm the block output) is rebuilt by calling its attention block again
+    (``distill.recompute_teacher``), else a map_loss rebuilds it from Q and K. ``ordered``: the loss's backward
+    runs when the backward reaches the student's tap, not first (with every layer's [B, H, S, S] gradient).
     """
 
     norm_tap: str | None = None
@@ -146,26 +141,16 @@ def _mse(plan: Plan, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> to
     return L.mse(s, t, plan.mse_weight(mask, s))
 
 
+def _map_kl(plan: Plan, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, rebuild: Any = None) -> torch.Tensor:
+    """Its lean form with ``rebuild``: what rebuilds the teacher's map for the backward, kept instead of it."""
+    return L.attention_map_kl(s, t, mask) if rebuild is None else K.attention_map_kl_recomputed(s, t, mask, rebuild)
+
+
 TERMS: tuple[Term, ...] = (
     Term("logits", None, _logit_kd),
-    Term(
-        "hidden",
-        "hidden",
-        lambda plan, s, t, mask: L.hidden_mse(s, t, plan.mse_weight(mask, s)),
-        pairs=hidden_pairs,
-        lean=Lean(norm_tap="hidden_norm", norm_from=1),
-    ),
+    Term("hidden", "hidden", _mse, pairs=hidden_pairs, lean=Lean(norm_tap="hidden_norm", norm_from=1)),
     Term("attn_score", "scores", lambda plan, s, t, mask: L.attention_score_mse(s, t), lean=Lean(ordered=True)),
-    Term(
-        "attn_map",
-        "probs",
-        lambda plan, s, t, mask: L.attention_map_kl(s, t, mask),
-        lean=Lean(
-            map_loss=lambda plan, s, t, mask, rebuild: K.attention_map_kl_recomputed(s, t, mask, rebuild),
-            rebuild=True,
-            ordered=True,
-        ),
-    ),
+    Term("attn_map", "probs", _map_kl, lean=Lean(map_loss=_map_kl, rebuild=True, ordered=True)),
     Term("attn_output", "attn_output", _mse, lean=Lean(norm_tap="attn_output_norm", rebuild=True)),
     Term("context", "context", _mse),
     Term("sa_output", "sa_output", _mse),
@@ -207,37 +192,29 @@ class LossOutput:
             self.per_layer.setdefault(term, {})[layer] = value.detach()
 
 
+@dataclass
 class Plan:
-    """The terms a ``distill`` section switches on for a student and a teacher depth: their weights, layer
-    pairs and the task head; what both executors compose.
+    """The terms the ``distill`` section ``cfg`` switches on for a student and a teacher of ``n_student`` and
+    ``n_teacher`` layers, of the declared ``terms``: weights and layer pairs. ``regression``: MSE instead of
+    soft cross-entropy on the logits and labels; ``head``: what the terms on the head read (:class:`Head`)."""
 
-    Args:
-        cfg: the ``distill`` section.
-        n_student, n_teacher: Transformer layers of each model.
-        regression: MSE instead of soft cross-entropy on the logits and the labels.
-        terms: the declarations (:data:`TERMS`).
-        head: what the terms on the head read from a model's output (:func:`classifier_head`).
-    """
+    cfg: DistillConfig
+    n_student: int
+    n_teacher: int
+    regression: bool = False
+    terms: tuple[Term, ...] = TERMS
+    head: Head = classifier_head
 
-    def __init__(
-        self,
-        cfg: DistillConfig,
-        n_student: int,
-        n_teacher: int,
-        regression: bool = False,
-        terms: Iterable[Term] = TERMS,
-        head: Head = classifier_head,
-    ):
-        self.cfg, self.regression, self.head, self.terms = cfg, regression, head, tuple(terms)
-        self.depths, self.weights = (n_student, n_teacher), effective_weights(cfg, self.terms)
-        layer_map(n_teacher, n_student, cfg.layer_map)  # checked even when no term pairs layers
+    def __post_init__(self) -> None:
+        self.weights = effective_weights(self.cfg, self.terms)
+        layer_map(self.n_teacher, self.n_student, self.cfg.layer_map)  # checked even when no term pairs layers
         self.active = {t.name: t for t in self.terms if self.weights[t.name] > 0}
         self.layer_terms = [t for t in self.active.values() if t.tap is not None]
         self.head_terms = [t for t in self.active.values() if t.tap is None]
         self.needs_teacher = any(t.teacher for t in self.active.values())
         self.t2s: dict[str, dict[int, list[int]]] = {}  # term -> teacher layer -> student layers it teaches
         for term in self.layer_terms:
-            for s, t in term.pairs(cfg, n_student, n_teacher):
+            for s, t in term.pairs(self.cfg, self.n_student, self.n_teacher):
                 self.t2s.setdefault(term.name, {}).setdefault(t, []).append(s)
 
     def student_layers(self, term: str) -> set[int]:
@@ -249,9 +226,9 @@ class Plan:
 
     def check(self, student: nn.Module, teacher: nn.Module) -> None:
         """Refuse models of other depths than the plan's (a missing layer's terms would be left out)."""
-        if (got := depths(student, teacher)) != self.depths:
+        if (got := depths(student, teacher)) != (self.n_student, self.n_teacher):
             raise ValueError(
-                f"the KD objective was built for a {self.depths[0]}-layer student and a {self.depths[1]}-layer "
+                f"the KD objective was built for a {self.n_student}-layer student and a {self.n_teacher}-layer "
                 f"teacher, not for these ({got[0]} and {got[1]} layers)"
             )
 
