@@ -6,7 +6,7 @@ Per batch, the student's forward keeps only the taps the active terms need (auto
 the teacher's runs under ``no_grad`` and each of its taps goes into its terms as soon as its layer makes it,
 and is dropped: the teacher never holds all layers' taps at once, so a ZeRO-3 teacher streams them layer by
 layer. What the backward needs is kept in its smallest form and recomputed there with the same operations
-(docs/design.md, "The streaming teacher"): the teacher's attention blocks are called again
+(docs/design.md, "The KD terms and the streaming teacher"): the teacher's attention blocks are called again
 (:class:`_TeacherBlock`, but in :meth:`DistillObjective._kept_layer`) or its map is rebuilt from its Q and K;
 the student's LayerNorm outputs are recomputed from their inputs (:class:`_MseSlot`, :class:`_MseAtNorm`).
 """
