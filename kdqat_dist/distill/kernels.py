@@ -142,6 +142,10 @@ def attention_map_kl_grads(
     return g_s, g_t
 
 
+# (fn, tensors) with fn(*tensors) the teacher's map: what a map KL keeps for its backward instead of the map
+Recompute = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]]
+
+
 class AttentionMapKL(torch.autograd.Function):
     """:func:`~kdqat_dist.distill.losses.attention_map_kl` with a hand-written backward, for memory.
 
@@ -149,25 +153,25 @@ class AttentionMapKL(torch.autograd.Function):
     backward (the clamped student probabilities for ``log`` and the teacher's for ``mul``) and makes five
     more at its peak. Here it saves only its inputs: the student's probabilities are the softmax output
     that autograd keeps anyway, so the one extra tensor per layer is the teacher's map, the least the
-    gradient ``-p_t / p_s`` needs.
+    gradient ``-p_t / p_s`` needs; or, given ``recompute``, what rebuilds the map instead of it.
     """
 
     @staticmethod
-    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, attention_mask: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, ps, pt, attention_mask, eps: float, recompute: Recompute | None) -> torch.Tensor:
         loss, pair, scale = attention_map_kl_value(ps, pt, attention_mask, eps)
-        ctx.save_for_backward(ps, pair, scale, pt)
+        # Only tensors saved through save_for_backward are freed by the backward; anything else on ctx
+        # lives as long as the graph's root (often a whole extra step), so the recompute inputs go there.
+        ctx.recompute_fn, kept = recompute if recompute is not None else (None, (pt,))
+        ctx.save_for_backward(ps, pair, scale, *kept)
         ctx.eps = eps
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        ps, pair, scale, pt = ctx.saved_tensors
-        return *attention_map_kl_grads(grad, ps, pt, pair, scale, ctx.eps, ctx.needs_input_grad[:2]), None, None
-
-
-# (fn, tensors) with fn(*tensors) the teacher's map: what the map term keeps for its backward instead
-Recompute = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]]
+        ps, pair, scale, *kept = ctx.saved_tensors
+        pt = kept[0] if ctx.recompute_fn is None else ctx.recompute_fn(*kept)
+        return *attention_map_kl_grads(grad, ps, pt, pair, scale, ctx.eps, ctx.needs_input_grad[:2]), None, None, None
 
 
 def attention_map_kl_recomputed(
@@ -180,23 +184,4 @@ def attention_map_kl_recomputed(
     """:func:`~kdqat_dist.distill.losses.attention_map_kl`, keeping for the backward not the teacher's map
     but the tensors ``recompute = (fn, tensors)`` rebuilds it from there (``fn(*tensors)``: its exact
     values), e.g. its Q and K (2·B·S·D numbers instead of B·H·S·S)."""
-    return _RecomputedMapKL.apply(student_probs, teacher_probs, attention_mask, eps, recompute)
-
-
-class _RecomputedMapKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ps, pt, attention_mask, eps: float, recompute: Recompute) -> torch.Tensor:
-        loss, pair, scale = attention_map_kl_value(ps, pt, attention_mask, eps)
-        # Only tensors saved through save_for_backward are freed by the backward; anything else on ctx
-        # lives as long as the graph's root (often a whole extra step), so the recompute inputs go there.
-        ctx.recompute_fn = recompute[0]
-        ctx.save_for_backward(ps, pair, scale, *recompute[1])
-        ctx.eps = eps
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        ps, pair, scale, *rest = ctx.saved_tensors
-        pt = ctx.recompute_fn(*rest)
-        return *attention_map_kl_grads(grad, ps, pt, pair, scale, ctx.eps, ctx.needs_input_grad[:2]), None, None, None
+    return AttentionMapKL.apply(student_probs, teacher_probs, attention_mask, eps, recompute)

@@ -200,7 +200,7 @@ def attention_map_kl(
     Raises:
         ValueError: if the shapes are inconsistent.
     """
-    return AttentionMapKL.apply(student_probs, teacher_probs, attention_mask, eps)
+    return AttentionMapKL.apply(student_probs, teacher_probs, attention_mask, eps, None)
 
 
 def attention_relation_kl(

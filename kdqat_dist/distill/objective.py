@@ -1,14 +1,16 @@
-"""The KD-QAT objective computed with a streaming teacher, :class:`DistillObjective`: the memory-saving form of
-:class:`~kdqat_dist.distill.naive.NaiveObjective`, with the same values and gradients, composed from the term
-declarations (:mod:`~kdqat_dist.distill.terms`; a term's :class:`~kdqat_dist.distill.terms.Lean` form is taken here).
+"""The KD-QAT objective, by two executors of the same :class:`~kdqat_dist.distill.terms.Plan` (the term
+declarations of :mod:`~kdqat_dist.distill.terms`); neither subclasses the other.
 
-Per batch, the student's forward keeps only the taps the active terms need (autograd keeps them anyway); then
-the teacher's runs under ``no_grad`` and each of its taps goes into its terms as soon as its layer makes it,
-and is dropped: the teacher never holds all layers' taps at once, so a ZeRO-3 teacher streams them layer by
-layer. What the backward needs is kept in its smallest form and recomputed there with the same operations
-(docs/design.md, "The KD terms and the streaming teacher"): the teacher's attention blocks are called again
-(:class:`_TeacherBlock`, but in :meth:`DistillObjective._kept_layer`) or its map is rebuilt from its Q and K;
-the student's LayerNorm outputs are recomputed from their inputs (:class:`_MseSlot`, :class:`_MseAtNorm`).
+:class:`NaiveObjective` keeps every KD tap of both models at every layer, then computes the losses: the
+reference, and the all-taps baseline of the memory benchmarks. :class:`DistillObjective` (what training uses)
+streams the teacher, with the same values and gradients; a term's :class:`~kdqat_dist.distill.terms.Lean` form
+is taken there. Per batch, the student's forward keeps only the taps the active terms need (autograd keeps them
+anyway); then the teacher's runs under ``no_grad`` and each of its taps goes into its terms as soon as its layer
+makes it, and is dropped: the teacher never holds all layers' taps at once, so a ZeRO-3 teacher streams them
+layer by layer. What the backward needs is kept in its smallest form and recomputed there with the same
+operations (docs/design.md, "The KD terms and the streaming teacher"): the teacher's attention blocks are called
+again (:class:`_TeacherBlock`, but in :meth:`DistillObjective._kept_layer`) or its map is rebuilt from its Q and
+K; the student's LayerNorm outputs are recomputed from their inputs (:class:`_MseSlot`, :class:`_MseAtNorm`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,42 @@ from torch.autograd.function import once_differentiable
 from kdqat_dist.config import DistillConfig
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
-from kdqat_dist.distill.naive import NaiveObjective
 from kdqat_dist.distill.terms import TERMS, Head, LossOutput, Plan, Term, classifier_head, depths
 from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import unwrap
 from kdqat_dist.models.taps import AttentionCall, NormInputs, TapStore, supports_norm_taps, tapped
+
+
+class NaiveObjective:
+    """The terms of ``plan`` on one batch, from the taps of every declared term at every layer of both models."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.weights = plan, plan.weights
+
+    def term_loss(self, name: str, s, t, mask: torch.Tensor) -> torch.Tensor:
+        """One term's value for one layer pair, or for the head's outputs."""
+        return self.plan.active[name].loss(self.plan, s, t, mask)
+
+    def __call__(self, student: Callable, teacher: Callable, batch: dict[str, torch.Tensor]) -> LossOutput:
+        plan, mask = self.plan, batch["attention_mask"]
+        plan.check(student, teacher)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        every = {t.tap for t in plan.terms if t.tap is not None}
+        n_layers = max(depths(student, teacher)) + 1  # the hidden tap has the embeddings too
+        s_taps, t_taps = TapStore(), TapStore()
+        with tapped(unwrap(student), {tap: set(range(n_layers)) for tap in every}, s_taps):
+            s_head = plan.head(student(**inputs), batch)
+        with torch.no_grad(), tapped(unwrap(teacher), {tap: set(range(n_layers)) for tap in every}, t_taps):
+            t_head = plan.head(teacher(**inputs), batch)
+        out = LossOutput(total=torch.zeros(()), student_logits=s_head.logits, teacher_logits=t_head.logits)
+        for term in plan.layer_terms:
+            for t_layer, s_layers in plan.t2s[term.name].items():
+                for s_layer in s_layers:
+                    s, t = s_taps[term.tap][s_layer], t_taps[term.tap][t_layer]
+                    out.add(term.name, self.term_loss(term.name, s, t, mask), s_layer)
+        for term in plan.head_terms:
+            out.add(term.name, self.term_loss(term.name, s_head, t_head, mask))
+        return plan.finish(out)
 
 
 def _teacher_probs(query, key, attention_mask, *, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -146,14 +179,10 @@ def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
 
 
 class DistillObjective:
-    """The KD-QAT objective of a :class:`~kdqat_dist.distill.terms.Plan`, with the streaming teacher (module
-    docstring); :attr:`naive` computes the same the plain way. :meth:`for_models` builds it for two models.
-
-    Args:
-        plan: the active terms, their weights and layer pairs.
-        norm_taps: the terms with a LayerNorm form (``Lean.norm_tap``) take it; else their s − t is kept.
-        recompute_teacher: the terms that can (``Lean.rebuild``) call the teacher's attention blocks again in
-            the backward instead of keeping their outputs and Q, K.
+    """The KD-QAT objective of a :class:`~kdqat_dist.distill.terms.Plan` with the streaming teacher (module
+    docstring); :attr:`naive` computes the same the plain way. ``norm_taps``: the terms with a LayerNorm form
+    (``Lean.norm_tap``) take it; ``recompute_teacher``: those that can (``Lean.rebuild``) call the teacher's
+    attention blocks again in the backward instead of keeping their outputs (and Q, K).
     """
 
     def __init__(self, plan: Plan, norm_taps: bool = False, recompute_teacher: bool = True):
@@ -182,12 +211,10 @@ class DistillObjective:
         terms: tuple[Term, ...] = TERMS,
         head: Head = classifier_head,
     ) -> DistillObjective:
-        """The objective of ``cfg`` (the ``distill`` section) for these models (DeepSpeed engines or modules).
-
-        Norm taps where the student's layers have the LayerNorms. The teacher's attention blocks are called
-        again in the backward if ``cfg.recompute_teacher``, unless the teacher is sharded (ZeRO-3): calling
-        its modules outside its forward re-gathers their parameters and upsets DeepSpeed's prefetch trace (a
-        resumed run then differed in the last bit). ``terms`` and ``head``: see :class:`Plan`.
+        """The objective of ``cfg`` (the ``distill`` section) for these models (DeepSpeed engines or modules);
+        ``terms`` and ``head``: see :class:`~kdqat_dist.distill.terms.Plan`. Norm taps where the student's layers
+        have the LayerNorms; no recompute of a sharded (ZeRO-3) teacher: calling its modules outside its forward
+        re-gathers their parameters and upsets DeepSpeed's prefetch trace (a resumed run differed in the last bit).
         """
         plan = Plan(cfg, *depths(student, teacher), regression, tuple(terms), head)
         recompute = cfg.recompute_teacher and not teacher_sharded
@@ -313,17 +340,13 @@ class _Pass:
         s = self.store[term.tap][s_layer] if self.reads[(term.tap, s_layer)] else self.store.data[term.tap].pop(s_layer)
         # (the relation term takes Q, K, V tuples and computes in float32 from either dtype)
         t_in = t.to(s.dtype) if isinstance(t, torch.Tensor) else t
-        value = self.obj.term_loss(term.name, s, t_in, self.mask, self._rebuild(term, t_layer, s))
+        rebuild = None  # for a map loss: what rebuilds the teacher's map (none in the kept layer: it keeps the map)
+        if term.lean and term.lean.map_loss and self.obj.recompute_teacher and t_layer in self.blocks:
+            rebuild = partial(self.blocks[t_layer].probs, dtype=s.dtype), ()
+        elif term.lean and term.lean.map_loss and not self.obj.recompute_teacher:
+            q = self.map_inputs[t_layer]
+            rebuild = partial(_teacher_probs, scaling=q.scaling, dtype=s.dtype), (q.query, q.key, q.attention_mask)
+        value = self.obj.term_loss(term.name, s, t_in, self.mask, rebuild)
         if term.lean and term.lean.ordered:
             _run_backward_at(value, s)
         return value
-
-    def _rebuild(self, term: Term, t_layer: int, s: torch.Tensor) -> K.Recompute | None:
-        """What rebuilds the teacher's map (in ``s``'s dtype) for a map loss; None: the term keeps the map."""
-        if not (term.lean and term.lean.map_loss):
-            return None
-        if self.obj.recompute_teacher:
-            block = self.blocks.get(t_layer)  # none in the kept layer
-            return None if block is None else (partial(block.probs, dtype=s.dtype), ())
-        q = self.map_inputs[t_layer]
-        return partial(_teacher_probs, scaling=q.scaling, dtype=s.dtype), (q.query, q.key, q.attention_mask)
