@@ -172,7 +172,7 @@ def _run_backward_at(loss: torch.Tensor, student_tap: torch.Tensor) -> None:
         return
     if not hasattr(node, "_set_sequence_nr"):  # private autograd API: without it the backward order changes
         raise RuntimeError(
-            f"kdqat_dist.distill.streaming needs torch's private autograd Node._set_sequence_nr (written for "
+            f"kdqat_dist.distill.objective needs torch's private autograd Node._set_sequence_nr (written for "
             f"torch 2.13); torch {torch.__version__} has none"
         )
     node._set_sequence_nr(tap_node._sequence_nr())
@@ -223,9 +223,9 @@ class DistillObjective:
     def term_loss(self, name: str, s, t, mask: torch.Tensor, rebuild: K.Recompute | None = None) -> torch.Tensor:
         """One term's value for one layer pair (or the head's outputs); with ``rebuild``, its map-loss form."""
         term = self.plan.active[name]
-        return (
-            term.loss(self.plan, s, t, mask) if rebuild is None else term.lean.map_loss(self.plan, s, t, mask, rebuild)
-        )
+        if rebuild is None:
+            return term.loss(self.plan, s, t, mask)
+        return term.lean.map_loss(self.plan, s, t, mask, rebuild)
 
     def student_taps(self) -> dict[str, set[int]]:
         out: dict[str, set[int]] = {}
