@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from kdqat_dist.config import DistillConfig
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
-from kdqat_dist.distill.terms import TERMS, Head, LossOutput, Plan, Term, classifier_head, depths
+from kdqat_dist.distill.terms import LABEL_KEYS, TERMS, Head, LossOutput, Plan, Term, classifier_head, depths
 from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import unwrap
 from kdqat_dist.models.taps import AttentionCall, NormInputs, TapStore, supports_norm_taps, tapped
@@ -44,7 +44,7 @@ class NaiveObjective:
     def __call__(self, student: Callable, teacher: Callable, batch: dict[str, torch.Tensor]) -> LossOutput:
         plan, mask = self.plan, batch["attention_mask"]
         plan.check(student, teacher)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         every = {t.tap for t in plan.terms if t.tap is not None}
         n_layers = max(depths(student, teacher)) + 1  # the hidden tap has the embeddings too
         s_taps, t_taps = TapStore(), TapStore()
@@ -272,7 +272,7 @@ class DistillObjective:
     def __call__(self, student: Callable, teacher: Callable, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Student forward, then the teacher streamed into the per-layer terms. Returns the LossOutput."""
         self.plan.check(student, teacher)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         run = _Pass(self, batch["attention_mask"])
         with tapped(unwrap(student), self.student_taps(), run.student):
             s_head = self.plan.head(student(**inputs), batch)

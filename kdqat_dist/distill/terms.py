@@ -53,6 +53,7 @@ class HeadOutput:
 
 
 Head = Callable[[Any, dict[str, torch.Tensor]], HeadOutput]  # (model output, batch) -> HeadOutput
+LABEL_KEYS = frozenset({"labels", "start_positions", "end_positions"})  # batch keys for the head, not the model
 
 
 def classifier_head(output: Any, batch: dict[str, torch.Tensor]) -> HeadOutput:
