@@ -141,7 +141,9 @@ def _mse(plan: Plan, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> to
     return L.mse(s, t, plan.mse_weight(mask, s))
 
 
-def _map_kl(plan: Plan, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, rebuild: Any = None) -> torch.Tensor:
+def _map_kl(
+    plan: Plan, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, rebuild: K.Recompute | None = None
+) -> torch.Tensor:
     """Its lean form with ``rebuild``: what rebuilds the teacher's map for the backward, kept instead of it."""
     return L.attention_map_kl(s, t, mask) if rebuild is None else K.attention_map_kl_recomputed(s, t, mask, rebuild)
 
