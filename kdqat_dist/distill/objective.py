@@ -1,16 +1,11 @@
-"""The KD-QAT objective, by two executors of the same :class:`~kdqat_dist.distill.terms.Plan` (the term
-declarations of :mod:`~kdqat_dist.distill.terms`); neither subclasses the other.
-
-:class:`NaiveObjective` keeps every KD tap of both models at every layer, then computes the losses: the
-reference, and the all-taps baseline of the memory benchmarks. :class:`DistillObjective` (what training uses)
-streams the teacher, with the same values and gradients; a term's :class:`~kdqat_dist.distill.terms.Lean` form
-is taken there. Per batch, the student's forward keeps only the taps the active terms need (autograd keeps them
-anyway); then the teacher's runs under ``no_grad`` and each of its taps goes into its terms as soon as its layer
-makes it, and is dropped: the teacher never holds all layers' taps at once, so a ZeRO-3 teacher streams them
-layer by layer. What the backward needs is kept in its smallest form and recomputed there with the same
-operations (docs/design.md, "The KD terms and the streaming teacher"): the teacher's attention blocks are called
-again (:class:`_TeacherBlock`, but in :meth:`DistillObjective._kept_layer`) or its map is rebuilt from its Q and
-K; the student's LayerNorm outputs are recomputed from their inputs (:class:`_MseSlot`, :class:`_MseAtNorm`).
+"""The KD-QAT objective: two executors of one :class:`~kdqat_dist.distill.terms.Plan` of term declarations,
+neither a subclass of the other. :class:`NaiveObjective` keeps every KD tap of both models, then computes the
+losses: the reference. :class:`DistillObjective`, what training uses, streams the teacher with the same values
+and gradients, taking each term's :class:`~kdqat_dist.distill.terms.Lean` form: the student's forward keeps only
+the taps the active terms need, then each teacher tap goes into its terms as soon as its layer makes it and is
+dropped (so a ZeRO-3 teacher streams its layers), and what the backward needs is kept in its smallest form and
+recomputed there (:class:`_TeacherBlock`, :class:`_MseSlot`; docs/design.md, "The KD terms and the streaming
+teacher").
 """
 
 from __future__ import annotations
