@@ -4,7 +4,7 @@ Public API (resolved on first use, PEP 562: this file runs before any submodule 
 only what the registration with transformers needs):
 
 - :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
-- :class:`DistillObjective`: the KD objective (``for_models`` builds its streaming form);
+- :class:`DistillObjective`: the KD objective with the streaming teacher (``for_models`` builds it);
 - :func:`load_config`: the typed run configuration.
 """
 

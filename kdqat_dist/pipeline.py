@@ -9,6 +9,7 @@ from pathlib import Path
 from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_override
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
+from kdqat_dist.distill.terms import KD_TERMS
 from kdqat_dist.engine.backend import memory_table, pick_device
 from kdqat_dist.engine.evaluate import evaluate
 from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
@@ -55,16 +56,9 @@ def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
     return head + "\n" + _table(rows, ["model", metric, "bits", "best step", "size"])
 
 
-# QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick)
-NO_KD = [
-    "distill.logits.weight=0",
-    "distill.hidden.weight=0",
-    "distill.attn_map.weight=0",
-    "distill.attn_output.weight=0",
-    "distill.attn_score.weight=0",
-    "distill.gamma=null",
-    "distill.ground_truth.weight=1",
-]
+# QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick): every term
+# that reads the teacher off
+NO_KD = [*(f"distill.{t}.weight=0" for t in KD_TERMS), "distill.gamma=null", "distill.ground_truth.weight=1"]
 # the product's main shape: student ZeRO-2, teacher ZeRO-3-sharded over the ranks
 SHARDED = ["engine.zero_stage=2", "engine.teacher=zero3"]
 _STAGES = ("teacher", "qat_no_kd", "kd_qat")
