@@ -8,12 +8,14 @@ path of each recipe: its quantizers, SubLN, embedding settings), is shared by th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from kdqat_dist.analysis.report import AnalyzeOptions, analyze
 from kdqat_dist.cli import main
 from kdqat_dist.config import RECIPES_DIR, ConfigError, load_config
 from kdqat_dist.engine.loop import run
@@ -124,3 +126,36 @@ def test_an_export_finds_the_run_config_of_its_student(runs, tmp_path):
     )
     with pytest.raises(ConfigError, match="does not exist"):
         model_run(tmp_path / "nothing")
+
+
+def test_analyze_runs_on_a_student_of_every_recipe(runs, tiny_teacher, tmp_path, capsys):
+    """Every shipped recipe's student (SubLN, absmean/LSQ/TWN weights, per-token activations, FP
+    embeddings) through the whole analysis, with the first student's run config (no --config)."""
+    out = tmp_path / "an"
+    students = [f"{r}={runs[r]}" for r in TRAIN_RECIPES]
+    opts = AnalyzeOptions(
+        teacher=str(tiny_teacher.parent),  # the finetune run folder stands for its model/
+        students=students,
+        out=str(out),
+        samples=2,
+        hessian_samples=1,
+        hessian_iters=2,
+        figures=False,
+    )
+    res = analyze(opts)
+    assert capsys.readouterr().err == ""  # every run has the first one's data: nothing to state
+    doc = json.loads((out / "analysis.json").read_text())
+    assert doc["meta"]["config_source"] == str(runs[TRAIN_RECIPES[0]] / "config.yaml")
+    assert doc["meta"]["task"] == "demo" and doc["meta"]["figures"] == [] and len(doc["lengths"]) == 2
+    assert set(doc["norms"]) == {"teacher", *TRAIN_RECIPES} and set(doc["hessian"]) == set(doc["norms"])
+
+    def finite(x) -> bool:
+        return all(finite(v) for v in x) if isinstance(x, list) else (x is None or math.isfinite(x))
+
+    for name in TRAIN_RECIPES:
+        assert finite(doc["distance"][name]["kl"]["mean"]), name
+        assert finite(doc["norms"][name]["f_norm"]) and finite(doc["norms"][name]["sum_af_norm"]), name
+        assert all(math.isfinite(e) for row in doc["hessian"][name]["eigenvalues"] for e in row), name
+    md = (out / "summary.md").read_text()
+    assert "![" not in md and "| bitdistill_w158a8 | all tokens |" in md
+    assert sorted(Path(f).name for f in res["files"]) == ["analysis.json", "summary.md"]
