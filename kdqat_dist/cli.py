@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import textwrap
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -170,11 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def recipes_table(width: int = 100) -> str:
+    """The shipped recipes, one per line: name and the one-sentence description on its YAML's first line,
+    wrapped to ``width`` columns under the description column."""
+    paths = sorted(RECIPES_DIR.glob("*.yaml"))
+    col = max(len(p.stem) for p in paths) + 2
+    lines = []
+    for p in paths:
+        text = p.read_text().splitlines()[0].lstrip("# ").strip()
+        wrapped = textwrap.wrap(text, width=max(width - col, 30)) or [""]
+        lines += [f"{p.stem:{col}s}{wrapped[0]}", *(" " * col + w for w in wrapped[1:])]
+    return "\n".join(lines)
+
+
 def _dispatch(args) -> int:
     if args.command == "recipes":
-        for p in sorted(RECIPES_DIR.glob("*.yaml")):
-            first = p.read_text().splitlines()[0].lstrip("# ").strip()
-            print(f"{p.stem:28s} {first}")
+        print(recipes_table(shutil.get_terminal_size().columns))
         return 0
     if args.command == "config":
         print(yaml.safe_dump(to_dict(load_config(args.recipe, args.overrides)), sort_keys=False), end="")

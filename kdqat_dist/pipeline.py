@@ -16,6 +16,7 @@ from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
 from kdqat_dist.engine.loop import run
 from kdqat_dist.export import load
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.quant.quantizers import make_quantizer
 from kdqat_dist.quant.student import is_student_dir, load_student
 from kdqat_dist.run_folder import model_run, resolve_model_dir
 
@@ -30,12 +31,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _bits_label(cfg: RunConfig) -> str:
+    """``W2(ternary) E2 A8`` and the like: weight, word-embedding and Linear-input bits (32: not quantized).
+
+    Ternary weights (codes -1, 0, 1, whatever the method) are ``W1.58(ternary)`` for BitNet's absmean,
+    as BitNet b1.58 and BitDistill name them, and ``W2(ternary)`` for the others, as the 2020-2022 papers
+    (TernaryBERT, Kim et al.) name theirs; both are stored at 2 bits.
+    """
     q = cfg.quant
     if not q.enabled:
         return "fp32"
-    w = "ternary" if q.weight.method == "twn" or (q.weight.bits == 2 and q.weight.narrow_range) else f"{q.weight.bits}"
+    if make_quantizer(q.weight).code_range() == (-1, 1):
+        w = "W1.58(ternary)" if q.weight.method == "absmean" else f"W{q.weight.bits}(ternary)"
+    else:
+        w = f"W{q.weight.bits}({q.weight.bits})"
     e = f"{q.embedding.bits}" if q.quantize_embedding else "32"
-    return f"W{q.weight.bits}({w}) E{e} A{q.act.bits if q.act.enabled else 32}"
+    return f"{w} E{e} A{q.act.bits if q.act.enabled else 32}"
 
 
 def run_and_report(cfg: RunConfig, mode: str, resume: bool = False) -> dict:
