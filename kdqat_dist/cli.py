@@ -12,13 +12,11 @@ import sys
 import textwrap
 from importlib.metadata import PackageNotFoundError, version
 
-import torch
-import yaml
-from transformers.utils import logging as hf_logging
-
-from kdqat_dist import pipeline
 from kdqat_dist.config import RECIPES_DIR, load_config, to_dict
 from kdqat_dist.errors import ConfigError, TrainingError
+
+# torch, transformers and the commands' modules (kdqat_dist.pipeline, the subcommands) are imported in main():
+# `kdqat --version` answers without them (seconds of CPU otherwise).
 
 EPILOG = """examples:
   kdqat demo                                    # the whole pipeline on the built-in task (offline)
@@ -138,6 +136,12 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "ncclRemo
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"kdqat {_version()}")
+        return 0
+    import torch
+    from transformers.utils import logging as hf_logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         # What DeepSpeed falls back to anyway on a machine without CUDA, said up front: otherwise its
@@ -186,6 +190,10 @@ def recipes_table(width: int = 100) -> str:
 
 
 def _dispatch(args) -> int:
+    import yaml
+
+    from kdqat_dist import pipeline
+
     if args.command == "recipes":
         print(recipes_table(shutil.get_terminal_size().columns))
         return 0

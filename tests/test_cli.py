@@ -121,6 +121,13 @@ def test_damaged_weights_file_is_one_line(tiny_teacher, tmp_path, capsys):
 def test_version_config_and_train_help():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("kdqat ")
+    # answered before torch and transformers load (seconds of CPU): neither is imported
+    code = (
+        "import sys; from kdqat_dist.cli import main; main(['--version']); "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stdout + r.stderr
     r = run_cli("config", "tiny_debug", "train.lr=3e-4", "distill.gamma=0.5")
     assert r.returncode == 0
     import yaml
