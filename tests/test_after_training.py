@@ -159,3 +159,28 @@ def test_analyze_runs_on_a_student_of_every_recipe(runs, tiny_teacher, tmp_path,
     md = (out / "summary.md").read_text()
     assert "![" not in md and "| bitdistill_w158a8 | all tokens |" in md
     assert sorted(Path(f).name for f in res["files"]) == ["analysis.json", "summary.md"]
+
+
+def test_analyze_refuses_another_task_and_says_when_there_is_no_run_config(runs, tiny_teacher, tmp_path):
+    from kdqat_dist.analysis.report import resolve_run_config
+
+    def opts(*students: str, **kw) -> AnalyzeOptions:
+        return AnalyzeOptions(teacher=str(tiny_teacher), students=list(students), out=str(tmp_path / "x"), **kw)
+
+    with pytest.raises(ConfigError, match=r"^data\.task: .*tiny_debug/student was trained on demo .* gives rte"):
+        resolve_run_config(opts(str(runs["tiny_debug"]), task="rte"))
+    # the first student's run config with an override: every student's run is told how the data differs
+    cfg, source, notes = resolve_run_config(
+        opts(str(runs["tiny_debug"]), str(runs["demo"]), overrides=["data.demo_size=60"])
+    )
+    assert cfg.data.demo_size == 60 and source == str(runs["tiny_debug"] / "config.yaml")
+    assert [n.split(": ", 1)[0] for n in notes] == [
+        f"the data differs from the run's ({runs[r] / 'config.yaml'})" for r in ("tiny_debug", "demo")
+    ]
+    assert all(n.endswith("data.demo_size: 100 in the run, 60 here") for n in notes)
+    alone = tmp_path / "alone"
+    shutil.copytree(runs["demo"] / "student", alone)
+    cfg, source, notes = resolve_run_config(opts(str(alone)))
+    assert source == "built-in" and notes == [
+        "no run config.yaml found beside the students; the data comes from the built-in defaults"
+    ]
