@@ -119,15 +119,18 @@ def data_differences(run: DataConfig, given: DataConfig) -> list[str]:
     return [f"data.{k}: {a[k]!r} in the run, {b[k]!r} here" for k in a if k not in _NEUTRAL_DATA and a[k] != b[k]]
 
 
-def check_against_run(cfg: RunConfig, model_dir: Path, run_yaml: Path, given: str, data: bool = True) -> list[str]:
+def check_against_run(
+    cfg: RunConfig, model_dir: Path, run_yaml: Path, given: str, data: bool = True, remedy: str | None = None
+) -> list[str]:
     """Refuse a task other than the one ``model_dir`` was trained on; list the other data differences.
 
     Args:
         cfg: the config the model is about to be scored with.
         model_dir: the model folder, for the messages.
         run_yaml: its run's ``config.yaml``.
-        given: what chose ``cfg``'s data, for the messages (``--config tiny_debug``, ``the overrides``).
+        given: what chose ``cfg``'s data, for the messages (``--config tiny_debug``, ``the override data.x=y``).
         data: also compare the other ``data.*`` settings (False: the task alone, e.g. for a teacher).
+        remedy: what to do about another task, for the message (default: leave out ``given``).
 
     Returns:
         One note when the data differs (empty when it does not).
@@ -139,8 +142,8 @@ def check_against_run(cfg: RunConfig, model_dir: Path, run_yaml: Path, given: st
     if _task_name(run_data.task) != _task_name(cfg.data.task):
         raise ConfigError(
             f"data.task: {model_dir} was trained on {run_data.task} ({run_yaml}) but {given} gives "
-            f"{cfg.data.task}; its classifier head belongs to {run_data.task}: leave out --config to use the "
-            "run's own config, or give a model of that task"
+            f"{cfg.data.task}; its classifier head belongs to {run_data.task}: "
+            + (remedy or f"leave out {given} to use the run's own config, or give a model of that task")
         )
     diffs = data_differences(run_data, cfg.data) if data else []
     return [f"the data differs from the run's ({run_yaml}): " + "; ".join(diffs)] if diffs else []
@@ -171,7 +174,8 @@ def model_run(
     cfg = load_config(config if config is not None else run_yaml, overrides)
     notes: list[str] = []
     if run_yaml is not None and (config is not None or overrides):
-        given = f"--config {config}" if config is not None else "the overrides"
+        task_override = [o for o in overrides or [] if o.replace(" ", "").startswith("data.task=")]
+        given = f"the override {task_override[-1]}" if task_override else f"--config {config}"
         notes = check_against_run(cfg, model_dir, run_yaml, given)
     source = str(config) if config is not None else str(run_yaml)
     return ModelRun(model_dir, cfg, source, run_yaml, tuple(notes))

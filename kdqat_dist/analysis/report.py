@@ -145,11 +145,12 @@ def resolve_run_config(opts: AnalyzeOptions) -> tuple[RunConfig, str, list[str]]
     chose = f"--config {opts.config}" if opts.config is not None else str(config or "the built-in config")
     if any(k.startswith("data.") for k in tree):
         chose += " with the overrides"
+    one_task = "the teacher and every student are compared on one task's dev set, the one they were trained on"
     for model_dir, run_yaml in runs:
-        notes += check_against_run(cfg, model_dir, run_yaml, chose)
+        notes += check_against_run(cfg, model_dir, run_yaml, chose, remedy=one_task)
     teacher = _run_of(opts.teacher, _resolve_teacher)
     if teacher is not None:
-        check_against_run(cfg, *teacher, chose, data=False)
+        check_against_run(cfg, *teacher, chose, data=False, remedy=one_task)
     return cfg, str(config or "built-in"), list(dict.fromkeys(notes))
 
 
