@@ -246,6 +246,13 @@ def test_cli_export_onnx_checks_the_dev_set_and_refuses_a_used_folder(student_di
     assert "MatMulIntegerToFloat x16" in text and "predictions agree on 18/18" in text
     trip = read_onnx_meta(out)["round_trip"]
     assert trip["agree"] == trip["rows"] == 18 and trip["student"]["acc"] == trip["onnx"]["acc"]
+    # kdqat eval scores the ONNX model on its run's dev set (run_folder finds the run through the metadata)
+    from kdqat_dist.export.onnx_export import ONNX_META
+    from kdqat_dist.run_folder import ONNX_META as LOOKED_FOR
+
+    assert LOOKED_FOR == ONNX_META
+    assert main(["eval", "--model", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["acc"] == trip["onnx"]["acc"]
     assert main(["export", "--format", "onnx", "--student", str(student_dir), "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert main(["export", "--format", "packed", "--weights", "2bit", "--student", str(student_dir), "--out", "x"]) == 2
