@@ -12,6 +12,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +20,21 @@ import yaml
 
 from kdqat_dist.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_dir(name: str) -> Path:
+    """A data folder shipped inside the package (``recipes``, ``ds_configs``, ``sweeps``).
+
+    Found through :mod:`importlib.resources`, so it is the installed package's copy in a wheel install and
+    the checkout's in an editable one; never a folder of the same name in the working directory.
+    """
+    root = resources.files("kdqat_dist") / name
+    if not isinstance(root, Path):  # a zipped install: kdqat-dist is installed as files, never zipped
+        raise ConfigError(f"kdqat_dist/{name} is not a folder on disk ({root}); reinstall kdqat-dist from a wheel")
+    return root
+
+
+RECIPES_DIR = shipped_dir("recipes")
 
 # --------------------------------------------------------------------------- value sets and constraints
 # Each allowed set is written once, here, as a Literal; the loader reads it from the field's type hint

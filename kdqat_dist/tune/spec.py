@@ -1,4 +1,4 @@
-"""Sweep specs (``ray_tune/*.yaml``): parsing and validation, without importing Ray.
+"""Sweep specs (shipped ones in ``kdqat_dist/sweeps/*.yaml``): parsing and validation, without importing Ray.
 
 A spec names a base recipe, optional base overrides, a search space over dotted config keys and optional
 named variants (bundles of overrides, e.g. the loss-choice comparison)::
@@ -50,9 +50,10 @@ from kdqat_dist.config import (
     parse_override,
     resolve_recipe,
     resolve_shipped,
+    shipped_dir,
 )
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "ray_tune"
+SPEC_DIR = shipped_dir("sweeps")  # the specs shipped in the package, named without a path (`tiny_demo`)
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
 SPEC_KEYS = "name base output_dir teacher_path overrides search variants tune max_concurrent metric".split()
 # Keys whose relative values are paths, made absolute against the directory `kdqat sweep` runs in
