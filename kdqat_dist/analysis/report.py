@@ -35,6 +35,7 @@ from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.engine.backend import pick_device
+from kdqat_dist.files import check_full_precision
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier
 from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
@@ -165,11 +166,7 @@ def _resolve_teacher(path: Path) -> Path:
         return path / "model"  # a finetune run folder
     if not (path / "config.json").exists():
         raise ConfigError(f"--teacher: {path} has no config.json (not a Hugging Face model folder)")
-    if is_student_dir(path):
-        raise ConfigError(
-            f"--teacher: {path} is a kdqat student folder; the teacher is the full-precision "
-            "model written by `kdqat finetune`"
-        )
+    check_full_precision(path, "--teacher")  # not a quantized student, nor a packed export
     return path
 
 
