@@ -111,6 +111,14 @@ class Regex:
         return None
 
 
+@dataclass(frozen=True)
+class NonEmpty:
+    """A string that must not be empty (a folder path: "" would silently mean the working directory)."""
+
+    def problem(self, value: str, nullable: bool) -> str | None:
+        return None if value.strip() else f"got {value!r}; must not be empty"
+
+
 Positive = Annotated[float, Range(gt=0)]
 NonNegative = Annotated[float, Range(ge=0)]
 PositiveInt = Annotated[int, Range(ge=1)]
@@ -310,7 +318,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
+    output_dir: Annotated[str, NonEmpty()] = "runs/default"
     seed: Seed = 42
     epochs: Positive = 3.0
     max_steps: Annotated[int, Range(gt=0)] | None = None  # overrides epochs when set

@@ -527,6 +527,7 @@ case("override-twn-4bit", "config", [*CFG, "quant.weight.bits=4"], r"quant.weigh
 case("override-leaf-as-section", "config", [*CFG, "train.lr.x=1"], r"train.lr: is 0.001, not a mapping of keys")
 case("override-section-as-leaf", "config", [*CFG, "train=5"], r"train: expected a mapping")
 case("override-str-list", "config", [*CFG, "train.output_dir=[1, 2]"], r"train.output_dir: expected a string")
+case("override-output-dir-empty", "config", [*CFG, "train.output_dir="], r"train.output_dir: got ''; must not be empty")
 case("override-label-list-str", "config", [*CFG, "data.label_list=abc"], r"data.label_list: expected a list")
 case(
     "override-bad-regex-rule",
@@ -1051,6 +1052,18 @@ case(
     ["analyze", "--teacher", "{teacher}", "--student", "{student}", "--out", "{ws}/f", "--config", "tiny_debug"],
     r"--out: .* already exists",
     setup=write("f", "mine"),
+)
+case(
+    "analyze-out-inside-teacher",
+    "files",
+    ["analyze", "--teacher", "{teacher}", "--student", "{student}", "--out", "{teacher}/an", "--config", "tiny_debug"],
+    r"--out: .* is inside the folder of --teacher",
+)
+case(
+    "analyze-len-beyond-positions",
+    "numeric",
+    ["analyze", "--teacher", "{teacher}", "--student", "{student}", "--out", "{ws}/an", "data.max_seq_length=999"],
+    r"data.max_seq_length: got 999, but the model .* has 160 positions",
 )
 case(
     "analyze-student-is-teacher",
@@ -1672,6 +1685,19 @@ def start_spawned(world: World, base: Path, cases: list[Case]) -> ThreadPoolExec
     return pool
 
 
+def _permissions_bind() -> bool:
+    """Whether a folder without write permission stops this process: not root, or root that may drop its
+    effective uid (containers without CAP_SETUID may not)."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        os.seteuid(65534)
+    except OSError:
+        return False
+    os.seteuid(0)
+    return True
+
+
 def check_case(case: Case, ws: Path, world: World) -> str | None:
     """Set up, snapshot, run, compare: None when refused cleanly, else the problem (for the report)."""
     if case.id in world.spawned:
@@ -1705,6 +1731,8 @@ def _param(c: Case):
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_bad_input_is_refused_cleanly(case: Case, world: World, tmp_path) -> None:
+    if case.id in UNPRIVILEGED and not _permissions_bind():
+        pytest.skip("runs as root and cannot drop to an unprivileged uid, so no folder is unwritable")
     ws = tmp_path / "ws"
     ws.mkdir()
     problem = check_case(case, ws, world)
