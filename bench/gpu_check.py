@@ -174,7 +174,7 @@ def _persistent_tensors(engine, teacher) -> list:
     from the start of its step (they are alive before the first op it sees)."""
     import torch
 
-    from kdqat_dist.distill.objective import _unwrap
+    from kdqat_dist.models.encoders import unwrap as _unwrap
 
     out = []
     for m in (engine.module, _unwrap(teacher) if teacher is not None else None):
@@ -206,10 +206,11 @@ def run_variant(
     """Build one variant through the DeepSpeed backend, run ``len(batches)`` steps, tear it down."""
     import torch
 
-    from kdqat_dist.distill.objective import DistillObjective, _unwrap
+    from kdqat_dist.distill.objective import DistillObjective
     from kdqat_dist.engine.ds_backend import DeepSpeedBackend
     from kdqat_dist.models.attention import use_kdqat_attention
     from kdqat_dist.models.encoders import load_classifier, set_dropout
+    from kdqat_dist.models.encoders import unwrap as _unwrap
     from kdqat_dist.models.sliced_ffn import slice_feed_forward
     from kdqat_dist.models.student import init_student
     from kdqat_dist.quant.api import calibrate_activations, prepare
