@@ -217,6 +217,8 @@ _NOISE = (
     # DeepSpeed probing its async-io op at import, where libaio is not installed (the machine, not kdqat)
     re.compile(r"^(/usr/bin/ld: cannot find|collect2: error: ld returned)"),
     re.compile(r"^\[transformers\] "),  # transformers' own warnings, e.g. about a config it cannot place
+    # kdqat eval/analyze stating how the data differs from the run's, before the refusal: context, not an error
+    re.compile(r"^kdqat [a-z]+: note: "),
 )
 
 
@@ -1764,6 +1766,7 @@ def test_the_verdict_catches_what_it_must():
     assert "does not match" in verdict(c, Outcome(2, "", "kdqat: error: other\n"))
     assert "not an error line" in verdict(c, Outcome(2, "", "a bad thing happened\n"))
     assert verdict(c, Outcome(2, "", "usage: kdqat [-h]\n       more usage\nkdqat: error: bad\n")) is None
+    assert verdict(c, Outcome(2, "", "kdqat eval: note: the data differs\nkdqat: error: bad\n")) is None
     assert snapshot_changes({"a": ("file", "1", 0o644)}, {"a": ("file", "2", 0o644), "b": ("dir", 0o755)}) == [
         "changed: a",
         "new: b",
