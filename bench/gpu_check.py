@@ -6,7 +6,7 @@
 Teacher and student are a ``BertConfig`` with random weights (24 layers, hidden 1024, 16 heads, FFN 4096;
 no hub, no data download), saved once to a temporary folder and loaded from it as ``kdqat train`` loads a
 teacher. Every variant goes through the product path at world size 1: the ``DeepSpeedBackend`` with
-``ds_configs/zero{stage}.json`` resolved by ``engine/ds_config.py`` from the run config (precision, batch,
+``kdqat_dist/ds_configs/zero{stage}.json`` resolved by ``engine/ds_config.py`` from the run config (precision, batch,
 optimizer), the student built by ``init_student``, fake-quantized by ``prepare`` (the default W2 E2 A8)
 and calibrated, the teacher loaded by the backend (replicated, or ``--teacher zero3``), both switched to
 the kdqat attention, the teacher's feed-forward sliced, and the loss from ``DistillObjective`` as
@@ -527,7 +527,8 @@ def render(r: dict) -> str:
         lines += [
             "",
             f"Every variant's peak includes the {m['zero2_grad_bucket_mib']:.0f} MiB gradient bucket ZeRO-2 "
-            "allocates at each backward (reduce_bucket_size in ds_configs/zero2.json); --zero-stage 0 has none.",
+            "allocates at each backward (reduce_bucket_size in kdqat_dist/ds_configs/zero2.json); "
+            "--zero-stage 0 has none.",
         ]
     notes = sorted({n for v in r["variants"].values() for n in v["notes"]})
     lines += [f"note: {n}" for n in notes]

@@ -17,6 +17,7 @@ from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
 from kdqat_dist.engine.loop import run
 from kdqat_dist.export import load
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.models.positions import check_max_length
 from kdqat_dist.quant.quantizers import make_quantizer
 from kdqat_dist.quant.student import is_student_dir, load_student
 from kdqat_dist.run_folder import model_run, resolve_model_dir
@@ -165,6 +166,7 @@ def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
     task = get_task(cfg.data)
     tokenizer = load_tokenizer(str(p))
     max_len = cfg.data.max_seq_length or task.max_seq_length
+    check_max_length(max_len, str(p), explicit=cfg.data.max_seq_length is not None)
     dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
     data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
     if (p / "kdqat_export.json").exists():  # a packed artifact from `kdqat export`

@@ -26,3 +26,14 @@ check_hostfile() {  # HOSTFILE exists and every entry reads "<host> slots=<N>" (
     done < "$f"
     [[ $hosts -gt 0 ]] || die "HOSTFILE=$f: no hosts (one '<host> slots=<N>' line per node)"
 }
+
+check_run() {  # usage: check_run <ranks or ""> [key=value ...]; needs RECIPE (and COMMAND, RESUME, PYTHON)
+    # The recipe, the overrides, the task and the run's folders, checked once as every rank would check them
+    # (kdqat_dist/precheck.py), so a mistake is one line here, not one per rank plus the launcher's report.
+    # A dry run only prints the command.
+    [[ -n "${KDQAT_DRY_RUN:-}" ]] && return 0
+    local world="$1"
+    shift
+    "${PYTHON:-python}" -m kdqat_dist.precheck "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" \
+        ${world:+--world-size "$world"} engine.backend=deepspeed "$@" || exit 2
+}

@@ -20,7 +20,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: HOSTFILE=... launch/deepspeed_multi_node.sh <recipe> [key=value ...]}"
 shift
-check_hostfile; check_command
+check_hostfile; check_command; check_run "" "$@"
 export TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} deepspeed --hostfile "${HOSTFILE:-hostfile}" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" \

@@ -16,7 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: launch/deepspeed_single_node.sh <recipe> [key=value ...]}"
 shift
-check_num_procs; check_command
+check_num_procs; check_command; check_run "${NUM_PROCS:-2}" "$@"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} deepspeed --num_accelerators "${NUM_PROCS:-2}" --master_port "${MASTER_PORT:-29500}" \
     --module kdqat_dist.cli "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" engine.backend=deepspeed "$@"

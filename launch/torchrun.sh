@@ -16,7 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: launch/torchrun.sh <recipe> [key=value ...]}"
 shift
-check_num_procs; check_command
+check_num_procs; check_command; check_run "${NUM_PROCS:-2}" "$@"
 export TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} torchrun --standalone --nproc_per_node "${NUM_PROCS:-2}" \
     --module kdqat_dist.cli "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" engine.backend=deepspeed "$@"

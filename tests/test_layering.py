@@ -32,6 +32,7 @@ LAYERS = {
     "export": 6,
     "pipeline": 7,
     "cli": 8,
+    "precheck": 8,  # the launch scripts' check before any rank starts (loads the config, not the models)
     "__init__": 9,  # kdqat_dist/__init__.py: the public facade
 }
 # Old import paths kept for users, each a module-level __getattr__ that forwards to the new home: the only

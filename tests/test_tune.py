@@ -193,7 +193,7 @@ def test_shipped_specs_parse_expand_and_name_only_config_keys(name, tmp_path):
         *(k for bundle in raw.get("variants", {}).values() for k in bundle),
     ]
     unknown = [k for k in named if KEY_ALIASES.get(k, k) not in flat_keys()]
-    assert not unknown, f"ray_tune/{name}.yaml names keys that are not config keys: {unknown}"
+    assert not unknown, f"kdqat_dist/sweeps/{name}.yaml names keys that are not config keys: {unknown}"
     spec = load_spec(name, cwd=tmp_path)  # validates every grid point's full config, starts nothing
     assert spec.name == raw["name"] and spec.output_dir == tmp_path / raw["output_dir"]
     tune_cfg = spec.base_config().tune

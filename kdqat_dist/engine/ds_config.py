@@ -1,7 +1,8 @@
 """DeepSpeed JSON configs with one source of truth: the run config fills every ``"auto"`` field.
 
-``ds_configs/*.json`` hold the ZeRO policy only. Everything the run config already says (batch sizes,
-gradient accumulation, clipping, precision, optimizer settings) is ``"auto"`` there and filled here.
+``kdqat_dist/ds_configs/*.json`` (shipped in the package) hold the ZeRO policy only. Everything the run
+config already says (batch sizes, gradient accumulation, clipping, precision, optimizer settings) is
+``"auto"`` there and filled here.
 A field the JSON sets explicitly must agree with the run config, or :func:`resolve` raises a
 :class:`~kdqat_dist.config.ConfigError` naming both keys; a silent disagreement between the two is the
 bug this module exists to prevent.
@@ -26,17 +27,18 @@ from typing import Any
 
 from torch import nn
 
-from kdqat_dist.config import ConfigError, RunConfig, TrainConfig
+from kdqat_dist.config import ConfigError, RunConfig, TrainConfig, shipped_dir
 from kdqat_dist.engine.optim import global_clip, make_optimizer
 
 AUTO = "auto"
 KINDS = ("student", "teacher")
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
-def config_dirs() -> list[Path]:
-    """Where the shipped JSONs are looked for: ``./ds_configs`` first, then the checkout's."""
-    return [Path.cwd() / "ds_configs", REPO_CONFIGS]
+def shipped_configs() -> Path:
+    """The JSONs shipped in the package (``kdqat_dist/ds_configs``). A ``./ds_configs`` in the working
+    directory is not looked at: a stray copy there must not change a run; name a file in
+    ``engine.ds_config`` / ``engine.teacher_ds_config`` to use your own."""
+    return shipped_dir("ds_configs")
 
 
 def base_config_path(cfg: RunConfig, kind: str) -> Path:
@@ -48,15 +50,17 @@ def base_config_path(cfg: RunConfig, kind: str) -> Path:
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
-            raise ConfigError(f"{key}: {explicit} does not exist")
+            shipped = ", ".join(sorted(x.name for x in shipped_configs().glob("*.json")))
+            raise ConfigError(
+                f"{key}: {explicit} {'is not a file' if p.exists() else 'does not exist'}; give a DeepSpeed JSON "
+                f"file, or leave it empty for the shipped one ({shipped})"
+            )
         return p
     name = f"zero{cfg.engine.zero_stage}.json" if kind == "student" else "teacher_zero3.json"
-    for d in config_dirs():
-        if (d / name).is_file():
-            return d / name
-    raise ConfigError(
-        f"{key}: no {name} in {' or '.join(str(d) for d in config_dirs())}; set {key} to a DeepSpeed JSON file"
-    )
+    path = shipped_configs() / name
+    if not path.is_file():
+        raise ConfigError(f"{key}: {name} is missing from {shipped_configs()} (a broken install); reinstall kdqat-dist")
+    return path
 
 
 def load_base(path: Path) -> dict:
@@ -64,6 +68,8 @@ def load_base(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     return data

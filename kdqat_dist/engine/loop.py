@@ -26,9 +26,10 @@ from kdqat_dist.engine.backend import Backend, LocalBackend, latest_checkpoint, 
 from kdqat_dist.engine.ds_config import micro_batch_size
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
 from kdqat_dist.errors import TrainingError
-from kdqat_dist.files import ordinary_permissions
+from kdqat_dist.files import check_run_folder, ordinary_permissions, run_header
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout, unwrap
+from kdqat_dist.models.positions import check_max_length
 from kdqat_dist.models.sliced_ffn import slice_feed_forward
 from kdqat_dist.models.student import init_student
 from kdqat_dist.quant.api import calibrate_activations, prepare
@@ -91,6 +92,7 @@ class Trainer:
             src = self._source_model()
             self.tokenizer = load_tokenizer(src)
             max_len = cfg.data.max_seq_length or self.task.max_seq_length
+            check_max_length(max_len, src, explicit=cfg.data.max_seq_length is not None)
             splits = load_splits(cfg.data, self.task)
             self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
         self.collate = Collator(self.tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
@@ -107,7 +109,7 @@ class Trainer:
         self._build_models(src)
         if self.backend.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / "config.yaml", run_header(self.mode))
             # lazy: only the main rank writes events, and tensorboard's import costs seconds per rank
             from torch.utils.tensorboard import SummaryWriter
 
@@ -117,7 +119,8 @@ class Trainer:
         return self
 
     def _check_run_dir(self) -> None:
-        # Never overwrite a finished or running run by accident.
+        # Never overwrite a finished or running run, a model it reads or a file by accident.
+        check_run_folder(self.cfg, self.mode, self.resume)
         if not self.resume and (self.run_dir / "config.yaml").exists():
             raise ConfigError(
                 f"train.output_dir: {self.run_dir} already holds a run; choose another "
