@@ -13,6 +13,10 @@ check_command() {  # COMMAND is a training command
     case "${COMMAND:-train}" in train|finetune) ;; *) die "COMMAND=${COMMAND}: allowed: train, finetune" ;; esac
 }
 
+check_engine() {  # ENGINE names a sharded engine that torchrun can launch
+    case "${ENGINE:-deepspeed}" in deepspeed|fsdp2) ;; *) die "ENGINE=${ENGINE}: allowed: deepspeed, fsdp2" ;; esac
+}
+
 check_hostfile() {  # HOSTFILE exists and every entry reads "<host> slots=<N>" (DeepSpeed's format)
     local f="${HOSTFILE:-hostfile}" line n=0 hosts=0
     [[ -f "$f" && -r "$f" ]] || die "HOSTFILE=$f: no such readable file (one '<host> slots=<N>' line per node)"

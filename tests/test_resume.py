@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from kdqat_dist.config import ConfigError, load_config, save_config
-from kdqat_dist.engine.backend import LocalBackend, _commit_checkpoint, latest_checkpoint
+from kdqat_dist.engine.checkpoint import commit_checkpoint, latest_checkpoint
+from kdqat_dist.engine.local import LocalBackend
 from kdqat_dist.engine.loop import Trainer, run
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 
@@ -25,12 +26,11 @@ class KilledAfter(LocalBackend):
         super().__init__(cfg)
         self.left = n
 
-    def step(self) -> bool:
+    def step(self) -> None:
         if self.left == 0:
             raise Killed
-        applied = super().step()
-        self.left -= int(applied)
-        return applied
+        super().step()
+        self.left -= 1
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_latest_never_names_a_partial_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step0000002.tmp").mkdir(parents=True)
     (root / "step0000002.tmp" / "state.pt").write_text("complete")
-    _commit_checkpoint(root / "step0000002.tmp", root / "step0000002")
+    commit_checkpoint(root / "step0000002.tmp", root / "step0000002")
     # a writer killed half-way through the next checkpoint leaves only a .tmp folder behind
     (root / "step0000004.tmp").mkdir()
     (root / "step0000004.tmp" / "state.pt").write_text("parti")
@@ -164,10 +164,10 @@ def test_pruning_never_deletes_what_latest_names(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3):
         (root / f"step000000{step}.tmp").mkdir(parents=True)
-        _commit_checkpoint(root / f"step000000{step}.tmp", root / f"step000000{step}", keep=1)
+        commit_checkpoint(root / f"step000000{step}.tmp", root / f"step000000{step}", keep=1)
     (root / "step0000009").mkdir()  # a newer-named folder that latest does not name (e.g. copied in)
     (root / "step0000004.tmp").mkdir()
-    _commit_checkpoint(root / "step0000004.tmp", root / "step0000004", keep=1)
+    commit_checkpoint(root / "step0000004.tmp", root / "step0000004", keep=1)
     assert latest_checkpoint(root) == root / "step0000004"
     assert (root / "step0000004").exists() and not (root / "step0000001").exists()
 

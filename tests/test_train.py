@@ -8,8 +8,8 @@ import torch
 
 from kdqat_dist.config import ConfigError, load_config
 from kdqat_dist.engine.loop import Trainer, TrainingError, run
-from kdqat_dist.models.student import load_student
 from kdqat_dist.pipeline import evaluate_folder
+from kdqat_dist.quant.student import load_student
 
 
 def test_finetune_checkpoint_reloads_with_identical_metrics(tiny_teacher):
