@@ -32,7 +32,7 @@ def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
         ],
     )
     trainer = Trainer(cfg, "train").setup()
-    batch = {k: v for k, v in trainer._first_batch().items()}
+    batch = trainer.run.first_batch()
     trainer.student.eval()
     with torch.no_grad():
         before = trainer.objective(trainer.student, trainer.teacher, batch).total.item()

@@ -72,11 +72,13 @@ class Trainer:
         self.ranks.barrier()  # every rank has checked before rank 0 writes config.yaml
         resolve_task(cfg)  # fills train.batch_size from the task, which the resume check compares
         self._resume_step = self._check_resume() if self.resume else None
-        run = build_run(cfg, self.backend, self.mode)
+        self.run = run = build_run(cfg, self.backend, self.mode)  # what the run is made of (public)
         self.task, self.tokenizer, self.data, self.collate = run.task, run.tokenizer, run.data, run.collate
         self.train_set, self.steps_per_epoch, self.total_steps = run.train_set, run.steps_per_epoch, run.total_steps
         self.student, self.teacher, self.objective = run.student, run.teacher, run.objective
         self.eval_every = cfg.train.eval_every or self.task.eval_every
+        # the checkpoint is read before anything is written: a refused one leaves the run folder as it was
+        self._start = self._maybe_resume()
         if self.ranks.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -139,7 +141,7 @@ class Trainer:
     def train(self) -> dict:
         t, be = self.cfg.train, self.backend
         t_start = time.perf_counter()
-        step, epoch, start, running = self._maybe_resume()
+        step, epoch, start, running = self._start  # zeros, or where the resumed checkpoint left off
         ranks = self.ranks
         if self.mode == "train" and self.teacher_metrics is None:
             self.teacher_metrics = self.evaluate(self.teacher)
