@@ -5,7 +5,9 @@ only what the registration with transformers needs):
 
 - :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
 - :class:`DistillObjective`: the KD objective (``for_models`` builds its streaming form);
-- :func:`load_config`: the typed run configuration.
+- :func:`load_config`: the typed run configuration;
+- :func:`build_run` / :func:`make_backend`: a run (data, models, objective, optimizer) on its engine, as
+  ``kdqat train`` builds it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _LAZY = {
     "DistillObjective": "kdqat_dist.distill.objective",
     "load_config": "kdqat_dist.config",
     "RunConfig": "kdqat_dist.config",
+    "build_run": "kdqat_dist.engine.build",
+    "make_backend": "kdqat_dist.engine.build",
 }
 
 

@@ -4,6 +4,8 @@ and the seam every engine implements."""
 from __future__ import annotations
 
 import ast
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,36 @@ def test_the_loop_uses_only_the_protocol_and_every_backend_implements_it():
     assert all(hasattr(local, n) for n in fields)
     # the seam carries no collectives and no model loading: those are engine/dist.py's and the builder's
     assert not methods & {"all_reduce_sum", "gather_objects", "barrier", "load_teacher", "rank", "world_size"}
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_bertadam_under_zero_is_accepted_without_the_untested_optimizer_warning(tiny_teacher, tmp_path, no_launcher):
+    # DeepSpeed asks for zero_allow_untested_optimizer for any optimizer class not on its tested list, and
+    # then warns on every run; BertAdam is tested under ZeRO 0-3 here (tests/distributed/test_dist_zero.py).
+    from kdqat_dist.engine.ds_backend import DeepSpeedBackend
+
+    cfg = load_config(
+        "tiny_debug",
+        [f"train.output_dir={tmp_path}", "engine.backend=deepspeed", "train.optimizer=bertadam"],
+    )
+    records = _Records()
+    logging.getLogger("DeepSpeed").addHandler(records)
+    backend = DeepSpeedBackend(cfg)
+    try:
+        backend.setup_student(load_classifier(str(tiny_teacher), 2), total_steps=4)
+        assert backend.optimizer is not None
+    finally:
+        backend.teardown()
+        logging.getLogger("DeepSpeed").removeHandler(records)
+    assert any("ZeRO" in line or "zero" in line.lower() for line in records.lines)  # the handler saw DeepSpeed
+    assert not [line for line in records.lines if "untested optimizer" in line]
+    resolved = json.loads((tmp_path / "ds_config_student.json").read_text())
+    assert "zero_allow_untested_optimizer" not in resolved

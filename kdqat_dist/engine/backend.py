@@ -100,6 +100,12 @@ def gathered_student(backend: Backend) -> Iterator[nn.Module]:
         yield module
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """``engine.activation_checkpointing``: every Transformer layer's activations recomputed in the backward
+    (non-reentrant checkpointing, which every engine's hooks support)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
     """No gradients, eval mode, on ``device`` (in ``dtype``, if given): a teacher nobody trains."""
     model.requires_grad_(False)

@@ -39,7 +39,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from kdqat_dist.config import RunConfig
 from kdqat_dist.engine import dist, ds_config, ds_workarounds
-from kdqat_dist.engine.backend import PRECISION_DTYPE, freeze
+from kdqat_dist.engine.backend import PRECISION_DTYPE, enable_activation_checkpointing, freeze
 from kdqat_dist.engine.checkpoint import check_rank_count, load_rank_state, readable_checkpoint, save_sharded
 from kdqat_dist.engine.dist import Ranks
 from kdqat_dist.engine.memory import MIB, memory_report, storage_bytes
@@ -133,7 +133,7 @@ class DeepSpeedBackend:
     def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
         t = self.cfg.train
         if self.cfg.engine.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.to(self.device)
         conf = self.ds_config("student", getattr(model.config, "hidden_size", None))
         # BertAdam's per-tensor clipping runs here on whole gradients (step()): its optimizer object only

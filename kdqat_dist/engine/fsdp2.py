@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from kdqat_dist.config import RunConfig
 from kdqat_dist.engine import dist
-from kdqat_dist.engine.backend import PRECISION_DTYPE, freeze, pick_device
+from kdqat_dist.engine.backend import PRECISION_DTYPE, enable_activation_checkpointing, freeze, pick_device
 from kdqat_dist.engine.checkpoint import check_rank_count, load_rank_state, readable_checkpoint, save_sharded
 from kdqat_dist.engine.dist import Ranks
 from kdqat_dist.engine.memory import MIB, memory_report, storage_bytes
@@ -102,7 +102,7 @@ class FSDP2Backend:
 
     def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
         if self.cfg.engine.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         policy = MixedPrecisionPolicy()
         if self.cfg.engine.precision == "bf16":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

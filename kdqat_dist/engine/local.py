@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdqat_dist.config import RunConfig
-from kdqat_dist.engine.backend import PRECISION_DTYPE, freeze, pick_device
+from kdqat_dist.engine.backend import PRECISION_DTYPE, enable_activation_checkpointing, freeze, pick_device
 from kdqat_dist.engine.checkpoint import commit_checkpoint, readable_checkpoint, rng_state, set_rng_state
 from kdqat_dist.engine.dist import Ranks
 from kdqat_dist.engine.memory import MIB, memory_report, storage_bytes
@@ -41,7 +41,7 @@ class LocalBackend:
 
     def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
         if self.cfg.engine.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.student = model.to(self.device)
         self.optimizer = make_optimizer(model, self.cfg.train)
         self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.train)
