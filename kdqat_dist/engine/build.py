@@ -102,8 +102,11 @@ class Run:
 
     def first_batch(self) -> dict[str, torch.Tensor]:
         """The first ``train.batch_size`` training rows (at most), collated: the calibration batch."""
-        n = min(len(self.train_set), self.cfg.train.batch_size)
-        return self.collate([self.train_set[i] for i in range(n)])
+        return _first_batch(self.data["train"], self.collate, self.cfg.train.batch_size)
+
+
+def _first_batch(train_set, collate: Collator, batch_size: int) -> dict[str, torch.Tensor]:
+    return collate([train_set[i] for i in range(min(len(train_set), batch_size))])
 
 
 def resolve_task(cfg: RunConfig) -> TaskSpec:
@@ -171,25 +174,35 @@ def build_run(cfg: RunConfig, backend: Backend, mode: str = "train", with_teache
             f"train.batch_size: {cfg.train.batch_size} is larger than the training set ({len(data['train'])} examples)"
         )
     total = cfg.train.max_steps or math.ceil(per_epoch * cfg.train.epochs)
-    run = Run(cfg, mode, backend, task, tokenizer, data, collate, per_epoch, total, None, None, None)
     if mode == "finetune":
-        _build_finetune(run, src)
+        student, teacher, objective = _build_finetune(cfg, task, backend, src, total), None, None
     else:
-        _build_student_and_teacher(run, src, with_teacher)
-    return run
+        calibration = _first_batch(data["train"], collate, cfg.train.batch_size)
+        student, teacher, objective = _build_student_and_teacher(
+            cfg, task, backend, src, total, calibration, with_teacher
+        )
+    return Run(cfg, mode, backend, task, tokenizer, data, collate, per_epoch, total, student, teacher, objective)
 
 
-def _build_finetune(run: Run, src: str) -> None:
-    cfg, task = run.cfg, run.task
+def _build_finetune(cfg: RunConfig, task: TaskSpec, be: Backend, src: str, total_steps: int) -> nn.Module:
+    """The FP model to fine-tune, on the engine."""
     id2label = dict(enumerate(task.label_list)) if task.label_list else None
     model = load_classifier(src, task.num_labels, cfg.model.attn_implementation, id2label)
     if cfg.train.dropout is not None:
         set_dropout(model, cfg.train.dropout)
-    run.student = run.backend.setup_student(model, run.total_steps)
+    return be.setup_student(model, total_steps)
 
 
-def _build_student_and_teacher(run: Run, src: str, with_teacher: bool) -> None:
-    cfg, task, be = run.cfg, run.task, run.backend
+def _build_student_and_teacher(
+    cfg: RunConfig,
+    task: TaskSpec,
+    be: Backend,
+    src: str,
+    total_steps: int,
+    calibration: dict[str, torch.Tensor],
+    with_teacher: bool,
+) -> tuple[nn.Module, nn.Module | None, DistillObjective | None]:
+    """(student, teacher, objective) on the engine; neither teacher nor objective unless ``with_teacher``."""
     # The student is built and prepared whole on every rank (LSQ steps from whole weights, activation steps
     # calibrated) before the engine may shard it.
     student = init_student(src, task.num_labels, cfg.student.num_layers, cfg.distill.layer_map)
@@ -198,21 +211,21 @@ def _build_student_and_teacher(run: Run, src: str, with_teacher: bool) -> None:
     prepare(student, cfg.quant)
     if cfg.quant.enabled:
         # on the engine's device: a calibration forward of a large encoder on the host CPU is slow
-        batch = {k: v.to(be.device) for k, v in run.first_batch().items()}
-        calibrate_activations(student.to(be.device), batch)
-    teacher = _build_teacher(run) if with_teacher else None
+        calibrate_activations(student.to(be.device), {k: v.to(be.device) for k, v in calibration.items()})
+    teacher = _build_teacher(cfg, task, be) if with_teacher else None
     use_kdqat_attention(student)  # the attention function that fake-quantizes Q, K, V and records taps
-    run.student = be.setup_student(student, run.total_steps)
-    if teacher is not None:
-        run.teacher = teacher
-        run.objective = DistillObjective.for_models(
-            cfg.distill, student, teacher, task.is_regression, teacher_sharded=be.partitioned_teacher()
-        )
+    wrapped = be.setup_student(student, total_steps)
+    if teacher is None:
+        return wrapped, None, None
+    # (the one place the objective is made; `kdqat train` and every benchmark get it from here)
+    objective = DistillObjective.for_models(
+        cfg.distill, student, teacher, task.is_regression, teacher_sharded=be.partitioned_teacher()
+    )
+    return wrapped, teacher, objective
 
 
-def _build_teacher(run: Run) -> nn.Module:
+def _build_teacher(cfg: RunConfig, task: TaskSpec, be: Backend) -> nn.Module:
     """The fine-tuned teacher, built in the engine's construction block and frozen (and sharded) by it."""
-    cfg, task, be = run.cfg, run.task, run.backend
     hidden = getattr(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher.path)), "hidden_size", None)
     with be.building_teacher(hidden):
         model = load_classifier(cfg.teacher.path, task.num_labels, "eager")
