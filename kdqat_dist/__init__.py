@@ -1,10 +1,10 @@
 """kdqat-dist: quantization-aware training of BERT-class encoders with knowledge distillation.
 
 Public API (resolved on first use, PEP 562: this file runs before any submodule is imported, so it imports
-only what the registration with transformers needs):
+nothing heavy; ``kdqat --version`` stays a fraction of a second):
 
 - :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
-- :class:`DistillObjective`: the KD objective (``for_models`` builds its streaming form);
+- :class:`DistillObjective`: the KD objective with the streaming teacher (``for_models`` builds it);
 - :func:`load_config`: the typed run configuration;
 - :func:`build_run` / :func:`make_backend`: a run (data, models, objective, optimizer) on its engine, as
   ``kdqat train`` builds it.
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import importlib
 
-from kdqat_dist.quant.hf_quantizer import register
+from kdqat_dist.quant.hf_register import register_when_transformers_loads
 
 __version__ = "0.1.0"
 
 # `import kdqat_dist` makes transformers' from_pretrained understand a student folder's
-# quantization_config (quant_method "kdqat"): see kdqat_dist.quant.hf_quantizer.
-register()
+# quantization_config (quant_method "kdqat"): see kdqat_dist.quant.hf_quantizer. The method is registered
+# when transformers' quantizers load (now, if they are loaded), so that this import stays cheap.
+register_when_transformers_loads()
 
 _LAZY = {
     "prepare": "kdqat_dist.quant.api",

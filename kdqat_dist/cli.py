@@ -7,27 +7,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import textwrap
 from importlib.metadata import PackageNotFoundError, version
 
-import torch
-import yaml
-from transformers.utils import logging as hf_logging
-
-from kdqat_dist import pipeline
 from kdqat_dist.config import RECIPES_DIR, load_config, to_dict
 from kdqat_dist.errors import ConfigError, TrainingError
+
+# torch, transformers and the commands' modules (kdqat_dist.pipeline, the subcommands) are imported in main():
+# `kdqat --version` answers without them (seconds of CPU otherwise).
 
 EPILOG = """examples:
   kdqat demo                                    # the whole pipeline on the built-in task (offline)
   kdqat finetune --config tiny_debug model.name_or_path=minilm train.output_dir=runs/teacher
   kdqat train --config bert_base_w2a8_kd data.task=rte teacher.path=models/rte distill.gamma=0.5
-  kdqat eval --model runs/x/student --config tiny_debug
+  kdqat eval --model runs/x                     # its student on the run's own dev set
   deepspeed --num_gpus 8 -m kdqat_dist.cli train --config bert_large_w2a8_kd engine.backend=deepspeed
   torchrun --nproc_per_node 8 -m kdqat_dist.cli train --config bert_large_w2a8_kd engine.backend=fsdp2
 
 Overrides are dotted keys: section.field=value (values parsed as YAML). Recipes shipped in the package
 can be named without a path; see `kdqat recipes`."""
+
+
+EVAL_EPILOG = """The task and data come from the config.yaml of the run that wrote the model (beside its student/
+or model/ folder; an export names its student). --config replaces it, but must name the same task; data
+settings that differ from the run's are stated on stderr. --json prints the result on stdout as JSON."""
 
 
 SECTIONS_HELP = """config sections: model teacher student data quant distill train engine tune analysis
@@ -73,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
-    p = sub.add_parser("eval", help="evaluate a model folder (FP model or kdqat student) on the task's dev set")
-    p.add_argument("--model", required=True, help="a fine-tuned model folder or a `kdqat train` student/")
-    _add_config_args(p)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model folder (FP model, kdqat student or export) on its run's dev set",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="a run folder, its student/ or model/, or an export folder")
+    p.add_argument(
+        "--config", "-c", default=None, help="recipe to score on instead of the run's own config.yaml (same task)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.dev_file=x.tsv")
+    p.add_argument("--json", action="store_true", help="print one JSON object (model, config, task, metrics)")
 
     p = sub.add_parser(
         "demo", help="finetune, QAT without KD and KD-QAT on N sharded ranks, on the built-in task, offline"
@@ -129,6 +143,12 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "ncclRemo
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"kdqat {_version()}")
+        return 0
+    import torch
+    from transformers.utils import logging as hf_logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         # What DeepSpeed falls back to anyway on a machine without CUDA, said up front: otherwise its
@@ -163,11 +183,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def recipes_table(width: int = 100) -> str:
+    """The shipped recipes, one per line: name and the one-sentence description on its YAML's first line,
+    wrapped to ``width`` columns under the description column."""
+    paths = sorted(RECIPES_DIR.glob("*.yaml"))
+    col = max(len(p.stem) for p in paths) + 2
+    lines = []
+    for p in paths:
+        text = p.read_text().splitlines()[0].lstrip("# ").strip()
+        wrapped = textwrap.wrap(text, width=max(width - col, 30)) or [""]
+        lines += [f"{p.stem:{col}s}{wrapped[0]}", *(" " * col + w for w in wrapped[1:])]
+    return "\n".join(lines)
+
+
 def _dispatch(args) -> int:
+    import yaml
+
+    from kdqat_dist import pipeline
+
     if args.command == "recipes":
-        for p in sorted(RECIPES_DIR.glob("*.yaml")):
-            first = p.read_text().splitlines()[0].lstrip("# ").strip()
-            print(f"{p.stem:28s} {first}")
+        print(recipes_table(shutil.get_terminal_size().columns))
         return 0
     if args.command == "config":
         print(yaml.safe_dump(to_dict(load_config(args.recipe, args.overrides)), sort_keys=False), end="")
@@ -179,13 +214,13 @@ def _dispatch(args) -> int:
     if args.command == "demo":
         pipeline.demo(args.config, args.overrides, args.num_procs, args.engine)
         return 0
+    if args.command == "eval":
+        pipeline.eval_model(args.model, args.config, args.overrides, as_json=args.json)
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.command in ("train", "finetune"):
         result = pipeline.run_and_report(cfg, args.command, resume=args.resume)
         return 0 if result else 1
-    if args.command == "eval":
-        pipeline.evaluate_folder(cfg, args.model)
-        return 0
     raise AssertionError(args.command)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_override
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
+from kdqat_dist.distill.terms import KD_TERMS
 from kdqat_dist.engine.backend import pick_device
 from kdqat_dist.engine.evaluate import evaluate
 from kdqat_dist.engine.launch import default_num_procs, run_launcher
@@ -16,7 +18,9 @@ from kdqat_dist.engine.loop import run
 from kdqat_dist.engine.memory import memory_table
 from kdqat_dist.export import load
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.quant.quantizers import make_quantizer
 from kdqat_dist.quant.student import is_student_dir, load_student
+from kdqat_dist.run_folder import model_run, resolve_model_dir
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -29,12 +33,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _bits_label(cfg: RunConfig) -> str:
+    """``W2(ternary) E2 A8`` and the like: weight, word-embedding and Linear-input bits (32: not quantized).
+
+    Ternary weights (codes -1, 0, 1, whatever the method) are ``W1.58(ternary)`` for BitNet's absmean,
+    as BitNet b1.58 and BitDistill name them, and ``W2(ternary)`` for the others, as the 2020-2022 papers
+    (TernaryBERT, Kim et al.) name theirs; both are stored at 2 bits.
+    """
     q = cfg.quant
     if not q.enabled:
         return "fp32"
-    w = "ternary" if q.weight.method == "twn" or (q.weight.bits == 2 and q.weight.narrow_range) else f"{q.weight.bits}"
+    if make_quantizer(q.weight).code_range() == (-1, 1):
+        w = "W1.58(ternary)" if q.weight.method == "absmean" else f"W{q.weight.bits}(ternary)"
+    else:
+        w = f"W{q.weight.bits}({q.weight.bits})"
     e = f"{q.embedding.bits}" if q.quantize_embedding else "32"
-    return f"W{q.weight.bits}({w}) E{e} A{q.act.bits if q.act.enabled else 32}"
+    return f"{w} E{e} A{q.act.bits if q.act.enabled else 32}"
 
 
 def run_and_report(cfg: RunConfig, mode: str, resume: bool = False) -> dict:
@@ -56,16 +69,9 @@ def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
     return head + "\n" + _table(rows, ["model", metric, "bits", "best step", "size"])
 
 
-# QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick)
-NO_KD = [
-    "distill.logits.weight=0",
-    "distill.hidden.weight=0",
-    "distill.attn_map.weight=0",
-    "distill.attn_output.weight=0",
-    "distill.attn_score.weight=0",
-    "distill.gamma=null",
-    "distill.ground_truth.weight=1",
-]
+# QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick): every term
+# that reads the teacher off
+NO_KD = [*(f"distill.{t}.weight=0" for t in KD_TERMS), "distill.gamma=null", "distill.ground_truth.weight=1"]
 # the product's main shape, per engine: the teacher sharded over the ranks (DeepSpeed: student ZeRO-2)
 SHARDED = {
     "deepspeed": (
@@ -168,11 +174,10 @@ def demo_table(res: dict, cfg: RunConfig) -> str:
     return f"{res['kd_qat']['task']}: best dev {metric} (x100)\n" + _table(rows, ["model", metric, "bits", "size"])
 
 
-def evaluate_folder(cfg: RunConfig, path: str) -> dict:
-    """Evaluate a student folder, an export, or a fine-tuned FP model folder on the task's dev split(s)."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"--model: {p} does not exist")
+def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
+    """Evaluate a student folder, an export, or a fine-tuned FP model folder (or the run folder around one)
+    on the dev split(s) of ``cfg``'s task; prints the metric table unless ``table`` is false."""
+    p = resolve_model_dir(path)
     task = get_task(cfg.data)
     tokenizer = load_tokenizer(str(p))
     max_len = cfg.data.max_seq_length or task.max_seq_length
@@ -187,5 +192,31 @@ def evaluate_folder(cfg: RunConfig, path: str) -> dict:
     device = pick_device(cfg.train.device)
     collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
     metrics = evaluate(model.to(device), task, data, collate, cfg.train.eval_batch_size, device)
-    print(_table([[k, f"{v:.4f}"] for k, v in metrics.items()], ["metric", "value"]))
+    if table:
+        print(_table([[k, f"{v:.4f}"] for k, v in metrics.items()], ["metric", "value"]))
     return metrics
+
+
+def eval_model(
+    model: str, config: str | None = None, overrides: list[str] | None = None, as_json: bool = False
+) -> dict:
+    """``kdqat eval``: score a model folder (or run folder) on its run's own task and data, or on
+    ``config``'s (checked against the run's: :func:`~kdqat_dist.run_folder.model_run`). Prints the metric
+    table, or with ``as_json`` one JSON object on stdout: ``model``, ``config``, ``task``, ``metrics``,
+    ``notes`` (how the data differs from the run's)."""
+    run = model_run(model, config, overrides)
+    for note in run.notes:
+        print(f"kdqat eval: note: {note}", file=sys.stderr)
+    if not as_json:
+        print(f"kdqat eval: {run.model_dir} on {run.config.data.task} (config: {run.config_source})")
+    metrics = evaluate_folder(run.config, str(run.model_dir), table=not as_json)
+    result = {
+        "model": str(run.model_dir),
+        "config": run.config_source,
+        "task": get_task(run.config.data).name,
+        "metrics": metrics,
+        "notes": list(run.notes),
+    }
+    if as_json:
+        print(json.dumps(result))
+    return result

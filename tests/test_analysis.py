@@ -268,6 +268,43 @@ def test_norm_decomposition_reconstructs_the_teacher_self_attention_output(loade
         torch.testing.assert_close(rebuilt, taps["sa_output"][l][0], atol=1e-5, rtol=1e-4)
 
 
+def test_norm_decomposition_of_a_subln_layer_reconstructs_its_self_attention_output(loaded):
+    """With SubLN (W_o · LN(ctx) + b_o) the decomposition is exact too: f_{h,i}(x_j) = g_h(x_j) / σ_i."""
+    from kdqat_dist.models.subln import insert_subln
+
+    teacher, _, tok = loaded
+    model = copy.deepcopy(teacher)
+    assert insert_subln(model) == 2 * N_LAYERS
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained SubLN: neither gain 1 nor bias 0
+        for layer in encoder_layers(model):
+            ln = layer.attention.output.dense.LayerNorm
+            ln.weight.copy_(1 + 0.5 * torch.randn(ln.weight.shape, generator=g))
+            ln.bias.copy_(0.3 * torch.randn(ln.bias.shape, generator=g))
+    ex = _example(tok, "although the plot was dull , the acting was good .")
+    taps = _taps(model, ex, {"hidden": {0, 1}, "probs": {0, 1}, "sa_output": {0, 1}})
+    s = ex["input_ids"].shape[1]
+    for l, layer in enumerate(encoder_layers(model)):
+        dec = norm_decomposition(layer, taps["hidden"][l], taps["probs"][l])
+        assert dec["f_norm"].shape == (N_HEADS, s) and dec["sum_af_norm"].shape == (s, s)
+        sub = layer.attention.output.dense
+        # Σ_h Σ_j α_{h,i,j} g_h(x_j) / σ_i + W_o β + b_o
+        rebuilt = dec["sum_af"] + sub.linear.weight @ sub.LayerNorm.bias + sub.linear.bias
+        torch.testing.assert_close(rebuilt, taps["sa_output"][l][0], atol=1e-5, rtol=1e-4)
+        # ‖Σ_h α f‖ per (query, key) against a naive loop over one query and one key
+        i, j = s - 1, 1
+        v = value_vectors(layer, taps["hidden"][l])  # [H, S, dh]
+        alpha = taps["probs"][l].reshape(N_HEADS, s, s)
+        ctx = torch.einsum("hk,hkd->hd", alpha[:, i], v).reshape(-1)  # query i's context [H*dh]
+        slot = torch.zeros(N_HEADS, v.shape[-1])
+        for h in range(N_HEADS):
+            slot[h] = alpha[h, i, j] * v[h, j]  # key j's share of the context, in each head's slot
+        part = slot.reshape(-1)
+        ln = sub.LayerNorm
+        naive = sub.linear.weight @ (ln.weight * (part - part.mean()) / torch.sqrt(ctx.var(unbiased=False) + ln.eps))
+        torch.testing.assert_close(dec["sum_af_norm"][i, j], naive.norm(), atol=1e-5, rtol=1e-4)
+
+
 def test_student_value_vectors_are_the_ones_its_attention_uses(loaded):
     _, students, tok = loaded
     ex = _example(tok, "i found the ending really clever .")

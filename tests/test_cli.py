@@ -44,9 +44,38 @@ def test_user_errors_exit_2(capsys, args, message):
     assert message in err and "Traceback" not in err
 
 
-def test_recipes_listing(capsys):
+def test_recipes_listing_shows_whole_sentences(capsys):
+    from kdqat_dist.cli import recipes_table
+    from kdqat_dist.config import RECIPES_DIR
+
     assert main(["recipes"]) == 0
     assert "tiny_debug" in capsys.readouterr().out
+    table = recipes_table(80)
+    assert all(len(line) <= 80 for line in table.splitlines())
+    rows = {}  # recipe -> its description, rejoined from the wrapped lines
+    for line in table.splitlines():
+        if not line.startswith(" "):
+            name = line.split()[0]
+        rows[name] = " ".join([*rows.get(name, "").split(), *line.removeprefix(name).split()])
+    for p in RECIPES_DIR.glob("*.yaml"):
+        first = p.read_text().splitlines()[0]
+        # one sentence (or two), complete on the first line: `kdqat recipes` shows that line alone
+        assert first.startswith("# ") and first.endswith(".") and len(first) <= 110, (p.name, first)
+        assert rows[p.stem] == " ".join(first[2:].split()), p.name
+
+
+def test_bits_label_of_the_recipe_table():
+    from kdqat_dist.config import load_config
+    from kdqat_dist.pipeline import _bits_label
+
+    assert _bits_label(load_config("bitdistill_w158a8")) == "W1.58(ternary) E32 A8"  # BitNet's name
+    assert _bits_label(load_config("bert_base_w2a8_kd")) == "W2(ternary) E2 A8"
+    assert _bits_label(load_config("bert_base_w2e8a8_kd")) == "W2(ternary) E8 A8"
+    assert _bits_label(load_config("kdlsq_w2a8")) == "W2(ternary) E2 A8"  # LSQ with narrow_range: 3 levels
+    lsq4 = load_config("kdlsq_w2a8", ["quant.weight.narrow_range=false"])  # codes -2..1: not ternary
+    assert _bits_label(lsq4) == "W2(2) E2 A8"
+    assert _bits_label(load_config("tiny_debug", ["quant.weight.method=sym", "quant.weight.bits=4"])) == "W4(4) E2 A8"
+    assert _bits_label(load_config("tiny_debug", ["quant.enabled=false"])) == "fp32"
 
 
 def test_unreachable_hub_model_is_one_line(tmp_path):
@@ -92,6 +121,13 @@ def test_damaged_weights_file_is_one_line(tiny_teacher, tmp_path, capsys):
 def test_version_config_and_train_help():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("kdqat ")
+    # answered before torch and transformers load (seconds of CPU): neither is imported
+    code = (
+        "import sys; from kdqat_dist.cli import main; main(['--version']); "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stdout + r.stderr
     r = run_cli("config", "tiny_debug", "train.lr=3e-4", "distill.gamma=0.5")
     assert r.returncode == 0
     import yaml

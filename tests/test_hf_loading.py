@@ -73,6 +73,28 @@ def test_a_folder_saved_before_quantization_config_still_loads_through_kdqat(tmp
         assert torch.equal(load_student(old)(**batch).logits, ref(**batch).logits)
 
 
+def test_import_kdqat_dist_is_light_and_registers_before_from_pretrained(tmp_path):
+    """`import kdqat_dist` imports neither torch nor transformers (kdqat --version stays fast); the method is
+    registered when transformers' quantizers load, so from_pretrained still returns the student."""
+    folder, _ = _student(tmp_path, QuantConfig())
+    code = """
+import sys
+import kdqat_dist
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "import kdqat_dist is not light"
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from kdqat_dist.quant.student import load_student
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
+batch = dict(AutoTokenizer.from_pretrained(sys.argv[1])(["not bad at all"], return_tensors="pt"))
+with torch.no_grad():
+    assert torch.equal(model(**batch).logits, load_student(sys.argv[1])(**batch).logits)
+print(type(model.bert.encoder.layer[0].attention.self.query).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["QuantLinear"]
+
+
 def test_without_kdqat_dist_transformers_says_it_skips_the_quantization(tmp_path):
     folder, _ = _student(tmp_path, QuantConfig())
     code = (

@@ -22,6 +22,7 @@ LAYERS = {
     "files": 0,
     "errors": -1,  # the exception types: a leaf that imports nothing of ours
     "data": 1,
+    "run_folder": 1.5,  # a model folder's run and its config.yaml: task names from data, used by the tools
     "models": 2,
     "quant": 3,  # above models: prepare() walks the encoder's structure
     "distill": 4,

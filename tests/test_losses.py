@@ -422,15 +422,15 @@ def test_hand_written_backwards_refuse_double_backward():
 
 
 def test_attention_map_kl_blocks_of_heads_and_recompute_give_the_same_loss_and_gradients(monkeypatch):
-    import kdqat_dist.distill.losses as losses_mod
-    from kdqat_dist.distill.streaming import attention_map_kl_recomputed
+    import kdqat_dist.distill.kernels as kernels_mod
+    from kdqat_dist.distill.kernels import attention_map_kl_recomputed
 
     mask = _mask()
     ps0, pt = _probs((B, H, S, S), 41), _probs((B, H, S, S), 42)
     ps = ps0.clone().requires_grad_(True)
     whole = attention_map_kl(ps, pt, mask)
     (g_whole,) = torch.autograd.grad(whole, ps)
-    monkeypatch.setattr(losses_mod, "_KL_BLOCK_ELEMENTS", 1)  # one head per block
+    monkeypatch.setattr(kernels_mod, "_KL_BLOCK_ELEMENTS", 1)  # one head per block
     ps = ps0.clone().requires_grad_(True)
     calls = []
     blocked = attention_map_kl_recomputed(ps, pt, mask, (lambda x: calls.append(1) or x * 1.0, (pt,)))

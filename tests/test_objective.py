@@ -1,6 +1,7 @@
 """The streaming KD objective equals the naive computation; gradients reach the student only."""
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -9,7 +10,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from kdqat_dist.config import DistillConfig, LossTerm, QuantConfig
 from kdqat_dist.distill import losses as L
-from kdqat_dist.distill.objective import TERM_TAPS, DistillObjective, effective_weights
+from kdqat_dist.distill.objective import DistillObjective
+from kdqat_dist.distill.terms import TERMS as DECLARED
+from kdqat_dist.distill.terms import effective_weights
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.quant.api import prepare
 
@@ -87,7 +90,7 @@ def test_streaming_equals_naive(active):
 def test_every_combination_of_tap_terms_matches_naive():
     student, teacher = make_pair()
     b = batch()
-    tap_terms = list(TERM_TAPS)
+    tap_terms = [t.name for t in DECLARED if t.tap is not None]
     for r in (2, 3):
         for combo in itertools.combinations(tap_terms, r):
             obj = DistillObjective.for_models(cfg_with(combo), student, teacher)
@@ -150,8 +153,8 @@ def test_the_kept_teacher_layer_is_the_one_the_backward_reaches_first(layer_map,
 
 def test_teacher_taps_are_consumed_as_produced(monkeypatch):
     """Streaming: each layer's terms are computed while the teacher runs that layer, before the next."""
+    import kdqat_dist.distill.kernels as kernels_mod
     import kdqat_dist.distill.losses as losses_mod
-    import kdqat_dist.distill.streaming as streaming_mod
 
     student, teacher = make_pair()
     obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map", "attn_output")), student, teacher)
@@ -159,7 +162,7 @@ def test_teacher_taps_are_consumed_as_produced(monkeypatch):
     for mod, name, label in (
         (losses_mod, "mse", "mse"),
         (losses_mod, "attention_map_kl", "attention_map_kl"),
-        (streaming_mod, "attention_map_kl_recomputed", "attention_map_kl"),  # the map term with its recompute
+        (kernels_mod, "attention_map_kl_recomputed", "attention_map_kl"),  # the map term with its recompute
     ):
         orig = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=label, **k: seen.append(_n) or _o(*a, **k))
@@ -387,7 +390,7 @@ def test_what_the_backward_keeps_is_freed_by_it_even_while_the_loss_is_kept(monk
     import gc
     import weakref
 
-    import kdqat_dist.distill.streaming as objective_mod
+    import kdqat_dist.distill.objective as objective_mod
 
     refs = []
     orig = objective_mod._TeacherBlock.__init__
@@ -422,7 +425,7 @@ def test_what_the_backward_keeps_is_freed_by_it_even_while_the_loss_is_kept(monk
 def test_streaming_fails_loudly_on_a_torch_without_the_private_sequence_setter():
     from types import SimpleNamespace
 
-    from kdqat_dist.distill.streaming import _run_backward_at
+    from kdqat_dist.distill.objective import _run_backward_at
 
     node = SimpleNamespace(grad_fn=object())  # a grad_fn without Node._set_sequence_nr
     with pytest.raises(RuntimeError, match=r"Node._set_sequence_nr \(written for torch 2.13\)"):
@@ -522,3 +525,122 @@ def test_relation_layers_are_checked_against_the_student():
         load_config(None, ["distill.attn_relation.relations=[qk]"])
     cfg = load_config(None, ["distill.attn_relation.weight=2", "distill.attn_relation.layers=[0,1]"])
     assert cfg.distill.attn_relation.layers == [0, 1] and effective_weights(cfg.distill)["attn_relation"] == 2
+
+
+# ---- the term declarations (distill/terms.py)
+
+
+def test_the_declared_terms_are_the_config_weights_and_no_kd_switches_every_teacher_term_off():
+    from kdqat_dist.config import load_config, loss_terms
+    from kdqat_dist.distill.terms import KD_TERMS, Plan
+    from kdqat_dist.pipeline import NO_KD
+
+    assert [t.name for t in DECLARED] == list(loss_terms(DistillConfig()))
+    on = [f"distill.{t}.weight=1" for t in ("context", "sa_output", "attn_relation")]
+    cfg = load_config(None, [*on, "distill.gamma=0.5", *NO_KD])
+    assert set(KD_TERMS) == set(loss_terms(cfg.distill)) - {"ground_truth"}
+    plan = Plan(cfg.distill, 2, 2)
+    assert list(plan.active) == ["ground_truth"] and not plan.needs_teacher
+
+
+@dataclasses.dataclass
+class WithL1(DistillConfig):
+    """The made-up term's weight: distill.hidden_l1.weight."""
+
+    hidden_l1: LossTerm = dataclasses.field(default_factory=lambda: LossTerm(1.0))
+
+
+def hidden_l1(plan, s, t, mask):
+    """The made-up term's loss: mean |s - t| over the real tokens of one hidden state [B, S, D]."""
+    m = mask.bool()
+    return (s - t)[m].abs().mean()
+
+
+def test_a_new_term_is_one_declaration_and_its_loss_and_trains_through_both_executors():
+    from kdqat_dist.config import loss_terms
+    from kdqat_dist.distill.terms import Term, hidden_pairs
+
+    # it reads the hidden tap, which the hidden term reads too (at the LayerNorm outputs in the streaming form)
+    terms = (*DECLARED, Term("hidden_l1", "hidden", hidden_l1, pairs=hidden_pairs))
+    d = WithL1(hidden=LossTerm(1.0), attn_map=LossTerm(1.0), attn_output=LossTerm(0.0))
+    assert loss_terms(d)["hidden_l1"] == 1.0
+    b, runs = batch(), []
+    for path in ("stream", "naive"):
+        student, teacher = make_pair(layers=2)
+        obj = DistillObjective.for_models(d, student, teacher, terms=terms)
+        opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(2):
+            out = obj(student, teacher, b) if path == "stream" else obj.naive(student, teacher, b)
+            opt.zero_grad()
+            out.total.backward()
+            opt.step()
+            losses.append({"total": float(out.total.detach()), **{k: float(v.detach()) for k, v in out.terms.items()}})
+        runs.append((losses, out))
+    (stream, s_out), (naive, n_out) = runs
+    assert set(s_out.per_layer["hidden_l1"]) == {0, 1, 2}
+    for a, c in zip(stream, naive, strict=True):
+        assert a.keys() == c.keys() == {"total", "logits", "hidden", "attn_map", "hidden_l1"}
+        assert a == pytest.approx(c, rel=1e-5)
+    assert stream[-1]["total"] < stream[0]["total"]
+    want = sum(hidden_l1(None, x, y, b["attention_mask"]) for x, y in zip(*_hidden_states(b), strict=True))
+    assert stream[0]["hidden_l1"] == pytest.approx(float(want), rel=1e-6)
+
+
+def _hidden_states(b):
+    student, teacher = make_pair(layers=2)
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    with torch.no_grad():
+        return tuple(m(**inputs, output_hidden_states=True).hidden_states for m in (student, teacher))
+
+
+def test_token_logits_with_a_validity_mask_average_over_the_valid_positions():
+    """The logit terms read what the head gives: here [B, S, C] token logits and the real tokens as rows."""
+    from transformers import BertForTokenClassification
+
+    from kdqat_dist.distill.terms import HeadOutput
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
+    teacher = BertForTokenClassification(cfg).eval()
+    teacher.classifier.weight.data.mul_(30)  # confident, position-dependent predictions
+    student = copy.deepcopy(teacher)
+    prepare(student, QuantConfig())
+    for m in (student, teacher):
+        use_kdqat_attention(m)
+    teacher.requires_grad_(False)
+    b = batch()
+    b["labels"] = torch.randint(0, 3, (4, 10), generator=torch.Generator().manual_seed(1))
+    head = lambda out, batch: HeadOutput(out.logits, batch["labels"], batch["attention_mask"].bool())  # noqa: E731
+    obj = DistillObjective.for_models(cfg_with(("logits", "ground_truth", "hidden")), student, teacher, head=head)
+    out, naive = obj(student, teacher, b), obj.naive(student, teacher, b)
+    real = b["attention_mask"].bool()
+    zs, zt = out.student_logits.detach(), out.teacher_logits
+    soft_ce = -(zt.softmax(-1) * zs.log_softmax(-1)).sum(-1)  # [B, S]
+    torch.testing.assert_close(out.terms["logits"].detach(), soft_ce[real].mean())
+    ce = torch.nn.functional.cross_entropy(zs[real], b["labels"][real])
+    torch.testing.assert_close(out.terms["ground_truth"].detach(), ce)
+    assert float(out.terms["logits"].detach()) != pytest.approx(float(soft_ce.mean()), rel=1e-3)  # padding left out
+    torch.testing.assert_close(out.total, naive.total)
+
+
+def test_any_depth_is_tapped_and_models_of_another_depth_are_refused():
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=66, num_attention_heads=2, intermediate_size=8
+    )  # the plain path once tapped 64 layers at most
+    teacher = BertForSequenceClassification(cfg).eval().requires_grad_(False)
+    use_kdqat_attention(teacher)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    for p in student.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    obj = DistillObjective.for_models(cfg_with(("hidden", "attn_map")), student, teacher)
+    out, naive = obj(student, teacher, batch()), obj.naive(student, teacher, batch())
+    assert set(naive.per_layer["hidden"]) == set(range(67)) and set(naive.per_layer["attn_map"]) == set(range(66))
+    torch.testing.assert_close(out.total, naive.total)
+    small_student, small_teacher = make_pair(layers=2)
+    for run in (obj, obj.naive):
+        with pytest.raises(ValueError, match=r"built for a 66-layer student and a 66-layer teacher, not for these \(2"):
+            run(small_student, small_teacher, batch())

@@ -140,6 +140,26 @@ def test_cli_bad_key_is_one_line_and_starts_nothing(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_ray_that_cannot_start_is_one_line_with_what_to_try(tmp_path):
+    """A local Ray instance that cannot start (here: its temp folder is a file) is one line naming Ray's
+    error and what to try, exit 2, instead of Ray's traceback. A separate process: no Ray session here."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    path = _spec(tmp_path, search={"train.seed": [42]})
+    r = subprocess.run(
+        [sys.executable, "-m", "kdqat_dist.cli", "sweep", "--config", str(path), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=dict(os.environ, RAY_TMPDIR=str(not_a_dir)),
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdqat: error: sweep: could not start a local Ray instance (NotADirectoryError: "), last
+    assert "`ray start --head --num-cpus N`) and pass --address auto" in last
+
+
 def test_spec_syntax_and_resolution(tmp_path):
     spec = parse_spec(
         {
@@ -506,6 +526,8 @@ def test_ctrl_c_stops_the_driver_and_resume_skips_finished_trials(tmp_path, ray_
             proc.wait()
     text = log.read_text()
     assert rc == 130, text[-4000:]
+    # --quiet: the trials' own output (training logs, progress bars; "(train_trial pid=...)") stays away
+    assert "pid=" not in text and "step 3:" not in text, text[-4000:]
     assert took < 45, f"exit took {took:.0f} s after SIGINT"
     assert (
         "kdqat sweep: interrupted by SIGINT with 1 of 2 trials finished training; the sweep state is "

@@ -8,14 +8,15 @@ from dataclasses import fields
 from kdqat_dist.analysis.report import AnalyzeOptions, analyze
 
 EXAMPLE = """examples:
-  kdqat analyze --teacher runs/t/model --student map=runs/map/student --student out=runs/out/student \\
-      --task rte data.source=glue/RTE --out analysis/rte
+  kdqat analyze --teacher runs/t --student map=runs/map --student out=runs/out --out analysis/rte
   kdqat analyze --config tiny_debug --teacher /tmp/a/t --student /tmp/a/map --student /tmp/a/out --out /tmp/an
 
 A run folder stands for its model/ (finetune) or student/ (train) folder. A student is named by NAME=DIR,
-or after its run folder. Extra key=value arguments override the recipe: its data section (data.source, ...)
-and its analysis section (analysis.samples=64, analysis.hessian_iters=50, ...); the flags below, when
-given, override the analysis section in turn."""
+or after its run folder. The data and analysis sections come from the config.yaml of the first student's
+training run (--config replaces it; a task other than the one a student or the teacher was trained on is
+refused, other data differences are stated). Extra key=value arguments override them: the data section
+(data.source, ...) and the analysis section (analysis.samples=64, analysis.hessian_iters=50, ...); the flags
+below, when given, override the analysis section in turn."""
 
 # the flags that override the analysis section: (flag, type, help)
 KNOBS = (
@@ -59,11 +60,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="the task (sets data.task); default: the recipe's")
     p.add_argument("--out", required=True, help="output folder for the figures, analysis.json and summary.md")
     p.add_argument(
-        "--config", "-c", default=None, help="recipe whose data and analysis sections are used (default: built-in)"
+        "--config",
+        "-c",
+        default=None,
+        help="recipe whose data and analysis sections are used (default: the first student's run config.yaml)",
     )
     # None: the config's analysis.<name> decides (see kdqat_dist.config.AnalysisConfig for the defaults).
     for flag, kind, text in KNOBS:
         p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="write analysis.json and summary.md only, no PNGs (the figures take most of the time)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",

@@ -13,6 +13,15 @@ projection's weight, quantized for students (``quantized_weight()``). The tap ma
 touched. For a student, Σ_h Σ_j α f + b_o reproduces its ``sa_output`` only up to the 8-bit quantization
 of the attention probabilities and of the context (both nonlinear, so they cannot be split over heads).
 
+A SubLN layer (BitNet/BitDistill: ``W_o · LN_sub(ctx) + b_o``, kdqat_dist.models.subln) is decomposed exactly
+too. LN_sub is linear in ctx but for the division by σ_i, the standard deviation of query i's context (a
+scalar per query): with C the centring over all H·d_h units, γ and β LN_sub's gain and bias,
+
+    y_i = Σ_h Σ_j α_{h,i,j} g_h(x_j) / σ_i + W_o β + b_o,     g_h(x_j) = W_o (γ ⊙ C [v_{h,j} in head h's slot])
+
+so f_{h,i}(x_j) = g_h(x_j) / σ_i depends on the query through σ_i alone; ``f_norm`` reports its mean over
+the queries.
+
 Key tokens are grouped into classes ([CLS], [SEP], punctuation, other; plus all tokens), and every
 quantity is averaged per class over a dev sample (:class:`NormAccumulator`).
 """
@@ -27,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdqat_dist.models.subln import SubLNLinear
 from kdqat_dist.models.taps import self_attention_module
 
 __all__ = [
@@ -92,21 +102,51 @@ def value_vectors(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return v[0]
 
 
+def _output_dense(layer: nn.Module) -> tuple[nn.Module, nn.LayerNorm | None]:
+    """The attention output projection (a Linear or QuantLinear) and its SubLN LayerNorm, if any."""
+    dense = layer.attention.output.dense
+    if isinstance(dense, SubLNLinear):
+        return dense.linear, dense.LayerNorm
+    return dense, None
+
+
 @torch.no_grad()
 def output_weight(layer: nn.Module) -> torch.Tensor:
     """W_o of the attention output projection, [D, H·d_h] (quantized for a fake-quant student)."""
-    dense = layer.attention.output.dense
+    dense, _ = _output_dense(layer)
     quantized = getattr(dense, "quantized_weight", None)
     return quantized() if callable(quantized) else dense.weight
 
 
+def _project(layer: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """W_o applied to each head's value vectors on their own: [H, S, d_h] -> [H, S, D]; for a SubLN layer
+    W_o (γ ⊙ C e_h(v)), the query-independent part g_h (module docstring)."""
+    w = output_weight(layer).to(v.dtype)  # [D, H*dh]
+    h, s, dh = v.shape
+    _, sub_ln = _output_dense(layer)
+    if sub_ln is None:
+        return torch.einsum("hsd,ohd->hso", v, w.view(w.shape[0], h, dh))
+    # e_h(v): v in head h's slot of an otherwise zero [H*dh] vector; centred over all units, then the gain
+    e = torch.einsum("hsd,hk->hskd", v, torch.eye(h, dtype=v.dtype, device=v.device)).reshape(h, s, h * dh)
+    e = (e - e.mean(dim=-1, keepdim=True)) * sub_ln.weight.to(v.dtype)
+    return e @ w.T
+
+
+def _query_scale(layer: nn.Module, alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """1/σ_i per query [S] for a SubLN layer (σ_i: the std of query i's context over its H·d_h units, with
+    LN_sub's eps); ones for a plain layer. ``alpha`` [H, S, S], ``v`` [H, S, d_h]."""
+    _, sub_ln = _output_dense(layer)
+    if sub_ln is None:
+        return torch.ones(alpha.shape[-1], dtype=v.dtype, device=v.device)
+    ctx = torch.einsum("hij,hjd->ihd", alpha.to(v.dtype), v).reshape(alpha.shape[-1], -1)  # [S, H*dh]
+    return torch.rsqrt(ctx.var(dim=-1, unbiased=False) + sub_ln.eps)
+
+
 @torch.no_grad()
 def transformed_vectors(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """f_h(x_j) = W_o[:, head h] · v_{h,j} for every head and token: [H, S, D] (bias excluded)."""
-    v = value_vectors(layer, hidden)  # [H, S, dh]
-    w = output_weight(layer).to(v.dtype)  # [D, H*dh]
-    h, _, dh = v.shape
-    return torch.einsum("hsd,ohd->hso", v, w.view(w.shape[0], h, dh))
+    """f_h(x_j) = W_o[:, head h] · v_{h,j} for every head and token: [H, S, D] (bias excluded); for a SubLN
+    layer g_h(x_j), which query i divides by σ_i (module docstring)."""
+    return _project(layer, value_vectors(layer, hidden))
 
 
 @torch.no_grad()
@@ -119,18 +159,20 @@ def norm_decomposition(layer: nn.Module, hidden: torch.Tensor, probs: torch.Tens
         probs: [H, S, S] or [1, H, S, S] attention probabilities α (tap ``probs[l]``; query, key).
 
     Returns:
-        ``alpha`` [H, S, S]; ``f_norm`` ‖f_h(x_j)‖ [H, S]; ``af_norm`` ‖α_{h,i,j} f_h(x_j)‖ [H, S, S];
-        ``sum_af_norm`` ‖Σ_h α_{h,i,j} f_h(x_j)‖ [S, S]; ``sum_af`` Σ_j Σ_h α f [S, D] (= sa_output − b_o
-        for a full-precision model).
+        ``alpha`` [H, S, S]; ``f_norm`` ‖f_h(x_j)‖ [H, S] (for SubLN its mean over the queries);
+        ``af_norm`` ‖α_{h,i,j} f_{h,i}(x_j)‖ [H, S, S]; ``sum_af_norm`` ‖Σ_h α_{h,i,j} f_{h,i}(x_j)‖ [S, S];
+        ``sum_af`` Σ_j Σ_h α f [S, D] (= sa_output − b_o, and − W_o β with SubLN, for a full-precision model).
     """
     alpha = probs.reshape(probs.shape[-3:]).float()
-    f = transformed_vectors(layer, hidden).float()  # [H, S, D]
-    f_norm = f.norm(dim=-1)  # [H, S]
-    af = torch.einsum("hij,hjo->ijo", alpha, f)  # [S, S, D]: Σ_h α f, per (query, key)
+    v = value_vectors(layer, hidden).float()  # [H, S, dh]
+    f = _project(layer, v)  # [H, S, D]
+    scale = _query_scale(layer, alpha, v)  # [S]: 1/σ_i with SubLN, else ones
+    g_norm = f.norm(dim=-1)  # [H, S]
+    af = torch.einsum("hij,hjo->ijo", alpha, f) * scale[:, None, None]  # [S, S, D]: Σ_h α f, per (query, key)
     return {
         "alpha": alpha,
-        "f_norm": f_norm,
-        "af_norm": alpha * f_norm[:, None, :],  # α ≥ 0, so ‖αf‖ = α‖f‖
+        "f_norm": g_norm * scale.mean(),
+        "af_norm": alpha * g_norm[:, None, :] * scale[None, :, None],  # α ≥ 0, so ‖αf‖ = α‖f‖
         "sum_af_norm": af.norm(dim=-1),
         "sum_af": af.sum(dim=1),
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +39,7 @@ from kdqat_dist.engine.backend import pick_device
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier
 from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
+from kdqat_dist.run_folder import check_against_run, run_config_path
 
 __all__ = [
     "FIGURES",
@@ -47,6 +49,7 @@ __all__ = [
     "load_models",
     "parse_student_spec",
     "run_config",
+    "resolve_run_config",
     "student_names",
     "write_report",
 ]
@@ -96,15 +99,25 @@ class AnalyzeOptions:
     hessian_top_n: int | None = None
     hessian_norm_weight: float | None = None  # the reference's 0.01·Σ‖p‖₂ term (default 0: the loss alone)
     device: str | None = None
+    figures: bool = True  # False: analysis.json and summary.md only (the figures take most of the time)
     progress: bool = False  # progress bars on stderr (the CLI turns them on)
 
 
 def run_config(opts: AnalyzeOptions) -> RunConfig:
-    """The validated :class:`~kdqat_dist.config.RunConfig`: ``opts.config``, then ``opts.overrides``, then
-    ``opts.task`` and every option that is not None (as ``analysis.<name>``), each overriding the last.
+    """The validated :class:`~kdqat_dist.config.RunConfig` (see :func:`resolve_run_config`)."""
+    return resolve_run_config(opts)[0]
+
+
+def resolve_run_config(opts: AnalyzeOptions) -> tuple[RunConfig, str, list[str]]:
+    """The validated :class:`~kdqat_dist.config.RunConfig`: ``opts.config`` (default: the ``config.yaml`` of
+    the first student's training run, else the built-in defaults), then ``opts.overrides``, then
+    ``opts.task`` and every option that is not None (as ``analysis.<name>``), each overriding the last;
+    where it came from (a recipe, a run's config.yaml, or "built-in"); and the notes to state (data that
+    differs from a student's run, no run config found).
 
     Raises:
-        ConfigError: one line; a bad option given here names its flag (``--samples (analysis.samples): ...``).
+        ConfigError: one line; a bad option given here names its flag (``--samples (analysis.samples: ...)``);
+            a task other than the one a student or the teacher was trained on.
     """
     if not opts.students:
         raise ConfigError("--student: give at least one student folder")
@@ -114,14 +127,42 @@ def run_config(opts: AnalyzeOptions) -> RunConfig:
         tree["data.task"] = opts.task
     given = [f.name for f in fields(AnalysisConfig) if getattr(opts, f.name, None) is not None]
     tree.update({f"analysis.{name}": getattr(opts, name) for name in given})
+    # the students' own runs, first to last; a folder that does not exist or is no model fails later, at loading
+    runs = [run for path in student_names(opts.students).values() if (run := _run_of(path, _resolve_student))]
+    config, notes = opts.config, []
+    if config is None and runs:
+        config = runs[0][1]
+    elif config is None and all(p.exists() for p in student_names(opts.students).values()):
+        notes.append("no run config.yaml found beside the students; the data comes from the built-in defaults")
     try:
-        return load_config(opts.config, tree)
+        cfg = load_config(config, tree)
     except ConfigError as exc:
         key = str(exc).split(":", 1)[0]
         name = key.removeprefix("analysis.")
         if key.startswith("analysis.") and name in given:  # the user typed the flag, not the key
             raise ConfigError(f"--{name.replace('_', '-')} ({exc})") from None
         raise
+    chose = f"--config {opts.config}" if opts.config is not None else str(config or "the built-in config")
+    if any(k.startswith("data.") for k in tree):
+        chose += " with the overrides"
+    one_task = "the teacher and every student are compared on one task's dev set, the one they were trained on"
+    for model_dir, run_yaml in runs:
+        notes += check_against_run(cfg, model_dir, run_yaml, chose, remedy=one_task)
+    teacher = _run_of(opts.teacher, _resolve_teacher)
+    if teacher is not None:
+        check_against_run(cfg, *teacher, chose, data=False, remedy=one_task)
+    return cfg, str(config or "built-in"), list(dict.fromkeys(notes))
+
+
+def _run_of(path: str | Path, resolve) -> tuple[Path, Path] | None:
+    """(model folder, its run's config.yaml) of an existing model or run folder that has one; else None
+    (a folder that does not exist or is no model is reported when the models load)."""
+    try:
+        model_dir = resolve(Path(path).expanduser())
+    except ConfigError:
+        return None
+    run_yaml = run_config_path(model_dir)
+    return None if run_yaml is None else (model_dir, run_yaml)
 
 
 # --------------------------------------------------------------------------- loading and checks
@@ -381,13 +422,36 @@ DIMS = {
 
 
 def write_report(
-    results: Mapping[str, Any], out_dir: str | Path, meta: Mapping[str, Any], example_tokens: Sequence[str]
+    results: Mapping[str, Any],
+    out_dir: str | Path,
+    meta: Mapping[str, Any],
+    example_tokens: Sequence[str],
+    figures: bool = True,
 ) -> list[Path]:
-    """Write ``analysis.json``, the PNG figures and ``summary.md`` into ``out_dir``; returns the paths."""
-    from kdqat_dist.analysis import plots as P  # lazy: matplotlib is slow to import
-
+    """Write ``analysis.json``, the PNG figures (unless ``figures`` is false) and ``summary.md`` into
+    ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written = _write_figures(results, out, meta, example_tokens) if figures else []
+    names = [p.name for p in written]
+    doc = {
+        "meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS, "figures": names},
+        "example_tokens": list(example_tokens),
+        **results,
+    }
+    json_path = out / "analysis.json"
+    json_path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
+    md_path = out / "summary.md"
+    md_path.write_text(_markdown(results, meta, names if figures else None))
+    return [json_path, md_path, *written]
+
+
+def _write_figures(
+    results: Mapping[str, Any], out: Path, meta: Mapping[str, Any], example_tokens: Sequence[str]
+) -> list[Path]:
+    """The PNG figures of :data:`FIGURES` (the Hessian's only when it ran); most of the command's time."""
+    from kdqat_dist.analysis import plots as P  # lazy: matplotlib is slow to import
+
     top_k = int(meta.get("top_k", 5))
 
     def dist(key: str) -> dict[str, dict[str, np.ndarray]]:  # student -> metric -> one statistic
@@ -424,17 +488,7 @@ def write_report(
         eigs = {m: h["eigenvalues"][:, 0] for m, h in hess.items()}
         norm_term = {m: float(h["norm_term_eigenvalue"]) for m, h in hess.items()}
         written.append(P.plot_hessian_spectrum(eigs, out / "hessian_spectrum.png", norm_term))
-    figures = [p.name for p in written]
-    doc = {
-        "meta": {**meta, "classes": list(TOKEN_CLASSES), "dims": DIMS, "figures": figures},
-        "example_tokens": list(example_tokens),
-        **results,
-    }
-    json_path = out / "analysis.json"
-    json_path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
-    md_path = out / "summary.md"
-    md_path.write_text(_markdown(results, meta, figures))
-    return [json_path, md_path, *written]
+    return written
 
 
 def _fmt(x: float | None) -> str:
@@ -462,13 +516,15 @@ def _by_length_markdown(by_len: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*lines, "", "![attention distance by input length](attention_distance_by_length.png)", ""]
 
 
-def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequence[str]) -> str:
+def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequence[str] | None) -> str:
     top_k = int(meta.get("top_k", 5))
     lengths = np.asarray(results["lengths"])
     lines = [
         "# kdqat analyze",
         "",
         f"- teacher: `{meta.get('teacher')}`",
+        f"- config: `{meta.get('config_source')}`",
+        *[f"- note: {n}" for n in meta.get("notes", [])],
         *[f"- student **{s}**: `{p}`" for s, p in meta.get("students", {}).items()],
         f"- task: {meta.get('task')}, {len(lengths)} dev examples (seed {meta.get('seed')}), each run alone at "
         f"its true length: {int(lengths.min())}–{int(lengths.max())} tokens (mean {lengths.mean():.1f})",
@@ -567,14 +623,19 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], figures: Sequ
         lines += ["", "![Hessian spectrum](hessian_spectrum.png)"]
     else:
         lines.append("Skipped (`--hessian-samples 0`).")
-    missing = [f for f in figures if f not in "\n".join(lines)]
-    lines += [f"![{f}]({f})" for f in missing]
+    if figures is None:  # --no-figures: the tables alone
+        lines = [line for line in lines if not line.startswith("![")]
+    else:
+        missing = [f for f in figures if f not in "\n".join(lines)]
+        lines += [f"![{f}]({f})" for f in missing]
     return "\n".join(lines) + "\n"
 
 
 def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     """The whole ``kdqat analyze`` command; returns ``{"out": folder, "files": [...], "seconds": ...}``."""
-    cfg = run_config(opts)  # every config problem fails before any data or model loads
+    cfg, source, notes = resolve_run_config(opts)  # every config problem fails before any data or model loads
+    for note in notes:
+        print(f"kdqat analyze: note: {note}", file=sys.stderr)
     out = Path(opts.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an earlier analysis would be half replaced (a figure it has and this one does not stays stale)
@@ -594,9 +655,11 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
         **asdict(opts),
         **asdict(a),
         "task": task.name,
+        "config_source": source,
+        "notes": notes,
         "dev_rows": row_ids,
         "students": {k: str(v) for k, v in student_names(opts.students).items()},
     }
     tokens = tokenizer.convert_ids_to_tokens(examples[0]["input_ids"][0].tolist())
-    files = write_report(results, opts.out, meta, tokens)
+    files = write_report(results, opts.out, meta, tokens, figures=opts.figures)
     return {"out": str(Path(opts.out)), "files": [str(f) for f in files], "seconds": time.perf_counter() - t0}

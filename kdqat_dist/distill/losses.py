@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+from kdqat_dist.distill.kernels import AttentionMapKL, MeanSquaredError, check_same_shape, compute_dtype
 
 __all__ = [
     "attention_map_kl",
@@ -28,22 +29,6 @@ __all__ = [
     "mse",
     "soft_cross_entropy",
 ]
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype to compute in: the promoted floating dtype of the inputs, at least float32."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
-        return torch.float32
-    return dtype
-
-
-def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, name: str) -> None:
-    # F.mse_loss would silently broadcast e.g. [B, 1] against [B] into [B, B]; refuse instead.
-    if student.shape != teacher.shape:
-        raise ValueError(f"{name}: student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}")
 
 
 def soft_cross_entropy(
@@ -69,10 +54,10 @@ def soft_cross_entropy(
     Raises:
         ValueError: if the shapes differ or the temperature is not positive.
     """
-    _check_same_shape(student_logits, teacher_logits, "soft_cross_entropy")
+    check_same_shape(student_logits, teacher_logits, "soft_cross_entropy")
     if temperature <= 0:
         raise ValueError(f"soft_cross_entropy: temperature must be > 0, got {temperature}")
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype) / temperature
     zt = teacher_logits.to(dtype) / temperature
     per_sample = -(F.softmax(zt, dim=-1) * F.log_softmax(zs, dim=-1)).sum(dim=-1)
@@ -98,8 +83,8 @@ def mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | Non
     Raises:
         ValueError: if the shapes differ.
     """
-    _check_same_shape(student, teacher, "mse")
-    return _MeanSquaredError.apply(student, teacher, weight)
+    check_same_shape(student, teacher, "mse")
+    return MeanSquaredError.apply(student, teacher, weight)
 
 
 def token_weights(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -114,53 +99,9 @@ def token_weights(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Ten
     Returns:
         [B, S, 1] or [B, 1, S, 1] weights in ``like``'s compute dtype (float32 for bf16/fp16 taps).
     """
-    m = (attention_mask != 0).to(device=like.device, dtype=_compute_dtype(like, like))
+    m = (attention_mask != 0).to(device=like.device, dtype=compute_dtype(like, like))
     w = m * (m.numel() / m.sum().clamp(min=1))
     return w[:, :, None] if like.dim() == 3 else w[:, None, :, None]
-
-
-class _MeanSquaredError(torch.autograd.Function):
-    """:func:`mse` with a hand-written backward, for memory.
-
-    ``F.mse_loss`` keeps both of its inputs for the backward. The student tap of a KD term is often not
-    kept by anything else (the next layer keeps its own quantized copy), and the teacher's tap would
-    otherwise be freed as soon as the teacher's next layer has run; so the composed loss holds two
-    [B, S, D] tensors per layer, or three with its forward buffer. The gradient needs only ``s - t``:
-    this saves that one tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        dtype = _compute_dtype(s, t)
-        with torch.no_grad():
-            diff = s.to(dtype) - t.to(dtype)
-            loss = diff.square().mean() if weight is None else (diff.square() * weight).mean()
-        ctx.save_for_backward(diff, weight)
-        ctx.dtypes = (s.dtype, t.dtype)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        diff, weight = ctx.saved_tensors
-        g = mse_grad(diff, grad, weight=weight)
-        g_s = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        g_t = g.neg().to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return g_s, g_t, None
-
-
-def mse_grad(
-    diff: torch.Tensor, grad: torch.Tensor, overwrite: bool = False, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """d(grad · mean(w·diff²))/d(diff) = grad · 2/N · w · diff: the gradient of :func:`mse` for its first
-    input (w = 1 when ``weight`` is None).
-
-    With ``overwrite`` it is written over ``diff`` (same values), for a caller whose ``diff`` is its own.
-    """
-    scale = grad * (2.0 / max(diff.numel(), 1))
-    if weight is None:
-        return diff.mul_(scale) if overwrite else diff * scale
-    return diff.mul_(weight).mul_(scale) if overwrite else diff * weight * scale
 
 
 def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -176,7 +117,7 @@ def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: if the shapes differ.
     """
-    _check_same_shape(student, teacher, "logits_mse")
+    check_same_shape(student, teacher, "logits_mse")
     return mse(student, teacher)
 
 
@@ -198,7 +139,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tenso
     Raises:
         ValueError: if the shapes differ.
     """
-    _check_same_shape(student, teacher, "hidden_mse")
+    check_same_shape(student, teacher, "hidden_mse")
     return mse(student, teacher, weight)
 
 
@@ -221,14 +162,14 @@ def attention_score_mse(student: torch.Tensor, teacher: torch.Tensor, threshold:
     Raises:
         ValueError: if the shapes differ.
     """
-    _check_same_shape(student, teacher, "attention_score_mse")
-    dtype = _compute_dtype(student, teacher)
+    check_same_shape(student, teacher, "attention_score_mse")
+    dtype = compute_dtype(student, teacher)
     s = student.to(dtype)
     t = teacher.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=s.device)
     s = torch.where(s <= threshold, zero, s)
     t = torch.where(t <= threshold, zero, t)
-    return _MeanSquaredError.apply(s, t, None)
+    return MeanSquaredError.apply(s, t, None)
 
 
 def attention_map_kl(
@@ -259,100 +200,7 @@ def attention_map_kl(
     Raises:
         ValueError: if the shapes are inconsistent.
     """
-    return _AttentionMapKL.apply(student_probs, teacher_probs, attention_mask, eps)
-
-
-# Elements per block of heads in the KL's forward: bounds its two temporaries whatever B and S are, while
-# each block stays one vectorised op over the whole batch.
-_KL_BLOCK_ELEMENTS = 1 << 20
-
-
-def attention_map_kl_value(
-    ps: torch.Tensor, pt: torch.Tensor, attention_mask: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`attention_map_kl`'s value and checks, without a graph, and what its gradient needs besides the
-    maps. Runs over blocks of heads with two reused buffers: its working memory does not grow with B·H·S·S.
-
-    Returns:
-        (loss, pair, scale): the 0-dim loss, the [B, 1, S, S] valid (query, key) pairs and the [B] weights.
-    """
-    _check_same_shape(ps, pt, "attention_map_kl")
-    if ps.dim() != 4 or ps.shape[-1] != ps.shape[-2]:
-        raise ValueError(f"attention_map_kl: expected [B, H, S, S] probabilities, got {tuple(ps.shape)}")
-    b, h, s = ps.shape[:3]
-    if tuple(attention_mask.shape) != (b, s):
-        raise ValueError(
-            f"attention_map_kl: attention_mask must be [B, S] = {(b, s)}, got {tuple(attention_mask.shape)}"
-        )
-    valid = attention_mask.to(device=ps.device) != 0  # [B, S]
-    dtype = _compute_dtype(ps, pt)
-    pair = valid[:, None, :, None] & valid[:, None, None, :]  # [B, 1, S, S]: valid query AND valid key
-    scale = 1.0 / (valid.sum(dim=-1).clamp_min(1).to(dtype) * (b * h))  # [B]: mean over (b, h) of 1/s_b
-    per_sample = torch.zeros(b, dtype=dtype, device=ps.device)
-    step = max(1, _KL_BLOCK_ELEMENTS // max(1, b * s * s))
-    with torch.no_grad():
-        for h0 in range(0, h, step):
-            ps_blk, pt_blk = ps[:, h0 : h0 + step], pt[:, h0 : h0 + step]
-            pt_c = pt_blk.to(dtype).clamp_min(eps)
-            kl = ps_blk.to(dtype).clamp_min(eps)
-            torch.div(pt_c, kl, out=kl).log_().mul_(pt_c)  # p_t·log(p_t / p_s): one log instead of two
-            del pt_c
-            # masked_fill, not multiply: padded entries may hold NaN (softmax over an all -inf row)
-            kl.masked_fill_(~pair, 0.0)
-            per_sample += kl.sum(dim=(1, 2, 3))
-            del kl
-        return (per_sample * scale).sum(), pair, scale
-
-
-def attention_map_kl_grads(
-    grad: torch.Tensor,
-    ps: torch.Tensor,
-    pt: torch.Tensor,
-    pair: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    needs: tuple[bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of ``grad`` · :func:`attention_map_kl` for the student's and the teacher's map (each
-    only where ``needs`` asks), from :func:`attention_map_kl_value`'s ``pair`` and ``scale``."""
-    dtype = scale.dtype
-    w = (grad * scale)[:, None, None, None]  # [B, 1, 1, 1]
-    g_s = g_t = None
-    if needs[0]:
-        # d/dps of -p_t log max(p_s, eps): -p_t / p_s where p_s >= eps (clamp_min passes ties), else 0
-        g_s = pt.to(dtype).clamp_min(eps).div_(ps.to(dtype).clamp_min(eps)).mul_(-w)
-        g_s.masked_fill_((ps >= eps).logical_and_(pair).logical_not_(), 0.0)
-        g_s = g_s.to(ps.dtype)
-    if needs[1]:
-        # d/dpt of p_t (log p_t - log p_s): log p_t - log p_s + 1 where p_t >= eps
-        g_t = pt.to(dtype).clamp_min(eps).log_().sub_(ps.to(dtype).clamp_min(eps).log_()).add_(1.0).mul_(w)
-        g_t.masked_fill_((pt >= eps).logical_and_(pair).logical_not_(), 0.0)
-        g_t = g_t.to(pt.dtype)
-    return g_s, g_t
-
-
-class _AttentionMapKL(torch.autograd.Function):
-    """:func:`attention_map_kl` with a hand-written backward, for memory.
-
-    Composed from autograd ops, the loss keeps two fresh [B, H, S, S] tensors per layer alive until the
-    backward (the clamped student probabilities for ``log`` and the teacher's for ``mul``) and makes five
-    more at its peak. Here it saves only its inputs: the student's probabilities are the softmax output
-    that autograd keeps anyway, so the one extra tensor per layer is the teacher's map, the least the
-    gradient ``-p_t / p_s`` needs.
-    """
-
-    @staticmethod
-    def forward(ctx, ps: torch.Tensor, pt: torch.Tensor, attention_mask: torch.Tensor, eps: float) -> torch.Tensor:
-        loss, pair, scale = attention_map_kl_value(ps, pt, attention_mask, eps)
-        ctx.save_for_backward(ps, pair, scale, pt)
-        ctx.eps = eps
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        ps, pair, scale, pt = ctx.saved_tensors
-        return *attention_map_kl_grads(grad, ps, pt, pair, scale, ctx.eps, ctx.needs_input_grad[:2]), None, None
+    return AttentionMapKL.apply(student_probs, teacher_probs, attention_mask, eps, None)
 
 
 def attention_relation_kl(
@@ -399,7 +247,7 @@ def attention_relation_kl(
                 f"attention_relation_kl: {heads} relation heads do not divide the {name}'s hidden "
                 f"size {x.shape[-1]} (distill.attn_relation.relation_heads)"
             )
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     valid = (attention_mask != 0).to(student.device)  # [B, S]
     keys = valid[:, None, None, :]  # [B, 1, 1, S]
     log_s = _relation_log_probs(student.to(dtype), heads, keys)
@@ -445,12 +293,12 @@ def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bo
         pred = logits.reshape(-1)
         if labels.dim() != 1 or pred.shape != labels.shape:
             raise ValueError(f"ground_truth_loss: logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}")
-        dtype = _compute_dtype(pred, labels)
+        dtype = compute_dtype(pred, labels)
         return F.mse_loss(pred.to(dtype), labels.to(dtype), reduction="mean")
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
             f"ground_truth_loss: expected logits [B, C] and labels [B], got {tuple(logits.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    dtype = _compute_dtype(logits)
+    dtype = compute_dtype(logits)
     return F.cross_entropy(logits.to(dtype), labels.long(), reduction="mean")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kdqat_dist.config import ConfigError, RunConfig, load_config
+from kdqat_dist.config import ConfigError, RunConfig
 from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student, read_meta
+from kdqat_dist.run_folder import model_run, resolve_model_dir, run_config_path
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +25,7 @@ def add_parser(subparsers) -> None:
         help="pack a trained student into a low-bit artifact (2-bit/base-3 ternary, n-bit) and "
         "check that it scores exactly what the student scored",
     )
-    p.add_argument("--student", required=True, help="the student/ folder written by `kdqat train`")
+    p.add_argument("--student", required=True, help="the student/ folder written by `kdqat train` (or its run folder)")
     p.add_argument("--out", required=True, help="a new or empty folder for the artifact")
     p.add_argument(
         "--config",
@@ -41,17 +43,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run_config(student: Path, config: str | None, overrides: list[str]):
-    """The config of the re-evaluation: ``config`` or the training run's ``config.yaml``, plus overrides."""
-    if config is not None:
-        return load_config(config, overrides)
-    run_yaml = student.parent / "config.yaml"
-    if not run_yaml.exists():
+def run_config(student: Path, config: str | None, overrides: list[str]) -> RunConfig:
+    """The config of the re-evaluation: the training run's ``config.yaml``, or ``config`` (which must name
+    the run's task: :func:`~kdqat_dist.run_folder.model_run`), plus overrides."""
+    if config is None and run_config_path(student) is None:
         raise ConfigError(
             f"--config: no config.yaml next to {student} (in {student.parent}); pass "
             "--config RECIPE to say which task to re-evaluate on, or --skip-eval"
         )
-    return load_config(run_yaml, overrides)
+    run = model_run(student, config, overrides, flag="--student")
+    for note in run.notes:
+        print(f"[export] note: {note}", file=sys.stderr)
+    return run.config
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -62,7 +65,7 @@ def _same(a: dict, b: dict) -> bool:
 def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     """Export, then score the student and the artifact with ``evaluate_folder`` (the CLI passes
     :func:`kdqat_dist.pipeline.evaluate_folder`, which sits above this package)."""
-    student, out = Path(args.student), check_out_dir(args.out)
+    student, out = resolve_model_dir(args.student, "--student"), check_out_dir(args.out)
     cfg = None if args.skip_eval and args.config is None else run_config(student, args.config, args.overrides)
     created = not out.exists()
     report = export_student(student, out, base3=args.base3)

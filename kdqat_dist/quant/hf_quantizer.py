@@ -23,7 +23,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from kdqat_dist.config import QuantConfig, build_section
-from kdqat_dist.quant.api import fake_quantizers, mark_calibrated, prepare
+
+# kdqat_dist.quant.api (torch, the model code) is imported where it is used: register() may run in the middle
+# of transformers' own imports (kdqat_dist.quant.hf_register), where importing the model code would cycle.
 
 QUANT_METHOD = "kdqat"
 FORMAT_VERSION = 2  # 2: per-tensor LSQ steps have shape (1,); 1: they were 0-d
@@ -50,12 +52,16 @@ class KdqatHfQuantizer(HfQuantizer):
     is_qat_trainable: bool = True  # a loaded student can go on with quantization-aware training
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from kdqat_dist.quant.api import prepare
+
         prepare(model, self.quantization_config.quant_config())
         if self.quantization_config.format_version < 2:  # 0-d steps in the file: load them as they are
             _reshape_steps(model, (1,), ())
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from kdqat_dist.quant.api import mark_calibrated
+
         _reshape_steps(model, (), (1,))
         mark_calibrated(model)
         return model
@@ -74,6 +80,8 @@ def register() -> None:
 
 def _reshape_steps(model, old: tuple[int, ...], new: tuple[int, ...]) -> None:
     """Give the learned steps of shape ``old`` the shape ``new`` (same values)."""
+    from kdqat_dist.quant.api import fake_quantizers
+
     for _, q in fake_quantizers(model):
         if q.quantizer.learned and tuple(q.step.shape) == old:
             q.step.data = q.step.data.reshape(new)

@@ -12,6 +12,11 @@ def _numel(p) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
+def _shape(p) -> tuple[int, ...]:
+    # ZeRO-3 leaves a partitioned parameter an empty tensor and keeps its full shape in ds_shape
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def fp32_bytes(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> int:
     """4 bytes x every parameter but the learned quantizer steps and those whose id is in ``skip``."""
     steps = {id(s) for m in model.modules() if (s := getattr(m, "step", None)) is not None}
@@ -33,8 +38,9 @@ def _quantized_bytes(model: nn.Module) -> tuple[set[int], int]:
             cfg = m.weight_quant.cfg if m.weight_quant is not None else getattr(m, "frozen_weight_cfg", None)
             if cfg is None or not cfg.enabled:
                 continue
-            per_row = cfg.granularity == "row" and m.weight.dim() > 1 and m.weight.numel() > 0
-            scales = m.weight.shape[0] if per_row else 1
+            shape = _shape(m.weight)
+            per_row = cfg.granularity == "row" and len(shape) > 1 and _numel(m.weight) > 0
+            scales = shape[0] if per_row else 1
             # bits per stored code: ``bits``, but one more for mean-clip's 2^b + 1 levels, as export stores it
             total += (_numel(m.weight) * make_quantizer(cfg).storage_bits() + 7) // 8 + 4 * scales
             quantized.add(id(m.weight))

@@ -49,7 +49,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--output-dir", default=None, help="override the spec's output_dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.{csv,md} and sweep.png")
-    p.add_argument("--quiet", action="store_true", help="less Ray Tune progress output")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no Ray Tune progress tables and no trial output (the trials' logs stay in their folders)",
+    )
     p.set_defaults(func=main)
 
 

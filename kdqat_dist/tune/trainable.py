@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, save_config
 from kdqat_dist.engine.loop import run
+from kdqat_dist.errors import TrainingError
 from kdqat_dist.tune.results import _sweep_meta
 from kdqat_dist.tune.spec import SweepSpec, check_resources, spec_from_dict, trial_resources
 
@@ -227,15 +228,36 @@ def default_num_cpus(base: RunConfig) -> int:
     return n + (1 if base.tune.num_workers > 1 else 0)
 
 
-def _init_ray(address: str | None, num_cpus: int | None, base: RunConfig) -> None:
+def _init_ray(address: str | None, num_cpus: int | None, base: RunConfig, log_to_driver: bool = True) -> None:
+    """Join the cluster at ``address`` or start a local instance; ``log_to_driver``: stream the trials'
+    output here. A failure to start or reach Ray is one line with what to try
+    (:class:`~kdqat_dist.errors.TrainingError`), not Ray's traceback."""
     import ray
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or default_num_cpus(base), include_dashboard=False)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            ray.init(num_cpus=num_cpus or default_num_cpus(base), include_dashboard=False, log_to_driver=log_to_driver)
+    except Exception as exc:  # whatever stops Ray from starting: a start-up timeout, a port in use, /tmp
+        ray.shutdown()  # the processes a half-started local instance left
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        if address:
+            what = f"could not join the Ray cluster at {address}"
+            hint = (
+                "check that it is running and reachable from here (`ray status --address ...`), or leave out "
+                "--address to start a local instance"
+            )
+        else:
+            what = "could not start a local Ray instance"
+            hint = (
+                "Ray's start-up has fixed time limits that a loaded machine can miss: retry when it is "
+                "quieter, or start Ray yourself (`ray start --head --num-cpus N`) and pass --address auto; "
+                "`ray stop` ends a stale instance; Ray's logs: /tmp/ray/session_latest/logs (or under $RAY_TMPDIR)"
+            )
+        raise TrainingError(f"sweep: {what} ({type(exc).__name__}: {first}); {hint}") from None
 
 
 def _cluster() -> tuple[dict[str, float], dict[str, float]]:
@@ -358,7 +380,9 @@ def run_sweep(
 ) -> ResultGrid:
     """Run (or ``resume``) the sweep; returns the Tune ``ResultGrid``. Tables are written by the caller
     (:func:`kdqat_dist.tune.results.write_report`). Raises :class:`SweepInterrupted` when SIGINT/SIGTERM
-    stopped it before every trial finished (the state is saved: continue with ``resume=True``)."""
+    stopped it before every trial finished (the state is saved: continue with ``resume=True``).
+    ``verbose`` 0 also keeps the trials' own output (logs, progress bars) off this console: it stays in
+    each trial's folder."""
     from ray import tune
 
     base = spec.base_config()
@@ -371,7 +395,7 @@ def run_sweep(
             f"output_dir: {spec.output_dir} already holds this sweep; pass --resume to "
             "continue it or choose another output_dir"
         )
-    _init_ray(address, num_cpus, base)
+    _init_ray(address, num_cpus, base, log_to_driver=verbose > 0)  # quiet: no trial output streamed here
     # From here on Ctrl-C and SIGTERM stop the sweep gracefully (see _graceful_signals).
     n_trials: int | None = None
     with _graceful_signals() as got:

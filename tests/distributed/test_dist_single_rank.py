@@ -129,3 +129,36 @@ def test_truncated_deepspeed_checkpoint_and_another_rank_count_are_one_line(
         f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ConfigError, match="step0000003 is damaged or incomplete"):
         run(cfg, "train", resume=True)
+
+
+def test_zero3_size_report_counts_the_row_scales_of_partitioned_weights(parity_teacher, tmp_path, monkeypatch):
+    """ZeRO-3 leaves each partitioned weight an empty tensor: its row-wise scales are still one per row."""
+    import copy
+
+    from kdqat_dist.config import load_config
+    from kdqat_dist.engine.ds_backend import DeepSpeedBackend
+    from kdqat_dist.models.student import init_student
+    from kdqat_dist.quant.api import prepare
+    from kdqat_dist.quant.size import size_report
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"teacher.path={parity_teacher}",
+            f"train.output_dir={tmp_path}",
+            "engine.backend=deepspeed",
+            "engine.deepspeed.zero_stage=3",
+            "quant.weight.granularity=row",  # every Linear row-wise, as the word embeddings are by default
+        ],
+    )
+    be = DeepSpeedBackend(cfg)
+    try:
+        student = prepare(init_student(str(parity_teacher), 2, None, "identity"), cfg.quant)
+        whole = size_report(copy.deepcopy(student))
+        engine = be.setup_student(student, total_steps=2)
+        assert all(p.data.numel() == 0 for p in engine.module.parameters())  # every weight partitioned
+        assert size_report(engine.module) == whole
+    finally:
+        be.teardown()
