@@ -110,3 +110,20 @@ def test_torchrun_and_slurm_launch_fsdp2_and_refuse_an_unknown_engine():
         assert out.returncode == 2 and out.stdout == ""
         assert out.stderr.strip().endswith("error: ENGINE=fsdp: allowed: deepspeed, fsdp2"), out.stderr
         assert out.stderr.count("\n") == 1
+
+
+def test_only_the_deepspeed_engine_imports_deepspeed():
+    # every engine shares engine/dist.py, which talks to torch.distributed only; DeepSpeed stays inside its
+    # own engine (ds_backend.py and the workarounds it needs)
+    import ast
+
+    engine = REPO / "kdqat_dist" / "engine"
+    importers = set()
+    for path in engine.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "deepspeed" or n.startswith("deepspeed.") for n in names):
+                importers.add(path.name)
+    assert importers == {"ds_backend.py", "ds_workarounds.py"}
