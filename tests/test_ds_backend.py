@@ -99,15 +99,18 @@ def test_bertadam_under_zero_is_accepted_without_the_untested_optimizer_warning(
         "tiny_debug",
         [f"train.output_dir={tmp_path}", "engine.backend=deepspeed", "train.optimizer=bertadam"],
     )
-    records = _Records()
-    logging.getLogger("DeepSpeed").addHandler(records)
+    records, ds_logger = _Records(), logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.INFO)  # whatever an earlier test or script set it to
+    ds_logger.addHandler(records)
     backend = DeepSpeedBackend(cfg)
     try:
         backend.setup_student(load_classifier(str(tiny_teacher), 2), total_steps=4)
         assert backend.optimizer is not None
     finally:
         backend.teardown()
-        logging.getLogger("DeepSpeed").removeHandler(records)
+        ds_logger.removeHandler(records)
+        ds_logger.setLevel(level)
     assert any("ZeRO" in line or "zero" in line.lower() for line in records.lines)  # the handler saw DeepSpeed
     assert not [line for line in records.lines if "untested optimizer" in line]
     resolved = json.loads((tmp_path / "ds_config_student.json").read_text())

@@ -127,3 +127,29 @@ def test_only_the_deepspeed_engine_imports_deepspeed():
             if any(n == "deepspeed" or n.startswith("deepspeed.") for n in names):
                 importers.add(path.name)
     assert importers == {"ds_backend.py", "ds_workarounds.py"}
+
+
+def test_fsdp2_without_a_launcher_matches_one_process_with_layers_kept_gathered(tiny_teacher, tmp_path, monkeypatch):
+    # World size 1 in this process (the group is brought up and torn down by the engine); each layer keeps
+    # its gathered weights from the forward to the backward (reshard_after_forward=false), so after an
+    # evaluation the weights are whole until the engine frees them for the diagnostics and the saved student.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    extra = ("train.eval_every=2", "train.max_steps=4", "train.dropout=0", "train.grad_accum=2")
+    ref = run(_cfg(tiny_teacher, tmp_path / "local", *extra), "train")
+    cfg = _cfg(
+        tiny_teacher, tmp_path / "fsdp2", *extra, "engine.backend=fsdp2", "engine.fsdp2.reshard_after_forward=false"
+    )
+    got = run(cfg, "train")
+    assert got["world_size"] == 1 and "RANK" not in os.environ  # nothing of the group is left behind
+    for a, b in zip(ref["train_log"], got["train_log"], strict=True):  # the 2-rank FSDP2 test's tolerance
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        for k in a:
+            if k.startswith("loss/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert [h["step"] for h in got["history"]] == [2, 4]
+    assert got["memory"]["teacher_sharded"] and got["memory"]["param_mib"] == pytest.approx(ref["memory"]["param_mib"])
+    from kdqat_dist.quant.student import load_student
+
+    whole = load_student(tmp_path / "fsdp2" / "student")  # written from the gathered fp32 weights
+    assert all(p.dtype == torch.float32 and p.numel() > 0 for p in whole.parameters())
