@@ -352,18 +352,51 @@ class TrainConfig:
     # bench/bench_diagnostics.py measures their cost; false skips all of them.
     diagnostics: bool = True
 
+    def micro_batch_size(self, world_size: int) -> int:
+        """Examples per rank and micro-batch: ``batch_size / (world_size x grad_accum)``; ConfigError unless
+        the global batch splits evenly over the ranks and accumulation steps (every engine needs it to)."""
+        if self.batch_size % (world_size * self.grad_accum):
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} is not divisible by world size {world_size} x "
+                f"train.grad_accum {self.grad_accum}"
+            )
+        return self.batch_size // (world_size * self.grad_accum)
+
+
+@dataclass
+class DeepSpeedOptions:
+    """``engine.deepspeed``: read only when ``engine.backend=deepspeed``."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2  # student ZeRO stage
+    teacher: Literal["replicated", "zero3"] = "replicated"  # zero3: partitioned as it is built
+    config: str = ""  # base student JSON; "" = ds_configs/zero{stage}.json
+    teacher_config: str = ""  # "" = ds_configs/teacher_zero3.json
+    # torch: a torch AdamW object (no JIT build); deepspeed: DeepSpeed's own
+    optimizer: Literal["torch", "deepspeed"] = "torch"
+
+
+@dataclass
+class FSDP2Options:
+    """``engine.fsdp2`` (PyTorch ``fully_shard``, one group per Transformer layer): read only when
+    ``engine.backend=fsdp2``."""
+
+    teacher: Literal["sharded", "replicated"] = "sharded"  # sharded: frozen, resharded after each forward
+    # free each student layer's gathered weights after its forward and gather them again in the backward
+    # (ZeRO-3's memory); false keeps them until the backward (less communication, ZeRO-2's memory)
+    reshard_after_forward: bool = True
+
 
 @dataclass
 class EngineConfig:
-    backend: Literal["none", "deepspeed"] = "none"  # none: a single process
-    zero_stage: Literal[0, 1, 2, 3] = 2  # student ZeRO stage
-    teacher: Literal["replicated", "zero3"] = "replicated"
+    """How the run is executed: one process, DeepSpeed ZeRO, or PyTorch FSDP2 (``kdqat_dist/engine``)."""
+
+    backend: Literal["none", "deepspeed", "fsdp2"] = "none"  # none: a single process
+    # every engine: bf16 = autocast in one process, bf16 weights under DeepSpeed, a bf16 compute policy
+    # under FSDP2; fp16 needs DeepSpeed's loss scaling on a GPU
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    ds_config: str = ""  # base student JSON; "" = ds_configs/zero{stage}.json
-    teacher_ds_config: str = ""  # "" = ds_configs/teacher_zero3.json
-    # torch: a torch AdamW object (no JIT build); deepspeed: DeepSpeed's own
-    optimizer: Literal["torch", "deepspeed"] = "torch"
     activation_checkpointing: bool = False
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    fsdp2: FSDP2Options = field(default_factory=FSDP2Options)
 
 
 @dataclass
@@ -472,10 +505,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         "the relation term has a weight but no relations; give some of qq, kk, vv",
     )
 
+    e = cfg.engine
     _check(
-        cfg.engine.optimizer == "torch" or cfg.train.optimizer == "adamw",
-        "engine.optimizer",
-        "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch",
+        e.deepspeed.optimizer == "torch" or cfg.train.optimizer == "adamw",
+        "engine.deepspeed.optimizer",
+        "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.deepspeed.optimizer=torch",
+    )
+    _check(
+        e.precision != "fp16" or e.backend == "deepspeed",
+        "engine.precision",
+        f"fp16 needs DeepSpeed's loss scaling (engine.backend=deepspeed on a GPU); engine.backend={e.backend} "
+        "allows fp32, bf16",
     )
     return cfg
 

@@ -11,10 +11,11 @@ from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_overrid
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.distill.terms import KD_TERMS
-from kdqat_dist.engine.backend import memory_table, pick_device
+from kdqat_dist.engine.backend import pick_device
 from kdqat_dist.engine.evaluate import evaluate
-from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
+from kdqat_dist.engine.launch import default_num_procs, run_launcher
 from kdqat_dist.engine.loop import run
+from kdqat_dist.engine.memory import memory_table
 from kdqat_dist.export import load
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
 from kdqat_dist.models.positions import check_max_length
@@ -72,8 +73,14 @@ def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
 # QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick): every term
 # that reads the teacher off
 NO_KD = [*(f"distill.{t}.weight=0" for t in KD_TERMS), "distill.gamma=null", "distill.ground_truth.weight=1"]
-# the product's main shape: student ZeRO-2, teacher ZeRO-3-sharded over the ranks
-SHARDED = ["engine.zero_stage=2", "engine.teacher=zero3"]
+# the product's main shape, per engine: the teacher sharded over the ranks (DeepSpeed: student ZeRO-2)
+SHARDED = {
+    "deepspeed": (
+        ["engine.deepspeed.zero_stage=2", "engine.deepspeed.teacher=zero3"],
+        "student ZeRO-2, teacher ZeRO-3",
+    ),
+    "fsdp2": (["engine.fsdp2.teacher=sharded"], "student and teacher sharded per layer"),
+}
 _STAGES = ("teacher", "qat_no_kd", "kd_qat")
 
 
@@ -101,10 +108,16 @@ def pick_demo_dir(root: Path) -> Path:
     return cand
 
 
-def demo(config: str | None = None, overrides: list[str] | None = None, num_procs: int | None = None) -> dict:
+def demo(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    num_procs: int | None = None,
+    engine: str = "deepspeed",
+) -> dict:
     """The offline pipeline on the built-in task: fine-tune the teacher, train the ternary student without
-    KD (labels only) and with KD-QAT on ``num_procs`` DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3;
-    default: one per GPU, else 2 CPU ranks), then print the three side by side and the per-rank memory.
+    KD (labels only) and with KD-QAT on ``num_procs`` ranks of ``engine`` (``deepspeed``: student ZeRO-2,
+    teacher ZeRO-3; ``fsdp2``: both sharded per layer; default ranks: one per GPU, else 2 CPU ranks), then
+    print the three side by side and the per-rank memory.
 
     ``config`` defaults to the shipped ``demo_finetune`` / ``demo`` recipes.
     """
@@ -135,13 +148,16 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
     print("[demo] 2/3 QAT without KD: the ternary student on the labels alone (one process)")
     no_kd_overrides = [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
     no_kd = run_and_report(load_config(recipe, no_kd_overrides), "train")
-    print(f"[demo] 3/3 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
-    kd_overrides = [*student, *SHARDED, f"train.output_dir={root / 'kd_qat'}"]
-    load_config(recipe, [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
-    run_deepspeed("train", recipe, kd_overrides, num_procs)
+    sharded, shape = SHARDED[engine]
+    name = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}[engine]
+    print(f"[demo] 3/3 KD-QAT on {num_procs} {name} ranks ({shape})")
+    kd_overrides = [*student, *sharded, f"train.output_dir={root / 'kd_qat'}"]
+    load_config(recipe, [*kd_overrides, f"engine.backend={engine}"])  # bad input: one line, here
+    run_launcher(engine, "train", recipe, kd_overrides, num_procs)
     kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
     wall = time.perf_counter() - t0
     res = {"teacher": kd["teacher"], "qat_no_kd": no_kd, "kd_qat": kd, "num_procs": num_procs, "demo_wall_s": wall}
+    res["engine"] = engine
     (root / "summary.json").write_text(json.dumps(res, indent=2))
     print(demo_table(res, base))
     print(memory_table(kd["memory_per_rank"]))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from kdqat_dist.config import load_config
 from kdqat_dist.data.tasks import get_task
-from kdqat_dist.engine.ds_config import micro_batch_size
 from kdqat_dist.errors import ConfigError
 from kdqat_dist.files import check_run_folder
 
@@ -38,7 +37,7 @@ def check(command: str, recipe: str, overrides: list[str], resume: bool = False,
                 raise ConfigError(f"{key}: {p} does not exist (expected a fine-tuned model folder)")
     if world_size is not None:
         train = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size or task.batch_size)
-        micro_batch_size(train, world_size)
+        train.micro_batch_size(world_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 # kdqat on several nodes with the DeepSpeed launcher (ssh/pdsh from this node to every host in HOSTFILE).
 #
 #   HOSTFILE=launch/hostfile.example launch/deepspeed_multi_node.sh bert_base_w2a8_kd \
-#       data.task=rte teacher.path=models/rte train.output_dir=/shared/runs/rte_w2 engine.zero_stage=2
+#       data.task=rte teacher.path=models/rte train.output_dir=/shared/runs/rte_w2 engine.deepspeed.zero_stage=2
 #
 # runs exactly:
 #   deepspeed --hostfile $HOSTFILE --master_addr $MASTER_ADDR --master_port $MASTER_PORT \

@@ -557,8 +557,8 @@ case(
 case(
     "override-ds-bertadam",
     "config",
-    [*CFG, "engine.optimizer=deepspeed", "train.optimizer=bertadam"],
-    r"engine.optimizer: deepspeed",
+    [*CFG, "engine.deepspeed.optimizer=deepspeed", "train.optimizer=bertadam"],
+    r"engine.deepspeed.optimizer: deepspeed",
 )
 case("override-engine-backend", "config", [*CFG, "engine.backend=fsdp9"], r"engine.backend: got 'fsdp9'")
 case("override-device", "config", [*CFG, "train.device=tpu"], r"train.device: got 'tpu'")
@@ -567,14 +567,14 @@ case("config-cmd-unknown-recipe", "config", ["config", "nope"], r"config file no
 case(
     "ds-config-missing",
     "config",
-    [*TR, "engine.backend=deepspeed", "engine.ds_config={ws}/nope.json"],
-    r"engine.ds_config: .*nope.json does not exist",
+    [*TR, "engine.backend=deepspeed", "engine.deepspeed.config={ws}/nope.json"],
+    r"engine.deepspeed.config: .*nope.json does not exist",
 )
 case(
     "ds-config-folder",
     "config",
-    [*TR, "engine.backend=deepspeed", "engine.ds_config={ws}"],
-    r"engine.ds_config: .* is not a file",
+    [*TR, "engine.backend=deepspeed", "engine.deepspeed.config={ws}"],
+    r"engine.deepspeed.config: .* is not a file",
 )
 
 # ---- numeric settings: every one refused by the config loader
@@ -1278,7 +1278,7 @@ case(
     ["eval", "--model", "{teacher}", "--config", "tiny_debug", "train.bogus=1"],
     r"unknown key 'train.bogus'",
 )
-case("cli-demo-bad-override", "cli", ["demo", "engine.zero_stage=7"], r"engine.zero_stage: got 7")
+case("cli-demo-bad-override", "cli", ["demo", "engine.deepspeed.zero_stage=7"], r"engine.deepspeed.zero_stage: got 7")
 
 # ---- the launch scripts: what each rank would refuse, refused once before any rank starts
 case(

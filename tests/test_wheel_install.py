@@ -120,8 +120,8 @@ def test_the_wheel_runs_deepspeed_a_sweep_and_the_cli_from_an_empty_folder(insta
         "train.max_steps=2",
         "train.eval_every=2",
         "train.diagnostics=false",
-        "engine.zero_stage=2",
-        "engine.teacher=zero3",
+        "engine.deepspeed.zero_stage=2",
+        "engine.deepspeed.teacher=zero3",
     ]
     _run([*launcher, "--master_port", str(_free_port()), *job, *overrides], empty, env)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -61,8 +61,8 @@ SPEC_KEYS = "name base output_dir teacher_path overrides search variants tune ma
 # Keys whose relative values are paths, made absolute against the directory `kdqat sweep` runs in
 # (Ray changes each trial's working directory).
 PATH_KEYS = (
-    "teacher.path student.init_from data.source data.train_file data.dev_file data.cache_dir engine.ds_config "
-    "engine.teacher_ds_config model.name_or_path"
+    "teacher.path student.init_from data.source data.train_file data.dev_file data.cache_dir engine.deepspeed.config "
+    "engine.deepspeed.teacher_config model.name_or_path"
 ).split()
 MAX_GRID_CHECK = 2000
 # Short names the issue's examples use (``task: grid[rte, sst2, cola]``) -> the dotted config key.
