@@ -55,10 +55,12 @@ def test_bf16_in_one_process_is_autocast_not_ignored(tiny_teacher, tmp_path):
     fp32 = run(_cfg(tiny_teacher, tmp_path / "fp32"), "train")
     bf16 = run(_cfg(tiny_teacher, tmp_path / "bf16", "engine.precision=bf16"), "train")
     for a, b in zip(fp32["train_log"], bf16["train_log"], strict=True):
-        for k in a:
-            if k.startswith("loss"):
-                assert b[k] == pytest.approx(a[k], rel=3e-2, abs=1e-4), (a["step"], k)
-                assert b[k] != a[k], (a["step"], k)  # really computed in bf16
+        losses = [k for k in a if k.startswith("loss")]
+        for k in losses:
+            assert b[k] == pytest.approx(a[k], rel=3e-2, abs=1e-4), (a["step"], k)
+        # really computed in bf16: the total differs (a term can round to the same value, e.g. a KL at log 2
+        # between two near-uniform distributions)
+        assert b["loss"] != a["loss"], a["step"]
     # the teacher is held in bf16 (half the bytes); the student's weights stay fp32 for the optimizer
     assert bf16["memory"]["teacher_param_mib"] == pytest.approx(fp32["memory"]["teacher_param_mib"] / 2, rel=1e-6)
     assert bf16["memory"]["param_mib"] == pytest.approx(fp32["memory"]["param_mib"], rel=1e-6)
