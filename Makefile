@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint probe bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
+
+probe: setup  # every bad input of tests/test_bad_inputs.py with its verdict (CI runs it inside `make test`)
+	$(PY) tests/test_bad_inputs.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

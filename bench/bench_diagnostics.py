@@ -39,7 +39,7 @@ def _timed(table: dict, name: str, fn):
 def one(diagnostics: bool, teacher: str, out: str, args: argparse.Namespace) -> dict:
     import torch
 
-    import kdqat_dist.analysis.diagnostics as D
+    import kdqat_dist.engine.diagnostics as D
     from kdqat_dist.config import load_config
     from kdqat_dist.engine.loop import Trainer
 

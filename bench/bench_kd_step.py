@@ -9,8 +9,8 @@ Each variant runs in its own process, as a training run does (its own allocator 
 Peak RSS includes what glibc's allocator keeps after frees, so each variant is also run once more, for
 two steps, under a dispatch mode that sums the bytes of the tensor storages alive after every op,
 the weights of both models included: the peak of that is the tensors' own memory, the CPU analogue of
-``torch.cuda.max_memory_allocated``. The teacher is set up as ``kdqat train`` sets it up (feed-forward
-blocks over token slices).
+``torch.cuda.max_memory_allocated``. Every variant is built by ``build_run``, as ``kdqat train`` builds it
+(the teacher's feed-forward blocks over token slices), from MiniLM-L6 with a fresh head saved once.
 The development machine's speed drifts (±20% between processes minutes apart), so the variants' processes
 run in turn, ``--rounds`` times, and each variant's time is the median over its processes of their median
 step. (Taking all variants' steps in turn inside one process, as this script did before, shares one
@@ -22,86 +22,51 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from common import LiveTensors, save_minilm_teacher
 
 VARIANTS = ("a_fp_finetune", "b_qat_no_kd", "c_kdqat_streaming", "c2_kdqat_streaming_keep", "d_kdqat_naive")
 
 
-class LiveTensors:
-    """Peak bytes of live tensor storages seen by a TorchDispatchMode (checked after every op)."""
-
-    def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        owner = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                owner.seen(out)
-                return out
-
-        self.mode = Mode()
-        self.refs: dict[int, tuple] = {}
-        self.peak = 0
-
-    def add(self, t) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        known = self.refs.get(ptr)
-        # a storage freed since the last check may have left its address to this one
-        if ptr and (known is None or known[0].expired()):
-            self.refs[ptr] = (StorageWeakRef(st), st.nbytes())
-
-    def seen(self, out) -> None:
-        import torch
-        from torch.utils._pytree import tree_flatten
-
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
-        # after every op: sampling every few ops missed peaks by ~25 MiB
-        self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
-        self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
-
-
-def setup(variant: str, batch: int, seq: int):
-    """Models, optimizer and batch of one variant; returns ``(step, models)`` where ``step()`` runs one
-    training step (forward, backward, optimizer) and ``models`` are the modules whose weights it holds."""
+def setup(variant: str, batch: int, seq: int, teacher: Path):
+    """One variant built as ``kdqat train`` / ``finetune`` builds it (``build_run``, one process) from the saved
+    MiniLM ``teacher``, and a batch; returns ``(step, models)`` where ``step()`` runs one training step
+    (forward, backward, optimizer) and ``models`` are the modules whose weights it holds."""
     import torch
 
-    from kdqat_dist.config import DistillConfig, QuantConfig, TrainConfig
-    from kdqat_dist.distill.objective import DistillObjective
-    from kdqat_dist.engine.optim import make_optimizer
-    from kdqat_dist.models.attention import use_kdqat_attention
-    from kdqat_dist.models.encoders import load_classifier
-    from kdqat_dist.models.sliced_ffn import slice_feed_forward
-    from kdqat_dist.quant.api import prepare
+    from kdqat_dist.config import load_config
+    from kdqat_dist.engine.build import build_run, make_backend
 
     torch.manual_seed(0)
-    student = load_classifier("minilm", 2)
+    cfg = load_config(
+        None,
+        [
+            f"teacher.path={teacher}",
+            f"model.name_or_path={teacher}",
+            "train.lr=2e-5",
+            "train.max_grad_norm=0",  # the optimizer step alone, as this benchmark has always timed it
+            f"train.batch_size={batch}",
+            "train.max_steps=100",
+            "data.task=demo",
+            f"data.demo_size={max(400, 4 * batch)}",
+            f"data.max_seq_length={seq}",
+            "engine.backend=none",
+            # logits + hidden + attention map + attention output (the defaults)
+            f"distill.recompute_teacher={variant != 'c2_kdqat_streaming_keep'}",
+        ],
+    )
+    backend = make_backend(cfg)
     # (a) and (b) hold no teacher at all, so their memory is the no-KD baseline.
-    teacher = copy.deepcopy(student) if variant.startswith(("c", "d")) else student
-    if variant != "a_fp_finetune":
-        prepare(student, QuantConfig())
-    use_kdqat_attention(student)
-    use_kdqat_attention(teacher)
-    if teacher is not student:
-        teacher.eval().requires_grad_(False)
-        slice_feed_forward(teacher)
-    student.train()
-    opt = make_optimizer(student, TrainConfig(lr=2e-5))
-    dcfg = DistillConfig()  # logits + hidden + attention map + attention output
-    dcfg.recompute_teacher = variant != "c2_kdqat_streaming_keep"
-    obj = DistillObjective.for_models(dcfg, student, teacher)
+    kd = variant.startswith(("c", "d"))
+    run = build_run(cfg, backend, "finetune" if variant == "a_fp_finetune" else "train", with_teacher=kd)
+    student, teacher_model, obj = run.student, run.teacher, run.objective
     g = torch.Generator().manual_seed(0)
     b = {
         "input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
@@ -112,24 +77,25 @@ def setup(variant: str, batch: int, seq: int):
     b["attention_mask"][: batch // 2, seq * 3 // 4 :] = 0  # some padding, as real batches have
 
     def step() -> None:
-        if variant in ("a_fp_finetune", "b_qat_no_kd"):
+        student.train()
+        if obj is None:  # (a), (b): the labels only
             loss = student(**b).loss
         elif variant.startswith("c"):
-            loss = obj(student, teacher, b).total
+            loss = obj(student, teacher_model, b).total
         else:
-            loss = obj.naive(student, teacher, b).total
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            loss = obj.naive(student, teacher_model, b).total
+        backend.backward(loss)
+        backend.step()
 
-    return step, {id(student): student, id(teacher): teacher}.values()
+    models = [m for m in (student, teacher_model) if m is not None]
+    return step, models
 
 
-def one(variant: str, steps: int, batch: int, seq: int, live: bool = False) -> dict:
+def one(variant: str, steps: int, batch: int, seq: int, teacher: Path, live: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    step, models = setup(variant, batch, seq)
+    step, models = setup(variant, batch, seq, teacher)
     times = []
     tracker = LiveTensors() if live else None
     if tracker is not None:  # the weights (and buffers) of both models count too
@@ -159,10 +125,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--variant", choices=VARIANTS)
     ap.add_argument("--live", action="store_true", help="with --variant: peak live tensor bytes instead")
+    ap.add_argument("--teacher", type=Path, default=Path("bench/out/kd_step/minilm_teacher"), help="saved once")
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(one(args.variant, 1 if args.live else args.steps, args.batch, args.seq, args.live)))
+        one_steps = 1 if args.live else args.steps
+        print(json.dumps(one(args.variant, one_steps, args.batch, args.seq, args.teacher, args.live)))
         return
+    save_minilm_teacher(args.teacher)
 
     def child(*extra: str) -> dict:
         out = subprocess.run(
@@ -175,6 +144,8 @@ def main() -> None:
                 str(args.batch),
                 "--seq",
                 str(args.seq),
+                "--teacher",
+                str(args.teacher),
                 *extra,
             ],
             capture_output=True,

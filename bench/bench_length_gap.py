@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_accuracy_sst2 import DATA, accuracy_by_length  # noqa: E402
+from sst2_runs import DATA, accuracy_by_length
 
 
 def main() -> None:
     from kdqat_dist.models.encoders import load_tokenizer
-    from kdqat_dist.models.student import load_student
     from kdqat_dist.quant.api import set_quant_enabled
     from kdqat_dist.quant.fake_quant import QuantEmbedding
+    from kdqat_dist.quant.student import load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", type=Path, required=True)

@@ -28,8 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_accuracy_sst2 import TEACHER, run_one  # noqa: E402
+from sst2_runs import TEACHER, run_one
 
 # every variant: logits + hidden-state KD, plus its attention terms (the others 0)
 OFF = ["distill.attn_map.weight=0", "distill.attn_output.weight=0", "distill.attn_score.weight=0"]
@@ -247,7 +246,7 @@ def main() -> None:
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     """Write ``loss_variants.md`` and ``loss_variants.png`` into ``args.out`` and print the table."""
     if args.teacher_sentences is None:  # score it: one pass over the 311-row split
-        from bench_accuracy_sst2 import DATA, evaluate_on
+        from sst2_runs import DATA, evaluate_on
 
         args.teacher_sentences = evaluate_on(args.teacher, DATA / "sentences", [])
     summary = summarise(rows)

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_accuracy_sst2 import DATA  # noqa: E402
+from sst2_runs import DATA
 
 BUCKETS = ((6, 10), (11, 20), (21, 10_000))
 
@@ -50,9 +47,9 @@ def role(name: str) -> str:
 def main() -> None:
     from kdqat_dist.config import ActQuantConfig
     from kdqat_dist.models.encoders import load_tokenizer
-    from kdqat_dist.models.student import load_student
     from kdqat_dist.quant.fake_quant import ActFakeQuant
     from kdqat_dist.quant.quantizers import make_quantizer
+    from kdqat_dist.quant.student import load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", type=Path, required=True)

@@ -1,21 +1,23 @@
-"""GPU check (issue #17 item 3): KD-QAT of a BERT-large-shaped student under DeepSpeed, on one device.
+"""GPU check (issue #17 item 3): KD-QAT of a BERT-large-shaped student, on one device, under both engines.
 
-    python bench/gpu_check.py --out gpu_check_out            # one GPU: BERT-large shape, bf16, < 8 min
+    python bench/gpu_check.py --out gpu_check_out            # one GPU: BERT-large shape, bf16, < 10 min
     python bench/gpu_check.py --out /tmp/gc --tiny           # any machine: 2 layers, hidden 64, seconds
 
 Teacher and student are a ``BertConfig`` with random weights (24 layers, hidden 1024, 16 heads, FFN 4096;
-no hub, no data download), saved once to a temporary folder and loaded from it as ``kdqat train`` loads a
-teacher. Every variant goes through the product path at world size 1: the ``DeepSpeedBackend`` with
-``ds_configs/zero{stage}.json`` resolved by ``engine/ds_config.py`` from the run config (precision, batch,
-optimizer), the student built by ``init_student``, fake-quantized by ``prepare`` (the default W2 E2 A8)
-and calibrated, the teacher loaded by the backend (replicated, or ``--teacher zero3``), both switched to
-the kdqat attention, the teacher's feed-forward sliced, and the loss from ``DistillObjective`` as
-``Trainer._build_models`` sets it up. Batches are random token ids, every position a real token.
+no hub, no data download), saved once to a temporary folder with a word-level tokenizer and loaded from it
+as ``kdqat train`` loads a teacher. Every variant is built by the public builder at world size 1
+(``make_backend`` + ``build_run``, exactly as the training loop builds a run): DeepSpeed with
+``kdqat_dist/ds_configs/zero{stage}.json`` resolved from the run config (precision, batch, optimizer), or PyTorch FSDP2;
+the student built from the teacher's checkpoint, fake-quantized (the default W2 E2 A8) and calibrated, the
+teacher frozen in the engine's precision (replicated, or ``--teacher zero3``: partitioned / sharded), both
+on the kdqat attention, and the KD objective. Batches are random token ids, every position a real token.
 
-Variants (each in turn in this process, its own backend, torn down after):
+Variants (each in turn in this process, its own engine, torn down after):
 
 - ``kd_streaming``: KD-QAT with the streaming objective (``distill.recompute_teacher=true``, the default)
-  and the default terms (logits, hidden, attention map, attention output);
+  and the default terms (logits, hidden, attention map, attention output), under DeepSpeed;
+- ``kd_streaming_fsdp2``: the same under FSDP2 (student and teacher sharded per layer; at world size 1
+  the shards are whole), so one GPU run compares the engines;
 - ``fp_finetune``: the same student trained on the labels, no fake quantization, no teacher;
 - ``qat_no_kd``: fake-quantized student on the labels, no teacher held (the memory baseline);
 - ``kd_naive``: the same KD objective computed the naive way (``DistillObjective.naive``: every tap of
@@ -30,7 +32,8 @@ embeddings out). Peak bf16 FLOP/s comes from a table by GPU name (dense, no spar
 or, for a device not in the table (and on a CPU), a measured matmul. Peak memory is
 ``torch.cuda.max_memory_allocated`` over a variant's steps on a GPU; on a CPU it is the peak of the live
 tensor storages (weights, optimizer state and activations) over one extra step under a dispatch mode
-(``bench_kd_step.LiveTensors``), the CPU analogue (RSS cannot be reset between variants in one process).
+(``common.LiveTensors``), the CPU analogue (RSS cannot be reset between variants in one process); the
+FSDP2 variant's sharded tensors are not traced there, so on a CPU it has a time and no memory figure.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` under ``--out``; prints the table, each target with pass/miss.
 """
@@ -47,13 +50,12 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
+from common import LiveTensors
 
 # bf16 dense tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); first match wins,
 # so the longer names come before their prefixes (A100 before A10, L40S before L4).
@@ -98,6 +100,7 @@ class VariantResult:
     params_student: int
     params_teacher: int
     teacher_dtype: str = ""
+    engine: str = "deepspeed"
     notes: list[str] = field(default_factory=list)
 
 
@@ -105,10 +108,16 @@ class VariantResult:
 
 
 def save_random_bert(folder: Path, shape: Shape, seed: int = 0) -> Path:
-    """A BERT classifier with random weights (BertConfig of ``shape``), saved as a teacher folder."""
+    """A BERT classifier with random weights (BertConfig of ``shape``) and a word-level tokenizer (ids below
+    the vocabulary size), saved as a teacher folder."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+    from kdqat_dist.models.tiny import tiny_vocab
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(tiny_vocab()[: shape.vocab]) + "\n")
+    BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=shape.vocab,
@@ -141,21 +150,37 @@ def make_batches(shape: Shape, n: int, device, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_config(model_dir: Path, run_dir: Path, shape: Shape, args, precision: str, steps: int, dropout: float | None):
+def run_config(
+    model_dir: Path,
+    run_dir: Path,
+    shape: Shape,
+    args,
+    precision: str,
+    steps: int,
+    dropout: float | None,
+    engine: str = "deepspeed",
+):
     from kdqat_dist.config import load_config
 
     over = [
         f"teacher.path={model_dir}",
+        f"model.name_or_path={model_dir}",
         f"train.output_dir={run_dir}",
-        "engine.backend=deepspeed",
+        f"engine.backend={engine}",
         f"engine.precision={precision}",
-        f"engine.zero_stage={args.zero_stage}",
-        f"engine.teacher={args.teacher}",
+        f"engine.deepspeed.zero_stage={args.zero_stage}",
+        f"engine.deepspeed.teacher={args.teacher}",
+        f"engine.fsdp2.teacher={'sharded' if args.teacher == 'zero3' else 'replicated'}",
         f"train.batch_size={shape.batch}",
         "train.grad_accum=1",
         f"train.max_steps={steps}",
         "train.progress=false",
         "train.seed=0",
+        # the builder's data: the demo task (its first batch calibrates the activation quantizers)
+        "data.task=demo",
+        f"data.demo_size={max(400, 4 * shape.batch)}",
+        f"data.max_seq_length={max(8, shape.seq)}",
+        f"data.cache_dir={run_dir.parent / 'tokenized'}",
     ]
     if dropout is not None:
         over.append(f"train.dropout={dropout}")
@@ -169,20 +194,17 @@ def _n_params(m) -> int:
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in m.parameters())
 
 
-def _persistent_tensors(engine, teacher) -> list:
+def _persistent_tensors(student, optimizer, teacher) -> list:
     """Weights of both models and the optimizer's flat buffers and state: what the CPU tracker must count
     from the start of its step (they are alive before the first op it sees)."""
     import torch
 
-    from kdqat_dist.models.encoders import unwrap as _unwrap
-
     out = []
-    for m in (engine.module, _unwrap(teacher) if teacher is not None else None):
+    for m in (student, teacher):
         if m is not None:
             out += [*m.parameters(), *m.buffers()]
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    for holder in (opt, inner):
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for holder in (optimizer, inner):
         for v in vars(holder).values() if holder is not None else ():
             vals = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
             for x in vals:
@@ -202,63 +224,33 @@ def run_variant(
     batches: list[dict],
     measure_memory: bool,
     dropout: float | None = None,
+    engine: str = "deepspeed",
 ) -> VariantResult:
-    """Build one variant through the DeepSpeed backend, run ``len(batches)`` steps, tear it down."""
+    """Build one variant with the public builder on ``engine``, run ``len(batches)`` steps, tear it down."""
     import torch
 
-    from kdqat_dist.distill.objective import DistillObjective
-    from kdqat_dist.engine.ds_backend import DeepSpeedBackend
-    from kdqat_dist.models.attention import use_kdqat_attention
-    from kdqat_dist.models.encoders import load_classifier, set_dropout
-    from kdqat_dist.models.encoders import unwrap as _unwrap
-    from kdqat_dist.models.sliced_ffn import slice_feed_forward
-    from kdqat_dist.models.student import init_student
-    from kdqat_dist.quant.api import calibrate_activations, prepare
+    from kdqat_dist.engine.build import build_run, make_backend
+    from kdqat_dist.models.encoders import unwrap
 
-    cfg = run_config(model_dir, Path(args.out) / "runs" / f"{name}", shape, args, precision, len(batches), dropout)
+    cfg = run_config(
+        model_dir, Path(args.out) / "runs" / f"{name}", shape, args, precision, len(batches), dropout, engine
+    )
     torch.manual_seed(0)
-    backend = DeepSpeedBackend(cfg)
-    notes: list[str] = []
-    teacher = None
+    backend = make_backend(cfg)
     try:
         kd = name.startswith(("kd_", "curve_"))
-        if name == "fp_finetune":
-            student = load_classifier(str(model_dir), 2, cfg.model.attn_implementation)
-        else:
-            student = init_student(str(model_dir), 2, cfg.student.num_layers, cfg.distill.layer_map)
-        if cfg.train.dropout is not None:
-            set_dropout(student, cfg.train.dropout)
-        if name != "fp_finetune":
-            prepare(student, cfg.quant)
-            # on the device: a calibration forward of BERT-large on the host CPU takes tens of seconds
-            student.to(backend.device)
-            calibrate_activations(student, batches[0])
-        if kd:
-            teacher = backend.load_teacher(str(model_dir), 2)
-            use_kdqat_attention(_unwrap(teacher))
-        if name != "fp_finetune":  # the attention function that fake-quantizes Q, K, V and the map
-            use_kdqat_attention(student)
-        whole_teacher = teacher is not None and not backend.partitioned_teacher()
-        if whole_teacher:
-            slice_feed_forward(_unwrap(teacher))
-            if precision == "bf16" and next(teacher.parameters()).dtype != torch.bfloat16:
-                # The backend leaves a replicated teacher in its checkpoint's fp32 under engine.precision=bf16
-                # (only a ZeRO-3 teacher is cast, by DeepSpeed); cast it here, as a bf16 run would want.
-                teacher.to(torch.bfloat16)
-                notes.append("replicated teacher cast to bf16 by the script (the backend keeps it fp32)")
-        engine = backend.setup_student(student, len(batches))
-        obj = None
-        if kd:
-            obj = DistillObjective.for_models(cfg.distill, student, teacher, teacher_sharded=not whole_teacher)
+        run = build_run(cfg, backend, "finetune" if name == "fp_finetune" else "train", with_teacher=kd)
+        student, teacher, obj = run.student, run.teacher, run.objective
 
         def step(batch: dict) -> float:
-            engine.train()
-            if obj is None:
-                loss = engine(**batch).loss
-            elif name == "kd_naive":
-                loss = obj.naive(engine, teacher, batch).total
-            else:
-                loss = obj(engine, teacher, batch).total
+            student.train()
+            with backend.autocast():
+                if obj is None:  # labels only
+                    loss = student(**batch).loss
+                elif name == "kd_naive":
+                    loss = obj.naive(student, teacher, batch).total
+                else:
+                    loss = obj(student, teacher, batch).total
             value = float(loss.detach())
             backend.backward(loss)
             backend.step()
@@ -277,8 +269,10 @@ def run_variant(
                 torch.cuda.synchronize()
                 mem.append((torch.cuda.max_memory_allocated(), start))
             times.append(time.perf_counter() - t0)
+        measure_memory = measure_memory and (cuda or engine != "fsdp2")  # (module docstring: no CPU trace)
         if measure_memory and not cuda:
-            mem = [_cpu_live_peak(engine, teacher, lambda: step(batches[0]))]
+            held = _persistent_tensors(backend.student_module(), run.optimizer, unwrap(teacher) if teacher else None)
+            mem = [_cpu_live_peak(held, lambda: step(batches[0]))]
         peak = max(p for p, _ in mem) / 2**20 if measure_memory else None
         working = max(p - s for p, s in mem) / 2**20 if measure_memory else None
         timed = times[args.warmup :] or times
@@ -290,24 +284,20 @@ def run_variant(
             losses=losses,
             peak_mib=peak,
             working_mib=working,
-            params_student=_n_params(engine.module),
-            params_teacher=_n_params(_unwrap(teacher)) if teacher is not None else 0,
+            params_student=_n_params(backend.student_module()),
+            params_teacher=_n_params(unwrap(teacher)) if teacher is not None else 0,
             teacher_dtype=str(next(teacher.parameters()).dtype) if teacher is not None else "",
-            notes=notes,
+            engine=engine,
         )
     finally:
         backend.teardown()  # the caller frees the memory once this frame (models, engine) is gone
 
 
-def _cpu_live_peak(engine, teacher, one_step) -> tuple[int, int]:
-    """(peak bytes of live tensor storages over one step, bytes alive when it began): weights and
-    optimizer state included."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    from bench_kd_step import LiveTensors
-
+def _cpu_live_peak(held: list, one_step) -> tuple[int, int]:
+    """(peak bytes of live tensor storages over one step, bytes alive when it began): ``held`` (weights and
+    optimizer state) included."""
     tracker = LiveTensors()
-    for t in _persistent_tensors(engine, teacher):
+    for t in held:
         tracker.add(t)
     start = sum(n for _, n in tracker.refs.values())
     with tracker.mode:
@@ -399,6 +389,10 @@ def summarise(
         "fp_mfu": tokens * 6 * fp.params_student / fp.step_s / 1e12 / peak,
         "kd_over_fp": kd.step_s / fp.step_s,
     }
+    fsdp2 = results.get("kd_streaming_fsdp2")
+    if fsdp2 is not None:  # the same KD-QAT step under the other engine
+        figures["fsdp2_kd_step_s"] = fsdp2.step_s
+        figures["fsdp2_over_deepspeed"] = fsdp2.step_s / kd.step_s
     mem = {
         "method": "torch.cuda.max_memory_allocated"
         if cuda
@@ -415,6 +409,7 @@ def summarise(
         "working_streaming_over_qat": kd.working_mib / qat.working_mib,
         "working_streaming_over_naive": kd.working_mib / naive.working_mib,
         "zero2_grad_bucket_mib": _grad_bucket_mib(Path(args.out) / "runs" / "kd_streaming"),
+        "kd_streaming_fsdp2_mib": fsdp2.peak_mib if fsdp2 is not None else None,
     }
     targets = {
         "mfu": {"value": mfu, "target": f">= {TARGETS['mfu']:.2f}", "pass": mfu >= TARGETS["mfu"]},
@@ -474,6 +469,18 @@ def _grad_bucket_mib(run_dir: Path) -> float:
     return float(z.get("reduce_bucket_size", 5e8)) * 2 / 2**20
 
 
+def _fsdp2_rows(f: dict, m: dict) -> list[tuple[str, str, str]]:
+    """The FSDP2 variant's rows of the table (none when it did not run)."""
+    if "fsdp2_kd_step_s" not in f:
+        return []
+    peak = m.get("kd_streaming_fsdp2_mib")
+    return [
+        ("KD-QAT step, FSDP2", f"{f['fsdp2_kd_step_s'] * 1e3:.1f} ms", "the same step under FSDP2"),
+        ("FSDP2 step / DeepSpeed step", f"{f['fsdp2_over_deepspeed']:.2f}x", ""),
+        ("peak mem, streaming KD, FSDP2", "-" if peak is None else f"{peak:.1f} MiB", "" if peak else "GPU only"),
+    ]
+
+
 def render(r: dict) -> str:
     f, m, c, t = r["figures"], r["memory"], r["loss_curves"], r["targets"]
 
@@ -506,6 +513,7 @@ def render(r: dict) -> str:
             f"{m['working_streaming_over_qat']:.2f}x, {m['working_streaming_over_naive']:.2f}x",
             "",
         ),
+        *_fsdp2_rows(f, m),
         (
             f"bf16 vs fp32 loss, {c['steps']} steps",
             "skipped" if c["max_rel_diff"] is None else f"{c['max_rel_diff']:.2e}",
@@ -515,7 +523,8 @@ def render(r: dict) -> str:
     head = (
         f"GPU check: {r['device']}{' (tiny)' if r['tiny'] else ''}; BERT {s['layers']}L/{s['hidden']}H/"
         f"{s['heads']}A/FFN {s['ffn']}, batch {s['batch']} x seq {s['seq']}, bf16, DeepSpeed ZeRO-"
-        f"{r['zero_stage']} student, {r['teacher_mode']} teacher, world size 1; N_t={r['params']['teacher']:,}"
+        f"{r['zero_stage']} student (and FSDP2), {r['teacher_mode']} teacher, world size 1; "
+        f"N_t={r['params']['teacher']:,}"
         f" N_s={r['params']['student']:,}; memory: {m['method']}; {r['date']}, {r['wall_s']:.0f} s"
     )
     w0, w1 = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
@@ -527,7 +536,8 @@ def render(r: dict) -> str:
         lines += [
             "",
             f"Every variant's peak includes the {m['zero2_grad_bucket_mib']:.0f} MiB gradient bucket ZeRO-2 "
-            "allocates at each backward (reduce_bucket_size in ds_configs/zero2.json); --zero-stage 0 has none.",
+            "allocates at each backward (reduce_bucket_size in kdqat_dist/ds_configs/zero2.json); "
+            "--zero-stage 0 has none.",
         ]
     notes = sorted({n for v in r["variants"].values() for n in v["notes"]})
     lines += [f"note: {n}" for n in notes]
@@ -589,6 +599,9 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = save_random_bert(tmp / "bert", shape)
         for name in ("kd_streaming", "fp_finetune", "qat_no_kd", "kd_naive"):
             results[name] = _variant(name, "bf16", model_dir, shape, args, batches, measure_memory=True)
+        results["kd_streaming_fsdp2"] = _variant(
+            "kd_streaming_fsdp2", "bf16", model_dir, shape, args, batches, measure_memory=True, engine="fsdp2"
+        )
         try:
             results["curve_bf16"] = _variant("curve_bf16", "bf16", model_dir, shape, args, batches, False, 0.0)
         except (RuntimeError, NotImplementedError) as exc:  # a CPU without bf16 kernels

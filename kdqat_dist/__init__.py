@@ -5,7 +5,9 @@ nothing heavy; ``kdqat --version`` stays a fraction of a second):
 
 - :func:`prepare` / :func:`convert`: fake-quant student in place / its integer form (int8 codes + scales);
 - :class:`DistillObjective`: the KD objective with the streaming teacher (``for_models`` builds it);
-- :func:`load_config`: the typed run configuration.
+- :func:`load_config`: the typed run configuration;
+- :func:`build_run` / :func:`make_backend`: a run (data, models, objective, optimizer) on its engine, as
+  ``kdqat train`` builds it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _LAZY = {
     "DistillObjective": "kdqat_dist.distill.objective",
     "load_config": "kdqat_dist.config",
     "RunConfig": "kdqat_dist.config",
+    "build_run": "kdqat_dist.engine.build",
+    "make_backend": "kdqat_dist.engine.build",
 }
 
 

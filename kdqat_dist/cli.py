@@ -24,6 +24,7 @@ EPILOG = """examples:
   kdqat train --config bert_base_w2a8_kd data.task=rte teacher.path=models/rte distill.gamma=0.5
   kdqat eval --model runs/x                     # its student on the run's own dev set
   deepspeed --num_gpus 8 -m kdqat_dist.cli train --config bert_large_w2a8_kd engine.backend=deepspeed
+  torchrun --nproc_per_node 8 -m kdqat_dist.cli train --config bert_large_w2a8_kd engine.backend=fsdp2
 
 Overrides are dotted keys: section.field=value (values parsed as YAML). Recipes shipped in the package
 can be named without a path; see `kdqat recipes`."""
@@ -91,14 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (model, config, task, metrics)")
 
     p = sub.add_parser(
-        "demo", help="finetune, QAT without KD and KD-QAT on N DeepSpeed ranks, on the built-in task, offline"
+        "demo", help="finetune, QAT without KD and KD-QAT on N sharded ranks, on the built-in task, offline"
     )
     _add_config_args(p)
     p.add_argument(
         "--num-procs",
         type=_positive_int,
         default=None,
-        help="DeepSpeed ranks of the KD-QAT stage (default: one per GPU, else 2 CPU ranks)",
+        help="ranks of the KD-QAT stage (default: one per GPU, else 2 CPU ranks)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("deepspeed", "fsdp2"),
+        default="deepspeed",
+        help="the KD-QAT stage's engine: DeepSpeed ZeRO (deepspeed launcher) or PyTorch FSDP2 (torchrun)",
     )
 
     p = sub.add_parser("config", help="print the fully resolved config (YAML) of a recipe and overrides; runs nothing")
@@ -210,7 +217,7 @@ def _dispatch(args) -> int:
     if hasattr(args, "func"):
         return args.func(args)
     if args.command == "demo":
-        pipeline.demo(args.config, args.overrides, args.num_procs)
+        pipeline.demo(args.config, args.overrides, args.num_procs, args.engine)
         return 0
     if args.command == "eval":
         pipeline.eval_model(args.model, args.config, args.overrides, as_json=args.json)

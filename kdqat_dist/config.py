@@ -8,10 +8,12 @@ names the key and what is allowed; the CLI prints that line and exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +21,20 @@ import yaml
 
 from kdqat_dist.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+
+def shipped_dir(name: str) -> Path:
+    """A data folder shipped inside the package (``recipes``, ``ds_configs``, ``sweeps``).
+
+    Found through :mod:`importlib.resources`, so it is the installed package's copy in a wheel install and
+    the checkout's in an editable one; never a folder of the same name in the working directory.
+    """
+    root = resources.files("kdqat_dist") / name
+    if not isinstance(root, Path):  # a zipped install: kdqat-dist is installed as files, never zipped
+        raise ConfigError(f"kdqat_dist/{name} is not a folder on disk ({root}); reinstall kdqat-dist from a wheel")
+    return root
+
+
+RECIPES_DIR = shipped_dir("recipes")
 
 # --------------------------------------------------------------------------- value sets and constraints
 # Each allowed set is written once, here, as a Literal; the loader reads it from the field's type hint
@@ -41,7 +56,7 @@ INITS: tuple[str, ...] = typing.get_args(LsqInit)
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -96,10 +111,20 @@ class Regex:
         return None
 
 
+@dataclass(frozen=True)
+class NonEmpty:
+    """A string that must not be empty (a folder path: "" would silently mean the working directory)."""
+
+    def problem(self, value: str, nullable: bool) -> str | None:
+        return None if value.strip() else f"got {value!r}; must not be empty"
+
+
 Positive = Annotated[float, Range(gt=0)]
 NonNegative = Annotated[float, Range(ge=0)]
 PositiveInt = Annotated[int, Range(ge=1)]
 Percentile = Annotated[float, Range(gt=50, le=100)]
+# random.seed, torch.manual_seed and numpy's legacy np.random.seed all take 0 .. 2**32 - 1
+Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]
 
 
 # --------------------------------------------------------------------------- sections
@@ -128,7 +153,7 @@ class StudentConfig:
     """How the student is initialised."""
 
     init_from: str = ""  # defaults to teacher.path (the reference initialises both from it)
-    num_layers: int | None = None  # keep fewer layers than the teacher (uses distill.layer_map)
+    num_layers: PositiveInt | None = None  # keep fewer layers than the teacher (uses distill.layer_map)
 
 
 @dataclass
@@ -275,15 +300,16 @@ class DataConfig:
     text_b: str | None = None
     label: str = "label"
     label_list: list[str] | None = None  # custom classification labels (None with num_labels=1: regression)
-    num_labels: int | None = None
-    max_seq_length: int | None = None  # None: the per-task value from the recipe table
+    num_labels: PositiveInt | None = None
+    # None: the per-task value from the recipe table; at most the model's positions (checked with the model)
+    max_seq_length: Annotated[int, Range(ge=8, note="(null: the task's default)")] | None = None
     # longest: pad each batch to its longest row; max_length: to max_seq_length (the reference code's
     # padding; its KD means over positions then count the padded ones)
     padding: Literal["longest", "max_length"] = "longest"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    demo_size: int = 4000
-    demo_seed: int = 0
+    max_train_samples: Annotated[int, Range(ge=1, note="(null: all rows)")] | None = None
+    max_eval_samples: Annotated[int, Range(ge=1, note="(null: all rows)")] | None = None
+    demo_size: Annotated[int, Range(ge=2)] = 4000  # sentences, 15 % of them dev
+    demo_seed: Seed = 0
     # easy (the adjective decides: a tiny random model learns it in seconds), standard, or hard (frames that
     # reverse a clause, 5 % label noise); see kdqat_dist/data/demo.py
     demo_level: DemoLevel = "standard"
@@ -292,8 +318,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    seed: int = 42
+    output_dir: Annotated[str, NonEmpty()] = "runs/default"
+    seed: Seed = 42
     epochs: Positive = 3.0
     max_steps: Annotated[int, Range(gt=0)] | None = None  # overrides epochs when set
     # global batch (all ranks, after gradient accumulation); null: the task's batch in the reference's table
@@ -307,15 +333,16 @@ class TrainConfig:
     optimizer: Literal["adamw", "bertadam"] = "adamw"
     weight_decay: NonNegative = 0.01
     warmup_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.1
-    adam_eps: float = 1e-6
+    adam_eps: Positive = 1e-6
     max_grad_norm: Annotated[float, Range(ge=0, note="(0: no clipping)")] = 1.0
     # Dropout of the model being trained (the student in `kdqat train`, the model in `kdqat finetune`;
     # never the teacher, which is always in eval mode); null keeps the checkpoint's values.
     dropout: Annotated[float, Range(ge=0, lt=1)] | None = None
-    quant_weight_lr: float = 1e-3  # learned step sizes / clip values of weights (KDLSQ-BERT)
-    quant_act_lr: float = 3e-2  # ... of activations
+    # learned step sizes / clip values of weights (KDLSQ-BERT); 0 keeps them at their initial values
+    quant_weight_lr: NonNegative = 1e-3
+    quant_act_lr: NonNegative = 3e-2  # ... of activations
     eval_every: Annotated[int, Range(gt=0)] | None = None  # None: the per-task value from the recipe table
-    log_every: int = 10
+    log_every: PositiveInt = 10
     save_every: Annotated[int, Range(gt=0)] | None = None  # engine checkpoints every N steps (for --resume)
     keep_checkpoints: PositiveInt = 2  # the newest N checkpoints are kept; older ones are deleted after each save
     device: Device = "auto"
@@ -325,18 +352,51 @@ class TrainConfig:
     # bench/bench_diagnostics.py measures their cost; false skips all of them.
     diagnostics: bool = True
 
+    def micro_batch_size(self, world_size: int) -> int:
+        """Examples per rank and micro-batch: ``batch_size / (world_size x grad_accum)``; ConfigError unless
+        the global batch splits evenly over the ranks and accumulation steps (every engine needs it to)."""
+        if self.batch_size % (world_size * self.grad_accum):
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} is not divisible by world size {world_size} x "
+                f"train.grad_accum {self.grad_accum}"
+            )
+        return self.batch_size // (world_size * self.grad_accum)
+
+
+@dataclass
+class DeepSpeedOptions:
+    """``engine.deepspeed``: read only when ``engine.backend=deepspeed``."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2  # student ZeRO stage
+    teacher: Literal["replicated", "zero3"] = "replicated"  # zero3: partitioned as it is built
+    config: str = ""  # base student JSON; "" = ds_configs/zero{stage}.json
+    teacher_config: str = ""  # "" = ds_configs/teacher_zero3.json
+    # torch: a torch AdamW object (no JIT build); deepspeed: DeepSpeed's own
+    optimizer: Literal["torch", "deepspeed"] = "torch"
+
+
+@dataclass
+class FSDP2Options:
+    """``engine.fsdp2`` (PyTorch ``fully_shard``, one group per Transformer layer): read only when
+    ``engine.backend=fsdp2``."""
+
+    teacher: Literal["sharded", "replicated"] = "sharded"  # sharded: frozen, resharded after each forward
+    # free each student layer's gathered weights after its forward and gather them again in the backward
+    # (ZeRO-3's memory); false keeps them until the backward (less communication, ZeRO-2's memory)
+    reshard_after_forward: bool = True
+
 
 @dataclass
 class EngineConfig:
-    backend: Literal["none", "deepspeed"] = "none"  # none: a single process
-    zero_stage: Literal[0, 1, 2, 3] = 2  # student ZeRO stage
-    teacher: Literal["replicated", "zero3"] = "replicated"
+    """How the run is executed: one process, DeepSpeed ZeRO, or PyTorch FSDP2 (``kdqat_dist/engine``)."""
+
+    backend: Literal["none", "deepspeed", "fsdp2"] = "none"  # none: a single process
+    # every engine: bf16 = autocast in one process, bf16 weights under DeepSpeed, a bf16 compute policy
+    # under FSDP2; fp16 needs DeepSpeed's loss scaling on a GPU
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    ds_config: str = ""  # base student JSON; "" = ds_configs/zero{stage}.json
-    teacher_ds_config: str = ""  # "" = ds_configs/teacher_zero3.json
-    # torch: a torch AdamW object (no JIT build); deepspeed: DeepSpeed's own
-    optimizer: Literal["torch", "deepspeed"] = "torch"
     activation_checkpointing: bool = False
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    fsdp2: FSDP2Options = field(default_factory=FSDP2Options)
 
 
 @dataclass
@@ -344,10 +404,10 @@ class TuneConfig:
     num_workers: PositiveInt = 1  # DeepSpeed ranks per trial
     cpus_per_worker: PositiveInt = 1
     gpus_per_worker: NonNegative = 0
-    max_failures: int = 1
+    max_failures: Annotated[int, Range(ge=-1, note="(-1: retry without limit)")] = 1  # retries of a failed trial
     scheduler: Literal["none", "asha"] = "none"
-    grace_period: int = 1
-    num_samples: int = 1
+    grace_period: PositiveInt = 1  # ASHA: evaluations before a trial may be stopped
+    num_samples: PositiveInt = 1  # draws of the sampled search keys per grid point
 
 
 @dataclass
@@ -358,7 +418,7 @@ class AnalysisConfig:
     """
 
     samples: PositiveInt = 32  # dev examples for the attention and norm analyses
-    seed: int = 0  # which dev examples, and the power iteration's start vectors
+    seed: Seed = 0  # which dev examples, and the power iteration's start vectors
     top_k: PositiveInt = 5  # cover length: the teacher's top-k keys
     # the first N of the sample; 0 skips the Hessian
     hessian_samples: Annotated[int, Range(ge=0, note="(0 skips the Hessian)")] = 8
@@ -445,10 +505,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         "the relation term has a weight but no relations; give some of qq, kk, vv",
     )
 
+    e = cfg.engine
     _check(
-        cfg.engine.optimizer == "torch" or cfg.train.optimizer == "adamw",
-        "engine.optimizer",
-        "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.optimizer=torch",
+        e.deepspeed.optimizer == "torch" or cfg.train.optimizer == "adamw",
+        "engine.deepspeed.optimizer",
+        "deepspeed (DeepSpeed's own Adam) cannot run train.optimizer=bertadam; use engine.deepspeed.optimizer=torch",
+    )
+    _check(
+        e.precision != "fp16" or e.backend == "deepspeed",
+        "engine.precision",
+        f"fp16 needs DeepSpeed's loss scaling (engine.backend=deepspeed on a GPU); engine.backend={e.backend} "
+        "allows fp32, bf16",
     )
     return cfg
 
@@ -529,14 +596,20 @@ def _coerce(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer{or_null}, got {value!r}")
     if tp is float:
+        out = None
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number{or_null}, got {value!r}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        if out is None:
+            raise ConfigError(f"{key}: expected a number{or_null}, got {value!r}")
+        # no setting of kdqat means anything at inf or nan; they would only fail later, mid-run
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: got {value!r}; must be a finite number{or_null}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -572,9 +645,12 @@ def build_section(cls: type, data: dict, prefix: str = "") -> Any:
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
-    for p in parents:
-        if not isinstance(tree.get(p), dict):
+    for i, p in enumerate(parents):
+        if p not in tree:
             tree[p] = {}
+        elif not isinstance(tree[p], dict):  # replacing it would hide a mistyped section of the recipe
+            section = ".".join(parents[: i + 1])
+            raise ConfigError(f"{section}: is {tree[p]!r}, not a mapping of keys, so {dotted} cannot be set in it")
         tree = tree[p]
     tree[leaf] = value
 
@@ -623,15 +699,41 @@ def resolve_recipe(path: str | Path) -> Path:
     return resolve_shipped(path, RECIPES_DIR, "recipe")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last value silently, so the first one, which the user may be looking at, would not count)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, top_level: str = "a mapping of sections") -> dict:
     """A recipe's YAML as a dict; ``top_level`` names what the file must hold in the error message."""
     p = resolve_recipe(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{p}: cannot be read ({why})") from None
+    try:
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(p)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}:{where} is not valid YAML") from None
+    if data is None:  # an empty file, or only comments: almost always the wrong file
+        raise ConfigError(f"{p}: the file is empty; it must hold {top_level}")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be {top_level}")
     return data
@@ -658,9 +760,11 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the fully resolved config (every field, defaults included) as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: RunConfig, path: str | Path, header: str = "") -> None:
+    """Write the fully resolved config (every field, defaults included) as YAML, after a ``header`` comment
+    line when given (a run folder's says which command made it: :func:`kdqat_dist.files.run_header`)."""
+    head = f"{header}\n" if header else ""
+    Path(path).write_text(head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # Keys a resumed run may change: how long it runs, what it logs and how it checkpoints. Anything else

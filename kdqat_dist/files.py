@@ -1,9 +1,15 @@
-"""Small file helpers shared by the writers of model folders and the caches."""
+"""Small file helpers shared by the writers of model folders and the caches, and the checks on the user's
+folders that every command makes before it writes anything."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+from typing import Any
+
+from kdqat_dist.errors import ConfigError
 
 
 def ordinary_permissions(path: str | Path) -> None:
@@ -20,4 +26,181 @@ def ordinary_permissions(path: str | Path) -> None:
 def cache_root() -> Path:
     """``$KDQAT_CACHE`` if set, else ``~/.cache/kdqat_dist``: where tokenized data and tiny models are cached."""
     root = os.environ.get("KDQAT_CACHE")
+    if root and Path(root).expanduser().is_file():  # else mkdir below it fails mid-run with a traceback
+        raise ConfigError(f"$KDQAT_CACHE: {root} is a file; set it to a folder (the cache is created there)")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "kdqat_dist"
+
+
+# --------------------------------------------------------------------------- the user's folders
+# Checks made before a command writes anything: an output folder must not be (or be inside, or contain) a
+# model the run reads, must be a folder that can be written, and a model that must be full precision must
+# not be a quantized student or a packed export. Each raises ConfigError with one line naming the key.
+
+# The marker files of a `kdqat train` student folder and of a `kdqat export` folder (the same names as
+# quant.student.STUDENT_META and export.artifact.EXPORT_META, which sit in higher layers; a test keeps
+# them equal).
+STUDENT_MARKER = "kdqat_student.json"
+EXPORT_MARKER = "kdqat_export.json"
+_ROLE = {
+    "teacher.path": "the teacher",
+    "student.init_from": "the student's starting point",
+    "model.name_or_path": "the model to fine-tune",
+}
+_RUN_HEADER = re.compile(r"#\s*kdqat (train|finetune) run\b")
+
+
+def _exists(p: Path, key: str) -> bool:
+    """``p.exists()``, with a folder on the way that may not be searched reported as one line."""
+    try:
+        return p.exists()
+    except PermissionError:
+        raise ConfigError(f"{key}: no permission to look into a folder on the way to {p}") from None
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Refuse an output folder that cannot be created or written: an existing file, a file on the way to
+    it, a dangling symbolic link, or a folder without write permission (the nearest existing one)."""
+    p = Path(path).expanduser()
+    try:
+        dangling = p.is_symlink() and not p.exists()
+    except PermissionError:
+        raise ConfigError(f"{key}: no permission to look into a folder on the way to {p}") from None
+    if dangling:
+        raise ConfigError(f"{key}: {p} is a symbolic link to nothing ({os.readlink(p)}); give a folder")
+    if _exists(p, key) and not p.is_dir():
+        raise ConfigError(f"{key}: {p} is a file, not a folder; give a folder path (it is created if missing)")
+    nearest = p.absolute()
+    while not _exists(nearest, key) and nearest.parent != nearest:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"{key}: {nearest} is a file, so {p} cannot be created as a folder")
+    # effective ids: what the process may do (the same as the real ones unless it runs setuid)
+    if not os.access(nearest, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise ConfigError(f"{key}: no permission to write in {nearest}; give a folder you can write to")
+
+
+def check_apart(out: str | Path, key: str, inputs: dict[str, str]) -> None:
+    """Refuse an output folder that is, is inside, or contains one of the ``inputs`` (config key -> folder
+    the command reads, e.g. ``{"teacher.path": ...}``): writing there could overwrite or mix with it.
+    Inputs that are not existing local folders (hub names, built-in model names) are skipped."""
+    o = Path(out).expanduser().resolve()
+    for in_key, src in inputs.items():
+        s = Path(src).expanduser() if src else None
+        if s is None or not _exists(s, in_key) or not s.is_dir():
+            continue
+        s = s.resolve()
+        if o == s:
+            where = "is"
+        elif s in o.parents:
+            where = "is inside"
+        elif o in s.parents:
+            where = "contains"
+        else:
+            continue
+        raise ConfigError(
+            f"{key}: {out} {where} the folder of {in_key} ({src}); the files written there could overwrite "
+            "or mix with it, so give an output folder apart from the models it reads"
+        )
+
+
+def model_kind(folder: str | Path) -> str | None:
+    """``"student"`` (a `kdqat train` student), ``"export"`` (a packed `kdqat export`), ``"run"`` (a run
+    folder: its model is in model/ or student/), or None (anything else, e.g. a full-precision model)."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        return None
+    if (p / EXPORT_MARKER).exists():
+        return "export"
+    if (p / STUDENT_MARKER).exists() or _quant_method(p / "config.json") == "kdqat":
+        return "student"
+    if not (p / "config.json").exists() and any((p / d / "config.json").exists() for d in ("model", "student")):
+        return "run"
+    return None
+
+
+def _quant_method(config_json: Path) -> str | None:
+    try:
+        q = json.loads(config_json.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return q.get("quant_method") if isinstance(q, dict) else None
+
+
+def check_full_precision(folder: str | Path, key: str, what: str = "the teacher") -> None:
+    """Refuse a quantized student, a packed export or a run folder where a full-precision model folder is
+    expected (``what``: e.g. "the teacher"); anything else is left to the model loader."""
+    kind = model_kind(folder)
+    if kind is None:
+        return
+    p = Path(folder)
+    fix = f"{what} must be a full-precision model folder, e.g. the model/ folder `kdqat finetune` writes"
+    if kind == "student":
+        raise ConfigError(f"{key}: {p} is a kdqat student folder (quantized; {STUDENT_MARKER}); {fix}")
+    if kind == "export":
+        raise ConfigError(f"{key}: {p} is a kdqat export folder (packed low-bit weights; {EXPORT_MARKER}); {fix}")
+    if (p / "model" / "config.json").exists():
+        raise ConfigError(f"{key}: {p} is a `kdqat finetune` run folder; its model is {p / 'model'}")
+    raise ConfigError(f"{key}: {p} is a `kdqat train` run folder (its student/ is quantized); {fix}")
+
+
+def run_header(mode: str) -> str:
+    """The first line of a run folder's config.yaml, which says which command made the run."""
+    return f"# kdqat {mode} run: the fully resolved config (every key)"
+
+
+def run_mode(run_dir: str | Path) -> str | None:
+    """Which command made the run in ``run_dir`` (``train`` or ``finetune``): the header of its config.yaml,
+    else its saved model (student/ or model/); None when that cannot be told (nothing saved yet)."""
+    p = Path(run_dir)
+    try:
+        with open(p / "config.yaml", encoding="utf-8") as f:
+            m = _RUN_HEADER.match(f.readline())
+    except (OSError, UnicodeDecodeError):
+        m = None
+    if m:
+        return m.group(1)
+    if (p / "student" / STUDENT_MARKER).exists():
+        return "train"
+    if (p / "model" / "config.json").exists():
+        return "finetune"
+    return None
+
+
+def check_resume_mode(run_dir: str | Path, mode: str) -> None:
+    """Refuse ``kdqat <mode> --resume`` on a run folder made by the other command."""
+    made_by = run_mode(run_dir)
+    if made_by is not None and made_by != mode:
+        raise ConfigError(
+            f"--resume: {run_dir} holds a `kdqat {made_by}` run, not a `kdqat {mode}` one; resume it with "
+            f"`kdqat {made_by} --resume`, or give `kdqat {mode}` another train.output_dir"
+        )
+
+
+def model_folders(cfg: Any, mode: str) -> dict[str, str]:
+    """The model folders (config key -> path) a ``kdqat <mode>`` run of the RunConfig ``cfg`` reads: the
+    pretrained model of ``finetune``; the teacher and the student's starting point of ``train``. Values
+    may be hub or built-in names, which the checks skip."""
+    if mode == "finetune":
+        return {"model.name_or_path": cfg.model.name_or_path}
+    return {"teacher.path": cfg.teacher.path, "student.init_from": cfg.student.init_from}
+
+
+def check_run_folder(cfg: Any, mode: str, resume: bool) -> None:
+    """Everything about the folders of a ``kdqat train``/``finetune`` run (RunConfig ``cfg``) that can be
+    checked before anything is written: train.output_dir can be written, is apart from the models the run
+    reads and, for a new run, is not a model folder; those models are full precision; a resumed run folder
+    was made by the same command."""
+    key, run_dir = "train.output_dir", Path(cfg.train.output_dir)
+    models = model_folders(cfg, mode)
+    check_writable(run_dir, key)
+    check_apart(run_dir, key, models)
+    for model_key, folder in models.items():
+        if folder:
+            check_full_precision(folder, model_key, _ROLE.get(model_key, "the model"))
+    if not resume and (run_dir / "config.json").exists():
+        raise ConfigError(
+            f"{key}: {run_dir} is a model folder (config.json); a run writes config.yaml, its model and "
+            "checkpoints there, so give it a folder of its own"
+        )
+    if resume:
+        check_resume_mode(run_dir, mode)

@@ -11,15 +11,17 @@ from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_overrid
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.distill.terms import KD_TERMS
-from kdqat_dist.engine.backend import memory_table, pick_device
+from kdqat_dist.engine.backend import pick_device
 from kdqat_dist.engine.evaluate import evaluate
-from kdqat_dist.engine.launch import default_num_procs, run_deepspeed
+from kdqat_dist.engine.launch import default_num_procs, run_launcher
 from kdqat_dist.engine.loop import run
+from kdqat_dist.engine.memory import memory_table
 from kdqat_dist.export import load
 from kdqat_dist.export.deploy import deploy_student
 from kdqat_dist.export.onnx_check import OrtModel
 from kdqat_dist.export.onnx_export import ONNX_META
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.models.positions import check_max_length
 from kdqat_dist.quant.quantizers import make_quantizer
 from kdqat_dist.quant.student import is_student_dir, load_student
 from kdqat_dist.run_folder import model_run, resolve_model_dir
@@ -74,8 +76,14 @@ def summary(cfg: RunConfig, result: dict, mode: str = "train") -> str:
 # QAT without KD: the same ternary student trained on the labels alone (the demo's yardstick): every term
 # that reads the teacher off
 NO_KD = [*(f"distill.{t}.weight=0" for t in KD_TERMS), "distill.gamma=null", "distill.ground_truth.weight=1"]
-# the product's main shape: student ZeRO-2, teacher ZeRO-3-sharded over the ranks
-SHARDED = ["engine.zero_stage=2", "engine.teacher=zero3"]
+# the product's main shape, per engine: the teacher sharded over the ranks (DeepSpeed: student ZeRO-2)
+SHARDED = {
+    "deepspeed": (
+        ["engine.deepspeed.zero_stage=2", "engine.deepspeed.teacher=zero3"],
+        "student ZeRO-2, teacher ZeRO-3",
+    ),
+    "fsdp2": (["engine.fsdp2.teacher=sharded"], "student and teacher sharded per layer"),
+}
 _STAGES = ("teacher", "qat_no_kd", "kd_qat")
 
 
@@ -103,11 +111,17 @@ def pick_demo_dir(root: Path) -> Path:
     return cand
 
 
-def demo(config: str | None = None, overrides: list[str] | None = None, num_procs: int | None = None) -> dict:
+def demo(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    num_procs: int | None = None,
+    engine: str = "deepspeed",
+) -> dict:
     """The offline pipeline on the built-in task: fine-tune the teacher, train the ternary student without
-    KD (labels only) and with KD-QAT on ``num_procs`` DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3;
-    default: one per GPU, else 2 CPU ranks), deploy the KD-QAT student (ONNX, int8 kernels: its dev score
-    and its speed over the teacher), then print them side by side and the per-rank memory.
+    KD (labels only) and with KD-QAT on ``num_procs`` ranks of ``engine`` (``deepspeed``: student ZeRO-2,
+    teacher ZeRO-3; ``fsdp2``: both sharded per layer; default ranks: one per GPU, else 2 CPU ranks), deploy
+    the KD-QAT student (ONNX, int8 kernels: its dev score and its speed over the teacher), then print them side
+    by side and the per-rank memory.
 
     ``config`` defaults to the shipped ``demo_finetune`` / ``demo`` recipes.
     """
@@ -138,10 +152,12 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
     print("[demo] 2/4 QAT without KD: the ternary student on the labels alone (one process)")
     no_kd_overrides = [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
     no_kd = run_and_report(load_config(recipe, no_kd_overrides), "train")
-    print(f"[demo] 3/4 KD-QAT on {num_procs} DeepSpeed ranks (student ZeRO-2, teacher ZeRO-3)")
-    kd_overrides = [*student, *SHARDED, f"train.output_dir={root / 'kd_qat'}"]
-    load_config(recipe, [*kd_overrides, "engine.backend=deepspeed"])  # bad input: one line, here
-    run_deepspeed("train", recipe, kd_overrides, num_procs)
+    sharded, shape = SHARDED[engine]
+    name = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}[engine]
+    print(f"[demo] 3/4 KD-QAT on {num_procs} {name} ranks ({shape})")
+    kd_overrides = [*student, *sharded, f"train.output_dir={root / 'kd_qat'}"]
+    load_config(recipe, [*kd_overrides, f"engine.backend={engine}"])  # bad input: one line, here
+    run_launcher(engine, "train", recipe, kd_overrides, num_procs)
     kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
     print("[demo] 4/4 deploying the KD-QAT student: ONNX with int8 kernels, checked on the dev set")
     deployed = deploy_student(base, root / "kd_qat" / "student", root / "deployed", teacher_dir / "model")
@@ -153,6 +169,7 @@ def demo(config: str | None = None, overrides: list[str] | None = None, num_proc
         "deployed": deployed,
         "num_procs": num_procs,
         "demo_wall_s": wall,
+        "engine": engine,
     }
     (root / "summary.json").write_text(json.dumps(res, indent=2))
     print(demo_table(res, base))
@@ -198,6 +215,7 @@ def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
     task = get_task(cfg.data)
     tokenizer = load_tokenizer(str(p))
     max_len = cfg.data.max_seq_length or task.max_seq_length
+    check_max_length(max_len, str(p), explicit=cfg.data.max_seq_length is not None)
     dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
     data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
     if (p / "kdqat_export.json").exists():  # a packed artifact from `kdqat export`

@@ -13,6 +13,10 @@ check_command() {  # COMMAND is a training command
     case "${COMMAND:-train}" in train|finetune) ;; *) die "COMMAND=${COMMAND}: allowed: train, finetune" ;; esac
 }
 
+check_engine() {  # ENGINE names a sharded engine that torchrun can launch
+    case "${ENGINE:-deepspeed}" in deepspeed|fsdp2) ;; *) die "ENGINE=${ENGINE}: allowed: deepspeed, fsdp2" ;; esac
+}
+
 check_hostfile() {  # HOSTFILE exists and every entry reads "<host> slots=<N>" (DeepSpeed's format)
     local f="${HOSTFILE:-hostfile}" line n=0 hosts=0
     [[ -f "$f" && -r "$f" ]] || die "HOSTFILE=$f: no such readable file (one '<host> slots=<N>' line per node)"
@@ -25,4 +29,15 @@ check_hostfile() {  # HOSTFILE exists and every entry reads "<host> slots=<N>" (
         hosts=$((hosts + 1))
     done < "$f"
     [[ $hosts -gt 0 ]] || die "HOSTFILE=$f: no hosts (one '<host> slots=<N>' line per node)"
+}
+
+check_run() {  # usage: check_run <ranks or ""> [key=value ...]; needs RECIPE (and COMMAND, RESUME, ENGINE, PYTHON)
+    # The recipe, the overrides, the task and the run's folders, checked once as every rank would check them
+    # (kdqat_dist/precheck.py), so a mistake is one line here, not one per rank plus the launcher's report.
+    # A dry run only prints the command.
+    [[ -n "${KDQAT_DRY_RUN:-}" ]] && return 0
+    local world="$1"
+    shift
+    "${PYTHON:-python}" -m kdqat_dist.precheck "${COMMAND:-train}" ${RESUME:+--resume} --config "$RECIPE" \
+        ${world:+--world-size "$world"} "engine.backend=${ENGINE:-deepspeed}" "$@" || exit 2
 }

@@ -2,7 +2,7 @@
 # kdqat on several nodes with the DeepSpeed launcher (ssh/pdsh from this node to every host in HOSTFILE).
 #
 #   HOSTFILE=launch/hostfile.example launch/deepspeed_multi_node.sh bert_base_w2a8_kd \
-#       data.task=rte teacher.path=models/rte train.output_dir=/shared/runs/rte_w2 engine.zero_stage=2
+#       data.task=rte teacher.path=models/rte train.output_dir=/shared/runs/rte_w2 engine.deepspeed.zero_stage=2
 #
 # runs exactly:
 #   deepspeed --hostfile $HOSTFILE --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
@@ -20,7 +20,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 RECIPE="${1:?usage: HOSTFILE=... launch/deepspeed_multi_node.sh <recipe> [key=value ...]}"
 shift
-check_hostfile; check_command
+check_hostfile; check_command; check_run "" "$@"
 export TOKENIZERS_PARALLELISM=false
 ${KDQAT_DRY_RUN:+echo} deepspeed --hostfile "${HOSTFILE:-hostfile}" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" \

@@ -44,8 +44,8 @@ def _tiny_checkpoint(out: Path, num_layers: int = N_LAYERS, seed: int = 0) -> Pa
 
 def _make_student(teacher_dir: Path, out: Path, quant: QuantConfig, seed: int, noise: float = 0.02) -> Path:
     from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-    from kdqat_dist.models.student import save_student
     from kdqat_dist.quant.api import calibrate_activations, prepare
+    from kdqat_dist.quant.student import save_student
 
     tok = load_tokenizer(str(teacher_dir))
     model = load_classifier(str(teacher_dir), 2)
@@ -477,9 +477,9 @@ def test_analyze_command_writes_every_figure_json_and_summary(models_dir, tmp_pa
 
 def test_bad_input_is_a_one_line_config_error(models_dir, tmp_path, capsys):
     from kdqat_dist.models.encoders import load_classifier
-    from kdqat_dist.models.student import save_student
     from kdqat_dist.models.tiny import make_tiny_checkpoint
     from kdqat_dist.quant.api import prepare
+    from kdqat_dist.quant.student import save_student
 
     teacher = models_dir / "teacher"
 

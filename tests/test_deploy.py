@@ -19,10 +19,10 @@ from kdqat_dist.export.artifact import logits_of, probe_batches
 from kdqat_dist.export.onnx_export import ONNX_RTOL, export_onnx, read_onnx_meta, run_session, session
 from kdqat_dist.export.predict import Predictor
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-from kdqat_dist.models.student import load_student, save_student
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant import onnx_form
 from kdqat_dist.quant.api import calibrate_activations, prepare
+from kdqat_dist.quant.student import load_student, save_student
 
 
 def _student(root: Path, quant: QuantConfig, name: str = "student") -> Path:

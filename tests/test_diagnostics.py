@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdqat_dist.analysis.diagnostics import (
+from kdqat_dist.config import QuantConfig, WeightQuantConfig
+from kdqat_dist.engine.diagnostics import (
     log_diagnostics,
     log_flip_rate,
     reset_diagnostics,
     short_name,
     weight_codes,
 )
-from kdqat_dist.config import QuantConfig, WeightQuantConfig
 from kdqat_dist.quant.api import prepare
 from kdqat_dist.quant.fake_quant import QuantEmbedding, QuantLinear, WeightFakeQuant
 

@@ -30,7 +30,7 @@ def _cfg(*overrides: str):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_shipped_student_configs_resolve_from_the_run_config(stage):
-    cfg = _cfg(f"engine.zero_stage={stage}")
+    cfg = _cfg(f"engine.deepspeed.zero_stage={stage}")
     out = ds_config.build(cfg, world_size=4, kind="student", hidden_size=64)
     assert out["train_batch_size"] == 32
     assert out["train_micro_batch_size_per_gpu"] == 4  # 32 / (4 ranks x 2 accumulation steps)
@@ -38,7 +38,7 @@ def test_shipped_student_configs_resolve_from_the_run_config(stage):
     assert out["gradient_clipping"] == 0.5
     assert out["zero_optimization"]["stage"] == stage
     assert out["bf16"]["enabled"] is False and out["fp16"]["enabled"] is False
-    assert "optimizer" not in out  # engine.optimizer=torch: our AdamW object is passed instead
+    assert "optimizer" not in out  # engine.deepspeed.optimizer=torch: our AdamW object is passed instead
     assert "auto" not in json.dumps(out)
     if stage == 3:
         z = out["zero_optimization"]
@@ -55,7 +55,7 @@ def test_teacher_config_is_zero3_without_optimizer():
 
 
 def test_deepspeed_optimizer_gets_the_run_hyperparameters():
-    out = ds_config.build(_cfg("engine.optimizer=deepspeed"), world_size=1, kind="student")
+    out = ds_config.build(_cfg("engine.deepspeed.optimizer=deepspeed"), world_size=1, kind="student")
     assert out["optimizer"]["type"] == "AdamW"
     assert out["optimizer"]["params"] == {"lr": 3e-5, "betas": [0.9, 0.999], "eps": 1e-7, "weight_decay": 0.02}
 
@@ -68,7 +68,7 @@ def test_explicit_value_contradicting_the_run_config_is_an_error():
     with pytest.raises(ConfigError, match=r"gradient_clipping is 1.0 but train.max_grad_norm gives 0.5"):
         ds_config.resolve(base, _cfg(), world_size=1)
     base = {"zero_optimization": {"stage": 1}}
-    with pytest.raises(ConfigError, match=r"zero_optimization.stage is 1 but engine.zero_stage gives 2"):
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage is 1 but engine.deepspeed.zero_stage gives 2"):
         ds_config.resolve(base, _cfg(), world_size=1)
     base = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     with pytest.raises(ConfigError, match=r"optimizer.params.lr is 0.001 but train.lr gives 3e-05"):
@@ -106,10 +106,10 @@ def test_resolved_config_is_written_once_and_read_back(tmp_path):
 def test_custom_base_file_and_missing_file(tmp_path):
     p = tmp_path / "custom.json"
     p.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": "auto"}}))
-    out = ds_config.build(_cfg(f"engine.ds_config={p}", "engine.zero_stage=1"), 1, "student")
+    out = ds_config.build(_cfg(f"engine.deepspeed.config={p}", "engine.deepspeed.zero_stage=1"), 1, "student")
     assert out["zero_optimization"]["stage"] == 1
-    with pytest.raises(ConfigError, match="engine.ds_config: .*nope.json does not exist"):
-        ds_config.build(_cfg(f"engine.ds_config={tmp_path / 'nope.json'}"), 1, "student")
+    with pytest.raises(ConfigError, match="engine.deepspeed.config: .*nope.json does not exist"):
+        ds_config.build(_cfg(f"engine.deepspeed.config={tmp_path / 'nope.json'}"), 1, "student")
 
 
 IMPORT = re.compile(

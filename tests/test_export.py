@@ -13,11 +13,11 @@ from kdqat_dist.config import ConfigError, QuantConfig, QuantRule, load_config, 
 from kdqat_dist.export import export_model, export_student, load, read_meta
 from kdqat_dist.export.artifact import WEIGHTS_FILE, logits_of, probe_batch
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-from kdqat_dist.models.student import load_student, save_student
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant.api import calibrate_activations, prepare
 from kdqat_dist.quant.fake_quant import ActFakeQuant
 from kdqat_dist.quant.integer import QuantizedAct, QuantizedEmbedding, QuantizedLinear
+from kdqat_dist.quant.student import load_student, save_student
 
 
 @pytest.fixture(scope="module")

@@ -137,3 +137,18 @@ def test_markdown_holds_the_table_and_the_targets(report):
     assert all(w in md for w in ("MFU", "KD step / FP step", "streaming / QAT-no-KD peak", "bf16 vs fp32"))
     assert md.count("(target ") == 3
     assert not (out / "runs" / "kd_streaming" / "model.safetensors").exists()  # the random weights stay in tmp
+
+
+def test_the_fsdp2_variant_runs_the_same_step_under_the_other_engine(report):
+    r, _ = report
+    v, ds = r["variants"]["kd_streaming_fsdp2"], r["variants"]["kd_streaming"]
+    assert v["engine"] == "fsdp2" and ds["engine"] == "deepspeed"
+    assert len(v["losses"]) == STEPS and all(_positive(x) for x in v["losses"] + v["step_s_all"])
+    assert v["params_student"] == ds["params_student"] and v["params_teacher"] == ds["params_teacher"]
+    assert v["teacher_dtype"] == ds["teacher_dtype"] == "torch.bfloat16"  # each engine casts the teacher
+    # the same weights and batch: the first step's loss agrees to bf16's rounding
+    assert v["losses"][0] == pytest.approx(ds["losses"][0], rel=5e-2)
+    f = r["figures"]
+    assert f["fsdp2_kd_step_s"] == v["step_s"]
+    assert f["fsdp2_over_deepspeed"] == pytest.approx(v["step_s"] / ds["step_s"])
+    assert r["memory"]["kd_streaming_fsdp2_mib"] is None  # no CPU trace of sharded tensors (GPU only)

@@ -13,10 +13,10 @@ from transformers import AutoModelForSequenceClassification
 import kdqat_dist  # noqa: F401  (registers quant_method "kdqat" with transformers)
 from kdqat_dist.config import QuantConfig, QuantRule
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-from kdqat_dist.models.student import load_student, save_student
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant.api import calibrate_activations, prepare
 from kdqat_dist.quant.fake_quant import QuantLinear
+from kdqat_dist.quant.student import load_student, save_student
 
 TEXTS = ["the film was great", "a dull , boring film and bad acting", "not bad at all"]
 
@@ -83,7 +83,7 @@ import kdqat_dist
 assert "torch" not in sys.modules and "transformers" not in sys.modules, "import kdqat_dist is not light"
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from kdqat_dist.models.student import load_student
+from kdqat_dist.quant.student import load_student
 model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
 batch = dict(AutoTokenizer.from_pretrained(sys.argv[1])(["not bad at all"], return_tensors="pt"))
 with torch.no_grad():

@@ -32,11 +32,9 @@ LAYERS = {
     "export": 6,
     "pipeline": 7,
     "cli": 8,
+    "precheck": 8,  # the launch scripts' check before any rank starts (loads the config, not the models)
     "__init__": 9,  # kdqat_dist/__init__.py: the public facade
 }
-# Old import paths kept for users, each a module-level __getattr__ that forwards to the new home: the only
-# imports of a higher layer that are allowed.
-COMPAT_FORWARDS = {("kdqat_dist.models.student", "kdqat_dist.quant.student")}
 ONLY_IN = {"deepspeed": "engine", "torch.distributed": "engine", "ray": "tune"}
 
 
@@ -99,7 +97,7 @@ def violations(pkg: Path = PKG) -> list[str]:
         me = _module_name(path, pkg)
         my_unit = _unit(me)
         rel = path.relative_to(pkg.parent)
-        for line, target, func in _imports(path, pkg):
+        for line, target, _func in _imports(path, pkg):
             for banned, home in ONLY_IN.items():
                 if (target == banned or target.startswith(banned + ".")) and my_unit != home:
                     bad.append(f"{rel}:{line}: imports {target} (only {home}/ may)")
@@ -107,8 +105,6 @@ def violations(pkg: Path = PKG) -> list[str]:
                 continue
             unit = _unit(target)
             if unit == my_unit:
-                continue
-            if (me, target) in COMPAT_FORWARDS and func == "__getattr__":
                 continue
             if LAYERS[unit] >= LAYERS[my_unit]:
                 bad.append(f"{rel}:{line}: {my_unit} (layer {LAYERS[my_unit]}) imports {target} (layer {LAYERS[unit]})")

@@ -265,8 +265,8 @@ def _formula_codes(method: str, w: torch.Tensor, bits: int, step: torch.Tensor |
     [("twn", 2), ("sym", 8), ("sym", 3), ("mean_clip", 4), ("lsq", 2), ("lsq", 4), ("absmean", 2), ("seq", 2)],
 )
 def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(method, bits):
-    from kdqat_dist.analysis.diagnostics import weight_codes as diag_codes
     from kdqat_dist.config import WeightQuantConfig
+    from kdqat_dist.engine.diagnostics import weight_codes as diag_codes
     from kdqat_dist.export.packing import weight_codes as export_codes
     from kdqat_dist.quant.fake_quant import WeightFakeQuant
 
@@ -347,7 +347,7 @@ def test_lsq_steps_have_shape_1_and_old_0d_steps_load():
 
 
 def test_old_0d_optimizer_moments_are_reshaped_on_resume():
-    from kdqat_dist.engine.backend import _fit_moments_to_params
+    from kdqat_dist.engine.local import fit_moments_to_params
 
     step = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.AdamW([step], lr=0.1)
@@ -356,7 +356,7 @@ def test_old_0d_optimizer_moments_are_reshaped_on_resume():
     old = opt.state_dict()
     old["state"][0] = {k: (v.reshape(()) if k != "step" else v) for k, v in old["state"][0].items()}
     opt.load_state_dict(old)
-    _fit_moments_to_params(opt)
+    fit_moments_to_params(opt)
     assert opt.state[step]["exp_avg"].shape == (1,) and opt.state[step]["step"].dim() == 0
     opt.step()  # 0-d moments would fail here (an in-place update of shape [] by [1])
 

@@ -7,9 +7,9 @@ import pytest
 
 from kdqat_dist.config import load_config
 from kdqat_dist.engine.loop import run
-from kdqat_dist.models.student import load_student
 from kdqat_dist.models.subln import SubLNLinear
 from kdqat_dist.pipeline import evaluate_folder
+from kdqat_dist.quant.student import load_student
 
 TINY = [
     "model.name_or_path=tiny-bert",

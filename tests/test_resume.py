@@ -2,6 +2,8 @@
 uninterrupted run ends (same losses at every step, same evaluations, same saved student)."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from kdqat_dist.config import ConfigError, load_config, save_config
-from kdqat_dist.engine.backend import LocalBackend, _commit_checkpoint, latest_checkpoint
+from kdqat_dist.engine.checkpoint import commit_checkpoint, latest_checkpoint
+from kdqat_dist.engine.local import LocalBackend
 from kdqat_dist.engine.loop import Trainer, run
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 
@@ -25,12 +28,11 @@ class KilledAfter(LocalBackend):
         super().__init__(cfg)
         self.left = n
 
-    def step(self) -> bool:
+    def step(self) -> None:
         if self.left == 0:
             raise Killed
-        applied = super().step()
-        self.left -= int(applied)
-        return applied
+        super().step()
+        self.left -= 1
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def test_latest_never_names_a_partial_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step0000002.tmp").mkdir(parents=True)
     (root / "step0000002.tmp" / "state.pt").write_text("complete")
-    _commit_checkpoint(root / "step0000002.tmp", root / "step0000002")
+    commit_checkpoint(root / "step0000002.tmp", root / "step0000002")
     # a writer killed half-way through the next checkpoint leaves only a .tmp folder behind
     (root / "step0000004.tmp").mkdir()
     (root / "step0000004.tmp" / "state.pt").write_text("parti")
@@ -164,10 +166,10 @@ def test_pruning_never_deletes_what_latest_names(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3):
         (root / f"step000000{step}.tmp").mkdir(parents=True)
-        _commit_checkpoint(root / f"step000000{step}.tmp", root / f"step000000{step}", keep=1)
+        commit_checkpoint(root / f"step000000{step}.tmp", root / f"step000000{step}", keep=1)
     (root / "step0000009").mkdir()  # a newer-named folder that latest does not name (e.g. copied in)
     (root / "step0000004.tmp").mkdir()
-    _commit_checkpoint(root / "step0000004.tmp", root / "step0000004", keep=1)
+    commit_checkpoint(root / "step0000004.tmp", root / "step0000004", keep=1)
     assert latest_checkpoint(root) == root / "step0000004"
     assert (root / "step0000004").exists() and not (root / "step0000001").exists()
 
@@ -181,3 +183,84 @@ def test_truncated_checkpoint_is_one_line_naming_the_fix(teacher, tmp_path):
         run(_cfg(teacher, tmp_path / "t", "train.max_steps=4", "train.save_every=3"), "train", resume=True)
     msg = str(e.value)
     assert "step0000003 is damaged or incomplete" in msg and "latest" in msg and "\n" not in msg
+
+
+# --------------------------------------------------------------------------- every resume state is exact or refused
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (path -> bytes): what a refused resume must leave exactly as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpointed(teacher, tmp_path_factory) -> Path:
+    """A 3-step run with its checkpoint at step 3 (copied by each test before it is damaged)."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    run(_cfg(teacher, out, "train.max_steps=3"), "train")
+    return out
+
+
+def _copy_run(teacher: Path, src: Path, dst: Path) -> Path:
+    """``src`` copied to ``dst``, its config.yaml naming ``dst`` as the run's own output_dir."""
+    shutil.copytree(src, dst)
+    save_config(_cfg(teacher, dst, "train.max_steps=3"), dst / "config.yaml")
+    return dst
+
+
+def _refused(teacher: Path, run_dir: Path, *extra: str) -> str:
+    """The one line a --resume of ``run_dir`` stops with; nothing under it changes."""
+    before = _files(run_dir)
+    with pytest.raises(ConfigError) as e:
+        run(_cfg(teacher, run_dir, "train.max_steps=4", *extra), "train", resume=True)
+    assert _files(run_dir) == before
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "latest, problem",
+    [
+        ("step0000009", r"names step0000009, but .*step0000009 does not exist"),
+        ("step0000003/../../elsewhere", "does not name a checkpoint"),
+        ("not a tag", "does not name a checkpoint"),
+        ('{"tag": "step00', "does not name a checkpoint"),
+        ('{"step": 3}', "does not name a checkpoint"),
+        ("", "does not name a checkpoint"),
+    ],
+)
+def test_a_latest_that_names_no_checkpoint_is_refused_naming_the_file(teacher, checkpointed, tmp_path, latest, problem):
+    run_dir = _copy_run(teacher, checkpointed, tmp_path / "run")
+    (run_dir / "checkpoints" / "latest").write_text(latest)
+    msg = _refused(teacher, run_dir)
+    assert msg.startswith(f"--resume: {run_dir / 'checkpoints' / 'latest'} ") and re.search(problem, msg), msg
+    assert "step0000003 here" in msg  # what to write into it instead
+
+
+def test_checkpoints_without_latest_are_refused_not_restarted(teacher, checkpointed, tmp_path, capsys):
+    from kdqat_dist.cli import main
+
+    run_dir = _copy_run(teacher, checkpointed, tmp_path / "run")
+    (run_dir / "checkpoints" / "latest").unlink()
+    msg = _refused(teacher, run_dir)
+    assert "holds checkpoints but no 'latest' file" in msg and "step0000003" in msg
+    # the same through the command line: one line, exit 2, no traceback
+    before = _files(run_dir)
+    argv = ["train", "--resume", "--config", "tiny_debug", f"teacher.path={teacher}", f"train.output_dir={run_dir}"]
+    assert main([*argv, "train.max_steps=4", "train.save_every=3", "train.grad_accum=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdqat: error: --resume:") and err.count("\n") == 1 and "Traceback" not in err
+    assert _files(run_dir) == before
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_it(teacher, checkpointed, tmp_path):
+    # A checkpoint folder copied from a run of another model (hidden 48, not 32) into a run whose config
+    # is the same: the tensors do not fit, and the resume says so instead of failing in load_state_dict.
+    wide = make_tiny_checkpoint(tmp_path / "wide_teacher", hidden_size=48)
+    run(_cfg(wide, tmp_path / "wide", "train.max_steps=3"), "train")
+    run_dir = _copy_run(teacher, checkpointed, tmp_path / "run")
+    shutil.rmtree(run_dir / "checkpoints")
+    shutil.copytree(tmp_path / "wide" / "checkpoints", run_dir / "checkpoints")
+    msg = _refused(teacher, run_dir)
+    assert f"the checkpoint {run_dir / 'checkpoints' / 'step0000003'} does not fit the model" in msg
+    assert "size mismatch" in msg, msg

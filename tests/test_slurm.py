@@ -115,24 +115,27 @@ def test_ray_sweep_job_runs_from_a_fresh_checkout(slurm, tmp_path):
             "slurm_multi_node.sbatch",
             ["--nodes=2"],
             "--ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 4242 "
-            "--rdzv_backend c10d --rdzv_endpoint node017:29500 --module kdqat_dist.cli train --config tiny_debug "
-            "engine.backend=deepspeed a.b=1",
+            "--rdzv_backend c10d --rdzv_endpoint node017:29500 --module kdqat_dist.cli finetune --config tiny_debug "
+            "engine.backend=deepspeed train.max_steps=2",
         ),
         (
             "slurm_single_node.sbatch",
             [],
             "--ntasks=1 --kill-on-bad-exit=1 torchrun --standalone --nproc_per_node 4 --module kdqat_dist.cli "
-            "train --config tiny_debug engine.backend=deepspeed a.b=1",
+            "finetune --config tiny_debug engine.backend=deepspeed train.max_steps=2",
         ),
     ],
 )
 def test_training_jobs_run_from_a_fresh_checkout(slurm, tmp_path, script, sbatch_opts, srun):
     cwd = tmp_path / "checkout"
-    r = _submit(slurm, cwd, *sbatch_opts, str(LAUNCH / script), "tiny_debug", "a.b=1")
+    # a job that passes the script's check before srun (python -m kdqat_dist.precheck: a valid recipe and
+    # overrides; finetune needs no teacher)
+    slurm["COMMAND"] = "finetune"
+    r = _submit(slurm, cwd, *sbatch_opts, str(LAUNCH / script), "tiny_debug", "train.max_steps=2")
     assert r.returncode == 0, r.stderr
     assert (cwd / f"slurm-kdqat-{JOB_ID}.out").exists()
     assert _args(slurm, "srun") == [srun]
-    assert _args(slurm, "sbatch") == [" ".join([*sbatch_opts, str(LAUNCH / script), "tiny_debug", "a.b=1"])]
+    assert _args(slurm, "sbatch") == [" ".join([*sbatch_opts, str(LAUNCH / script), "tiny_debug", "train.max_steps=2"])]
 
 
 def test_an_output_folder_that_does_not_exist_fails_the_stand_in_job(slurm, tmp_path):

@@ -12,11 +12,11 @@ import kdqat_dist  # noqa: F401  (registers quant_method "kdqat" with transforme
 from kdqat_dist.config import QuantConfig, TrainConfig
 from kdqat_dist.engine.optim import param_groups
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
-from kdqat_dist.models.student import load_student, save_student
 from kdqat_dist.models.subln import SubLNLinear, insert_subln
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant.api import calibrate_activations, prepare
 from kdqat_dist.quant.fake_quant import QuantLinear
+from kdqat_dist.quant.student import load_student, save_student
 
 TEXTS = ["the film was great", "a dull , boring film and bad acting", "not bad at all"]
 

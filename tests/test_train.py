@@ -8,8 +8,8 @@ import torch
 
 from kdqat_dist.config import ConfigError, load_config
 from kdqat_dist.engine.loop import Trainer, TrainingError, run
-from kdqat_dist.models.student import load_student
 from kdqat_dist.pipeline import evaluate_folder
+from kdqat_dist.quant.student import load_student
 
 
 def test_finetune_checkpoint_reloads_with_identical_metrics(tiny_teacher):
@@ -32,7 +32,7 @@ def test_train_lowers_kd_loss_and_writes_run_dir(tiny_teacher, tmp_path):
         ],
     )
     trainer = Trainer(cfg, "train").setup()
-    batch = {k: v for k, v in trainer._first_batch().items()}
+    batch = trainer.run.first_batch()
     trainer.student.eval()
     with torch.no_grad():
         before = trainer.objective(trainer.student, trainer.teacher, batch).total.item()

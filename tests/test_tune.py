@@ -193,7 +193,7 @@ def test_shipped_specs_parse_expand_and_name_only_config_keys(name, tmp_path):
         *(k for bundle in raw.get("variants", {}).values() for k in bundle),
     ]
     unknown = [k for k in named if KEY_ALIASES.get(k, k) not in flat_keys()]
-    assert not unknown, f"ray_tune/{name}.yaml names keys that are not config keys: {unknown}"
+    assert not unknown, f"kdqat_dist/sweeps/{name}.yaml names keys that are not config keys: {unknown}"
     spec = load_spec(name, cwd=tmp_path)  # validates every grid point's full config, starts nothing
     assert spec.name == raw["name"] and spec.output_dir == tmp_path / raw["output_dir"]
     tune_cfg = spec.base_config().tune
@@ -411,8 +411,8 @@ def test_four_trial_sweep_and_table(tmp_path, ray_session, teacher):
 def test_bitdistill_recipe_as_a_sweep_base(tmp_path, ray_session, teacher):
     """The 2025 recipe runs as a sweep's base: absmean and SEQ weights, each trial's student saved with its
     SubLN LayerNorms and the quantizer the trial asked for."""
-    from kdqat_dist.models.student import load_student
     from kdqat_dist.models.subln import SubLNLinear
+    from kdqat_dist.quant.student import load_student
     from kdqat_dist.tune.trainable import run_sweep
 
     tiny = {  # bitdistill_w158a8 is a BERT-base recipe: the tiny model and task of tiny_debug instead
@@ -669,7 +669,7 @@ def test_two_deepspeed_workers_per_trial(tmp_path, ray_session, teacher):
             tmp_path,
             teacher_path=str(teacher),
             search={"train.seed": [42]},
-            overrides={"engine.zero_stage": 2},
+            overrides={"engine.deepspeed.zero_stage": 2},
             tune={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
         )
     )

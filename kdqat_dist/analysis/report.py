@@ -36,8 +36,10 @@ from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.engine.backend import pick_device
+from kdqat_dist.files import check_apart, check_full_precision, check_writable
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier
+from kdqat_dist.models.positions import check_max_length
 from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
 from kdqat_dist.run_folder import check_against_run, run_config_path
 
@@ -206,11 +208,7 @@ def _resolve_teacher(path: Path) -> Path:
         return path / "model"  # a finetune run folder
     if not (path / "config.json").exists():
         raise ConfigError(f"--teacher: {path} has no config.json (not a Hugging Face model folder)")
-    if is_student_dir(path):
-        raise ConfigError(
-            f"--teacher: {path} is a kdqat student folder; the teacher is the full-precision "
-            "model written by `kdqat finetune`"
-        )
+    check_full_precision(path, "--teacher")  # not a quantized student, nor a packed export
     return path
 
 
@@ -640,11 +638,20 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an earlier analysis would be half replaced (a figure it has and this one does not stays stale)
         raise ConfigError(f"--out: {out} already exists and is not empty; choose a new folder")
+    check_writable(out, "--out")
+    check_apart(
+        out,
+        "--out",
+        {"--teacher": opts.teacher, **{f"--student {n}": str(p) for n, p in student_names(opts.students).items()}},
+    )
     a = cfg.analysis
     t0 = time.perf_counter()
     device = pick_device(a.device, "analysis.device")
     data_cfg, task, dev_rows, row_ids = _dev_sample(cfg, a.samples, a.seed)  # before any model loads
     teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
+    check_max_length(
+        data_cfg.max_seq_length or task.max_seq_length, tokenizer.name_or_path, data_cfg.max_seq_length is not None
+    )
     examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
     knobs = {k: v for k, v in asdict(a).items() if k not in ("samples", "device")}  # analyze_models' keywords
     results = analyze_models(

@@ -35,9 +35,10 @@ from kdqat_dist.config import DataConfig
 from kdqat_dist.data.demo import make_demo
 from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.tasks import TaskSpec
-from kdqat_dist.files import cache_root
+from kdqat_dist.files import cache_root, check_writable
 
 PROGRESS_MIN_ROWS = 5000  # splits larger than this show a progress bar while tokenizing
+PROGRESS_MIN_BYTES = 50 * 2**20  # files larger than this show datasets' bar while they are read
 _CACHE_FORMAT = "kdqat-tokenized-v1"  # bump when the tokenized layout changes, to invalidate old caches
 _TEXT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -196,15 +197,37 @@ def _first_line(exc: BaseException) -> str:
 
 def read_table(path: Path, key: str = "data.train_file") -> tuple[Dataset, Callable[[int], str]]:
     """Load a CSV/TSV/JSON/JSONL/Parquet file with ``datasets``; returns it and row index -> "file:line"."""
+    # datasets logs a parser's error before raising it, and shows a bar even for a small file: the error
+    # below says what is wrong in one line, and a bar is worth it for big files only
+    with _datasets_quiet(bars=path.is_file() and path.stat().st_size > PROGRESS_MIN_BYTES):
+        return _read_table(path, key)
+
+
+@contextmanager
+def _datasets_quiet(bars: bool) -> Iterator[None]:
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        with _progress_bars(bars):
+            yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _read_table(path: Path, key: str) -> tuple[Dataset, Callable[[int], str]]:
     if not path.is_file():
-        raise DataError(f"{key}: file not found: {path}")
+        raise DataError(f"{key}: {'not a file' if path.exists() else 'file not found'}: {path}")
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
             sep = "\t" if suffix == ".tsv" else ","
             quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
             with open(path, encoding="utf-8-sig", newline="") as f:
-                header = next(csv.reader(f, delimiter=sep, quoting=quoting), [])
+                rows = csv.reader(f, delimiter=sep, quoting=quoting)
+                header, first = next(rows, []), next(rows, None)
+            _check_header(header, path)
+            if first is None:
+                raise DataError(f"{path}: the header is the only line; there are no rows")
             # Every column as a string, so labels like "01" or texts like "1.50" arrive exactly as written.
             features = Features({c: Value("string") for c in header})
             kwargs: dict[str, Any] = {"sep": sep, "keep_default_na": False, "features": features}
@@ -228,6 +251,19 @@ def read_table(path: Path, key: str = "data.train_file") -> tuple[Dataset, Calla
     raise DataError(
         f"{key}: unsupported file type {suffix or '(none)'!r} for {path}; allowed: .csv, .tsv, .json, .jsonl, .parquet"
     )
+
+
+def _check_header(header: list[str], path: Path) -> None:
+    """A CSV/TSV header names each column once (a reader would keep one of two same-named columns, or
+    rename the second, and the config's column name would then pick a column silently)."""
+    if not header:
+        raise DataError(f"{path}: the file is empty (a header line naming the columns is required)")
+    for i, name in enumerate(header):
+        if name.strip() and name in header[:i]:
+            raise DataError(
+                f"{path}:1: column {name!r} appears twice in the header (columns {header.index(name) + 1} and "
+                f"{i + 1}); column names must be unique"
+            )
 
 
 def normalise(ds: Dataset, task: TaskSpec, where: Callable[[int], str], source: str) -> Dataset:
@@ -483,6 +519,7 @@ def tokenize_splits(
     :func:`default_cache_dir`.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    check_writable(root, "data.cache_dir" if cache_dir else "the tokenization cache ($KDQAT_CACHE/tokenized)")
     root.mkdir(parents=True, exist_ok=True)
     tok_key = tokenizer_key(tokenizer)
     out = {}

@@ -11,12 +11,11 @@ the quantizer counts clipping itself (``ActFakeQuant.track_stats``) in the first
 so the first rates appear at the second log step. The codes the flip rate compares with are kept as int8
 on the CPU, not in checkpoints: after --resume the first rate compares with the codes at the resume.
 
-Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0``). The caller passes
-``gather`` (the engine's per-module gather, a collective): then every rank calls these functions,
+Under ZeRO-3 a weight outside the forward is an empty partition (``numel() == 0``), under FSDP2 a shard. The
+caller passes ``gather`` (the engine's per-module gather, a collective): then every rank calls these functions,
 every rank gathers one quantized module at a time (memory stays at one module's weights), and the rank
 with the writer computes and writes. Without ``gather`` empty partitions are skipped. This module does
-not import DeepSpeed. It sits in ``engine/`` because the loop calls it; ``kdqat_dist.analysis.diagnostics``
-is the same module under its old name.
+not import an engine's library. It sits in ``engine/`` because the loop calls it.
 """
 
 from __future__ import annotations

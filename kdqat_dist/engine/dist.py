@@ -1,27 +1,25 @@
-"""Process-group plumbing: who am I, how many are we, and bringing the group up and down.
+"""The process group and the collectives every engine shares, through ``torch.distributed`` only.
 
 Works under every launcher the project ships (``deepspeed``, ``torchrun``, Slurm + torchrun, Ray Train)
-and with none: with ``RANK``/``WORLD_SIZE`` unset the process is world size 1 on a free local port, so
-``engine.backend=deepspeed`` also runs as a plain ``kdqat train``.
+and with none: with ``RANK``/``WORLD_SIZE`` unset the process is world size 1 on a free local port, so a
+sharded engine also runs as a plain ``kdqat train``. No engine's own library is imported here: DeepSpeed
+attaches its comm layer to this group (:mod:`kdqat_dist.engine.ds_backend`), FSDP2 uses it as it is.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
-
-from kdqat_dist.engine.ds_workarounds import skip_shm_comm_build
 
 
 def free_port() -> int:
-    # launch.py has its own: importing it here would pull the training loop into this plumbing module,
-    # and launch.py importing this one would load DeepSpeed on every `kdqat` command
+    """A TCP port free on this host now (a launcher-less run's rendezvous; two at once must not clash)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,20 +48,18 @@ def ensure_launch_env() -> bool:
     return True
 
 
-def init_process_group(timeout_s: float | None = None) -> bool:
-    """Bring up DeepSpeed's comm layer over the launcher's group; returns True if we created the group.
+def init_process_group(device_type: str | None = None, timeout_s: float | None = None) -> bool:
+    """Bring up the default group over the launcher's environment; returns True if it was created here.
 
-    A group that already exists (Ray Train's workers) is reused and left for its owner to destroy.
+    ``device_type``: ``cuda`` (NCCL) or ``cpu`` (gloo); None: CUDA when there is one. A group that already
+    exists (Ray Train's workers, a test script's) is reused and left for its owner to destroy.
     """
-    skip_shm_comm_build()
     if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
         return False
     ensure_launch_env()
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("KDQAT_DIST_TIMEOUT_S", 1800)))
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), timeout=timeout, verbose=False
-    )
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     return True
 
 
@@ -88,18 +84,47 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum ``t`` over ranks (out of place). NCCL needs device tensors; gloo is happy with CPU ones."""
-    buf = t.detach().to(device).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
-
-
-def gather_objects(obj) -> list:
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def barrier() -> None:
     dist.barrier()
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks of a run, and the collectives the training loop needs.
+
+    One process (``Ranks()``) needs no process group: every collective is the identity. ``device`` is where
+    collective buffers go (NCCL takes device tensors only; gloo takes CPU ones).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def of_group(cls, device: torch.device) -> Ranks:
+        """The default process group's ranks (world size 1 without one)."""
+        return cls(rank(), world_size(), device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks (out of place, on ``t``'s device)."""
+        if self.world_size == 1:
+            return t
+        buf = t.detach().to(self.device).clone()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.to(t.device)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

@@ -1,59 +1,50 @@
-"""DeepSpeed backend: a ZeRO 0-3 student engine and a ZeRO-3-partitioned (or replicated) teacher.
-
-Same interface as :class:`~kdqat_dist.engine.backend.LocalBackend`, so the one training loop runs
-unchanged. What happens where:
+"""DeepSpeed engine (``engine.backend=deepspeed``): a ZeRO 0-3 student and a ZeRO-3-partitioned (or
+replicated) teacher, behind the :class:`~kdqat_dist.engine.backend.Backend` seam. Options:
+``engine.deepspeed.*``. What happens where:
 
 - **Student.** Built, fake-quant prepared, LSQ steps initialised from whole weights and activation
-  steps calibrated on every rank from the full checkpoint *before* :func:`deepspeed.initialize`, so
-  initialisation never reads an empty ZeRO-3 partition. The optimizer is a torch AdamW object with our
-  parameter groups (no JIT build; LSQ steps keep their own learning rates) unless
-  ``engine.optimizer=deepspeed``; the schedule is the same LambdaLR as in one process; clipping and
-  gradient accumulation come from the resolved JSON, whose values come from ``train.*``.
-- **Teacher.** ``engine.teacher=zero3``: constructed under ``HfDeepSpeedConfig``, so transformers
-  partitions each parameter as it is created and fills the partitions from the checkpoint one module
-  at a time (rank 0 reads the values); no rank ever holds the whole teacher. Then an optimizer-free
-  DeepSpeed engine in eval mode. The KD objective's forward hooks and attention taps run
-  on its ``.module`` unchanged. ``engine.teacher=replicated``: a plain frozen copy per rank, cast to
-  ``engine.precision`` as DeepSpeed casts the ZeRO-3 one.
+  steps calibrated on every rank from the full checkpoint (by the builder) *before*
+  :func:`deepspeed.initialize`, so initialisation never reads an empty ZeRO-3 partition. The optimizer is
+  a torch AdamW (or BertAdam) object with our parameter groups (no JIT build; LSQ steps keep their own
+  learning rates) unless ``engine.deepspeed.optimizer=deepspeed``; the schedule is the same LambdaLR as in
+  one process; clipping and gradient accumulation come from the resolved JSON, whose values come from
+  ``train.*``.
+- **Teacher.** ``engine.deepspeed.teacher=zero3``: the builder constructs it inside
+  :meth:`DeepSpeedBackend.building_teacher`, under ``HfDeepSpeedConfig``, so transformers partitions each
+  parameter as it is created and fills the partitions from the checkpoint one module at a time (rank 0
+  reads the values); no rank ever holds the whole teacher. Then an optimizer-free DeepSpeed engine in
+  eval mode. The KD objective's forward hooks and attention taps run on its ``.module`` unchanged.
+  ``replicated``: a plain frozen copy per rank, cast to ``engine.precision`` as DeepSpeed casts the
+  ZeRO-3 one.
+- **Process group.** :mod:`kdqat_dist.engine.dist` brings it up; DeepSpeed's comm layer attaches to it.
 - **DeepSpeed internals.** What this backend needs beyond DeepSpeed's public API is in
   :mod:`kdqat_dist.engine.ds_workarounds`, with the version it was written for.
 - **Checkpoints.** ``engine.save_checkpoint`` into ``<tag>.tmp``, per-rank RNG and loop state beside it,
-  then rank 0 renames the folder and atomically repoints ``latest``.
+  then rank 0 renames the folder and atomically repoints ``latest`` (:mod:`kdqat_dist.engine.checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_update_full_grad_vectorized
 from torch import nn
-from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from kdqat_dist.config import ConfigError, RunConfig
+from kdqat_dist.config import RunConfig
 from kdqat_dist.engine import dist, ds_config, ds_workarounds
-from kdqat_dist.engine.backend import (
-    _commit_checkpoint,
-    damaged_checkpoint,
-    freeze_teacher,
-    memory_report,
-    rng_state,
-    set_rng_state,
-    storage_bytes,
-)
+from kdqat_dist.engine.backend import PRECISION_DTYPE, enable_activation_checkpointing, freeze
+from kdqat_dist.engine.checkpoint import check_rank_count, load_rank_state, readable_checkpoint, save_sharded
+from kdqat_dist.engine.dist import Ranks
+from kdqat_dist.engine.memory import MIB, memory_report, storage_bytes
 from kdqat_dist.engine.optim import clip_each_, make_optimizer, make_scheduler, param_groups
-from kdqat_dist.models.encoders import load_classifier, resolve_model_path, unwrap
-
-RANK_STATE = "rank{rank:05d}_state.pt"
-PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from kdqat_dist.errors import ConfigError, InternalError
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -72,18 +63,22 @@ def _device(cfg: RunConfig) -> torch.device:
 
 
 class DeepSpeedBackend:
-    """The loop's backend under DeepSpeed (any launcher, or none: world size 1)."""
+    """The loop's engine under DeepSpeed (any launcher, or none: world size 1)."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self._owns_group = dist.init_process_group()
-        self.rank, self.world_size = dist.rank(), dist.world_size()
-        self.is_main = self.rank == 0
+        self.cfg, self.opts = cfg, cfg.engine.deepspeed
+        ds_workarounds.skip_shm_comm_build()
+        ds_workarounds.declare_tested_optimizers()
         self.device = _device(cfg)
+        self._owns_group = dist.init_process_group(self.device.type)
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)  # on our group
+        self.ranks = Ranks.of_group(self.device)
         self.run_dir = Path(cfg.train.output_dir)
         self.engine = None
         self.teacher_engine = None
         self.teacher: nn.Module | None = None
+        self.optimizer = None
+        self._teacher_conf: dict | None = None
         self._grad_peak = 0
 
     # ------------------------------------------------------------------ configs
@@ -91,25 +86,61 @@ class DeepSpeedBackend:
     def ds_config(self, kind: str, hidden_size: int | None) -> dict:
         """Resolve on every rank (so a ConfigError is raised everywhere, not a hang), write on rank 0,
         then every rank reads the one file back and uses that."""
-        resolved = ds_config.build(self.cfg, self.world_size, kind, hidden_size)
-        if self.is_main:
+        resolved = ds_config.build(self.cfg, self.ranks.world_size, kind, hidden_size)
+        if self.ranks.is_main:
             ds_config.write_resolved(resolved, self.run_dir, kind)
-        dist.barrier()
+        self.ranks.barrier()
         return ds_config.read_resolved(self.run_dir, kind)
 
     # ------------------------------------------------------------------ models
 
+    @contextlib.contextmanager
+    def building_teacher(self, hidden_size: int | None):
+        """Under ``zero3``: while the block runs, ``from_pretrained`` builds under zero.Init, so each
+        parameter is partitioned as it is created and the checkpoint is copied into the partitions module
+        by module. (The path that works with transformers 5: zero.Init around the constructor fails in
+        ``_init_weights``.)"""
+        if self.opts.teacher == "replicated":
+            yield
+            return
+        self._teacher_conf = self.ds_config("teacher", hidden_size)
+        hf_ds = HfDeepSpeedConfig(self._teacher_conf)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()  # the student and later loads must not be partitioned
+            del hf_ds
+
+    def setup_teacher(self, model: nn.Module) -> nn.Module:
+        """The frozen teacher: a ZeRO-3 engine (built partitioned), or a replicated module.
+
+        Both run in ``engine.precision``: DeepSpeed casts a ZeRO-3 teacher itself, a replicated one is
+        cast here (left in its checkpoint's fp32, its forward would run in fp32 beside a bf16 student).
+        """
+        if self.opts.teacher == "replicated":
+            self.teacher = freeze(model, self.device, PRECISION_DTYPE[self.cfg.engine.precision])
+            return self.teacher
+        if self._teacher_conf is None:
+            raise InternalError("a ZeRO-3 teacher must be built inside DeepSpeedBackend.building_teacher()")
+        model.requires_grad_(False)
+        self.teacher_engine, *_ = deepspeed.initialize(model=model, config=self._teacher_conf)
+        # DeepSpeedEngine.eval() switches only the wrapped module; nn.Module.train(False) clears the
+        # engine's own flag as well, so nothing that reads it (or restores it) turns dropout back on.
+        nn.Module.train(self.teacher_engine, False)
+        self.teacher = self.teacher_engine
+        return self.teacher_engine
+
     def setup_student(self, model: nn.Module, total_steps: int) -> nn.Module:
-        e, t = self.cfg.engine, self.cfg.train
-        if e.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        t = self.cfg.train
+        if self.cfg.engine.activation_checkpointing:
+            enable_activation_checkpointing(model)
         model.to(self.device)
         conf = self.ds_config("student", getattr(model.config, "hidden_size", None))
         # BertAdam's per-tensor clipping runs here on whole gradients (step()): its optimizer object only
         # sees ZeRO's flat partitions.
-        optimizer = make_optimizer(model, t, clip_each=False) if e.optimizer == "torch" else None
+        optimizer = make_optimizer(model, t, clip_each=False) if self.opts.optimizer == "torch" else None
         params = None if optimizer is not None else param_groups(model, t)
-        self.engine, *_ = deepspeed.initialize(
+        self.engine, self.optimizer, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             model_parameters=params,
@@ -117,35 +148,6 @@ class DeepSpeedBackend:
             lr_scheduler=lambda opt: make_scheduler(opt, total_steps, t),
         )
         return self.engine
-
-    def load_teacher(self, path: str, num_labels: int) -> nn.Module:
-        """The frozen teacher: a ZeRO-3 engine built partitioned, or a replicated module.
-
-        Both run in ``engine.precision``: DeepSpeed casts a ZeRO-3 teacher itself, a replicated one is
-        cast here (left in its checkpoint's fp32, its forward would run in fp32 beside a bf16 student).
-        """
-        if self.cfg.engine.teacher == "replicated":
-            model = load_classifier(path, num_labels, "eager")
-            self.teacher = freeze_teacher(model, self.device, PRECISION_DTYPE[self.cfg.engine.precision])
-            return self.teacher
-        hidden = getattr(AutoConfig.from_pretrained(resolve_model_path(path)), "hidden_size", None)
-        conf = self.ds_config("teacher", hidden)
-        # While this object lives, from_pretrained builds under zero.Init: each parameter is partitioned
-        # as it is created and the checkpoint is copied into the partitions module by module. (The path
-        # that works with transformers 5: zero.Init around the constructor fails in _init_weights.)
-        hf_ds = HfDeepSpeedConfig(conf)
-        try:
-            model = load_classifier(path, num_labels, "eager")
-        finally:
-            unset_hf_deepspeed_config()  # the student and later loads must not be partitioned
-            del hf_ds
-        model.requires_grad_(False)
-        self.teacher_engine, *_ = deepspeed.initialize(model=model, config=conf)
-        # DeepSpeedEngine.eval() switches only the wrapped module; nn.Module.train(False) clears the
-        # engine's own flag as well, so nothing that reads it (or restores it) turns dropout back on.
-        nn.Module.train(self.teacher_engine, False)
-        self.teacher = self.teacher_engine
-        return self.teacher_engine
 
     def student_module(self) -> nn.Module:
         return self.engine.module
@@ -159,40 +161,34 @@ class DeepSpeedBackend:
         fetch and release their parameters)."""
         return self.engine is not None and self.engine.zero_optimization_stage() == 3
 
-    @contextlib.contextmanager
-    def gathered_student(self) -> Iterator[nn.Module]:
-        """Whole student weights on every rank inside the block (a collective under ZeRO-3)."""
-        module = self.student_module()
-        with self.gathered_params(list(module.parameters())):
-            yield module
-
-    def gathered_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    def gathered_params(self, params: list[nn.Parameter]) -> AbstractContextManager:
         """Whole ``params`` on every rank inside the block: a collective under a ZeRO-3 student, so every
         rank must enter it with the same list."""
         if not self.partitioned_student():
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole student state dict on CPU, on every rank (gathered under ZeRO-3)."""
-        with self.gathered_student() as module:
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
     # ------------------------------------------------------------------ stepping
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+    def autocast(self) -> AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed holds the modules in engine.precision itself
 
-    def step(self) -> bool:
-        """Call after every micro-batch; DeepSpeed steps (and schedules) at the accumulation boundary."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary:
-            self._grad_peak = max(self._grad_peak, self._grad_bytes())
-            t = self.cfg.train
-            if t.optimizer == "bertadam" and t.max_grad_norm > 0:
-                self._clip_each_tensor(t.max_grad_norm)
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        if not sync:
+            # DeepSpeed counts micro-batches in engine.step(): before the last one it only counts; its
+            # gradient reduction follows the same count (train.grad_accum in the resolved JSON)
+            self.engine.step()
+
+    def step(self) -> None:
+        """DeepSpeed's step (and schedule) at the accumulation boundary, after per-tensor clipping."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise InternalError("DeepSpeedBackend.step() called before the last micro-batch of the step")
+        self._grad_peak = max(self._grad_peak, self._grad_bytes())
+        t = self.cfg.train
+        if t.optimizer == "bertadam" and t.max_grad_norm > 0:
+            self._clip_each_tensor(t.max_grad_norm)
         self.engine.step()
-        return boundary
 
     def _clip_each_tensor(self, max_norm: float) -> None:
         """BertAdam's per-tensor clipping on the reduced gradients, between the backward and the step,
@@ -204,53 +200,26 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    # ------------------------------------------------------------------ collectives
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return dist.all_reduce_sum(t, self.device)
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        return dist.gather_objects(obj)
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, ckpt_dir: Path, client_state: dict) -> None:
         """All ranks write into ``<tag>.tmp``; rank 0 publishes it and repoints ``latest`` atomically."""
-        tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-        if self.is_main and tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash mid-write
-        dist.barrier()
-        meta = {"step": client_state.get("step"), "world_size": self.world_size}
-        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False, client_state=meta)
-        torch.save(
-            {"client": client_state, "rng": rng_state(), "world_size": self.world_size},
-            tmp / RANK_STATE.format(rank=self.rank),
-        )
-        dist.barrier()
-        if self.is_main:
-            _commit_checkpoint(tmp, ckpt_dir, keep=self.cfg.train.keep_checkpoints)
-        dist.barrier()
+        meta = {"step": client_state.get("step"), "world_size": self.ranks.world_size}
+
+        def write(tmp: Path) -> None:
+            self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False, client_state=meta)
+
+        save_sharded(ckpt_dir, self.ranks, write, {"client": client_state}, self.cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict:
-        own = ckpt_dir / RANK_STATE.format(rank=self.rank)
-        saved = len(list(ckpt_dir.glob("rank*_state.pt")))
-        if saved != self.world_size:  # every rank checks the same folder, so all refuse together
-            raise ConfigError(
-                f"--resume: {ckpt_dir} was written by {saved} rank(s); resume it with the same "
-                f"number of ranks (now {self.world_size})"
-            )
-        with damaged_checkpoint(ckpt_dir):
+        check_rank_count(ckpt_dir, self.ranks.world_size)
+        with readable_checkpoint(ckpt_dir):
             path, _ = self.engine.load_checkpoint(
                 str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
             if path is None:
                 raise ConfigError(f"--resume: DeepSpeed could not load {ckpt_dir}")
-            state = torch.load(own, map_location="cpu", weights_only=False)
-        set_rng_state(state["rng"])
-        return state["client"]
+            return load_rank_state(ckpt_dir, self.ranks.rank)["client"]
 
     # ------------------------------------------------------------------ memory
 
@@ -261,16 +230,16 @@ class DeepSpeedBackend:
     def memory_report(self) -> dict[str, float]:
         """This rank's bytes (MiB): student params (its partition under ZeRO-3), fp32 master copies,
         gradients (peak, at an accumulation boundary), optimizer state, teacher params, peak RSS."""
-        mib = 1 / 2**20
         opt = self.engine.optimizer if self.engine is not None else None
         out = memory_report(None, getattr(opt, "optimizer", opt))
-        out["param_mib"] = _param_bytes(self.engine.module) * mib if self.engine is not None else 0.0
-        out["master_mib"] = storage_bytes(ds_workarounds.fp32_master_tensors(opt)) * mib
-        out["grad_mib"] = self._grad_peak * mib
-        out["teacher_param_mib"] = _param_bytes(unwrap(self.teacher)) * mib if self.teacher is not None else 0.0
+        out["param_mib"] = _param_bytes(self.engine.module) * MIB if self.engine is not None else 0.0
+        out["master_mib"] = storage_bytes(ds_workarounds.fp32_master_tensors(opt)) * MIB
+        out["grad_mib"] = self._grad_peak * MIB
+        teacher = getattr(self.teacher, "module", self.teacher)
+        out["teacher_param_mib"] = _param_bytes(teacher) * MIB if teacher is not None else 0.0
         out["zero_stage"] = self.engine.zero_optimization_stage() if self.engine is not None else -1
         out["teacher_zero3"] = self.teacher_engine is not None
-        out["rank"] = self.rank
+        out["rank"] = self.ranks.rank
         return out
 
     # ------------------------------------------------------------------ teardown

@@ -1,7 +1,8 @@
 """DeepSpeed JSON configs with one source of truth: the run config fills every ``"auto"`` field.
 
-``ds_configs/*.json`` hold the ZeRO policy only. Everything the run config already says (batch sizes,
-gradient accumulation, clipping, precision, optimizer settings) is ``"auto"`` there and filled here.
+``kdqat_dist/ds_configs/*.json`` (shipped in the package) hold the ZeRO policy only. Everything the run
+config already says (batch sizes, gradient accumulation, clipping, precision, optimizer settings) is
+``"auto"`` there and filled here.
 A field the JSON sets explicitly must agree with the run config, or :func:`resolve` raises a
 :class:`~kdqat_dist.config.ConfigError` naming both keys; a silent disagreement between the two is the
 bug this module exists to prevent.
@@ -26,37 +27,42 @@ from typing import Any
 
 from torch import nn
 
-from kdqat_dist.config import ConfigError, RunConfig, TrainConfig
+from kdqat_dist.config import RunConfig, shipped_dir
 from kdqat_dist.engine.optim import global_clip, make_optimizer
+from kdqat_dist.errors import ConfigError
 
 AUTO = "auto"
 KINDS = ("student", "teacher")
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
-def config_dirs() -> list[Path]:
-    """Where the shipped JSONs are looked for: ``./ds_configs`` first, then the checkout's."""
-    return [Path.cwd() / "ds_configs", REPO_CONFIGS]
+def shipped_configs() -> Path:
+    """The JSONs shipped in the package (``kdqat_dist/ds_configs``). A ``./ds_configs`` in the working
+    directory is not looked at: a stray copy there must not change a run; name a file in
+    ``engine.deepspeed.config`` / ``engine.deepspeed.teacher_config`` to use your own."""
+    return shipped_dir("ds_configs")
 
 
 def base_config_path(cfg: RunConfig, kind: str) -> Path:
-    """The base JSON for the student (``engine.ds_config`` or ``zero{stage}.json``) or the teacher."""
+    """The base JSON for the student (``engine.deepspeed.config`` or ``zero{stage}.json``) or the teacher."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    key = "engine.ds_config" if kind == "student" else "engine.teacher_ds_config"
-    explicit = cfg.engine.ds_config if kind == "student" else cfg.engine.teacher_ds_config
+    opts = cfg.engine.deepspeed
+    key = "engine.deepspeed.config" if kind == "student" else "engine.deepspeed.teacher_config"
+    explicit = opts.config if kind == "student" else opts.teacher_config
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
-            raise ConfigError(f"{key}: {explicit} does not exist")
+            shipped = ", ".join(sorted(x.name for x in shipped_configs().glob("*.json")))
+            raise ConfigError(
+                f"{key}: {explicit} {'is not a file' if p.exists() else 'does not exist'}; give a DeepSpeed JSON "
+                f"file, or leave it empty for the shipped one ({shipped})"
+            )
         return p
-    name = f"zero{cfg.engine.zero_stage}.json" if kind == "student" else "teacher_zero3.json"
-    for d in config_dirs():
-        if (d / name).is_file():
-            return d / name
-    raise ConfigError(
-        f"{key}: no {name} in {' or '.join(str(d) for d in config_dirs())}; set {key} to a DeepSpeed JSON file"
-    )
+    name = f"zero{opts.zero_stage}.json" if kind == "student" else "teacher_zero3.json"
+    path = shipped_configs() / name
+    if not path.is_file():
+        raise ConfigError(f"{key}: {name} is missing from {shipped_configs()} (a broken install); reinstall kdqat-dist")
+    return path
 
 
 def load_base(path: Path) -> dict:
@@ -64,20 +70,11 @@ def load_base(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     return data
-
-
-def micro_batch_size(train: TrainConfig, world_size: int) -> int:
-    """Examples per rank and micro-batch (``train_micro_batch_size_per_gpu``); ConfigError unless
-    ``train.batch_size`` splits evenly over the ranks and accumulation steps."""
-    if train.batch_size % (world_size * train.grad_accum):
-        raise ConfigError(
-            f"train.batch_size: {train.batch_size} is not divisible by world size {world_size} x "
-            f"train.grad_accum {train.grad_accum}"
-        )
-    return train.batch_size // (world_size * train.grad_accum)
 
 
 def _adam_defaults(cfg: RunConfig) -> dict[str, Any]:
@@ -140,7 +137,7 @@ def resolve(
     t, e = cfg.train, cfg.engine
     out = copy.deepcopy(base)
     f = _Filler(out, source)
-    micro = micro_batch_size(t, world_size)
+    micro = t.micro_batch_size(world_size)
     if "scheduler" in out:
         raise ConfigError(
             f"{source}: remove the 'scheduler' section; the learning-rate schedule comes from "
@@ -151,8 +148,9 @@ def resolve(
     f.fill("gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
     f.fill("bf16.enabled", e.precision == "bf16", "engine.precision")
     f.fill("fp16.enabled", e.precision == "fp16", "engine.precision")
-    stage = e.zero_stage if kind == "student" else 3
-    f.fill("zero_optimization.stage", stage, "engine.zero_stage" if kind == "student" else "engine.teacher")
+    stage = e.deepspeed.zero_stage if kind == "student" else 3
+    key = "engine.deepspeed.zero_stage" if kind == "student" else "engine.deepspeed.teacher"
+    f.fill("zero_optimization.stage", stage, key)
     _fill_zero_sizes(out, hidden_size)
     if kind == "teacher":
         out.pop("optimizer", None)
@@ -187,14 +185,14 @@ def _fill_optimizer(f: _Filler, out: dict, cfg: RunConfig, source: str) -> None:
         "eps": "train.adam_eps",
         "weight_decay": "train.weight_decay",
     }
-    if cfg.engine.optimizer != "torch":
+    if cfg.engine.deepspeed.optimizer != "torch":
         out.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if "optimizer" in out:
         for name, value in adam.items():
             f.fill(f"optimizer.params.{name}", value, keys[name])
-    if cfg.train.optimizer == "bertadam":  # our own optimizer object: DeepSpeed asks for this to accept it
-        f.fill("zero_allow_untested_optimizer", True, "train.optimizer")
-    if cfg.engine.optimizer == "torch":
+    # (BertAdam, our own optimizer object, is on DeepSpeed's list of tested ZeRO optimizers:
+    # ds_workarounds.declare_tested_optimizers)
+    if cfg.engine.deepspeed.optimizer == "torch":
         # A torch AdamW object with our parameter groups is passed to deepspeed.initialize instead (no JIT
         # build); the section has been checked against the run config above, so dropping it loses nothing.
         out.pop("optimizer", None)

@@ -17,10 +17,13 @@ import deepspeed
 import deepspeed.ops
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import groups
+
+from kdqat_dist.engine.optim import BertAdam
 
 WRITTEN_FOR = "0.19"
 
@@ -62,6 +65,19 @@ def skip_shm_comm_build() -> None:
             f"'deepspeed_shm_comm' (written for DeepSpeed {WRITTEN_FOR})"
         )
     ops["deepspeed_shm_comm"] = False
+
+
+def declare_tested_optimizers() -> None:
+    """Add BertAdam to the optimizers DeepSpeed's ZeRO accepts without ``zero_allow_untested_optimizer``.
+
+    DeepSpeed keeps one list of the optimizer classes it has tested with ZeRO; any other class needs
+    ``zero_allow_untested_optimizer`` and then logs "You are using ZeRO with an untested optimizer" on every
+    run. BertAdam is tested under ZeRO 0-3 here (tests/distributed/test_dist_zero.py: the same losses as one
+    process), so it goes on that list.
+    """
+    tested = _require(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", "declare_tested_optimizers")
+    if BertAdam not in tested:
+        tested.append(BertAdam)
 
 
 def restore_torch_linear() -> None:

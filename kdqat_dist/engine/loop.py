@@ -1,50 +1,36 @@
 """The one training loop: ``kdqat finetune`` (FP teacher) and ``kdqat train`` (KD-QAT student).
 
-Reads top to bottom: ``setup`` (data, models, backend), ``train`` (steps, evaluation, best checkpoint),
-``cleanup``. World size 1 is the normal case; the backend hides DeepSpeed.
+Reads top to bottom: ``setup`` (the engine, then :func:`~kdqat_dist.engine.build.build_run`: data, models,
+objective, optimizer), ``train`` (steps, evaluation, best checkpoint), ``cleanup``. World size 1 is the
+normal case; the engine (:class:`~kdqat_dist.engine.backend.Backend`) hides DeepSpeed or FSDP2.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from kdqat_dist.config import RESUMABLE, ConfigError, RunConfig, load_config, resume_changes, save_config
-from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
-from kdqat_dist.data.sampling import micro_batches, steps_per_epoch
-from kdqat_dist.data.tasks import TaskSpec, get_task
-from kdqat_dist.distill.objective import DistillObjective, LossOutput
+from kdqat_dist.config import RESUMABLE, RunConfig, load_config, resume_changes, save_config
+from kdqat_dist.data.sampling import micro_batches
+from kdqat_dist.distill.objective import LossOutput
 from kdqat_dist.engine import diagnostics
-from kdqat_dist.engine.backend import Backend, LocalBackend, latest_checkpoint, memory_table, seed_everything
-from kdqat_dist.engine.ds_config import micro_batch_size
+from kdqat_dist.engine.backend import Backend, gathered_student
+from kdqat_dist.engine.build import build_run, make_backend, resolve_task
+from kdqat_dist.engine.checkpoint import latest_checkpoint, seed_everything
 from kdqat_dist.engine.evaluate import evaluate as evaluate_model
-from kdqat_dist.errors import TrainingError
-from kdqat_dist.files import ordinary_permissions
-from kdqat_dist.models.attention import use_kdqat_attention
-from kdqat_dist.models.encoders import load_classifier, load_tokenizer, resolve_model_path, set_dropout, unwrap
-from kdqat_dist.models.sliced_ffn import slice_feed_forward
-from kdqat_dist.models.student import init_student
-from kdqat_dist.quant.api import calibrate_activations, prepare
+from kdqat_dist.engine.memory import memory_table
+from kdqat_dist.errors import ConfigError, TrainingError
+from kdqat_dist.files import check_run_folder, ordinary_permissions, run_header
 from kdqat_dist.quant.size import size_report
 from kdqat_dist.quant.student import save_student
 
 CONTRIB = "kd_contribution/"  # TensorBoard prefix of each term's (and layer's) weighted share of the loss
-
-
-def make_backend(cfg: RunConfig) -> Backend:
-    if cfg.engine.backend == "deepspeed":
-        # lazy: DeepSpeed takes seconds to import and probes the accelerator; one process never needs it
-        from kdqat_dist.engine.ds_backend import DeepSpeedBackend
-
-        return DeepSpeedBackend(cfg)
-    return LocalBackend(cfg)
 
 
 class Trainer:
@@ -81,33 +67,21 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         self.backend = self.backend or make_backend(cfg)
+        self.ranks = self.backend.ranks
         self._check_run_dir()
-        self.backend.barrier()  # every rank has checked before rank 0 writes config.yaml
-        self.task: TaskSpec = get_task(cfg.data)
-        if cfg.train.batch_size is None:  # the task's batch from the reference's table; config.yaml shows it
-            cfg.train.batch_size = self.task.batch_size
+        self.ranks.barrier()  # every rank has checked before rank 0 writes config.yaml
+        resolve_task(cfg)  # fills train.batch_size from the task, which the resume check compares
         self._resume_step = self._check_resume() if self.resume else None
-        with _main_first(self.backend):  # rank 0 fills the model and tokenisation caches, then the rest read
-            src = self._source_model()
-            self.tokenizer = load_tokenizer(src)
-            max_len = cfg.data.max_seq_length or self.task.max_seq_length
-            splits = load_splits(cfg.data, self.task)
-            self.data = tokenize_splits(splits, self.tokenizer, max_len, cfg.data.cache_dir or None)
-        self.collate = Collator(self.tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
-        self.train_set = self.data["train"]
-        micro_batch_size(cfg.train, self.backend.world_size)  # ConfigError unless the batch splits evenly
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.train.batch_size)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
-                f"({len(self.train_set)} examples)"
-            )
-        self.total_steps = cfg.train.max_steps or math.ceil(self.steps_per_epoch * cfg.train.epochs)
+        self.run = run = build_run(cfg, self.backend, self.mode)  # what the run is made of (public)
+        self.task, self.tokenizer, self.data, self.collate = run.task, run.tokenizer, run.data, run.collate
+        self.train_set, self.steps_per_epoch, self.total_steps = run.train_set, run.steps_per_epoch, run.total_steps
+        self.student, self.teacher, self.objective = run.student, run.teacher, run.objective
         self.eval_every = cfg.train.eval_every or self.task.eval_every
-        self._build_models(src)
-        if self.backend.is_main:
+        # the checkpoint is read before anything is written: a refused one leaves the run folder as it was
+        self._start = self._maybe_resume()
+        if self.ranks.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / "config.yaml", run_header(self.mode))
             # lazy: only the main rank writes events, and tensorboard's import costs seconds per rank
             from torch.utils.tensorboard import SummaryWriter
 
@@ -117,7 +91,8 @@ class Trainer:
         return self
 
     def _check_run_dir(self) -> None:
-        # Never overwrite a finished or running run by accident.
+        # Never overwrite a finished or running run, a model it reads or a file by accident.
+        check_run_folder(self.cfg, self.mode, self.resume)
         if not self.resume and (self.run_dir / "config.yaml").exists():
             raise ConfigError(
                 f"train.output_dir: {self.run_dir} already holds a run; choose another "
@@ -149,56 +124,6 @@ class Trainer:
                 )
         return int(ckpt.name.removeprefix("step"))
 
-    def _source_model(self) -> str:
-        if self.mode == "finetune":
-            return self.cfg.model.name_or_path
-        path = self.cfg.student.init_from or self.cfg.teacher.path
-        if not self.cfg.teacher.path:
-            raise ConfigError("teacher.path: required for `kdqat train` (a `kdqat finetune` output folder)")
-        for key, p in (("teacher.path", self.cfg.teacher.path), ("student.init_from", path)):
-            if not Path(p).expanduser().exists():
-                raise ConfigError(f"{key}: {p} does not exist (expected a fine-tuned model folder)")
-        return path
-
-    def _build_models(self, src: str) -> None:
-        cfg, task = self.cfg, self.task
-        id2label = dict(enumerate(task.label_list)) if task.label_list else None
-        if self.mode == "finetune":
-            model = load_classifier(src, task.num_labels, cfg.model.attn_implementation, id2label)
-            if cfg.train.dropout is not None:
-                set_dropout(model, cfg.train.dropout)
-            self.student = self.backend.setup_student(model, self.total_steps)
-            self.teacher = self.objective = None
-            return
-        # The student is built and prepared whole on every rank (LSQ steps from whole weights, activation
-        # steps calibrated) before the backend may partition it.
-        student = init_student(src, task.num_labels, cfg.student.num_layers, cfg.distill.layer_map)
-        if cfg.train.dropout is not None:
-            set_dropout(student, cfg.train.dropout)
-        prepare(student, cfg.quant)
-        if cfg.quant.enabled:
-            calibrate_activations(student, self._first_batch())
-        # The backend may build the teacher partitioned (ZeRO-3); it comes back frozen and in eval mode.
-        teacher = self.backend.load_teacher(cfg.teacher.path, task.num_labels)
-        if (n := unwrap(teacher).config.num_labels) != task.num_labels:
-            raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
-        # Both models run our attention function so the same taps exist on each.
-        use_kdqat_attention(student)
-        use_kdqat_attention(unwrap(teacher))
-        # A ZeRO-3 teacher's modules are called only by its own forward, as DeepSpeed traces it.
-        whole_teacher = not self.backend.partitioned_teacher()
-        if whole_teacher:
-            slice_feed_forward(unwrap(teacher))
-        self.teacher = teacher
-        self.student = self.backend.setup_student(student, self.total_steps)
-        self.objective = DistillObjective.for_models(
-            cfg.distill, student, teacher, task.is_regression, teacher_sharded=not whole_teacher
-        )
-
-    def _first_batch(self) -> dict:
-        n = min(len(self.train_set), self.cfg.train.batch_size)
-        return self.collate([self.train_set[i] for i in range(n)])
-
     # ------------------------------------------------------------------ train
 
     def _batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -206,22 +131,26 @@ class Trainer:
         return {k: v.to(self.backend.device) for k, v in b.items()}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
-        if self.objective is None:  # finetune: labels only
-            out = self.student(**batch)
-            return LossOutput(total=out.loss, terms={"ground_truth": out.loss.detach()}, student_logits=out.logits)
-        return self.objective(self.student, self.teacher, batch)
+        """One micro-batch's loss in the engine's precision (its backward runs outside, in the engine)."""
+        with self.backend.autocast():
+            if self.objective is None:  # finetune: labels only
+                out = self.student(**batch)
+                terms = {"ground_truth": out.loss.detach()}
+                return LossOutput(total=out.loss, terms=terms, student_logits=out.logits)
+            return self.objective(self.student, self.teacher, batch)
 
     def train(self) -> dict:
         t, be = self.cfg.train, self.backend
         t_start = time.perf_counter()
-        step, epoch, start, running = self._maybe_resume()
+        step, epoch, start, running = self._start  # zeros, or where the resumed checkpoint left off
+        ranks = self.ranks
         if self.mode == "train" and self.teacher_metrics is None:
             self.teacher_metrics = self.evaluate(self.teacher)
         bar = tqdm(
             total=self.total_steps,
             initial=step,
             desc=self.mode,
-            disable=not (be.is_main and t.progress),
+            disable=not (ranks.is_main and t.progress),
             dynamic_ncols=True,
         )
         if self._diagnostics_on():  # explain the tags, keep the weight codes the first flip rate compares with
@@ -233,18 +162,18 @@ class Trainer:
         t_last, t_step = time.perf_counter(), step
         while step < self.total_steps:
             batches = micro_batches(
-                len(self.train_set), t.batch_size, t.grad_accum, be.rank, be.world_size, t.seed, epoch, start
+                len(self.train_set), t.batch_size, t.grad_accum, ranks.rank, ranks.world_size, t.seed, epoch, start
             )
             for _, micro in batches:
                 self.student.train()
-                for idx in micro:
+                for i, idx in enumerate(micro):
                     out = self.loss(self._batch(idx))
                     values = self._micro_scalars(out)
                     self._check_finite(values, step)
-                    be.backward(out.total)
-                    be.step()
+                    be.backward(out.total, sync=i == len(micro) - 1)  # gradients reduced at the last one
                     for k, v in values.items():
                         running[k] = running.get(k, 0.0) + v / len(micro)
+                be.step()
                 step += 1
                 bar.update(1)
                 if step % t.log_every == 0 or step == self.total_steps:
@@ -279,9 +208,9 @@ class Trainer:
         message, instead of one rank raising while its peers wait in the next collective."""
         keys = ["loss", *(k for k in values if k.startswith("loss/"))]
         flags = torch.tensor([0.0 if math.isfinite(values[k]) else 1.0 for k in keys], dtype=torch.float64)
-        world = self.backend.world_size
+        world = self.ranks.world_size
         if world > 1:
-            flags = self.backend.all_reduce_sum(flags)
+            flags = self.ranks.all_reduce_sum(flags)
         if flags[0] == 0:
             return
         bad = [k.removeprefix("loss/") for k, f in zip(keys[1:], flags[1:].tolist(), strict=True) if f > 0]
@@ -334,16 +263,17 @@ class Trainer:
     def _mean_over_ranks(self, running: dict, n: int) -> dict:
         keys = sorted(running)
         t = torch.tensor([running[k] / n for k in keys], dtype=torch.float64)
-        t = self.backend.all_reduce_sum(t) / self.backend.world_size
+        t = self.ranks.all_reduce_sum(t) / self.ranks.world_size
         return dict(zip(keys, t.tolist(), strict=True))
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        return evaluate_model(
-            model, self.task, self.data, self.collate, self.cfg.train.eval_batch_size, self.backend.device
-        )
+        with self.backend.autocast():
+            return evaluate_model(
+                model, self.task, self.data, self.collate, self.cfg.train.eval_batch_size, self.backend.device
+            )
 
     def _evaluate_and_select(self, step: int) -> None:
         if self._diagnostics_on():  # the flip rate is measured between evaluations
@@ -355,7 +285,7 @@ class Trainer:
         if improved:
             self.best = record
             self._save_best()
-        if self.on_eval is not None and self.backend.is_main:
+        if self.on_eval is not None and self.ranks.is_main:
             teacher = {"teacher_selection": self.teacher_metrics["selection"]} if self.teacher_metrics else {}
             self.on_eval(
                 {**record, "best_selection": self.best["selection"], "best_step": self.best["step"], **teacher}
@@ -372,9 +302,9 @@ class Trainer:
             )
 
     def _save_best(self) -> None:
-        # Under ZeRO-3 the whole weights exist only inside this block, on every rank; rank 0 writes them.
-        with self.backend.gathered_student() as model:
-            if not self.backend.is_main:
+        # Sharded, the whole weights exist only inside this block, on every rank; rank 0 writes them.
+        with gathered_student(self.backend) as model:
+            if not self.ranks.is_main:
                 return
             out = self.run_dir / ("model" if self.mode == "finetune" else "student")
             if self.mode == "finetune":
@@ -412,14 +342,14 @@ class Trainer:
         if ckpt is None:  # (a finished run without one was refused in setup)
             # Stopped before its first checkpoint (e.g. a Slurm job preempted early and requeued with
             # --resume): nothing to continue from and nothing finished to lose, so start from step 0.
-            if self.backend.is_main:
+            if self.ranks.is_main:
                 tqdm.write(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} yet; starting from step 0")
             return 0, 0, 0, {}
         client = self.backend.load_checkpoint(ckpt)
         self.best, self.history = client["best"], client["history"]
         self.teacher_metrics = client["teacher_metrics"]
         self.train_log = list(client.get("train_log", []))
-        if self.backend.is_main:
+        if self.ranks.is_main:
             tqdm.write(f"resumed from {ckpt} at step {client['step']}")
         return client["step"], client["epoch"], client["start"], dict(client.get("running", {}))
 
@@ -437,14 +367,14 @@ class Trainer:
         if self.teacher_metrics is not None:
             result["teacher"] = self.teacher_metrics
         result["train_log"] = self.train_log
-        result["world_size"] = self.backend.world_size
-        per_rank = self.backend.gather_objects(self.backend.memory_report())
-        result["memory"], result["memory_per_rank"] = per_rank[self.backend.rank], per_rank
+        result["world_size"] = self.ranks.world_size
+        per_rank = self.ranks.gather_objects(self.backend.memory_report())
+        result["memory"], result["memory_per_rank"] = per_rank[self.ranks.rank], per_rank
         result["wall_s"] = wall_s  # train(): this process's share of the run (a resumed one: since the resume)
         if self.mode == "train":
             s = size_report(self.backend.student_module())
             result["size"] = f"{s['packed_mb']:.2f} MB ({s['ratio']:.1f}x smaller than {s['fp32_mb']:.1f})"
-        if self.backend.is_main:
+        if self.ranks.is_main:
             tqdm.write(memory_table(per_rank))
             (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
             if self.on_finish is not None:
@@ -456,18 +386,6 @@ class Trainer:
             self.writer.close()
         if self.backend is not None:
             self.backend.teardown()
-
-
-@contextlib.contextmanager
-def _main_first(backend: Backend) -> Iterator[None]:
-    """Run the block on rank 0 first, then on the other ranks (one process: just run it)."""
-    if not backend.is_main:
-        backend.barrier()
-    try:
-        yield
-    finally:
-        if backend.is_main:
-            backend.barrier()
 
 
 def _next_start(step: int, per_epoch: int) -> tuple[int, int]:
@@ -493,4 +411,4 @@ def run(
         trainer.cleanup()
 
 
-__all__ = ["Trainer", "TrainingError", "run", "resolve_model_path"]
+__all__ = ["Trainer", "TrainingError", "run"]

@@ -65,7 +65,7 @@ def _cannot_load(name_or_path: str, exc: Exception) -> ConfigError:
 def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a config.json transformers cannot read (model_type)
         raise _cannot_load(name_or_path, exc) from None
 
 
@@ -89,7 +89,7 @@ def load_classifier(
         kwargs["label2id"] = {v: k for k, v in id2label.items()}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise _cannot_load(name_or_path, exc) from None
     if num_labels == 1:
         config.problem_type = "regression"
@@ -101,6 +101,15 @@ def load_classifier(
         )
     except (OSError, SafetensorError) as exc:
         raise _cannot_load(name_or_path, exc) from None
+    except RuntimeError as exc:  # weights whose shapes do not fit (transformers' size-mismatch report)
+        if "mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        saved = AutoConfig.from_pretrained(path).num_labels
+        if saved != num_labels:  # a fine-tuned classifier asked for another task's label count
+            raise ConfigError(
+                f"model path {path} has a {saved}-label classifier but the task has {num_labels} labels"
+            ) from None
+        raise ConfigError(f"model path {path}: its weights do not fit its config.json (tensor shapes differ)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}

@@ -1,7 +1,6 @@
 """Building the student from the fine-tuned teacher's checkpoint (before it is quantized).
 
-Saving and loading the quantized student is :mod:`kdqat_dist.quant.student` (quant/ sits above models/);
-its names stay importable from here for existing code.
+Saving and loading the quantized student is :mod:`kdqat_dist.quant.student` (quant/ sits above models/).
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ from torch import nn
 
 from kdqat_dist.models.encoders import encoder_layers, load_classifier
 from kdqat_dist.models.layer_map import layer_map
-
-_MOVED = ("FORMAT_VERSION", "STUDENT_META", "is_student_dir", "load_student", "save_student")
 
 
 def init_student(path: str, num_labels: int, num_layers: int | None, strategy) -> nn.Module:
@@ -29,13 +26,3 @@ def init_student(path: str, num_labels: int, num_layers: int | None, strategy) -
     parent.layer = nn.ModuleList([layers[t] for _, t in layer_map(len(layers), num_layers, strategy)])
     model.config.num_hidden_layers = num_layers
     return model
-
-
-def __getattr__(name: str):
-    # Old import paths of the moved names: the one import of a higher layer from a lower one that
-    # tests/test_layering.py allows. The library itself imports them from kdqat_dist.quant.student.
-    if name in _MOVED:
-        from kdqat_dist.quant import student
-
-        return getattr(student, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

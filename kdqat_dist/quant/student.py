@@ -91,8 +91,12 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
             f"{p} is not a kdqat student folder (no {STUDENT_META}); "
             "it must be the student/ folder written by `kdqat train`"
         )
-    meta = json.loads((p / STUDENT_META).read_text())
-    model = prepared_from_config(p, build_section(QuantConfig, meta["quant"], "quant"))
+    try:
+        meta = json.loads((p / STUDENT_META).read_text())
+        quant = meta["quant"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged or hand-edited folder
+        raise ConfigError(f"{p / STUDENT_META}: unreadable ({type(exc).__name__}); the folder is damaged") from None
+    model = prepared_from_config(p, build_section(QuantConfig, quant, "quant"))
     missing, unexpected = model.load_state_dict(load_weights(p / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ConfigError(

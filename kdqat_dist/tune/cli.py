@@ -1,4 +1,5 @@
-"""``kdqat sweep``: a Ray Tune sweep of KD-QAT runs described by a spec in ``ray_tune/``."""
+"""``kdqat sweep``: a Ray Tune sweep of KD-QAT runs described by a spec (a YAML path, or the name of one
+shipped in ``kdqat_dist/sweeps/``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from kdqat_dist.tune.spec import MAX_GRID_CHECK, SweepSpec, load_spec
 from kdqat_dist.tune.trainable import SweepInterrupted, run_sweep
 
 EPILOG = """examples:
-  kdqat sweep --config ray_tune/tiny_demo.yaml                 # local Ray sized to this machine
-  kdqat sweep --config ray_tune/tiny_demo.yaml --resume        # continue an interrupted sweep
-  kdqat sweep --config ray_tune/map_output_sweep_a.yaml --address auto   # join a running cluster (Slurm)
-  kdqat sweep --config ray_tune/tiny_demo.yaml --report-only   # rebuild the tables and the plot
+  kdqat sweep --config tiny_demo                  # a shipped spec, on a local Ray sized to this machine
+  kdqat sweep --config tiny_demo --resume         # continue an interrupted sweep
+  kdqat sweep --config my_sweep.yaml --address auto   # your own spec, joining a running cluster (Slurm)
+  kdqat sweep --config tiny_demo --report-only    # rebuild the tables and the plot
 
 key=value arguments override the base recipe for every trial (e.g. train.max_steps=50).
 
@@ -29,11 +30,11 @@ then --resume), 2 bad input, 130/143 interrupted."""
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep",
-        help="Ray Tune sweep of KD-QAT runs (spec in ray_tune/*.yaml)",
+        help="Ray Tune sweep of KD-QAT runs (a spec YAML, or a shipped one: kdqat_dist/sweeps/)",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", required=True, help="sweep spec YAML (a path or a name in ray_tune/)")
+    p.add_argument("--config", "-c", required=True, help="sweep spec YAML (a path, or a shipped spec)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides for every trial")
     p.add_argument(
         "--resume",

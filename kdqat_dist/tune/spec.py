@@ -1,4 +1,4 @@
-"""Sweep specs (``ray_tune/*.yaml``): parsing and validation, without importing Ray.
+"""Sweep specs (shipped ones in ``kdqat_dist/sweeps/*.yaml``): parsing and validation, without importing Ray.
 
 A spec names a base recipe, optional base overrides, a search space over dotted config keys and optional
 named variants (bundles of overrides, e.g. the loss-choice comparison)::
@@ -50,16 +50,19 @@ from kdqat_dist.config import (
     parse_override,
     resolve_recipe,
     resolve_shipped,
+    shipped_dir,
 )
+from kdqat_dist.data.tasks import get_task
+from kdqat_dist.files import check_full_precision, check_writable
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "ray_tune"
+SPEC_DIR = shipped_dir("sweeps")  # the specs shipped in the package, named without a path (`tiny_demo`)
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
 SPEC_KEYS = "name base output_dir teacher_path overrides search variants tune max_concurrent metric".split()
 # Keys whose relative values are paths, made absolute against the directory `kdqat sweep` runs in
 # (Ray changes each trial's working directory).
 PATH_KEYS = (
-    "teacher.path student.init_from data.source data.train_file data.dev_file data.cache_dir engine.ds_config "
-    "engine.teacher_ds_config model.name_or_path"
+    "teacher.path student.init_from data.source data.train_file data.dev_file data.cache_dir engine.deepspeed.config "
+    "engine.deepspeed.teacher_config model.name_or_path"
 ).split()
 MAX_GRID_CHECK = 2000
 # Short names the issue's examples use (``task: grid[rte, sst2, cola]``) -> the dotted config key.
@@ -185,11 +188,13 @@ def _canonical_keys(raw: dict, where: str) -> dict:
     """Apply :data:`KEY_ALIASES` to a mapping's keys; an alias and its target together is an error
     (which value would win would depend on the YAML's key order)."""
     out: dict = {}
+    given: dict = {}  # canonical key -> the key as written
     for k, v in raw.items():
         ck = canonical_key(k)
         if ck in out:
-            raise ConfigError(f"{where}: '{k}' and '{ck}' name the same key; keep one")
-        out[ck] = v
+            alias = k if k != ck else given[ck]  # named first, whichever order the YAML has them in
+            raise ConfigError(f"{where}: '{alias}' and '{ck}' name the same key; keep one")
+        out[ck], given[ck] = v, k
     return out
 
 
@@ -308,6 +313,11 @@ def parse_spec(
     unknown = [k for k in raw if k not in SPEC_KEYS]
     if unknown:
         raise ConfigError(f"sweep spec: unknown top-level key '{unknown[0]}'; allowed: {', '.join(SPEC_KEYS)}")
+    if "metric" in raw:  # accepted once but never read: a value here would be silently ignored
+        raise ConfigError(
+            "metric: trials are ranked by their task's own selection metric (acc, mcc, acc_and_f1, corr); "
+            "remove the metric key"
+        )
     if not raw.get("base"):
         raise ConfigError("base: required (a recipe path or a shipped recipe name, e.g. tiny_debug)")
     cwd = Path(cwd or Path.cwd()).resolve()
@@ -346,10 +356,9 @@ def parse_spec(
     if not search and not variants:
         raise ConfigError("search: empty; give at least one key to sweep (or variants)")
 
-    try:
-        max_conc = int(raw.get("max_concurrent") or 0)
-    except (TypeError, ValueError):
-        raise ConfigError(f"max_concurrent: expected an integer, got {raw.get('max_concurrent')!r}") from None
+    max_conc = raw.get("max_concurrent") or 0
+    if isinstance(max_conc, bool) or not isinstance(max_conc, int) or max_conc < 0:
+        raise ConfigError(f"max_concurrent: got {max_conc!r}; must be an integer >= 0 (0: as many as fit)")
     teacher = raw.get("teacher_path") or ""
     if not isinstance(teacher, str):
         raise ConfigError(f"teacher_path: expected a string template, got {teacher!r}")
@@ -368,6 +377,7 @@ def parse_spec(
         cwd=str(cwd),
         path=str(Path(path).resolve()) if path != "<spec>" else "",
     )
+    check_writable(spec.output_dir, "output_dir")
     validate_points(spec)
     return spec
 
@@ -384,7 +394,10 @@ def validate_points(spec: SweepSpec) -> None:
             checks += [({**points[0][0], d.key: v}, points[0][1]) for v in d.values[1:]]
     for point, variant in checks:
         try:
-            spec.resolve(point, variant)
+            cfg = spec.resolve(point, variant)
+            # what a trial would only find out after Ray has started: its task, a quantized "teacher"
+            get_task(cfg.data)
+            check_full_precision(cfg.teacher.path, "teacher.path")
         except ConfigError as exc:
             where = ([f"variant={variant}"] if variant else []) + [f"{k}={v}" for k, v in point.items()]
             raise ConfigError(f"sweep point ({', '.join(where)}): {exc}") from None

@@ -85,8 +85,8 @@ def train_trial(config: dict, spec: dict | None = None) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()}\n")
     run_dir = tdir / "run"
     cfg = sweep.resolve(point, variant, output_dir=run_dir)
-    if cfg.tune.num_workers > 1:
-        cfg.engine.backend = "deepspeed"  # every worker is a DeepSpeed rank
+    if cfg.tune.num_workers > 1 and cfg.engine.backend == "none":
+        cfg.engine.backend = "deepspeed"  # every worker is a rank of a sharded engine (FSDP2 when asked)
     resolved = tdir / "resolved.yaml"
     save_config(cfg, resolved)
     (tdir / "point.json").write_text(

@@ -26,7 +26,7 @@ def main() -> None:
             f"teacher.path={args.teacher}",
             f"train.output_dir={args.out / 'run'}",
             "engine.backend=deepspeed",
-            "engine.zero_stage=2",
+            "engine.deepspeed.zero_stage=2",
             "train.max_steps=3",
         ],
     )

@@ -19,8 +19,8 @@ RUN = [
     "train.save_every=3",
     "train.log_every=1",
     "train.eval_every=6",
-    "engine.zero_stage=2",
-    "engine.teacher=zero3",
+    "engine.deepspeed.zero_stage=2",
+    "engine.deepspeed.teacher=zero3",
 ]
 
 

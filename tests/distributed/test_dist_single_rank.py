@@ -22,8 +22,8 @@ def test_deepspeed_without_launcher_and_with_activation_checkpointing_matches_on
         tmp_path / "ds",
         "train.grad_accum=2",
         "engine.backend=deepspeed",
-        "engine.zero_stage=2",
-        "engine.teacher=zero3",
+        "engine.deepspeed.zero_stage=2",
+        "engine.deepspeed.teacher=zero3",
         "engine.activation_checkpointing=true",
     )
     ds = run(cfg, "train")
@@ -52,8 +52,8 @@ def test_bf16_deepspeed_run_stays_close_to_fp32(parity_teacher, parity_config, l
         tmp_path / "bf16",
         "train.grad_accum=2",
         "engine.backend=deepspeed",
-        "engine.zero_stage=2",
-        "engine.teacher=zero3",
+        "engine.deepspeed.zero_stage=2",
+        "engine.deepspeed.teacher=zero3",
         "engine.precision=bf16",
     )
     out = run(cfg, "train")
@@ -95,8 +95,8 @@ def test_zero3_teacher_stays_in_eval_mode_after_evaluations_checkpoints_and_resu
         parity_teacher,
         tmp_path / "mode",
         "engine.backend=deepspeed",
-        "engine.zero_stage=2",
-        "engine.teacher=zero3",
+        "engine.deepspeed.zero_stage=2",
+        "engine.deepspeed.teacher=zero3",
         "train.save_every=2",
     )
     _train_and_check_teacher_mode(cfg)
@@ -111,7 +111,11 @@ def test_truncated_deepspeed_checkpoint_and_another_rank_count_are_one_line(
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     cfg = parity_config(
-        parity_teacher, tmp_path / "ds", "engine.backend=deepspeed", "engine.zero_stage=2", "train.save_every=3"
+        parity_teacher,
+        tmp_path / "ds",
+        "engine.backend=deepspeed",
+        "engine.deepspeed.zero_stage=2",
+        "train.save_every=3",
     )
     run(cfg, "train")
     ckpt = tmp_path / "ds" / "checkpoints" / "step0000003"
@@ -145,7 +149,7 @@ def test_zero3_size_report_counts_the_row_scales_of_partitioned_weights(parity_t
             f"teacher.path={parity_teacher}",
             f"train.output_dir={tmp_path}",
             "engine.backend=deepspeed",
-            "engine.zero_stage=3",
+            "engine.deepspeed.zero_stage=3",
             "quant.weight.granularity=row",  # every Linear row-wise, as the word embeddings are by default
         ],
     )

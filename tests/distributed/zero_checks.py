@@ -21,12 +21,14 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from kdqat_dist.config import load_config
 from kdqat_dist.engine import dist
-from kdqat_dist.engine.backend import storage_bytes
+from kdqat_dist.engine.backend import gathered_student
 from kdqat_dist.engine.ds_backend import DeepSpeedBackend, _param_bytes
 from kdqat_dist.engine.loop import run
+from kdqat_dist.engine.memory import storage_bytes
 from kdqat_dist.models.attention import MapInputs, use_kdqat_attention
 from kdqat_dist.models.encoders import encoder_layers, load_classifier, load_tokenizer
 from kdqat_dist.models.student import init_student
@@ -63,7 +65,7 @@ def _cfg(args, name: str, *extra: str):
             f"teacher.path={args.teacher}",
             f"train.output_dir={args.out / name}",
             "engine.backend=deepspeed",
-            "engine.teacher=zero3",
+            "engine.deepspeed.teacher=zero3",
             "train.log_every=1",
             "train.dropout=0",
             f"train.max_steps={args.steps}",
@@ -80,7 +82,9 @@ def _batch(path: str) -> dict[str, torch.Tensor]:
 
 def check_teacher(args, batch) -> dict:
     be = DeepSpeedBackend(_cfg(args, "taps"))
-    teacher = be.load_teacher(args.teacher, 2)
+    with be.building_teacher(AutoConfig.from_pretrained(args.teacher).hidden_size):  # built partitioned
+        model = load_classifier(args.teacher, 2, "eager")
+    teacher = be.setup_teacher(model)
     ref = load_classifier(args.teacher, 2, "eager").eval()
     use_kdqat_attention(teacher.module)
     use_kdqat_attention(ref)
@@ -120,7 +124,7 @@ def check_teacher(args, batch) -> dict:
 
 
 def check_fake_quant(args, batch) -> dict:
-    cfg = _cfg(args, "fake_quant", "engine.zero_stage=3", *LSQ)
+    cfg = _cfg(args, "fake_quant", "engine.deepspeed.zero_stage=3", *LSQ)
     be = DeepSpeedBackend(cfg)
     student = init_student(args.teacher, 2, None, "identity")
     prepare(student, cfg.quant)
@@ -130,7 +134,8 @@ def check_fake_quant(args, batch) -> dict:
     engine.eval()
     with torch.no_grad():
         diff = float((engine(**batch).logits - ref(**batch).logits).abs().max())
-    gathered = be.full_state_dict()
+    with gathered_student(be) as module:
+        gathered = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     whole = ref.state_dict()
     same = gathered.keys() == whole.keys() and all(torch.equal(gathered[k], whole[k]) for k in whole)
     partitioned = sum(1 for p in engine.module.parameters() if p.data.numel() == 0)
@@ -147,21 +152,23 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group()  # owned here; each backend below reuses it and leaves it up
     result: dict = {"world_size": dist.world_size()}
-    result["zero2"] = run(_cfg(args, "zero2", "engine.zero_stage=2"), "train")["train_log"]
-    result["zero3"] = run(_cfg(args, "zero3", "engine.zero_stage=3"), "train")["train_log"]
-    result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.zero_stage=3", *LSQ), "train")["train_log"]
-    result["zero3_relation"] = run(_cfg(args, "zero3_relation", "engine.zero_stage=3", *RELATION), "train")["train_log"]
+    result["zero2"] = run(_cfg(args, "zero2", "engine.deepspeed.zero_stage=2"), "train")["train_log"]
+    result["zero3"] = run(_cfg(args, "zero3", "engine.deepspeed.zero_stage=3"), "train")["train_log"]
+    result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.deepspeed.zero_stage=3", *LSQ), "train")["train_log"]
+    result["zero3_relation"] = run(_cfg(args, "zero3_relation", "engine.deepspeed.zero_stage=3", *RELATION), "train")[
+        "train_log"
+    ]
     # the other stages and the replicated teacher, and `kdqat finetune` under DeepSpeed
-    result["zero0"] = run(_cfg(args, "zero0", "engine.zero_stage=0"), "train")["train_log"]
+    result["zero0"] = run(_cfg(args, "zero0", "engine.deepspeed.zero_stage=0"), "train")["train_log"]
     result["zero1_replicated"] = run(
-        _cfg(args, "zero1_rep", "engine.zero_stage=1", "engine.teacher=replicated"), "train"
+        _cfg(args, "zero1_rep", "engine.deepspeed.zero_stage=1", "engine.deepspeed.teacher=replicated"), "train"
     )["train_log"]
     for stage in (0, 1, 2, 3):  # BertAdam: per-tensor clipping of whole gradients under every stage
         result[f"bertadam_zero{stage}"] = run(
-            _cfg(args, f"bertadam{stage}", f"engine.zero_stage={stage}", *BERTADAM), "train"
+            _cfg(args, f"bertadam{stage}", f"engine.deepspeed.zero_stage={stage}", *BERTADAM), "train"
         )["train_log"]
     result["finetune_zero2"] = run(
-        _cfg(args, "finetune_zero2", "engine.zero_stage=2", f"model.name_or_path={args.teacher}"), "finetune"
+        _cfg(args, "finetune_zero2", "engine.deepspeed.zero_stage=2", f"model.name_or_path={args.teacher}"), "finetune"
     )["train_log"]
     batch = _batch(args.teacher)
     result.update(check_teacher(args, batch))
