@@ -13,6 +13,7 @@ it is written to a temporary name and moved into place when every row is done).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -31,7 +32,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
         help="label and probability per input row, from a student folder, a packed export or an ONNX export",
-        description=__doc__.split("\n\n")[0],
+        description="Label and probability per input row (value for regression tasks), batched in input order.",
+        epilog="examples:\n  kdqat predict --model runs/x/onnx --input reviews.tsv --output predictions.jsonl\n"
+        '  echo "a gripping , funny film" | kdqat predict --model runs/x',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--model", required=True, help="a `kdqat train` student/ (or run) folder, or a `kdqat export` folder"
