@@ -3,7 +3,7 @@
 Public API (resolved on first use, PEP 562: this file runs before any submodule is imported, so it imports
 nothing heavy; ``kdqat --version`` stays a fraction of a second):
 
-- :func:`prepare` / :func:`convert`: fake-quant student in place / freeze its weights;
+- :func:`prepare` / :func:`convert`: fake-quant student in place / its integer form (int8 codes + scales);
 - :class:`DistillObjective`: the KD objective with the streaming teacher (``for_models`` builds it);
 - :func:`load_config`: the typed run configuration;
 - :func:`build_run` / :func:`make_backend`: a run (data, models, objective, optimizer) on its engine, as

@@ -118,8 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Subcommands whose modules register themselves (sweep, analyze, export)."""
-    for mod in ("kdqat_dist.tune.cli", "kdqat_dist.analysis.cli", "kdqat_dist.export.cli"):
+    """Subcommands whose modules register themselves (sweep, analyze, export, predict)."""
+    for mod in (
+        "kdqat_dist.tune.cli",
+        "kdqat_dist.analysis.cli",
+        "kdqat_dist.export.cli",
+        "kdqat_dist.export.predict_cli",
+    ):
         try:
             module = __import__(mod, fromlist=["add_parser"])
         except ImportError:

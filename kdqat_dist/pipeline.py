@@ -17,6 +17,9 @@ from kdqat_dist.engine.launch import default_num_procs, run_launcher
 from kdqat_dist.engine.loop import run
 from kdqat_dist.engine.memory import memory_table
 from kdqat_dist.export import load
+from kdqat_dist.export.deploy import deploy_student
+from kdqat_dist.export.onnx_check import OrtModel
+from kdqat_dist.export.onnx_export import ONNX_META
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
 from kdqat_dist.models.positions import check_max_length
 from kdqat_dist.quant.quantizers import make_quantizer
@@ -116,8 +119,9 @@ def demo(
 ) -> dict:
     """The offline pipeline on the built-in task: fine-tune the teacher, train the ternary student without
     KD (labels only) and with KD-QAT on ``num_procs`` ranks of ``engine`` (``deepspeed``: student ZeRO-2,
-    teacher ZeRO-3; ``fsdp2``: both sharded per layer; default ranks: one per GPU, else 2 CPU ranks), then
-    print the three side by side and the per-rank memory.
+    teacher ZeRO-3; ``fsdp2``: both sharded per layer; default ranks: one per GPU, else 2 CPU ranks), deploy
+    the KD-QAT student (ONNX, int8 kernels: its dev score and its speed over the teacher), then print them side
+    by side and the per-rank memory.
 
     ``config`` defaults to the shipped ``demo_finetune`` / ``demo`` recipes.
     """
@@ -141,23 +145,32 @@ def demo(
     if _teacher_finished(teacher_dir):
         print(f"[demo] reusing the fine-tuned teacher in {teacher_dir / 'model'}")
     else:
-        print("[demo] 1/3 fine-tuning the full-precision teacher")
+        print("[demo] 1/4 fine-tuning the full-precision teacher")
         ft = load_config(config or "demo_finetune", [*overrides, f"train.output_dir={teacher_dir}"])
         run_and_report(ft, "finetune")
     student = [*overrides, f"teacher.path={teacher_dir / 'model'}"]
-    print("[demo] 2/3 QAT without KD: the ternary student on the labels alone (one process)")
+    print("[demo] 2/4 QAT without KD: the ternary student on the labels alone (one process)")
     no_kd_overrides = [*student, *NO_KD, f"train.output_dir={root / 'qat_no_kd'}", "engine.backend=none"]
     no_kd = run_and_report(load_config(recipe, no_kd_overrides), "train")
     sharded, shape = SHARDED[engine]
     name = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}[engine]
-    print(f"[demo] 3/3 KD-QAT on {num_procs} {name} ranks ({shape})")
+    print(f"[demo] 3/4 KD-QAT on {num_procs} {name} ranks ({shape})")
     kd_overrides = [*student, *sharded, f"train.output_dir={root / 'kd_qat'}"]
     load_config(recipe, [*kd_overrides, f"engine.backend={engine}"])  # bad input: one line, here
     run_launcher(engine, "train", recipe, kd_overrides, num_procs)
     kd = json.loads((root / "kd_qat" / "metrics.json").read_text())
+    print("[demo] 4/4 deploying the KD-QAT student: ONNX with int8 kernels, checked on the dev set")
+    deployed = deploy_student(base, root / "kd_qat" / "student", root / "deployed", teacher_dir / "model")
     wall = time.perf_counter() - t0
-    res = {"teacher": kd["teacher"], "qat_no_kd": no_kd, "kd_qat": kd, "num_procs": num_procs, "demo_wall_s": wall}
-    res["engine"] = engine
+    res = {
+        "teacher": kd["teacher"],
+        "qat_no_kd": no_kd,
+        "kd_qat": kd,
+        "deployed": deployed,
+        "num_procs": num_procs,
+        "demo_wall_s": wall,
+        "engine": engine,
+    }
     (root / "summary.json").write_text(json.dumps(res, indent=2))
     print(demo_table(res, base))
     print(memory_table(kd["memory_per_rank"]))
@@ -169,10 +182,30 @@ def demo_table(res: dict, cfg: RunConfig) -> str:
     """Teacher, QAT without KD and KD-QAT side by side (the selection metric x100, bits, size)."""
     metric = res["kd_qat"]["selection_metric"]
     bits = _bits_label(cfg)
-    rows = [["teacher (fp32)", f"{100 * res['teacher']['selection']:.2f}", "fp32", "-"]]
+    rows = [["teacher (fp32)", f"{100 * res['teacher']['selection']:.2f}", "fp32", "-", "1.00x"]]
     for name, r in (("QAT without KD", res["qat_no_kd"]), (f"KD-QAT ({res['num_procs']} ranks)", res["kd_qat"])):
-        rows.append([name, f"{100 * r['best']['selection']:.2f}", bits, r.get("size", "-")])
-    return f"{res['kd_qat']['task']}: best dev {metric} (x100)\n" + _table(rows, ["model", metric, "bits", "size"])
+        rows.append([name, f"{100 * r['best']['selection']:.2f}", bits, r.get("size", "-"), "-"])
+    dep = res.get("deployed")
+    if dep:  # the KD-QAT student as ONNX Runtime runs it, on the same dev set
+        speed = dep["speed"]
+        rows.append(
+            [
+                "KD-QAT, deployed (ONNX int8)",
+                f"{100 * dep['dev']['onnx']['selection']:.2f}",
+                bits,
+                f"{dep['file_mb']:.1f} MB",
+                f"{speed['speedup']:.2f}x",
+            ]
+        )
+    head = f"{res['kd_qat']['task']}: best dev {metric} (x100)"
+    if dep:
+        d, sp = dep["dev"], dep["speed"]
+        agree = f"; deployed = trained on {d['agree']}/{d['rows']} dev rows" if "agree" in d else ""
+        head += (
+            f"{agree}; speed: throughput over the torch FP32 teacher, a {sp['batch'][0]} x {sp['batch'][1]} "
+            f"batch, {sp['threads']} threads"
+        )
+    return head + "\n" + _table(rows, ["model", metric, "bits", "size", "speed"])
 
 
 def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
@@ -187,11 +220,13 @@ def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
     data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
     if (p / "kdqat_export.json").exists():  # a packed artifact from `kdqat export`
         model = load(p)
+    elif (p / ONNX_META).exists():  # `kdqat export --format onnx`: ONNX Runtime on the CPU
+        model = OrtModel(p)
     elif is_student_dir(p):
         model = load_student(p)
     else:
         model = load_classifier(str(p), task.num_labels, strict=True)
-    device = pick_device(cfg.train.device)
+    device = "cpu" if isinstance(model, OrtModel) else pick_device(cfg.train.device)  # ORT: the CPU provider
     collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
     metrics = evaluate(model.to(device), task, data, collate, cfg.train.eval_batch_size, device)
     if table:

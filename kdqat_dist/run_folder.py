@@ -37,6 +37,7 @@ __all__ = [
 RUN_CONFIG = "config.yaml"  # written by the training loop into every run folder
 MODEL_DIRS = ("student", "model")  # the model a `kdqat train` / `kdqat finetune` run folder holds
 EXPORT_META = "kdqat_export.json"  # kdqat_dist.export.artifact.EXPORT_META (a test keeps the two equal)
+ONNX_META = "kdqat_onnx.json"  # kdqat_dist.export.onnx_export.ONNX_META: an ONNX export names its student too
 # data settings that change neither which examples are scored nor how they are tokenised
 _NEUTRAL_DATA = ("cache_dir", "max_train_samples")
 
@@ -93,8 +94,8 @@ def run_config_path(model_dir: str | Path) -> Path | None:
     p = Path(model_dir)
     if p.name in MODEL_DIRS and (p.parent / RUN_CONFIG).is_file():
         return p.parent / RUN_CONFIG
-    meta = p / EXPORT_META
-    if meta.is_file():
+    meta = next((p / m for m in (EXPORT_META, ONNX_META) if (p / m).is_file()), None)
+    if meta is not None:
         try:
             source = json.loads(meta.read_text()).get("source") or {}
             student = Path(source["student"])

@@ -37,7 +37,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEPLOY = "deploy helper (#34 item 6: export folders under from_pretrained)"
 
 
 # --------------------------------------------------------------------------- the shared models and runs
@@ -1557,7 +1556,6 @@ case(
     r"export|kdqat",
     kind="call",
     call=hf_export_loads_as_the_student,
-    owner=DEPLOY,
 )
 case("hf-run-folder-as-model", "hf", [], r"has no config.json", kind="call", call=hf_run_folder_as_model)
 case(

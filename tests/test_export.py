@@ -1,4 +1,5 @@
-"""``kdqat export``: the packed artifact reloads into exactly the fake-quant student; bad input is refused."""
+"""``kdqat export``: the packed artifact reloads into the integer form of the fake-quant student, with its logits;
+bad input is refused."""
 
 import json
 import sys
@@ -10,11 +11,12 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from kdqat_dist.config import ConfigError, QuantConfig, QuantRule, load_config, save_config
 from kdqat_dist.export import export_model, export_student, load, read_meta
-from kdqat_dist.export.artifact import logits_of, probe_batch
+from kdqat_dist.export.artifact import WEIGHTS_FILE, logits_of, probe_batch
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
 from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant.api import calibrate_activations, prepare
-from kdqat_dist.quant.fake_quant import ActFakeQuant, QuantEmbedding, QuantLinear
+from kdqat_dist.quant.fake_quant import ActFakeQuant
+from kdqat_dist.quant.integer import QuantizedAct, QuantizedEmbedding, QuantizedLinear
 from kdqat_dist.quant.student import load_student, save_student
 
 
@@ -51,24 +53,23 @@ def test_exported_student_gives_identical_logits(student_dir, exported):
     student, model = load_student(student_dir), load(out)
     for batch in (probe_batch(model.config), text_batch(out)):
         assert torch.equal(logits_of(student, batch), logits_of(model, batch))
-    # weights bit-identical to the fake-quant weights, activation quantizers as in training
+    # the integer form: int8 codes whose codes · scale are the fake-quant weights bit for bit (TWN),
+    # activation quantizers as in training
     sm = dict(student.named_modules())
     n_packed = 0
     for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)) and hasattr(m, "frozen_weight_cfg"):
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+            assert m.weight_codes.dtype == torch.int8
             with torch.no_grad():
-                assert torch.equal(m.weight, sm[name].weight_quant(sm[name].weight))
+                assert torch.equal(m.dequantized_weight(), sm[name].weight_quant(sm[name].weight))
             n_packed += 1
     assert n_packed == report.modules == len(read_meta(out)["modules"])
-    acts = [n for n, m in model.named_modules() if isinstance(m, ActFakeQuant) and m.enabled]
+    assert not any(isinstance(m, ActFakeQuant) for m in model.modules())
+    acts = [n for n, m in model.named_modules() if isinstance(m, QuantizedAct)]
     assert acts == [n for n, m in student.named_modules() if isinstance(m, ActFakeQuant) and m.enabled]
-    assert {p.name for p in out.iterdir()} >= {
-        "config.json",
-        "kdqat_export.json",
-        "model.safetensors",
-        "tokenizer.json",
-    }
-    assert report.file_bytes == (out / "model.safetensors").stat().st_size < report.fp32_bytes
+    assert {p.name for p in out.iterdir()} >= {"config.json", "kdqat_export.json", WEIGHTS_FILE, "tokenizer.json"}
+    assert report.file_bytes == (out / WEIGHTS_FILE).stat().st_size < report.fp32_bytes
+    assert read_meta(out)["probe"]["max_abs_logit_diff"] == 0.0
 
 
 def test_base3_is_smaller_and_identical(student_dir, exported, tmp_path):
@@ -121,7 +122,7 @@ def test_every_method_and_granularity_round_trips(tmp_path):
     assert not any("pooler" in n for n in mods)
     loaded = load(out)
     assert torch.equal(logits_of(model, batch), logits_of(loaded, batch))
-    steps = [float(m.step.detach()) for m in loaded.modules() if isinstance(m, ActFakeQuant) and m.cfg.method == "lsq"]
+    steps = [float(m.step) for m in loaded.modules() if isinstance(m, QuantizedAct) and m.cfg.method == "lsq"]
     assert steps and all(s != 1.0 for s in steps)  # the calibrated steps, not a fresh init
     # the size the training summary prints agrees with what export stores (mean_clip: 2^b + 1 levels)
     from kdqat_dist.quant.size import quantized_packed_bytes
@@ -151,7 +152,7 @@ def test_bitnet_and_paretoq_weights_round_trip(tmp_path, method, narrow):
     mods = read_meta(out)["modules"]
     assert {i["method"] for i in mods.values()} == {method}
     assert {i["storage_bits"] for i in mods.values()} == {2}
-    assert {i["dequant"] for i in mods.values()} == {"mul" if narrow else "mul_half"}
+    assert {i["stride"] for i in mods.values()} == {1 if narrow else 2}  # 2-bit SEQ: odd codes
     loaded = load(out)
     assert torch.equal(logits_of(model, batch), logits_of(loaded, batch))
 
@@ -177,7 +178,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_truncated_or_corrupt_file_is_refused(exported, tmp_path):
     out = _copy(exported[0], tmp_path / "t")
-    w = out / "model.safetensors"
+    w = out / WEIGHTS_FILE
     data = w.read_bytes()
     w.write_bytes(data[:-100])
     with pytest.raises(ConfigError, match="truncated"):
@@ -251,7 +252,7 @@ def test_cli_export_round_trip_and_eval(student_dir, tmp_path, capsys):
     (out / "kdqat_export.json").unlink()
     assert main(["eval", "--model", str(out), "--config", cfg_yaml]) == 2
     err = capsys.readouterr().err
-    assert "weights do not match the model" in err and "needs its kdqat_export.json" in err
+    assert err.count("\n") == 1 and "packed kdqat export" in err and "kdqat_dist.export.load" in err
 
 
 def test_cli_fails_when_metrics_differ(student_dir, tmp_path, capsys, monkeypatch):
@@ -292,8 +293,78 @@ def test_written_weight_files_get_ordinary_permissions(student_dir, exported, ti
     os.umask(umask)
     want = 0o666 & ~umask
     for f in (
-        exported[0] / "model.safetensors",
+        exported[0] / WEIGHTS_FILE,
         student_dir / "model.safetensors",
         tiny_teacher / "model.safetensors",
     ):  # export, student, fine-tuned model
         assert stat.S_IMODE(f.stat().st_mode) == want, f
+
+
+def _as_format_1(src: Path, dst: Path) -> Path:
+    """A format-1 folder made from a format-2 one: model.safetensors, sym scales s with codes / s, 2-bit SEQ
+    codes k with (k + ½)·s, a "dequant" op per module (what kdqat_dist wrote before format 2)."""
+    from safetensors.torch import load_file, save_file
+
+    from kdqat_dist.export import packing as P
+    from kdqat_dist.export.artifact import _sha256
+
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name not in (WEIGHTS_FILE, "kdqat_export.json"):
+            (dst / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((src / "kdqat_export.json").read_text())
+    state = load_file(str(src / WEIGHTS_FILE))
+    for name, info in meta["modules"].items():
+        op = P.legacy_dequant_op(info["method"], info["narrow_range"])
+        enc = P.Encoding(info["packing"], 0 if info["packing"] == "base3" else info["storage_bits"], info["zero"], 2)
+        if op == "div":
+            state[f"{name}.weight.scale"] = state[f"{name}.weight.scale"].reciprocal()
+        if op == "mul_half":
+            n = int(torch.tensor(info["shape"]).prod())
+            k = (P.decode(state[f"{name}.weight.codes"], enc, n) - 1) // 2
+            enc1 = P.choose_encoding(k, info["bits"])
+            state[f"{name}.weight.codes"] = P.encode(k, enc1)
+            state[f"{name}.weight.scale"] = state[f"{name}.weight.scale"] * 2
+            info["zero"] = enc1.zero
+        info["dequant"] = op
+        info.pop("stride")
+    save_file(state, str(dst / "model.safetensors"))
+    meta.update(format_version=1, weights_file="model.safetensors")
+    meta["weights_bytes"] = (dst / "model.safetensors").stat().st_size
+    meta["weights_sha256"] = _sha256(dst / "model.safetensors")
+    (dst / "kdqat_export.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.mark.parametrize("method", ["sym", "seq"])
+def test_format_1_exports_still_load(tmp_path, method):
+    quant = QuantConfig()
+    quant.embedding.method, quant.embedding.bits = "sym", 8  # scales stored as s, codes / s
+    if method == "seq":
+        quant.weight.method, quant.weight.narrow_range = "seq", False  # (k + ½)·s
+    model = prepare(tiny_model(), quant)
+    export_model(model, quant, tmp_path / "v2")
+    v1 = _as_format_1(tmp_path / "v2", tmp_path / "v1")
+    assert read_meta(v1)["format_version"] == 1
+    for batch in (probe_batch(model.config), probe_batch(model.config, 3, 9, 1)):
+        torch.testing.assert_close(logits_of(load(v1), batch), logits_of(model, batch), rtol=0, atol=1e-5)
+        assert torch.equal(logits_of(load(v1), batch), logits_of(load(tmp_path / "v2"), batch))
+
+
+def test_from_pretrained_refuses_an_export_folder_instead_of_random_weights(exported):
+    """Issue #34 item 6: with kdqat imported, the registered quantizer names the loader; without it,
+    transformers finds no weights file it knows. Never a randomly initialised model with a warning."""
+    import subprocess
+
+    from transformers import AutoModelForSequenceClassification
+
+    out = exported[0]
+    with pytest.raises(ConfigError, match=r"packed kdqat export .*kdqat_dist\.export\.load"):
+        AutoModelForSequenceClassification.from_pretrained(out)
+    code = (
+        "import sys; from transformers import AutoModelForSequenceClassification as A\n"
+        f"A.from_pretrained({str(out)!r})\n"
+        "assert 'kdqat_dist' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no file named model.safetensors" in proc.stderr.splitlines()[-1]

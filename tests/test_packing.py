@@ -81,13 +81,17 @@ def test_codes_reproduce_the_fake_quant_weight_bit_exactly(method, bits, granula
             target = wq(w)
         codes, scale = P.weight_codes(w, cfg, getattr(wq, "step", None))
         lo, hi = P.code_range(method, bits, narrow)
+        stride = P.code_stride(method, bits, narrow)
         assert lo <= int(codes.min()) and int(codes.max()) <= hi
-        out = P.dequantize(codes, scale, P.dequant_op(method, narrow))
-        assert torch.equal(out, target), (method, bits, granularity, shape)
+        out = P.dequantize(codes, scale)  # the quantized form: ŵ = codes · scale for every method
+        if method == "sym":  # training divides by s; codes · (1/s) is within an ulp
+            torch.testing.assert_close(out, target, rtol=2.5e-7, atol=0)
+        else:
+            assert torch.equal(out, target), (method, bits, granularity, shape)
         rows = shape[0] if granularity == "row" else 1
         assert scale.numel() == rows
         for base3 in (False, True):
-            enc = P.choose_encoding(codes, bits, base3)
+            enc = P.choose_encoding(codes, bits, base3, stride)
             packed = P.encode(codes, enc)
             assert packed.numel() == enc.nbytes(codes.numel())
             if not (base3 and enc.packing == "base3"):
@@ -107,27 +111,38 @@ def test_ternary_codes_pack_at_two_bits_or_base3():
     assert torch.equal(P.decode(P.encode(wide, enc), enc, 5), wide)
 
 
-def test_dequant_op_division_matches_symmetric_quantizer():
-    # sym stores s = levels/max|w| and divides: code * (1/s) would not be bit-exact in general
+def test_sym_scale_is_the_reciprocal_of_trainings_and_format_1_converts():
+    # sym trains with s = levels/max|w| and divides; the quantized form's scale is 1/s (within an ulp)
     cfg = WeightQuantConfig(bits=8, method="sym")
     torch.manual_seed(3)
     w = torch.randn(64, 64)
-    codes, s = P.weight_codes(w, cfg)
+    codes, scale = P.weight_codes(w, cfg)
     with torch.no_grad():
         target = WeightFakeQuant(cfg, w)(w)
-    assert torch.equal(P.dequantize(codes, s, "div"), target)
-    assert P.dequant_op("sym") == "div" and P.dequant_op("twn") == "mul"
+    s = 127 / w.abs().max().clamp(max=2.5)
+    assert torch.equal(scale, s.reciprocal()) and torch.equal(codes.float() / s, target)
+    torch.testing.assert_close(P.dequantize(codes, scale), target, rtol=2.5e-7, atol=0)
+    # format-1 exports stored (codes, s) for codes / s
+    assert P.legacy_dequant_op("sym") == "div" and P.legacy_dequant_op("twn") == "mul"
+    q1, s1 = P.legacy_to_public(codes, s, "div")
+    assert torch.equal(q1, codes) and torch.equal(s1, scale)
 
 
-def test_two_bit_seq_half_integer_levels_pack_at_two_bits():
-    # SEQ's 2-bit levels are (k + 1/2)·α/2 with k in -2..1: four codes, two bits, dequantized with "mul_half"
+def test_two_bit_seq_odd_codes_pack_at_two_bits():
+    # SEQ's 2-bit levels (k + 1/2)·α/2, k in -2..1, are the odd codes 2k + 1 with the scale α/4: two bits
     w = torch.linspace(-0.2, 0.2, 40).reshape(4, 10)
     cfg = WeightQuantConfig(bits=2, method="seq", narrow_range=False, granularity="row")
     wq = WeightFakeQuant(cfg, w)
     codes, scale = P.weight_codes(w, cfg, wq.step)
-    assert set(codes.unique().tolist()) == {-2, -1, 0, 1} and P.dequant_op("seq", False) == "mul_half"
-    enc = P.choose_encoding(codes, 2)
-    assert (enc.packing, enc.storage_bits) == ("bits", 2)
+    assert set(codes.unique().tolist()) == {-3, -1, 1, 3} and P.code_stride("seq", 2, False) == 2
+    enc = P.choose_encoding(codes, 2, stride=2)
+    assert (enc.packing, enc.storage_bits, enc.stride) == ("bits", 2, 2)
     with torch.no_grad():
-        assert torch.equal(P.dequantize(P.decode(P.encode(codes, enc), enc, 40).view(4, 10), scale, "mul_half"), wq(w))
-    assert P.dequant_op("seq") == "mul" and P.code_range("seq", 2) == (-1, 1)  # ternary SEQ
+        assert torch.equal(P.dequantize(P.decode(P.encode(codes, enc), enc, 40).view(4, 10), scale), wq(w))
+    with pytest.raises(ConfigError, match="not 2 apart"):
+        P.encode(torch.tensor([-3, 0, 1]), enc)
+    # format 1 stored k with "mul_half"
+    k = (codes - 1) // 2
+    q1, s1 = P.legacy_to_public(k, scale * 2, "mul_half")
+    assert torch.equal(q1, codes) and torch.equal(s1, scale)
+    assert P.legacy_dequant_op("seq", False) == "mul_half" and P.code_range("seq", 2) == (-1, 1)  # ternary SEQ

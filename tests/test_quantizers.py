@@ -280,9 +280,16 @@ def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(
     lo, hi = q.code_range()
     assert torch.equal(codes, codes.round()) and lo <= int(codes.min()) and int(codes.max()) <= hi
     torch.testing.assert_close(codes, _formula_codes(method, w, bits, step), rtol=0, atol=0)
-    w_hat = codes / scale if q.dequant == "div" else codes * scale  # (seq's ternary grid: "mul")
+    # the public form is q · scale for every method: bit for bit where training multiplies, within an ulp for
+    # sym, whose training divides by 1/scale
+    w_hat = codes * scale
     with torch.no_grad():
-        assert torch.equal(q.fake_quant(w, step), w_hat) and torch.equal(wq(w), w_hat)
+        fq = q.fake_quant(w, step)
+        assert torch.equal(wq(w), fq) and torch.equal(q.dequantized(w, step), fq)
+        if method == "sym":
+            torch.testing.assert_close(w_hat, fq, rtol=1.2e-7, atol=0)
+        else:
+            assert torch.equal(w_hat, fq)
     # diagnostics and export read the same class: the same codes, no second formula
     assert torch.equal(export_codes(w, cfg, step)[0], codes.long())
     assert torch.equal(diag_codes(wq, w)[0], codes)
@@ -291,7 +298,7 @@ def test_each_class_codes_match_the_formula_and_give_its_fake_quant_bit_for_bit(
 def test_sym_and_mean_clip_per_tensor_scales_and_storage_bits():
     x = torch.linspace(-3, 3, 61)
     codes, s = Q.SymMaxAbs(bits=8).codes(x)
-    assert torch.equal(s, torch.tensor(127 / 2.5)) and int(codes.abs().max()) == 127
+    assert torch.equal(s, 1 / torch.tensor(127 / 2.5)) and int(codes.abs().max()) == 127
     assert Q.MeanClip(bits=4).code_range() == (-8, 8) and Q.MeanClip(bits=4).storage_bits() == 5
     assert Q.TWN(bits=2).storage_bits() == 2 and Q.SymMaxAbs(bits=8).storage_bits() == 8
     assert Q.LSQ(bits=2, narrow_range=False).code_range() == (-2, 1)
@@ -391,6 +398,7 @@ def test_absmax_token_one_scale_per_token_and_straight_through():
     assert torch.equal(out[0, 1], torch.zeros(16))
     codes, scale = q.codes(xd)
     assert scale.shape == (2, 3, 1) and int(codes.abs().amax()) == 127 and q.code_range() == (-127, 127)
+    torch.testing.assert_close(codes * scale, out.detach(), rtol=1.2e-7, atol=0)  # public form: q · (1/s)
     # every token reaches ±127: its own max sets its scale
     assert torch.equal(codes.abs().amax(dim=-1)[xd.abs().amax(dim=-1) > 0], torch.full((5,), 127.0))
     out.sum().backward()
@@ -442,14 +450,15 @@ def test_seq_values_and_gradients_match_paretoq(ternary, per_row):
     torch.testing.assert_close(w.grad, upstream * gw)
     torch.testing.assert_close(alpha.grad, (upstream * galpha).sum_to_size(alpha.shape), rtol=1e-5, atol=1e-7)
     assert w.grad[0, 0] == 0 and w.grad[1, 1] == 0
-    # codes and scale give the fake-quant weight bit for bit, as export needs
+    # codes and scale give the fake-quant weight bit for bit, as export needs: 2-bit SEQ's levels (k + ½)·α/2
+    # are the odd codes 2k + 1 with the scale α/4
     codes, scale = q.codes(w, alpha)
     lo, hi = q.code_range()
     assert torch.equal(codes, codes.round()) and lo <= int(codes.min()) and int(codes.max()) <= hi
-    assert (lo, hi) == ((-1, 1) if ternary else (-2, 1)) and q.storage_bits() == 2
-    w_hat = codes * scale if q.dequant == "mul" else (codes + 0.5) * scale
-    assert q.dequant == ("mul" if ternary else "mul_half")
-    assert torch.equal(w_hat, out.detach())
+    assert (lo, hi, q.code_stride) == ((-1, 1, 1) if ternary else (-3, 3, 2)) and q.storage_bits() == 2
+    assert set(codes.unique().tolist()) <= ({-1.0, 0.0, 1.0} if ternary else {-3.0, -1.0, 1.0, 3.0})
+    torch.testing.assert_close(scale, alpha.detach().clamp(min=1e-5) / (1.5 if ternary else 4.0), rtol=0, atol=0)
+    assert torch.equal(codes * scale, out.detach())
 
 
 def test_seq_alpha_initialised_at_max_abs_and_in_its_own_lr_group():

@@ -86,13 +86,14 @@ def weight_codes(wq: WeightFakeQuant, weight: torch.Tensor) -> tuple[torch.Tenso
 
     The quantizer's own codes (:meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`); the step is the
     distance between its levels: TWN's α (codes in {-1, 0, 1}), the LSQ step, the max-abs step 1/s, the
-    mean-clip step. An all-zero row or tensor (α = 0) gets step 1, so that scales and drifts stay finite.
+    mean-clip step, twice the scale of 2-bit SEQ's odd codes. An all-zero row or tensor (α = 0) gets step 1,
+    so that scales and drifts stay finite.
     """
     # The quantizer, not the module: a ZeRO-3 engine hooks every submodule call to fetch its parameters (a
     # collective the other ranks would not join); the caller has made them whole already.
     q = wq.quantizer
     codes, scale = q.codes(weight, getattr(wq, "step", None))
-    step = scale.float().reciprocal() if q.dequant == "div" else scale.float()
+    step = scale.float() * q.code_stride  # the public form: x̂ = codes · scale
     return codes.float(), torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
 
 

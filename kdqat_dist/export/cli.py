@@ -1,9 +1,14 @@
-"""``kdqat export``: pack a trained student, reload it, and prove on the dev set that nothing changed.
+"""``kdqat export``: pack a trained student (or write its ONNX form), reload it, and prove on the dev set
+that nothing changed.
 
     kdqat export --student runs/x/student --out runs/x/export [--base3] [--config RECIPE] [key=value ...]
+    kdqat export --format onnx --student runs/x/student --out runs/x/onnx [--weights int8|2bit]
 
 The task and data for the re-evaluation come from the ``config.yaml`` the training run wrote next to the
-student (``--config`` replaces it; overrides apply to either).
+student (``--config`` replaces it; overrides apply to either). The packed artifact must score what the
+student scores; the ONNX model (ONNX Runtime, int8 kernels) must agree with the student on at least
+99.5 % of the dev rows (:data:`~kdqat_dist.export.onnx_check.MAX_DISAGREEMENT`). Either is removed
+otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from kdqat_dist.config import ConfigError, RunConfig
 from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student, read_meta
+from kdqat_dist.export.onnx_export import ONNX_META, WEIGHT_LAYOUTS, export_onnx
 from kdqat_dist.run_folder import model_run, resolve_model_dir, run_config_path
 
 
@@ -32,6 +38,18 @@ def add_parser(subparsers) -> None:
         "-c",
         default=None,
         help="recipe for the dev-set check (default: the run's config.yaml next to the student)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("packed", "onnx"),
+        default="packed",
+        help="packed: bit-packed codes for kdqat_dist.export.load (default); onnx: an ONNX Runtime int8 graph",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_LAYOUTS,
+        default="int8",
+        help="ONNX weight layout: int8 QDQ (default) or 2bit (MatMulNBits, 2 bits per ternary code)",
     )
     p.add_argument("--base3", action="store_true", help="pack ternary weights five per byte (1.6 bits)")
     p.add_argument(
@@ -58,20 +76,29 @@ def run_config(student: Path, config: str | None, overrides: list[str]) -> RunCo
 
 
 def _same(a: dict, b: dict) -> bool:
-    """Equal metric dicts, NaN equal to NaN (x != x only for NaN)."""
-    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
+    """Equal metric dicts up to float rounding (max-abs weights are codes · (1/s) in the artifact where
+    training divides by s: a correlation may move in its 7th digit, a count-based metric cannot move by
+    less than one row), NaN equal to NaN (x != x only for NaN)."""
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 or (a[k] != a[k] and b[k] != b[k]) for k in a)
 
 
 def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     """Export, then score the student and the artifact with ``evaluate_folder`` (the CLI passes
     :func:`kdqat_dist.pipeline.evaluate_folder`, which sits above this package)."""
     student, out = resolve_model_dir(args.student, "--student"), check_out_dir(args.out)
+    if args.format == "packed" and args.weights != "int8":
+        raise ConfigError("--weights: only for --format onnx (the packed format stores 2-bit codes already)")
+    if args.format == "onnx" and args.base3:
+        raise ConfigError("--base3: only for --format packed")
     cfg = None if args.skip_eval and args.config is None else run_config(student, args.config, args.overrides)
+    if args.format == "onnx":
+        return _run_onnx(args, student, out, cfg)
     created = not out.exists()
     report = export_student(student, out, base3=args.base3)
     print(
         f"[export] wrote {out} ({report.modules} packed weights"
-        f"{', ternary base-3 packed' if args.base3 else ''}); reloaded logits identical on a probe batch"
+        f"{', ternary base-3 packed' if args.base3 else ''}); the reloaded integer model gives the student's "
+        "logits on probe batches"
     )
     print("\n".join(f"[export] {line}" for line in report.lines()))
     if cfg is None:
@@ -96,6 +123,44 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2))  # the checksum covers the weights file only
     print(
         f"[export] round trip OK: dev selection {ms['selection']:.4f} (student) == {me['selection']:.4f} "
-        f"(export), all metrics identical"
+        f"(export), all metrics equal"
     )
     return 0
+
+
+def _run_onnx(args, student: Path, out: Path, cfg: RunConfig | None) -> int:
+    from kdqat_dist.export.onnx_check import MAX_DISAGREEMENT, dev_check  # data + engine: only this path
+
+    created = not out.exists()
+    report = export_onnx(student, out, weights=args.weights)
+    print(
+        f"[export] wrote {out} (ONNX, opset {read_onnx(out)['opset']}); "
+        "ONNX Runtime matches the student on probe batches"
+    )
+    print("\n".join(f"[export] {line}" for line in report.lines()))
+    if cfg is None:
+        print("[export] dev-set check skipped (--skip-eval)")
+        return 0
+    try:
+        check = dev_check(copy.deepcopy(cfg), student, out)
+        sel_s, sel_o = check.student["selection"], check.onnx["selection"]
+        print(
+            f"[export] dev set ({check.rows} rows): student {sel_s:.4f}, ONNX {sel_o:.4f}; "
+            f"predictions agree on {check.agree}/{check.rows} ({100 * check.agreement:.2f} %)"
+        )
+        if not check.ok():
+            raise ConfigError(
+                f"export: the ONNX model agrees with the student on only {check.agree} of {check.rows} dev rows "
+                f"(allowed: {100 * MAX_DISAGREEMENT:g} % different); ONNX model removed"
+            )
+    except BaseException:
+        _remove_written(out, created)
+        raise
+    meta = read_onnx(out)
+    meta["round_trip"] = {"task": cfg.data.task, **check.as_dict()}
+    (out / ONNX_META).write_text(json.dumps(meta, indent=2))  # the checksum covers model.onnx only
+    return 0
+
+
+def read_onnx(out: Path) -> dict:
+    return json.loads((out / ONNX_META).read_text())

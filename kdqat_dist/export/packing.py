@@ -6,15 +6,15 @@ Two layers, both pure functions on tensors:
   little-endian (value ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream, bit 0 = the least
   significant bit of byte 0); the last byte is zero-padded. Base-3 packing stores trits ``{0, 1, 2}``
   five per byte (``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4``, at most 242), 1.6 bits per ternary value.
-- **codes**: a frozen quantized weight ``ŵ`` (what :class:`~kdqat_dist.quant.fake_quant.WeightFakeQuant`
-  returns) as signed integer codes and FP32 scales with ``dequantize(codes, scale) == ŵ`` exactly. The
-  codes and scales are the quantizer classes' own (:mod:`kdqat_dist.quant.quantizers`: TWN b and α, sym
-  round(v·s) and s, mean-clip codes and step, LSQ codes and step, absmean codes and γ, SEQ codes and α/n),
-  the same float operations as training.
-  ``sym`` divides (``code / s``) as training does (``code * (1/s)`` would differ by an ulp); 2-bit SEQ's
-  half-integer levels are ``(code + ½)·s`` with codes -2..1 (2 bits). ``mean_clip``
-  can produce 2^b + 1 levels (round-half-even takes the clamped ``±c`` to ``±2^(b-1)``); when a tensor
-  uses them its codes are stored with one extra bit instead of being altered.
+- **codes**: a quantized weight ``ŵ`` (what :class:`~kdqat_dist.quant.fake_quant.WeightFakeQuant`
+  returns) in the quantized form of :mod:`kdqat_dist.quant.quantizers`: signed integer codes ``q`` and FP32
+  scales with ``ŵ = q · scale`` (zero point 0: every method is symmetric). The codes and scales are the
+  quantizer classes' own (TWN b and α, sym round(v·s) and 1/s, mean-clip codes and step, LSQ codes and step,
+  absmean codes and γ, SEQ codes and α/n, 2-bit SEQ's odd codes 2k + 1 and α/4). Bit for bit where
+  training multiplies; within float rounding for sym, whose training divides by s. ``mean_clip`` can
+  produce 2^b + 1 levels (round-half-even takes the clamped ``±c`` to ``±2^(b-1)``); when a tensor uses them
+  its codes are stored with one extra bit instead of being altered. Codes ``stride`` apart (2-bit SEQ's odd
+  codes) are stored as ``(q − lo) / stride``.
 """
 
 from __future__ import annotations
@@ -132,18 +132,19 @@ def unpack_base3(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Encoding:
-    """How one tensor's signed codes are stored: ``u = code + zero``, packed by ``packing``."""
+    """How one tensor's signed codes are stored: ``u = (code + zero) / stride``, packed by ``packing``."""
 
     packing: str  # "bits" | "base3"
     storage_bits: int  # bits per value for "bits"; 0 for base3 (1.6 bits)
     zero: int
+    stride: int = 1  # distance between consecutive codes (2 for 2-bit SEQ's odd codes)
 
     def nbytes(self, n: int) -> int:
         return base3_nbytes(n) if self.packing == "base3" else packed_nbytes(n, self.storage_bits)
 
 
-def choose_encoding(codes: torch.Tensor, bits: int, base3: bool = False) -> Encoding:
-    """The encoding of signed ``codes`` at nominal width ``bits``.
+def choose_encoding(codes: torch.Tensor, bits: int, base3: bool = False, stride: int = 1) -> Encoding:
+    """The encoding of signed ``codes`` at nominal width ``bits``; consecutive codes lie ``stride`` apart.
 
     Codes spanning at most three values are base-3 packed when ``base3`` is set. Otherwise the width is
     ``bits``, or the smallest width that holds the codes' range when it does not fit (mean_clip's extra
@@ -151,17 +152,28 @@ def choose_encoding(codes: torch.Tensor, bits: int, base3: bool = False) -> Enco
     """
     if bits not in ALLOWED_BITS:
         raise ConfigError(f"export: unsupported weight bits {bits}; allowed: 2, 3, 4, 8")
+    if stride < 1:
+        raise ConfigError(f"packing: code stride {stride} must be >= 1")
     lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
-    if base3 and hi - lo <= 2:
-        return Encoding("base3", 0, -lo)
-    width = max(bits, math.ceil(math.log2(hi - lo + 1)) if hi > lo else 1)
+    span = (hi - lo) // stride
+    if base3 and span <= 2:
+        return Encoding("base3", 0, -lo, stride)
+    width = max(bits, math.ceil(math.log2(span + 1)) if span else 1)
     _check_bits(width)
-    return Encoding("bits", width, -lo)
+    return Encoding("bits", width, -lo, stride)
 
 
 def encode(codes: torch.Tensor, enc: Encoding) -> torch.Tensor:
-    """Signed codes -> packed uint8 bytes."""
+    """Signed codes -> packed uint8 bytes.
+
+    Raises:
+        ConfigError: a code that is not ``stride`` apart from the smallest one.
+    """
     u = codes.reshape(-1).to(torch.int64) + enc.zero
+    if enc.stride != 1:
+        if u.numel() and bool((u % enc.stride).any()):
+            raise ConfigError(f"packing: codes are not {enc.stride} apart")
+        u = u // enc.stride
     return pack_base3(u) if enc.packing == "base3" else pack_bits(u, enc.storage_bits)
 
 
@@ -173,7 +185,7 @@ def decode(packed: torch.Tensor, enc: Encoding, n: int) -> torch.Tensor:
         u = unpack_bits(packed, enc.storage_bits, n)
     else:
         raise ConfigError(f"packing: unknown packing {enc.packing!r}; allowed: bits, base3")
-    return u - enc.zero
+    return u * enc.stride - enc.zero
 
 
 # --------------------------------------------------------------------------- quantizer -> codes
@@ -183,9 +195,25 @@ def _quantizer(method: str, bits: int = 8, narrow_range: bool = True) -> Quantiz
     return make_quantizer(WeightQuantConfig(bits=bits, method=method, narrow_range=narrow_range))
 
 
-def dequant_op(method: str, narrow_range: bool = True) -> str:
-    """``"div"`` for sym, ``"mul_half"`` for 2-bit SEQ, ``"mul"`` for the others (see the module docstring)."""
-    return _quantizer(method, 2, narrow_range).dequant
+def legacy_dequant_op(method: str, narrow_range: bool = True) -> str:
+    """How format-1 exports stored a method's codes: ``"div"`` (sym: codes / s), ``"mul_half"`` (2-bit SEQ:
+    (k + ½)·s) or ``"mul"`` (codes · scale, the quantized form of format 2)."""
+    if method not in TERNARY_ONLY + ("sym", "mean_clip", "lsq"):
+        raise ConfigError(f"export: unknown weight method {method!r}")
+    if method == "sym":
+        return "div"
+    return "mul_half" if method == "seq" and not narrow_range else "mul"
+
+
+def legacy_to_public(codes: torch.Tensor, scale: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Format-1 (codes, scale) stored for ``op`` -> the quantized form (q, scale) with ŵ = q · scale."""
+    if op == "div":
+        return codes, scale.reciprocal()
+    if op == "mul_half":
+        return codes * 2 + 1, scale / 2
+    if op == "mul":
+        return codes, scale
+    raise ConfigError(f"export: unknown dequantization {op!r}; allowed: mul, div, mul_half")
 
 
 def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, int]:
@@ -193,13 +221,19 @@ def code_range(method: str, bits: int, narrow_range: bool = True) -> tuple[int, 
     return _quantizer(method, bits, narrow_range).code_range()
 
 
+def code_stride(method: str, bits: int, narrow_range: bool = True) -> int:
+    """The distance between a quantizer's consecutive codes (2 for 2-bit SEQ, else 1)."""
+    return _quantizer(method, bits, narrow_range).code_stride
+
+
 def weight_codes(
     latent: torch.Tensor, cfg: WeightQuantConfig, step: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int64, the weight's shape) and scales of ``cfg``'s quantizer on the ``latent`` weight:
-    the quantizer's own :meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`, so that :func:`dequantize` gives
-    the fake-quant weight bit for bit. The scale has shape [rows, 1] (row granularity) or [] / [1] (tensor).
-    A learned quantizer (``lsq``, ``seq``) needs its ``step`` (``WeightFakeQuant.step``).
+    the quantizer's own :meth:`~kdqat_dist.quant.quantizers.Quantizer.codes`, so that :func:`dequantize`
+    gives the fake-quant weight (see the module docstring). The scale has shape [rows, 1] (row
+    granularity) or [] / [1] (tensor). A learned quantizer (``lsq``, ``seq``) needs its ``step``
+    (``WeightFakeQuant.step``).
     """
     if cfg.bits not in ALLOWED_BITS:
         raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
@@ -212,13 +246,6 @@ def weight_codes(
     return codes.to(torch.int64), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, op: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ŵ from integer codes and scales (``scale`` broadcasts: [] or [rows, 1])."""
-    c, s = codes.to(dtype), scale.to(dtype)
-    if op == "mul":
-        return c * s
-    if op == "div":
-        return c / s
-    if op == "mul_half":
-        return (c + 0.5) * s
-    raise ConfigError(f"export: unknown dequantization {op!r}; allowed: mul, div, mul_half")
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ = codes · scale (``scale`` broadcasts: [] or [rows, 1])."""
+    return codes.to(dtype) * scale.to(dtype)

@@ -1,4 +1,5 @@
-"""``prepare`` turns a Hugging Face encoder into the fake-quant student in place; ``convert`` freezes it.
+"""``prepare`` turns a Hugging Face encoder into the fake-quant student in place; ``convert`` turns that into
+its integer form (:mod:`kdqat_dist.quant.integer`).
 
 What is quantized (docs/algorithms.md §1.1), each choice overridable per module by ``quant.rules``:
 
@@ -31,6 +32,13 @@ from kdqat_dist.quant.fake_quant import (
     QuantEmbedding,
     QuantLinear,
     WeightFakeQuant,
+)
+from kdqat_dist.quant.integer import (
+    QuantizedAct,
+    QuantizedAttention,
+    QuantizedEmbedding,
+    QuantizedInputLinear,
+    QuantizedLinear,
 )
 
 
@@ -169,17 +177,47 @@ def calibrate_activations(model: nn.Module, batch: dict) -> int:
 
 @torch.no_grad()
 def convert(model: nn.Module) -> nn.Module:
-    """Freeze the quantized weights into the latent tensors (for evaluation and export).
+    """Swap every fake-quant module of a prepared student for its integer form, in place; returns ``model``.
 
-    After ``convert`` each QuantLinear/QuantEmbedding holds its quantized weight values and no weight
-    quantizer; activation and attention quantizers stay, so inference sees the same A8 arithmetic.
+    As torchao's ``QATConfig(step="convert")``: each :class:`QuantLinear` becomes a
+    :class:`~kdqat_dist.quant.integer.QuantizedLinear` holding integer codes, scales, the bias and its input's
+    activation quantizer (a :class:`~kdqat_dist.quant.integer.QuantizedInputLinear` when a rule left the
+    weight in full precision), the quantized word embedding a
+    :class:`~kdqat_dist.quant.integer.QuantizedEmbedding`, and each attention's quantizers a
+    :class:`~kdqat_dist.quant.integer.QuantizedAttention`. The converted model computes the fake-quant
+    student's logits (bit for bit where training multiplies codes by the scale, within float rounding
+    where it divides: max-abs weights), holds no latent float weights and no autograd quantizers, and
+    traces with ``torch.export`` and ``torch.onnx.export``. Quantizers switched off (``set_quant_enabled``)
+    stay off: their modules keep full precision. ``to_linear()`` / ``to_embedding()`` on the new modules give
+    plain float modules back. Learned steps are read as they are: an uncalibrated LSQ activation step is a
+    bug of the caller (see :func:`mark_calibrated`).
     """
-    for _, m in list(model.named_modules()):
-        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quant is not None:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            wq, aq = m.weight_quant, QuantizedAct.from_fake_quant(m.act_quant)
+            if wq is not None and wq.enabled:
+                new = QuantizedLinear.from_fake_quant(m)
+            elif aq is not None:
+                new = QuantizedInputLinear.from_fake_quant(m, aq)
+            else:
+                new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                new.weight, new.bias = m.weight, m.bias
+            _set_submodule(model, name, new)
+        elif isinstance(m, QuantEmbedding):
             wq = m.weight_quant
-            m.weight.data.copy_(wq(m.weight))
-            m.frozen_weight_cfg = wq.cfg
-            if hasattr(wq, "step"):
-                m.frozen_step = wq.step.detach().clone()
-            m.weight_quant = None
+            if wq is not None and wq.enabled:
+                if m.max_norm is not None:  # renormalising rows in place cannot work on integer codes
+                    raise ValueError(f"convert: {name} has max_norm set; an integer embedding cannot renormalise")
+                _set_submodule(model, name, QuantizedEmbedding.from_fake_quant(m))
+            else:
+                emb = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
+                emb.weight = m.weight
+                _set_submodule(model, name, emb)
+        elif isinstance(m, AttentionQuant):
+            _set_submodule(model, name, QuantizedAttention.from_fake_quant(m))
     return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` holds integer-form modules (:func:`convert` ran on it)."""
+    return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding, QuantizedAttention)) for m in model.modules())

@@ -23,6 +23,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from kdqat_dist.config import QuantConfig, build_section
+from kdqat_dist.errors import ConfigError
 
 # kdqat_dist.quant.api (torch, the model code) is imported where it is used: register() may run in the middle
 # of transformers' own imports (kdqat_dist.quant.hf_register), where importing the model code would cycle.
@@ -35,10 +36,19 @@ class KdqatQuantizationConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config``: the run's whole ``quant`` section (methods, bits,
     granularity, per-module rules, skips), so the student is rebuilt exactly as it was trained."""
 
-    def __init__(self, quant: dict[str, Any] | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+    def __init__(
+        self,
+        quant: dict[str, Any] | None = None,
+        format_version: int = FORMAT_VERSION,
+        packed: str | None = None,
+        **kwargs,
+    ):
         self.quant_method = QUANT_METHOD
         self.quant = quant or {}
         self.format_version = format_version
+        # an export folder of `kdqat export` (its codes are bit-packed, not float weights): from_pretrained
+        # refuses it and names the loader
+        self.packed = packed
 
     def quant_config(self) -> QuantConfig:
         return build_section(QuantConfig, self.quant, "quantization_config.quant")
@@ -50,6 +60,14 @@ class KdqatHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-quantized (trained) students load; nothing is quantized here
     is_trainable: bool = True
     is_qat_trainable: bool = True  # a loaded student can go on with quantization-aware training
+
+    def validate_environment(self, *args, **kwargs):
+        if self.quantization_config.packed:
+            raise ConfigError(
+                f"this folder is a packed kdqat export ({self.quantization_config.packed}): its weights are "
+                "bit-packed integer codes, not a checkpoint from_pretrained can read; load it with "
+                "kdqat_dist.export.load(folder) or run it with `kdqat predict --model folder`"
+            )
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         from kdqat_dist.quant.api import prepare

@@ -3,14 +3,23 @@
 
 Each class is the single home of its method's statistics and gives:
 
-- ``codes(x, step) -> (codes, scale)``: integer-valued codes (in ``x``'s dtype, detached) and the scale
-  that gives ŵ back bit for bit as ``codes * scale`` (``dequant == "mul"``) or ``codes / scale``
-  (``"div"``: sym, which divides in training too);
-- ``fake_quant(x, step)``: that ŵ, with training's backward: the straight-through estimator, zeroed where
+- ``codes(x, step) -> (q, scale)``: the **quantized form**, one convention for every method: integer codes
+  ``q`` (integer-valued, in ``x``'s dtype, detached) and a scale with ``x̂ = (q − zero_point) · scale``;
+  every method here is symmetric, so ``zero_point`` is 0 and ``x̂ = q · scale``. Bit for bit for the methods
+  whose training multiplies (TWN, mean-clip, LSQ, absmean, SEQ); within float rounding (an ulp) for the
+  max-abs ones (sym, absmax_token), whose training divides by ``1/scale``. 2-bit SEQ's half-integer levels
+  (k + ½)·α/2 are the odd codes 2k + 1 with the scale α/4 (exact: the same real number, rounded once);
+- ``code_range()`` / ``code_stride``: the codes it can produce (SEQ's 2-bit codes step by 2);
+- ``fake_quant(x, step)``: x̂ with training's backward: the straight-through estimator, zeroed where
   ``|x| >= clip`` (the reference's clipped STE), or LSQ's step-size gradient;
+- ``dequantized(x, step)``: the same x̂ without autograd (the inference path of a converted model);
 
-so training (:mod:`~kdqat_dist.quant.fake_quant`), diagnostics and export compute the same numbers. ``step``
-is the learned LSQ step (a parameter of the owning module, shape (1,) or [rows, 1]); None otherwise.
+so training (:mod:`~kdqat_dist.quant.fake_quant`), diagnostics, the integer model
+(:mod:`~kdqat_dist.quant.integer`) and export compute the same numbers. ``step`` is the learned LSQ step (a
+parameter of the owning module, shape (1,) or [rows, 1]); None otherwise.
+
+No Python branch reads tensor data while ``torch.compile`` / ``torch.export`` trace (``_tracing``): the two
+CPU shortcuts that skip an identity clamp take the general path there, with the same values.
 """
 
 from __future__ import annotations
@@ -60,22 +69,32 @@ def _ste(x: Tensor, xq: Tensor, clip: float | None) -> Tensor:
     return _ClippedSTE.apply(x, xq.detach(), clip)
 
 
+def _tracing() -> bool:
+    """True while torch.compile or torch.export traces: a Python branch on tensor data would fail there
+    (``GuardOnDataDependentSymNode``) or bake one input's answer into the graph."""
+    return torch.compiler.is_compiling()
+
+
 def _within_clip(x: Tensor, clip: float | None) -> bool:
     """Whether ``|x| < clip`` everywhere, so that clamping is the identity and the STE mask all ones.
 
     Read on the CPU only (one pass that writes nothing); elsewhere it would stall the stream, so the
-    answer there is "not known" and the clamp and mask are computed as written.
+    answer there is "not known" and the clamp and mask are computed as written. Also "not known" while
+    tracing (the clamp then runs: the same values).
     """
     if clip is None:
         return True
-    if x.device.type != "cpu" or x.numel() == 0:
+    if x.device.type != "cpu" or x.numel() == 0 or _tracing():
         return False
     lo, hi = torch.aminmax(x)
     return max(float(hi), -float(lo)) < clip  # False for NaN: the clamp path then runs as before
 
 
 def _dequant(codes: Tensor, scale: Tensor, op: str) -> Tensor:
-    """ŵ from ``codes`` (a fresh tensor, overwritten) and ``scale``, by the class's ``dequant`` op."""
+    """ŵ from training's ``codes`` (a fresh tensor, overwritten) and ``scale``, by the class's ``_train_op``.
+
+    Training's own arithmetic, kept as it was so that its numbers never change; the public form is
+    :meth:`Quantizer.codes` (always ``q · scale``)."""
     if op == "div":
         return codes.div_(scale)
     if op == "mul_half":
@@ -85,7 +104,8 @@ def _dequant(codes: Tensor, scale: Tensor, op: str) -> Tensor:
 
 @dataclass(frozen=True)
 class Quantizer:
-    """What every method shares. Subclasses implement ``_quant`` (codes and scale) and ``code_range``.
+    """What every method shares. Subclasses implement ``_quant`` (training's codes and scale) and
+    ``code_range`` (of the public codes); ``_public`` maps training's pair to the public one.
 
     Attributes:
         bits: bit width (TWN is ternary whatever it says).
@@ -97,31 +117,56 @@ class Quantizer:
     per_row: bool = False
     clip: float | None = 2.5
 
-    dequant: ClassVar[str] = "mul"  # ŵ = codes * scale ("div": codes / scale; "mul_half": (codes + ½) * scale)
+    # how training computes x̂ from _quant's pair: "mul" codes * scale, "div" codes / scale, "mul_half"
+    # (codes + ½) * scale. Internal: the public form (codes()) is always q * scale.
+    _train_op: ClassVar[str] = "mul"
     learned: ClassVar[bool] = False  # the owning module holds a learned step
+    code_stride: ClassVar[int] = 1  # distance between consecutive public codes
 
     @classmethod
     def from_config(cls, cfg: WeightQuantConfig | ActQuantConfig, activation: bool) -> Quantizer:
         return cls(bits=cfg.bits, per_row=getattr(cfg, "granularity", "tensor") == "row", clip=cfg.clip)
 
     def code_range(self) -> tuple[int, int]:
-        """The smallest and largest code this quantizer can produce."""
+        """The smallest and largest public code this quantizer can produce."""
         raise NotImplementedError
 
-    def storage_bits(self) -> int:
-        """Bits per stored code: enough for :meth:`code_range` (mean-clip needs one more than ``bits``)."""
+    def num_codes(self) -> int:
+        """How many codes :meth:`code_range` holds (``code_stride`` apart)."""
         lo, hi = self.code_range()
-        return math.ceil(math.log2(hi - lo + 1))
+        return (hi - lo) // self.code_stride + 1
+
+    def storage_bits(self) -> int:
+        """Bits per stored code: enough for :meth:`num_codes` (mean-clip needs one more than ``bits``)."""
+        return math.ceil(math.log2(self.num_codes()))
 
     def codes(self, x: Tensor, step: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(codes, scale) of ``x``, detached: codes the shape of ``x``, scale a scalar, (1,) or [rows, 1, ...]."""
+        """The quantized form (q, scale) of ``x``, detached: ``x̂ = q · scale`` (see the module docstring).
+
+        Returns:
+            q: integer-valued codes in ``x``'s dtype, the shape of ``x``, within :meth:`code_range`;
+            scale: a scalar, (1,), [rows, 1, ...] (per row) or [..., 1] (per token), broadcastable to q.
+        """
         codes, scale, _ = self._quant(x.detach(), step)
+        return self._public(codes, scale)
+
+    def _public(self, codes: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """Training's (codes, scale) -> the public (q, scale) with x̂ = q · scale."""
+        if self._train_op == "div":
+            return codes, scale.reciprocal()
+        if self._train_op == "mul_half":  # (k + ½)·s = (2k + 1)·(s/2): both exact, the same real number
+            return codes.mul_(2).add_(1), scale / 2
         return codes, scale
 
     def fake_quant(self, x: Tensor, step: Tensor | None = None) -> Tensor:
-        """ŵ, the shape of ``x``; backward: straight through, zeroed where |x| >= clip."""
+        """x̂, the shape of ``x``; backward: straight through, zeroed where |x| >= clip."""
         codes, scale, ste_clip = self._quant(x.detach(), step)
-        return _ste(x, _dequant(codes, scale, self.dequant), ste_clip)
+        return _ste(x, _dequant(codes, scale, self._train_op), ste_clip)
+
+    def dequantized(self, x: Tensor, step: Tensor | None = None) -> Tensor:
+        """:meth:`fake_quant`'s value without autograd: the inference path of a converted model."""
+        codes, scale, _ = self._quant(x.detach(), None if step is None else step.detach())
+        return _dequant(codes, scale, self._train_op)
 
     def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
         """(codes in a fresh tensor, scale, the STE's clip) of the detached ``x``."""
@@ -166,10 +211,11 @@ class SymMaxAbs(Quantizer):
     """Symmetric uniform max-abs quantisation (TernaryBERT ``SymQuantizer``), for 8-bit weights and every
     dynamic activation: clamp to ±clip; m = max|x|; s = (2^(b-1) - 1)/m; codes round(x·s); ŵ = codes/s.
 
-    The range is recomputed at every call (nothing learned); 2^(b-1) - 1 levels per side.
+    The range is recomputed at every call (nothing learned); 2^(b-1) - 1 levels per side. Public form:
+    q = codes, scale = 1/s (= m/(2^(b-1) - 1)).
     """
 
-    dequant: ClassVar[str] = "div"
+    _train_op: ClassVar[str] = "div"
 
     def code_range(self) -> tuple[int, int]:
         levels = 2 ** (self.bits - 1) - 1
@@ -188,8 +234,8 @@ class SymMaxAbs(Quantizer):
         if clip is not None:
             # Nothing reaches the clip (e.g. attention probabilities in [0, 1]): the STE mask would be all
             # ones, so skip computing and storing it. Checked on the CPU only, where reading m costs nothing
-            # (on a GPU it would stall the stream at every activation).
-            if m.dim() == 0 and m.device.type == "cpu" and float(m) < clip:
+            # (on a GPU it would stall the stream at every activation), and never while tracing.
+            if m.dim() == 0 and m.device.type == "cpu" and not _tracing() and float(m) < clip:
                 ste_clip = None
             m = m.clamp(max=clip)
         scale = (2 ** (self.bits - 1) - 1) / m.clamp(min=1e-8)
@@ -342,13 +388,13 @@ class AbsMean(Quantizer):
 class AbsMaxToken(Quantizer):
     """BitNet's per-token absmax activations: for each vector along the last dim (a token's hidden
     vector), s = Q_P / max(max|x|, ε) with Q_P = 2^(b-1) - 1 (127 at 8 bits) and ε = 1e-5; codes round(x·s);
-    x̂ = codes / s. Scale s: [..., 1].
+    x̂ = codes / s. Scale s: [..., 1]; public form q = codes, scale = 1/s.
 
     As :class:`SymMaxAbs` (one scale per tensor), a ``clip`` clamps first and zeroes the STE beyond it;
     ``clip: null`` is BitNet's plain STE.
     """
 
-    dequant: ClassVar[str] = "div"
+    _train_op: ClassVar[str] = "div"
     eps: ClassVar[float] = 1e-5
 
     def code_range(self) -> tuple[int, int]:
@@ -403,7 +449,8 @@ class SEQ(Quantizer):
 
     ternary (``narrow_range``, 1.58 bits): n = 1.5, shift = 0, k ∈ {-1, 0, 1}, ŵ ∈ {0, ±⅔α};
     2 bits: n = 2, shift = ½, k ∈ {-2, -1, 0, 1}, ŵ ∈ {±¼α, ±¾α}. The levels sit at the centres of equal
-    bins of [-α, α]. Codes k, scale α/n (dequantization ``mul``, or ``mul_half``: (k + ½)·α/n).
+    bins of [-α, α]. Training computes k·α/n or (k + ½)·α/n; the public form is q = k, scale α/n (ternary)
+    or the odd codes q = 2k + 1 ∈ {-3, -1, 1, 3}, scale α/(2n) = α/4 (2 bits).
 
     Gradients (ParetoQ's ``StretchedElasticQuant``): ∂ŵ/∂w = 1[|r| <= 0.99];
     ∂ŵ/∂α = g·{q(r) - r inside, ∓top beyond ±0.99} with q(r) = (k + shift)/n, top = (n - shift)/n (1 for
@@ -429,8 +476,12 @@ class SEQ(Quantizer):
         return (1.5, 0.0) if self.narrow_range else (float(2 ** (self.bits - 1)), 0.5)
 
     @property
-    def dequant(self) -> str:  # type: ignore[override]  # depends on the grid, not only the class
+    def _train_op(self) -> str:  # type: ignore[override]  # depends on the grid, not only the class
         return "mul" if self.narrow_range else "mul_half"
+
+    @property
+    def code_stride(self) -> int:  # type: ignore[override]  # 2-bit: odd codes
+        return 1 if self.narrow_range else 2
 
     @property
     def levels(self) -> tuple[int, int]:
@@ -438,7 +489,8 @@ class SEQ(Quantizer):
         return 1, 1
 
     def code_range(self) -> tuple[int, int]:
-        return (-1, 1) if self.narrow_range else (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+        # 2 bits: k in -2^(b-1) .. 2^(b-1) - 1, public 2k + 1
+        return (-1, 1) if self.narrow_range else (1 - 2**self.bits, 2**self.bits - 1)
 
     def _quant(self, x: Tensor, step: Tensor | None) -> tuple[Tensor, Tensor, float | None]:
         n, shift = self.grid

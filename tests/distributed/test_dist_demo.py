@@ -13,9 +13,13 @@ def test_demo_runs_kd_qat_on_2_ranks_with_the_teacher_sharded(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     res = demo("tiny_debug", ["train.max_steps=4", "train.eval_every=2"], num_procs=2)
     out = capsys.readouterr().out
-    assert "[demo] 3/3 KD-QAT on 2 DeepSpeed ranks" in out and "--num_accelerators 2" in out
-    for row in ("teacher (fp32)", "QAT without KD", "KD-QAT (2 ranks)"):
+    assert "[demo] 3/4 KD-QAT on 2 DeepSpeed ranks" in out and "--num_accelerators 2" in out
+    for row in ("teacher (fp32)", "QAT without KD", "KD-QAT (2 ranks)", "KD-QAT, deployed (ONNX int8)"):
         assert row in out
+    # the deployed student: ONNX Runtime's int8 kernels, its dev score, its speed over the teacher
+    dep = res["deployed"]
+    assert dep["integer_ops"] == {"MatMulIntegerToFloat": 16} and dep["speed"]["speedup"] > 0
+    assert dep["dev"]["onnx"]["acc"] == pytest.approx(res["kd_qat"]["best"]["acc"], abs=0.02)
     assert "memory (MiB) per rank" in out and "rank 1" in out
     saved = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert saved["num_procs"] == 2 and saved["kd_qat"]["total_steps"] == 4
