@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdqat_dist.config import DistillConfig
+from kdqat_dist.config import ConfigError, DistillConfig
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
-from kdqat_dist.errors import ConfigError
 from kdqat_dist.models.encoders import encoder_layers, unwrap
 from kdqat_dist.models.layer_map import hidden_map, layer_map
 
