@@ -1,6 +1,6 @@
 """``kdqat``: the command line. Parses arguments and calls into the library, nothing else.
 
-User errors (bad config, data, paths) print one line ``kdqat: error: ...`` and exit with status 2.
+User errors print one line ``kdqat: error: ...`` (exit 2), bugs their traceback (exit 1): see :mod:`kdqat_dist.errors`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import os
 import shutil
 import sys
 import textwrap
-from importlib.metadata import PackageNotFoundError, version
 
+from kdqat_dist import __version__
 from kdqat_dist.config import RECIPES_DIR, load_config, to_dict
-from kdqat_dist.errors import ConfigError, TrainingError
+from kdqat_dist.errors import USER_ERRORS, report
 
 # torch, transformers and the commands' modules (kdqat_dist.pipeline, the subcommands) are imported in main():
 # `kdqat --version` answers without them (seconds of CPU otherwise).
@@ -39,13 +39,6 @@ SECTIONS_HELP = """config sections: model teacher student data quant distill tra
   kdqat config RECIPE [key=value ...]   prints every key of the resolved config with its value (YAML)"""
 
 
-def _version() -> str:
-    try:
-        return version("kdqat-dist")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"got {text!r}; must be a positive integer")
@@ -68,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The `deepspeed` launcher appends --local_rank=N (before the subcommand); the rank comes from the
     # environment (LOCAL_RANK) anyway, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--version", action="version", version=f"kdqat {_version()}")
+    parser.add_argument("--version", action="version", version=f"kdqat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, help_ in (
         ("finetune", "fine-tune the full-precision teacher on a task (saves HF format)"),
@@ -118,18 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Subcommands whose modules register themselves (sweep, analyze, export, predict)."""
-    for mod in (
-        "kdqat_dist.tune.cli",
-        "kdqat_dist.analysis.cli",
-        "kdqat_dist.export.cli",
-        "kdqat_dist.export.predict_cli",
-    ):
-        try:
-            module = __import__(mod, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        module.add_parser(sub)
+    """Subcommands whose modules register themselves (sweep, analyze, export, predict); a failed import is a bug."""
+    for mod in ("tune.cli", "analysis.cli", "export.cli", "export.predict_cli"):
+        __import__(f"kdqat_dist.{mod}", fromlist=["add_parser"]).add_parser(sub)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -149,7 +133,7 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "ncclRemo
 
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--version"]:
-        print(f"kdqat {_version()}")
+        print(f"kdqat {__version__}")
         return 0
     import torch
     from transformers.utils import logging as hf_logging
@@ -161,22 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         # (transformers imports DeepSpeed lazily). CUDA and CPU are the accelerators kdqat supports.
         os.environ["DS_ACCELERATOR"] = "cpu"
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown our own progress bar
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()  # imports the subcommands' modules
+        args = parse_args(parser, argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         return _dispatch(args)
-    except (ConfigError, TrainingError, FileNotFoundError) as exc:  # DataError is a ConfigError
-        print(f"kdqat: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("kdqat: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        if not any(s in str(exc) for s in _PEER_LOST):
-            raise
+    except Exception as exc:  # a user error: one line, exit 2; anything else is a bug: its traceback, exit 1
+        lost = isinstance(exc, RuntimeError) and not isinstance(exc, USER_ERRORS)
+        if not lost or not any(s in str(exc) for s in _PEER_LOST):
+            return report(exc)
         # another rank died (killed, out of memory, a node lost): the launcher reports which one; the
         # survivors' collective tracebacks would only bury that report
         rank = os.environ.get("RANK", "?")

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from kdqat_dist.errors import ConfigError
+from kdqat_dist.errors import ConfigError, InternalError
 
 
 def shipped_dir(name: str) -> Path:
@@ -616,7 +616,7 @@ def _coerce(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string{or_null}, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")
+    raise InternalError(f"{key}: a config field of type {tp}, which _coerce does not handle")
 
 
 def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:

@@ -1,15 +1,14 @@
-"""The exception types of kdqat-dist, in one leaf module that imports nothing (cheap to import anywhere).
-
-Two kinds of failure, printed differently by the CLI:
-
-- **user errors** (:class:`ConfigError` and its subclass :class:`DataError`, and :class:`TrainingError`):
-  a bad config, data file, path or CLI argument, or a run that cannot go on; one line naming what is wrong
-  and what is allowed, exit status 2, no traceback;
-- **internal errors** (:class:`InternalError`): an invariant of kdqat-dist itself is broken (a bug); the
-  traceback is shown and the message says it is a bug to report.
-"""
+"""The exception types of kdqat-dist and :func:`report`, which every command calls on the exception that stops
+it (a leaf module that imports nothing heavy): a user error (config, data, path, CLI argument, a run that cannot
+go on) is one line, exit 2; anything else, :class:`InternalError` included, is a bug: its traceback, exit 1."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import traceback
 
 
 class ConfigError(ValueError):
@@ -27,5 +26,30 @@ class TrainingError(RuntimeError):
 class InternalError(RuntimeError):
     """A broken internal invariant: a bug in kdqat-dist, never the user's input. Shown with its traceback."""
 
-    def __init__(self, message: str):
-        super().__init__(f"{message} (internal error: this is a bug in kdqat-dist, please report it)")
+
+USER_ERRORS = (ConfigError, TrainingError, FileNotFoundError)  # FileNotFoundError: a path the user gave
+
+
+def report(exc: Exception, prog: str = "kdqat") -> int:
+    """Print ``exc`` on stderr for the user of ``prog``; returns the exit status. A user error that all ranks of
+    one launcher on a node raise (torchrun, deepspeed: LOCAL_RANK set) is printed once: the first claims it."""
+    if not isinstance(exc, USER_ERRORS):
+        from kdqat_dist import __version__  # the package is loaded: this module is part of it
+
+        traceback.print_exception(exc)
+        print(
+            f"{prog}: internal error: this is a bug in kdqat-dist {__version__}, not in your input; please report "
+            "it with the traceback above to the issue tracker of the repository you installed kdqat-dist from",
+            file=sys.stderr,
+        )
+        return 1
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        claim = f"{tempfile.gettempdir()}/kdqat-error-{os.getppid()}-{hashlib.sha1(str(exc).encode()).hexdigest()}"
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return 2
+        except OSError:  # an unwritable temp folder: every rank prints
+            pass
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kdqat_dist.config import load_config
 from kdqat_dist.data.tasks import get_task
-from kdqat_dist.errors import ConfigError
+from kdqat_dist.errors import ConfigError, report
 from kdqat_dist.files import check_run_folder
 
 
@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "finetune"):
             raise ConfigError(f"command {args.command!r}: allowed: train, finetune")
         check(args.command, args.config, args.overrides, args.resume, args.world_size)
-    except ConfigError as exc:
-        print(f"kdqat: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # a user error: one line, exit 2; anything else: a bug, with its traceback
+        return report(exc)
     return 0
 
 

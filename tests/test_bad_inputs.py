@@ -547,6 +547,12 @@ case(
     r"has a weight but no relations",
 )
 case(
+    "train-relation-layer-missing",
+    "config",
+    [*TR, "distill.attn_relation.weight=1", "distill.attn_relation.layers=[7]"],
+    r"distill.attn_relation.layers: student layers \[7\] do not exist",
+)
+case(
     "override-no-loss",
     "config",
     [*CFG, *(f"distill.{t}.weight=0" for t in ("logits", "hidden", "attn_map", "attn_output"))],

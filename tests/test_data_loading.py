@@ -27,7 +27,6 @@ from kdqat_dist.data.demo import (
     rule_label,
     vocabulary,
 )
-from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.loaders import (
     Collator,
     default_cache_dir,
@@ -36,6 +35,7 @@ from kdqat_dist.data.loaders import (
     tokenize_splits,
 )
 from kdqat_dist.data.tasks import get_task
+from kdqat_dist.errors import DataError
 
 # --------------------------------------------------------------------------- helpers
 

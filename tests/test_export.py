@@ -262,9 +262,10 @@ def test_cli_fails_when_metrics_differ(student_dir, tmp_path, capsys, monkeypatc
     calls = iter([{"acc": 0.5, "selection": 0.5}, {"acc": 0.25, "selection": 0.25}])
     monkeypatch.setattr(pipeline, "evaluate_folder", lambda cfg, path: next(calls))
     out = tmp_path / "bad"
-    assert main(["export", "--student", str(student_dir), "--out", str(out)]) == 2
+    assert main(["export", "--student", str(student_dir), "--out", str(out)]) == 1  # a bug, not the user's input
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "scores 0.25" in err and "artifact removed" in err
+    assert "Traceback" in err and "InternalError: export: the exported model scores 0.25" in err
+    assert "artifact removed" in err and "this is a bug in kdqat-dist" in err.strip().splitlines()[-1]
     assert not out.exists()
 
 

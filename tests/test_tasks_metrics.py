@@ -9,7 +9,6 @@ import pytest
 from scipy import stats
 
 from kdqat_dist.config import ConfigError, DataConfig
-from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.tasks import (
     GLUE_TASKS,
     TASKS,
@@ -21,6 +20,7 @@ from kdqat_dist.data.tasks import (
     selection_value,
     spearman,
 )
+from kdqat_dist.errors import DataError
 
 # --------------------------------------------------------------------------- registry
 

@@ -32,10 +32,10 @@ from kdqat_dist.analysis.collect import DISTANCES, collect
 from kdqat_dist.analysis.hessian import max_eigenvalue_spectrum
 from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
 from kdqat_dist.config import AnalysisConfig, ConfigError, RunConfig, load_config, parse_override
-from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.engine.backend import pick_device
+from kdqat_dist.errors import DataError
 from kdqat_dist.files import check_apart, check_full_precision, check_writable
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_classifier

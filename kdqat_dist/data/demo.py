@@ -43,7 +43,7 @@ import typing
 import numpy as np
 
 from kdqat_dist.config import DemoLevel
-from kdqat_dist.data.errors import DataError
+from kdqat_dist.errors import DataError
 
 POSITIVE = (
     "good great wonderful excellent brilliant superb delightful charming moving engaging funny clever "

@@ -33,8 +33,8 @@ from datasets.utils import logging as ds_logging
 
 from kdqat_dist.config import DataConfig
 from kdqat_dist.data.demo import make_demo
-from kdqat_dist.data.errors import DataError
 from kdqat_dist.data.tasks import TaskSpec
+from kdqat_dist.errors import DataError
 from kdqat_dist.files import cache_root, check_writable
 
 PROGRESS_MIN_ROWS = 5000  # splits larger than this show a progress bar while tokenizing

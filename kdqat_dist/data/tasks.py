@@ -13,7 +13,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from kdqat_dist.config import DataConfig
-from kdqat_dist.data.errors import DataError
+from kdqat_dist.errors import DataError
 
 
 @dataclass(frozen=True)

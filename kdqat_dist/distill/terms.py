@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdqat_dist.config import DistillConfig
+from kdqat_dist.config import ConfigError, DistillConfig
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
 from kdqat_dist.models.encoders import encoder_layers, unwrap
@@ -130,7 +130,7 @@ def _relation_pairs(cfg: DistillConfig, n_student: int, n_teacher: int) -> list[
         return pairs
     keep = {n_student - 1} if layers == "last" else set(layers)
     if bad := sorted(i for i in keep if not 0 <= i < n_student):
-        raise ValueError(
+        raise ConfigError(
             f"distill.attn_relation.layers: student layers {bad} do not exist "
             f"(the student has {n_student}: 0..{n_student - 1})"
         )

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdqat_dist.config import ConfigError, RunConfig
+from kdqat_dist.errors import InternalError
 from kdqat_dist.export.artifact import EXPORT_META, _remove_written, check_out_dir, export_student, read_meta
 from kdqat_dist.export.onnx_export import ONNX_META, WEIGHT_LAYOUTS, export_onnx
 from kdqat_dist.run_folder import model_run, resolve_model_dir, run_config_path
@@ -110,7 +111,7 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
         print("[export] dev set, exported artifact:")
         me = evaluate_folder(copy.deepcopy(cfg), str(out))
         if not _same(ms, me):
-            raise ConfigError(
+            raise InternalError(
                 f"export: the exported model scores {me.get('selection')} on the dev set but "
                 f"the fake-quant student scores {ms.get('selection')} ({ms} vs {me}); "
                 "artifact removed"
@@ -149,7 +150,7 @@ def _run_onnx(args, student: Path, out: Path, cfg: RunConfig | None) -> int:
             f"predictions agree on {check.agree}/{check.rows} ({100 * check.agreement:.2f} %)"
         )
         if not check.ok():
-            raise ConfigError(
+            raise InternalError(
                 f"export: the ONNX model agrees with the student on only {check.agree} of {check.rows} dev rows "
                 f"(allowed: {100 * MAX_DISAGREEMENT:g} % different); ONNX model removed"
             )

@@ -129,7 +129,7 @@ def run_session(sess, batch: dict[str, torch.Tensor]) -> np.ndarray:
         elif n == "token_type_ids":
             feeds[n] = np.zeros_like(np.asarray(batch["input_ids"], dtype=np.int64))
         else:
-            raise ConfigError(f"the ONNX model needs an input {n!r} the batch does not have")
+            raise InternalError(f"the ONNX model needs an input {n!r} the batch does not have")
     return sess.run(None, feeds)[0]
 
 

@@ -68,12 +68,12 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integers (any shape, each in ``[0, 2^bits)``) into a flat uint8 tensor.
 
     Raises:
-        ConfigError: ``bits`` outside 1..9, or a value that does not fit in ``bits`` bits.
+        ConfigError: ``bits`` outside 1..9. ValueError: a value that does not fit in ``bits`` bits.
     """
     _check_bits(bits)
     u = values.reshape(-1).to(torch.int64)
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
-        raise ConfigError(f"packing: values in [{int(u.min())}, {int(u.max())}] do not fit in {bits} bits")
+        raise ValueError(f"packing: values in [{int(u.min())}, {int(u.max())}] do not fit in {bits} bits")
     n = u.numel()
     nbytes = packed_nbytes(n, bits)
     if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole values per byte, no value straddles two bytes
@@ -106,10 +106,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def pack_base3(trits: torch.Tensor) -> torch.Tensor:
-    """Pack values in {0, 1, 2} five per byte (1.6 bits each) into a flat uint8 tensor."""
+    """Pack values in {0, 1, 2} five per byte (1.6 bits each) into a flat uint8 tensor (ValueError: others)."""
     t = trits.reshape(-1).to(torch.int64)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
-        raise ConfigError(f"packing: base-3 needs values in {{0, 1, 2}}, got [{int(t.min())}, {int(t.max())}]")
+        raise ValueError(f"packing: base-3 needs values in {{0, 1, 2}}, got [{int(t.min())}, {int(t.max())}]")
     n = t.numel()
     nbytes = base3_nbytes(n)
     return (F.pad(t, (0, nbytes * 5 - n)).view(nbytes, 5) * torch.tensor(_TRIT_POWERS)).sum(dim=1).to(torch.uint8)
@@ -151,9 +151,9 @@ def choose_encoding(codes: torch.Tensor, bits: int, base3: bool = False, stride:
     level). ``zero`` is minus the smallest code present, so every stored value is non-negative.
     """
     if bits not in ALLOWED_BITS:
-        raise ConfigError(f"export: unsupported weight bits {bits}; allowed: 2, 3, 4, 8")
+        raise ValueError(f"export: unsupported weight bits {bits}; allowed: 2, 3, 4, 8")
     if stride < 1:
-        raise ConfigError(f"packing: code stride {stride} must be >= 1")
+        raise ValueError(f"packing: code stride {stride} must be >= 1")
     lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
     span = (hi - lo) // stride
     if base3 and span <= 2:
@@ -167,12 +167,12 @@ def encode(codes: torch.Tensor, enc: Encoding) -> torch.Tensor:
     """Signed codes -> packed uint8 bytes.
 
     Raises:
-        ConfigError: a code that is not ``stride`` apart from the smallest one.
+        ValueError: a code that is not ``stride`` apart from the smallest one.
     """
     u = codes.reshape(-1).to(torch.int64) + enc.zero
     if enc.stride != 1:
         if u.numel() and bool((u % enc.stride).any()):
-            raise ConfigError(f"packing: codes are not {enc.stride} apart")
+            raise ValueError(f"packing: codes are not {enc.stride} apart")
         u = u // enc.stride
     return pack_base3(u) if enc.packing == "base3" else pack_bits(u, enc.storage_bits)
 
@@ -236,12 +236,12 @@ def weight_codes(
     (``WeightFakeQuant.step``).
     """
     if cfg.bits not in ALLOWED_BITS:
-        raise ConfigError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
+        raise ValueError(f"export: unsupported weight bits {cfg.bits}; allowed: 2, 3, 4, 8")
     if cfg.method in TERNARY_ONLY and cfg.bits != 2:
-        raise ConfigError(f"export: {cfg.method} needs bits=2, got {cfg.bits}")
+        raise ValueError(f"export: {cfg.method} needs bits=2, got {cfg.bits}")
     q = make_quantizer(cfg)
     if q.learned and step is None:
-        raise ConfigError(f"export: an {cfg.method} weight quantizer needs its learned step")
+        raise ValueError(f"export: an {cfg.method} weight quantizer needs its learned step")
     codes, scale = q.codes(latent, step)
     return codes.to(torch.int64), scale
 
