@@ -8,10 +8,12 @@ activation steps as calibrated afterwards. ``import kdqat_dist`` registers it; t
 
     AutoModelForSequenceClassification.from_pretrained(student_dir)
 
-returns the student ``kdqat eval`` scores, logit for logit. Without kdqat_dist imported transformers does
-not know the method: it logs "Unknown quantization type, got kdqat ... we will skip the quantization" and
-builds the plain model from the latent full-precision weights (a different model; the warning is the only
-signal transformers' public API allows us).
+returns the student ``kdqat eval`` scores, logit for logit. Without kdqat_dist imported transformers would
+not know the method: it only logs "Unknown quantization type, got kdqat ... we will skip the quantization"
+and builds the plain model from the latent full-precision weights, a different model. So a student's
+``config.json`` also names a model type (and a problem type) plain transformers refuses
+(:func:`kdqat_dist.files.guard_hf_config`, :mod:`kdqat_dist.quant.hf_config`): without kdqat_dist,
+``from_pretrained`` raises instead.
 """
 
 from __future__ import annotations
