@@ -208,15 +208,18 @@ def check_run_folder(cfg: Any, mode: str, resume: bool) -> None:
 
 # --------------------------------------------------------------------------- config.json of a kdqat model
 # A kdqat student's config.json names a model type plain transformers does not know and holds a text where
-# the vocabulary size goes, so that a user without kdqat_dist gets an error instead of the float latent model
+# the hidden size goes, so that a user without kdqat_dist gets an error instead of the float latent model
 # (an unknown quantization_config is only a warning to transformers). kdqat_dist registers KDQAT_MODEL_TYPE
 # with AutoConfig (quant.hf_config), which gives back the real config: unguard_hf_config.
 
 KDQAT_MODEL_TYPE = "kdqat_dist"
-# every config class checks its own int fields when it is built: BertConfig.from_pretrained(folder), which
-# only warns about the model type, fails on vocab_size and prints this text
+# every model's config class checks that its hidden size is an int when it is built, printing the value:
+# BertForSequenceClassification.from_pretrained(folder), which only warns about the model type, fails on
+# it. (transformers does not check problem_type's values; vocab_size is compared with the token ids by the
+# base config class, which AutoTokenizer falls back to, so the tokenizer would fail with a TypeError.)
 NEEDS_KDQAT = "a kdqat-dist student: pip install kdqat-dist and import kdqat_dist before loading it"
-_GUARDED = {"model_type": KDQAT_MODEL_TYPE, "vocab_size": NEEDS_KDQAT}  # key -> what plain transformers sees
+# key -> what plain transformers sees (DistilBERT calls its hidden size dim)
+_GUARDED = {"model_type": KDQAT_MODEL_TYPE, "hidden_size": NEEDS_KDQAT, "dim": NEEDS_KDQAT}
 _REAL = "kdqat_{}"  # where the real value of a guarded key is kept (flat: a nested dict holding a
 # model_type would be taken for the config by a concrete config class)
 

@@ -33,7 +33,8 @@ import importlib.util, json, sys
 sys.path.append(SITE)
 assert importlib.util.find_spec("kdqat_dist") is None, "kdqat_dist is importable: not a clean environment"
 import torch
-from transformers import AutoModelForSequenceClassification as Auto, BertForSequenceClassification as Bert
+from transformers import AutoModelForSequenceClassification as Auto, AutoTokenizer
+from transformers import BertForSequenceClassification as Bert
 result = {}
 for job in json.loads(sys.argv[1]):
     res = result[job["name"]] = {}
@@ -55,6 +56,8 @@ for job in json.loads(sys.argv[1]):
             "bitlinear": sum(type(m).__name__ == "BitLinear" for m in model.modules()),
             "class": type(model).__name__,
         }
+for job in json.loads(sys.argv[1]):  # the tokenizer reads config.json too, and must still load
+    result[job["name"]]["tokenizer"] = type(AutoTokenizer.from_pretrained(job["folder"])).__name__
 assert "kdqat_dist" not in sys.modules
 print("RESULT " + json.dumps(result))
 """
@@ -78,8 +81,9 @@ def _without_kdqat(jobs: list[dict], tmp_path: Path) -> dict:
         stdin=subprocess.DEVNULL,  # transformers' "run the custom code? [y/N]" prompt: no answer
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    # not at a line start: transformers' unanswered "[y/N]" prompt (AutoTokenizer on a SubLN folder) ends
+    # without a newline
+    return json.loads(proc.stdout.rsplit("RESULT ", 1)[1].splitlines()[0])
 
 
 def _student(root: Path, quant: QuantConfig, seed: int = 0) -> Path:
@@ -138,11 +142,12 @@ def test_without_kdqat_a_bitnet_export_loads_and_everything_else_raises(folders,
         assert got["diff"] <= HF_RTOL * got["scale"] and got["bitlinear"] == 13, got
     assert r["subln"]["auto_remote"]["class"] == "BertSubLNForSequenceClassification"
     assert "trust_remote_code=True" in r["subln"]["auto"]["message"]
-    assert "trust_remote_code=True" in r["subln"]["bert"]["message"]  # the vocab_size guard names it
+    assert "trust_remote_code=True" in r["subln"]["bert"]["message"]  # the hidden_size guard names it
     assert "model type `kdqat_dist`" in r["student"]["auto"]["message"]
     assert "pip install kdqat-dist" in r["student"]["bert"]["message"]
     for how in ("auto", "bert"):
         assert "no file named model.safetensors" in r["packed"][how]["message"]
+    assert {job["tokenizer"] for job in r.values()} == {"BertTokenizer"}
 
 
 def test_with_kdqat_the_guarded_student_loads_as_before(folders):
@@ -215,3 +220,31 @@ def test_cli_hf_bitnet_exports_and_checks_the_dev_set(folders, tmp_path, capsys)
     meta = json.loads((out / "kdqat_hf_bitnet.json").read_text())
     assert meta["round_trip"]["agreement"] >= 0.995 and meta["round_trip"]["rows"] > 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "modeling_bert_subln.py"}
+
+
+def test_hf_bitnet_bad_inputs_are_one_line_and_write_nothing(folders, tmp_path, capsys):
+    from kdqat_dist.cli import main
+    from kdqat_dist.errors import ConfigError
+
+    student, out = str(folders["subln_student"]), tmp_path / "hf"
+    for extra, says in ((["--base3"], "--base3: only for --format packed"), (["--weights", "2bit"], "--weights")):
+        assert main(["export", "--format", "hf-bitnet", "--student", student, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    # BitLinear packs 4 output rows per byte: a hidden size of 30 cannot be written
+    odd = tmp_path / "odd"
+    base = make_tiny_checkpoint(odd / "base", hidden_size=30, intermediate_size=60)
+    model = load_classifier(str(base), 2)
+    prepare(model, _bitdistill(False))
+    save_student(model, odd / "student", _bitdistill(False), load_tokenizer(str(base)))
+    with pytest.raises(ConfigError, match=r"has 30 outputs; BitLinear needs a multiple of 4"):
+        export_hf_bitnet(odd / "student", out)
+    # the SubLN modeling file is BERT's: another architecture with SubLN is refused
+    rob = tmp_path / "rob"
+    base = make_tiny_checkpoint(rob / "base", arch="roberta")
+    model = load_classifier(str(base), 2)
+    prepare(model, _bitdistill(True))
+    save_student(model, rob / "student", _bitdistill(True), load_tokenizer(str(base)))
+    with pytest.raises(ConfigError, match=r"covers BERT sequence classifiers only \(this one: roberta"):
+        export_hf_bitnet(rob / "student", out)
+    assert not out.exists()

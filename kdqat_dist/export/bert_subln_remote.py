@@ -20,10 +20,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers import BertConfig, BertForSequenceClassification
 
-# config.json's vocab_size holds a text (BertConfig checks that it is an int: BertForSequenceClassification
+# config.json's hidden_size holds a text (BertConfig checks that it is an int: BertForSequenceClassification
 # .from_pretrained on this folder fails on it instead of building BERT without the SubLNs); the real value is
 # kept under this key
-REAL_VOCAB_SIZE = "subln_vocab_size"
+REAL_HIDDEN_SIZE = "subln_hidden_size"
 
 
 class BertSubLNConfig(BertConfig):
@@ -31,10 +31,10 @@ class BertSubLNConfig(BertConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        if REAL_VOCAB_SIZE in config_dict:
-            real = config_dict[REAL_VOCAB_SIZE]
-            config_dict = {k: v for k, v in config_dict.items() if k != REAL_VOCAB_SIZE}
-            config_dict["vocab_size"] = real
+        if REAL_HIDDEN_SIZE in config_dict:
+            real = config_dict[REAL_HIDDEN_SIZE]
+            config_dict = {k: v for k, v in config_dict.items() if k != REAL_HIDDEN_SIZE}
+            config_dict["hidden_size"] = real
         return super().from_dict(config_dict, **kwargs)
 
 

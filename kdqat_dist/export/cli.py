@@ -173,7 +173,7 @@ def _run_onnx(args, student: Path, out: Path, cfg: RunConfig | None) -> int:
 
 
 def _run_hf_bitnet(student: Path, out: Path, cfg: RunConfig | None) -> int:
-    from kdqat_dist.export.hf_bitnet import META_FILE, export_hf_bitnet, load_native
+    from kdqat_dist.export.hf_bitnet import META_FILE, Eager, export_hf_bitnet, load_native
     from kdqat_dist.export.onnx_check import MAX_DISAGREEMENT, dev_check  # data + engine: only this path
 
     created = not out.exists()
@@ -186,7 +186,7 @@ def _run_hf_bitnet(student: Path, out: Path, cfg: RunConfig | None) -> int:
         print("[export] dev-set check skipped (--skip-eval)")
         return 0
     try:
-        check = dev_check(copy.deepcopy(cfg), student, out, model=load_native(out))
+        check = dev_check(copy.deepcopy(cfg), student, out, model=Eager(load_native(out)))
         sel_s, sel_o = check.student["selection"], check.onnx["selection"]
         print(
             f"[export] dev set ({check.rows} rows): student {sel_s:.4f}, hf-bitnet {sel_o:.4f}; "

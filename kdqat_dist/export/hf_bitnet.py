@@ -65,8 +65,8 @@ META_FILE = "kdqat_hf_bitnet.json"
 REMOTE_FILE = "modeling_bert_subln.py"
 SUBLN_MODEL_TYPE = "bert_subln"
 SUBLN_ARCH = "BertSubLNForSequenceClassification"
-# config.json's vocab_size of a SubLN export: BertConfig wants an int, so BertForSequenceClassification
-# .from_pretrained(folder) fails on it, printing it (the real value is under subln_vocab_size, see the
+# config.json's hidden_size of a SubLN export: BertConfig wants an int, so BertForSequenceClassification
+# .from_pretrained(folder) fails on it, printing it (the real value is under subln_hidden_size, see the
 # modeling file)
 NEEDS_REMOTE_CODE = "BERT with SubLN: load with AutoModelForSequenceClassification and trust_remote_code=True"
 # BitLinear vs the fake-quant student, logits, relative to the batch's largest |logit|: the same integer codes,
@@ -235,6 +235,21 @@ def load_native(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
+class Eager(nn.Module):
+    """``model`` run with torch.compile switched off. BitLinear's helpers are ``torch.compile``'d: on a CPU
+    the first calls compile them for each new input shape (75 s for the tiny test model's probe batches on
+    2 cores, most of ``kdqat export``'s time). The checks run the same Python code eagerly; compiled, it
+    gives the same logits (bench/results/hub.md)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor):
+        with torch.compiler.set_stance("force_eager"):
+            return self.model(**batch)
+
+
 def export_hf_bitnet(student_dir: str | Path, out_dir: str | Path, verify: bool = True) -> HfBitnetReport:
     """Write the ``student/`` folder of ``kdqat train`` as a transformers BitNet model into ``out_dir``.
 
@@ -283,12 +298,7 @@ def export_hf_bitnet(student_dir: str | Path, out_dir: str | Path, verify: bool 
         if verify:
             native = load_native(out)
             for batch in probe_batches(student.config):
-                a = logits_of(student, batch)
-                # BitLinear's helpers are torch.compile'd; on a CPU the first calls compile them for each new
-                # input shape (75 s for the tiny test model's probe batches on 2 cores). The check runs the
-                # same Python code eagerly; compiled, it gave the same logits (bench/results/hub.md).
-                with torch.compiler.set_stance("force_eager"):
-                    b = logits_of(native, batch)
+                a, b = logits_of(student, batch), logits_of(Eager(native), batch)
                 problem = compare_logits(a, b, HF_RTOL)
                 if problem is not None:
                     raise InternalError(
@@ -327,7 +337,7 @@ def _write_config(model: nn.Module, out: Path, full_precision: list[str], subln:
             "AutoConfig": f"{module}.BertSubLNConfig",
             "AutoModelForSequenceClassification": f"{module}.{SUBLN_ARCH}",
         },
-        vocab_size=NEEDS_REMOTE_CODE,
+        hidden_size=NEEDS_REMOTE_CODE,
     )
-    d[bert_subln_remote.REAL_VOCAB_SIZE] = model.config.vocab_size
+    d[bert_subln_remote.REAL_HIDDEN_SIZE] = model.config.hidden_size
     path.write_text(json.dumps(d, indent=2) + "\n")
