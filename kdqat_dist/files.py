@@ -237,12 +237,13 @@ def guard_hf_config(config: dict) -> dict:
 
 
 def unguard_hf_config(config: dict) -> dict:
-    """The real config of a guarded ``config`` (anything else is returned as it is)."""
+    """The real config of a guarded ``config`` (anything else is returned as it is). Every kept real value
+    is restored, whichever keys the writing version guarded."""
     if config.get("model_type") != KDQAT_MODEL_TYPE or _REAL.format("model_type") not in config:
         return config
-    real = {_REAL.format(k): k for k in _GUARDED}
-    out = {k: v for k, v in config.items() if k not in _GUARDED and k not in real}
-    out.update((real[k], v) for k, v in config.items() if k in real)
+    prefix = _REAL.format("")
+    out = {k: v for k, v in config.items() if not k.startswith(prefix) and v not in _GUARDED.values()}
+    out.update((k[len(prefix) :], v) for k, v in config.items() if k.startswith(prefix))
     return out
 
 

@@ -248,3 +248,20 @@ def test_hf_bitnet_bad_inputs_are_one_line_and_write_nothing(folders, tmp_path, 
     with pytest.raises(ConfigError, match=r"covers BERT sequence classifiers only \(this one: roberta"):
         export_hf_bitnet(rob / "student", out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "bert", "hidden_size": 32, "vocab_size": 9, "problem_type": "regression"},
+        {"model_type": "distilbert", "dim": 64, "n_layers": 2},
+        {"model_type": "bert"},
+    ],
+)
+def test_guard_and_unguard_round_trip(config):
+    from kdqat_dist.files import KDQAT_MODEL_TYPE, NEEDS_KDQAT, guard_hf_config, unguard_hf_config
+
+    guarded = guard_hf_config(config)
+    assert guarded["model_type"] == KDQAT_MODEL_TYPE and guarded["hidden_size"] == guarded["dim"] == NEEDS_KDQAT
+    assert guard_hf_config(guarded) == guarded  # twice is once
+    assert unguard_hf_config(guarded) == config and unguard_hf_config(config) == config
