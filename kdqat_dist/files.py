@@ -204,3 +204,50 @@ def check_run_folder(cfg: Any, mode: str, resume: bool) -> None:
         )
     if resume:
         check_resume_mode(run_dir, mode)
+
+
+# --------------------------------------------------------------------------- config.json of a kdqat model
+# A kdqat student's config.json names a model type plain transformers does not know and holds a text where
+# the hidden size goes, so that a user without kdqat_dist gets an error instead of the float latent model
+# (an unknown quantization_config is only a warning to transformers). kdqat_dist registers KDQAT_MODEL_TYPE
+# with AutoConfig (quant.hf_config), which gives back the real config: unguard_hf_config.
+
+KDQAT_MODEL_TYPE = "kdqat_dist"
+# every model's config class checks that its hidden size is an int when it is built, printing the value:
+# BertForSequenceClassification.from_pretrained(folder), which only warns about the model type, fails on
+# it. (transformers does not check problem_type's values; vocab_size is compared with the token ids by the
+# base config class, which AutoTokenizer falls back to, so the tokenizer would fail with a TypeError.)
+NEEDS_KDQAT = "a kdqat-dist student: pip install kdqat-dist and import kdqat_dist before loading it"
+# key -> what plain transformers sees (DistilBERT calls its hidden size dim)
+_GUARDED = {"model_type": KDQAT_MODEL_TYPE, "hidden_size": NEEDS_KDQAT, "dim": NEEDS_KDQAT}
+_REAL = "kdqat_{}"  # where the real value of a guarded key is kept (flat: a nested dict holding a
+# model_type would be taken for the config by a concrete config class)
+
+
+def guard_hf_config(config: dict) -> dict:
+    """``config`` (a config.json's content) as plain transformers refuses to load it (see above)."""
+    if config.get("model_type") == KDQAT_MODEL_TYPE:
+        return config
+    out = dict(_GUARDED)
+    for key in _GUARDED:
+        if key in config:
+            out[_REAL.format(key)] = config[key]
+    out.update((k, v) for k, v in config.items() if k not in _GUARDED)
+    return out
+
+
+def unguard_hf_config(config: dict) -> dict:
+    """The real config of a guarded ``config`` (anything else is returned as it is). Every kept real value
+    is restored, whichever keys the writing version guarded."""
+    if config.get("model_type") != KDQAT_MODEL_TYPE or _REAL.format("model_type") not in config:
+        return config
+    prefix = _REAL.format("")
+    out = {k: v for k, v in config.items() if not k.startswith(prefix) and v not in _GUARDED.values()}
+    out.update((k[len(prefix) :], v) for k, v in config.items() if k.startswith(prefix))
+    return out
+
+
+def guard_config_file(path: str | Path) -> None:
+    """Rewrite the config.json at ``path`` with :func:`guard_hf_config`."""
+    p = Path(path)
+    p.write_text(json.dumps(guard_hf_config(json.loads(p.read_text())), indent=2) + "\n")

@@ -3,12 +3,13 @@ that nothing changed.
 
     kdqat export --student runs/x/student --out runs/x/export [--base3] [--config RECIPE] [key=value ...]
     kdqat export --format onnx --student runs/x/student --out runs/x/onnx [--weights int8|2bit]
+    kdqat export --format hf-bitnet --student runs/x/student --out runs/x/hf   (bitdistill_w158a8 students)
 
 The task and data for the re-evaluation come from the ``config.yaml`` the training run wrote next to the
 student (``--config`` replaces it; overrides apply to either). The packed artifact must score what the
-student scores; the ONNX model (ONNX Runtime, int8 kernels) must agree with the student on at least
-99.5 % of the dev rows (:data:`~kdqat_dist.export.onnx_check.MAX_DISAGREEMENT`). Either is removed
-otherwise.
+student scores; the ONNX model (ONNX Runtime, int8 kernels) and the hf-bitnet model (transformers' own
+BitLinear, :mod:`~kdqat_dist.export.hf_bitnet`) must agree with the student on at least 99.5 % of the dev
+rows (:data:`~kdqat_dist.export.onnx_check.MAX_DISAGREEMENT`). Each is removed otherwise.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--format",
-        choices=("packed", "onnx"),
+        choices=("packed", "onnx", "hf-bitnet"),
         default="packed",
-        help="packed: bit-packed codes for kdqat_dist.export.load (default); onnx: an ONNX Runtime int8 graph",
+        help="packed: bit-packed codes for kdqat_dist.export.load (default); onnx: an ONNX Runtime int8 graph; "
+        "hf-bitnet: transformers' BitNet format, loaded by plain from_pretrained (bitdistill_w158a8 students)",
     )
     p.add_argument(
         "--weights",
@@ -89,11 +91,19 @@ def run(args, evaluate_folder: Callable[[RunConfig, str], dict]) -> int:
     student, out = resolve_model_dir(args.student, "--student"), check_out_dir(args.out)
     if args.format == "packed" and args.weights != "int8":
         raise ConfigError("--weights: only for --format onnx (the packed format stores 2-bit codes already)")
-    if args.format == "onnx" and args.base3:
+    if args.format != "packed" and args.base3:
         raise ConfigError("--base3: only for --format packed")
+    if args.format == "hf-bitnet" and args.weights != "int8":
+        raise ConfigError("--weights: only for --format onnx (hf-bitnet stores BitLinear's 2-bit codes)")
+    if args.format == "hf-bitnet":
+        from kdqat_dist.export.hf_bitnet import check_student
+
+        check_student(student)  # before the dev-set config is read: the one line that matters
     cfg = None if args.skip_eval and args.config is None else run_config(student, args.config, args.overrides)
     if args.format == "onnx":
         return _run_onnx(args, student, out, cfg)
+    if args.format == "hf-bitnet":
+        return _run_hf_bitnet(student, out, cfg)
     created = not out.exists()
     report = export_student(student, out, base3=args.base3)
     print(
@@ -160,6 +170,40 @@ def _run_onnx(args, student: Path, out: Path, cfg: RunConfig | None) -> int:
     meta = read_onnx(out)
     meta["round_trip"] = {"task": cfg.data.task, **check.as_dict()}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))  # the checksum covers model.onnx only
+    return 0
+
+
+def _run_hf_bitnet(student: Path, out: Path, cfg: RunConfig | None) -> int:
+    from kdqat_dist.export.hf_bitnet import META_FILE, Eager, export_hf_bitnet, load_native
+    from kdqat_dist.export.onnx_check import MAX_DISAGREEMENT, dev_check  # data + engine: only this path
+
+    created = not out.exists()
+    report = export_hf_bitnet(student, out)
+    print(
+        f"[export] wrote {out} (transformers BitNet format); transformers' model matches the student on probe batches"
+    )
+    print("\n".join(f"[export] {line}" for line in report.lines()))
+    if cfg is None:
+        print("[export] dev-set check skipped (--skip-eval)")
+        return 0
+    try:
+        check = dev_check(copy.deepcopy(cfg), student, out, model=Eager(load_native(out)))
+        sel_s, sel_o = check.student["selection"], check.onnx["selection"]
+        print(
+            f"[export] dev set ({check.rows} rows): student {sel_s:.4f}, hf-bitnet {sel_o:.4f}; "
+            f"predictions agree on {check.agree}/{check.rows} ({100 * check.agreement:.2f} %)"
+        )
+        if not check.ok():
+            raise ConfigError(
+                f"export: the hf-bitnet model agrees with the student on only {check.agree} of {check.rows} dev "
+                f"rows (allowed: {100 * MAX_DISAGREEMENT:g} % different); folder removed"
+            )
+    except BaseException:
+        _remove_written(out, created)
+        raise
+    meta = json.loads((out / META_FILE).read_text())
+    meta["round_trip"] = {"task": cfg.data.task, **check.as_dict()}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return 0
 
 

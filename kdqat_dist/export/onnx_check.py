@@ -69,15 +69,18 @@ class DevCheck:
         }
 
 
-def dev_check(cfg: RunConfig, student_dir: str | Path, onnx_dir: str | Path) -> DevCheck:
-    """Run the fake-quant student and the ONNX model over the task's dev split(s) of ``cfg``."""
+def dev_check(
+    cfg: RunConfig, student_dir: str | Path, onnx_dir: str | Path, model: nn.Module | None = None
+) -> DevCheck:
+    """Run the fake-quant student and the ONNX model over the task's dev split(s) of ``cfg`` (``model``: another
+    exported model in its place, e.g. the hf-bitnet one; its metrics are reported as ``onnx``)."""
     task = get_task(cfg.data)
     tokenizer = load_tokenizer(str(student_dir))
     max_len = cfg.data.max_seq_length or task.max_seq_length
     dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
     data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
     collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
-    student, ort_model = load_student(student_dir), OrtModel(onnx_dir)
+    student, ort_model = load_student(student_dir), model if model is not None else OrtModel(onnx_dir)
     ms, mo, rows, agree, diff = {}, {}, 0, 0, None
     for split in task.eval_splits:
         if split not in data:

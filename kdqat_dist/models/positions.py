@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from kdqat_dist.errors import ConfigError
+from kdqat_dist.files import unguard_hf_config
 from kdqat_dist.models.encoders import resolve_model_path
 
 # Encoders whose position ids start at padding_idx + 1 (RoBERTa's create_position_ids_from_input_ids), so
@@ -46,7 +47,7 @@ def _model_config(name_or_path: str) -> dict | None:
     local = Path(name_or_path).expanduser() / "config.json"
     try:
         if local.is_file():
-            return json.loads(local.read_text())
+            return unguard_hf_config(json.loads(local.read_text()))  # a student's: its real model type
         return AutoConfig.from_pretrained(name_or_path).to_dict()
     except (OSError, ValueError):
         return None

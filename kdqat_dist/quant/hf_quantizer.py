@@ -8,14 +8,17 @@ activation steps as calibrated afterwards. ``import kdqat_dist`` registers it; t
 
     AutoModelForSequenceClassification.from_pretrained(student_dir)
 
-returns the student ``kdqat eval`` scores, logit for logit. Without kdqat_dist imported transformers does
-not know the method: it logs "Unknown quantization type, got kdqat ... we will skip the quantization" and
-builds the plain model from the latent full-precision weights (a different model; the warning is the only
-signal transformers' public API allows us).
+returns the student ``kdqat eval`` scores, logit for logit. Without kdqat_dist imported transformers would
+not know the method: it only logs "Unknown quantization type, got kdqat ... we will skip the quantization"
+and builds the plain model from the latent full-precision weights, a different model. So a student's
+``config.json`` also names a model type (and a problem type) plain transformers refuses
+(:func:`kdqat_dist.files.guard_hf_config`, :mod:`kdqat_dist.quant.hf_config`): without kdqat_dist,
+``from_pretrained`` raises instead.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -24,6 +27,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from kdqat_dist.config import QuantConfig, build_section
 from kdqat_dist.errors import ConfigError
+from kdqat_dist.files import guard_config_file
 
 # kdqat_dist.quant.api (torch, the model code) is imported where it is used: register() may run in the middle
 # of transformers' own imports (kdqat_dist.quant.hf_register), where importing the model code would cycle.
@@ -86,6 +90,14 @@ class KdqatHfQuantizer(HfQuantizer):
 
     def is_serializable(self, **kwargs) -> bool:
         return True
+
+
+def save_config(config, out_dir: str | Path) -> None:
+    """Write a student's ``config.json`` into ``out_dir``: ``config`` (a transformers config holding the
+    ``kdqat`` quantization_config) as plain transformers refuses it (:func:`kdqat_dist.files.guard_hf_config`)
+    and kdqat_dist's registered model type reads it back (:mod:`kdqat_dist.quant.hf_config`)."""
+    config.save_pretrained(out_dir)
+    guard_config_file(Path(out_dir) / "config.json")
 
 
 def register() -> None:

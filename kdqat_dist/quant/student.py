@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from kdqat_dist.config import ConfigError, QuantConfig, build_section, to_dict
 from kdqat_dist.files import ordinary_permissions
 from kdqat_dist.quant.api import mark_calibrated, prepare
-from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig
+from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig, save_config
 
 STUDENT_META = "kdqat_student.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,7 +70,7 @@ def save_student(
     # AutoModelForSequenceClassification.from_pretrained rebuilds the student with kdqat_dist imported
     config = copy.deepcopy(model.config)
     config.quantization_config = KdqatQuantizationConfig(to_dict(quant)).to_dict()
-    config.save_pretrained(out)
+    save_config(config, out)  # without kdqat_dist, transformers refuses it
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     save_weights(model.state_dict(), out / WEIGHTS_FILE, {"format": "pt"})
