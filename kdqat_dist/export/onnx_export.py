@@ -208,6 +208,7 @@ def export_onnx(
             from kdqat_dist.export.nbits import to_matmul_nbits  # only this layout rewrites the graph
 
             to_matmul_nbits(path)
+        graph = _tidy(path)
         _write_side_files(student, src, out, quant)
         diff, ops = _check(student, path) if verify else (float("nan"), {})
         report = OnnxReport(out, path.stat().st_size, diff, ops, weights)
@@ -225,6 +226,7 @@ def export_onnx(
             "problem_type": getattr(student.config, "problem_type", None),
             "quant": to_dict(quant),
             "probe": {"max_abs_logit_diff": diff, "rtol": ONNX_RTOL, "integer_ops": ops},
+            "graph": graph,
             "source": {"student": str(src.resolve()), "task": smeta.get("task"), "metrics": smeta.get("metrics")},
             "versions": _versions(),
         }
@@ -233,6 +235,19 @@ def export_onnx(
         _remove_written(out, created)
         raise
     return report
+
+
+def _tidy(path: Path) -> dict[str, int]:
+    """The traced graph in the shape ONNX Runtime fuses best (:mod:`kdqat_dist.export.onnx_graph`: shared
+    constants, Linears with their bias in ``MatMulIntegerToFloat``); the same codes, scales and bounds."""
+    import onnx
+
+    from kdqat_dist.export.onnx_graph import tidy  # onnx only where an ONNX file is written
+
+    model = onnx.load(str(path))
+    changes = tidy(model)
+    onnx.save(model, str(path))
+    return changes
 
 
 def _write_side_files(student: nn.Module, src: Path, out: Path, quant) -> None:
