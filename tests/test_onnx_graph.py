@@ -63,9 +63,14 @@ def test_tidy_keeps_the_numbers_and_lets_onnx_runtime_fuse_more(traced):
         # the same codes and scales; only where the bias is added (inside the kernel) can round differently
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()))
     before, after = _ops_after_ort(paths["raw"]), _ops_after_ort(paths["tidied"])
-    # query, key and value quantize the same LayerNorm output: one QuantizeLinear + Clip instead of three
+    assert changes["uint8_transposes"] == 3 * layers  # query, key, value heads
+    opt = onnx.load(str(paths["tidied"].with_suffix(".opt.onnx"))).graph
+    made_by = {o: n.op_type for n in opt.node for o in n.output}
+    assert all(made_by.get(n.input[0]) != "Transpose" for n in opt.node if n.op_type == "QuantizeLinear")
+    # query, key and value quantize the same LayerNorm output: one QuantizeLinear + Clip instead of three;
+    # and the key's codes, transposed as uint8, are no longer dequantized and re-quantized around its kᵀ
     q = lambda c: sum(v for (op, _), v in c.items() if op == "QuantizeLinear")  # noqa: E731
-    assert q(before) - q(after) == 2 * layers
+    assert q(before) - q(after) == 3 * layers
     # every Linear's bias inside MatMulIntegerToFloat (its 7th input); the attention matmuls without
     assert after[("MatMulIntegerToFloat", 7)] == linears and after[("MatMulIntegerToFloat", 6)] == 2 * layers
     adds = lambda c: sum(v for (op, _), v in c.items() if op == "Add")  # noqa: E731

@@ -15,7 +15,14 @@ shape cost time in ONNX Runtime without changing any number:
   whose activation is quantized as ``MatMulInteger(codes, weight codes) -> Cast -> Mul(a_scale · w_scale)
   -> Add(bias)``, the form ONNX Runtime's ``MatMulIntegerToFloatFusion`` fuses with its bias
   (``MatMulIntegerToFloat(codes, weight, a_scale, w_scale, zero points, bias)``): the same kernel, the bias
-  added in its output pass. Codes, scales, zero points and clamp bounds are those of the QDQ form.
+  added in its output pass;
+- **float transposes around the attention quantizers**: the query, key and value are quantized after the
+  heads' ``Transpose`` (and the key's codes dequantized before its ``kᵀ`` Transpose, which ONNX Runtime then
+  re-quantizes). With one scale per tensor the codes do not depend on the element order, so
+  :func:`transpose_codes` quantizes first and transposes the uint8 codes (a quarter of the bytes; for the
+  key both permutations in one).
+
+Codes, scales, zero points and clamp bounds are those of the QDQ form.
 
 Not done, measured (bench/results/runtime.md, "Graph overhead"): ``SkipLayerNormalization`` (ONNX Runtime
 fuses residual Add + LayerNorm into it once the graph carries symbolic shapes) was several times slower than
@@ -171,8 +178,86 @@ def prune(model: onnx.ModelProto) -> None:
 
 
 def tidy(model: onnx.ModelProto) -> dict[str, int]:
-    """Both rewrites (constants first, so the Linears' shared activation codes feed one MatMulInteger each);
-    returns what each changed."""
+    """The three rewrites (constants first, so that the Linears' shared activation codes feed one
+    MatMulInteger each); returns what each changed."""
     shared = share_constants(model)
     linears = integer_linears(model)
-    return {"shared_constants": shared, "integer_linears": linears}
+    transposes = transpose_codes(model)
+    return {"shared_constants": shared, "integer_linears": linears, "uint8_transposes": transposes}
+
+
+def transpose_codes(model: onnx.ModelProto) -> int:
+    """Move a ``Transpose`` in front of a per-tensor quantizer behind it: ``Transpose(x) -> QuantizeLinear
+    [-> Clip]`` (and the scale's whole-tensor reductions) becomes ``QuantizeLinear(x) [-> Clip] ->
+    Transpose``: the same codes (one scale for the whole tensor, reductions over every element), moved as
+    uint8 instead of float32. Returns how many."""
+    graph = model.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for name in n.input:
+            consumers[name].append(n)
+    outputs = {o.name for o in graph.output}
+    # ranks from ONNX shape inference: only a scale of rank 0 (one per tensor) makes the codes order-free
+    inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred if v.type.tensor_type.HasField("shape")}
+    rank.update({t.name: len(t.dims) for t in graph.initializer})
+    after: dict[int, onnx.NodeProto] = {}
+    count = 0
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or len(q.input) != 3:
+            continue
+        t = producer.get(q.input[0])
+        if t is None or t.op_type != "Transpose" or q.input[0] in outputs:
+            continue
+        if rank.get(q.input[1]) != 0 or rank.get(q.input[2]) != 0:
+            continue
+        uses = consumers[q.input[0]]
+        if any(
+            u is not q
+            and not (
+                u.op_type in ("ReduceMax", "ReduceMin")
+                and not any(a.name == "axes" for a in u.attribute)
+                and len(u.input) == 1
+            )
+            for u in uses
+        ):
+            continue
+        last = q
+        nxt = consumers.get(q.output[0], [])
+        if len(nxt) == 1 and nxt[0].op_type == "Clip" and q.output[0] not in outputs:
+            last = nxt[0]
+        if last.output[0] in outputs:
+            continue
+        for u in uses:  # the same elements, not transposed
+            u.input[0] = t.input[0]
+        moved = f"{last.output[0]}/transposed"
+        for c in consumers.get(last.output[0], []):
+            for i, name in enumerate(c.input):
+                if name == last.output[0]:
+                    c.input[i] = moved
+        perm = list(next(a for a in t.attribute if a.name == "perm").ints)
+        # a per-tensor DequantizeLinear followed by another Transpose (the key's kᵀ): both permutations on
+        # the codes, one uint8 Transpose, so ONNX Runtime has no float Transpose to re-quantize after
+        dq = consumers.get(last.output[0], [])
+        if len(dq) == 1 and dq[0].op_type == "DequantizeLinear" and dq[0].output[0] not in outputs:
+            t2 = consumers.get(dq[0].output[0], [])
+            if len(t2) == 1 and t2[0].op_type == "Transpose" and t2[0].output[0] not in outputs:
+                p2 = list(next(a for a in t2[0].attribute if a.name == "perm").ints)
+                perm = [perm[i] for i in p2]
+                for c in consumers.get(t2[0].output[0], []):
+                    for i, name in enumerate(c.input):
+                        if name == t2[0].output[0]:
+                            c.input[i] = dq[0].output[0]
+        after[id(last)] = helper.make_node("Transpose", [last.output[0]], [moved], f"{t.name}/codes", perm=perm)
+        count += 1
+    if count:
+        nodes = []
+        for n in graph.node:
+            nodes.append(n)
+            if id(n) in after:
+                nodes.append(after[id(n)])
+        del graph.node[:]
+        graph.node.extend(nodes)
+        prune(model)
+    return count
