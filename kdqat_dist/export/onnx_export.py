@@ -3,12 +3,15 @@
 The integer-form student (:func:`~kdqat_dist.quant.api.convert`) is traced by ``torch.onnx.export``; its
 modules write the QDQ form of :mod:`kdqat_dist.quant.onnx_form` (int8 weight initializers holding the codes
 with their per-tensor or per-row scales; each activation quantizer as in training, Q/K/V and the attention
-probabilities included), with dynamic batch and sequence axes. An export folder holds
+probabilities included), with dynamic batch and sequence axes, then tidied for ONNX Runtime's fusions
+without changing a number (:mod:`kdqat_dist.export.onnx_graph`: shared constants, each Linear's bias inside
+``MatMulIntegerToFloat``, attention codes transposed as uint8). An export folder holds
 
 - ``model.onnx``: inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has
   segment embeddings), int64 [batch, sequence]; output ``logits`` [batch, labels];
 - ``kdqat_onnx.json``: format, the file's size and SHA-256, inputs, labels, the weight layout, the probe check
-  and the operators ONNX Runtime runs after its graph optimizations (``MatMulIntegerToFloat``: int8);
+  and the operators ONNX Runtime runs after its graph optimizations (``MatMulIntegerToFloat``: int8), and
+  what the tidying changed (``graph``);
 - ``config.json`` and the tokenizer files.
 
 Before anything is kept, ONNX Runtime runs the file on fixed probe batches with padding and its logits are
