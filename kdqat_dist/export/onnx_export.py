@@ -3,12 +3,15 @@
 The integer-form student (:func:`~kdqat_dist.quant.api.convert`) is traced by ``torch.onnx.export``; its
 modules write the QDQ form of :mod:`kdqat_dist.quant.onnx_form` (int8 weight initializers holding the codes
 with their per-tensor or per-row scales; each activation quantizer as in training, Q/K/V and the attention
-probabilities included), with dynamic batch and sequence axes. An export folder holds
+probabilities included), with dynamic batch and sequence axes, then tidied for ONNX Runtime's fusions
+without changing a number (:mod:`kdqat_dist.export.onnx_graph`: shared constants, each Linear's bias inside
+``MatMulIntegerToFloat``, attention codes transposed as uint8). An export folder holds
 
 - ``model.onnx``: inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has
   segment embeddings), int64 [batch, sequence]; output ``logits`` [batch, labels];
 - ``kdqat_onnx.json``: format, the file's size and SHA-256, inputs, labels, the weight layout, the probe check
-  and the operators ONNX Runtime runs after its graph optimizations (``MatMulIntegerToFloat``: int8);
+  and the operators ONNX Runtime runs after its graph optimizations (``MatMulIntegerToFloat``: int8), and
+  what the tidying changed (``graph``);
 - ``config.json`` and the tokenizer files.
 
 Before anything is kept, ONNX Runtime runs the file on fixed probe batches with padding and its logits are
@@ -208,6 +211,7 @@ def export_onnx(
             from kdqat_dist.export.nbits import to_matmul_nbits  # only this layout rewrites the graph
 
             to_matmul_nbits(path)
+        graph = _tidy(path)
         _write_side_files(student, src, out, quant)
         diff, ops = _check(student, path) if verify else (float("nan"), {})
         report = OnnxReport(out, path.stat().st_size, diff, ops, weights)
@@ -225,6 +229,7 @@ def export_onnx(
             "problem_type": getattr(student.config, "problem_type", None),
             "quant": to_dict(quant),
             "probe": {"max_abs_logit_diff": diff, "rtol": ONNX_RTOL, "integer_ops": ops},
+            "graph": graph,
             "source": {"student": str(src.resolve()), "task": smeta.get("task"), "metrics": smeta.get("metrics")},
             "versions": _versions(),
         }
@@ -233,6 +238,19 @@ def export_onnx(
         _remove_written(out, created)
         raise
     return report
+
+
+def _tidy(path: Path) -> dict[str, int]:
+    """The traced graph in the shape ONNX Runtime fuses best (:mod:`kdqat_dist.export.onnx_graph`: shared
+    constants, Linears with their bias in ``MatMulIntegerToFloat``); the same codes, scales and bounds."""
+    import onnx
+
+    from kdqat_dist.export.onnx_graph import tidy  # onnx only where an ONNX file is written
+
+    model = onnx.load(str(path))
+    changes = tidy(model)
+    onnx.save(model, str(path))
+    return changes
 
 
 def _write_side_files(student: nn.Module, src: Path, out: Path, quant) -> None:

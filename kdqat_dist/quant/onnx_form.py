@@ -14,7 +14,9 @@ its integer kernels:
 - **weights**: ``DequantizeLinear`` of an int8 initializer holding the transposed codes, with one scale per
   tensor or one per output column (``axis=1``), feeding ``MatMul`` (+ ``Add`` for the bias). ONNX Runtime
   fuses "DQ(activation) -> MatMul <- DQ(weight)" into ``MatMulIntegerToFloat`` (8-bit × 8-bit -> int32,
-  then one float scale), the same fusion its own dynamic quantization produces. Codes beyond ±64 (8-bit
+  then one float scale), the same fusion its own dynamic quantization produces. (The export then rewrites
+  a Linear fed by quantized codes as ``MatMulInteger`` + scales + bias, which ONNX Runtime fuses with the
+  bias: :mod:`kdqat_dist.export.onnx_graph`.) Codes beyond ±64 (8-bit
   weights) are stored as uint8 with zero point 128 (:func:`weight_storage`): on x86 without VNNI the
   u8 × s8 kernel adds pairs of products in 16 bits, which 255·127·2 overflows; u8 × u8 has no such limit;
 - **activations, one scale per token** (``absmax_token``): QDQ has no per-token form that ONNX Runtime
