@@ -41,6 +41,8 @@ def cache_root() -> Path:
 # them equal).
 STUDENT_MARKER = "kdqat_student.json"
 EXPORT_MARKER = "kdqat_export.json"
+# the packed, ONNX and transformers-BitNet exports: each is a quantized model, never a teacher
+EXPORT_MARKERS = (EXPORT_MARKER, "kdqat_onnx.json", "kdqat_hf_bitnet.json")
 _ROLE = {
     "teacher.path": "the teacher",
     "student.init_from": "the student's starting point",
@@ -104,12 +106,12 @@ def check_apart(out: str | Path, key: str, inputs: dict[str, str]) -> None:
 
 
 def model_kind(folder: str | Path) -> str | None:
-    """``"student"`` (a `kdqat train` student), ``"export"`` (a packed `kdqat export`), ``"run"`` (a run
+    """``"student"`` (a `kdqat train` student), ``"export"`` (any `kdqat export` folder), ``"run"`` (a run
     folder: its model is in model/ or student/), or None (anything else, e.g. a full-precision model)."""
     p = Path(folder).expanduser()
     if not p.is_dir():
         return None
-    if (p / EXPORT_MARKER).exists():
+    if any((p / m).exists() for m in EXPORT_MARKERS) or _quant_method(p / "config.json") == "bitnet":
         return "export"
     if (p / STUDENT_MARKER).exists() or _quant_method(p / "config.json") == "kdqat":
         return "student"
@@ -137,7 +139,7 @@ def check_full_precision(folder: str | Path, key: str, what: str = "the teacher"
     if kind == "student":
         raise ConfigError(f"{key}: {p} is a kdqat student folder (quantized; {STUDENT_MARKER}); {fix}")
     if kind == "export":
-        raise ConfigError(f"{key}: {p} is a kdqat export folder (packed low-bit weights; {EXPORT_MARKER}); {fix}")
+        raise ConfigError(f"{key}: {p} is a kdqat export folder (quantized weights); {fix}")
     if (p / "model" / "config.json").exists():
         raise ConfigError(f"{key}: {p} is a `kdqat finetune` run folder; its model is {p / 'model'}")
     raise ConfigError(f"{key}: {p} is a `kdqat train` run folder (its student/ is quantized); {fix}")

@@ -265,3 +265,17 @@ def test_guard_and_unguard_round_trip(config):
     assert guarded["model_type"] == KDQAT_MODEL_TYPE and guarded["hidden_size"] == guarded["dim"] == NEEDS_KDQAT
     assert guard_hf_config(guarded) == guarded  # twice is once
     assert unguard_hf_config(guarded) == config and unguard_hf_config(config) == config
+
+
+def test_no_export_folder_is_taken_for_a_full_precision_teacher(folders, tmp_path):
+    """A transformers-BitNet export (and an ONNX export's marker) would load as a model: refused as a teacher."""
+    from kdqat_dist.errors import ConfigError
+    from kdqat_dist.files import check_full_precision
+
+    onnx_like = tmp_path / "onnx"
+    onnx_like.mkdir()
+    (onnx_like / "config.json").write_text("{}")
+    (onnx_like / "kdqat_onnx.json").write_text("{}")
+    for folder in (folders["plain"], folders["subln"], folders["packed"], onnx_like):
+        with pytest.raises(ConfigError, match=r"teacher.path: .* is a kdqat export folder"):
+            check_full_precision(folder, "teacher.path")
