@@ -253,3 +253,30 @@ def guard_config_file(path: str | Path) -> None:
     """Rewrite the config.json at ``path`` with :func:`guard_hf_config`."""
     p = Path(path)
     p.write_text(json.dumps(guard_hf_config(json.loads(p.read_text())), indent=2) + "\n")
+
+
+# a model's architecture suffix -> its task head's kind, and the words for it in error messages
+HEAD_KINDS = {
+    "ForSequenceClassification": ("sequence", "sequence classification"),
+    "ForTokenClassification": ("token", "token classification"),
+    "ForQuestionAnswering": ("qa", "question answering"),
+}
+
+
+def head_kind(folder: str | Path) -> tuple[str, str]:
+    """(kind, words) of the task head of the model in ``folder`` (``config.json``'s architectures);
+    sequence classification when it names none."""
+    try:
+        arch = (json.loads((Path(folder) / "config.json").read_text()).get("architectures") or [""])[0]
+    except (OSError, ValueError, AttributeError, IndexError):
+        arch = ""
+    return next(
+        (v for suffix, v in HEAD_KINDS.items() if str(arch).endswith(suffix)), HEAD_KINDS["ForSequenceClassification"]
+    )
+
+
+def require_sequence_head(folder: str | Path, what: str) -> None:
+    """ConfigError in one line unless the model in ``folder`` is a sequence classifier (``what``: the command)."""
+    kind, words = head_kind(folder)
+    if kind != "sequence":
+        raise ConfigError(f"{what}: {words} students are not supported yet; allowed: sequence classification")

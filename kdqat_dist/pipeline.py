@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from kdqat_dist.config import ConfigError, RunConfig, load_config, parse_override
+from kdqat_dist.data.heads import get_head
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.distill.terms import KD_TERMS
@@ -216,8 +217,9 @@ def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
     tokenizer = load_tokenizer(str(p))
     max_len = cfg.data.max_seq_length or task.max_seq_length
     check_max_length(max_len, str(p), explicit=cfg.data.max_seq_length is not None)
+    head = get_head(task)
     dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
-    data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
+    data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None, head)
     if (p / "kdqat_export.json").exists():  # a packed artifact from `kdqat export`
         model = load(p)
     elif (p / ONNX_META).exists():  # `kdqat export --format onnx`: ONNX Runtime on the CPU
@@ -225,10 +227,10 @@ def evaluate_folder(cfg: RunConfig, path: str, table: bool = True) -> dict:
     elif is_student_dir(p):
         model = load_student(p)
     else:
-        model = load_classifier(str(p), task.num_labels, strict=True)
+        model = load_classifier(str(p), head.num_labels, strict=True, auto_class=head.auto_class)
     device = "cpu" if isinstance(model, OrtModel) else pick_device(cfg.train.device)  # ORT: the CPU provider
-    collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
-    metrics = evaluate(model.to(device), task, data, collate, cfg.train.eval_batch_size, device)
+    collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None, head=head)
+    metrics = evaluate(model.to(device), task, data, collate, cfg.train.eval_batch_size, device, raw=dev, head=head)
     if table:
         print(_table([[k, f"{v:.4f}"] for k, v in metrics.items()], ["metric", "value"]))
     return metrics

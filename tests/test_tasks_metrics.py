@@ -26,7 +26,7 @@ from kdqat_dist.errors import DataError
 
 
 def test_every_glue_task_and_demo_is_registered():
-    assert set(GLUE_TASKS) | {"demo"} == set(TASKS)
+    assert set(GLUE_TASKS) | {"demo", "conll2003", "squad", "squad_v2"} == set(TASKS)
     for name in TASKS:
         assert get_task(DataConfig(task=name)).name == name
 

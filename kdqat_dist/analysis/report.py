@@ -634,6 +634,9 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     cfg, source, notes = resolve_run_config(opts)  # every config problem fails before any data or model loads
     for note in notes:
         print(f"kdqat analyze: note: {note}", file=sys.stderr)
+    if (head := get_task(cfg.data).head) != "sequence":
+        words = {"token": "token classification", "qa": "question answering"}.get(head, head)
+        raise ConfigError(f"kdqat analyze: {words} students are not supported yet; allowed: sequence classification")
     out = Path(opts.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an earlier analysis would be half replaced (a figure it has and this one does not stays stale)

@@ -33,6 +33,8 @@ from datasets.utils import logging as ds_logging
 
 from kdqat_dist.config import DataConfig
 from kdqat_dist.data.demo import make_demo
+from kdqat_dist.data.heads.base import INPUT_COLUMNS, TaskHead
+from kdqat_dist.data.heads.sequence import SequenceHead, collate_scalar_labels
 from kdqat_dist.data.tasks import TaskSpec
 from kdqat_dist.errors import DataError
 from kdqat_dist.files import cache_root, check_writable
@@ -40,7 +42,6 @@ from kdqat_dist.files import cache_root, check_writable
 PROGRESS_MIN_ROWS = 5000  # splits larger than this show a progress bar while tokenizing
 PROGRESS_MIN_BYTES = 50 * 2**20  # files larger than this show datasets' bar while they are read
 _CACHE_FORMAT = "kdqat-tokenized-v1"  # bump when the tokenized layout changes, to invalidate old caches
-_TEXT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # --------------------------------------------------------------------------- normalised splits
@@ -372,6 +373,10 @@ def _load_demo(cfg: DataConfig, task: TaskSpec) -> dict[str, Dataset]:
 
 def _load_raw(cfg: DataConfig, task: TaskSpec) -> tuple[dict[str, Dataset], str]:
     """The splits found, and the dev file that was expected (for the "no dev split" error)."""
+    from kdqat_dist.data.heads import get_head  # lazy: the heads' own loaders read files with this module
+
+    if (own := get_head(task).load_raw(cfg)) is not None:
+        return own, "a dev split (data.dev_file, or dev/valid/validation files in data.source)"
     if task.name == "demo":
         return _load_demo(cfg, task), ""
     if cfg.train_file:
@@ -479,29 +484,10 @@ def tokenizer_key(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _encode_batch(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
-    has_b = [b is not None for b in batch["text_b"]]
-    if any(has_b) and not all(has_b):
-        raise DataError("text_b: a split mixes sentence pairs and single sentences")
-    enc = tokenizer(
-        batch["text_a"], batch["text_b"] if all(has_b) else None, truncation="longest_first", max_length=max_length
-    )
-    out = {k: enc[k] for k in _TEXT_COLUMNS if k in enc}
-    out["labels"] = batch["label"]
-    return out
-
-
-def _tokenize_to(ds: Dataset, tokenizer: Any, max_length: int, target: Path, desc: str) -> None:
+def _tokenize_to(ds: Dataset, head: TaskHead, split: str, tokenizer: Any, max_length: int, target: Path) -> None:
     """Tokenize into a temporary folder, then rename it into place (atomic; concurrent ranks are safe)."""
     tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tok = ds.map(
-        _encode_batch,
-        batched=True,
-        remove_columns=ds.column_names,
-        desc=desc,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-    )
-    tok.save_to_disk(str(tmp))
+    head.tokenize(split, ds, tokenizer, max_length).save_to_disk(str(tmp))
     try:
         os.replace(tmp, target)
     except OSError:  # another process finished first; its copy is identical
@@ -509,26 +495,35 @@ def _tokenize_to(ds: Dataset, tokenizer: Any, max_length: int, target: Path, des
 
 
 def tokenize_splits(
-    splits: dict[str, Dataset], tokenizer: Any, max_length: int, cache_dir: str | Path | None = None
+    splits: dict[str, Dataset],
+    tokenizer: Any,
+    max_length: int,
+    cache_dir: str | Path | None = None,
+    head: TaskHead | None = None,
 ) -> dict[str, Dataset]:
-    """Tokenize every split (pairs truncated longest-first; no padding), cached on disk.
+    """Tokenize every split with the task head's :meth:`~kdqat_dist.data.heads.base.TaskHead.tokenize` (no
+    padding), cached on disk. ``head`` None: sentence(-pair) rows (:class:`SequenceHead`; pairs truncated
+    longest-first).
 
-    Output columns: input_ids, attention_mask, token_type_ids (when the tokenizer makes them), labels.
-    The cache key hashes the split's content, the tokenizer (:func:`tokenizer_key`) and ``max_length``;
-    a second call with the same inputs loads the saved copy. ``cache_dir`` None or "" means
-    :func:`default_cache_dir`.
+    Output columns: input_ids, attention_mask, token_type_ids (when the tokenizer makes them), the head's
+    label keys and its own columns. The cache key hashes the split's content, the tokenizer
+    (:func:`tokenizer_key`), ``max_length`` and the head; a second call with the same inputs loads the saved
+    copy. ``cache_dir`` None or "" means :func:`default_cache_dir`.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     check_writable(root, "data.cache_dir" if cache_dir else "the tokenization cache ($KDQAT_CACHE/tokenized)")
     root.mkdir(parents=True, exist_ok=True)
     tok_key = tokenizer_key(tokenizer)
+    head = head or SequenceHead(TaskSpec("rows", "text_a", "text_b", None, max_length, 0, ""))
+    # sentence rows keep the key they had before task heads (their caches stay valid)
+    head_key = "" if isinstance(head, SequenceHead) else f"|{head.cache_key()}"
     out = {}
     for name, ds in splits.items():
-        key = hashlib.sha256(f"{_CACHE_FORMAT}|{content_hash(ds)}|{tok_key}|{max_length}".encode())
+        key = hashlib.sha256(f"{_CACHE_FORMAT}|{content_hash(ds)}|{tok_key}|{max_length}{head_key}".encode())
         target = root / key.hexdigest()[:24]
         with _progress_bars(len(ds) > PROGRESS_MIN_ROWS):
             if not (target / "dataset_info.json").is_file():
-                _tokenize_to(ds, tokenizer, max_length, target, desc=f"Tokenizing {name}")
+                _tokenize_to(ds, head, name, tokenizer, max_length, target)
             out[name] = datasets.load_from_disk(str(target))
     return out
 
@@ -541,16 +536,25 @@ class Collator:
     ``max_length`` (``data.padding=max_length``: every batch the same width, as the reference code pads;
     the KD means over all positions then include the padded ones).
 
-    ``labels`` become float32 for regression (float labels) and int64 for classification.
+    The model's input columns are padded; the task head adds its label keys
+    (:meth:`~kdqat_dist.data.heads.base.TaskHead.collate_labels`; ``head`` None: one label per row, float32
+    for regression and int64 for classification). Other feature columns (word ids, offsets) stay out.
     """
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None, max_length: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        head: TaskHead | None = None,
+    ):
         self.tokenizer = tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
+        self.head = head
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        inputs = [{k: r[k] for k in _TEXT_COLUMNS if k in r} for r in rows]
+        inputs = [{k: r[k] for k in INPUT_COLUMNS if k in r} for r in rows]
         padding = "longest" if self.max_length is None else "max_length"
         batch = dict(
             self.tokenizer.pad(
@@ -561,10 +565,8 @@ class Collator:
                 return_tensors="pt",
             )
         )
-        if rows and "labels" in rows[0]:
-            labels = [r["labels"] for r in rows]
-            if torch.as_tensor(labels[0]).is_floating_point():  # regression
-                batch["labels"] = torch.tensor([float(x) for x in labels], dtype=torch.float32)
-            else:
-                batch["labels"] = torch.tensor([int(x) for x in labels], dtype=torch.long)
+        if self.head is None:
+            collate_scalar_labels(rows, batch)
+        else:
+            self.head.collate_labels(rows, batch)
         return batch

@@ -21,7 +21,8 @@ class TaskSpec:
     """What a task's data looks like and how it is evaluated.
 
     ``text_a``/``text_b``/``label`` name the columns of hub datasets and custom files. ``label_list`` is
-    None for regression (one output). ``eval_splits`` are the split names scored at every evaluation.
+    None for regression (one output) and QA. ``eval_splits`` are the split names scored at every evaluation.
+    ``head`` is the task head's kind (:func:`kdqat_dist.data.heads.get_head`).
     """
 
     name: str
@@ -34,19 +35,24 @@ class TaskSpec:
     eval_splits: tuple[str, ...] = ("dev",)
     label: str = "label"
     batch_size: int = 32  # the reference's per-task training batch (used when train.batch_size is null)
+    head: str = "sequence"  # the task head's kind (data/heads): sequence, token or qa
 
     @property
     def num_labels(self) -> int:
-        return 1 if self.label_list is None else len(self.label_list)
+        """The model's outputs per row (per token for token tasks): the labels, 1 for regression, 2 for QA."""
+        if self.label_list is not None:
+            return len(self.label_list)
+        return 2 if self.head == "qa" else 1
 
     @property
     def is_regression(self) -> bool:
-        return self.label_list is None
+        return self.label_list is None and self.head == "sequence"
 
 
 _BINARY = ("0", "1")
 _NLI2 = ("entailment", "not_entailment")
 _MNLI = ("contradiction", "entailment", "neutral")
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 
 # Column names are those of the hub's nyu-mll/glue; label orders are those of the reference (utils_glue.py).
 TASKS: dict[str, TaskSpec] = {
@@ -61,8 +67,14 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("qnli", "question", "sentence", _NLI2, 128, 1000, "acc"),
         TaskSpec("rte", "sentence1", "sentence2", _NLI2, 128, 20, "acc"),
         TaskSpec("demo", "text_a", None, ("negative", "positive"), 64, 50, "acc"),
+        # Hugging Face conll2003's tag order; its files' IOB1 tags use the same names (no B- at a chunk's start)
+        TaskSpec("conll2003", "tokens", None, CONLL_TAGS, 128, 200, "f1", label="tags", head="token"),
+        # extractive QA (the QA head): num_labels 2 (start, end); eval_every as the reference's QA runs
+        TaskSpec("squad", "question", "context", None, 384, 1000, "f1", label="answers", batch_size=32, head="qa"),
+        TaskSpec("squad_v2", "question", "context", None, 384, 1000, "f1", label="answers", batch_size=32, head="qa"),
     )
 }
+ALIASES = {"ner": "conll2003", "squadv11": "squad", "squadv1": "squad", "squadv2": "squad_v2", "squadv20": "squad_v2"}
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
 CUSTOM_DEFAULT_MAX_LEN = 128
 CUSTOM_DEFAULT_EVAL_EVERY = 100
@@ -71,6 +83,28 @@ CUSTOM_DEFAULT_EVAL_EVERY = 100
 def _canonical(name: str) -> str:
     """``"SST-2"``, ``"sst_2"``, ``"sst2"`` -> ``"sst2"``."""
     return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def _custom_token_task(cfg: DataConfig) -> TaskSpec:
+    """``custom_tokens``: a ``tokens`` + ``tags`` folder or files (JSON/JSONL/CSV/CoNLL columns), tags named
+    by ``data.label_list`` (IOB1 or IOB2 names; ``O`` outside any entity)."""
+    if not cfg.label_list:
+        raise DataError("data.label_list: a custom_tokens task needs its tag names, e.g. [O, B-PER, I-PER]")
+    labels = tuple(str(x) for x in cfg.label_list)
+    if len(set(labels)) != len(labels):
+        raise DataError(f"data.label_list: got {list(labels)}; tag names must be distinct")
+    default = DataConfig()
+    return TaskSpec(
+        name="custom_tokens",
+        text_a=cfg.text_a if cfg.text_a != default.text_a else "tokens",
+        text_b=None,
+        label_list=labels,
+        max_seq_length=cfg.max_seq_length or CUSTOM_DEFAULT_MAX_LEN,
+        eval_every=CUSTOM_DEFAULT_EVAL_EVERY,
+        selection_metric="f1",
+        label=cfg.label if cfg.label != default.label else "tags",
+        head="token",
+    )
 
 
 def _custom_task(cfg: DataConfig) -> TaskSpec:
@@ -117,10 +151,14 @@ def get_task(data_cfg: DataConfig | str) -> TaskSpec:
     if cfg.max_seq_length is not None and cfg.max_seq_length < 8:
         raise DataError(f"data.max_seq_length: got {cfg.max_seq_length}; must be >= 8 or null (task default)")
     key = _canonical(cfg.task)
+    key = ALIASES.get(key, key)
     if key == "custom":
         return _custom_task(cfg)
+    if key == "customtokens":
+        return _custom_token_task(cfg)
     if key not in TASKS:
-        raise DataError(f"data.task: unknown task {cfg.task!r}; allowed: {', '.join([*TASKS, 'custom'])}")
+        allowed = ", ".join([*TASKS, *ALIASES, "custom", "custom_tokens"])
+        raise DataError(f"data.task: unknown task {cfg.task!r}; allowed: {allowed}")
     spec = TASKS[key]
     if cfg.max_seq_length is not None:
         spec = replace(spec, max_seq_length=cfg.max_seq_length)
@@ -131,6 +169,7 @@ def _resolve(task: TaskSpec | str) -> TaskSpec:
     if isinstance(task, TaskSpec):
         return task
     key = _canonical(task)
+    key = ALIASES.get(key, key)
     if key not in TASKS:
         raise DataError(f"unknown task {task!r} (pass the TaskSpec for custom tasks); allowed: {', '.join(TASKS)}")
     return TASKS[key]

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from kdqat_dist.config import ConfigError, DistillConfig
+from kdqat_dist.data.heads.base import LABEL_KEYS, Head, HeadOutput  # noqa: F401 (re-exported)
+from kdqat_dist.data.heads.sequence import classifier_head  # noqa: F401 (re-exported)
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
 from kdqat_dist.models.encoders import encoder_layers, unwrap
@@ -35,30 +37,6 @@ def layer_pairs(cfg: DistillConfig, n_student: int, n_teacher: int) -> list[tupl
 def hidden_pairs(cfg: DistillConfig, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
     """The hidden states' pairs: the embedding output (0) and each layer's output (l + 1)."""
     return hidden_map(n_teacher, n_student, cfg.layer_map)
-
-
-@dataclass(frozen=True)
-class HeadOutput:
-    """What the task head gives the terms on its outputs: ``logits`` [B, C] (C = 1 for regression), or any
-    [..., C] of which ``valid`` (a bool mask of ``logits.shape[:-1]``; None: all) picks the rows the terms
-    average over, e.g. [B, S, C] token logits or [B, 2, S] start/end logits; ``labels``: one per row."""
-
-    logits: torch.Tensor
-    labels: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [..., C] (or labels [...]) at the valid rows: [N, C] (or [N])."""
-        return x if self.valid is None else x[self.valid]
-
-
-Head = Callable[[Any, dict[str, torch.Tensor]], HeadOutput]  # (model output, batch) -> HeadOutput
-LABEL_KEYS = frozenset({"labels", "start_positions", "end_positions"})  # batch keys for the head, not the model
-
-
-def classifier_head(output: Any, batch: dict[str, torch.Tensor]) -> HeadOutput:
-    """Sequence classification and regression: the model's [B, C] logits, one row per sample."""
-    return HeadOutput(output.logits, batch.get("labels"))
 
 
 @dataclass(frozen=True)

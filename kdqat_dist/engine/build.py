@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from kdqat_dist.config import RunConfig
+from kdqat_dist.data.heads import TaskHead, get_head
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.sampling import steps_per_epoch
 from kdqat_dist.data.tasks import TaskSpec, get_task
@@ -91,6 +92,8 @@ class Run:
     student: nn.Module
     teacher: nn.Module | None
     objective: DistillObjective | None
+    head: TaskHead | None = None  # the task's head (None: get_head(task))
+    raw: dict[str, Any] | None = None  # the untokenised splits, for the head's evaluation
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -162,13 +165,15 @@ def build_run(cfg: RunConfig, backend: Backend, mode: str = "train", with_teache
         raise ValueError(f"mode must be train or finetune, got {mode!r}")
     ranks = backend.ranks
     task = resolve_task(cfg)
+    head = get_head(task)
     with main_first(ranks):  # rank 0 fills the model and tokenisation caches, then the rest read them
         src = source_model(cfg, mode)
         tokenizer = load_tokenizer(src)
         max_len = cfg.data.max_seq_length or task.max_seq_length
         check_max_length(max_len, src, explicit=cfg.data.max_seq_length is not None)
-        data = tokenize_splits(load_splits(cfg.data, task), tokenizer, max_len, cfg.data.cache_dir or None)
-    collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None)
+        raw = load_splits(cfg.data, task)
+        data = tokenize_splits(raw, tokenizer, max_len, cfg.data.cache_dir or None, head)
+    collate = Collator(tokenizer, max_length=max_len if cfg.data.padding == "max_length" else None, head=head)
     cfg.train.micro_batch_size(ranks.world_size)  # ConfigError unless the batch splits evenly
     per_epoch = steps_per_epoch(len(data["train"]), cfg.train.batch_size)
     if per_epoch == 0:
@@ -177,19 +182,22 @@ def build_run(cfg: RunConfig, backend: Backend, mode: str = "train", with_teache
         )
     total = cfg.train.max_steps or math.ceil(per_epoch * cfg.train.epochs)
     if mode == "finetune":
-        student, teacher, objective = _build_finetune(cfg, task, backend, src, total), None, None
+        student, teacher, objective = _build_finetune(cfg, head, backend, src, total), None, None
     else:
         calibration = _first_batch(data["train"], collate, cfg.train.batch_size)
         student, teacher, objective = _build_student_and_teacher(
-            cfg, task, backend, src, total, calibration, with_teacher
+            cfg, head, backend, src, total, calibration, with_teacher
         )
-    return Run(cfg, mode, backend, task, tokenizer, data, collate, per_epoch, total, student, teacher, objective)
+    return Run(
+        cfg, mode, backend, task, tokenizer, data, collate, per_epoch, total, student, teacher, objective, head, raw
+    )
 
 
-def _build_finetune(cfg: RunConfig, task: TaskSpec, be: Backend, src: str, total_steps: int) -> nn.Module:
-    """The FP model to fine-tune, on the engine."""
-    id2label = dict(enumerate(task.label_list)) if task.label_list else None
-    model = load_classifier(src, task.num_labels, cfg.model.attn_implementation, id2label)
+def _build_finetune(cfg: RunConfig, head: TaskHead, be: Backend, src: str, total_steps: int) -> nn.Module:
+    """The FP model to fine-tune (the head's model class), on the engine."""
+    task = head.spec
+    id2label = dict(enumerate(task.label_list)) if task.label_list and head.kind != "qa" else None
+    model = load_classifier(src, head.num_labels, cfg.model.attn_implementation, id2label, auto_class=head.auto_class)
     if cfg.train.dropout is not None:
         set_dropout(model, cfg.train.dropout)
     return be.setup_student(model, total_steps)
@@ -197,7 +205,7 @@ def _build_finetune(cfg: RunConfig, task: TaskSpec, be: Backend, src: str, total
 
 def _build_student_and_teacher(
     cfg: RunConfig,
-    task: TaskSpec,
+    head: TaskHead,
     be: Backend,
     src: str,
     total_steps: int,
@@ -207,32 +215,39 @@ def _build_student_and_teacher(
     """(student, teacher, objective) on the engine; neither teacher nor objective unless ``with_teacher``."""
     # The student is built and prepared whole on every rank (LSQ steps from whole weights, activation steps
     # calibrated) before the engine may shard it.
-    student = init_student(src, task.num_labels, cfg.student.num_layers, cfg.distill.layer_map)
+    student = init_student(src, head.num_labels, cfg.student.num_layers, cfg.distill.layer_map, head.auto_class)
     if cfg.train.dropout is not None:
         set_dropout(student, cfg.train.dropout)
     prepare(student, cfg.quant)
     if cfg.quant.enabled:
         # on the engine's device: a calibration forward of a large encoder on the host CPU is slow
         calibrate_activations(student.to(be.device), {k: v.to(be.device) for k, v in calibration.items()})
-    teacher = _build_teacher(cfg, task, be) if with_teacher else None
+    teacher = _build_teacher(cfg, head, be) if with_teacher else None
     use_kdqat_attention(student)  # the attention function that fake-quantizes Q, K, V and records taps
     wrapped = be.setup_student(student, total_steps)
     if teacher is None:
         return wrapped, None, None
     # (the one place the objective is made; `kdqat train` and every benchmark get it from here)
     objective = DistillObjective.for_models(
-        cfg.distill, student, teacher, task.is_regression, teacher_sharded=be.partitioned_teacher()
+        cfg.distill,
+        student,
+        teacher,
+        head.regression,
+        head=head.outputs,
+        teacher_sharded=be.partitioned_teacher(),
     )
     return wrapped, teacher, objective
 
 
-def _build_teacher(cfg: RunConfig, task: TaskSpec, be: Backend) -> nn.Module:
-    """The fine-tuned teacher, built in the engine's construction block and frozen (and sharded) by it."""
+def _build_teacher(cfg: RunConfig, head: TaskHead, be: Backend) -> nn.Module:
+    """The fine-tuned teacher (the head's model class), built in the engine's construction block and frozen
+    (and sharded) by it."""
+    task = head.spec
     hidden = getattr(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher.path)), "hidden_size", None)
     with be.building_teacher(hidden):
-        model = load_classifier(cfg.teacher.path, task.num_labels, "eager")
-    if (n := model.config.num_labels) != task.num_labels:
-        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {task.num_labels}")
+        model = load_classifier(cfg.teacher.path, head.num_labels, "eager", auto_class=head.auto_class)
+    if (n := model.config.num_labels) != head.num_labels:
+        raise ConfigError(f"teacher.path: the teacher has {n} labels but task {task.name} has {head.num_labels}")
     teacher = be.setup_teacher(model)  # frozen, eval mode, in the engine's precision (and sharded)
     # Both models run our attention function so the same taps exist on each.
     use_kdqat_attention(unwrap(teacher))

@@ -74,6 +74,7 @@ class Trainer:
         self._resume_step = self._check_resume() if self.resume else None
         self.run = run = build_run(cfg, self.backend, self.mode)  # what the run is made of (public)
         self.task, self.tokenizer, self.data, self.collate = run.task, run.tokenizer, run.data, run.collate
+        self.head, self.raw = run.head, run.raw
         self.train_set, self.steps_per_epoch, self.total_steps = run.train_set, run.steps_per_epoch, run.total_steps
         self.student, self.teacher, self.objective = run.student, run.teacher, run.objective
         self.eval_every = cfg.train.eval_every or self.task.eval_every
@@ -136,7 +137,7 @@ class Trainer:
             if self.objective is None:  # finetune: labels only
                 out = self.student(**batch)
                 terms = {"ground_truth": out.loss.detach()}
-                return LossOutput(total=out.loss, terms=terms, student_logits=out.logits)
+                return LossOutput(total=out.loss, terms=terms, student_logits=getattr(out, "logits", None))
             return self.objective(self.student, self.teacher, batch)
 
     def train(self) -> dict:
@@ -272,7 +273,14 @@ class Trainer:
     def evaluate(self, model) -> dict[str, float]:
         with self.backend.autocast():
             return evaluate_model(
-                model, self.task, self.data, self.collate, self.cfg.train.eval_batch_size, self.backend.device
+                model,
+                self.task,
+                self.data,
+                self.collate,
+                self.cfg.train.eval_batch_size,
+                self.backend.device,
+                raw=self.raw,
+                head=self.head,
             )
 
     def _evaluate_and_select(self, step: int) -> None:

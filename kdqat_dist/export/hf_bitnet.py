@@ -55,6 +55,7 @@ from kdqat_dist.export.artifact import (
     probe_batches,
     read_student_quant,
 )
+from kdqat_dist.files import require_sequence_head
 from kdqat_dist.models.subln import SubLNLinear
 from kdqat_dist.quant.api import convert
 from kdqat_dist.quant.integer import QuantizedAct, QuantizedEmbedding, QuantizedInputLinear, QuantizedLinear
@@ -137,6 +138,7 @@ def bitnet_recipes() -> list[str]:
 
 def check_student(student_dir: str | Path) -> QuantConfig:
     """The student's quant config; ConfigError in one line when it does not qualify."""
+    require_sequence_head(student_dir, "kdqat export --format hf-bitnet")
     quant, _ = read_student_quant(Path(student_dir), "--student")
     problems = bitnet_problems(quant)
     if problems:

@@ -50,6 +50,7 @@ from kdqat_dist.export.artifact import (
     probe_batches,
     read_student_quant,
 )
+from kdqat_dist.files import require_sequence_head
 from kdqat_dist.quant.api import convert
 from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig
 from kdqat_dist.quant.onnx_form import OPSET
@@ -185,6 +186,7 @@ def export_onnx(
         InternalError: the ONNX model does not reproduce the student (nothing is kept).
     """
     src = Path(student_dir)
+    require_sequence_head(src, "kdqat export --format onnx")
     out = check_out_dir(out_dir)
     if weights not in WEIGHT_LAYOUTS:
         raise ConfigError(f"--weights: {weights!r} is not a weight layout; allowed: {', '.join(WEIGHT_LAYOUTS)}")

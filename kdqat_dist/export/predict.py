@@ -30,6 +30,7 @@ from kdqat_dist.data.tasks import TASKS
 from kdqat_dist.errors import ConfigError
 from kdqat_dist.export.artifact import EXPORT_META, load
 from kdqat_dist.export.onnx_export import ONNX_META, read_onnx_meta, run_session, session
+from kdqat_dist.files import require_sequence_head
 from kdqat_dist.quant.api import convert
 from kdqat_dist.quant.student import STUDENT_META, load_student
 
@@ -117,6 +118,7 @@ class Predictor:
         if batch_size < 1:
             raise ConfigError(f"--batch-size: {batch_size} must be >= 1")
         self.kind, self.folder = model_kind(Path(model))
+        require_sequence_head(self.folder, "kdqat predict")
         self.batch_size = batch_size
         self.task = _task_of(self.kind, self.folder)
         spec = TASKS.get(self.task or "")

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
 from kdqat_dist.config import ConfigError
@@ -69,14 +76,32 @@ def load_tokenizer(name_or_path: str):
         raise _cannot_load(name_or_path, exc) from None
 
 
+# the Auto class of each task head's architecture suffix (a saved config's ``architectures[0]``)
+AUTO_CLASSES = {
+    "ForSequenceClassification": AutoModelForSequenceClassification,
+    "ForTokenClassification": AutoModelForTokenClassification,
+    "ForQuestionAnswering": AutoModelForQuestionAnswering,
+}
+
+
+def auto_class_of(config) -> type:
+    """The Auto class that rebuilds a saved model from its config (sequence classification when unnamed)."""
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    return next(
+        (cls for suffix, cls in AUTO_CLASSES.items() if arch.endswith(suffix)), AutoModelForSequenceClassification
+    )
+
+
 def load_classifier(
     name_or_path: str,
     num_labels: int,
     attn_implementation: str = "eager",
     id2label: dict[int, str] | None = None,
     strict: bool = False,
+    auto_class: type = AutoModelForSequenceClassification,
 ) -> PreTrainedModel:
-    """A sequence-classification model; its head is new when the checkpoint has none (expected).
+    """A model of the task head's ``auto_class`` (sequence classification by default); its head is new when
+    the checkpoint has none (expected).
 
     ``strict``: every weight must come from the checkpoint (a model to evaluate, not to fine-tune); a
     folder whose weights do not match (a packed export without its ``kdqat_export.json``, another
@@ -91,13 +116,20 @@ def load_classifier(
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _cannot_load(name_or_path, exc) from None
-    if num_labels == 1:
+    if num_labels == 1 and auto_class is AutoModelForSequenceClassification:
         config.problem_type = "regression"
+    # a checkpoint fine-tuned for another kind of task (a sentence classifier as a token tagger's start): its
+    # head's weights are another task's, and are replaced by a new head like a plain encoder's
+    other_task = not strict and bool(getattr(config, "architectures", None)) and auto_class_of(config) is not auto_class
     try:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, attn_implementation=attn_implementation, output_loading_info=True
+        model, info = auto_class.from_pretrained(
+            path,
+            config=config,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            ignore_mismatched_sizes=other_task,
         )
     except (OSError, SafetensorError) as exc:
         raise _cannot_load(name_or_path, exc) from None

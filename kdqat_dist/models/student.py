@@ -11,13 +11,17 @@ from kdqat_dist.models.encoders import encoder_layers, load_classifier
 from kdqat_dist.models.layer_map import layer_map
 
 
-def init_student(path: str, num_labels: int, num_layers: int | None, strategy) -> nn.Module:
+def init_student(
+    path: str, num_labels: int, num_layers: int | None, strategy, auto_class: type | None = None
+) -> nn.Module:
     """Load the FP checkpoint at ``path``; keep only the mapped layers when ``num_layers`` is set.
 
     Weights are copied from the full checkpoint *before* any sharding, so a ZeRO-3 student never
-    copies an empty partition (the DeepSpeed ``student_initialization`` bug).
+    copies an empty partition (the DeepSpeed ``student_initialization`` bug). ``auto_class``: the task
+    head's model class (None: sequence classification).
     """
-    model = load_classifier(path, num_labels, attn_implementation="eager")
+    kwargs = {"auto_class": auto_class} if auto_class is not None else {}
+    model = load_classifier(path, num_labels, attn_implementation="eager", **kwargs)
     if num_layers is None:
         return model
     layers = encoder_layers(model)

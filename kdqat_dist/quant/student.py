@@ -17,10 +17,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig
 
 from kdqat_dist.config import ConfigError, QuantConfig, build_section, to_dict
 from kdqat_dist.files import ordinary_permissions
+from kdqat_dist.models.encoders import auto_class_of
 from kdqat_dist.quant.api import mark_calibrated, prepare
 from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig, save_config
 
@@ -51,13 +52,14 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def prepared_from_config(folder: Path, quant: QuantConfig) -> nn.Module:
-    """The architecture of ``folder/config.json`` (weights not loaded), prepared with ``quant``."""
+    """The architecture of ``folder/config.json`` (weights not loaded; its task head's Auto class), prepared
+    with ``quant``."""
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{folder / 'config.json'} is not a readable model config ({first})") from None
-    return prepare(AutoModelForSequenceClassification.from_config(config, attn_implementation="eager"), quant)
+    return prepare(auto_class_of(config).from_config(config, attn_implementation="eager"), quant)
 
 
 def save_student(
