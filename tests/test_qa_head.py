@@ -232,3 +232,12 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, cap
     assert got["task"] == task
     assert got["metrics"]["f1"] == pytest.approx(res["best"]["f1"], abs=1e-6)
     assert got["metrics"]["exact"] == pytest.approx(res["best"]["exact"], abs=1e-6)
+    if task == "squad":  # sentence-only commands refuse a QA student in one line (exit 2)
+        for cmd in (
+            ["predict", "--model", str(st)],
+            ["export", "--student", str(st), "--out", str(tmp_path / "onnx"), "--format", "onnx"],
+        ):
+            capsys.readouterr()
+            assert main(cmd) == 2, cmd
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "question answering" in err[0], err
