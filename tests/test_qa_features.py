@@ -71,6 +71,12 @@ def test_no_answer_example_points_at_cls(tok):
     assert out["start_positions"] == [0, 0, 0] and out["end_positions"] == [0, 0, 0]
 
 
+def test_empty_context_gives_cls_labels(tok):
+    ex = {"id": ["e"], "question": ["what is it"], "context": [""], "answers": [{"text": ["c1"], "answer_start": [0]}]}
+    out = prepare_features(ex, tok, max_length=16, doc_stride=4, for_eval=True)
+    assert out["start_positions"] == [0] and all(o is None for o in out["offset_mapping"][0])
+
+
 def test_short_context_is_one_feature(tok):
     ex = _examples("c3")
     out = prepare_features(ex, tok, max_length=32, doc_stride=4, for_eval=False)
@@ -129,6 +135,7 @@ def test_read_squad_json_v1_and_v2(tmp_path):
         ),
         ([_article([{"id": "a", "question": "Q", "answers": [{"text": "x", "answer_start": "0"}]}])], "must be a int"),
         ([_article([{"id": "a", "question": "Q", "answers": []}])], "no answers"),
+        ([_article([{"id": "a", "question": "Q", "answers": [{"text": " ", "answer_start": 0}]}])], "empty answer"),
         ([_article([{"id": "a", "question": "Q", "answers": [{"text": "P", "answer_start": 0}]}] * 2)], "duplicate"),
         ([], "no questions"),
     ],

@@ -77,6 +77,8 @@ def read_squad_json(path: str | Path, version_2: bool) -> list[dict[str, Any]]:
                 for i, ans in enumerate(answers):
                     text = _need(ans, "text", str, f"{where} answers[{i}]")
                     start = _need(ans, "answer_start", int, f"{where} answers[{i}]")
+                    if not text.strip():
+                        raise DataError(f"{where} answers[{i}]: empty answer text (a v2.0 no-answer has no answers)")
                     if start < 0 or start + len(text) > len(context):
                         raise DataError(
                             f"{where} answers[{i}]: answer_start {start} with {len(text)} characters does not "
@@ -134,6 +136,8 @@ def _answer_tokens(
 ) -> tuple[int, int] | None:
     """First and last token of the character span ``[start_char, end_char)`` if all of it is in this window."""
     ctx = [i for i, s in enumerate(seq_ids) if s == 1]
+    if not ctx:  # an empty context
+        return None
     first, last = ctx[0], ctx[-1]
     if offsets[first][0] > start_char or offsets[last][1] < end_char:
         return None
