@@ -17,7 +17,7 @@ from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.metrics_ner import entity_scores, entity_spans
 from kdqat_dist.data.tasks import CONLL_TAGS, get_task
 from kdqat_dist.distill.objective import DistillObjective
-from kdqat_dist.errors import DataError
+from kdqat_dist.errors import ConfigError, DataError
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_tokenizer
 from kdqat_dist.quant.api import prepare
@@ -292,3 +292,54 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
     assert type(model).__name__ == "BertForTokenClassification"
     metrics = evaluate_folder(cfg, str(out / "student"), table=False)
     assert metrics["f1"] == pytest.approx(result["best"]["f1"], abs=1e-9)
+
+
+def test_export_round_trips_and_onnx_predict_analyze_refuse_in_one_line(token_teacher, tmp_path, capsys):
+    from kdqat_dist.cli import main
+    from kdqat_dist.engine.loop import run
+
+    teacher, data, _ = token_teacher
+    out = tmp_path / "student"
+    cfg = load_config(
+        "tiny_debug",
+        [
+            f"train.output_dir={out}",
+            f"teacher.path={teacher}",
+            "data.task=conll2003",
+            f"data.source={data}",
+            "train.max_steps=2",
+            "train.eval_every=2",
+        ],
+    )
+    run(cfg, "train")
+    assert main(["export", "--student", str(out / "student"), "--out", str(tmp_path / "packed")]) == 0
+    assert "round trip OK" in capsys.readouterr().out
+    refused = [
+        (
+            ["export", "--format", "onnx", "--student", str(out / "student"), "--out", str(tmp_path / "o")],
+            "kdqat export --format onnx: token classification students are not supported yet",
+        ),
+        (
+            ["predict", "--model", str(out / "student"), "--input", str(tmp_path / "in.txt")],
+            "kdqat predict: token classification students are not supported yet",
+        ),
+        (
+            ["analyze", "--teacher", str(teacher), "--student", str(out / "student"), "--out", str(tmp_path / "a")],
+            "kdqat analyze: token classification students are not supported yet",
+        ),
+    ]
+    (tmp_path / "in.txt").write_text("anna found paris\n")
+    for argv, line in refused:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert line in err and "Traceback" not in err, err
+
+
+def test_sweeps_accept_the_token_tasks(tmp_path):
+    from kdqat_dist.tune.spec import parse_spec
+
+    search = {"task": "grid[conll2003, ner, sst2]", "train.seed": "grid[42]"}
+    spec = parse_spec({"base": "tiny_debug", "teacher_path": "models/{task}", "search": search}, cwd=tmp_path)
+    assert spec.num_grid_points == 3
+    with pytest.raises(ConfigError, match="unknown task .conll."):
+        parse_spec({"base": "tiny_debug", "search": {"task": "grid[conll]"}}, cwd=tmp_path)

@@ -158,7 +158,7 @@ def get_task(data_cfg: DataConfig | str) -> TaskSpec:
     if key == "customtokens":
         return _custom_token_task(cfg)
     if key not in TASKS:
-        allowed = ", ".join([*TASKS, *ALIASES, "custom", "custom_tokens"])
+        allowed = ", ".join([*TASKS, "ner", "custom", "custom_tokens"])
         raise DataError(f"data.task: unknown task {cfg.task!r}; allowed: {allowed}")
     spec = TASKS[key]
     if cfg.max_seq_length is not None:
