@@ -241,3 +241,11 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, cap
             assert main(cmd) == 2, cmd
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "question answering" in err[0], err
+
+
+def test_sweeps_accept_the_qa_tasks(tmp_path):
+    from kdqat_dist.tune.spec import parse_spec
+
+    search = {"task": "grid[squad, squad_v2]", "data.doc_stride": "grid[64, 128]"}
+    spec = parse_spec({"base": "tiny_debug", "teacher_path": "models/{task}", "search": search}, cwd=tmp_path)
+    assert spec.num_grid_points == 4
