@@ -232,6 +232,12 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, cap
     assert got["task"] == task
     assert got["metrics"]["f1"] == pytest.approx(res["best"]["f1"], abs=1e-6)
     assert got["metrics"]["exact"] == pytest.approx(res["best"]["exact"], abs=1e-6)
+    if task == "squad":  # the packed export round trip keeps the student's dev scores
+        packed = tmp_path / "packed"
+        assert main(["export", "--student", str(st), "--out", str(packed)]) == 0
+        assert "round trip OK" in capsys.readouterr().out
+        assert main(["eval", "--model", str(packed), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["metrics"] == got["metrics"]
     if task == "squad":  # sentence-only commands refuse a QA student in one line (exit 2)
         for cmd in (
             ["predict", "--model", str(st)],
