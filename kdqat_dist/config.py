@@ -228,8 +228,9 @@ class QuantConfig:
     # (models/subln.py); changes the prepared model's outputs before training (docs/algorithms.md §4.4)
     subln: bool = False
     rules: list[QuantRule] = field(default_factory=list)
-    # Kept in full precision unless a rule says otherwise (classifier heads, as in the reference).
-    skip: list[Annotated[str, Regex()]] = field(default_factory=lambda: [r"(^|\.)classifier(\.|$)"])
+    # Kept in full precision unless a rule says otherwise (classifier heads, as in the reference; qa_outputs:
+    # the span head of extractive QA models)
+    skip: list[Annotated[str, Regex()]] = field(default_factory=lambda: [r"(^|\.)(classifier|qa_outputs)(\.|$)"])
 
 
 @dataclass
@@ -303,6 +304,8 @@ class DataConfig:
     num_labels: PositiveInt | None = None
     # None: the per-task value from the recipe table; at most the model's positions (checked with the model)
     max_seq_length: Annotated[int, Range(ge=8, note="(null: the task's default)")] | None = None
+    # extractive QA: tokens shared by consecutive windows of a long context (null: the task's default, 128)
+    doc_stride: Annotated[int, Range(ge=0, note="(null: the task's default)")] | None = None
     # longest: pad each batch to its longest row; max_length: to max_seq_length (the reference code's
     # padding; its KD means over positions then count the padded ones)
     padding: Literal["longest", "max_length"] = "longest"

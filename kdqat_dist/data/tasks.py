@@ -36,6 +36,7 @@ class TaskSpec:
     label: str = "label"
     batch_size: int = 32  # the reference's per-task training batch (used when train.batch_size is null)
     head: str = "sequence"  # the task head's kind (data/heads): sequence, token or qa
+    doc_stride: int = 128  # QA: tokens shared by consecutive windows of a long context (data.doc_stride)
 
     @property
     def num_labels(self) -> int:
@@ -162,6 +163,8 @@ def get_task(data_cfg: DataConfig | str) -> TaskSpec:
     spec = TASKS[key]
     if cfg.max_seq_length is not None:
         spec = replace(spec, max_seq_length=cfg.max_seq_length)
+    if cfg.doc_stride is not None:
+        spec = replace(spec, doc_stride=cfg.doc_stride)
     return spec
 
 

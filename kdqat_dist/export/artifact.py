@@ -177,11 +177,15 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor, rel: float, floor: float = 
 
 @torch.no_grad()
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits; extractive QA's start and end logits as ``[B, 2, S]`` (a "class" is a position)."""
     was = model.training
     model.eval()
-    out = model(**batch).logits
+    out = model(**batch)
+    logits = (
+        out.logits if getattr(out, "logits", None) is not None else torch.stack([out.start_logits, out.end_logits], 1)
+    )
     model.train(was)
-    return out
+    return logits
 
 
 def _quantized_modules(model: nn.Module):

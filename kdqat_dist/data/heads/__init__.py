@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from kdqat_dist.data.heads.base import INPUT_COLUMNS, LABEL_KEYS, Head, HeadOutput, TaskHead
+from kdqat_dist.data.heads.qa import QAHead
 from kdqat_dist.data.heads.sequence import SequenceHead
 from kdqat_dist.data.heads.token import TokenHead
 from kdqat_dist.data.tasks import TaskSpec
 from kdqat_dist.errors import DataError
 
 # TaskSpec.head -> its head class (the QA head registers "qa" here)
-HEADS: dict[str, type[TaskHead]] = {"sequence": SequenceHead, "token": TokenHead}
+HEADS: dict[str, type[TaskHead]] = {"sequence": SequenceHead, "token": TokenHead, "qa": QAHead}
 
 
 def get_head(spec: TaskSpec) -> TaskHead:
