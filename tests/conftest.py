@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated cache, and a tiny fine-tuned teacher built once per session."""
 
+import math
 import os
 from pathlib import Path
 
@@ -41,3 +42,25 @@ def shared_sst2() -> Path | None:
         here.parents[1] / "shared" / "data" / "sst2" / "train.tsv",
     ]
     return next((c for c in cands if c.is_file()), None)
+
+
+@pytest.fixture
+def assert_finite_analysis():
+    """Checks a `kdqat analyze` analysis.json: ``assert_finite_analysis(doc, student_name)``."""
+    return _finite_analysis
+
+
+def _finite_analysis(doc: dict, student: str) -> None:
+    """Distances and the teacher's and student's Hessian eigenvalues are finite numbers; so are the norms,
+    but for the key-token classes the sample has no token of (null)."""
+
+    def flat(x):
+        return [v for item in x for v in flat(item)] if isinstance(x, list) else [x]
+
+    def finite(values, empty_ok=False) -> bool:
+        ok = [v for v in flat(values) if not (empty_ok and v is None)]
+        return bool(ok) and all(isinstance(v, float | int) and math.isfinite(v) for v in ok)
+
+    assert finite(doc["distance"][student]["kl"]["mean"])
+    assert finite(doc["norms"][student]["f_norm"], empty_ok=True)
+    assert finite(doc["hessian"]["teacher"]["eigenvalues"]) and finite(doc["hessian"][student]["eigenvalues"])

@@ -212,7 +212,7 @@ def _common(folder, out, task="squad"):
 
 
 @pytest.mark.parametrize("task", ["squad", "squad_v2"])
-def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, capsys):
+def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, capsys, assert_finite_analysis):
     folder = squad_dir if task == "squad" else squad2_dir
     ft = tmp_path / "ft"
     assert main(["finetune", "--config", "tiny_finetune", *_common(folder, ft, task)]) == 0
@@ -238,6 +238,15 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, cap
         assert "round trip OK" in capsys.readouterr().out
         assert main(["eval", "--model", str(packed), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["metrics"] == got["metrics"]
+    if task == "squad":  # `kdqat analyze` runs on the QA student (one example per window of a question)
+        an = tmp_path / "an"
+        argv = ["analyze", "--teacher", str(ft / "model"), "--student", f"qa={st}", "--out", str(an)]
+        assert main([*argv, "--samples", "2", "--hessian-samples", "2", "--hessian-iters", "3", "--no-figures"]) == 0
+        doc = json.loads((an / "analysis.json").read_text())
+        assert doc["meta"]["task"] == "squad" and len(doc["meta"]["dev_rows"]) == 2
+        assert len(doc["lengths"]) >= 2 and max(doc["lengths"]) <= MAX_LEN
+        assert_finite_analysis(doc, "qa")
+        assert "| qa |" in (an / "summary.md").read_text()
     if task == "squad":  # sentence-only commands refuse a QA student in one line (exit 2)
         for cmd in (
             ["predict", "--model", str(st)],
@@ -255,3 +264,27 @@ def test_sweeps_accept_the_qa_tasks(tmp_path):
     search = {"task": "grid[squad, squad_v2]", "data.doc_stride": "grid[64, 128]"}
     spec = parse_spec({"base": "tiny_debug", "teacher_path": "models/{task}", "search": search}, cwd=tmp_path)
     assert spec.num_grid_points == 4
+
+
+def test_analysis_examples_and_hessian_loss_go_through_the_head(squad_dir, tiny):
+    """analyze's dev examples: one unpadded window per batch, model inputs and start/end labels only;
+    its Hessian loss is the head's start/end CE, which equals the model's own QA loss."""
+    from kdqat_dist.analysis.collect import forward_taps
+    from kdqat_dist.analysis.hessian import hessian_loss
+    from kdqat_dist.analysis.report import _tokenize
+    from kdqat_dist.models.attention import use_kdqat_attention
+
+    task, head, raw, tok, _ = _data(squad_dir, tiny)
+    data_cfg = DataConfig(task="squad", source=str(squad_dir), max_seq_length=MAX_LEN, doc_stride=STRIDE)
+    examples = _tokenize(data_cfg, task, raw["dev"].select([0, 1]), tok, head)
+    assert len(examples) >= 2  # a long context gives several windows
+    model = AutoModelForQuestionAnswering.from_pretrained(str(tiny)).eval()
+    use_kdqat_attention(model)  # the attention taps read the kdqat attention function
+    for ex in examples:
+        assert set(ex) <= {"input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"}
+        assert {"start_positions", "end_positions"} <= set(ex) and ex["input_ids"].shape[0] == 1
+        assert ex["input_ids"].shape[1] <= MAX_LEN and bool(ex["attention_mask"].all())
+        with torch.no_grad():
+            own = model(**ex).loss
+            assert hessian_loss(model, ex, 0.0, head=head).item() == pytest.approx(own.item(), rel=1e-6)
+        assert len(forward_taps(model, ex)["probs"]) == model.config.num_hidden_layers

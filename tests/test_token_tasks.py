@@ -20,6 +20,7 @@ from kdqat_dist.distill.objective import DistillObjective
 from kdqat_dist.errors import ConfigError, DataError
 from kdqat_dist.models.attention import use_kdqat_attention
 from kdqat_dist.models.encoders import load_tokenizer
+from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant.api import prepare
 
 # words of the tiny model's vocabulary (demo words), and names it spells letter by letter
@@ -294,7 +295,9 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
     assert metrics["f1"] == pytest.approx(result["best"]["f1"], abs=1e-9)
 
 
-def test_export_round_trips_and_onnx_predict_analyze_refuse_in_one_line(token_teacher, tmp_path, capsys):
+def test_export_round_trips_analyze_runs_and_onnx_predict_refuse_in_one_line(
+    token_teacher, tmp_path, capsys, assert_finite_analysis
+):
     from kdqat_dist.cli import main
     from kdqat_dist.engine.loop import run
 
@@ -323,16 +326,47 @@ def test_export_round_trips_and_onnx_predict_analyze_refuse_in_one_line(token_te
             ["predict", "--model", str(out / "student"), "--input", str(tmp_path / "in.txt")],
             "kdqat predict: token classification students are not supported yet",
         ),
-        (
-            ["analyze", "--teacher", str(teacher), "--student", str(out / "student"), "--out", str(tmp_path / "a")],
-            "kdqat analyze: token classification students are not supported yet",
-        ),
     ]
     (tmp_path / "in.txt").write_text("anna found paris\n")
     for argv, line in refused:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert line in err and "Traceback" not in err, err
+    # `kdqat analyze` runs on the token student: its Hessian loss is the head's CE over labelled sub-tokens
+    an = tmp_path / "a"
+    argv = ["analyze", "--teacher", str(teacher), "--student", str(out / "student"), "--out", str(an)]
+    assert main([*argv, "--samples", "2", "--hessian-samples", "2", "--hessian-iters", "3", "--no-figures"]) == 0
+    doc = json.loads((an / "analysis.json").read_text())
+    assert doc["meta"]["task"] == "conll2003" and len(doc["lengths"]) == 2
+    assert_finite_analysis(doc, "student")
+    assert "| student |" in (an / "summary.md").read_text()
+
+
+def test_analysis_hessian_loss_is_the_heads_masked_ce(tmp_path):
+    """analyze's token examples carry [1, S] labels (first sub-tokens only); its Hessian loss is the head's
+    CE over the labelled positions, which equals the model's own token-classification loss."""
+    from kdqat_dist.analysis.hessian import hessian_loss
+    from kdqat_dist.analysis.report import _tokenize
+
+    data = conll_folder(tmp_path / "conll", n_train=4, n_dev=4)
+    task = get_task(DataConfig(task="conll2003", source=str(data)))
+    head = get_head(task)
+    raw = load_splits(DataConfig(task="conll2003", source=str(data)), task)
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", num_labels=head.num_labels)
+    tok = load_tokenizer(str(ckpt))
+    examples = _tokenize(DataConfig(task="conll2003", source=str(data)), task, raw["dev"], tok, head)
+    model = head.auto_class.from_pretrained(str(ckpt)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.classifier.weight.normal_()  # away from ~uniform logits, so a wrong mask changes the loss
+    for ex in examples:
+        labels = ex["labels"]
+        assert labels.shape == ex["input_ids"].shape and (labels == IGNORE_INDEX).any() and (labels >= 0).any()
+        with torch.no_grad():
+            got = hessian_loss(model, ex, 0.0, head=head).item()
+            assert got == pytest.approx(model(**ex).loss.item(), rel=1e-6)
+            unmasked = torch.nn.functional.cross_entropy(model(ex["input_ids"]).logits[0], labels[0].clamp(min=0))
+        assert got != pytest.approx(unmasked.item(), rel=1e-3)
 
 
 def test_sweeps_accept_the_token_tasks(tmp_path):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from kdqat_dist.analysis.attention_distance import cover_length_ratio, head_kl, ranking_loss
 from kdqat_dist.analysis.norms import NormAccumulator, norm_decomposition, token_classes
+from kdqat_dist.data.heads.base import LABEL_KEYS
 from kdqat_dist.models.encoders import encoder_layers
 from kdqat_dist.models.taps import TapStore, self_attention_module, tapped
 
@@ -37,7 +38,7 @@ def forward_taps(model: nn.Module, example: Mapping[str, torch.Tensor]) -> TapSt
         store(layer, name, t[0].detach())
 
     with tapped(model, wanted, sink):
-        model(**{k: v for k, v in example.items() if k != "labels"})
+        model(**{k: v for k, v in example.items() if k not in LABEL_KEYS})
     return store
 
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from kdqat_dist.data.heads.base import LABEL_KEYS, TaskHead
+
 __all__ = [
     "EigenResult",
     "hessian_loss",
@@ -166,19 +168,31 @@ def norm_penalty_hvp(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], 
 
 
 def hessian_loss(
-    model: nn.Module, example: dict[str, torch.Tensor], norm_weight: float = 0.01, regression: bool = False
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    norm_weight: float = 0.01,
+    regression: bool = False,
+    head: TaskHead | None = None,
 ) -> torch.Tensor:
     """The reference's loss for one example: CE (MSE for regression) + ``norm_weight``·Σ_p ‖p‖₂.
+
+    ``head`` (a token or QA task head): the CE is the head's, over the valid rows of
+    :meth:`~kdqat_dist.data.heads.base.TaskHead.outputs` (token: the labelled first sub-tokens; QA: the
+    start and the end position, averaged); None: one label per example, as for sentence tasks.
 
     A parameter tensor that is exactly zero adds nothing: ‖p‖ is not differentiable at 0 (its Hessian
     would be NaN there), which happens with untrained zero-initialised biases.
     """
-    logits = model(**{k: v for k, v in example.items() if k != "labels"}).logits
-    labels = example["labels"]
-    if regression:
-        loss = F.mse_loss(logits.reshape(-1).float(), labels.reshape(-1).float())
+    out = model(**{k: v for k, v in example.items() if k not in LABEL_KEYS})
+    if head is not None:
+        view = head.outputs(out, example)
+        if view.labels is None:
+            raise ValueError(f"hessian_loss: the example has none of the label keys {head.label_keys}")
+        loss = F.cross_entropy(view.rows(view.logits).float(), view.rows(view.labels).long())
+    elif regression:
+        loss = F.mse_loss(out.logits.reshape(-1).float(), example["labels"].reshape(-1).float())
     else:
-        loss = F.cross_entropy(logits.float(), labels.reshape(-1).long())
+        loss = F.cross_entropy(out.logits.float(), example["labels"].reshape(-1).long())
     if norm_weight:
         norms = [p.norm() for p in model.parameters() if p.requires_grad and bool(p.detach().any())]
         if norms:
@@ -196,10 +210,11 @@ def max_eigenvalue_spectrum(
     regression: bool = False,
     seed: int = 0,
     progress: str | None = None,
+    head: TaskHead | None = None,
 ) -> dict[str, np.ndarray]:
     """Power iteration on every example separately (batch 1, eval mode).
 
-    ``progress``, when given, is the label of a progress bar (stderr).
+    ``progress``, when given, is the label of a progress bar (stderr); ``head``: see :func:`hessian_loss`.
 
     Returns:
         ``eigenvalues`` [N, top_n] float, ``iterations`` [N, top_n] int, ``converged`` [N, top_n] bool,
@@ -218,7 +233,7 @@ def max_eigenvalue_spectrum(
     try:
         for ex in tqdm(examples, desc=progress, disable=progress is None, leave=False):
             with torch.enable_grad():
-                loss = hessian_loss(model, ex, 0.0, regression)
+                loss = hessian_loss(model, ex, 0.0, regression, head)
                 runs.append(power_iteration(loss, params, top_n, max_iter, tol, gen, extra_hvp=penalty))
     finally:
         for p, f in zip(params, flags, strict=True):

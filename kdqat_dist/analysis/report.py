@@ -32,6 +32,7 @@ from kdqat_dist.analysis.collect import DISTANCES, collect
 from kdqat_dist.analysis.hessian import max_eigenvalue_spectrum
 from kdqat_dist.analysis.norms import CLASS_LABELS, TOKEN_CLASSES, layer_summary
 from kdqat_dist.config import AnalysisConfig, ConfigError, RunConfig, load_config, parse_override
+from kdqat_dist.data.heads import TaskHead, get_head
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.engine.backend import pick_device
@@ -259,9 +260,16 @@ def _check_tokenizer(name: str, t_tok, s_tok) -> None:
 
 
 def load_models(
-    teacher: str | Path, students: Sequence[str], num_labels: int, device: str | torch.device = "cpu"
+    teacher: str | Path,
+    students: Sequence[str],
+    num_labels: int,
+    device: str | torch.device = "cpu",
+    head: TaskHead | None = None,
 ) -> tuple[nn.Module, dict[str, nn.Module], Any]:
     """Load and check the teacher (FP, ``kdqat`` attention) and the students; returns them and the tokenizer.
+
+    ``head``: the task head whose model class the teacher is built with (None: sequence classification);
+    a student is rebuilt with the class it was saved as.
 
     Raises:
         ConfigError: a missing or wrong folder, a label count that differs from the task's, a student
@@ -283,7 +291,8 @@ def load_models(
             raise ConfigError(f"--student {name}: {path} has {s_cfg.num_labels} labels but the task has {num_labels}")
         if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
             _check_tokenizer(name, t_tok, AutoTokenizer.from_pretrained(path))
-    t_model = load_classifier(str(t_dir), num_labels, "eager")
+    kw = {} if head is None else {"auto_class": head.auto_class}
+    t_model = load_classifier(str(t_dir), num_labels, "eager", **kw)
     loaded = {name: load_student(path, device) for name, path in specs.items()}
     for m in (t_model, *loaded.values()):
         use_kdqat_attention(m)
@@ -311,11 +320,15 @@ def _dev_sample(cfg, samples: int, seed: int):
     return cfg.data, task, dev.select(rows), rows
 
 
-def _tokenize(data_cfg, task, rows, tokenizer) -> list[dict[str, torch.Tensor]]:
-    """Each row as its own unpadded batch of 1 (``input_ids`` [1, S] ... ``labels`` [1])."""
+def _tokenize(data_cfg, task, rows, tokenizer, head: TaskHead | None = None) -> list[dict[str, torch.Tensor]]:
+    """Each feature as its own unpadded batch of 1 (``input_ids`` [1, S] ... and the head's label keys:
+    ``labels`` [1] for a sentence task, [1, S] for token classification, ``start_positions``/``end_positions``
+    [1] for QA, one batch per window of a long context). ``head`` None or a sequence head: the sentence
+    path. Non-tensor feature columns (QA ``offset_mapping``, ``example_id``) stay out of the batches."""
     max_len = data_cfg.max_seq_length or task.max_seq_length
-    tok = tokenize_splits({"dev": rows}, tokenizer, max_len, data_cfg.cache_dir or None)["dev"]
-    collate = Collator(tokenizer)
+    head = head if head is not None and head.kind != "sequence" else None
+    tok = tokenize_splits({"dev": rows}, tokenizer, max_len, data_cfg.cache_dir or None, head)["dev"]
+    collate = Collator(tokenizer, head=head)
     return [collate([tok[i]]) for i in range(len(tok))]
 
 
@@ -337,8 +350,12 @@ def analyze_models(
     regression: bool = False,
     seed: int = 0,
     progress: bool = False,
+    head: TaskHead | None = None,
 ) -> dict[str, Any]:
     """Every analysis on in-memory models; returns the results as numpy arrays (see :func:`write_report`).
+
+    ``head``: the task head whose loss the Hessian differentiates (its masked CE on
+    :meth:`~kdqat_dist.data.heads.base.TaskHead.outputs`); None: the sentence loss (CE, MSE if ``regression``).
 
     Returns:
         ``distance``: per student, per metric: ``mean``/``std`` [L, H] over samples, ``layer_mean``/
@@ -371,9 +388,10 @@ def analyze_models(
         out["norm_difference"][s] = diff
     if hessian_samples > 0:
         hx = list(examples)[:hessian_samples]
+        loss_head = head if head is not None and head.kind != "sequence" else None  # sentences: CE/MSE as before
         knobs = (hessian_top_n, hessian_iters, hessian_tol, hessian_norm_weight, regression, seed)
         out["hessian"] = {
-            name: max_eigenvalue_spectrum(m, hx, *knobs, f"Hessian {name}" if progress else None)
+            name: max_eigenvalue_spectrum(m, hx, *knobs, f"Hessian {name}" if progress else None, head=loss_head)
             for name, m in {"teacher": teacher, **students}.items()
         }
     return out
@@ -634,9 +652,6 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     cfg, source, notes = resolve_run_config(opts)  # every config problem fails before any data or model loads
     for note in notes:
         print(f"kdqat analyze: note: {note}", file=sys.stderr)
-    if (head := get_task(cfg.data).head) != "sequence":
-        words = {"token": "token classification", "qa": "question answering"}.get(head, head)
-        raise ConfigError(f"kdqat analyze: {words} students are not supported yet; allowed: sequence classification")
     out = Path(opts.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an earlier analysis would be half replaced (a figure it has and this one does not stays stale)
@@ -651,14 +666,23 @@ def analyze(opts: AnalyzeOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = pick_device(a.device, "analysis.device")
     data_cfg, task, dev_rows, row_ids = _dev_sample(cfg, a.samples, a.seed)  # before any model loads
-    teacher, students, tokenizer = load_models(opts.teacher, opts.students, task.num_labels, device)
+    head = get_head(task)
+    teacher, students, tokenizer = load_models(opts.teacher, opts.students, head.num_labels, device, head)
     check_max_length(
         data_cfg.max_seq_length or task.max_seq_length, tokenizer.name_or_path, data_cfg.max_seq_length is not None
     )
-    examples = [{k: v.to(device) for k, v in ex.items()} for ex in _tokenize(data_cfg, task, dev_rows, tokenizer)]
+    dev = _tokenize(data_cfg, task, dev_rows, tokenizer, head)
+    examples = [{k: v.to(device) for k, v in ex.items()} for ex in dev]
     knobs = {k: v for k, v in asdict(a).items() if k not in ("samples", "device")}  # analyze_models' keywords
     results = analyze_models(
-        teacher, students, examples, tokenizer, regression=task.is_regression, progress=opts.progress, **knobs
+        teacher,
+        students,
+        examples,
+        tokenizer,
+        regression=head.regression,
+        progress=opts.progress,
+        head=head,
+        **knobs,
     )
     # the resolved values, not the options (None where the config decided)
     meta = {
