@@ -212,7 +212,7 @@ def _common(folder, out, task="squad"):
 
 
 @pytest.mark.parametrize("task", ["squad", "squad_v2"])
-def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, capsys, assert_finite_analysis):
+def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tiny, tmp_path, capsys, assert_finite_analysis):
     folder = squad_dir if task == "squad" else squad2_dir
     ft = tmp_path / "ft"
     assert main(["finetune", "--config", "tiny_finetune", *_common(folder, ft, task)]) == 0
@@ -247,6 +247,14 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tmp_path, cap
         assert len(doc["lengths"]) >= 2 and max(doc["lengths"]) <= MAX_LEN
         assert_finite_analysis(doc, "qa")
         assert "| qa |" in (an / "summary.md").read_text()
+        capsys.readouterr()  # a sentence classifier as the teacher of a QA student: one line, exit 2
+        argv = ["analyze", "--teacher", str(tiny), "--student", f"qa={st}", "--out", str(tmp_path / "an2")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            len(err) == 1
+            and "ForSequenceClassification but task squad needs an AutoModelForQuestionAnswering" in err[0]
+        )
     if task == "squad":  # sentence-only commands refuse a QA student in one line (exit 2)
         for cmd in (
             ["predict", "--model", str(st)],

@@ -39,7 +39,7 @@ from kdqat_dist.engine.backend import pick_device
 from kdqat_dist.errors import DataError
 from kdqat_dist.files import check_apart, check_full_precision, check_writable
 from kdqat_dist.models.attention import use_kdqat_attention
-from kdqat_dist.models.encoders import load_classifier
+from kdqat_dist.models.encoders import AUTO_CLASSES, auto_class_of, load_classifier
 from kdqat_dist.models.positions import check_max_length
 from kdqat_dist.quant.student import STUDENT_META, is_student_dir, load_student
 from kdqat_dist.run_folder import check_against_run, run_config_path
@@ -259,6 +259,13 @@ def _check_tokenizer(name: str, t_tok, s_tok) -> None:
             )
 
 
+def _check_model_class(flag: str, path: Path, cfg, head: TaskHead | None) -> None:
+    """A model saved with a task head's class (``...ForTokenClassification``) must be the task's class."""
+    arch = (getattr(cfg, "architectures", None) or [""])[0]
+    if head is not None and any(arch.endswith(s) for s in AUTO_CLASSES) and auto_class_of(cfg) is not head.auto_class:
+        raise ConfigError(f"{flag}: {path} is a {arch} but task {head.spec.name} needs an {head.auto_class_name} model")
+
+
 def load_models(
     teacher: str | Path,
     students: Sequence[str],
@@ -272,11 +279,12 @@ def load_models(
     a student is rebuilt with the class it was saved as.
 
     Raises:
-        ConfigError: a missing or wrong folder, a label count that differs from the task's, a student
+        ConfigError: a missing or wrong folder, a model class or label count that differs from the task's, a student
             whose architecture or tokenizer differs from the teacher's, or two students with one name.
     """
     t_dir = _resolve_teacher(Path(teacher).expanduser())
     t_cfg = AutoConfig.from_pretrained(t_dir)
+    _check_model_class("--teacher", t_dir, t_cfg, head)
     if t_cfg.num_labels != num_labels:
         raise ConfigError(f"--teacher: {t_dir} has {t_cfg.num_labels} labels but the task has {num_labels}")
     try:
@@ -287,6 +295,7 @@ def load_models(
     for name, path in specs.items():
         s_cfg = AutoConfig.from_pretrained(path)
         _check_architecture(name, t_cfg, s_cfg)
+        _check_model_class(f"--student {name}", path, s_cfg, head)
         if s_cfg.num_labels != num_labels:
             raise ConfigError(f"--student {name}: {path} has {s_cfg.num_labels} labels but the task has {num_labels}")
         if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
