@@ -598,7 +598,7 @@ def test_token_logits_with_a_validity_mask_average_over_the_valid_positions():
     """The logit terms read what the head gives: here [B, S, C] token logits and the real tokens as rows."""
     from transformers import BertForTokenClassification
 
-    from kdqat_dist.distill.terms import HeadOutput
+    from kdqat_dist.data.heads import HeadOutput
 
     torch.manual_seed(0)
     cfg = BertConfig(

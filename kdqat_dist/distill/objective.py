@@ -18,9 +18,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kdqat_dist.config import DistillConfig
+from kdqat_dist.data.heads.base import LABEL_KEYS, Head
+from kdqat_dist.data.heads.sequence import classifier_head
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
-from kdqat_dist.distill.terms import LABEL_KEYS, TERMS, Head, LossOutput, Plan, Term, classifier_head, depths
+from kdqat_dist.distill.terms import TERMS, LossOutput, Plan, Term, depths
 from kdqat_dist.models.attention import MapInputs
 from kdqat_dist.models.encoders import unwrap
 from kdqat_dist.models.taps import AttentionCall, NormInputs, TapStore, supports_norm_taps, tapped

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from kdqat_dist.config import ConfigError, DistillConfig
-from kdqat_dist.data.heads.base import LABEL_KEYS, Head, HeadOutput  # noqa: F401 (re-exported)
-from kdqat_dist.data.heads.sequence import classifier_head  # noqa: F401 (re-exported)
+from kdqat_dist.data.heads.base import Head, HeadOutput
+from kdqat_dist.data.heads.sequence import classifier_head
 from kdqat_dist.distill import kernels as K
 from kdqat_dist.distill import losses as L
 from kdqat_dist.models.encoders import encoder_layers, unwrap
