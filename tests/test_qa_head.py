@@ -256,10 +256,7 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tiny, tmp_pat
             and "ForSequenceClassification but task squad needs an AutoModelForQuestionAnswering" in err[0]
         )
     if task == "squad":  # sentence-only commands refuse a QA student in one line (exit 2)
-        for cmd in (
-            ["predict", "--model", str(st)],
-            ["export", "--student", str(st), "--out", str(tmp_path / "onnx"), "--format", "onnx"],
-        ):
+        for cmd in (["export", "--student", str(st), "--out", str(tmp_path / "onnx"), "--format", "onnx"],):
             capsys.readouterr()
             assert main(cmd) == 2, cmd
             err = capsys.readouterr().err.strip().splitlines()
