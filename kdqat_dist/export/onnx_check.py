@@ -19,7 +19,7 @@ from kdqat_dist.config import RunConfig
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import compute_metrics, get_task, selection_value
 from kdqat_dist.engine.evaluate import predict
-from kdqat_dist.export.onnx_export import read_onnx_meta, run_session, session
+from kdqat_dist.export.onnx_export import read_onnx_meta, run_outputs, session
 from kdqat_dist.models.encoders import load_tokenizer
 from kdqat_dist.quant.student import load_student
 
@@ -29,7 +29,8 @@ MAX_DISAGREEMENT = 0.005
 
 
 class OrtModel(nn.Module):
-    """An ONNX Runtime session called like a transformers model: ``model(**batch).logits``."""
+    """An ONNX Runtime session called like a transformers model: ``model(**batch).logits`` (QA:
+    ``.start_logits`` and ``.end_logits``)."""
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         super().__init__()
@@ -37,7 +38,7 @@ class OrtModel(nn.Module):
         self.session = session(Path(folder) / meta["model_file"], threads)
 
     def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=torch.from_numpy(run_session(self.session, batch)))
+        return SimpleNamespace(**{k: torch.from_numpy(v) for k, v in run_outputs(self.session, batch).items()})
 
 
 @dataclass
