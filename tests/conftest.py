@@ -32,53 +32,6 @@ def tiny_teacher(tmp_path_factory, _kdqat_cache) -> Path:
     return out / "model"
 
 
-@pytest.fixture(scope="session")
-def make_tiny_student():
-    """Builds a tiny student folder: ``make_tiny_student(root, quant, ...)`` (see :func:`_tiny_student`)."""
-    return _tiny_student
-
-
-def _tiny_student(
-    root: Path,
-    quant,
-    name: str = "student",
-    auto_class=None,
-    id2label: dict[int, str] | None = None,
-    task: str = "demo",
-    overrides: tuple[str, ...] = (),
-) -> Path:
-    """A tiny fake-quant student folder ``root/name/student`` of ``auto_class`` (default: a two-label sentence
-    classifier), untrained (deploying and serving do not care), with the run's config.yaml (tiny_debug with
-    ``overrides``) beside it."""
-    import torch
-
-    from kdqat_dist.config import load_config, save_config
-    from kdqat_dist.export.artifact import probe_batches
-    from kdqat_dist.models.encoders import AUTO_CLASSES, load_classifier, load_tokenizer
-    from kdqat_dist.models.tiny import make_tiny_checkpoint
-    from kdqat_dist.quant.api import calibrate_activations, prepare
-    from kdqat_dist.quant.student import save_student
-
-    base = root / "base"
-    if not base.exists():
-        make_tiny_checkpoint(base)
-    id2label = id2label or {0: "negative", 1: "positive"}
-    torch.manual_seed(0)
-    cls = auto_class or AUTO_CLASSES["ForSequenceClassification"]
-    model = prepare(load_classifier(str(base), len(id2label), id2label=id2label, auto_class=cls), quant)
-    model.config.architectures = [type(model).__name__]  # the base is a sentence classifier; a run's head
-    with torch.no_grad():  # learned steps off their init, as training leaves them
-        for m in model.modules():
-            if hasattr(m, "step") and m.step.requires_grad:
-                m.step.mul_(0.8)
-    calibrate_activations(model, probe_batches(model.config)[0])
-    run = root / name
-    save_student(model, run / "student", quant, load_tokenizer(str(base)), extra={"task": task, "metrics": {}})
-    cfg = load_config("tiny_debug", [f"data.cache_dir={root / 'tok'}", "data.demo_size=120", *overrides])
-    save_config(cfg, run / "config.yaml")
-    return run / "student"
-
-
 def shared_sst2() -> Path | None:
     """../shared/data/sst2/train.tsv beside the checkout (CI and dev machines), if present."""
     env = os.environ.get("KDQAT_SHARED_DATA")

@@ -11,15 +11,48 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
-from kdqat_dist.config import QuantConfig, QuantRule
+from kdqat_dist.config import QuantConfig, QuantRule, load_config, save_config
 from kdqat_dist.errors import InternalError
 from kdqat_dist.export import export_student
-from kdqat_dist.export.artifact import logits_of
+from kdqat_dist.export.artifact import logits_of, probe_batches
 from kdqat_dist.export.onnx_export import ONNX_RTOL, export_onnx, read_onnx_meta, run_session, session
 from kdqat_dist.export.predict import Predictor
+from kdqat_dist.models.encoders import load_classifier, load_tokenizer
+from kdqat_dist.models.tiny import make_tiny_checkpoint
 from kdqat_dist.quant import onnx_form
-from kdqat_dist.quant.student import load_student
+from kdqat_dist.quant.api import calibrate_activations, prepare
+from kdqat_dist.quant.student import load_student, save_student
+
+
+def _student(
+    root: Path,
+    quant: QuantConfig,
+    name: str = "student",
+    auto_class: type = AutoModelForSequenceClassification,
+    labels: tuple[str, ...] = ("negative", "positive"),
+    data: tuple[str, ...] = (),
+) -> Path:
+    """A tiny fake-quant student folder (untrained: deployment does not care) of ``auto_class``'s task head,
+    with the run's config.yaml (the demo task, or ``data`` overrides)."""
+    base = root / "base"
+    if not base.exists():
+        make_tiny_checkpoint(base)
+    torch.manual_seed(0)
+    model = load_classifier(str(base), len(labels), id2label=dict(enumerate(labels)), auto_class=auto_class)
+    model.config.architectures = [type(model).__name__]  # as a fine-tuned teacher's config.json names it
+    model = prepare(model, quant)
+    with torch.no_grad():  # learned steps off their init, as training leaves them
+        for m in model.modules():
+            if hasattr(m, "step") and m.step.requires_grad:
+                m.step.mul_(0.8)
+    calibrate_activations(model, probe_batches(model.config)[0])
+    run = root / name
+    save_student(model, run / "student", quant, load_tokenizer(str(base)), extra={"task": "demo", "metrics": {}})
+    cfg = load_config("tiny_debug", [f"data.cache_dir={root / 'tok'}", "data.demo_size=120", *data])
+    save_config(cfg, run / "config.yaml")
+    return run / "student"
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +61,10 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student_dir(root, make_tiny_student):
+def student_dir(root):
     quant = QuantConfig()
     quant.embedding.method, quant.embedding.bits = "sym", 8  # per-row 8-bit table, as bert_base_w2e8a8_kd
-    return make_tiny_student(root, quant)
+    return _student(root, quant)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +123,7 @@ def test_onnx_export_runs_on_int8_kernels_and_gives_the_students_logits(student_
     assert {p.name for p in onnx_dir.iterdir()} >= {"model.onnx", "kdqat_onnx.json", "config.json", "tokenizer.json"}
 
 
-def test_every_activation_method_and_weight_storage_exports(root, make_tiny_student):
+def test_every_activation_method_and_weight_storage_exports(root):
     """LSQ activations (static scale) and weights, 8-bit per-row weights (uint8 storage), per-token
     activations (MatMulInteger) with SubLN and absmean weights; and the 2-bit MatMulNBits layout."""
     lsq = QuantConfig()
@@ -105,7 +138,7 @@ def test_every_activation_method_and_weight_storage_exports(root, make_tiny_stud
         ("lsq", lsq, "2bit", {"MatMulNBits", "MatMulIntegerToFloat"}),
         ("token", token, "int8", {"MatMulInteger"}),
     ):
-        student = make_tiny_student(root, quant, name)
+        student = _student(root, quant, name)
         report = export_onnx(student, root / f"{name}_onnx", weights=weights)
         assert kernels <= set(report.integer_ops), report.integer_ops
         _check_against_student(student, root / f"{name}_onnx" / "model.onnx")

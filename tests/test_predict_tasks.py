@@ -8,15 +8,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_deploy import _student
 
 from kdqat_dist.cli import main
 from kdqat_dist.config import QuantConfig
 from kdqat_dist.data.metrics_ner import entity_spans
 from kdqat_dist.data.qa_features import prepare_features
 from kdqat_dist.data.qa_metrics import MAX_ANSWER_LENGTH
-from kdqat_dist.data.qa_toy import ADJECTIVES, ASPECTS
+from kdqat_dist.data.qa_toy import ADJECTIVES, ASPECTS, write_toy_squad
 from kdqat_dist.data.tasks import CONLL_TAGS
 from kdqat_dist.export import export_student
+from kdqat_dist.export.onnx_export import export_onnx
 from kdqat_dist.export.predict import Predictor
 from kdqat_dist.export.predict_heads import AnswerPrediction, answer_prediction, token_prediction
 from kdqat_dist.models.encoders import AUTO_CLASSES, load_tokenizer
@@ -34,29 +36,21 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ner_student(root, make_tiny_student):
-    return make_tiny_student(
-        root,
-        QuantConfig(),
-        "ner",
-        auto_class=AUTO_CLASSES["ForTokenClassification"],
-        id2label=dict(enumerate(CONLL_TAGS)),
-        task="conll2003",
-        overrides=(f"data.max_seq_length={NER_MAX_LEN}",),
-    )
+def ner_student(root):
+    data = ("data.task=conll2003", f"data.max_seq_length={NER_MAX_LEN}")
+    return _student(root, QuantConfig(), "ner", AUTO_CLASSES["ForTokenClassification"], CONLL_TAGS, data)
 
 
 @pytest.fixture(scope="module")
-def qa_student(root, make_tiny_student):
-    return make_tiny_student(
-        root,
-        QuantConfig(),
-        "qa",
-        auto_class=AUTO_CLASSES["ForQuestionAnswering"],
-        id2label={0: "LABEL_0", 1: "LABEL_1"},
-        task="squad",
-        overrides=(f"data.max_seq_length={QA_MAX_LEN}", f"data.doc_stride={QA_STRIDE}"),
+def qa_student(root):
+    squad = write_toy_squad(root / "squad", n_train=4, n_dev=4)
+    data = (
+        "data.task=squad",
+        f"data.source={squad}",
+        f"data.max_seq_length={QA_MAX_LEN}",
+        f"data.doc_stride={QA_STRIDE}",
     )
+    return _student(root, QuantConfig(), "qa", AUTO_CLASSES["ForQuestionAnswering"], ("start", "end"), data)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -247,17 +241,20 @@ def test_cli_writes_tags_entities_and_answers_as_tsv_and_jsonl(ner_student, qa_s
         assert err.count("\n") == 1 and expected in err and err.startswith("kdqat: error: --input:"), err
 
 
-def test_student_and_packed_export_predict_the_same(ner_student, qa_student, root):
+def test_student_packed_and_onnx_exports_predict_the_same(ner_student, qa_student, root):
     rows = [("how was the plot", _context(i)) for i in range(3)]
     for student, args in ((ner_student, (SENTENCES,)), (qa_student, tuple(map(list, zip(*rows, strict=True))))):
-        packed = root / f"{student.parent.name}_packed"
-        export_student(student, packed)
-        a, b = Predictor(student).predict(*args), Predictor(packed).predict(*args)
-        assert Predictor(packed).kind == "packed" and len(a) == len(b) == len(args[0])
-        for x, y in zip(a, b, strict=True):
-            if isinstance(x, AnswerPrediction):
-                assert (x.answer, x.start, x.end) == (y.answer, y.start, y.end) and x.score == pytest.approx(
-                    y.score, abs=1e-3
-                )
+        name = student.parent.name
+        export_student(student, root / f"{name}_packed")
+        export_onnx(student, root / f"{name}_onnx")
+        want = Predictor(student).predict(*args)
+        for folder in (root / f"{name}_packed", root / f"{name}_onnx"):
+            p = Predictor(folder)
+            got = p.predict(*args)
+            assert p.kind == folder.name.split("_")[1] and p.head == Predictor(student).head, folder
+            if p.head == "qa":
+                assert [(x.answer, x.start, x.end) for x in got] == [(x.answer, x.start, x.end) for x in want]
+                assert np.allclose([x.score for x in got], [x.score for x in want], atol=0.05), folder
             else:
-                assert x.tags == y.tags and [e.text for e in x.entities] == [e.text for e in y.entities]
+                assert [x.tags for x in got] == [x.tags for x in want], folder
+                assert [[e.text for e in x.entities] for x in got] == [[e.text for e in x.entities] for x in want]

@@ -37,12 +37,13 @@ import torch
 import yaml
 
 from kdqat_dist.data.heads.base import INPUT_COLUMNS
-from kdqat_dist.data.heads.qa import NULL_THRESHOLD, is_version_2
+from kdqat_dist.data.heads.qa import DEFAULT_DOC_STRIDE, NULL_THRESHOLD, is_version_2
 from kdqat_dist.data.qa_features import check_window, prepare_features
-from kdqat_dist.data.tasks import TASKS, TaskSpec
+from kdqat_dist.data.tasks import ALIASES, TASKS, TaskSpec
 from kdqat_dist.errors import ConfigError
 from kdqat_dist.export.artifact import EXPORT_META, load
-from kdqat_dist.export.onnx_export import ONNX_META, read_onnx_meta, run_session, session
+from kdqat_dist.export.head_outputs import HEAD_OUTPUTS
+from kdqat_dist.export.onnx_export import ONNX_META, read_onnx_meta, run_outputs, session
 from kdqat_dist.export.predict_heads import AnswerPrediction, TokenPrediction, answer_prediction, token_prediction
 from kdqat_dist.files import head_kind
 from kdqat_dist.quant.api import convert
@@ -50,7 +51,6 @@ from kdqat_dist.quant.student import STUDENT_META, load_student
 
 KINDS = {STUDENT_META: "student", EXPORT_META: "packed", ONNX_META: "onnx"}
 DEFAULT_MAX_LENGTH = 128
-OUTPUTS = {"sequence": ("logits",), "token": ("logits",), "qa": ("start_logits", "end_logits")}  # SEAM2's names
 
 
 @dataclass(frozen=True)
@@ -93,22 +93,32 @@ def _task_of(kind: str, folder: Path) -> str | None:
         return None
 
 
-def _run_setting(kind: str, folder: Path, key: str) -> int | None:
-    """``data.<key>`` (a positive int, e.g. ``max_seq_length``) of the training run: its config.yaml next to
-    the student (the student folder named in an export's metadata for exports); None when not found."""
+def _run_data(kind: str, folder: Path) -> dict:
+    """The ``data`` section of the training run's config.yaml, next to the student (the student folder named
+    in an export's metadata for exports); empty when not found."""
     student = folder
     if kind != "student":
         try:
             meta = json.loads((folder / (ONNX_META if kind == "onnx" else EXPORT_META)).read_text())
             student = Path((meta.get("source") or {}).get("student") or "")
         except (OSError, ValueError, AttributeError):
-            return None
-    run_yaml = student.parent / "config.yaml"
+            return {}
     try:
-        value = (yaml.safe_load(run_yaml.read_text()) or {}).get("data", {}).get(key)
+        data = (yaml.safe_load((student.parent / "config.yaml").read_text()) or {}).get("data")
     except (OSError, yaml.YAMLError, AttributeError):
-        return None
-    return int(value) if isinstance(value, int) and value > 0 else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _positive(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _task_spec(head: str, *names: object) -> TaskSpec | None:
+    """The spec of the first task of ``names`` that has the model's head (a folder whose metadata names
+    another task, e.g. a hand-made one, falls back to the run's ``data.task``, then to the head's defaults)."""
+    specs = (TASKS.get(ALIASES.get(str(n), str(n))) for n in names if n)
+    return next((spec for spec in specs if spec is not None and spec.head == head), None)
 
 
 def _text_columns(head: str, spec: TaskSpec | None) -> tuple[str, str | None]:
@@ -143,22 +153,19 @@ class Predictor:
         self.head = head_kind(self.folder)[0]  # "sequence", "token" or "qa"
         self.batch_size = batch_size
         self.task = _task_of(self.kind, self.folder)
-        spec = TASKS.get(self.task or "")
+        data = _run_data(self.kind, self.folder)
+        spec = _task_spec(self.head, self.task, data.get("task"))
         self.text_columns = _text_columns(self.head, spec)
         self.max_length = (
-            max_length
-            or _run_setting(self.kind, self.folder, "max_seq_length")
-            or (spec.max_seq_length if spec else DEFAULT_MAX_LENGTH)
+            max_length or _positive(data.get("max_seq_length")) or (spec.max_seq_length if spec else DEFAULT_MAX_LENGTH)
         )
         # QA windows: the run's overlap, else the task's; v2 students may answer nothing, as in evaluation
-        self.doc_stride = _run_setting(self.kind, self.folder, "doc_stride") or (spec.doc_stride if spec else 128)
+        self.doc_stride = _positive(data.get("doc_stride")) or (spec.doc_stride if spec else DEFAULT_DOC_STRIDE)
         self.version_2 = spec is not None and is_version_2(spec)
         if self.head == "qa":
             check_window(self.max_length, self.doc_stride)
         if self.kind == "onnx":
             meta = read_onnx_meta(self.folder)  # size and SHA-256 before ONNX Runtime reads the file
-            if self.head != "sequence":  # until the ONNX export of these heads (SEAM2) is merged
-                raise ConfigError(f"--model: {self.folder}: ONNX exports of {self.head} students are not supported yet")
             self._session = session(self.folder / meta["model_file"], threads)
             id2label = meta["id2label"]
             regression = meta.get("problem_type") == "regression" or len(id2label) == 1
@@ -180,10 +187,10 @@ class Predictor:
         token) or ``start_logits`` and ``end_logits`` ([B, S], QA), the same names for all three kinds."""
         batch = {k: v for k, v in batch.items() if k in INPUT_COLUMNS}
         if self.kind == "onnx":
-            return {"logits": run_session(self._session, batch)}
+            return run_outputs(self._session, batch)
         with torch.no_grad():
             out = self._model(**batch)
-        return {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.head]}
+        return {name: getattr(out, name).float().numpy() for name in HEAD_OUTPUTS[self.head]}
 
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         """[rows, labels] float32 logits of a sequence classifier (one column for regression), in input order."""
