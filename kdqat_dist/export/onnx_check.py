@@ -24,6 +24,8 @@ from kdqat_dist.export.onnx_export import read_onnx_meta, run_outputs, session
 from kdqat_dist.models.encoders import load_tokenizer
 from kdqat_dist.quant.student import load_student
 
+# what a dev check counts per task head (:func:`_choices`)
+UNITS = {"sequence": "rows", "token": "tokens", "qa": "windows"}
 # the share of dev rows whose ONNX prediction may differ from the student's (issue #31's target: 99.5 %
 # agreement); at least one row, so a small dev set is not refused for a single near-tie
 MAX_DISAGREEMENT = 0.005
@@ -51,6 +53,7 @@ class DevCheck:
     rows: int
     agree: int
     max_abs_diff: float | None  # regression: largest |output difference|
+    unit: str = "rows"  # what ``rows`` counts: rows, tokens (token head) or windows (QA)
 
     @property
     def agreement(self) -> float:
@@ -68,6 +71,7 @@ class DevCheck:
             "agree": self.agree,
             "agreement": self.agreement,
             "max_abs_diff": self.max_abs_diff,
+            "unit": self.unit,
         }
 
 
@@ -106,7 +110,7 @@ def dev_check(
             same = [(_choices(head.kind, a) == _choices(head.kind, b)).all(-1) for a, b in zip(ls, lo, strict=True)]
             rows, agree = rows + sum(s.size for s in same), agree + int(sum(s.sum() for s in same))
     ms["selection"], mo["selection"] = selection_value(task, ms), selection_value(task, mo)
-    return DevCheck(ms, mo, rows, agree, diff)
+    return DevCheck(ms, mo, rows, agree, diff, UNITS[head.kind])
 
 
 def _choices(kind: str, logits: np.ndarray) -> np.ndarray:

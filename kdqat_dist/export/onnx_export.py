@@ -321,7 +321,8 @@ def _versions() -> dict:
 
 def read_onnx_meta(path: str | Path) -> dict:
     """The parsed ``kdqat_onnx.json`` of an ONNX export folder, with the model file's size and SHA-256
-    checked (a truncated or corrupt file is refused before ONNX Runtime reads it)."""
+    checked (a truncated or corrupt file is refused before ONNX Runtime reads it); ``head`` is ``sequence``
+    where an older export has none."""
     p = Path(path)
     mpath = p / ONNX_META
     if not mpath.exists():
@@ -339,6 +340,9 @@ def read_onnx_meta(path: str | Path) -> dict:
     for key in ("model_file", "model_bytes", "model_sha256", "inputs", "id2label"):
         if key not in meta:
             raise ConfigError(f"{mpath}: missing key {key!r} (corrupt export metadata)")
+    meta.setdefault("head", "sequence")  # exports written before token and QA students: sequence classifiers
+    if meta["head"] not in HEAD_OUTPUTS:
+        raise ConfigError(f"{mpath}: head {meta['head']!r} is not one of {', '.join(HEAD_OUTPUTS)} (corrupt metadata)")
     model = p / str(meta["model_file"])
     if Path(str(meta["model_file"])).name != meta["model_file"] or not model.is_file():
         raise ConfigError(f"{model} is missing (the ONNX export folder is incomplete)")
