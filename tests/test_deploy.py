@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from kdqat_dist.config import QuantConfig, QuantRule, load_config, save_config
 from kdqat_dist.errors import InternalError
@@ -25,13 +26,23 @@ from kdqat_dist.quant.api import calibrate_activations, prepare
 from kdqat_dist.quant.student import load_student, save_student
 
 
-def _student(root: Path, quant: QuantConfig, name: str = "student") -> Path:
-    """A tiny fake-quant student folder (untrained: deployment does not care) with the run's config.yaml."""
+def _student(
+    root: Path,
+    quant: QuantConfig,
+    name: str = "student",
+    auto_class: type = AutoModelForSequenceClassification,
+    labels: tuple[str, ...] = ("negative", "positive"),
+    data: tuple[str, ...] = (),
+) -> Path:
+    """A tiny fake-quant student folder (untrained: deployment does not care) of ``auto_class``'s task head,
+    with the run's config.yaml (the demo task, or ``data`` overrides)."""
     base = root / "base"
     if not base.exists():
         make_tiny_checkpoint(base)
     torch.manual_seed(0)
-    model = prepare(load_classifier(str(base), 2, id2label={0: "negative", 1: "positive"}), quant)
+    model = load_classifier(str(base), len(labels), id2label=dict(enumerate(labels)), auto_class=auto_class)
+    model.config.architectures = [type(model).__name__]  # as a fine-tuned teacher's config.json names it
+    model = prepare(model, quant)
     with torch.no_grad():  # learned steps off their init, as training leaves them
         for m in model.modules():
             if hasattr(m, "step") and m.step.requires_grad:
@@ -39,7 +50,7 @@ def _student(root: Path, quant: QuantConfig, name: str = "student") -> Path:
     calibrate_activations(model, probe_batches(model.config)[0])
     run = root / name
     save_student(model, run / "student", quant, load_tokenizer(str(base)), extra={"task": "demo", "metrics": {}})
-    cfg = load_config("tiny_debug", [f"data.cache_dir={root / 'tok'}", "data.demo_size=120"])
+    cfg = load_config("tiny_debug", [f"data.cache_dir={root / 'tok'}", "data.demo_size=120", *data])
     save_config(cfg, run / "config.yaml")
     return run / "student"
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForQuestionAnswering as AutoModelForQA
+from transformers import AutoModelForTokenClassification
 
 from kdqat_dist.config import QuantConfig, load_config, save_config
 from kdqat_dist.export import export_student
@@ -33,23 +35,27 @@ import importlib.util, json, sys
 sys.path.append(SITE)
 assert importlib.util.find_spec("kdqat_dist") is None, "kdqat_dist is importable: not a clean environment"
 import torch
-from transformers import AutoModelForSequenceClassification as Auto, AutoTokenizer
-from transformers import BertForSequenceClassification as Bert
+import transformers
+from transformers import AutoTokenizer
 result = {}
 for job in json.loads(sys.argv[1]):
     res = result[job["name"]] = {}
+    head = job.get("head", "SequenceClassification")  # the task head's classes: Auto... and Bert...
     for how in job["calls"]:
         try:
             if how == "bert":
-                model = Bert.from_pretrained(job["folder"])
+                model = getattr(transformers, "BertFor" + head).from_pretrained(job["folder"])
             else:
-                model = Auto.from_pretrained(job["folder"], trust_remote_code=how == "auto_remote")
+                auto = getattr(transformers, "AutoModelFor" + head)
+                model = auto.from_pretrained(job["folder"], trust_remote_code=how == "auto_remote")
         except Exception as exc:
             res[how] = {"error": type(exc).__name__, "message": str(exc)}
             continue
         probe = torch.load(job["probe"])
         with torch.no_grad():
-            logits = model.eval()(**probe["batch"]).logits
+            out = model.eval()(**probe["batch"])
+        # QA: start and end logits as [B, 2, S], as kdqat's logits_of writes them
+        logits = out.logits if "logits" in out else torch.stack([out.start_logits, out.end_logits], 1)
         res[how] = {
             "diff": float((logits - probe["logits"]).abs().max()),
             "scale": float(probe["logits"].abs().max()),
@@ -86,11 +92,12 @@ def _without_kdqat(jobs: list[dict], tmp_path: Path) -> dict:
     return json.loads(proc.stdout.rsplit("RESULT ", 1)[1].splitlines()[0])
 
 
-def _student(root: Path, quant: QuantConfig, seed: int = 0) -> Path:
+def _student(root: Path, quant: QuantConfig, seed: int = 0, auto_class: type | None = None) -> Path:
     """A tiny prepared student saved as `kdqat train` saves one (untrained; SubLN gains and biases made
-    random, so that a model without them gives other logits)."""
+    random, so that a model without them gives other logits); ``auto_class``: another task head's."""
     base = make_tiny_checkpoint(root / "base", seed=seed)
-    model = load_classifier(str(base), 2)
+    model = load_classifier(str(base), 2, **({"auto_class": auto_class} if auto_class else {}))
+    model.config.architectures = [type(model).__name__]  # as a fine-tuned teacher's config.json names it
     prepare(model, quant)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -120,6 +127,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         out[f"{name}_student"] = _student(root / name, _bitdistill(subln))
         out[name] = root / name / "hf"
         export_hf_bitnet(out[f"{name}_student"], out[name])
+    # the other task heads: a token classifier (transformers only) and a QA model with SubLN (remote code)
+    for name, subln, auto in (("token", False, AutoModelForTokenClassification), ("qa", True, AutoModelForQA)):
+        out[f"{name}_student"] = _student(root / name, _bitdistill(subln), auto_class=auto)
+        out[name] = root / name / "hf"
+        export_hf_bitnet(out[f"{name}_student"], out[name])
     out["kdqat_student"] = _student(root / "twn", QuantConfig())
     out["packed"] = root / "twn" / "packed"
     export_student(out["kdqat_student"], out["packed"])
@@ -132,6 +144,8 @@ def test_without_kdqat_a_bitnet_export_loads_and_everything_else_raises(folders,
         {"name": "subln", "folder": str(folders["subln"]), "calls": ["auto", "bert", "auto_remote"]},
         {"name": "student", "folder": str(folders["kdqat_student"]), "calls": ["auto", "bert"]},
         {"name": "packed", "folder": str(folders["packed"]), "calls": ["auto", "bert"]},
+        {"name": "token", "folder": str(folders["token"]), "calls": ["auto", "bert"], "head": "TokenClassification"},
+        {"name": "qa", "folder": str(folders["qa"]), "calls": ["auto_remote"], "head": "QuestionAnswering"},
     ]
     for job in jobs:
         source = folders.get(f"{job['name']}_student", folders["kdqat_student"])
@@ -141,6 +155,11 @@ def test_without_kdqat_a_bitnet_export_loads_and_everything_else_raises(folders,
     for got in (r["plain"]["auto"], r["plain"]["bert"], r["subln"]["auto_remote"]):
         assert got["diff"] <= HF_RTOL * got["scale"] and got["bitlinear"] == 13, got
     assert r["subln"]["auto_remote"]["class"] == "BertSubLNForSequenceClassification"
+    # token and QA models have no pooler: 12 BitLinear, the head's Linear (classifier, qa_outputs) full precision
+    for got in (r["token"]["auto"], r["token"]["bert"], r["qa"]["auto_remote"]):
+        assert got["diff"] <= HF_RTOL * got["scale"] and got["bitlinear"] == 12, got
+    assert r["token"]["auto"]["class"] == "BertForTokenClassification"
+    assert r["qa"]["auto_remote"]["class"] == "BertSubLNForQuestionAnswering"
     assert "trust_remote_code=True" in r["subln"]["auto"]["message"]
     assert "trust_remote_code=True" in r["subln"]["bert"]["message"]  # the hidden_size guard names it
     assert "model type `kdqat_dist`" in r["student"]["auto"]["message"]
@@ -245,7 +264,7 @@ def test_hf_bitnet_bad_inputs_are_one_line_and_write_nothing(folders, tmp_path, 
     model = load_classifier(str(base), 2)
     prepare(model, _bitdistill(True))
     save_student(model, rob / "student", _bitdistill(True), load_tokenizer(str(base)))
-    with pytest.raises(ConfigError, match=r"covers BERT sequence classifiers only \(this one: roberta"):
+    with pytest.raises(ConfigError, match=r"covers BERT only \(.*; this one: roberta"):
         export_hf_bitnet(rob / "student", out)
     assert not out.exists()
 

@@ -32,7 +32,7 @@ def traced(tmp_path_factory):
     model = prepare(model, QuantConfig())
     calibrate_activations(model, probe_batches(model.config)[0])
     path = root / "raw.onnx"
-    _trace(convert(copy.deepcopy(model)).eval(), path, input_names(model.config))
+    _trace(convert(copy.deepcopy(model)).eval(), path, input_names(model.config), "sequence")
     return root, onnx.load(str(path))
 
 

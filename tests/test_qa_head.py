@@ -255,11 +255,13 @@ def test_finetune_train_eval_on_squad(task, squad_dir, squad2_dir, tiny, tmp_pat
             len(err) == 1
             and "ForSequenceClassification but task squad needs an AutoModelForQuestionAnswering" in err[0]
         )
+    if task == "squad":  # ONNX: start and end logits, checked against the student over the dev windows
+        assert main(["export", "--student", str(st), "--out", str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+        meta = json.loads((tmp_path / "onnx" / "kdqat_onnx.json").read_text())
+        assert meta["outputs"] == ["start_logits", "end_logits"] and meta["round_trip"]["unit"] == "windows"
+        assert meta["round_trip"]["onnx"]["f1"] == pytest.approx(got["metrics"]["f1"], abs=1e-6)
     if task == "squad":  # sentence-only commands refuse a QA student in one line (exit 2)
-        for cmd in (
-            ["predict", "--model", str(st)],
-            ["export", "--student", str(st), "--out", str(tmp_path / "onnx"), "--format", "onnx"],
-        ):
+        for cmd in (["predict", "--model", str(st)],):
             capsys.readouterr()
             assert main(cmd) == 2, cmd
             err = capsys.readouterr().err.strip().splitlines()

@@ -295,7 +295,7 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
     assert metrics["f1"] == pytest.approx(result["best"]["f1"], abs=1e-9)
 
 
-def test_export_round_trips_analyze_runs_and_onnx_predict_refuse_in_one_line(
+def test_export_round_trips_onnx_exports_analyze_runs_and_predict_refuses_in_one_line(
     token_teacher, tmp_path, capsys, assert_finite_analysis
 ):
     from kdqat_dist.cli import main
@@ -317,11 +317,12 @@ def test_export_round_trips_analyze_runs_and_onnx_predict_refuse_in_one_line(
     run(cfg, "train")
     assert main(["export", "--student", str(out / "student"), "--out", str(tmp_path / "packed")]) == 0
     assert "round trip OK" in capsys.readouterr().out
+    # ONNX: the tag logits [batch, sequence, tags], checked against the student over the dev set's tokens
+    assert main(["export", "--format", "onnx", "--student", str(out / "student"), "--out", str(tmp_path / "o")]) == 0
+    assert "predictions agree on" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "o" / "kdqat_onnx.json").read_text())
+    assert meta["head"] == "token" and meta["round_trip"]["unit"] == "tokens" and meta["round_trip"]["rows"] > 24
     refused = [
-        (
-            ["export", "--format", "onnx", "--student", str(out / "student"), "--out", str(tmp_path / "o")],
-            "kdqat export --format onnx: token classification students are not supported yet",
-        ),
         (
             ["predict", "--model", str(out / "student"), "--input", str(tmp_path / "in.txt")],
             "kdqat predict: token classification students are not supported yet",

@@ -12,13 +12,21 @@ normalisation in front of a per-token quantized input), so these models load wit
 ``trust_remote_code=True`` only. The projections are ``nn.Linear`` here: transformers' BitNet quantization
 (``quantization_config`` in ``config.json``) swaps them for its ``BitLinear`` as it does every other Linear.
 
-Parameter names follow kdqat's ``SubLNLinear`` (``<dense>.LayerNorm.*``, ``<dense>.linear.*``).
+Parameter names follow kdqat's ``SubLNLinear`` (``<dense>.LayerNorm.*``, ``<dense>.linear.*``). One class per
+task head: sequence classification, token classification and extractive QA (``config.json``'s
+``auto_map`` names the one of the export).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 
 # config.json's hidden_size holds a text (BertConfig checks that it is an int: BertForSequenceClassification
 # .from_pretrained on this folder fails on it instead of building BERT without the SubLNs); the real value is
@@ -50,12 +58,33 @@ class SubLNLinear(nn.Module):
         return self.linear(self.LayerNorm(x))
 
 
+def add_sublns(bert: BertModel, eps: float) -> None:
+    """Put a SubLN in front of every layer's attention output and FFN down projection, in place."""
+    for layer in bert.encoder.layer:
+        for parent in (layer.attention.output, layer.output):
+            dense = parent.dense
+            parent.dense = SubLNLinear(dense.in_features, dense.out_features, eps)
+
+
 class BertSubLNForSequenceClassification(BertForSequenceClassification):
     config_class = BertSubLNConfig
 
     def __init__(self, config: BertSubLNConfig):
         super().__init__(config)
-        for layer in self.bert.encoder.layer:
-            for parent in (layer.attention.output, layer.output):
-                dense = parent.dense
-                parent.dense = SubLNLinear(dense.in_features, dense.out_features, config.layer_norm_eps)
+        add_sublns(self.bert, config.layer_norm_eps)
+
+
+class BertSubLNForTokenClassification(BertForTokenClassification):
+    config_class = BertSubLNConfig
+
+    def __init__(self, config: BertSubLNConfig):
+        super().__init__(config)
+        add_sublns(self.bert, config.layer_norm_eps)
+
+
+class BertSubLNForQuestionAnswering(BertForQuestionAnswering):
+    config_class = BertSubLNConfig
+
+    def __init__(self, config: BertSubLNConfig):
+        super().__init__(config)
+        add_sublns(self.bert, config.layer_norm_eps)

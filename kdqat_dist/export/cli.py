@@ -5,11 +5,13 @@ that nothing changed.
     kdqat export --format onnx --student runs/x/student --out runs/x/onnx [--weights int8|2bit]
     kdqat export --format hf-bitnet --student runs/x/student --out runs/x/hf   (bitdistill_w158a8 students)
 
+Every format takes sequence-classification, token-classification and extractive-QA students.
+
 The task and data for the re-evaluation come from the ``config.yaml`` the training run wrote next to the
 student (``--config`` replaces it; overrides apply to either). The packed artifact must score what the
 student scores; the ONNX model (ONNX Runtime, int8 kernels) and the hf-bitnet model (transformers' own
 BitLinear, :mod:`~kdqat_dist.export.hf_bitnet`) must agree with the student on at least 99.5 % of the dev
-rows (:data:`~kdqat_dist.export.onnx_check.MAX_DISAGREEMENT`). Each is removed otherwise.
+rows, tokens or QA windows (:data:`~kdqat_dist.export.onnx_check.MAX_DISAGREEMENT`). Each is removed otherwise.
 """
 
 from __future__ import annotations
@@ -156,13 +158,13 @@ def _run_onnx(args, student: Path, out: Path, cfg: RunConfig | None) -> int:
         check = dev_check(copy.deepcopy(cfg), student, out)
         sel_s, sel_o = check.student["selection"], check.onnx["selection"]
         print(
-            f"[export] dev set ({check.rows} rows): student {sel_s:.4f}, ONNX {sel_o:.4f}; "
+            f"[export] dev set ({check.rows} {check.unit}): student {sel_s:.4f}, ONNX {sel_o:.4f}; "
             f"predictions agree on {check.agree}/{check.rows} ({100 * check.agreement:.2f} %)"
         )
         if not check.ok():
             raise InternalError(
-                f"export: the ONNX model agrees with the student on only {check.agree} of {check.rows} dev rows "
-                f"(allowed: {100 * MAX_DISAGREEMENT:g} % different); ONNX model removed"
+                f"export: the ONNX model agrees with the student on only {check.agree} of {check.rows} dev "
+                f"{check.unit} (allowed: {100 * MAX_DISAGREEMENT:g} % different); ONNX model removed"
             )
     except BaseException:
         _remove_written(out, created)
@@ -190,13 +192,13 @@ def _run_hf_bitnet(student: Path, out: Path, cfg: RunConfig | None) -> int:
         check = dev_check(copy.deepcopy(cfg), student, out, model=Eager(load_native(out)))
         sel_s, sel_o = check.student["selection"], check.onnx["selection"]
         print(
-            f"[export] dev set ({check.rows} rows): student {sel_s:.4f}, hf-bitnet {sel_o:.4f}; "
+            f"[export] dev set ({check.rows} {check.unit}): student {sel_s:.4f}, hf-bitnet {sel_o:.4f}; "
             f"predictions agree on {check.agree}/{check.rows} ({100 * check.agreement:.2f} %)"
         )
         if not check.ok():
             raise ConfigError(
                 f"export: the hf-bitnet model agrees with the student on only {check.agree} of {check.rows} dev "
-                f"rows (allowed: {100 * MAX_DISAGREEMENT:g} % different); folder removed"
+                f"{check.unit} (allowed: {100 * MAX_DISAGREEMENT:g} % different); folder removed"
             )
     except BaseException:
         _remove_written(out, created)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kdqat_dist.config import RunConfig
+from kdqat_dist.data.heads import TaskHead, get_head
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.tasks import get_task
 from kdqat_dist.engine.evaluate import evaluate
@@ -37,14 +38,16 @@ def _best_seconds(runs: dict, reps: int) -> dict[str, float]:
     return best
 
 
-def _dev_batch(cfg: RunConfig, tokenizer) -> tuple[dict, dict]:
-    """(tokenized dev splits, one collated batch of the first eval-batch-size dev rows)."""
+def _dev_batch(cfg: RunConfig, tokenizer, head: TaskHead) -> tuple[dict, dict, dict]:
+    """(raw dev splits, tokenized dev splits, one collated batch of the first eval-batch-size dev features,
+    inputs only)."""
     task = get_task(cfg.data)
     max_len = cfg.data.max_seq_length or task.max_seq_length
     dev = {k: v for k, v in load_splits(cfg.data, task).items() if k != "train"}
-    data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None)
+    data = tokenize_splits(dev, tokenizer, max_len, cfg.data.cache_dir or None, head)
     rows = [data["dev"][i] for i in range(min(cfg.train.eval_batch_size, len(data["dev"])))]
-    return data, {k: v for k, v in Collator(tokenizer)(rows).items() if k != "labels"}
+    batch = Collator(tokenizer, head=head)(rows)
+    return dev, data, {k: v for k, v in batch.items() if k not in head.label_keys}
 
 
 def speed_over_teacher(teacher: nn.Module, student: nn.Module, batch: dict, reps: int = 5) -> dict:
@@ -75,16 +78,17 @@ def deploy_student(
     t0 = time.perf_counter()
     report = export_onnx(student_dir, out_dir)
     task = get_task(cfg.data)
+    head = get_head(task)
     ort_model = OrtModel(out_dir, threads=torch.get_num_threads())
-    data, batch = _dev_batch(cfg, load_tokenizer(str(student_dir)))
+    raw, data, batch = _dev_batch(cfg, load_tokenizer(str(student_dir)), head)
     if agreement:
         dev = dev_check(cfg, student_dir, out_dir).as_dict()
     else:
-        collate = Collator(load_tokenizer(str(student_dir)), max_length=None)
+        collate = Collator(load_tokenizer(str(student_dir)), max_length=None, head=head)
         if cfg.data.padding == "max_length":
             collate.max_length = cfg.data.max_seq_length or task.max_seq_length
-        dev = {"onnx": evaluate(ort_model, task, data, collate, cfg.train.eval_batch_size, "cpu")}
-    teacher = load_classifier(str(teacher_dir), task.num_labels, strict=True).eval()
+        dev = {"onnx": evaluate(ort_model, task, data, collate, cfg.train.eval_batch_size, "cpu", raw=raw, head=head)}
+    teacher = load_classifier(str(teacher_dir), head.num_labels, strict=True, auto_class=head.auto_class).eval()
     return {
         "onnx": str(out_dir),
         "file_mb": report.file_bytes / 1e6,

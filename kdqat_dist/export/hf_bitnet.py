@@ -14,20 +14,24 @@ the same formula) when its weights are ternary with one scale γ per tensor; so 
 student's integer form (:func:`~kdqat_dist.quant.api.convert`): W_q packed, ``weight_scale`` = 1/γ, b as it is.
 The two differ only in float rounding (the order of the products).
 
+Sequence classifiers, token classifiers and extractive-QA students are written alike (the head's Linear, kept
+in full precision by the default ``quant.skip``, is listed in ``modules_to_not_convert``) and load with the
+head's Auto class (:data:`AUTO_NAMES`).
+
 Which students qualify is :func:`bitnet_problems`: ternary weights, one scale per tensor; ``absmax_token``
 8-bit inputs without a clip; full-precision embeddings and attention; rules only to keep modules in full
 precision (those, the classifier among them, are listed in ``modules_to_not_convert``). Of the shipped
 recipes that is ``bitdistill_w158a8``.
 
-SubLN (``quant.subln``, on in ``bitdistill_w158a8``) has no module in ``BertModel``: such a student is
+SubLN (``quant.subln``, on in ``bitdistill_w158a8``) has no module in ``BertModel``: such a BERT student is
 written with a small modeling file (:mod:`kdqat_dist.export.bert_subln_remote`, model type ``bert_subln``)
 and loads with ``trust_remote_code=True``; without it transformers refuses the folder. A student trained
 with ``quant.subln=false`` needs nothing but transformers.
 
 Before anything is kept, transformers loads the folder (every tensor must be used, with no missing or
 mismatched one) and its logits are compared with the fake-quant student's on fixed probe batches
-(:data:`HF_RTOL`); a folder that disagrees is removed and an :class:`~kdqat_dist.errors.InternalError`
-raised.
+(:data:`HF_RTOL`; token and QA outputs over real tokens); a folder that disagrees is removed and an
+:class:`~kdqat_dist.errors.InternalError` raised.
 """
 
 from __future__ import annotations
@@ -50,12 +54,10 @@ from kdqat_dist.export.artifact import (
     _TOKENIZER_PREFIXES,
     _remove_written,
     check_out_dir,
-    compare_logits,
-    logits_of,
     probe_batches,
     read_student_quant,
 )
-from kdqat_dist.files import require_sequence_head
+from kdqat_dist.export.head_outputs import compare_outputs, head_of, outputs_of
 from kdqat_dist.models.subln import SubLNLinear
 from kdqat_dist.quant.api import convert
 from kdqat_dist.quant.integer import QuantizedAct, QuantizedEmbedding, QuantizedInputLinear, QuantizedLinear
@@ -66,11 +68,22 @@ FORMAT = "hf-bitnet"
 META_FILE = "kdqat_hf_bitnet.json"
 REMOTE_FILE = "modeling_bert_subln.py"
 SUBLN_MODEL_TYPE = "bert_subln"
-SUBLN_ARCH = "BertSubLNForSequenceClassification"
+# the Auto class that loads an export of each task head, and the SubLN modeling file's class for it
+AUTO_NAMES = {
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+    "qa": "AutoModelForQuestionAnswering",
+}
+SUBLN_ARCHS = {
+    "sequence": "BertSubLNForSequenceClassification",
+    "token": "BertSubLNForTokenClassification",
+    "qa": "BertSubLNForQuestionAnswering",
+}
+BERT_ARCHS = ("BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering")
 # config.json's hidden_size of a SubLN export: BertConfig wants an int, so BertForSequenceClassification
 # .from_pretrained(folder) fails on it, printing it (the real value is under subln_hidden_size, see the
 # modeling file)
-NEEDS_REMOTE_CODE = "BERT with SubLN: load with AutoModelForSequenceClassification and trust_remote_code=True"
+NEEDS_REMOTE_CODE = "BERT with SubLN: load with {auto} and trust_remote_code=True"
 # BitLinear vs the fake-quant student, logits, relative to the batch's largest |logit|: the same integer codes,
 # the products in another order ((q_x·W_q) / (s_x·(1/γ)) against (q_x/s_x)·(W_q·γ)), so an activation within
 # that rounding of a code boundary may get the neighbouring code in a later layer. Measured: 2e-9 to 2e-6 of
@@ -89,13 +102,14 @@ class HfBitnetReport:
     full_precision: list[str]  # Linears kept in full precision (modules_to_not_convert)
     subln: bool
     max_abs_logit_diff: float
+    head: str = "sequence"
 
     def lines(self) -> list[str]:
+        auto = AUTO_NAMES[self.head]
         load = (
-            "AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)  (SubLN: "
-            f"{REMOTE_FILE})"
+            f"{auto}.from_pretrained(folder, trust_remote_code=True)  (SubLN: {REMOTE_FILE})"
             if self.subln
-            else "AutoModelForSequenceClassification.from_pretrained(folder)  (transformers only)"
+            else f"{auto}.from_pretrained(folder)  (transformers only)"
         )
         return [
             f"weights      {self.out_dir / WEIGHTS_FILE}: {self.file_bytes / 1e6:.3f} MB "
@@ -138,7 +152,6 @@ def bitnet_recipes() -> list[str]:
 
 def check_student(student_dir: str | Path) -> QuantConfig:
     """The student's quant config; ConfigError in one line when it does not qualify."""
-    require_sequence_head(student_dir, "kdqat export --format hf-bitnet")
     quant, _ = read_student_quant(Path(student_dir), "--student")
     problems = bitnet_problems(quant)
     if problems:
@@ -224,10 +237,13 @@ def load_native(folder: str | Path) -> nn.Module:
         InternalError: a tensor of the file is unused, missing or of another shape.
     """
     config = json.loads((Path(folder) / "config.json").read_text())
+    arch = (config.get("architectures") or ["AutoModelForSequenceClassification"])[0]
     if config.get("model_type") == SUBLN_MODEL_TYPE:
-        from kdqat_dist.export.bert_subln_remote import BertSubLNForSequenceClassification as cls
+        from kdqat_dist.export import bert_subln_remote
+
+        cls = getattr(bert_subln_remote, arch)
     else:
-        cls = getattr(transformers, (config.get("architectures") or ["AutoModelForSequenceClassification"])[0])
+        cls = getattr(transformers, arch)
     model, info = cls.from_pretrained(str(folder), output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
     if bad:
@@ -262,12 +278,12 @@ def export_hf_bitnet(student_dir: str | Path, out_dir: str | Path, verify: bool 
     out = check_out_dir(out_dir)
     quant = check_student(src)
     student = load_student(src)
-    subln = _is_subln(student)
+    subln, head = _is_subln(student), head_of(src)
     arch = type(student).__name__  # config.architectures may still name the base model's head (BertForMaskedLM)
-    if subln and (student.config.model_type, arch) != ("bert", "BertForSequenceClassification"):
+    if subln and (student.config.model_type != "bert" or arch not in BERT_ARCHS):
         raise ConfigError(
-            f"--format hf-bitnet: a SubLN student needs the modeling file, which covers BERT sequence "
-            f"classifiers only (this one: {student.config.model_type} {arch})"
+            f"--format hf-bitnet: a SubLN student needs the modeling file, which covers BERT only "
+            f"({', '.join(BERT_ARCHS)}; this one: {student.config.model_type} {arch})"
         )
     integer = convert(copy.deepcopy(student))
     state, full_precision, bitlinear = native_state(integer)
@@ -278,12 +294,13 @@ def export_hf_bitnet(student_dir: str | Path, out_dir: str | Path, verify: bool 
         for p in src.iterdir():
             if p.is_file() and p.name.startswith(_TOKENIZER_PREFIXES):
                 shutil.copy2(p, out / p.name)
-        _write_config(integer, out, full_precision, subln)
+        _write_config(integer, out, full_precision, subln, head)
         save_weights(state, out / WEIGHTS_FILE, {"format": "pt"})
         meta = {
             "format": FORMAT,
             "format_version": 1,
             "source": {"student": str(src.resolve())},
+            "head": head,
             "quant": to_dict(quant),
             "subln": subln,
             "bitlinear": bitlinear,
@@ -298,24 +315,24 @@ def export_hf_bitnet(student_dir: str | Path, out_dir: str | Path, verify: bool 
         if verify:
             native = load_native(out)
             for batch in probe_batches(student.config):
-                a, b = logits_of(student, batch), logits_of(Eager(native), batch)
-                problem = compare_logits(a, b, HF_RTOL)
+                a, b = outputs_of(student, batch, head), outputs_of(Eager(native), batch, head)
+                problem, d = compare_outputs(head, a, b, batch["attention_mask"], HF_RTOL)
                 if problem is not None:
                     raise InternalError(
                         f"hf-bitnet: transformers' BitNet model does not reproduce the student ({problem}); "
                         "not keeping a wrong model"
                     )
-                diff = max(diff, float((a - b).abs().max()))
+                diff = max(diff, d)
             meta["probe"] = {"batches": len(probe_batches(student.config)), "max_abs_logit_diff": diff, "rtol": HF_RTOL}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
     except BaseException:
         _remove_written(out, created)
         raise
     size = (out / WEIGHTS_FILE).stat().st_size
-    return HfBitnetReport(out, size, bitlinear, full_precision, subln, diff)
+    return HfBitnetReport(out, size, bitlinear, full_precision, subln, diff, head)
 
 
-def _write_config(model: nn.Module, out: Path, full_precision: list[str], subln: bool) -> None:
+def _write_config(model: nn.Module, out: Path, full_precision: list[str], subln: bool, head: str) -> None:
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # the class a plain from_pretrained builds
     config.quantization_config = BitNetQuantConfig(
@@ -332,12 +349,9 @@ def _write_config(model: nn.Module, out: Path, full_precision: list[str], subln:
     module = Path(REMOTE_FILE).stem
     d.update(
         model_type=SUBLN_MODEL_TYPE,
-        architectures=[SUBLN_ARCH],
-        auto_map={
-            "AutoConfig": f"{module}.BertSubLNConfig",
-            "AutoModelForSequenceClassification": f"{module}.{SUBLN_ARCH}",
-        },
-        hidden_size=NEEDS_REMOTE_CODE,
+        architectures=[SUBLN_ARCHS[head]],
+        auto_map={"AutoConfig": f"{module}.BertSubLNConfig", AUTO_NAMES[head]: f"{module}.{SUBLN_ARCHS[head]}"},
+        hidden_size=NEEDS_REMOTE_CODE.format(auto=AUTO_NAMES[head]),
     )
     d[bert_subln_remote.REAL_HIDDEN_SIZE] = model.config.hidden_size
     path.write_text(json.dumps(d, indent=2) + "\n")

@@ -8,16 +8,19 @@ without changing a number (:mod:`kdqat_dist.export.onnx_graph`: shared constants
 ``MatMulIntegerToFloat``, attention codes transposed as uint8). An export folder holds
 
 - ``model.onnx``: inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has
-  segment embeddings), int64 [batch, sequence]; output ``logits`` [batch, labels];
-- ``kdqat_onnx.json``: format, the file's size and SHA-256, inputs, labels, the weight layout, the probe check
-  and the operators ONNX Runtime runs after its graph optimizations (``MatMulIntegerToFloat``: int8), and
-  what the tidying changed (``graph``);
+  segment embeddings), int64 [batch, sequence]; outputs by task head
+  (:data:`~kdqat_dist.export.head_outputs.HEAD_OUTPUTS`): ``logits`` [batch, labels] of a sequence
+  classifier, ``logits`` [batch, sequence, labels] of a token classifier, ``start_logits`` and
+  ``end_logits`` [batch, sequence] of an extractive-QA model;
+- ``kdqat_onnx.json``: format, the file's size and SHA-256, inputs, ``head`` and ``outputs``, labels, the
+  weight layout, the probe check and the operators ONNX Runtime runs after its graph optimizations
+  (``MatMulIntegerToFloat``: int8), and what the tidying changed (``graph``);
 - ``config.json`` and the tokenizer files.
 
-Before anything is kept, ONNX Runtime runs the file on fixed probe batches with padding and its logits are
+Before anything is kept, ONNX Runtime runs the file on fixed probe batches with padding and its outputs are
 compared with the fake-quant student's (within :data:`ONNX_RTOL` of the largest logit, the same predicted
-class where the student's margin is clear); a model that disagrees is removed and an
-:class:`~kdqat_dist.errors.InternalError` raised.
+class, tag or start/end position where the student's margin is clear; token and QA outputs over real tokens
+only); a model that disagrees is removed and an :class:`~kdqat_dist.errors.InternalError` raised.
 
 ``weights="2bit"`` stores ternary and 2-bit weights as ONNX Runtime's ``MatMulNBits`` (2 bits per code,
 com.microsoft domain) instead of int8 QDQ; see :mod:`kdqat_dist.export.nbits`.
@@ -45,12 +48,10 @@ from kdqat_dist.export.artifact import (
     _remove_written,
     _sha256,
     check_out_dir,
-    compare_logits,
-    logits_of,
     probe_batches,
     read_student_quant,
 )
-from kdqat_dist.files import require_sequence_head
+from kdqat_dist.export.head_outputs import HEAD_OUTPUTS, compare_outputs, head_of, outputs_of
 from kdqat_dist.quant.api import convert
 from kdqat_dist.quant.hf_quantizer import KdqatQuantizationConfig
 from kdqat_dist.quant.onnx_form import OPSET
@@ -123,47 +124,62 @@ def session(path: str | Path, threads: int | None = None, optimized_to: str | Pa
         raise ConfigError(f"{path}: ONNX Runtime cannot load it ({first})") from None
 
 
-def run_session(sess, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    """Logits of ``sess`` on a tokenized batch (the graph's inputs only, as int64)."""
-    names = [i.name for i in sess.get_inputs()]
+def _feeds(sess, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The graph's inputs from a tokenized batch, as int64 (segment ids zero when the batch has none)."""
     feeds = {}
-    for n in names:
+    for n in (i.name for i in sess.get_inputs()):
         if n in batch:
             feeds[n] = np.asarray(batch[n], dtype=np.int64)
         elif n == "token_type_ids":
             feeds[n] = np.zeros_like(np.asarray(batch["input_ids"], dtype=np.int64))
         else:
             raise InternalError(f"the ONNX model needs an input {n!r} the batch does not have")
-    return sess.run(None, feeds)[0]
+    return feeds
 
 
-def _trace(model: nn.Module, path: Path, names: list[str]) -> None:
+def run_session(sess, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """Logits of ``sess`` on a tokenized batch (the graph's first output: a sequence or token classifier's)."""
+    return sess.run(None, _feeds(sess, batch))[0]
+
+
+def run_outputs(sess, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every output of ``sess`` on a tokenized batch by name, float32: ``logits`` (sequence [B, C], token
+    [B, S, C]) or ``start_logits`` and ``end_logits`` (QA, [B, S])."""
+    names = [o.name for o in sess.get_outputs()]
+    arrays = sess.run(names, _feeds(sess, batch))
+    return {n: np.asarray(a, dtype=np.float32) for n, a in zip(names, arrays, strict=True)}
+
+
+def _trace(model: nn.Module, path: Path, names: list[str], head: str) -> None:
     """``torch.onnx.export`` (TorchScript tracer, one file) with dynamic batch and sequence axes."""
     example = {n: t for n, t in probe_batches(model.config)[0].items()}
     example["token_type_ids"] = torch.zeros_like(example["input_ids"])
     args = tuple(example[n] for n in names)
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes["logits"] = {0: "batch"}
+    outputs = HEAD_OUTPUTS[head]
+    axes = {n: {0: "batch", 1: "sequence"} for n in (*names, *outputs)}
+    if head == "sequence":
+        axes["logits"] = {0: "batch"}
 
-    class _Logits(nn.Module):  # positional inputs in the graph's order, logits only
+    class _Outputs(nn.Module):  # positional inputs in the graph's order, the head's outputs only
         def __init__(self, inner: nn.Module):
             super().__init__()
             self.inner = inner
 
         def forward(self, *tensors):
-            return self.inner(**dict(zip(names, tensors, strict=True))).logits
+            out = self.inner(**dict(zip(names, tensors, strict=True)))
+            return tuple(getattr(out, n) for n in outputs)
 
     with warnings.catch_warnings():
         # the tracer's notes on Python control flow over shapes (transformers' mask helpers) and its own
         # deprecation notice: the probe check below is what proves the graph right for other shapes
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _Logits(model).eval(),
+            _Outputs(model).eval(),
             args,
             str(path),
             dynamo=False,
             input_names=names,
-            output_names=["logits"],
+            output_names=list(outputs),
             dynamic_axes=axes,
             opset_version=OPSET,
             do_constant_folding=True,
@@ -174,6 +190,9 @@ def export_onnx(
     student_dir: str | Path, out_dir: str | Path, *, weights: str = "int8", verify: bool = True
 ) -> OnnxReport:
     """Write the ONNX form of the ``student/`` folder written by ``kdqat train`` into ``out_dir``.
+
+    Sequence, token and QA students alike; the graph's outputs are the head's
+    (:data:`~kdqat_dist.export.head_outputs.HEAD_OUTPUTS`).
 
     Args:
         student_dir: a student folder (``kdqat_student.json``).
@@ -186,7 +205,6 @@ def export_onnx(
         InternalError: the ONNX model does not reproduce the student (nothing is kept).
     """
     src = Path(student_dir)
-    require_sequence_head(src, "kdqat export --format onnx")
     out = check_out_dir(out_dir)
     if weights not in WEIGHT_LAYOUTS:
         raise ConfigError(f"--weights: {weights!r} is not a weight layout; allowed: {', '.join(WEIGHT_LAYOUTS)}")
@@ -203,19 +221,19 @@ def export_onnx(
     quant, smeta = read_student_quant(src, "--student")
     student = load_student(src)
     integer = convert(copy.deepcopy(student))
-    names = input_names(student.config)
+    names, head = input_names(student.config), head_of(src)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         path = out / MODEL_FILE
-        _trace(integer, path, names)
+        _trace(integer, path, names, head)
         if weights == "2bit":
             from kdqat_dist.export.nbits import to_matmul_nbits  # only this layout rewrites the graph
 
             to_matmul_nbits(path)
         graph = _tidy(path)
         _write_side_files(student, src, out, quant)
-        diff, ops = _check(student, path) if verify else (float("nan"), {})
+        diff, ops = _check(student, path, head) if verify else (float("nan"), {})
         report = OnnxReport(out, path.stat().st_size, diff, ops, weights)
         meta = {
             "format": FORMAT,
@@ -225,7 +243,8 @@ def export_onnx(
             "model_sha256": _sha256(path),
             "opset": OPSET,
             "inputs": names,
-            "outputs": ["logits"],
+            "head": head,
+            "outputs": list(HEAD_OUTPUTS[head]),
             "weights": weights,
             "id2label": {str(k): v for k, v in student.config.id2label.items()},
             "problem_type": getattr(student.config, "problem_type", None),
@@ -264,9 +283,10 @@ def _write_side_files(student: nn.Module, src: Path, out: Path, quant) -> None:
     config.save_pretrained(out)
 
 
-def _check(student: nn.Module, path: Path) -> tuple[float, dict[str, int]]:
+def _check(student: nn.Module, path: Path, head: str) -> tuple[float, dict[str, int]]:
     """(max |logit difference| on the probe batches, integer operators ONNX Runtime runs); raises
-    InternalError when ONNX Runtime does not reproduce the student."""
+    InternalError when ONNX Runtime does not reproduce the student (the head's outputs over real tokens:
+    :func:`~kdqat_dist.export.head_outputs.compare_outputs`)."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,14 +295,13 @@ def _check(student: nn.Module, path: Path) -> tuple[float, dict[str, int]]:
         ops = Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
     diffs = []
     for batch in probe_batches(student.config, seed=11):
-        want = logits_of(student, batch)
-        got = torch.from_numpy(run_session(sess, batch))
-        problem = compare_logits(want, got, ONNX_RTOL)
+        got = {n: torch.from_numpy(a) for n, a in run_outputs(sess, batch).items()}
+        problem, diff = compare_outputs(head, outputs_of(student, batch, head), got, batch["attention_mask"], ONNX_RTOL)
         if problem is not None:
             raise InternalError(
                 f"export: ONNX Runtime does not reproduce the fake-quant student ({problem}); not keeping a wrong model"
             )
-        diffs.append(float((want - got).abs().max()))
+        diffs.append(diff)
     return max(diffs), {k: v for k, v in ops.items() if k in INTEGER_OPS}
 
 
@@ -302,7 +321,8 @@ def _versions() -> dict:
 
 def read_onnx_meta(path: str | Path) -> dict:
     """The parsed ``kdqat_onnx.json`` of an ONNX export folder, with the model file's size and SHA-256
-    checked (a truncated or corrupt file is refused before ONNX Runtime reads it)."""
+    checked (a truncated or corrupt file is refused before ONNX Runtime reads it); ``head`` is ``sequence``
+    where an older export has none."""
     p = Path(path)
     mpath = p / ONNX_META
     if not mpath.exists():
@@ -320,6 +340,9 @@ def read_onnx_meta(path: str | Path) -> dict:
     for key in ("model_file", "model_bytes", "model_sha256", "inputs", "id2label"):
         if key not in meta:
             raise ConfigError(f"{mpath}: missing key {key!r} (corrupt export metadata)")
+    meta.setdefault("head", "sequence")  # exports written before token and QA students: sequence classifiers
+    if meta["head"] not in HEAD_OUTPUTS:
+        raise ConfigError(f"{mpath}: head {meta['head']!r} is not one of {', '.join(HEAD_OUTPUTS)} (corrupt metadata)")
     model = p / str(meta["model_file"])
     if Path(str(meta["model_file"])).name != meta["model_file"] or not model.is_file():
         raise ConfigError(f"{model} is missing (the ONNX export folder is incomplete)")
