@@ -269,13 +269,13 @@ def token_teacher(tmp_path_factory):
     return out / "model", data, result
 
 
-def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def token_student(token_teacher, tmp_path_factory):
+    """One KD-QAT run of a token student (4 steps, through the ``ner`` alias): its config, folder and result."""
     from kdqat_dist.engine.loop import run
-    from kdqat_dist.pipeline import evaluate_folder
-    from kdqat_dist.quant.student import load_student
 
     teacher, data, _ = token_teacher
-    out = tmp_path / "student"
+    out = tmp_path_factory.mktemp("tok_run") / "student"  # analyze names a student after this folder
     cfg = load_config(
         "tiny_debug",
         [
@@ -287,7 +287,14 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
             "train.eval_every=4",
         ],
     )
-    result = run(cfg, "train")
+    return cfg, out, run(cfg, "train")
+
+
+def test_finetune_train_and_eval_run_on_a_conll_folder(token_student):
+    from kdqat_dist.pipeline import evaluate_folder
+    from kdqat_dist.quant.student import load_student
+
+    cfg, out, result = token_student
     assert {"f1", "precision", "recall", "accuracy", "selection"} <= set(result["best"])
     model = load_student(out / "student")
     assert type(model).__name__ == "BertForTokenClassification"
@@ -296,25 +303,12 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
 
 
 def test_export_round_trips_analyze_runs_and_onnx_predict_refuse_in_one_line(
-    token_teacher, tmp_path, capsys, assert_finite_analysis
+    token_teacher, token_student, tmp_path, capsys, assert_finite_analysis
 ):
     from kdqat_dist.cli import main
-    from kdqat_dist.engine.loop import run
 
-    teacher, data, _ = token_teacher
-    out = tmp_path / "student"
-    cfg = load_config(
-        "tiny_debug",
-        [
-            f"train.output_dir={out}",
-            f"teacher.path={teacher}",
-            "data.task=conll2003",
-            f"data.source={data}",
-            "train.max_steps=2",
-            "train.eval_every=2",
-        ],
-    )
-    run(cfg, "train")
+    teacher = token_teacher[0]
+    out = token_student[1]
     assert main(["export", "--student", str(out / "student"), "--out", str(tmp_path / "packed")]) == 0
     assert "round trip OK" in capsys.readouterr().out
     refused = [

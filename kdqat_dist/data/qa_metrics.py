@@ -226,13 +226,10 @@ def postprocess(
     n_best: int = N_BEST,
     max_answer_length: int = MAX_ANSWER_LENGTH,
 ) -> dict[str, str]:
-    """One answer text per example id, from every feature's logits (row i of the logits is feature i).
-
-    ``features[i]`` needs ``example_id``, ``offset_mapping`` (``None`` outside the context) and may give the
-    ``[CLS]`` index as ``cls_index`` (default 0). The best span over all of an example's windows wins.
-    ``version_2``: the no-answer score is the lowest ``[CLS]`` start + end logit over the example's windows;
-    the answer is empty when that score exceeds the best span's score by more than ``null_threshold``. An
-    example whose windows hold no valid span also gets the empty answer.
+    """One answer text per example id: :func:`best_answers` (the best span over each example's windows),
+    then :func:`choose_answers` (``version_2``: the empty answer when the lowest ``[CLS]`` start + end logit
+    over the windows beats the span's score by more than ``null_threshold``; any example without a valid span:
+    the empty answer).
     """
     best = best_answers(examples, features, start_logits, end_logits, n_best, max_answer_length)
     return choose_answers(best, version_2, null_threshold)

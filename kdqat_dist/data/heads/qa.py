@@ -23,7 +23,7 @@ from datasets import Dataset, Features, Value
 from datasets import Sequence as DsSequence
 
 from kdqat_dist.config import DataConfig
-from kdqat_dist.data.heads.base import HeadOutput, TaskHead, column, row_lengths
+from kdqat_dist.data.heads.base import HeadOutput, TaskHead, column, row_lengths, tokenize_rows
 from kdqat_dist.data.qa_features import check_window, prepare_features, read_squad_json
 from kdqat_dist.data.qa_metrics import BestSpan, best_answers, best_threshold_scores, choose_answers, squad_scores
 from kdqat_dist.data.tasks import TaskSpec
@@ -150,17 +150,14 @@ class QAHead(TaskHead):
     def tokenize(self, split: str, raw: Dataset, tokenizer: Any, max_len: int) -> Dataset:
         stride = doc_stride(self.spec)
         check_window(max_len, stride)  # one line before any row is read
-        return raw.map(
+        return tokenize_rows(
+            raw,
+            split,
             prepare_features,
-            batched=True,
-            remove_columns=raw.column_names,
-            desc=f"Tokenizing {split}",
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "max_length": max_len,
-                "doc_stride": stride,
-                "for_eval": split != "train",
-            },
+            tokenizer=tokenizer,
+            max_length=max_len,
+            doc_stride=stride,
+            for_eval=split != "train",
         )
 
     def collate_labels(self, rows: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
