@@ -363,6 +363,32 @@ def test_analysis_hessian_loss_is_the_heads_masked_ce(tmp_path):
         assert got != pytest.approx(unmasked.item(), rel=1e-3)
 
 
+def test_hessian_skips_token_examples_without_a_labelled_sub_token():
+    """A token example whose labels are all -100 (here [CLS] [SEP]) has no CE rows: its loss is 0, not NaN,
+    and the spectrum leaves it out instead of reporting the norm term's eigenvalue as the data's."""
+    from kdqat_dist.analysis.hessian import has_labelled_rows, hessian_loss, max_eigenvalue_spectrum
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    model = BertForTokenClassification(cfg).eval()
+    use_kdqat_attention(model)  # SDPA on CPU has no double backward
+    head = get_head(get_task(DataConfig(task="custom_tokens", label_list=["O", "B-X", "I-X"])))
+    empty = {"input_ids": torch.tensor([[2, 3]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    empty["labels"] = torch.full((1, 2), IGNORE_INDEX)
+    words = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    words["labels"] = torch.tensor([[IGNORE_INDEX, 1, 2, IGNORE_INDEX]])
+    assert not has_labelled_rows(empty, head) and has_labelled_rows(words, head) and has_labelled_rows(empty, None)
+    loss = hessian_loss(model, empty, 0.0, head=head)
+    assert loss.item() == 0.0 and loss.requires_grad  # was NaN: a mean over zero positions
+    assert torch.isfinite(hessian_loss(model, empty, 0.01, head=head))
+    both = max_eigenvalue_spectrum(model, [empty, words], max_iter=5, norm_weight=0.0, head=head)
+    alone = max_eigenvalue_spectrum(model, [words], max_iter=5, norm_weight=0.0, head=head)
+    assert both["eigenvalues"].shape == (1, 1) and np.isfinite(both["eigenvalues"]).all()
+    np.testing.assert_array_equal(both["eigenvalues"], alone["eigenvalues"])
+
+
 def test_sweeps_accept_the_token_tasks(tmp_path):
     from kdqat_dist.tune.spec import parse_spec
 
