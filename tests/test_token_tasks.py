@@ -169,16 +169,25 @@ def test_custom_token_tasks_take_their_tag_names(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, match",
+    "text, name, match",
     [
-        ("anna NN B-PER\nfound\n", r"t\.txt:2: expected 'word \.\.\. tag'"),
-        ("anna NN B-CITY\n", r"t\.txt:1: tag 'B-CITY' is not in the tag set"),
-        ("\n\n", "no sentences"),
+        ("anna NN B-PER\nfound\n", "t.txt", r"t\.txt:2: expected 'word \.\.\. tag'"),
+        ("anna NN B-CITY\n", "t.txt", r"t\.txt:1: tag 'B-CITY' \(the line's last column\) is not in the tag set"),
+        ("anna NNP\nfound VBD\n", "t.txt", r"t\.txt:1: tag 'NNP' \(the line's last column\) is not in the tag set"),
+        ("", "t.txt", r"t\.txt: no sentences"),
+        ("\n\n", "t.txt", "no sentences"),
+        ("", "t.jsonl", r"t\.jsonl: the file has no rows; a JSONL table holds one JSON object per row"),
+        ("[ ]", "t.json", r"t\.json: the file has no rows"),
+        (
+            '{"tokens": ["anna"]}\n',
+            "t.jsonl",
+            r"t\.jsonl: column 'tags' \(data\.label\) not found; columns present: tokens",
+        ),
     ],
 )
-def test_bad_conll_lines_name_the_file_and_line(tmp_path, text, match):
-    (tmp_path / "t.txt").write_text(text)
-    cfg = DataConfig(task="conll2003", train_file=str(tmp_path / "t.txt"), dev_file=str(tmp_path / "t.txt"))
+def test_bad_token_files_name_the_file_and_line(tmp_path, text, name, match):
+    (tmp_path / name).write_text(text)
+    cfg = DataConfig(task="conll2003", train_file=str(tmp_path / name), dev_file=str(tmp_path / name))
     with pytest.raises(DataError, match=match):
         load_splits(cfg, get_task(cfg))
 
