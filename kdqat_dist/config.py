@@ -306,6 +306,9 @@ class DataConfig:
     max_seq_length: Annotated[int, Range(ge=8, note="(null: the task's default)")] | None = None
     # extractive QA: tokens shared by consecutive windows of a long context (null: the task's default, 128)
     doc_stride: Annotated[int, Range(ge=0, note="(null: the task's default)")] | None = None
+    # SQuAD v2.0: answer nothing when the no-answer ([CLS]) score beats the best span's score by more than this
+    # (logit sums; Hugging Face run_qa.py's name). Evaluation also reports best_f1_thresh, the dev-best value.
+    null_score_diff_threshold: float = 0.0
     # longest: pad each batch to its longest row; max_length: to max_seq_length (the reference code's
     # padding; its KD means over positions then count the padded ones)
     padding: Literal["longest", "max_length"] = "longest"

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from test_deploy import _student
 
 from kdqat_dist.cli import main
@@ -23,7 +24,7 @@ from kdqat_dist.export.predict import Predictor
 from kdqat_dist.export.predict_heads import AnswerPrediction, answer_prediction, token_prediction
 from kdqat_dist.models.encoders import AUTO_CLASSES, load_tokenizer
 from kdqat_dist.quant.api import convert
-from kdqat_dist.quant.student import STUDENT_META, load_student
+from kdqat_dist.quant.student import load_student
 
 NER_MAX_LEN = 16
 QA_MAX_LEN, QA_STRIDE = 32, 8
@@ -186,12 +187,21 @@ def test_qa_answer_is_the_best_span_over_windows_with_context_offsets(qa_student
     assert (got.start, got.end, got.answer) == (start, end, context[start:end]) and got.answer
 
 
-def test_a_squad_v2_student_may_answer_nothing(qa_student, root):
-    v2 = root / "qa_v2" / "student"
-    shutil.copytree(qa_student, v2)
-    meta = json.loads((v2 / STUDENT_META).read_text())
-    (v2 / STUDENT_META).write_text(json.dumps({**meta, "task": "squad_v2"}))
-    assert Predictor(v2).version_2 and not Predictor(qa_student).version_2
+def test_a_squad_v2_student_answers_nothing_at_the_runs_threshold(qa_student, root):
+    """The run's data.null_score_diff_threshold decides, as in evaluation: far below every null-score
+    difference nothing is answered, far above it every question gets its best span."""
+    questions, contexts = ["how was the plot"] * 3, [_context(i) for i in range(3)]
+    spans = Predictor(qa_student).predict(questions, contexts)
+    for threshold, want in ((-1e6, ["" for _ in spans]), (1e6, [x.answer for x in spans])):
+        run = root / f"qa_v2_{threshold:g}"
+        shutil.copytree(qa_student.parent, run)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["data"].update(task="squad_v2", null_score_diff_threshold=threshold)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        p = Predictor(run / "student")
+        assert p.version_2 and p.null_threshold == threshold
+        assert [x.answer for x in p.predict(questions, contexts)] == want
+    assert not Predictor(qa_student).version_2 and all(x.answer for x in spans)
 
 
 # --------------------------------------------------------------------------- the CLI and the model kinds

@@ -133,7 +133,12 @@ def test_read_squad_json_v1_and_v2(tmp_path):
             [_article([{"id": "a", "question": "Q", "answers": [{"text": "France", "answer_start": 15}]}])],
             "does not fit",
         ),
-        ([_article([{"id": "a", "question": "Q", "answers": [{"text": "x", "answer_start": "0"}]}])], "must be a int"),
+        ([_article([{"id": "a", "question": "Q", "answers": [{"text": "x", "answer_start": "0"}]}])], "must be an int"),
+        (
+            [_article([{"id": "a", "question": "Q", "answers": [{"text": "France", "answer_start": 0}]}])],
+            r"question 'a' answers\[0\]: the context at answer_start 0 reads 'Paris ', not the answer 'France'; "
+            "answer_start must be the index",
+        ),
         ([_article([{"id": "a", "question": "Q", "answers": []}])], "no answers"),
         ([_article([{"id": "a", "question": "Q", "answers": [{"text": " ", "answer_start": 0}]}])], "empty answer"),
         ([_article([{"id": "a", "question": "Q", "answers": [{"text": "P", "answer_start": 0}]}] * 2)], "duplicate"),
@@ -145,8 +150,16 @@ def test_read_squad_json_rejects_bad_files_naming_the_place(tmp_path, data, matc
         read_squad_json(_write(tmp_path, data), version_2=False)
 
 
-def test_read_squad_json_not_json(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{oops", "not a readable JSON"),
+        (" \n", r"x\.json: the file is empty; a SQuAD file is \{\"data\": "),
+        ('{"version": "v2.0"}', r"x\.json: missing key 'data' \(expected the SQuAD layout data -> paragraphs -> qas\)"),
+    ],
+)
+def test_read_squad_json_not_a_squad_file(tmp_path, text, match):
     path = tmp_path / "x.json"
-    path.write_text("{oops")
-    with pytest.raises(DataError, match="not a readable JSON"):
+    path.write_text(text)
+    with pytest.raises(DataError, match=match):
         read_squad_json(path, version_2=False)

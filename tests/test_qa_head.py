@@ -10,13 +10,13 @@ from datasets import Dataset
 from transformers import AutoModelForQuestionAnswering
 
 from kdqat_dist.cli import main
-from kdqat_dist.config import DataConfig
+from kdqat_dist.config import DataConfig, load_config
 from kdqat_dist.data.heads import get_head
 from kdqat_dist.data.heads.qa import MASKED, QAHead, load_qa_splits
 from kdqat_dist.data.loaders import Collator, load_splits, tokenize_splits
 from kdqat_dist.data.qa_features import read_squad_json
 from kdqat_dist.data.qa_toy import write_toy_squad
-from kdqat_dist.data.tasks import get_task
+from kdqat_dist.data.tasks import get_task, selection_value
 from kdqat_dist.distill import losses as L
 from kdqat_dist.errors import ConfigError, DataError
 from kdqat_dist.models.encoders import load_tokenizer
@@ -177,6 +177,35 @@ def test_v2_evaluation_scores_no_answer_questions(squad2_dir, tiny):
     m = head.evaluate(_label_logits(dev), dev, raw["dev"])
     # answerable: the labelled span; unanswerable: CLS 5 + 5 = 10 beats nothing-but-zeros spans
     assert m["exact"] == 1.0 and m["has_ans_exact"] == 1.0 and m["no_ans_exact"] == 1.0
+    # the best threshold: answerable diffs are 0 - 20 = -20, unanswerable 10 - 0 = 10; every question is
+    # right from the first answerable one on until the first unanswerable one
+    assert m["best_exact"] == m["best_f1"] == 1.0 and m["best_exact_thresh"] == m["best_f1_thresh"] == -20.0
+    # model selection stays on f1 at the configured threshold, never on the dev-tuned best_f1
+    assert task.selection_metric == "f1" and selection_value(task, {**m, "f1": 0.25}) == 0.25
+    # data.null_score_diff_threshold: above 10 every unanswerable question gets its (wrong) best span
+    loose = _task("squad_v2", source=str(squad2_dir), null_score_diff_threshold=10.5)
+    m2 = get_head(loose).evaluate(_label_logits(dev), dev, raw["dev"])
+    assert m2["no_ans_exact"] == 0.0 and m2["has_ans_exact"] == 1.0
+    assert {k: v for k, v in m2.items() if k.startswith("best_")} == {
+        k: v for k, v in m.items() if k.startswith("best_")
+    }
+    assert get_head(loose).predictions(_label_logits(dev), dev, raw["dev"]) != head.predictions(
+        _label_logits(dev), dev, raw["dev"]
+    )
+
+
+def test_null_score_diff_threshold_is_checked():
+    assert _task("squad_v2", null_score_diff_threshold=-1.5).null_score_diff_threshold == -1.5
+    assert (
+        load_config(
+            "tiny_debug", ["data.task=squad_v2", "data.null_score_diff_threshold=2"]
+        ).data.null_score_diff_threshold
+        == 2.0
+    )
+    with pytest.raises(ConfigError, match="null_score_diff_threshold: got 1 for task 'squad'; only SQuAD v2.0"):
+        _task("squad", null_score_diff_threshold=1.0)
+    with pytest.raises(ConfigError, match="null_score_diff_threshold.*finite"):
+        load_config("tiny_debug", ["data.task=squad_v2", "data.null_score_diff_threshold=nan"])
 
 
 def test_the_span_head_stays_full_precision(tiny):

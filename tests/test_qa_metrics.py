@@ -3,7 +3,19 @@
 import numpy as np
 import pytest
 
-from kdqat_dist.data.qa_metrics import best_spans, exact_match, f1, normalize_answer, postprocess, squad_scores
+from kdqat_dist.data.qa_metrics import (
+    BestSpan,
+    best_answers,
+    best_spans,
+    best_threshold,
+    best_threshold_scores,
+    choose_answers,
+    exact_match,
+    f1,
+    normalize_answer,
+    postprocess,
+    squad_scores,
+)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +136,68 @@ def test_postprocess_without_any_valid_span_is_empty():
     assert postprocess([ex], feats, [start], [end], n_best=1) == {"q": ""}
     with pytest.raises(ValueError, match="features"):
         postprocess([ex], feats, [], [])
+
+
+# --------------------------------------------------------------------------- the v2.0 best-threshold search
+
+# Five questions, by increasing null_diff (no-answer score - best span score):
+#   a  has an answer, span exact          diff -2   answering: EM +1, F1 +1
+#   b  no answer,     span "something"    diff -1   answering: EM -1, F1 -1
+#   c  has an answer, span 2/3 F1         diff 0.5  answering: EM  0, F1 +2/3
+#   d  has an answer, span 2/3 F1         diff 1.0  answering: EM  0, F1 +2/3
+#   e  no answer,     span "other"        diff 2.0  answering: EM -1, F1 -1
+# All empty: b, e right = 2. EM sweep: 3 (t=-2), 2, 2, 2, 1 -> best 3/5 at -2.
+# F1 sweep: 3 (t=-2), 2, 2 + 2/3, 3 + 1/3 (t=1.0), 2 + 1/3 -> best (3 + 1/3)/5 = 2/3 at 1.0.
+V2_EXAMPLES = [
+    {"id": "a", "answers": {"text": ["Denver Broncos"]}},
+    {"id": "b", "answers": {"text": []}},
+    {"id": "c", "answers": {"text": ["red dog barks"]}},
+    {"id": "d", "answers": {"text": ["red dog barks"]}},
+    {"id": "e", "answers": {"text": []}},
+]
+V2_BEST = {
+    "a": BestSpan("the Denver Broncos", -2.0),
+    "b": BestSpan("something", -1.0),
+    "c": BestSpan("the big red dog", 0.5),
+    "d": BestSpan("big red dog", 1.0),
+    "e": BestSpan("other", 2.0),
+}
+
+
+def test_best_threshold_scores_hand_computed():
+    got = best_threshold_scores(V2_BEST, V2_EXAMPLES)
+    assert got == pytest.approx(
+        {"best_exact": 3 / 5, "best_exact_thresh": -2.0, "best_f1": 2 / 3, "best_f1_thresh": 1.0}
+    )
+    # the thresholds reproduce the best scores when applied as data.null_score_diff_threshold
+    for name in ("exact", "f1"):
+        preds = choose_answers(V2_BEST, version_2=True, null_threshold=got[f"best_{name}_thresh"])
+        assert squad_scores(preds, V2_EXAMPLES)[name] == pytest.approx(got[f"best_{name}"])
+    # the default threshold 0 answers a and b only: EM = F1 = (1 + 0 + 0 + 0 + 1) / 5
+    at_zero = squad_scores(choose_answers(V2_BEST, version_2=True), V2_EXAMPLES)
+    assert at_zero["exact"] == at_zero["f1"] == pytest.approx(2 / 5)
+
+
+def test_best_threshold_edge_cases():
+    # answering nothing is best: a threshold below every diff (the lowest - 1), score = the no-answer share
+    assert best_threshold([0.5, 3.0], [0.0, 0.0], [1.0, 1.0]) == (1.0, -0.5)
+    # a question without a span (None) is always empty and never sets the threshold
+    assert best_threshold([None, 1.0], [0.0, 1.0], [0.0, 0.0]) == (0.5, 1.0)
+    assert best_threshold([None], [0.0], [1.0]) == (1.0, 0.0)
+    # tied diffs: no threshold answers one without the other (+1 and -1 together: no gain over all empty);
+    # the official script, answering them one by one, would report 2/2 at 0.0 here
+    assert best_threshold([0.0, 0.0], [1.0, 0.0], [0.0, 1.0]) == (0.5, -1.0)
+    # a gain equal to the best so far keeps the lower threshold (strict >, as the official script)
+    assert best_threshold([1.0, 2.0, 3.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]) == (pytest.approx(2 / 3), 1.0)
+    with pytest.raises(ValueError, match="lengths"):
+        best_threshold([], [], [])
+
+
+def test_best_answers_keep_the_span_and_the_null_diff_behind_postprocess():
+    ex = {"id": "q", "context": CONTEXT, "answers": {"text": []}}
+    feats = [{"example_id": "q", "offset_mapping": _offs([None, None, 0, 1, 2, None])}]
+    start = np.array([2.0, 0, 0, 1.5, 0, 0])  # null 4, best span c1 = 3
+    end = np.array([2.0, 0, 0, 1.5, 0, 0])
+    assert best_answers([ex], feats, [start], [end]) == {"q": BestSpan("c1", 1.0)}
+    none = best_answers([ex], feats, [start], [-np.arange(6.0)], n_best=1)  # only the CLS end: no valid pair
+    assert none == {"q": BestSpan(None, None)} and choose_answers(none, version_2=False) == {"q": ""}

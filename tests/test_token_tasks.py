@@ -169,16 +169,25 @@ def test_custom_token_tasks_take_their_tag_names(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, match",
+    "text, name, match",
     [
-        ("anna NN B-PER\nfound\n", r"t\.txt:2: expected 'word \.\.\. tag'"),
-        ("anna NN B-CITY\n", r"t\.txt:1: tag 'B-CITY' is not in the tag set"),
-        ("\n\n", "no sentences"),
+        ("anna NN B-PER\nfound\n", "t.txt", r"t\.txt:2: expected 'word \.\.\. tag'"),
+        ("anna NN B-CITY\n", "t.txt", r"t\.txt:1: tag 'B-CITY' \(the line's last column\) is not in the tag set"),
+        ("anna NNP\nfound VBD\n", "t.txt", r"t\.txt:1: tag 'NNP' \(the line's last column\) is not in the tag set"),
+        ("", "t.txt", r"t\.txt: no sentences"),
+        ("\n\n", "t.txt", "no sentences"),
+        ("", "t.jsonl", r"t\.jsonl: the file has no rows; a JSONL table holds one JSON object per row"),
+        ("[ ]", "t.json", r"t\.json: the file has no rows"),
+        (
+            '{"tokens": ["anna"]}\n',
+            "t.jsonl",
+            r"t\.jsonl: column 'tags' \(data\.label\) not found; columns present: tokens",
+        ),
     ],
 )
-def test_bad_conll_lines_name_the_file_and_line(tmp_path, text, match):
-    (tmp_path / "t.txt").write_text(text)
-    cfg = DataConfig(task="conll2003", train_file=str(tmp_path / "t.txt"), dev_file=str(tmp_path / "t.txt"))
+def test_bad_token_files_name_the_file_and_line(tmp_path, text, name, match):
+    (tmp_path / name).write_text(text)
+    cfg = DataConfig(task="conll2003", train_file=str(tmp_path / name), dev_file=str(tmp_path / name))
     with pytest.raises(DataError, match=match):
         load_splits(cfg, get_task(cfg))
 
@@ -269,13 +278,13 @@ def token_teacher(tmp_path_factory):
     return out / "model", data, result
 
 
-def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def token_student(token_teacher, tmp_path_factory):
+    """One KD-QAT run of a token student (4 steps, through the ``ner`` alias): its config, folder and result."""
     from kdqat_dist.engine.loop import run
-    from kdqat_dist.pipeline import evaluate_folder
-    from kdqat_dist.quant.student import load_student
 
     teacher, data, _ = token_teacher
-    out = tmp_path / "student"
+    out = tmp_path_factory.mktemp("tok_run") / "student"  # analyze names a student after this folder
     cfg = load_config(
         "tiny_debug",
         [
@@ -287,7 +296,14 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
             "train.eval_every=4",
         ],
     )
-    result = run(cfg, "train")
+    return cfg, out, run(cfg, "train")
+
+
+def test_finetune_train_and_eval_run_on_a_conll_folder(token_student):
+    from kdqat_dist.pipeline import evaluate_folder
+    from kdqat_dist.quant.student import load_student
+
+    cfg, out, result = token_student
     assert {"f1", "precision", "recall", "accuracy", "selection"} <= set(result["best"])
     model = load_student(out / "student")
     assert type(model).__name__ == "BertForTokenClassification"
@@ -296,25 +312,12 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_teacher, tmp_path):
 
 
 def test_export_round_trips_onnx_exports_analyze_and_predict_run(
-    token_teacher, tmp_path, capsys, assert_finite_analysis
+    token_teacher, token_student, tmp_path, capsys, assert_finite_analysis
 ):
     from kdqat_dist.cli import main
-    from kdqat_dist.engine.loop import run
 
-    teacher, data, _ = token_teacher
-    out = tmp_path / "student"
-    cfg = load_config(
-        "tiny_debug",
-        [
-            f"train.output_dir={out}",
-            f"teacher.path={teacher}",
-            "data.task=conll2003",
-            f"data.source={data}",
-            "train.max_steps=2",
-            "train.eval_every=2",
-        ],
-    )
-    run(cfg, "train")
+    teacher = token_teacher[0]
+    out = token_student[1]
     assert main(["export", "--student", str(out / "student"), "--out", str(tmp_path / "packed")]) == 0
     assert "round trip OK" in capsys.readouterr().out
     # ONNX: the tag logits [batch, sequence, tags], checked against the student over the dev set's tokens
@@ -364,6 +367,32 @@ def test_analysis_hessian_loss_is_the_heads_masked_ce(tmp_path):
             assert got == pytest.approx(model(**ex).loss.item(), rel=1e-6)
             unmasked = torch.nn.functional.cross_entropy(model(ex["input_ids"]).logits[0], labels[0].clamp(min=0))
         assert got != pytest.approx(unmasked.item(), rel=1e-3)
+
+
+def test_hessian_skips_token_examples_without_a_labelled_sub_token():
+    """A token example whose labels are all -100 (here [CLS] [SEP]) has no CE rows: its loss is 0, not NaN,
+    and the spectrum leaves it out instead of reporting the norm term's eigenvalue as the data's."""
+    from kdqat_dist.analysis.hessian import has_labelled_rows, hessian_loss, max_eigenvalue_spectrum
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    model = BertForTokenClassification(cfg).eval()
+    use_kdqat_attention(model)  # SDPA on CPU has no double backward
+    head = get_head(get_task(DataConfig(task="custom_tokens", label_list=["O", "B-X", "I-X"])))
+    empty = {"input_ids": torch.tensor([[2, 3]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    empty["labels"] = torch.full((1, 2), IGNORE_INDEX)
+    words = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    words["labels"] = torch.tensor([[IGNORE_INDEX, 1, 2, IGNORE_INDEX]])
+    assert not has_labelled_rows(empty, head) and has_labelled_rows(words, head) and has_labelled_rows(empty, None)
+    loss = hessian_loss(model, empty, 0.0, head=head)
+    assert loss.item() == 0.0 and loss.requires_grad  # was NaN: a mean over zero positions
+    assert torch.isfinite(hessian_loss(model, empty, 0.01, head=head))
+    both = max_eigenvalue_spectrum(model, [empty, words], max_iter=5, norm_weight=0.0, head=head)
+    alone = max_eigenvalue_spectrum(model, [words], max_iter=5, norm_weight=0.0, head=head)
+    assert both["eigenvalues"].shape == (1, 1) and np.isfinite(both["eigenvalues"]).all()
+    np.testing.assert_array_equal(both["eigenvalues"], alone["eigenvalues"])
 
 
 def test_sweeps_accept_the_token_tasks(tmp_path):

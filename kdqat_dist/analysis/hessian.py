@@ -21,9 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdqat_dist.data.heads.base import LABEL_KEYS, TaskHead
+from kdqat_dist.data.heads.token import IGNORE_INDEX
 
 __all__ = [
     "EigenResult",
+    "has_labelled_rows",
     "hessian_loss",
     "max_eigenvalue_spectrum",
     "norm_penalty_hvp",
@@ -167,6 +169,12 @@ def norm_penalty_hvp(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], 
     return out
 
 
+def has_labelled_rows(example: dict[str, torch.Tensor], head: TaskHead | None) -> bool:
+    """Whether ``head``'s loss counts a row of ``example``: False for a token example whose labels are all
+    ``-100`` (no word starts inside it, e.g. a window of special tokens); True without a head."""
+    return head is None or all(bool((example[k] != IGNORE_INDEX).any()) for k in head.label_keys if k in example)
+
+
 def hessian_loss(
     model: nn.Module,
     example: dict[str, torch.Tensor],
@@ -180,6 +188,9 @@ def hessian_loss(
     :meth:`~kdqat_dist.data.heads.base.TaskHead.outputs` (token: the labelled first sub-tokens; QA: the
     start and the end position, averaged); None: one label per example, as for sentence tasks.
 
+    An example without a labelled row (:func:`has_labelled_rows`) has a CE of 0, not the NaN of a mean over no
+    rows; it stays on the logits' graph, so its Hessian is 0 rather than an autograd error.
+
     A parameter tensor that is exactly zero adds nothing: ‖p‖ is not differentiable at 0 (its Hessian
     would be NaN there), which happens with untrained zero-initialised biases.
     """
@@ -188,7 +199,8 @@ def hessian_loss(
         view = head.outputs(out, example)
         if view.labels is None:
             raise ValueError(f"hessian_loss: the example has none of the label keys {head.label_keys}")
-        loss = F.cross_entropy(view.rows(view.logits).float(), view.rows(view.labels).long())
+        logits, labels = view.rows(view.logits).float(), view.rows(view.labels).long()
+        loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
     elif regression:
         loss = F.mse_loss(out.logits.reshape(-1).float(), example["labels"].reshape(-1).float())
     else:
@@ -215,11 +227,15 @@ def max_eigenvalue_spectrum(
     """Power iteration on every example separately (batch 1, eval mode).
 
     ``progress``, when given, is the label of a progress bar (stderr); ``head``: see :func:`hessian_loss`.
+    Examples without a labelled row (:func:`has_labelled_rows`) are left out: their loss is 0, so their
+    eigenvalue would be the norm term's alone (or 0), not a curvature of the data.
 
     Returns:
-        ``eigenvalues`` [N, top_n] float, ``iterations`` [N, top_n] int, ``converged`` [N, top_n] bool,
+        For the N examples kept: ``eigenvalues`` [N, top_n] float, ``iterations`` [N, top_n] int,
+        ``converged`` [N, top_n] bool,
         ``norm_term_eigenvalue`` (0-dim): λ_max of the norm term alone (:func:`norm_penalty_max_eigenvalue`).
     """
+    examples = [ex for ex in examples if has_labelled_rows(ex, head)]
     was_training = model.training
     model.eval()
     params = list(model.parameters())

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -237,10 +238,16 @@ def _read_table(path: Path, key: str) -> tuple[Dataset, Callable[[int], str]]:
             ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
             return ds, lambda i: f"{path}:{i + 2}"
         if suffix in (".json", ".jsonl"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
             with open(path, encoding="utf-8") as f:
-                if f.read(4096).lstrip().startswith("["):
-                    return ds, lambda i: f"{path}: record {i}"
+                head = f.read(4096).lstrip()
+            if not head or re.fullmatch(r"\[\s*\]\s*", head):  # datasets' reader fails on these obscurely
+                raise DataError(
+                    f"{path}: the file has no rows; a {suffix[1:].upper()} table holds one JSON object per row "
+                    "(a JSON list of them, or one per line)"
+                )
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            if head.startswith("["):
+                return ds, lambda i: f"{path}: record {i}"
             return ds, lambda i: f"{path}:{i + 1}"
         if suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")

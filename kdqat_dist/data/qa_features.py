@@ -34,7 +34,8 @@ def _need(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = obj[key]
     if not isinstance(value, kind):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise DataError(f"{where}: {key!r} must be a {names}, got {type(value).__name__}")
+        article = "an" if names[0] in "aeiou" else "a"
+        raise DataError(f"{where}: {key!r} must be {article} {names}, got {type(value).__name__}")
     return value
 
 
@@ -47,11 +48,14 @@ def read_squad_json(path: str | Path, version_2: bool) -> list[dict[str, Any]]:
     """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if text.strip() else None
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON file ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raise DataError(f'{path}: the file is empty; a SQuAD file is {{"data": [{{"paragraphs": [...]}}, ...]}}')
     articles = _need(raw, "data", list, str(path))
     examples: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -83,6 +87,12 @@ def read_squad_json(path: str | Path, version_2: bool) -> list[dict[str, Any]]:
                         raise DataError(
                             f"{where} answers[{i}]: answer_start {start} with {len(text)} characters does not "
                             f"fit in its context of {len(context)} characters"
+                        )
+                    if context[start : start + len(text)] != text:  # training would label another span
+                        raise DataError(
+                            f"{where} answers[{i}]: the context at answer_start {start} reads "
+                            f"{context[start : start + len(text)]!r}, not the answer {text!r}; answer_start must "
+                            "be the index of the answer's first character in the context"
                         )
                     texts.append(text)
                     starts.append(start)

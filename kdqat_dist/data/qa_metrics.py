@@ -5,7 +5,8 @@ all of the example's windows; SQuAD v2.0: the empty answer when the no-answer sc
 threshold). :func:`squad_scores` scores them as the official evaluation scripts do (v1.1 and v2.0): answers
 are normalised (lower case, no punctuation, no articles a/an/the, single spaces), each prediction takes its
 best score over the gold answers, and a v2.0 question without an answer scores 1 only for an empty prediction.
-Scores are fractions (the official scripts print percentages).
+:func:`best_threshold_scores` adds the v2.0 script's ``best_exact``/``best_f1``: the scores at the no-answer
+threshold that maximises them over the split. Scores are fractions (the official scripts print percentages).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import string
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,36 @@ def squad_scores(predictions: dict[str, str], examples: Sequence[dict[str, Any]]
     return out
 
 
+def best_threshold(
+    diffs: Sequence[float | None], answered: Sequence[float], empty: Sequence[float]
+) -> tuple[float, float]:
+    """The no-answer threshold that maximises the mean score over the questions, and that mean.
+
+    Question ``i`` scores ``answered[i]`` when it gets its best span (``diffs[i] <= threshold``) and ``empty[i]``
+    otherwise; ``diffs[i]`` None: no span, always empty. As the official v2.0 script's ``find_best_thresh``,
+    the sweep starts from every question empty and answers them in increasing ``diff``, keeping a threshold only
+    when it beats the best so far (strictly: ties keep the lower threshold). Unlike that script, questions with
+    the same ``diff`` are answered together, since no threshold answers only some of them. When answering
+    nothing is best the threshold is 1 below the lowest ``diff`` (0.0 when no question has a span).
+    """
+    if not (len(diffs) == len(answered) == len(empty)) or not diffs:
+        raise ValueError(f"need equal, non-empty lengths; got {len(diffs)}, {len(answered)}, {len(empty)}")
+    sweep = sorted((d, a - e) for d, a, e in zip(diffs, answered, empty, strict=True) if d is not None)
+    total = best = float(sum(empty))
+    thresh = sweep[0][0] - 1.0 if sweep else 0.0
+    for i, (diff, gain) in enumerate(sweep):
+        total += gain
+        if i + 1 < len(sweep) and sweep[i + 1][0] == diff:
+            continue  # the threshold `diff` also answers the next question
+        if total > best:
+            best, thresh = total, diff
+    return best / len(diffs), float(thresh)
+
+
+def _best_score(metric: Any, prediction: str, answers: dict[str, list]) -> float:
+    return max(metric(prediction, g) for g in gold_answers(answers))
+
+
 # --------------------------------------------------------------------------- span post-processing
 
 
@@ -113,30 +145,35 @@ def best_spans(
     return out[:n_best]
 
 
-def postprocess(
+@dataclass(frozen=True)
+class BestSpan:
+    """One example's best span over its windows: ``text`` (None: no window holds a valid span) and
+    ``null_diff``, the no-answer score minus the span's score (None without a span)."""
+
+    text: str | None
+    null_diff: float | None
+
+
+def best_answers(
     examples: Sequence[dict[str, Any]],
     features: Sequence[dict[str, Any]],
     start_logits: Sequence[np.ndarray],
     end_logits: Sequence[np.ndarray],
-    version_2: bool = False,
-    null_threshold: float = 0.0,
     n_best: int = N_BEST,
     max_answer_length: int = MAX_ANSWER_LENGTH,
-) -> dict[str, str]:
-    """One answer text per example id, from every feature's logits (row i of the logits is feature i).
+) -> dict[str, BestSpan]:
+    """Each example's :class:`BestSpan`, from every feature's logits (row i of the logits is feature i).
 
     ``features[i]`` needs ``example_id``, ``offset_mapping`` (``None`` outside the context) and may give the
-    ``[CLS]`` index as ``cls_index`` (default 0). The best span over all of an example's windows wins.
-    ``version_2``: the no-answer score is the lowest ``[CLS]`` start + end logit over the example's windows;
-    the answer is empty when that score exceeds the best span's score by more than ``null_threshold``. An
-    example whose windows hold no valid span also gets the empty answer.
+    ``[CLS]`` index as ``cls_index`` (default 0). The best span over all of an example's windows wins; the
+    no-answer score is the lowest ``[CLS]`` start + end logit over the example's windows (BERT's SQuAD v2.0).
     """
     if not (len(features) == len(start_logits) == len(end_logits)):
         raise ValueError(f"{len(features)} features but {len(start_logits)}/{len(end_logits)} logit rows")
     by_example: dict[str, list[int]] = defaultdict(list)
     for i, feat in enumerate(features):
         by_example[str(feat["example_id"])].append(i)
-    preds: dict[str, str] = {}
+    out: dict[str, BestSpan] = {}
     for ex in examples:
         best: tuple[float, int, int] | None = None
         null = None
@@ -148,8 +185,51 @@ def postprocess(
             cls = int(features[i].get("cls_index", 0))
             score = float(start_logits[i][cls] + end_logits[i][cls])
             null = score if null is None else min(null, score)
-        if best is None or (version_2 and null is not None and null - best[0] > null_threshold):
-            preds[str(ex["id"])] = ""
-        else:
-            preds[str(ex["id"])] = ex["context"][best[1] : best[2]]
-    return preds
+        if best is None:
+            out[str(ex["id"])] = BestSpan(None, None)
+        else:  # a span implies a window, so a null score
+            out[str(ex["id"])] = BestSpan(ex["context"][best[1] : best[2]], float(null) - best[0])
+    return out
+
+
+def choose_answers(best: dict[str, BestSpan], version_2: bool, null_threshold: float = 0.0) -> dict[str, str]:
+    """Each example's answer text: its best span, or ``""`` when it has none or (``version_2``) when the
+    no-answer score beats the span's by more than ``null_threshold``."""
+    return {
+        qid: "" if b.text is None or (version_2 and b.null_diff > null_threshold) else b.text for qid, b in best.items()
+    }
+
+
+def best_threshold_scores(best: dict[str, BestSpan], examples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """SQuAD v2.0's ``best_exact``, ``best_exact_thresh``, ``best_f1``, ``best_f1_thresh``
+    (:func:`best_threshold`): each question scored with its best span and with the empty answer.
+
+    The thresholds are in the units of ``data.null_score_diff_threshold`` (logit sums). They are chosen on the
+    split they score, so they are an upper bound for that split, never a number to select models on.
+    """
+    out: dict[str, float] = {}
+    diffs = [best[str(ex["id"])].null_diff for ex in examples]
+    for name, metric in (("exact", exact_match), ("f1", f1)):
+        answered = [_best_score(metric, best[str(ex["id"])].text or "", ex["answers"]) for ex in examples]
+        empty = [_best_score(metric, "", ex["answers"]) for ex in examples]
+        out[f"best_{name}"], out[f"best_{name}_thresh"] = best_threshold(diffs, answered, empty)
+    return out
+
+
+def postprocess(
+    examples: Sequence[dict[str, Any]],
+    features: Sequence[dict[str, Any]],
+    start_logits: Sequence[np.ndarray],
+    end_logits: Sequence[np.ndarray],
+    version_2: bool = False,
+    null_threshold: float = 0.0,
+    n_best: int = N_BEST,
+    max_answer_length: int = MAX_ANSWER_LENGTH,
+) -> dict[str, str]:
+    """One answer text per example id: :func:`best_answers` (the best span over each example's windows),
+    then :func:`choose_answers` (``version_2``: the empty answer when the lowest ``[CLS]`` start + end logit
+    over the windows beats the span's score by more than ``null_threshold``; any example without a valid span:
+    the empty answer).
+    """
+    best = best_answers(examples, features, start_logits, end_logits, n_best, max_answer_length)
+    return choose_answers(best, version_2, null_threshold)

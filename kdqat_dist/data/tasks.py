@@ -13,7 +13,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from kdqat_dist.config import DataConfig
-from kdqat_dist.errors import DataError
+from kdqat_dist.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class TaskSpec:
     batch_size: int = 32  # the reference's per-task training batch (used when train.batch_size is null)
     head: str = "sequence"  # the task head's kind (data/heads): sequence, token or qa
     doc_stride: int = 128  # QA: tokens shared by consecutive windows of a long context (data.doc_stride)
+    null_score_diff_threshold: float = 0.0  # SQuAD v2.0: answer "" above it (data.null_score_diff_threshold)
 
     @property
     def num_labels(self) -> int:
@@ -153,6 +154,11 @@ def get_task(data_cfg: DataConfig | str) -> TaskSpec:
         raise DataError(f"data.max_seq_length: got {cfg.max_seq_length}; must be >= 8 or null (task default)")
     key = _canonical(cfg.task)
     key = ALIASES.get(key, key)
+    if cfg.null_score_diff_threshold != 0.0 and key != "squad_v2":
+        raise ConfigError(
+            f"data.null_score_diff_threshold: got {cfg.null_score_diff_threshold:g} for task {cfg.task!r}; only "
+            "SQuAD v2.0 (data.task: squad_v2) has no-answer questions, leave it at 0 for other tasks"
+        )
     if key == "custom":
         return _custom_task(cfg)
     if key == "customtokens":
@@ -165,7 +171,7 @@ def get_task(data_cfg: DataConfig | str) -> TaskSpec:
         spec = replace(spec, max_seq_length=cfg.max_seq_length)
     if cfg.doc_stride is not None:
         spec = replace(spec, doc_stride=cfg.doc_stride)
-    return spec
+    return replace(spec, null_score_diff_threshold=cfg.null_score_diff_threshold)
 
 
 def _resolve(task: TaskSpec | str) -> TaskSpec:

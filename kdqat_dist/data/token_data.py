@@ -43,7 +43,7 @@ def _features() -> Features:
     return Features({"tokens": Sequence(Value("string")), "tags": Sequence(Value("int64"))})
 
 
-def _tag_id(value: Any, task: TaskSpec, where: str, names: list[str] | None = None) -> int:
+def _tag_id(value: Any, task: TaskSpec, where: str, names: list[str] | None = None, note: str = "") -> int:
     labels = task.label_list or ()
     if names is not None and isinstance(value, int) and 0 <= value < len(names):
         value = names[value]  # a hub ClassLabel id: its name, mapped onto our order
@@ -51,7 +51,9 @@ def _tag_id(value: Any, task: TaskSpec, where: str, names: list[str] | None = No
         return labels.index(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
         return value
-    raise DataError(f"{where}: tag {value!r} is not in the tag set of task {task.name}; allowed: {', '.join(labels)}")
+    raise DataError(
+        f"{where}: tag {value!r}{note} is not in the tag set of task {task.name}; allowed: {', '.join(labels)}"
+    )
 
 
 def read_conll(path: Path, task: TaskSpec) -> Dataset:
@@ -81,7 +83,8 @@ def read_conll(path: Path, task: TaskSpec) -> Dataset:
                 if len(cols) < 2:
                     raise DataError(f"{path}:{line_no}: expected 'word ... tag' columns, got {line.strip()!r}")
                 words.append(cols[0])
-                ids.append(_tag_id(cols[-1], task, f"{path}:{line_no}"))
+                # named as the last column: a file without its tag column has a POS or chunk tag there
+                ids.append(_tag_id(cols[-1], task, f"{path}:{line_no}", note=" (the line's last column)"))
         close()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from kdqat_dist.data.heads.base import INPUT_COLUMNS
-from kdqat_dist.data.heads.qa import DEFAULT_DOC_STRIDE, NULL_THRESHOLD, is_version_2
+from kdqat_dist.data.heads.qa import DEFAULT_DOC_STRIDE, is_version_2
 from kdqat_dist.data.qa_features import check_window, prepare_features
 from kdqat_dist.data.tasks import ALIASES, TASKS, TaskSpec
 from kdqat_dist.errors import ConfigError
@@ -162,6 +162,12 @@ class Predictor:
         # QA windows: the run's overlap, else the task's; v2 students may answer nothing, as in evaluation
         self.doc_stride = _positive(data.get("doc_stride")) or (spec.doc_stride if spec else DEFAULT_DOC_STRIDE)
         self.version_2 = spec is not None and is_version_2(spec)
+        threshold = data.get("null_score_diff_threshold")
+        self.null_threshold = (
+            float(threshold)
+            if isinstance(threshold, int | float)
+            else (spec.null_score_diff_threshold if spec else 0.0)
+        )
         if self.head == "qa":
             check_window(self.max_length, self.doc_stride)
         if self.kind == "onnx":
@@ -278,7 +284,7 @@ class Predictor:
                 [ends[w] for w in ws],
                 [feats["offset_mapping"][w] for w in ws],
                 self.version_2,
-                NULL_THRESHOLD,
+                self.null_threshold,
             )
             for r, ws in enumerate(windows)
         ]

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
+from rank_job import deepspeed_config, rank_job
 from transformers import AutoConfig
 
-from kdqat_dist.config import load_config
-from kdqat_dist.engine import dist
 from kdqat_dist.engine.backend import gathered_student
 from kdqat_dist.engine.ds_backend import DeepSpeedBackend, _param_bytes
 from kdqat_dist.engine.loop import run
@@ -58,30 +55,13 @@ TEXTS = [
 ]
 
 
-def _cfg(args, name: str, *extra: str):
-    return load_config(
-        "tiny_debug",
-        [
-            f"teacher.path={args.teacher}",
-            f"train.output_dir={args.out / name}",
-            "engine.backend=deepspeed",
-            "engine.deepspeed.teacher=zero3",
-            "train.log_every=1",
-            "train.dropout=0",
-            f"train.max_steps={args.steps}",
-            "train.eval_every=1",
-            *extra,
-        ],
-    )
-
-
 def _batch(path: str) -> dict[str, torch.Tensor]:
     tok = load_tokenizer(path)
     return dict(tok(TEXTS, padding=True, return_tensors="pt"))
 
 
 def check_teacher(args, batch) -> dict:
-    be = DeepSpeedBackend(_cfg(args, "taps"))
+    be = DeepSpeedBackend(deepspeed_config(args, "taps"))
     with be.building_teacher(AutoConfig.from_pretrained(args.teacher).hidden_size):  # built partitioned
         model = load_classifier(args.teacher, 2, "eager")
     teacher = be.setup_teacher(model)
@@ -124,7 +104,7 @@ def check_teacher(args, batch) -> dict:
 
 
 def check_fake_quant(args, batch) -> dict:
-    cfg = _cfg(args, "fake_quant", "engine.deepspeed.zero_stage=3", *LSQ)
+    cfg = deepspeed_config(args, "fake_quant", "engine.deepspeed.zero_stage=3", *LSQ)
     be = DeepSpeedBackend(cfg)
     student = init_student(args.teacher, 2, None, "identity")
     prepare(student, cfg.quant)
@@ -143,40 +123,35 @@ def check_fake_quant(args, batch) -> dict:
     return {"fake_quant": {"logits_max_diff": diff, "state_dict_equal": same, "partitioned": partitioned}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group()  # owned here; each backend below reuses it and leaves it up
-    result: dict = {"world_size": dist.world_size()}
-    result["zero2"] = run(_cfg(args, "zero2", "engine.deepspeed.zero_stage=2"), "train")["train_log"]
-    result["zero3"] = run(_cfg(args, "zero3", "engine.deepspeed.zero_stage=3"), "train")["train_log"]
-    result["zero3_lsq"] = run(_cfg(args, "zero3_lsq", "engine.deepspeed.zero_stage=3", *LSQ), "train")["train_log"]
-    result["zero3_relation"] = run(_cfg(args, "zero3_relation", "engine.deepspeed.zero_stage=3", *RELATION), "train")[
+def checks(args: argparse.Namespace) -> dict:
+    result: dict = {}
+    result["zero2"] = run(deepspeed_config(args, "zero2", "engine.deepspeed.zero_stage=2"), "train")["train_log"]
+    result["zero3"] = run(deepspeed_config(args, "zero3", "engine.deepspeed.zero_stage=3"), "train")["train_log"]
+    result["zero3_lsq"] = run(deepspeed_config(args, "zero3_lsq", "engine.deepspeed.zero_stage=3", *LSQ), "train")[
         "train_log"
     ]
+    result["zero3_relation"] = run(
+        deepspeed_config(args, "zero3_relation", "engine.deepspeed.zero_stage=3", *RELATION), "train"
+    )["train_log"]
     # the other stages and the replicated teacher, and `kdqat finetune` under DeepSpeed
-    result["zero0"] = run(_cfg(args, "zero0", "engine.deepspeed.zero_stage=0"), "train")["train_log"]
+    result["zero0"] = run(deepspeed_config(args, "zero0", "engine.deepspeed.zero_stage=0"), "train")["train_log"]
     result["zero1_replicated"] = run(
-        _cfg(args, "zero1_rep", "engine.deepspeed.zero_stage=1", "engine.deepspeed.teacher=replicated"), "train"
+        deepspeed_config(args, "zero1_rep", "engine.deepspeed.zero_stage=1", "engine.deepspeed.teacher=replicated"),
+        "train",
     )["train_log"]
     for stage in (0, 1, 2, 3):  # BertAdam: per-tensor clipping of whole gradients under every stage
         result[f"bertadam_zero{stage}"] = run(
-            _cfg(args, f"bertadam{stage}", f"engine.deepspeed.zero_stage={stage}", *BERTADAM), "train"
+            deepspeed_config(args, f"bertadam{stage}", f"engine.deepspeed.zero_stage={stage}", *BERTADAM), "train"
         )["train_log"]
     result["finetune_zero2"] = run(
-        _cfg(args, "finetune_zero2", "engine.deepspeed.zero_stage=2", f"model.name_or_path={args.teacher}"), "finetune"
+        deepspeed_config(args, "finetune_zero2", "engine.deepspeed.zero_stage=2", f"model.name_or_path={args.teacher}"),
+        "finetune",
     )["train_log"]
     batch = _batch(args.teacher)
     result.update(check_teacher(args, batch))
     result.update(check_fake_quant(args, batch))
-    (args.out / f"rank{dist.rank()}.json").write_text(json.dumps(result, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    rank_job(checks)

@@ -117,6 +117,12 @@ class TaskHead:
         raise NotImplementedError
 
 
+def tokenize_rows(raw: Dataset, split: str, encode: Callable[..., dict[str, list]], **kwargs: Any) -> Dataset:
+    """``raw`` through ``encode``, a batched ``datasets`` map function called with ``kwargs``; the raw columns
+    are dropped, so a head's features hold only what ``encode`` returns (:meth:`TaskHead.tokenize`)."""
+    return raw.map(encode, batched=True, remove_columns=raw.column_names, desc=f"Tokenizing {split}", fn_kwargs=kwargs)
+
+
 def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
     """Each row's real length (right padding)."""
     return batch["attention_mask"].sum(-1).tolist()

@@ -7,7 +7,8 @@ and last token (``[CLS]`` when the window does not hold all of it). The KD terms
 so the logit KD is a soft cross-entropy over positions averaged over start and end, and the ground truth the
 cross-entropy at the labelled positions (the mean of the start and end losses, as BERT's SQuAD head).
 Evaluation maps each example's best span over its windows back to text (:mod:`kdqat_dist.data.qa_metrics`)
-and scores it with the official SQuAD EM/F1.
+and scores it with the official SQuAD EM/F1 (v2.0: the empty answer when the no-answer score beats the span by
+more than ``data.null_score_diff_threshold``, and the official ``best_exact``/``best_f1`` threshold search).
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from datasets import Dataset, Features, Value
 from datasets import Sequence as DsSequence
 
 from kdqat_dist.config import DataConfig
-from kdqat_dist.data.heads.base import HeadOutput, TaskHead, column, row_lengths
+from kdqat_dist.data.heads.base import HeadOutput, TaskHead, column, row_lengths, tokenize_rows
 from kdqat_dist.data.qa_features import check_window, prepare_features, read_squad_json
-from kdqat_dist.data.qa_metrics import postprocess, squad_scores
+from kdqat_dist.data.qa_metrics import BestSpan, best_answers, best_threshold_scores, choose_answers, squad_scores
 from kdqat_dist.data.tasks import TaskSpec
 from kdqat_dist.errors import DataError
 
 DEFAULT_DOC_STRIDE = 128
-NULL_THRESHOLD = 0.0  # v2: answer "" when the no-answer score beats the best span by more than this
 MASKED = -1.0e4  # logit at padded positions: no probability for either model, finite in bf16 and fp16
 VERSION_2_TASKS = frozenset({"squad_v2"})
 HUB = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
@@ -150,17 +150,14 @@ class QAHead(TaskHead):
     def tokenize(self, split: str, raw: Dataset, tokenizer: Any, max_len: int) -> Dataset:
         stride = doc_stride(self.spec)
         check_window(max_len, stride)  # one line before any row is read
-        return raw.map(
+        return tokenize_rows(
+            raw,
+            split,
             prepare_features,
-            batched=True,
-            remove_columns=raw.column_names,
-            desc=f"Tokenizing {split}",
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "max_length": max_len,
-                "doc_stride": stride,
-                "for_eval": split != "train",
-            },
+            tokenizer=tokenizer,
+            max_length=max_len,
+            doc_stride=stride,
+            for_eval=split != "train",
         )
 
     def collate_labels(self, rows: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
@@ -186,25 +183,31 @@ class QAHead(TaskHead):
         both = torch.stack([model_output.start_logits, model_output.end_logits], dim=-1).float().cpu().numpy()
         return [both[i, :n] for i, n in enumerate(row_lengths(batch))]
 
-    def predictions(self, logits: Sequence[np.ndarray], features: Dataset, raw: Dataset) -> dict[str, str]:
-        """The answer text of every example of ``raw`` (empty: no answer)."""
+    def best_spans(self, logits: Sequence[np.ndarray], features: Dataset, raw: Dataset) -> dict[str, BestSpan]:
+        """Each example's best span over its windows and its no-answer score difference."""
         feats = [
             {"example_id": e, "offset_mapping": o}
             for e, o in zip(column(features, "example_id"), column(features, "offset_mapping"), strict=True)
         ]
-        return postprocess(
-            raw.to_list(),
-            feats,
-            [x[:, 0] for x in logits],
-            [x[:, 1] for x in logits],
-            version_2=self.version_2,
-            null_threshold=NULL_THRESHOLD,
+        return best_answers(raw.to_list(), feats, [x[:, 0] for x in logits], [x[:, 1] for x in logits])
+
+    def predictions(self, logits: Sequence[np.ndarray], features: Dataset, raw: Dataset) -> dict[str, str]:
+        """The answer text of every example of ``raw`` (empty: no answer; v2.0 at the task's
+        ``null_score_diff_threshold``)."""
+        return choose_answers(
+            self.best_spans(logits, features, raw), self.version_2, self.spec.null_score_diff_threshold
         )
 
     def evaluate(self, logits: Sequence[np.ndarray], features: Dataset, raw: Dataset | None) -> dict[str, float]:
-        """``exact`` and ``f1`` (fractions; v2 also ``has_ans_*`` / ``no_ans_*``), the official SQuAD scores."""
+        """``exact`` and ``f1`` (fractions), the official SQuAD scores; v2.0 also ``has_ans_*`` / ``no_ans_*`` and
+        ``best_exact``/``best_f1`` with their ``*_thresh`` (the best no-answer threshold on this split: a
+        report, never the selection metric, which stays ``f1`` at the configured threshold)."""
         if raw is None:
             raise ValueError("QA evaluation needs the raw split (the contexts and gold answers)")
         if "example_id" not in features.column_names:
             raise ValueError("QA evaluation needs evaluation features (example_id, offset_mapping)")
-        return squad_scores(self.predictions(logits, features, raw), raw.to_list())
+        best, examples = self.best_spans(logits, features, raw), raw.to_list()
+        out = squad_scores(choose_answers(best, self.version_2, self.spec.null_score_diff_threshold), examples)
+        if self.version_2:
+            out.update(best_threshold_scores(best, examples))
+        return out

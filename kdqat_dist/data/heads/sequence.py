@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from kdqat_dist.data.heads.base import INPUT_COLUMNS, HeadOutput, TaskHead, column
+from kdqat_dist.data.heads.base import INPUT_COLUMNS, HeadOutput, TaskHead, column, tokenize_rows
 from kdqat_dist.data.tasks import compute_metrics
 from kdqat_dist.errors import DataError
 
@@ -49,13 +49,7 @@ class SequenceHead(TaskHead):
         return self.spec.is_regression
 
     def tokenize(self, split: str, raw: Dataset, tokenizer: Any, max_len: int) -> Dataset:
-        return raw.map(
-            encode_pairs,
-            batched=True,
-            remove_columns=raw.column_names,
-            desc=f"Tokenizing {split}",
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_len},
-        )
+        return tokenize_rows(raw, split, encode_pairs, tokenizer=tokenizer, max_length=max_len)
 
     def collate_labels(self, rows: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
         collate_scalar_labels(rows, batch)

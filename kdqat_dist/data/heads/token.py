@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from kdqat_dist.data.heads.base import INPUT_COLUMNS, HeadOutput, TaskHead, column
+from kdqat_dist.data.heads.base import INPUT_COLUMNS, HeadOutput, TaskHead, column, tokenize_rows
 from kdqat_dist.data.metrics_ner import entity_scores
 from kdqat_dist.errors import ConfigError
 
@@ -70,13 +70,7 @@ class TokenHead(TaskHead):
                 f"task {self.spec.name}: token classification needs a fast tokenizer (its word_ids map "
                 f"sub-words to words); {type(tokenizer).__name__} is not one"
             )
-        return raw.map(
-            _encode_words,
-            batched=True,
-            remove_columns=raw.column_names,
-            desc=f"Tokenizing {split}",
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_len},
-        )
+        return tokenize_rows(raw, split, _encode_words, tokenizer=tokenizer, max_length=max_len)
 
     def collate_labels(self, rows: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
         """``labels`` [B, S]: each row's labels at its real positions (either padding side), -100 at padding."""
