@@ -239,16 +239,17 @@ def test_cli_writes_tags_entities_and_answers_as_tsv_and_jsonl(ner_student, qa_s
     assert lines[0] == "answer\tscore\tquestion" and [x.split("\t")[0] for x in lines[1:]] == [
         d["answer"] for d in docs
     ]
-    # a QA input without contexts, or lines: one line naming the column, without the command twice
+    # a QA input without contexts, lines, windows too short: one line naming the flag, not the command twice
     (root / "q.tsv").write_text("question\nhow was the plot\n")
-    for argv, expected in (
-        (["--input", str(root / "q.tsv")], "has no column 'context'; pass --pair-column"),
-        ([], "has no text column 'question'"),
+    for argv, flag, expected in (
+        (["--input", str(root / "q.tsv")], "--input", "has no column 'context'; pass --pair-column"),
+        ([], "--input", "stdin has no text column 'question'"),
+        (["--input", str(root / "qa.jsonl"), "--max-length", "16"], "--max-length", "too short for the run's windows"),
     ):
         monkeypatch.setattr("sys.stdin", io.StringIO("how was the plot\n"))
         assert main(["predict", "--model", str(qa_student), *argv]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and expected in err and err.startswith("kdqat: error: --input:"), err
+        assert err.count("\n") == 1 and err.startswith(f"kdqat: error: {flag}: ") and expected in err, err
 
 
 def test_student_packed_and_onnx_exports_predict_the_same(ner_student, qa_student, root):

@@ -168,8 +168,11 @@ class Predictor:
             if isinstance(threshold, int | float)
             else (spec.null_score_diff_threshold if spec else 0.0)
         )
-        if self.head == "qa":
-            check_window(self.max_length, self.doc_stride)
+        if self.head == "qa" and max_length:  # the run's own max_seq_length and doc_stride fit (training checked)
+            try:
+                check_window(self.max_length, self.doc_stride)
+            except ConfigError as exc:
+                raise ConfigError(f"--max-length: too short for the run's windows ({exc})") from None
         if self.kind == "onnx":
             meta = read_onnx_meta(self.folder)  # size and SHA-256 before ONNX Runtime reads the file
             self._session = session(self.folder / meta["model_file"], threads)
