@@ -311,7 +311,7 @@ def test_finetune_train_and_eval_run_on_a_conll_folder(token_student):
     assert metrics["f1"] == pytest.approx(result["best"]["f1"], abs=1e-9)
 
 
-def test_export_round_trips_onnx_exports_analyze_runs_and_predict_refuses_in_one_line(
+def test_export_round_trips_onnx_exports_analyze_and_predict_run(
     token_teacher, token_student, tmp_path, capsys, assert_finite_analysis
 ):
     from kdqat_dist.cli import main
@@ -325,17 +325,13 @@ def test_export_round_trips_onnx_exports_analyze_runs_and_predict_refuses_in_one
     assert "predictions agree on" in capsys.readouterr().out
     meta = json.loads((tmp_path / "o" / "kdqat_onnx.json").read_text())
     assert meta["head"] == "token" and meta["round_trip"]["unit"] == "tokens" and meta["round_trip"]["rows"] > 24
-    refused = [
-        (
-            ["predict", "--model", str(out / "student"), "--input", str(tmp_path / "in.txt")],
-            "kdqat predict: token classification students are not supported yet",
-        ),
-    ]
-    (tmp_path / "in.txt").write_text("anna found paris\n")
-    for argv, line in refused:
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert line in err and "Traceback" not in err, err
+    # `kdqat predict` tags the words of a row alike with the student and its ONNX export
+    (tmp_path / "in.txt").write_text("anna found paris\nthe critics at acme found it funny\n")
+    tables = []
+    for model in (out / "student", tmp_path / "o"):
+        assert main(["predict", "--model", str(model), "--input", str(tmp_path / "in.txt")]) == 0
+        tables.append(capsys.readouterr().out.splitlines())
+    assert tables[0] == tables[1] and tables[0][0] == "entities\ttags\ttext" and len(tables[0]) == 3
     # `kdqat analyze` runs on the token student: its Hessian loss is the head's CE over labelled sub-tokens
     an = tmp_path / "a"
     argv = ["analyze", "--teacher", str(teacher), "--student", str(out / "student"), "--out", str(an)]

@@ -1,14 +1,19 @@
-"""``kdqat predict``: label and probability per input row, from a student, a packed export or an ONNX export.
+"""``kdqat predict``: a prediction per input row, from a student, a packed export or an ONNX export.
 
     kdqat predict --model runs/x/onnx --input reviews.tsv [--output predictions.tsv]
     echo "a gripping , funny film" | kdqat predict --model runs/x/student
+    echo "EU rejects German call" | kdqat predict --model runs/ner        # tags and entities per word
+    kdqat predict --model runs/squad --input questions.jsonl              # question, context -> answer
 
 Input: a TSV (tab-separated, header row; quotes kept as text, as GLUE writes them) or CSV file with a
 header, a JSONL file (one object per line), or plain text lines (stdin, or ``--format lines``). The text
-column is the task's (SST-2: ``sentence``; pairs: both of the task's columns) or ``text``; ``--text-column``
-and ``--pair-column`` name others. Output: TSV ``label, probability, text`` (``value, text`` for regression)
-to stdout, or to ``--output`` (TSV, CSV or JSONL by its extension; an existing file is never overwritten:
-it is written to a temporary name and moved into place when every row is done).
+column is the task's (SST-2: ``sentence``; pairs: both of the task's columns; NER: ``tokens``, a list of
+words in JSONL, else whitespace-separated words; QA: ``question`` and ``context``) or ``text``;
+``--text-column`` and ``--pair-column`` name others. Output: TSV ``label, probability, text`` (``value,
+text`` for regression; NER ``entities, tags, text``; QA ``answer, score, question``; JSONL adds the
+structure: entity word spans and scores, answer character offsets) to stdout, or to ``--output`` (TSV,
+CSV or JSONL by its extension; an existing file is never overwritten: it is written to a temporary name
+and moved into place when every row is done).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from kdqat_dist.errors import ConfigError
 from kdqat_dist.export.predict import Prediction, Predictor, format_probability
+from kdqat_dist.export.predict_heads import AnswerPrediction, TokenPrediction
 
 FORMATS = ("tsv", "csv", "jsonl", "lines")
 _EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "lines"}
@@ -31,10 +37,13 @@ _EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
-        help="label and probability per input row, from a student folder, a packed export or an ONNX export",
-        description="Label and probability per input row (value for regression tasks), batched in input order.",
+        help="a prediction per input row, from a student folder, a packed export or an ONNX export",
+        description="Label and probability per input row (value for regression tasks; tags and entities for "
+        "token classification; the answer for question answering), batched in input order.",
         epilog="examples:\n  kdqat predict --model runs/x/onnx --input reviews.tsv --output predictions.jsonl\n"
-        '  echo "a gripping , funny film" | kdqat predict --model runs/x',
+        '  echo "a gripping , funny film" | kdqat predict --model runs/x\n'
+        '  echo "EU rejects German call" | kdqat predict --model runs/ner\n'
+        "  kdqat predict --model runs/squad --input questions.jsonl  # question and context columns",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -127,24 +136,27 @@ def _column(rows: list[dict], wanted: str | None, defaults: tuple[str, ...], fla
     return None
 
 
-def texts_of(rows: list[dict], args, predictor: Predictor) -> tuple[list[str], list[str] | None]:
+def texts_of(rows: list[dict], args, predictor: Predictor) -> tuple[list, list[str] | None]:
+    """The rows' texts (token models: a text or a list of words) and second texts (pairs; QA: contexts)."""
     name = "stdin" if args.input == "-" else args.input
     task_a, task_b = predictor.text_columns
-    col = _column(rows, args.text_column, tuple(dict.fromkeys((task_a, "text", "sentence"))), "--text-column", name)
+    qa = predictor.head == "qa"
+    defaults = (task_a,) if qa else tuple(dict.fromkeys((task_a, "text", "sentence")))
+    col = _column(rows, args.text_column, defaults, "--text-column", name)
     if col is None:
         raise ConfigError(
-            f"--input: {name} has no text column {task_a!r} or 'text' (columns: {', '.join(rows[0])}); "
-            "pass --text-column"
+            f"--input: {name} has no text column {' or '.join(map(repr, defaults[:2]))} "
+            f"(columns: {', '.join(rows[0])}); pass --text-column"
         )
     pair = _column(rows, args.pair_column, (task_b,) if task_b else (), "--pair-column", name)
     if task_b and pair is None:
-        raise ConfigError(
-            f"--input: the model's task is a sentence pair task and {name} has no column {task_b!r}; pass --pair-column"
-        )
+        what = "answers questions about a context" if qa else "is a sentence pair task"
+        raise ConfigError(f"--input: the model's task {what} and {name} has no column {task_b!r}; pass --pair-column")
 
-    def text(r: dict, c: str, i: int) -> str:
+    def text(r: dict, c: str, i: int) -> str | list[str]:
         v = r.get(c)
-        if not isinstance(v, str):
+        words = predictor.head == "token" and isinstance(v, list) and all(isinstance(x, str) for x in v)
+        if not (isinstance(v, str) or words):
             raise ConfigError(f"--input: {name} row {i + 1}: {c!r} is not a text ({type(v).__name__})")
         return v
 
@@ -161,26 +173,48 @@ def _out_format(path: str | None) -> str:
     return fmt
 
 
-def format_rows(preds: list[Prediction], texts: list[str], fmt: str, regression: bool) -> str:
-    head = ["value", "text"] if regression else ["label", "probability", "text"]
+def _sequence_row(p: Prediction, t: str, regression: bool) -> tuple[list[str], dict]:
+    if regression:
+        return [f"{p.value:.6g}", t], {"value": p.value, "text": t}
+    return [p.label, format_probability(p.probability), t], {
+        "label": p.label,
+        "probability": round(p.probability, 6),
+        "text": t,
+    }
 
-    def cells(p: Prediction, t: str) -> list:
-        return [f"{p.value:.6g}", t] if regression else [p.label, format_probability(p.probability), t]
 
+def _token_row(p: TokenPrediction) -> tuple[list[str], dict]:
+    """Cells ``entities`` (``text:TYPE`` joined by ``; ``, as entity texts hold spaces), ``tags``, ``text``."""
+    ents = [
+        {"type": e.type, "start": e.start, "end": e.end, "text": e.text, "score": round(e.score, 6)} for e in p.entities
+    ]
+    cells = ["; ".join(f"{e.text}:{e.type}" for e in p.entities), " ".join(p.tags), " ".join(p.words)]
+    return cells, {"entities": ents, "tags": p.tags, "words": p.words, "cut": p.cut}
+
+
+def _answer_row(p: AnswerPrediction, question: str) -> tuple[list[str], dict]:
+    doc = {"answer": p.answer, "score": round(p.score, 6), "start": p.start, "end": p.end, "question": question}
+    return [p.answer, f"{p.score:.4f}", question], doc
+
+
+def format_rows(preds: list, texts: list, fmt: str, regression: bool) -> str:
+    """The predictions as a TSV/CSV table with a header, or JSONL (one object per row)."""
+    if preds and isinstance(preds[0], TokenPrediction):
+        head, rows = ["entities", "tags", "text"], [_token_row(p) for p in preds]
+    elif preds and isinstance(preds[0], AnswerPrediction):
+        head, rows = ["answer", "score", "question"], [_answer_row(p, t) for p, t in zip(preds, texts, strict=True)]
+    else:
+        head = ["value", "text"] if regression else ["label", "probability", "text"]
+        rows = [_sequence_row(p, t, regression) for p, t in zip(preds, texts, strict=True)]
     if fmt == "jsonl":
-        out = []
-        for p, t in zip(preds, texts, strict=True):
-            row = {"value": p.value} if regression else {"label": p.label, "probability": round(p.probability, 6)}
-            out.append(json.dumps({**row, "text": t}, ensure_ascii=False))
-        return "\n".join(out) + "\n"
+        return "".join(json.dumps(doc, ensure_ascii=False) + "\n" for _, doc in rows)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(head)
-        w.writerows(cells(p, t) for p, t in zip(preds, texts, strict=True))
+        w.writerows(cells for cells, _ in rows)
         return buf.getvalue()
-    lines = ["\t".join(head)] + ["\t".join(cells(p, t)) for p, t in zip(preds, texts, strict=True)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(["\t".join(head)] + ["\t".join(cells) for cells, _ in rows]) + "\n"
 
 
 def run(args) -> int:
