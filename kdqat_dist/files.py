@@ -273,10 +273,3 @@ def head_kind(folder: str | Path) -> tuple[str, str]:
     return next(
         (v for suffix, v in HEAD_KINDS.items() if str(arch).endswith(suffix)), HEAD_KINDS["ForSequenceClassification"]
     )
-
-
-def require_sequence_head(folder: str | Path, what: str) -> None:
-    """ConfigError in one line unless the model in ``folder`` is a sequence classifier (``what``: the command)."""
-    kind, words = head_kind(folder)
-    if kind != "sequence":
-        raise ConfigError(f"{what}: {words} students are not supported yet; allowed: sequence classification")
