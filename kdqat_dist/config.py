@@ -682,6 +682,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def path_exists(path: Path) -> bool:
+    """``path.exists()``, False where it cannot be checked: a name relative to a working folder this user may
+    not read (``stat`` gives EACCES) must still fall through to the shipped file of that name."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def resolve_shipped(path: str | Path, folder: Path, what: str) -> Path:
     """A YAML path, or the name of one shipped in ``folder`` (``tiny_debug`` / ``tiny_debug.yaml``).
 
@@ -690,10 +699,10 @@ def resolve_shipped(path: str | Path, folder: Path, what: str) -> Path:
             (shipped recipes: ...)`` for ``what="recipe"``.
     """
     p = Path(path)
-    if p.exists():
+    if path_exists(p):
         return p
     for cand in (folder / p.name, folder / f"{p.name}.yaml"):
-        if cand.exists():
+        if path_exists(cand):
             return cand
     shipped = ", ".join(sorted(x.stem for x in folder.glob("*.yaml"))) or "none"
     noun = "config file" if what == "recipe" else f"{what} file"

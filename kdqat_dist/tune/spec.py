@@ -48,6 +48,7 @@ from kdqat_dist.config import (
     load_config,
     load_yaml,
     parse_override,
+    path_exists,
     resolve_recipe,
     resolve_shipped,
     shipped_dir,
@@ -323,7 +324,7 @@ def parse_spec(
     cwd = Path(cwd or Path.cwd()).resolve()
     base_path = Path(raw["base"])
     spec_dir = Path(path).parent if path != "<spec>" else cwd
-    base_path = next((c for c in (cwd / base_path, spec_dir / base_path) if c.exists()), base_path)
+    base_path = next((c for c in (cwd / base_path, spec_dir / base_path) if path_exists(c)), base_path)
     base = str(resolve_recipe(base_path).resolve())
     load_yaml(base)
 
