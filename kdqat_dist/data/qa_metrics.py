@@ -15,7 +15,7 @@ import re
 import string
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -148,10 +148,13 @@ def best_spans(
 @dataclass(frozen=True)
 class BestSpan:
     """One example's best span over its windows: ``text`` (None: no window holds a valid span) and
-    ``null_diff``, the no-answer score minus the span's score (None without a span)."""
+    ``null_diff``, the no-answer score minus the span's score (None without a span); ``span``: the winning
+    ``(start + end logit, first char, end char)`` for callers that report where the answer is (not compared:
+    two results are equal when they answer the same)."""
 
     text: str | None
     null_diff: float | None
+    span: tuple[float, int, int] | None = field(default=None, compare=False)
 
 
 def best_answers(
@@ -188,7 +191,7 @@ def best_answers(
         if best is None:
             out[str(ex["id"])] = BestSpan(None, None)
         else:  # a span implies a window, so a null score
-            out[str(ex["id"])] = BestSpan(ex["context"][best[1] : best[2]], float(null) - best[0])
+            out[str(ex["id"])] = BestSpan(ex["context"][best[1] : best[2]], float(null) - best[0], best)
     return out
 
 

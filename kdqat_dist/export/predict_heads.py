@@ -4,8 +4,8 @@ The alignment and span rules are the ones training's evaluation uses, imported f
 than re-written, so a prediction is what ``kdqat eval`` scores: a word's tag is the argmax at its first
 sub-token (:func:`~kdqat_dist.data.heads.token.first_subtokens`), entities are the CoNLL chunks of the tags
 (:func:`~kdqat_dist.data.metrics_ner.entity_spans`), and an answer is the best n-best span over all windows
-of a context (:func:`~kdqat_dist.data.qa_metrics.best_spans`), or nothing for a SQuAD v2.0 student when
-:func:`~kdqat_dist.data.qa_metrics.postprocess` says the null score wins.
+of a context (:func:`~kdqat_dist.data.qa_metrics.best_answers`), or nothing for a SQuAD v2.0 student when
+:func:`~kdqat_dist.data.qa_metrics.choose_answers` says the null score wins.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from kdqat_dist.data.heads.token import first_subtokens
 from kdqat_dist.data.metrics_ner import entity_spans
-from kdqat_dist.data.qa_metrics import best_spans, postprocess
+from kdqat_dist.data.qa_metrics import best_answers, choose_answers
 
 
 @dataclass(frozen=True)
@@ -113,18 +113,11 @@ def answer_prediction(
         The best span over the windows, or for ``version_2`` the empty answer when the null score wins.
     """
     feats = [{"example_id": "q", "offset_mapping": o} for o in offsets]
-    text = postprocess(
-        [{"id": "q", "context": context}],
-        feats,
-        start_logits,
-        end_logits,
-        version_2=version_2,
-        null_threshold=null_threshold,
-    )["q"]
-    spans = [c for s, e, o in zip(start_logits, end_logits, offsets, strict=True) for c in best_spans(s, e, o)[:1]]
-    if not text or not spans:
-        # postprocess reads [CLS] at position 0 and keeps the lowest null score over the windows
+    best = best_answers([{"id": "q", "context": context}], feats, start_logits, end_logits)["q"]
+    text = choose_answers({"q": best}, version_2, null_threshold)["q"]
+    if not text or best.span is None:
+        # best_answers reads [CLS] at position 0 and keeps the lowest null score over the windows
         null = min(float(s[0] + e[0]) for s, e in zip(start_logits, end_logits, strict=True))
         return AnswerPrediction("", null)
-    score, start, end = max(spans, key=lambda c: c[0])
+    score, start, end = best.span
     return AnswerPrediction(context[start:end], score, start, end)
