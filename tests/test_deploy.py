@@ -17,7 +17,7 @@ from kdqat_dist.config import QuantConfig, QuantRule, load_config, save_config
 from kdqat_dist.errors import InternalError
 from kdqat_dist.export import export_student
 from kdqat_dist.export.artifact import logits_of, probe_batches
-from kdqat_dist.export.onnx_export import ONNX_RTOL, export_onnx, read_onnx_meta, run_session, session
+from kdqat_dist.export.onnx_export import ONNX_RTOL, export_onnx, read_onnx_meta, run_outputs, session
 from kdqat_dist.export.predict import Predictor
 from kdqat_dist.models.encoders import load_classifier, load_tokenizer
 from kdqat_dist.models.tiny import make_tiny_checkpoint
@@ -92,7 +92,7 @@ def _check_against_student(student_dir: Path, onnx_path: Path) -> float:
     student, sess = load_student(student_dir), session(onnx_path)
     worst = 0.0
     for batch in _random_batches(student.config):
-        want, got = logits_of(student, batch), torch.from_numpy(run_session(sess, batch))
+        want, got = logits_of(student, batch), torch.from_numpy(run_outputs(sess, batch)["logits"])
         assert got.shape == want.shape
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=0, atol=ONNX_RTOL * scale)

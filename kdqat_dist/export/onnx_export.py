@@ -137,11 +137,6 @@ def _feeds(sess, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return feeds
 
 
-def run_session(sess, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    """Logits of ``sess`` on a tokenized batch (the graph's first output: a sequence or token classifier's)."""
-    return sess.run(None, _feeds(sess, batch))[0]
-
-
 def run_outputs(sess, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Every output of ``sess`` on a tokenized batch by name, float32: ``logits`` (sequence [B, C], token
     [B, S, C]) or ``start_logits`` and ``end_logits`` (QA, [B, S])."""
